@@ -1,0 +1,71 @@
+#!/bin/sh
+# Runs once, as root, inside the provisioning VM (from cloud-init's runcmd).
+# The only phase with a network.  It installs the image's packages, seals the
+# image for cloning and powers off.  Progress goes to the serial console as
+# "VMISO-STEP name" lines that the host reads; a failure is "VMISO-FAIL name".
+# Results go to the report share (tag vmiso-report), which the host treats as
+# untrusted data.
+set -uf  # -f: no globbing of the package list
+CONF=/var/lib/vmiso/provision.env
+. "$CONF"
+REPORT=/mnt/vmiso-report
+VENV=/opt/vmiso/venv
+console() { echo "$*" > /dev/ttyS0; }
+step() { STEP=$1; console "VMISO-STEP $1"; }
+fail() {
+    console "VMISO-FAIL $STEP"
+    echo "$STEP" > "$REPORT/failed-step"
+    sync
+    poweroff
+    exit 1
+}
+# run CMD...: its output goes to the step's log in the report share and the console.
+run() { "$@" >> "$REPORT/$STEP.log" 2>&1 || { tail -n 40 "$REPORT/$STEP.log" > /dev/ttyS0; fail; }; }
+
+modprobe 9pnet_virtio; modprobe 9p
+mkdir -p "$REPORT"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vmiso-report "$REPORT" || {
+    console "VMISO-FAIL report-share"; poweroff; exit 1; }
+
+step apt
+export DEBIAN_FRONTEND=noninteractive
+if [ -n "$APT_PACKAGES" ]; then
+    run apt-get update -q
+    # shellcheck disable=SC2086  # a list of package names, split on purpose
+    run apt-get install -y -q --no-install-recommends $APT_PACKAGES
+fi
+
+step venv
+run python3 -m venv "$VENV"
+
+step pip
+# pip trusts its own certificate bundle unless told otherwise; point it at the
+# system store, where cloud-init put the configured CAs.
+export PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL and PIP_REQUIRE_HASHES come from $CONF.
+if [ -s /var/lib/vmiso/requirements.txt ]; then
+    run "$VENV/bin/pip" install --no-input -r /var/lib/vmiso/requirements.txt
+fi
+
+step manifest
+"$VENV/bin/pip" freeze --all > "$REPORT/pip-freeze.txt" 2>> "$REPORT/manifest.log" || fail
+dpkg-query -W -f '${Package}\t${Version}\n' > "$REPORT/dpkg.txt" 2>> "$REPORT/manifest.log" || fail
+"$VENV/bin/python" -c 'import platform; print(platform.python_version())' > "$REPORT/python.txt" || fail
+
+step seal
+# Clones boot with vmiso's own init, never cloud-init, and have no network.
+touch /etc/cloud/cloud-init.disabled
+rm -f /etc/network/interfaces.d/* /etc/netplan/*.yaml 2>/dev/null
+# sshd refuses a locked account ("!") when PAM is off; "*" matches no password.
+run usermod -p '*' vmiso
+run apt-get clean
+rm -rf /var/lib/apt/lists/* /root/.cache /var/cache/debconf/*-old /var/lib/vmiso/requirements.txt
+: > /etc/machine-id
+run cloud-init clean --logs
+find /var/log -type f -exec truncate -s 0 "{}" +
+rm -f "$CONF"
+echo ok > "$REPORT/status"
+sync
+umount "$REPORT"
+console "VMISO-STEP poweroff"
+poweroff

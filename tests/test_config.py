@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from vmiso import config
+from vmiso.errors import ConfigError
+
+
+def test_defaults_without_a_file():
+    cfg = config.load(None, env={})
+    assert cfg.accel == "auto"
+    assert cfg.state_dir == Path("/var/lib/vmiso")
+    assert cfg.run.output_max_bytes == 1024**3
+
+
+def test_example_config_loads_with_relative_paths(repo):
+    cfg = config.load(repo / "examples" / "vmiso.yaml", env={})
+    assert cfg.image.name == "example"
+    assert cfg.provision.requirements == repo / "examples" / "requirements.txt"
+    assert cfg.provision.ca_certificates == "host"
+    assert cfg.run.output_max_bytes == 1024**3
+
+
+def test_unknown_key_names_path_and_nearest(write):
+    path = write("v.yaml", "provision:\n  requirement: r.txt\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    assert "provision.requirement" in str(err.value)
+    assert "did you mean 'requirements'" in str(err.value)
+
+
+def test_unknown_top_level_key(write):
+    with pytest.raises(ConfigError, match="unknown key 'acel'.*did you mean 'accel'"):
+        config.load(write("v.yaml", "acel: tcg\n"), env={})
+
+
+def test_wrong_type_names_path(write):
+    with pytest.raises(ConfigError, match=r"provision\.requirements: expected a path, got 42"):
+        config.load(write("v.yaml", "provision:\n  requirements: 42\n"), env={})
+    with pytest.raises(ConfigError, match=r"vm\.cpus: expected an integer"):
+        config.load(write("v.yaml", "vm:\n  cpus: two\n"), env={})
+    with pytest.raises(ConfigError, match=r"provision\.apt_packages: expected a list"):
+        config.load(write("v.yaml", "provision:\n  apt_packages: curl\n"), env={})
+
+
+def test_bad_yaml_names_line(write):
+    with pytest.raises(ConfigError, match=r"v.yaml: YAML syntax error at line 2, column 9"):
+        config.load(write("v.yaml", "vm:\n  cpus: : 1\n"), env={})
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(Path("/nonexistent/vmiso.yaml"), env={})
+
+
+def test_accel_choices_and_env(write):
+    path = write("v.yaml", "accel: kvm\n")
+    assert config.load(path, env={}).accel == "kvm"
+    assert config.load(path, env={"VMISO_ACCEL": "tcg"}).accel == "tcg"
+    with pytest.raises(ConfigError, match="VMISO_ACCEL"):
+        config.load(path, env={"VMISO_ACCEL": "fast"})
+    with pytest.raises(ConfigError, match="accel: expected one of auto, kvm, tcg"):
+        config.load(write("w.yaml", "accel: fast\n"), env={})
+
+
+def test_sizes_with_units(write):
+    cfg = config.load(write("v.yaml", "run:\n  output_max_bytes: 512MiB\n"), env={})
+    assert cfg.run.output_max_bytes == 512 * 1024**2
+    with pytest.raises(ConfigError, match="run.output_max_bytes"):
+        config.load(write("w.yaml", "run:\n  output_max_bytes: lots\n"), env={})
+
+
+def test_ca_certificates_forms(write):
+    cfg = config.load(write("v.yaml", "provision:\n  ca_certificates: [a.pem]\n"), env={})
+    assert cfg.provision.ca_certificates == (cfg.provision.ca_certificates[0],)
+    assert cfg.provision.ca_certificates[0].name == "a.pem"
+    with pytest.raises(ConfigError, match="ca_certificates"):
+        config.load(write("w.yaml", "provision:\n  ca_certificates: all\n"), env={})
+
+
+def test_flags_override_file(write):
+    cfg = config.load(write("v.yaml", "vm:\n  cpus: 2\n"), env={})
+    cfg = config.override(cfg, **{"vm.cpus": 1, "accel": "tcg", "state_dir": None})
+    assert cfg.vm.cpus == 1 and cfg.accel == "tcg" and cfg.state_dir == Path("/var/lib/vmiso")
+
+
+def test_image_name_checked(write):
+    with pytest.raises(ConfigError, match="image.name"):
+        config.load(write("v.yaml", "image:\n  name: ../etc\n"), env={})

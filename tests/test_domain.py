@@ -1,0 +1,91 @@
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from vmiso.domain import Disk, DomainSpec, KernelBoot, Share, domain_xml, metadata_of
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def run_spec(**changes) -> DomainSpec:
+    values = dict(
+        name="vmiso-run-abc",
+        memory_mib=512,
+        cpus=2,
+        accel="tcg",
+        disks=(Disk(Path("/state/runs/abc/overlay.qcow2"), cache="unsafe"),),
+        console_log=Path("/state/runs/abc/console.log"),
+        boot=KernelBoot(Path("/state/images/x/vmlinuz"), Path("/state/images/x/initrd.img"),
+                        "root=/dev/vda rw console=ttyS0"),
+        shares=(Share(Path("/state/runs/abc/in"), "vmiso-in", True),
+                Share(Path("/state/runs/abc/out"), "vmiso-out", False)),
+        ssh_socket=Path("/state/runs/abc/ssh.sock"),
+        metadata={"kind": "run", "run_dir": "/state/runs/abc"},
+    )
+    values.update(changes)
+    return DomainSpec(**values)
+
+
+def check_golden(name: str, xml: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("VMISO_UPDATE_GOLDEN"):
+        path.write_text(xml)
+    assert xml == path.read_text()
+
+
+def test_run_domain_matches_golden():
+    check_golden("run-domain.xml", domain_xml(run_spec()))
+
+
+def test_provision_domain_matches_golden():
+    spec = run_spec(
+        name="vmiso-provision-x", shares=(), ssh_socket=None, user_network=True, memory_mib=1024,
+        disks=(Disk(Path("/state/images/.b/disk.qcow2")),
+               Disk(Path("/state/images/.b/seed/seed.iso"), format="raw", readonly=True)),
+        metadata={"kind": "provision"})
+    check_golden("provision-domain.xml", domain_xml(spec))
+
+
+def test_run_domain_has_no_network_and_no_stray_devices():
+    root = ET.fromstring(domain_xml(run_spec()))
+    devices = root.find("devices")
+    assert devices.findall("interface") == []
+    for tag in ("graphics", "sound", "video", "input", "hostdev", "redirdev", "smartcard"):
+        assert devices.find(tag) is None, tag
+    assert devices.find("controller[@type='usb']").get("model") == "none"
+    assert devices.find("memballoon").get("model") == "none"
+    assert root.findtext("on_reboot") == "destroy"
+    assert root.findtext("on_crash") == "destroy"
+    assert root.get("type") == "qemu"
+
+
+def test_shares_readonly_flags_and_mapped_mode():
+    root = ET.fromstring(domain_xml(run_spec()))
+    shares = {fs.find("target").get("dir"): fs for fs in root.iter("filesystem")}
+    assert shares["vmiso-in"].find("readonly") is not None
+    assert shares["vmiso-out"].find("readonly") is None
+    assert {fs.get("accessmode") for fs in shares.values()} == {"mapped"}
+
+
+def test_kvm_domain_type():
+    root = ET.fromstring(domain_xml(run_spec(accel="kvm")))
+    assert root.get("type") == "kvm"
+
+
+def test_cloud_boot_without_kernel():
+    root = ET.fromstring(domain_xml(run_spec(boot=None)))
+    assert root.find("os/kernel") is None
+    assert root.find("os/boot").get("dev") == "hd"
+
+
+def test_metadata_round_trip_and_escaping():
+    xml = domain_xml(run_spec(metadata={"run_dir": "/a/<b>&c"}))
+    assert metadata_of(xml) == {"run_dir": "/a/<b>&c"}
+
+
+def test_hostile_strings_stay_data():
+    # A path with XML metacharacters must not change the document's structure.
+    spec = run_spec(console_log=Path("/tmp/x'/><evil/>.log"))
+    root = ET.fromstring(domain_xml(spec))
+    assert root.find(".//evil") is None
+    assert root.find("devices/serial/source").get("path") == "/tmp/x'/><evil/>.log"

@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+
+from vmiso import tools
+from vmiso.errors import ToolError
+
+
+def test_overlay_argv():
+    assert tools.qemu_img_overlay_argv(Path("/t/template.qcow2"), Path("/r/o.qcow2")) == [
+        "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "/t/template.qcow2", "/r/o.qcow2"]
+
+
+def test_mmdebstrap_argv():
+    argv = tools.mmdebstrap_argv(suite="bookworm", mirror="http://m/debian", target=Path("/x/root"),
+                                 packages=["linux-image-amd64", "python3"])
+    assert argv[0] == "mmdebstrap"
+    assert "--variant=minbase" in argv and "--mode=root" in argv
+    assert "--include=linux-image-amd64,python3" in argv
+    assert argv[-3:] == ["bookworm", "/x/root", "http://m/debian"]
+
+
+def test_mkfs_argv_needs_no_mount():
+    argv = tools.mkfs_ext4_argv(source_dir=Path("/x/root"), image=Path("/x/r.img"), size_bytes=4 * 1024**3,
+                                label="vmiso-root")
+    assert argv[:2] == ["mkfs.ext4", "-q"]
+    assert argv[argv.index("-d") + 1] == "/x/root"
+    assert argv[-2:] == ["/x/r.img", "4194304k"]
+
+
+def test_genisoimage_volume_is_cidata():
+    argv = tools.genisoimage_argv(Path("/s/seed.iso"), [Path("/s/user-data"), Path("/s/meta-data")])
+    assert argv[argv.index("-volid") + 1] == "cidata"
+    assert argv[-2:] == ["/s/user-data", "/s/meta-data"]
+
+
+def test_run_reports_failure_with_output(tmp_path):
+    with pytest.raises(ToolError, match=r"qemu-img failed with exit code \d+: .*"):
+        tools.run(["qemu-img", "info", str(tmp_path / "missing.qcow2")])
+
+
+def test_missing_program_names_package(monkeypatch):
+    monkeypatch.setitem(tools.PACKAGES, "no-such-tool-vmiso", "some-package")
+    with pytest.raises(ToolError, match="apt-get install some-package"):
+        tools.which("no-such-tool-vmiso")

@@ -1,0 +1,108 @@
+"""``vmiso doctor``: what the host has, what it lacks, and how to fix each."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import accel, gc, tools
+from .config import Config
+from .errors import VmisoError
+from .hypervisor import open_hypervisor
+from .workdir import qemu_ids
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    warning: bool = False  # works, but the user should know
+
+
+def _programs() -> list[Check]:
+    checks = []
+    for program in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "genisoimage", "mkfs.ext4", "ssh-keygen"):
+        try:
+            checks.append(Check(program, True, tools.which(program)))
+        except VmisoError as err:
+            checks.append(Check(program, False, err.message, err.hint or ""))
+    return checks
+
+
+def _accel(config: Config) -> Check:
+    problem = accel.kvm_problem()
+    if problem is None:
+        return Check("accel", True, f"KVM usable (configured: {config.accel})")
+    if config.accel == "tcg":
+        return Check("accel", True, f"TCG, as configured; KVM: {problem}", warning=True,
+                     fix="TCG is not a security boundary; use a host where KVM works for real isolation")
+    return Check("accel", False, f"KVM cannot be used: {problem}",
+                 "set 'accel: tcg' (or VMISO_ACCEL=tcg) to accept software emulation")
+
+
+def _kvm_device() -> Check | None:
+    # libvirt re-probes QEMU on every call (seconds each) when it sees KVM as
+    # enabled but /dev/kvm is not accessible to the QEMU user.
+    dev = Path("/dev/kvm")
+    if not dev.exists():
+        return None
+    st = dev.stat()
+    _uid, gid = qemu_ids()
+    if st.st_mode & 0o006 == 0o006 or (st.st_gid == gid and st.st_mode & 0o060 == 0o060):
+        return Check("/dev/kvm", True, "accessible to the QEMU user")
+    return Check("/dev/kvm", False, "not accessible to the QEMU user: every VM start takes tens of seconds",
+                 "chgrp kvm /dev/kvm && chmod 660 /dev/kvm (as Debian's udev rules do; scripts/setup-host does)")
+
+
+def _space(state_dir: Path) -> Check:
+    probe = state_dir if state_dir.exists() else state_dir.parent
+    free = shutil.disk_usage(probe).free
+    ok = free >= 6 * GIB
+    return Check("disk space", ok, f"{free / GIB:.1f} GiB free in {probe}",
+                 "" if ok else "provisioning needs about 6 GiB; free space or set state_dir")
+
+
+def _state_dir(state_dir: Path) -> Check:
+    if os.geteuid() != 0:
+        return Check("permissions", False, "vmiso runs as root (it manages qemu:///system and its files)",
+                     "run it as root")
+    if state_dir.exists() and state_dir.stat().st_mode & 0o001 == 0:
+        return Check("permissions", False, f"{state_dir} is not traversable by the QEMU user",
+                     f"chmod 711 {state_dir}")
+    return Check("permissions", True, f"root; {state_dir} usable")
+
+
+def run_checks(config: Config, connect: Callable = open_hypervisor) -> list[Check]:
+    checks = _programs()
+    checks.append(_accel(config))
+    kvm = _kvm_device()
+    if kvm:
+        checks.append(kvm)
+    hv = None
+    try:
+        hv = connect(config.libvirt_uri)
+        checks.append(Check("libvirt", True, f"{config.libvirt_uri}: {hv.version()}"))
+    except VmisoError as err:
+        checks.append(Check("libvirt", False, err.message, err.hint or ""))
+    checks.append(_space(config.state_dir))
+    checks.append(_state_dir(config.state_dir))
+    try:
+        leftovers = gc.find(hv, config.state_dir)
+    except VmisoError as err:
+        leftovers = []
+        checks.append(Check("leftovers", False, err.message))
+    if leftovers:
+        names = ", ".join(f"{item.kind} {item.name}" for item in leftovers)
+        checks.append(Check("leftovers", False, names, "remove them with 'vmiso gc'"))
+    else:
+        checks.append(Check("leftovers", True, "none"))
+    if hv is not None:
+        hv.close()
+    return checks

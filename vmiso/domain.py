@@ -1,0 +1,186 @@
+"""A VM described as data, turned into libvirt domain XML with ElementTree.
+
+No libvirt import here: the XML is a pure function of the spec, so it is tested
+against golden files that a reviewer can read.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METADATA_NS = "urn:vmiso:domain:1"
+NAME_PREFIX = "vmiso-"
+SSH_CHANNEL = "org.vmiso.ssh"
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: Path
+    format: str = "qcow2"
+    readonly: bool = False
+    # "unsafe" drops the guest's flushes: right for a disposable overlay, wrong
+    # for an image that must survive (provisioning uses "writeback").
+    cache: str = "writeback"
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory exported over virtio-9p under ``tag``."""
+
+    source: Path
+    tag: str
+    readonly: bool
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    memory_mib: int
+    cpus: int
+    accel: str  # "kvm" or "tcg"
+    disks: tuple[Disk, ...]
+    console_log: Path
+    boot: KernelBoot | None = None  # None: boot the first disk's bootloader
+    shares: tuple[Share, ...] = ()
+    ssh_socket: Path | None = None  # host end of the SSH link (a virtio-serial port)
+    user_network: bool = False  # QEMU user-mode NAT; only while provisioning
+    genid: bool = True
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        element.text = text
+    return element
+
+
+def _os(spec: DomainSpec) -> ET.Element:
+    os_el = ET.Element("os")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
+    if spec.boot is None:
+        _sub(os_el, "boot", dev="hd")
+    else:
+        _sub(os_el, "kernel", str(spec.boot.kernel))
+        _sub(os_el, "initrd", str(spec.boot.initrd))
+        _sub(os_el, "cmdline", spec.boot.cmdline)
+    return os_el
+
+
+def _disk(disk: Disk, index: int) -> ET.Element:
+    el = ET.Element("disk", type="file", device="disk")
+    _sub(el, "driver", name="qemu", type=disk.format, cache=disk.cache, discard="unmap")
+    _sub(el, "source", file=str(disk.path))
+    _sub(el, "target", dev="vd" + "abcdefghijklmnopqrstuvwxyz"[index], bus="virtio")
+    if disk.readonly:
+        _sub(el, "readonly")
+    return el
+
+
+def _share(share: Share) -> ET.Element:
+    # "mapped": the guest's owners and modes live in xattrs on the host, so guest
+    # root cannot create host files owned by anyone but the QEMU user.
+    el = ET.Element("filesystem", type="mount", accessmode="mapped")
+    _sub(el, "driver", type="path")
+    _sub(el, "source", dir=str(share.source))
+    _sub(el, "target", dir=share.tag)
+    if share.readonly:
+        _sub(el, "readonly")
+    return el
+
+
+def _ssh_channel(socket_path: Path) -> ET.Element:
+    el = ET.Element("channel", type="unix")
+    _sub(el, "source", mode="bind", path=str(socket_path))
+    _sub(el, "target", type="virtio", name=SSH_CHANNEL)
+    return el
+
+
+def _console(log_path: Path) -> list[ET.Element]:
+    serial = ET.Element("serial", type="file")
+    _sub(serial, "source", path=str(log_path))
+    _sub(serial, "target", port="0")
+    console = ET.Element("console", type="file")
+    _sub(console, "source", path=str(log_path))
+    _sub(console, "target", type="serial", port="0")
+    return [serial, console]
+
+
+def _user_nic() -> ET.Element:
+    el = ET.Element("interface", type="user")
+    _sub(el, "model", type="virtio")
+    return el
+
+
+def _rng() -> ET.Element:
+    el = ET.Element("rng", model="virtio")
+    _sub(el, "backend", "/dev/urandom", model="random")
+    return el
+
+
+def _metadata(values: dict[str, str]) -> ET.Element:
+    metadata = ET.Element("metadata")
+    ET.register_namespace("vmiso", METADATA_NS)
+    inner = ET.SubElement(metadata, f"{{{METADATA_NS}}}vm")
+    for key in sorted(values):
+        ET.SubElement(inner, f"{{{METADATA_NS}}}{key}").text = values[key]
+    return metadata
+
+
+def _devices(spec: DomainSpec) -> ET.Element:
+    devices = ET.Element("devices")
+    for index, disk in enumerate(spec.disks):
+        devices.append(_disk(disk, index))
+    for share in spec.shares:
+        devices.append(_share(share))
+    if spec.ssh_socket is not None:
+        devices.append(_ssh_channel(spec.ssh_socket))
+    if spec.user_network:
+        devices.append(_user_nic())
+    devices.extend(_console(spec.console_log))
+    devices.append(_rng())
+    # Nothing the job could use to reach out or be reached: no USB, no balloon,
+    # no graphics or sound (none are added), and no NIC unless provisioning.
+    _sub(devices, "controller", type="usb", model="none")
+    _sub(devices, "memballoon", model="none")
+    return devices
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    root = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
+    _sub(root, "name", spec.name)
+    if spec.genid:
+        _sub(root, "genid")
+    if spec.metadata:
+        root.append(_metadata(spec.metadata))
+    _sub(root, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(root, "vcpu", str(spec.cpus), placement="static")
+    root.append(_os(spec))
+    features = _sub(root, "features")
+    _sub(features, "acpi")
+    if spec.accel == "kvm":
+        _sub(root, "cpu", mode="host-passthrough")
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(root, event, "destroy")
+    root.append(_devices(spec))
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def metadata_of(xml: str) -> dict[str, str]:
+    """Read back what ``_metadata`` wrote (for gc); {} when there is none."""
+    root = ET.fromstring(xml)
+    inner = root.find(f"metadata/{{{METADATA_NS}}}vm")
+    if inner is None:
+        return {}
+    prefix = f"{{{METADATA_NS}}}"
+    return {child.tag.removeprefix(prefix): child.text or "" for child in inner}

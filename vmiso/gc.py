@@ -1,0 +1,90 @@
+"""Leftovers of vmiso processes that died: their VMs, run directories and half-built images.
+
+Every run directory and image build directory holds an ``owner.json`` naming the
+vmiso process that made it (pid and start time, so a reused pid is not mistaken
+for the owner).  Whatever belongs to a process that no longer exists is removed.
+A run's VM is transient and auto-destroyed by libvirt when its vmiso's
+connection closes, so usually only files are left; a VM is destroyed here too
+when one remains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .hypervisor import Hypervisor
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = "owner.json"
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def claim(directory: Path) -> None:
+    """Mark ``directory`` as this process's."""
+    pid = os.getpid()
+    (directory / OWNER_FILE).write_text(json.dumps({"pid": pid, "start": _start_time(pid)}))
+
+
+def owner_alive(directory: Path) -> bool:
+    try:
+        owner = json.loads((directory / OWNER_FILE).read_text())
+        pid, start = int(owner["pid"]), owner["start"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _start_time(pid) == start and start is not None
+
+
+@dataclass(frozen=True)
+class Leftover:
+    kind: str  # "vm", "run directory", "image build"
+    name: str
+    path: Path | None = None
+
+
+def _orphan_dirs(parent: Path, pattern: str) -> list[Path]:
+    if not parent.is_dir():
+        return []
+    return [p for p in sorted(parent.glob(pattern)) if p.is_dir() and not owner_alive(p)]
+
+
+def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
+    found = []
+    for run_dir in _orphan_dirs(state_dir / "runs", "*"):
+        found.append(Leftover("run directory", run_dir.name, run_dir))
+    for build in _orphan_dirs(state_dir / "images", ".building-*"):
+        found.append(Leftover("image build", build.name, build))
+    for build in _orphan_dirs(state_dir / "layers", ".building-*"):
+        found.append(Leftover("OS layer build", build.name, build))
+    if hv is not None:
+        for dom in hv.vmiso_domains():
+            home = dom.metadata.get("run_dir") or dom.metadata.get("workdir")
+            if home and Path(home).is_dir() and owner_alive(Path(home)):
+                continue
+            found.append(Leftover("vm", dom.name))
+    return found
+
+
+def collect(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
+    """Remove what ``find`` reports; VMs first, so that no QEMU holds the files."""
+    leftovers = find(hv, state_dir)
+    for item in sorted(leftovers, key=lambda i: i.kind != "vm"):
+        if item.kind == "vm" and hv is not None:
+            hv.destroy(item.name)
+        elif item.path is not None:
+            shutil.rmtree(item.path, ignore_errors=True)
+        log.info("removed %s %s", item.kind, item.name)
+    return leftovers

@@ -1,0 +1,164 @@
+"""The OS layer: a Debian root filesystem built from a recipe in images/.
+
+mmdebstrap fills a directory, vmiso adds its guest files, and ``mkfs.ext4 -d``
+packs the directory into a raw ext4 image: no loop mount, no partition table,
+no bootloader (the kernel and initrd are copied out for direct kernel boot).
+A layer is cached under a hash of everything that went into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import tools
+from ..config import from_mapping, load_yaml
+from ..gc import OWNER_FILE, claim
+from ..errors import ConfigError, ProvisionError, ToolError
+from ..progress import Steps
+from ..resources import images_dir
+
+log = logging.getLogger(__name__)
+
+# Files vmiso puts into every layer: source under images/guest -> (path in guest, mode).
+GUEST_FILES = {
+    "init": ("usr/local/lib/vmiso/init", 0o755),
+    "ssh-link": ("usr/local/lib/vmiso/ssh-link", 0o755),
+    "sshd_config.vmiso": ("etc/ssh/sshd_config.vmiso", 0o644),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    suite: str
+    variant: str = "minbase"
+    kernel_package: str = "linux-image-amd64"
+    packages: tuple[str, ...] = ()
+    filesystem_size: int = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class Layer:
+    key: str
+    path: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / "rootfs.img"
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / "initrd.img"
+
+
+def recipe_path(recipe: str) -> Path:
+    """A recipe name (``debian-12``) from images/, or a path to a recipe file."""
+    if "/" in recipe or recipe.endswith((".yaml", ".yml")):
+        return Path(recipe)
+    path = images_dir() / f"{recipe}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in images_dir().glob("*.yaml"))
+        raise ConfigError(f"image.recipe: no recipe named {recipe!r}", "known recipes: " + ", ".join(known))
+    return path
+
+
+def load_recipe(recipe: str) -> Recipe:
+    path = recipe_path(recipe)
+    data = load_yaml(path)
+    loaded = from_mapping(Recipe, data, "recipe", path.parent)
+    if not isinstance(data, dict) or "suite" not in data:
+        raise ConfigError(f"{path}: the recipe names no suite")
+    return loaded
+
+
+def layer_key(recipe: Recipe, mirror: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"recipe": dataclasses.asdict(recipe), "mirror": mirror},
+                             sort_keys=True).encode())
+    guest = images_dir() / "guest"
+    for name in sorted(GUEST_FILES):
+        digest.update(name.encode() + b"\0" + (guest / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _install_guest_files(root: Path) -> None:
+    guest = images_dir() / "guest"
+    for name, (inside, mode) in GUEST_FILES.items():
+        target = root / inside
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(guest / name, target)
+        os.chmod(target, mode)
+    # The OS layer must not carry host keys made by the package's postinst: each
+    # image gets its own, generated on the host and pinned.
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+
+
+def _copy_boot_files(root: Path, dest: Path) -> None:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    initrds = sorted((root / "boot").glob("initrd.img-*"))
+    if len(kernels) != 1 or len(initrds) != 1:
+        raise ToolError(f"expected one kernel and one initrd in the layer's /boot, found {kernels} {initrds}")
+    shutil.copyfile(kernels[0], dest / "vmlinuz")
+    shutil.copyfile(initrds[0], dest / "initrd.img")
+    (dest / "kernel-release").write_text(kernels[0].name.removeprefix("vmlinuz-") + "\n")
+
+
+def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -> Layer:
+    """Return the cached layer for this recipe and mirror, building it when missing."""
+    recipe = load_recipe(recipe_name)
+    key = layer_key(recipe, mirror)
+    layers = state_dir / "layers"
+    layer = Layer(key, layers / key)
+    if layer.rootfs.exists():
+        steps.note("os-layer", f"reusing cached layer {key}")
+        return layer
+    layers.mkdir(parents=True, exist_ok=True)
+    os.chmod(layers, 0o711)
+    work = layers / f".building-{key}-{os.getpid()}"
+    log_path = state_dir / "logs" / f"layer-{key}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    claim(work)
+    try:
+        with steps.step("os-layer", f"mmdebstrap {recipe.suite} from {mirror} (log: {log_path})"):
+            root = work / "root"
+            packages = [recipe.kernel_package, *recipe.packages]
+            try:
+                tools.run(tools.mmdebstrap_argv(suite=recipe.suite, mirror=mirror, target=root,
+                                                packages=packages, variant=recipe.variant),
+                          log_path=log_path)
+                _install_guest_files(root)
+                _copy_boot_files(root, work)
+                tools.run(tools.mkfs_ext4_argv(source_dir=root, image=work / "rootfs.img",
+                                               size_bytes=recipe.filesystem_size, label="vmiso-root"),
+                          log_path=log_path)
+            except ToolError as err:
+                hint = None
+                if "mmdebstrap" in err.message:
+                    hint = f"check that the mirror {mirror} is reachable and carries {recipe.suite}"
+                raise ProvisionError("os-layer", err.message, str(log_path), hint) from None
+            shutil.rmtree(root)
+            (work / OWNER_FILE).unlink()
+            (work / "recipe.json").write_text(json.dumps(
+                {"key": key, "mirror": mirror, "recipe": dataclasses.asdict(recipe)}, indent=2) + "\n")
+            for path in work.iterdir():
+                os.chmod(path, 0o444)
+            os.chmod(work, 0o755)
+            os.rename(work, layer.path)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return layer

@@ -1,0 +1,321 @@
+"""``vmiso provision``: OS layer -> networked cloud-init boot -> sealed, read-only template.
+
+The only phase with a network.  Nothing of the user's is present but the
+requirements file.  Everything is built under a temporary name and renamed into
+the store at the end; a failure undoes what was made, in reverse order.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import __version__, accel, tools
+from ..config import Config, check_name
+from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
+from ..gc import OWNER_FILE, claim
+from ..errors import ConfigError, ImageError, ProvisionError, ToolError
+from ..hypervisor import Hypervisor
+from ..progress import Steps
+from ..seed import SeedInputs, write_seed
+from ..workdir import private_dir, share_dir
+from .layer import Layer, ensure_layer, layer_key, load_recipe
+from .requirements import Requirements, load_requirements
+from .store import MANIFEST, Image, images_root, prepare_root, sha256_file
+
+log = logging.getLogger(__name__)
+
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+GIB = 1024**3
+# Free space a provisioning needs in the state directory, measured on Debian 12:
+# the layer's root directory (~0.8 GiB) and its image, the overlay, the template.
+SPACE_WITH_LAYER = 6 * GIB
+SPACE_FROM_CACHED_LAYER = 3 * GIB
+REPORT_MAX_BYTES = 4 * 1024 * 1024
+GUEST_STEPS = ("apt", "venv", "pip", "manifest", "seal", "poweroff")
+_MARKER = re.compile(rb"VMISO-(STEP|FAIL) ([a-z-]+)")
+
+
+def load_ca_certificates(setting: str | tuple[Path, ...], host_dir: Path = HOST_CA_DIR) -> tuple[str, ...]:
+    """The PEM texts the provisioning VM should trust."""
+    if setting == "none":
+        return ()
+    if setting == "host":
+        paths: list[Path] = sorted(host_dir.rglob("*.crt")) if host_dir.is_dir() else []
+    else:
+        paths = list(setting)
+    pems = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"provision.ca_certificates: cannot read {path}: {err}") from None
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise ConfigError(f"provision.ca_certificates: {path} holds no PEM certificate")
+        pems.append(text.strip() + "\n")
+    return tuple(pems)
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise ImageError(
+            f"too little disk space in {directory}: {free / GIB:.1f} GiB free, provisioning needs "
+            f"about {needed / GIB:.0f} GiB",
+            "free some space, remove unused images (vmiso images rm), or set state_dir elsewhere",
+        )
+
+
+class ConsoleWatcher:
+    """Reads new output of the guest's console log and finds vmiso's step markers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+
+    def poll(self) -> list[tuple[str, str]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        return [(m.group(1).decode(), m.group(2).decode())
+                for line in lines for m in [_MARKER.search(line)] if m]
+
+
+@dataclass(frozen=True)
+class _Keys:
+    client_private: Path
+    client_public: str
+    host_private: str
+    host_public: str
+
+
+def _make_keys(work: Path) -> _Keys:
+    tools.run(tools.ssh_keygen_argv(work / "client_key", "vmiso client"))
+    tools.run(tools.ssh_keygen_argv(work / "host_key", "vmiso guest host key"))
+    keys = _Keys(
+        client_private=work / "client_key",
+        client_public=(work / "client_key.pub").read_text().strip(),
+        host_private=(work / "host_key").read_text(),
+        host_public=(work / "host_key.pub").read_text().strip(),
+    )
+    # The host's private key lives on only in the guest; the host keeps the public half to pin.
+    (work / "host_key").unlink()
+    (work / "client_key.pub").unlink()
+    os.chmod(work / "client_key", 0o600)
+    return keys
+
+
+def _read_report(report: Path, name: str) -> str:
+    """A file the guest wrote: read with a size limit, never following links."""
+    try:
+        fd = os.open(report / name, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(REPORT_MAX_BYTES + 1)
+    if len(data) > REPORT_MAX_BYTES:
+        raise ProvisionError("manifest", f"the guest's {name} is larger than {REPORT_MAX_BYTES} bytes")
+    return data.decode("utf-8", errors="replace")
+
+
+def _pairs(text: str, separator: str) -> list[dict[str, str]]:
+    found = []
+    for line in text.splitlines():
+        name, sep, version = line.strip().partition(separator)
+        if sep and name:
+            found.append({"name": name.strip(), "version": version.strip()})
+    return found
+
+
+def _log_tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+@dataclass
+class _Build:
+    config: Config
+    hv: Hypervisor
+    name: str
+    steps: Steps
+    work: Path
+    console_log: Path
+    accel: str
+
+
+def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements | None,
+                        keys: _Keys, undo: ExitStack) -> Path:
+    """Run cloud-init and provision.sh in a networked VM; return the report directory."""
+    config, work, steps = build.config, build.work, build.steps
+    overlay = work / "disk.qcow2"
+    tools.run(tools.qemu_img_overlay_argv(layer.rootfs, overlay, backing_format="raw"))
+    report = share_dir(work / "report", writable=True)
+    seed_dir = private_dir(work / "seed")  # QEMU must reach seed.iso; the rest is 0600
+    inputs = SeedInputs(
+        instance_id=f"vmiso-{build.name}-{secrets.token_hex(4)}",
+        hostname="vmiso",
+        host_key_private=keys.host_private,
+        host_key_public=keys.host_public,
+        authorized_key=keys.client_public,
+        ca_pems=load_ca_certificates(config.provision.ca_certificates),
+        requirements=requirements.text if requirements else "",
+        apt_packages=config.provision.apt_packages,
+        pip=config.provision.pip,
+        require_hashes=bool(config.provision.pip.require_hashes
+                            or (config.provision.pip.require_hashes is None
+                                and requirements is not None and requirements.has_hashes)),
+    )
+    seed = write_seed(inputs, seed_dir)
+    domain = f"{NAME_PREFIX}provision-{build.name}-{secrets.token_hex(3)}"
+    spec = DomainSpec(
+        name=domain, memory_mib=config.provision.memory_mib, cpus=config.vm.cpus, accel=build.accel,
+        disks=(Disk(overlay), Disk(seed, format="raw", readonly=True)),
+        console_log=build.console_log,
+        boot=KernelBoot(layer.kernel, layer.initrd, "root=/dev/vda rw console=ttyS0 ds=nocloud"),
+        shares=(Share(report, "vmiso-report", readonly=False),),
+        user_network=True,
+        metadata={"kind": "provision", "workdir": str(work)},
+    )
+    with steps.step("boot", "networked provisioning VM, cloud-init"):
+        build.hv.start_transient(domain, domain_xml(spec))
+        undo.callback(build.hv.destroy, domain)
+        watcher = ConsoleWatcher(build.console_log)
+        deadline = time.monotonic() + config.provision.timeout
+        current = None
+        while True:
+            running = build.hv.is_running(domain)
+            for kind, step in watcher.poll():
+                if kind == "FAIL":
+                    tail = _log_tail(report / f"{step}.log") or _log_tail(build.console_log)
+                    raise ProvisionError(step, f"the guest reported a failure: {tail}",
+                                         str(build.console_log))
+                if step in GUEST_STEPS and step != current:
+                    if current is None:
+                        steps.finish("boot")
+                    else:
+                        steps.finish(current)
+                    current = step
+                    steps.start(step, "inside the VM")
+            if not running:
+                break
+            if time.monotonic() > deadline:
+                raise ProvisionError(current or "boot",
+                                     f"not finished within provision.timeout ({config.provision.timeout} s)",
+                                     str(build.console_log))
+            time.sleep(0.5)
+        if current is not None:
+            steps.finish(current)
+    if _read_report(report, "status").strip() != "ok":
+        failed = _read_report(report, "failed-step").strip() or current or "boot"
+        raise ProvisionError(failed, "the VM stopped before provisioning finished", str(build.console_log))
+    return report
+
+
+def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replace: bool = False,
+              steps: Steps | None = None) -> Image:
+    steps = steps or Steps()
+    name = check_name(name or config.image.name)
+    state_dir = config.state_dir
+    final = images_root(state_dir) / name
+    if final.exists() and not replace:
+        raise ImageError(f"an image named {name!r} exists already",
+                         "pass --replace to rebuild it, or choose another --name")
+    accel_name = accel.resolve(config.accel)
+    load_recipe(config.image.recipe)  # a bad recipe fails before anything is built
+    requirements = (load_requirements(config.provision.requirements, config.provision.pip.require_hashes)
+                    if config.provision.requirements else None)
+    load_ca_certificates(config.provision.ca_certificates)
+    prepare_root(state_dir)
+    logs = private_dir(state_dir / "logs")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    console_log = logs / f"provision-{name}-{stamp}.log"
+
+    with ExitStack() as undo:
+        work = images_root(state_dir) / f".building-{name}-{secrets.token_hex(4)}"
+        private_dir(work)
+        undo.callback(shutil.rmtree, work, ignore_errors=True)
+        claim(work)
+        cached = (state_dir / "layers" / layer_key(load_recipe(config.image.recipe),
+                                                   config.image.mirror)).exists()
+        check_free_space(state_dir, SPACE_FROM_CACHED_LAYER if cached else SPACE_WITH_LAYER)
+        layer = ensure_layer(state_dir, config.image.recipe, config.image.mirror, steps)
+        with steps.step("keys", "client key and pinned host key"):
+            keys = _make_keys(work)
+        build = _Build(config, hv, name, steps, work, console_log, accel_name)
+        report = _boot_and_provision(build, layer, requirements, keys, undo)
+        with steps.step("template", "flatten, hash, make read-only"):
+            template = work / "template.qcow2"
+            try:
+                tools.run(tools.qemu_img_convert_argv(work / "disk.qcow2", "qcow2", template))
+            except ToolError as err:
+                raise ProvisionError("template", err.message) from None
+            os.chmod(template, 0o444)
+            digest = sha256_file(template)
+            for source, target in ((layer.kernel, "vmlinuz"), (layer.initrd, "initrd.img")):
+                shutil.copyfile(source, work / target)
+                os.chmod(work / target, 0o444)
+            manifest = {
+                "name": name,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "sha256": digest,
+                "template": template.name,
+                "recipe": {"name": config.image.recipe, "layer": layer.key, "mirror": config.image.mirror},
+                "kernel": (layer.path / "kernel-release").read_text().strip(),
+                "python": _read_report(report, "python.txt").strip(),
+                "pip": _pairs(_read_report(report, "pip-freeze.txt"), "=="),
+                "apt": _pairs(_read_report(report, "dpkg.txt"), "\t"),
+                "requirements": {
+                    "file": str(requirements.path) if requirements else None,
+                    "sha256": sha256_file(requirements.path) if requirements else None,
+                    "hashed": requirements.has_hashes if requirements else False,
+                },
+                "host_key": keys.host_public,
+                "accel": accel_name,
+                "vmiso": __version__,
+            }
+            shutil.copyfile(console_log, work / "provision.log")
+            for leftover in ("disk.qcow2", "seed", "report", OWNER_FILE):
+                path = work / leftover
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            (work / "host_key.pub").write_text(keys.host_public + "\n")
+            (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            os.chmod(work / MANIFEST, 0o644)
+            os.chmod(work, 0o711)
+            _install(work, final)
+        undo.pop_all()  # complete: keep it
+    return Image(name, final)
+
+
+def _install(work: Path, final: Path) -> None:
+    """Move the finished image into place, replacing an older one only once the new one is there."""
+    if not final.exists():
+        os.rename(work, final)
+        return
+    old = final.with_name(f".replaced-{final.name}-{secrets.token_hex(4)}")
+    os.rename(final, old)
+    try:
+        os.rename(work, final)
+    except OSError:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,246 @@
+"""``vmiso run``: one disposable, offline clone per job, from start to cleanup.
+
+The clone is a fresh qcow2 overlay over the read-only template, booted as a
+transient libvirt domain with no network device at all.  Its one link to the
+host is SSH over a virtio-serial port whose host end is a Unix socket in the
+run's own directory.  Inputs are copied into a per-run directory shared
+read-only; outputs come back through a second share and are checked before
+they are copied out.  Whatever happens, the domain, the overlay and the staging
+directories are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from . import accel, gc, outputs, ssh, tools
+from .config import Config
+from .domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
+from .errors import GuestError, OutputError, RunTimeout, VmisoError
+from .hypervisor import Hypervisor
+from .image.store import get_image, verified_sha256
+from .progress import Steps
+from .seed import RUN_USER
+from .workdir import private_dir, share_dir
+
+log = logging.getLogger(__name__)
+
+GUEST_IN = "/in"
+GUEST_OUT = "/out"
+GUEST_VENV = "/opt/vmiso/venv"
+KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet init=/usr/local/lib/vmiso/init"
+WATCH_INTERVAL = 0.25
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    command: tuple[str, ...]
+    image: str
+    inputs: tuple[Path, ...] = ()
+    output: Path | None = None
+    timeout: int | None = None
+    memory_mib: int | None = None
+    cpus: int | None = None
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    image: str
+    sha256: str
+    command: tuple[str, ...]
+    exit_code: int
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: outputs.OutputReport | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "run_id": self.run_id,
+            "image": self.image,
+            "sha256": self.sha256,
+            "command": list(self.command),
+            "exit_code": self.exit_code,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "outputs": self.outputs.as_dict() if self.outputs else None,
+        }
+
+
+def job_command(command: tuple[str, ...]) -> str:
+    """The shell line sshd runs for the job: fixed environment, then the user's argv, quoted."""
+    env = {
+        "VMISO_IN": GUEST_IN,
+        "VMISO_OUT": GUEST_OUT,
+        "PATH": f"{GUEST_VENV}/bin:/usr/local/bin:/usr/bin:/bin",
+        "VIRTUAL_ENV": GUEST_VENV,
+        "HOME": f"/home/{RUN_USER}",
+        "LANG": "C.UTF-8",
+    }
+    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    return f"cd {GUEST_IN} && exec env -i {assignments} {shlex.join(command)}"
+
+
+def _input_problem(root: Path) -> str | None:
+    """Symlinks inside an input directory may not lead out of it."""
+    base = root.resolve()
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(directory) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if target != base and base not in target.parents:
+                    return f"{path} is a symbolic link to {target}, outside the input"
+    return None
+
+
+def check_inputs(inputs: tuple[Path, ...]) -> None:
+    seen: dict[str, Path] = {}
+    for path in inputs:
+        if not path.exists():
+            raise VmisoError(f"input {path} does not exist")
+        if not (path.is_file() or path.is_dir()):
+            raise VmisoError(f"input {path} is neither a file nor a directory")
+        name = path.resolve().name
+        if name in seen:
+            raise VmisoError(f"inputs {seen[name]} and {path} would both appear as {GUEST_IN}/{name}",
+                             "rename one of them")
+        seen[name] = path
+        if path.is_dir() and (problem := _input_problem(path)):
+            raise VmisoError(f"input refused: {problem}", "copy the target into the input instead")
+
+
+def stage_inputs(inputs: tuple[Path, ...], staging: Path) -> None:
+    """Copy inputs into the run's read-only share: the user's files are never shared directly."""
+    for path in inputs:
+        target = staging / path.resolve().name
+        if path.is_dir():
+            shutil.copytree(path, target, symlinks=False, copy_function=shutil.copyfile)
+        else:
+            shutil.copyfile(path, target)
+    for directory, dirs, files in os.walk(staging):
+        for name in dirs:
+            os.chmod(os.path.join(directory, name), 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+
+
+class _OutputWatch:
+    """Stops the guest as soon as /out holds more than the limits allow."""
+
+    def __init__(self, share: Path, max_bytes: int, max_files: int, stop: callable) -> None:
+        self._share, self._max_bytes, self._max_files = share, max_bytes, max_files
+        self._stop = stop
+        self._done = threading.Event()
+        self.exceeded: str | None = None
+        self._thread = threading.Thread(target=self._watch, name="vmiso-output-watch", daemon=True)
+
+    def __enter__(self) -> "_OutputWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(WATCH_INTERVAL):
+            used, files = outputs.usage(self._share, self._max_files)
+            if used > self._max_bytes:
+                self.exceeded = f"the job wrote more than {self._max_bytes} bytes to {GUEST_OUT}"
+            elif files > self._max_files:
+                self.exceeded = f"the job wrote more than {self._max_files} files to {GUEST_OUT}"
+            if self.exceeded:
+                self._stop()
+                return
+
+
+def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
+        steps: Steps | None = None) -> RunResult:
+    steps = steps or Steps()
+    if not request.command:
+        raise VmisoError("no command to run", "give one after --, e.g. vmiso run -- python job.py")
+    check_inputs(request.inputs)
+    if request.output is not None:
+        outputs.check_destination(request.output)
+    accel_name = accel.resolve(config.accel)
+    image = get_image(config.state_dir, request.image)
+    gc.collect(hv, config.state_dir)  # what a vmiso killed earlier left behind
+
+    run_id = secrets.token_hex(6)
+    name = f"{NAME_PREFIX}run-{run_id}"
+    timeout = request.timeout or config.run.timeout
+    with ExitStack() as cleanup:
+        with steps.step("verify", "template sha256"):
+            sha256 = verified_sha256(image)
+        result = RunResult(run_id, image.name, sha256, request.command, exit_code=-1)
+        with steps.step("stage", "run directory and inputs"):
+            runs = private_dir(config.state_dir / "runs")
+            run_dir = private_dir(runs / run_id)
+            cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
+            gc.claim(run_dir)
+            staged_in = share_dir(run_dir / "in", writable=False)
+            stage_inputs(request.inputs, staged_in)
+            out_share = share_dir(run_dir / "out", writable=True)
+        with steps.step("overlay", "copy-on-write clone of the template"):
+            overlay = run_dir / "overlay.qcow2"
+            tools.run(tools.qemu_img_overlay_argv(image.template, overlay))
+        spec = DomainSpec(
+            name=name,
+            memory_mib=request.memory_mib or config.vm.memory_mib,
+            cpus=request.cpus or config.vm.cpus,
+            accel=accel_name,
+            disks=(Disk(overlay, cache="unsafe"),),
+            console_log=run_dir / "console.log",
+            boot=KernelBoot(image.kernel, image.initrd, KERNEL_CMDLINE),
+            shares=(Share(staged_in, "vmiso-in", readonly=True), Share(out_share, "vmiso-out", readonly=False)),
+            ssh_socket=run_dir / "ssh.sock",
+            metadata={"kind": "run", "run_dir": str(run_dir), "image": image.name},
+        )
+        with steps.step("start", "transient domain"):
+            hv.start_transient(name, domain_xml(spec))
+            cleanup.callback(hv.destroy, name)
+        with steps.step("boot", "to SSH"):
+            session = ssh.connect(
+                spec.ssh_socket, name=name, host_key=image.host_key.read_text(), client_key=image.client_key,
+                user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
+                alive=lambda: hv.is_running(name))
+            cleanup.callback(session.close)
+        with steps.step("exec", shlex.join(request.command)):
+            with _OutputWatch(out_share, config.run.output_max_bytes, config.run.output_max_files,
+                              stop=lambda: hv.destroy(name)) as watch:
+                try:
+                    status = session.execute(job_command(request.command), stdout, stderr,
+                                             deadline=time.monotonic() + timeout,
+                                             should_stop=lambda: watch.exceeded is not None)
+                except GuestError:
+                    if watch.exceeded is None:
+                        raise
+                    status = None
+        with steps.step("teardown", "destroy the VM"):
+            session.close()
+            hv.destroy(name)
+        if watch.exceeded:
+            raise OutputError(f"{watch.exceeded}; the VM was stopped",
+                              "raise run.output_max_bytes / run.output_max_files in vmiso.yaml if expected")
+        if status is None:
+            raise RunTimeout(f"the job ran longer than {timeout} s; the VM was destroyed",
+                             "raise --timeout if the job needs longer")
+        if status == ssh.NO_STATUS:
+            raise GuestError("the job ended without an exit status (killed by a signal?)")
+        result.exit_code = status
+        if request.output is not None:
+            with steps.step("collect", f"check and copy {GUEST_OUT}"):
+                result.outputs = outputs.collect(out_share, request.output,
+                                                 max_bytes=config.run.output_max_bytes,
+                                                 max_files=config.run.output_max_files)
+    result.timings = dict(steps.timings)
+    return result

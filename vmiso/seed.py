@@ -1,0 +1,105 @@
+"""The cloud-init NoCloud seed for a provisioning boot: user-data, meta-data, the ISO.
+
+The static part of the user-data is ``cloud-init/user-data.yaml``; the parts that
+differ per image are added here as dicts and everything is written with
+``yaml.safe_dump``.  No YAML is ever assembled from strings.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import tools
+from .config import PipOptions
+from .errors import ConfigError
+from .resources import cloud_init_dir
+
+RUN_USER = "vmiso"
+_APT_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
+
+
+@dataclass(frozen=True)
+class SeedInputs:
+    instance_id: str
+    hostname: str
+    host_key_private: str
+    host_key_public: str
+    authorized_key: str
+    ca_pems: tuple[str, ...] = ()
+    requirements: str = ""
+    apt_packages: tuple[str, ...] = ()
+    pip: PipOptions = PipOptions()
+    require_hashes: bool = False
+
+
+def check_apt_packages(names: tuple[str, ...]) -> tuple[str, ...]:
+    for name in names:
+        if not _APT_NAME.match(name):
+            raise ConfigError(
+                f"provision.apt_packages: {name!r} is not a Debian package name",
+                "write names such as 'libxml2' or 'libxml2=2.9.14+dfsg-1.3'",
+            )
+    return names
+
+
+def provision_env(inputs: SeedInputs) -> str:
+    """The shell file that provision.sh sources: every value quoted by shlex."""
+    values = {"APT_PACKAGES": " ".join(check_apt_packages(inputs.apt_packages))}
+    if inputs.pip.index_url:
+        values["PIP_INDEX_URL"] = inputs.pip.index_url
+    if inputs.pip.extra_index_urls:
+        values["PIP_EXTRA_INDEX_URL"] = " ".join(inputs.pip.extra_index_urls)
+    if inputs.require_hashes:
+        values["PIP_REQUIRE_HASHES"] = "1"
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items())
+
+
+def _write_file(path: str, content: str, permissions: str = "0644") -> dict:
+    return {"path": path, "content": content, "owner": "root:root", "permissions": permissions}
+
+
+def user_data(inputs: SeedInputs) -> dict:
+    template = cloud_init_dir() / "user-data.yaml"
+    data = yaml.safe_load(template.read_text(encoding="utf-8"))
+    script = (cloud_init_dir() / "provision.sh").read_text(encoding="utf-8")
+    for user in data["users"]:
+        if user["name"] == RUN_USER:
+            user["ssh_authorized_keys"] = [inputs.authorized_key]
+    data["ssh_keys"] = {
+        "ed25519_private": inputs.host_key_private,
+        "ed25519_public": inputs.host_key_public,
+    }
+    if inputs.ca_pems:
+        data["ca_certs"] = {"trusted": list(inputs.ca_pems)}
+    data["write_files"] = [
+        _write_file("/var/lib/vmiso/provision.sh", script, "0755"),
+        _write_file("/var/lib/vmiso/provision.env", provision_env(inputs), "0600"),
+        _write_file("/var/lib/vmiso/requirements.txt", inputs.requirements),
+    ]
+    return data
+
+
+def render_user_data(inputs: SeedInputs) -> str:
+    return "#cloud-config\n" + yaml.safe_dump(user_data(inputs), sort_keys=False, width=1000)
+
+
+def render_meta_data(inputs: SeedInputs) -> str:
+    return yaml.safe_dump({"instance-id": inputs.instance_id, "local-hostname": inputs.hostname})
+
+
+def write_seed(inputs: SeedInputs, directory: Path) -> Path:
+    """Write user-data and meta-data into ``directory`` and pack them as a NoCloud ISO."""
+    user = directory / "user-data"
+    meta = directory / "meta-data"
+    # The user-data holds the host's private key for the guest: readable by root only.
+    for path, text in ((user, render_user_data(inputs)), (meta, render_meta_data(inputs))):
+        path.touch(mode=0o600)
+        path.write_text(text, encoding="utf-8")
+    iso = directory / "seed.iso"
+    tools.run(tools.genisoimage_argv(iso, [user, meta]))
+    return iso

@@ -1,0 +1,133 @@
+"""The outside programs vmiso runs: argv lists built here, run here, failures converted here.
+
+Each ``*_argv`` function only builds a list (unit-tested without running anything);
+``run`` executes one and turns a failure into a ``ToolError`` that names the
+program and the tail of its output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ToolError
+
+log = logging.getLogger(__name__)
+
+# Debian package that provides each program, for the "how to fix" part of errors.
+PACKAGES = {
+    "qemu-img": "qemu-utils",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "mmdebstrap": "mmdebstrap",
+    "genisoimage": "genisoimage",
+    "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "ssh-keygen": "openssh-client",
+}
+
+
+def which(program: str) -> str:
+    found = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if not found:
+        package = PACKAGES.get(program, program)
+        raise ToolError(f"{program} is not installed", f"install it: apt-get install {package}")
+    return found
+
+
+def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | None = None,
+        input_text: str | None = None) -> str:
+    """Run ``argv``; return its stdout.  Output goes to ``log_path`` when given."""
+    program = argv[0]
+    full = [which(program), *argv[1:]]
+    log.debug("running %s", " ".join(full))
+    try:
+        if log_path is not None:
+            with open(log_path, "ab") as log_file:
+                done = subprocess.run(full, stdout=log_file, stderr=subprocess.STDOUT,
+                                      timeout=timeout, input=input_text.encode() if input_text else None)
+            output = ""
+        else:
+            done = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input_text)
+            output = done.stdout
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"{program} did not finish within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        if log_path is not None:
+            tail = _tail(log_path)
+            where = f"; its log is {log_path}"
+        else:
+            tail = (done.stderr or done.stdout or "").strip()[-600:]
+            where = ""
+        raise ToolError(f"{program} failed with exit code {done.returncode}{where}: {tail}")
+    return output
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+# --- qemu-img -----------------------------------------------------------------------
+
+def qemu_img_overlay_argv(backing: Path, overlay: Path, backing_format: str = "qcow2") -> list[str]:
+    return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format,
+            "-b", str(backing), str(overlay)]
+
+
+def qemu_img_convert_argv(source: Path, source_format: str, target: Path) -> list[str]:
+    # No compression: a compressed template is smaller but every cold read of a
+    # cluster pays for inflating it, and runs read the template far more often.
+    return ["qemu-img", "convert", "-q", "-f", source_format, "-O", "qcow2", str(source), str(target)]
+
+
+def qemu_img_info_argv(image: Path) -> list[str]:
+    return ["qemu-img", "info", "--output=json", "-U", str(image)]
+
+
+def qemu_img_info(image: Path) -> dict:
+    return json.loads(run(qemu_img_info_argv(image)))
+
+
+# --- OS layer ---------------------------------------------------------------------------
+
+def mmdebstrap_argv(*, suite: str, mirror: str, target: Path, packages: Sequence[str],
+                    variant: str = "minbase", hooks: Sequence[str] = ()) -> list[str]:
+    argv = ["mmdebstrap", "--mode=root", f"--variant={variant}", "--verbose"]
+    if packages:
+        argv.append("--include=" + ",".join(packages))
+    for hook in hooks:
+        argv.append(f"--customize-hook={hook}")
+    argv += [suite, str(target), mirror]
+    return argv
+
+
+def mkfs_ext4_argv(*, source_dir: Path, image: Path, size_bytes: int, label: str) -> list[str]:
+    # -d fills the filesystem from a directory: no loop mount, no root needed.
+    # Huge files and metadata checksums are kept; the size is in KiB blocks.
+    return ["mkfs.ext4", "-q", "-F", "-L", label, "-E", "root_owner=0:0",
+            "-d", str(source_dir), str(image), f"{size_bytes // 1024}k"]
+
+
+def debugfs_dump_argv(image: Path, inside: str, out: Path) -> list[str]:
+    # Reads one file out of an ext4 image without mounting it.
+    return ["debugfs", "-R", f"dump -p {inside} {out}", str(image)]
+
+
+# --- seed ---------------------------------------------------------------------------------
+
+def genisoimage_argv(iso: Path, files: Sequence[Path]) -> list[str]:
+    return ["genisoimage", "-quiet", "-output", str(iso), "-volid", "cidata",
+            "-joliet", "-rock", *[str(f) for f in files]]
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+def ssh_keygen_argv(path: Path, comment: str) -> list[str]:
+    return ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]

@@ -1,0 +1,44 @@
+"""Host directories that QEMU must reach: modes and owners set in one place.
+
+QEMU runs as another user (``libvirt-qemu`` on Debian).  libvirt hands it the
+disks and kernel itself, but 9p share directories are opened by QEMU directly,
+so a writable share must belong to that user.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+from .errors import VmisoError
+
+QEMU_USER = "libvirt-qemu"
+
+
+def qemu_ids(user: str = QEMU_USER) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise VmisoError(f"the QEMU user {user!r} does not exist",
+                         "install libvirt-daemon-system (scripts/setup-host does)") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def private_dir(path: Path) -> Path:
+    """A root-owned directory that QEMU may traverse but not list (0711)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o711)
+    return path
+
+
+def share_dir(path: Path, *, writable: bool) -> Path:
+    """A directory exported over 9p: world-readable when read-only, QEMU's own when writable."""
+    path.mkdir(mode=0o700)
+    if writable:
+        uid, gid = qemu_ids()
+        os.chown(path, uid, gid)
+        os.chmod(path, 0o700)
+    else:
+        os.chmod(path, 0o755)
+    return path
