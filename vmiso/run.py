@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 GUEST_IN = "/in"
 GUEST_OUT = "/out"
 GUEST_VENV = "/opt/vmiso/venv"
-KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet init=/usr/local/lib/vmiso/init"
+# The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
+KERNEL_CMDLINE = "console=ttyS0 quiet"
 WATCH_INTERVAL = 0.25
 
 
@@ -200,7 +201,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             accel=accel_name,
             disks=(Disk(overlay, cache="unsafe"),),
             console_log=run_dir / "console.log",
-            boot=KernelBoot(image.kernel, image.initrd, KERNEL_CMDLINE),
+            boot=KernelBoot(image.kernel, image.initramfs, KERNEL_CMDLINE),
             shares=(Share(staged_in, "vmiso-in", readonly=True), Share(out_share, "vmiso-out", readonly=False)),
             ssh_socket=run_dir / "ssh.sock",
             metadata={"kind": "run", "run_dir": str(run_dir), "image": image.name},

@@ -23,15 +23,17 @@ from ..gc import OWNER_FILE, claim
 from ..errors import ConfigError, ProvisionError, ToolError
 from ..progress import Steps
 from ..resources import images_dir
+from . import initramfs
 
 log = logging.getLogger(__name__)
 
 # Files vmiso puts into every layer: source under images/guest -> (path in guest, mode).
 GUEST_FILES = {
-    "init": ("usr/local/lib/vmiso/init", 0o755),
     "ssh-link": ("usr/local/lib/vmiso/ssh-link", 0o755),
     "sshd_config.vmiso": ("etc/ssh/sshd_config.vmiso", 0o644),
 }
+# Read on the host to build the clones' initramfs; part of the layer's hash.
+HOST_FILES = ("initramfs-init",)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,11 @@ class Layer:
     def initrd(self) -> Path:
         return self.path / "initrd.img"
 
+    @property
+    def initramfs(self) -> Path:
+        """The small initramfs of run clones (Debian's initrd serves provisioning)."""
+        return self.path / "initramfs.img"
+
 
 def recipe_path(recipe: str) -> Path:
     """A recipe name (``debian-12``) from images/, or a path to a recipe file."""
@@ -86,7 +93,7 @@ def layer_key(recipe: Recipe, mirror: str) -> str:
     digest.update(json.dumps({"recipe": dataclasses.asdict(recipe), "mirror": mirror},
                              sort_keys=True).encode())
     guest = images_dir() / "guest"
-    for name in sorted(GUEST_FILES):
+    for name in sorted((*GUEST_FILES, *HOST_FILES)):
         digest.update(name.encode() + b"\0" + (guest / name).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -111,7 +118,9 @@ def _copy_boot_files(root: Path, dest: Path) -> None:
         raise ToolError(f"expected one kernel and one initrd in the layer's /boot, found {kernels} {initrds}")
     shutil.copyfile(kernels[0], dest / "vmlinuz")
     shutil.copyfile(initrds[0], dest / "initrd.img")
-    (dest / "kernel-release").write_text(kernels[0].name.removeprefix("vmlinuz-") + "\n")
+    release = kernels[0].name.removeprefix("vmlinuz-")
+    (dest / "kernel-release").write_text(release + "\n")
+    (dest / "initramfs.img").write_bytes(initramfs.build(root, release))
 
 
 def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -> Layer:

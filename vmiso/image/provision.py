@@ -271,7 +271,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                 raise ProvisionError("template", err.message) from None
             os.chmod(template, 0o444)
             digest = sha256_file(template)
-            for source, target in ((layer.kernel, "vmlinuz"), (layer.initrd, "initrd.img")):
+            for source, target in ((layer.kernel, "vmlinuz"), (layer.initramfs, "initramfs.img")):
                 shutil.copyfile(source, work / target)
                 os.chmod(work / target, 0o444)
             manifest = {

@@ -35,8 +35,8 @@ class Image:
         return self.path / "vmlinuz"
 
     @property
-    def initrd(self) -> Path:
-        return self.path / "initrd.img"
+    def initramfs(self) -> Path:
+        return self.path / "initramfs.img"
 
     @property
     def client_key(self) -> Path:

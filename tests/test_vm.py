@@ -1,0 +1,218 @@
+"""Integration tests: real guests booted through libvirt (under TCG here).
+
+One provisioned image serves the session; each run test boots its own clones and
+checks many things per boot, because every boot costs tens of seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from vmharness import (TABULATE, Streamed, make_state_root, remove_tree, vmiso, vmiso_domains, wait_for,
+                       write_config)
+
+pytestmark = pytest.mark.vm
+GUEST = Path(__file__).parent / "guest"
+
+
+@pytest.fixture(scope="session")
+def vm_root():
+    root = make_state_root()
+    yield root
+    remove_tree(root)
+
+
+@pytest.fixture(scope="session")
+def image(vm_root):
+    config = write_config(vm_root / "config", vm_root / "state")
+    done = vmiso("-q", "provision", "-c", config, timeout=2400)
+    assert done.returncode == 0, done.stderr
+    return {"config": config, "state": vm_root / "state", "output": done}
+
+
+def leftovers(state: Path) -> list[str]:
+    runs = state / "runs"
+    found = [p.name for p in runs.iterdir()] if runs.is_dir() else []
+    found += [p.name for p in (state / "images").iterdir() if p.name.startswith(".")]
+    return found + vmiso_domains()
+
+
+def host_addresses() -> list[str]:
+    """This machine's own addresses and the package registry's: all must be unreachable."""
+    out = subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, check=True).stdout
+    addresses = [a["local"] for link in json.loads(out) for a in link.get("addr_info", [])
+                 if a.get("family") == "inet" and not a["local"].startswith("127.")]
+    try:
+        addresses.append(socket.getaddrinfo("pypi.org", 443, socket.AF_INET)[0][4][0])
+    except OSError:
+        pass  # the registry is then only unreachable by name, which the DNS probe covers
+    return addresses
+
+
+def test_provision_makes_a_sealed_verified_image(image):
+    state = image["state"]
+    manifest = json.loads((state / "images" / "it" / "manifest.json").read_text())
+    assert {"name": "tabulate", "version": "0.9.0"} in manifest["pip"]
+    assert manifest["requirements"]["hashed"] is True
+    assert any(p["name"] == "openssh-server" for p in manifest["apt"])
+    assert manifest["kernel"] and manifest["python"].startswith("3.")
+    assert manifest["host_key"].startswith("ssh-ed25519 ")
+    template = state / "images" / "it" / "template.qcow2"
+    assert stat.S_IMODE(template.stat().st_mode) == 0o444
+    assert stat.S_IMODE((state / "images" / "it" / "client_key").stat().st_mode) == 0o600
+    listed = json.loads(vmiso("images", "-c", image["config"], "--json", check=True).stdout)
+    assert [(i["name"], i["sha256"]) for i in listed] == [("it", manifest["sha256"])]
+    assert "tabulate==0.9.0" in vmiso("images", "-c", image["config"], check=True).stdout
+    assert manifest["sha256"] in vmiso("images", "-c", image["config"], "verify", "it", check=True).stdout
+    assert leftovers(state) == []
+    # The sealed image holds no cloud-init state or network configuration; the
+    # provisioning log was kept beside it.
+    assert "VMISO-STEP pip" in (state / "images" / "it" / "provision.log").read_text(errors="replace")
+
+
+def test_run_streams_isolates_and_checks_outputs(image, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    data = inputs / "data.csv"
+    data.write_text("a,b\n1,2\n")
+    out = tmp_path / "out"
+    record = tmp_path / "run.json"
+    probes = [[a, 22] for a in host_addresses()] + [["10.0.2.2", 22], ["10.0.2.3", 53]]
+    run = Streamed.start("run", "-c", image["config"], "-i", GUEST / "probe.py", "-i", data, "-o", out,
+                         "--json", record, "--", "python", "probe.py", json.dumps(probes))
+    assert run.wait() == 3, run.lines
+    # Streamed live and in order, not collected at the end.
+    assert run.when("out", "out-1") < run.when("err", "err-1") < run.when("out", "out-2")
+    assert run.when("out", "out-2") - run.when("out", "out-1") > 2.0
+    results = json.loads(run.text("out").splitlines()[-1])
+    assert results["write-input"] == "EROFS" and results["create-in-input"] == "EROFS"
+    assert data.read_text() == "a,b\n1,2\n"
+    assert results["uid"] != 0 and results["cwd"] == "/in"
+    assert results["env"] == {"VMISO_IN": "/in", "VMISO_OUT": "/out"}
+    assert results["python"].startswith("/opt/vmiso/venv/")
+    assert results["input"] == "a,b\n1,2\n"
+    assert results["tabulate"] == "0.9.0"
+    # Offline: no interface but loopback, no DNS, nothing reachable.
+    assert results["interfaces"] == ["lo"]
+    assert results["dns"] != "ALLOWED"
+    tcp = {k: v for k, v in results.items() if k.startswith("tcp ")}
+    assert len(tcp) == len(probes) and "ALLOWED" not in tcp.values(), tcp
+    # Outputs: regular files copied with a manifest; the rest refused and reported.
+    assert sorted(p.name for p in out.iterdir()) == ["MANIFEST", "result.json", "sub"]
+    assert (out / "sub" / "table.txt").read_text().startswith("  a    b")
+    manifest = (out / "MANIFEST").read_text()
+    assert "  result.json\n" in manifest and "  sub/table.txt\n" in manifest
+    stderr = run.text("err")
+    for name, reason in (("link", "symbolic link"), ("fifo", "FIFO"), ("suid", "setuid")):
+        assert f"refused output {name}: " in stderr and reason in stderr
+    summary = json.loads(record.read_text())
+    assert summary["exit_code"] == 3 and summary["image"] == "it"
+    assert summary["sha256"] == json.loads((image["state"] / "images/it/manifest.json").read_text())["sha256"]
+    assert {"overlay", "start", "boot", "exec", "teardown"} <= set(summary["timings"])
+    assert {f["path"] for f in summary["outputs"]["files"]} == {"result.json", "sub/table.txt"}
+    assert leftovers(image["state"]) == []
+
+
+def test_timeout_destroys_the_vm_and_exits_124(image, tmp_path):
+    done = vmiso("run", "-c", image["config"], "--timeout", "3", "--json", tmp_path / "r.json",
+                 "--", "sh", "-c", "echo started; sleep 600")
+    assert done.returncode == 124, done.stderr
+    assert "started" in done.stdout
+    assert "longer than 3 s" in done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 124
+    assert leftovers(image["state"]) == []
+
+
+def test_sigkill_leaves_nothing_after_gc(image):
+    run = Streamed.start("run", "-c", image["config"], "--", "sh", "-c", "echo up; sleep 600")
+    wait_for(lambda: any(text == "up" for _, _, text in run.lines), 300, "the job to start")
+    runs = list((image["state"] / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "overlay.qcow2").exists()
+    run.process.send_signal(signal.SIGKILL)
+    run.wait()
+    # libvirt destroys a transient, auto-destroy domain when its connection drops.
+    wait_for(lambda: vmiso_domains() == [], 30, "libvirt to destroy the orphaned VM")
+    doctor = vmiso("doctor", "-c", image["config"])
+    assert f"run directory {runs[0].name}" in doctor.stdout
+    collected = vmiso("gc", "-c", image["config"], check=True)
+    assert f"removed run directory {runs[0].name}" in collected.stdout
+    assert leftovers(image["state"]) == []
+
+
+def test_two_runs_at_once_are_separate(image, tmp_path):
+    template = image["state"] / "images" / "it" / "template.qcow2"
+    before = (template.stat().st_mtime_ns, vmiso("images", "-c", image["config"], "verify", "it").stdout)
+    job = ("test ! -e /var/tmp/marker && echo $$-{0} > /var/tmp/marker && sleep 3 && "
+           "cat /var/tmp/marker && cp /var/tmp/marker /out/")
+    runs = [Streamed.start("run", "-c", image["config"], "-o", tmp_path / f"out{i}", "--",
+                           "sh", "-c", job.format(i)) for i in (0, 1)]
+    assert [r.wait() for r in runs] == [0, 0], [r.lines for r in runs]
+    for i, run in enumerate(runs):
+        assert run.text("out").endswith(f"-{i}")
+        assert (tmp_path / f"out{i}" / "marker").read_text().strip().endswith(f"-{i}")
+    after = (template.stat().st_mtime_ns, vmiso("images", "-c", image["config"], "verify", "it").stdout)
+    assert before == after and "OK" in after[1]
+    assert leftovers(image["state"]) == []
+
+
+def test_output_flood_is_stopped(image, tmp_path):
+    config = write_config(tmp_path / "small", image["state"], run={"output_max_bytes": "8MiB"})
+    started = time.monotonic()
+    done = vmiso("run", "-c", config, "--image", "it", "-o", tmp_path / "out", "--",
+                 "sh", "-c", "while :; do head -c 1048576 /dev/zero >> /out/flood; done")
+    assert done.returncode == 125, done.stderr
+    assert "more than 8388608 bytes" in done.stderr and "stopped" in done.stderr
+    assert time.monotonic() - started < 300
+    assert not (tmp_path / "out").exists()
+    assert leftovers(image["state"]) == []
+
+
+@pytest.mark.parametrize("requirements, message", [
+    ("vmiso-no-such-package-4f1d2e==1.0\n", "No matching distribution"),
+    (TABULATE.replace("024ca478", "00000000"), "DO NOT MATCH"),
+])
+def test_failed_pip_leaves_no_image(image, tmp_path, requirements, message):
+    config = write_config(tmp_path, image["state"], requirements=requirements, image={"name": "broken"})
+    done = vmiso("provision", "-c", config, timeout=2400)
+    assert done.returncode == 125
+    assert "provisioning failed at step 'pip'" in done.stderr
+    assert message in done.stderr and "log: " in done.stderr
+    assert not (image["state"] / "images" / "broken").exists()
+    assert leftovers(image["state"]) == []
+
+
+def test_unreachable_mirror_fails_cleanly(tmp_path):
+    root = make_state_root()
+    try:
+        config = write_config(tmp_path, root / "state", image={"mirror": "http://127.0.0.1:9/debian"})
+        done = vmiso("provision", "-c", config, timeout=600)
+        assert done.returncode == 125
+        assert "step 'os-layer'" in done.stderr and "127.0.0.1:9" in done.stderr
+        state = root / "state"
+        assert list((state / "layers").iterdir()) == []
+        assert list((state / "images").iterdir()) == []
+    finally:
+        remove_tree(root)
+
+
+def test_too_little_disk_space_is_refused(tmp_path):
+    root = make_state_root()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "vmiso-test", str(root)], check=True)
+        config = write_config(tmp_path, root / "state")
+        done = vmiso("provision", "-c", config, timeout=120)
+        assert done.returncode == 125
+        assert "too little disk space" in done.stderr
+        assert list((root / "state" / "images").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(root)], check=False)
+        remove_tree(root)

@@ -1,0 +1,114 @@
+"""Helpers for the VM tests: a state directory QEMU can reach, the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+VMISO = [sys.executable, "-m", "vmiso"]
+TABULATE = "tabulate==0.9.0 --hash=sha256:024ca478df22e9340661486f85298cff5f6dcdba14f3813e8830015b9ed1948f\n"
+
+
+def make_state_root() -> Path:
+    """pytest's tmp dirs are 0700: QEMU, another user, could not reach images there."""
+    root = Path(tempfile.mkdtemp(prefix="vmiso-test-", dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    return root
+
+
+def write_config(directory: Path, state_dir: Path, requirements: str = TABULATE, **extra: object) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "requirements.txt").write_text(requirements)
+    data: dict = {
+        "accel": "tcg",
+        "state_dir": str(state_dir),
+        "image": {"name": "it"},
+        "provision": {"requirements": "requirements.txt"},
+        "vm": {"memory_mib": 512, "cpus": 1},
+    }
+    for section, values in extra.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    path = directory / "vmiso.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def vmiso(*args: str | Path, timeout: float = 900, check: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, VMISO_ACCEL="tcg", PYTHONUNBUFFERED="1")
+    done = subprocess.run([*VMISO, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+    if check and done.returncode != 0:
+        raise AssertionError(f"vmiso {args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@dataclass
+class Streamed:
+    """A vmiso process whose stdout and stderr lines are timestamped as they arrive."""
+
+    process: subprocess.Popen
+    lines: list[tuple[float, str, str]] = field(default_factory=list)  # (time, stream, line)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, *args: str | Path) -> "Streamed":
+        env = dict(os.environ, VMISO_ACCEL="tcg", PYTHONUNBUFFERED="1")
+        process = subprocess.Popen([*VMISO, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=env, cwd=REPO)
+        streamed = cls(process)
+        for name, pipe in (("out", process.stdout), ("err", process.stderr)):
+            thread = threading.Thread(target=streamed._read, args=(name, pipe), daemon=True)
+            thread.start()
+            streamed._threads.append(thread)
+        return streamed
+
+    def _read(self, name: str, pipe) -> None:
+        for raw in iter(pipe.readline, b""):
+            self.lines.append((time.monotonic(), name, raw.decode(errors="replace").rstrip("\n")))
+
+    def wait(self, timeout: float = 900) -> int:
+        code = self.process.wait(timeout)
+        for thread in self._threads:
+            thread.join(10)
+        return code
+
+    def text(self, stream: str) -> str:
+        return "\n".join(line for _, s, line in self.lines if s == stream)
+
+    def when(self, stream: str, line: str) -> float:
+        for stamp, s, text in self.lines:
+            if s == stream and text == line:
+                return stamp
+        raise AssertionError(f"{line!r} never appeared on std{stream}: {self.lines}")
+
+
+def vmiso_domains() -> list[str]:
+    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    return [n for n in names if n.startswith("vmiso-")]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
