@@ -1,4 +1,6 @@
 import os
+
+import pytest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -89,3 +91,61 @@ def test_hostile_strings_stay_data():
     root = ET.fromstring(domain_xml(spec))
     assert root.find(".//evil") is None
     assert root.find("devices/serial/source").get("path") == "/tmp/x'/><evil/>.log"
+
+
+SAVED = """<domain type='qemu'>
+  <name>vmiso-warm-x-0-abc</name>
+  <uuid>8d5f3c4e-1111-2222-3333-444455556666</uuid>
+  <genid>0b0b0b0b-1111-2222-3333-444455556666</genid>
+  <metadata><vmiso:vm xmlns:vmiso="urn:vmiso:domain:1"><vmiso:kind>warm</vmiso:kind></vmiso:vm></metadata>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/s/images/x/warm/.building-slot-0/overlay.qcow2'/>
+      <backingStore type='file'><format type='qcow2'/><source file='/s/images/x/template.qcow2'/></backingStore>
+      <target dev='vda' bus='virtio'/>
+      <address type='pci' domain='0x0000' bus='0x04' slot='0x00' function='0x0'/>
+    </disk>
+    <filesystem type='mount' accessmode='mapped'>
+      <source dir='/s/images/x/warm/.building-slot-0/in'/><target dir='vmiso-in'/><readonly/>
+    </filesystem>
+    <filesystem type='mount' accessmode='mapped'>
+      <source dir='/s/images/x/warm/.building-slot-0/out'/><target dir='vmiso-out'/>
+    </filesystem>
+    <serial type='file'><source path='/s/old/console.log'/><target port='0'/></serial>
+    <console type='file'><source path='/s/old/console.log'/><target type='serial' port='0'/></console>
+    <channel type='unix'>
+      <source mode='bind' path='/s/old/ssh.sock'/>
+      <target type='virtio' name='org.vmiso.ssh'/>
+    </channel>
+  </devices>
+</domain>"""
+
+
+def test_retarget_changes_host_paths_and_genid_only():
+    from vmiso.domain import Retarget, retarget
+
+    xml = retarget(SAVED, Retarget(
+        name="vmiso-run-1", disk=Path("/r/overlay.qcow2"), console_log=Path("/r/console.log"),
+        ssh_socket=Path("/r/ssh.sock"), shares={"vmiso-in": Path("/r/in"), "vmiso-out": Path("/r/out")},
+        genid="12345678-aaaa-bbbb-cccc-ddddeeeeffff", metadata={"kind": "run", "run_dir": "/r"}))
+    root = ET.fromstring(xml)
+    assert root.findtext("name") == "vmiso-run-1"
+    assert root.findtext("uuid") == "8d5f3c4e-1111-2222-3333-444455556666"  # guest-visible: kept
+    assert root.findtext("genid") == "12345678-aaaa-bbbb-cccc-ddddeeeeffff"
+    disk = root.find("devices/disk")
+    assert disk.find("source").get("file") == "/r/overlay.qcow2"
+    assert disk.find("backingStore") is None  # libvirt must probe the longer chain itself
+    assert disk.find("address").get("bus") == "0x04"  # the guest's view stays as saved
+    shares = {fs.find("target").get("dir"): fs.find("source").get("dir") for fs in root.iter("filesystem")}
+    assert shares == {"vmiso-in": "/r/in", "vmiso-out": "/r/out"}
+    assert {s.get("path") for s in root.iter("source") if s.get("path")} == {"/r/console.log", "/r/ssh.sock"}
+    assert metadata_of(xml) == {"kind": "run", "run_dir": "/r"}
+
+
+def test_retarget_refuses_a_domain_without_genid():
+    from vmiso.domain import Retarget, retarget
+
+    with pytest.raises(ValueError, match="genid"):
+        retarget(SAVED.replace("<genid>0b0b0b0b-1111-2222-3333-444455556666</genid>", ""), Retarget(
+            name="n", disk=Path("/d"), console_log=Path("/c"), ssh_socket=Path("/s"), shares={}, genid="g"))

@@ -178,11 +178,13 @@ def images_verify(ctx: click.Context, name: str) -> None:
 @click.option("--cpus", type=click.IntRange(min=1), help="guest vCPUs")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="write a record of the run (timings, exit code, output manifest) here")
+@click.option("--cold", is_flag=True, help="boot the clone from scratch even when a warm state exists")
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
 def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_dir: Path | None,
         image: str | None, inputs: tuple[Path, ...], output: Path | None, timeout: int | None,
-        memory: int | None, cpus: int | None, json_path: Path | None, command: tuple[str, ...]) -> None:
+        memory: int | None, cpus: int | None, json_path: Path | None, cold: bool,
+        command: tuple[str, ...]) -> None:
     """Run COMMAND in a disposable, offline clone of an image.
 
     \b
@@ -196,7 +198,7 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
 
     config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
     request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
-                         timeout=timeout, memory_mib=memory, cpus=cpus)
+                         timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold)
     if json_path is not None and json_path.exists():
         raise VmisoError(f"--json {json_path} exists already; vmiso never overwrites files")
     steps = Steps(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0))
@@ -258,6 +260,24 @@ def doctor(ctx: click.Context, config_path: Path | None, accel: str | None, stat
             click.echo(f"       fix: {check.fix}")
         failed += not check.ok
     ctx.exit(1 if failed else 0)
+
+
+@images.command("warm")
+@click.argument("name")
+@click.pass_context
+def images_warm(ctx: click.Context, name: str) -> None:
+    """Boot and save clones of an image so that runs restore them instead of booting."""
+    from .hypervisor import connected
+    from .image.provision import make_warm_state
+    from .image.store import get_image
+
+    config = ctx.obj["config"]
+    image = get_image(config.state_dir, name)
+    steps = Steps(_progress_printer(ctx.obj["quiet"]))
+    with connected(config.libvirt_uri) as hv:
+        if not make_warm_state(config, hv, image, steps):
+            raise VmisoError(f"could not make a warm state for {name}", "see the warning above")
+    click.echo(f"{name}: warm state ready in {steps.elapsed():.0f} s")
 
 
 def main() -> None:

@@ -184,3 +184,60 @@ def metadata_of(xml: str) -> dict[str, str]:
         return {}
     prefix = f"{{{METADATA_NS}}}"
     return {child.tag.removeprefix(prefix): child.text or "" for child in inner}
+
+
+@dataclass(frozen=True)
+class Retarget:
+    """The host-side paths and identity a restored copy of a saved domain takes on."""
+
+    name: str
+    disk: Path
+    console_log: Path
+    ssh_socket: Path
+    shares: dict[str, Path]  # tag -> host directory
+    genid: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def retarget(saved_xml: str, to: Retarget) -> str:
+    """Point a saved domain's XML at another run's files, keeping everything the guest sees.
+
+    Device models, addresses and the machine type stay exactly as saved (libvirt
+    refuses a restore whose guest ABI differs); only host paths, the name, the
+    metadata and the VM generation ID change.  A new generation ID is what tells
+    the restored guest's kernel to reseed its random number generator.
+    """
+    root = ET.fromstring(saved_xml)
+    root.find("name").text = to.name
+    genid = root.find("genid")
+    if genid is None:
+        raise ValueError("the saved domain has no <genid>; it cannot be restored safely")
+    genid.text = to.genid
+    disks = root.findall("devices/disk[@device='disk']")
+    if len(disks) != 1:
+        raise ValueError(f"expected one disk in the saved domain, found {len(disks)}")
+    disks[0].find("source").set("file", str(to.disk))
+    # The saved chain ends at the old disk; the run's overlay adds a layer, which
+    # libvirt must discover itself rather than take from the stale description.
+    for backing in disks[0].findall("backingStore"):
+        disks[0].remove(backing)
+    for serial in root.findall("devices/serial") + root.findall("devices/console"):
+        source = serial.find("source")
+        if source is not None and source.get("path"):
+            source.set("path", str(to.console_log))
+    channel = root.find(f"devices/channel/target[@name='{SSH_CHANNEL}']/..")
+    if channel is None:
+        raise ValueError("the saved domain has no SSH channel")
+    channel.find("source").set("path", str(to.ssh_socket))
+    for fs in root.findall("devices/filesystem"):
+        tag = fs.find("target").get("dir")
+        if tag not in to.shares:
+            raise ValueError(f"the saved domain shares {tag!r}, which the run does not provide")
+        fs.find("source").set("dir", str(to.shares[tag]))
+    old = root.find("metadata")
+    if old is not None:
+        root.remove(old)
+    if to.metadata:
+        index = list(root).index(genid) + 1
+        root.insert(index, _metadata(to.metadata))
+    return ET.tostring(root, encoding="unicode")

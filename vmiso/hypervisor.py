@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import libvirt
 
@@ -114,6 +115,30 @@ class Hypervisor:
                 return True
             time.sleep(poll)
         return not self.is_running(name)
+
+    def save(self, name: str, path: Path) -> None:
+        """Save a running domain's memory and device state to ``path``; the domain stops."""
+        dom = self._lookup(name)
+        if dom is None:
+            raise HypervisorError(f"VM {name} does not exist; nothing to save")
+        try:
+            dom.save(str(path))
+        except libvirt.libvirtError as err:
+            raise HypervisorError(f"libvirt could not save VM {name}: {err.get_error_message()}") from None
+
+    def saved_xml(self, path: Path) -> str:
+        try:
+            return self.conn.saveImageGetXMLDesc(str(path), libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
+        except libvirt.libvirtError as err:
+            raise HypervisorError(f"libvirt cannot read the saved state {path}: {err.get_error_message()}") from None
+
+    def restore(self, name: str, path: Path, xml: str) -> None:
+        """Start ``name`` from a saved state, with ``xml`` (the saved one retargeted)."""
+        try:
+            self.conn.restoreFlags(str(path), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        except libvirt.libvirtError as err:
+            raise HypervisorError(f"libvirt could not restore VM {name} from {path}: "
+                                  f"{err.get_error_message()}") from None
 
     def vmiso_domains(self) -> list[DomainInfo]:
         """Every domain whose name marks it as vmiso's, with its metadata."""

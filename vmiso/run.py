@@ -23,23 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from . import accel, gc, outputs, ssh, tools
+from . import accel, gc, outputs, ssh, warm
+from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay
 from .config import Config
-from .domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
+from .domain import NAME_PREFIX, domain_xml
 from .errors import GuestError, OutputError, RunTimeout, VmisoError
 from .hypervisor import Hypervisor
-from .image.store import get_image, verified_sha256
+from .image.store import Image, get_image, verified_sha256
 from .progress import Steps
 from .seed import RUN_USER
-from .workdir import private_dir, share_dir
 
 log = logging.getLogger(__name__)
 
 GUEST_IN = "/in"
 GUEST_OUT = "/out"
 GUEST_VENV = "/opt/vmiso/venv"
-# The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
-KERNEL_CMDLINE = "console=ttyS0 quiet"
 WATCH_INTERVAL = 0.25
 
 
@@ -52,6 +50,7 @@ class RunRequest:
     timeout: int | None = None
     memory_mib: int | None = None
     cpus: int | None = None
+    warm: bool = True  # restore a warm state when one fits; False: always boot cold
 
 
 @dataclass
@@ -61,6 +60,7 @@ class RunResult:
     sha256: str
     command: tuple[str, ...]
     exit_code: int
+    boot: str = ""  # "warm" or "cold"
     timings: dict[str, float] = field(default_factory=dict)
     outputs: outputs.OutputReport | None = None
 
@@ -71,6 +71,7 @@ class RunResult:
             "sha256": self.sha256,
             "command": list(self.command),
             "exit_code": self.exit_code,
+            "boot": self.boot,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "outputs": self.outputs.as_dict() if self.outputs else None,
         }
@@ -164,6 +165,24 @@ class _OutputWatch:
                 return
 
 
+def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: warm.WarmKey,
+               metadata: dict[str, str], steps: Steps) -> None:
+    with steps.step("overlay", "copy-on-write clone of the template"):
+        make_overlay(clone, image.template)
+    spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
+                      cpus=key.cpus, metadata=metadata)
+    with steps.step("start", "transient domain, cold boot"):
+        hv.start_transient(name, domain_xml(spec))
+
+
+def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, name: str, metadata: dict[str, str],
+               steps: Steps) -> None:
+    with steps.step("overlay", "copy-on-write clone of the warm disk"):
+        make_overlay(clone, slot.clone.overlay)
+    with steps.step("start", "restore the saved clone"):
+        hv.restore(name, slot.state, warm.restore_xml(hv, slot, name=name, clone=clone, metadata=metadata))
+
+
 def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
         steps: Steps | None = None) -> RunResult:
     steps = steps or Steps()
@@ -182,41 +201,34 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
     with ExitStack() as cleanup:
         with steps.step("verify", "template sha256"):
             sha256 = verified_sha256(image)
+        key = warm.WarmKey(template_sha256=sha256, hypervisor=hv.version(), accel=accel_name,
+                           memory_mib=request.memory_mib or config.vm.memory_mib,
+                           cpus=request.cpus or config.vm.cpus)
         result = RunResult(run_id, image.name, sha256, request.command, exit_code=-1)
         with steps.step("stage", "run directory and inputs"):
-            runs = private_dir(config.state_dir / "runs")
-            run_dir = private_dir(runs / run_id)
-            cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
-            gc.claim(run_dir)
-            staged_in = share_dir(run_dir / "in", writable=False)
-            stage_inputs(request.inputs, staged_in)
-            out_share = share_dir(run_dir / "out", writable=True)
-        with steps.step("overlay", "copy-on-write clone of the template"):
-            overlay = run_dir / "overlay.qcow2"
-            tools.run(tools.qemu_img_overlay_argv(image.template, overlay))
-        spec = DomainSpec(
-            name=name,
-            memory_mib=request.memory_mib or config.vm.memory_mib,
-            cpus=request.cpus or config.vm.cpus,
-            accel=accel_name,
-            disks=(Disk(overlay, cache="unsafe"),),
-            console_log=run_dir / "console.log",
-            boot=KernelBoot(image.kernel, image.initramfs, KERNEL_CMDLINE),
-            shares=(Share(staged_in, "vmiso-in", readonly=True), Share(out_share, "vmiso-out", readonly=False)),
-            ssh_socket=run_dir / "ssh.sock",
-            metadata={"kind": "run", "run_dir": str(run_dir), "image": image.name},
-        )
-        with steps.step("start", "transient domain"):
-            hv.start_transient(name, domain_xml(spec))
-            cleanup.callback(hv.destroy, name)
-        with steps.step("boot", "to SSH"):
+            clone = make_clone_dir(config.state_dir / "runs" / run_id)
+            cleanup.callback(shutil.rmtree, clone.path, ignore_errors=True)
+            stage_inputs(request.inputs, clone.inputs)
+        metadata = {"kind": "run", "run_dir": str(clone.path), "image": image.name}
+        slot, why_cold = (None, "--cold") if not request.warm else warm.acquire(image, key, cleanup)
+        # Registered before the start: a restore that fails half-way is destroyed too.
+        cleanup.callback(hv.destroy, name)
+        if slot is None:
+            if request.warm:
+                log.warning("cold boot: %s", why_cold)
+            result.boot = "cold"
+            _boot_cold(hv, image, clone, name, key, metadata, steps)
+        else:
+            result.boot = "warm"
+            _boot_warm(hv, slot, clone, name, metadata, steps)
+        with steps.step("connect", "SSH over the virtio-serial link"):
             session = ssh.connect(
-                spec.ssh_socket, name=name, host_key=image.host_key.read_text(), client_key=image.client_key,
+                clone.ssh_socket, name=name, host_key=image.host_key.read_text(), client_key=image.client_key,
                 user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
                 alive=lambda: hv.is_running(name))
             cleanup.callback(session.close)
         with steps.step("exec", shlex.join(request.command)):
-            with _OutputWatch(out_share, config.run.output_max_bytes, config.run.output_max_files,
+            with _OutputWatch(clone.outputs, config.run.output_max_bytes, config.run.output_max_files,
                               stop=lambda: hv.destroy(name)) as watch:
                 try:
                     status = session.execute(job_command(request.command), stdout, stderr,
@@ -240,8 +252,10 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         result.exit_code = status
         if request.output is not None:
             with steps.step("collect", f"check and copy {GUEST_OUT}"):
-                result.outputs = outputs.collect(out_share, request.output,
+                result.outputs = outputs.collect(clone.outputs, request.output,
                                                  max_bytes=config.run.output_max_bytes,
                                                  max_files=config.run.output_max_files)
+        with steps.step("cleanup", "remove the overlay and staging directories"):
+            cleanup.close()
     result.timings = dict(steps.timings)
     return result

@@ -19,11 +19,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__, accel, tools
+from .. import __version__, accel, tools, warm
 from ..config import Config, check_name
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
 from ..gc import OWNER_FILE, claim
-from ..errors import ConfigError, ImageError, ProvisionError, ToolError
+from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
 from ..hypervisor import Hypervisor
 from ..progress import Steps
 from ..seed import SeedInputs, write_seed
@@ -303,7 +303,21 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             os.chmod(work, 0o711)
             _install(work, final)
         undo.pop_all()  # complete: keep it
-    return Image(name, final)
+    image = Image(name, final)
+    make_warm_state(config, hv, image, steps)
+    return image
+
+
+def make_warm_state(config: Config, hv: Hypervisor, image: Image, steps: Steps) -> bool:
+    """Save booted clones for fast runs; without them runs boot cold, so a failure only warns."""
+    key = warm.WarmKey(template_sha256=image.manifest()["sha256"], hypervisor=hv.version(),
+                       accel=image.manifest()["accel"], memory_mib=config.vm.memory_mib, cpus=config.vm.cpus)
+    try:
+        warm.build(hv, image, key, steps, boot_timeout=config.run.boot_timeout)
+    except VmisoError as err:
+        log.warning("image %s: no warm state (%s); runs will boot cold", image.name, err)
+        return False
+    return True
 
 
 def _install(work: Path, final: Path) -> None:

@@ -1,0 +1,205 @@
+"""vmiso benchmark: a trivial run phase by phase, against the floor, measured in one invocation.
+
+The floor is a bare boot of the image's own kernel and initramfs to an /init that
+powers off at once: the least any cold start on this host can cost.  Absolute
+times drift between machines and runs; the ratios, measured side by side, do not.
+
+    .venv/bin/python bench/bench.py -c examples/vmiso.yaml [--runs 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vmiso import config as config_mod  # noqa: E402
+from vmiso.domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, domain_xml  # noqa: E402
+from vmiso.hypervisor import connected  # noqa: E402
+from vmiso.image.initramfs import _Newc  # noqa: E402
+from vmiso.image.store import get_image  # noqa: E402
+from vmiso.clone import KERNEL_CMDLINE  # noqa: E402
+from vmiso import tools  # noqa: E402
+
+VMISO = [sys.executable, "-m", "vmiso"]
+MB = 1024 * 1024
+
+
+def vmiso(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run([*VMISO, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"vmiso {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+    return done
+
+
+def floor_boot(cfg: config_mod.Config, image_name: str, work: Path) -> float:
+    """Seconds from domain start until a kernel whose /init powers off is gone."""
+    image = get_image(cfg.state_dir, image_name)
+    extra = _Newc()
+    extra.file("init", b"#!/bin/sh\n/bin/poweroff -f\n", 0o755)
+    initramfs = work / "floor-initramfs.img"
+    # Concatenated archives: the kernel unpacks both, and the later /init wins.
+    initramfs.write_bytes(image.initramfs.read_bytes() + extra.finish())
+    os.chmod(initramfs, 0o644)
+    overlay = work / "floor.qcow2"
+    overlay.unlink(missing_ok=True)
+    tools.run(tools.qemu_img_overlay_argv(image.template, overlay))
+    name = f"{NAME_PREFIX}bench-floor"
+    spec = DomainSpec(name=name, memory_mib=cfg.vm.memory_mib, cpus=cfg.vm.cpus,
+                      accel="kvm" if cfg.accel == "kvm" else "tcg",
+                      disks=(Disk(overlay, cache="unsafe"),), console_log=work / "floor.log",
+                      boot=KernelBoot(image.kernel, initramfs, KERNEL_CMDLINE))
+    with connected(cfg.libvirt_uri) as hv:
+        started = time.monotonic()
+        hv.start_transient(name, domain_xml(spec))
+        hv.wait_stopped(name, 300, poll=0.02)
+        return time.monotonic() - started
+
+
+def timed_run(config: Path, image: str, work: Path, *command: str, extra: tuple[str, ...] = ()) -> dict:
+    record = work / f"run-{time.monotonic_ns()}.json"
+    started = time.monotonic()
+    done = vmiso("run", "-c", str(config), "--image", image, "--json", str(record), *extra, "--", *command)
+    total = time.monotonic() - started
+    data = json.loads(record.read_text())
+    record.unlink()
+    return {"total": total, "phases": data["timings"], "stdout": done.stdout, "boot": data["boot"]}
+
+
+def qemu_rss_mib(config: Path, image: str, work: Path) -> float:
+    """Resident memory of one running VM's QEMU process, sampled while its job sleeps."""
+    proc = subprocess.Popen([*VMISO, "run", "-c", str(config), "--image", image, "--", "sh", "-c",
+                             "echo up; sleep 20"], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    samples = []
+    for pidfile in Path("/run/libvirt/qemu").glob(f"{NAME_PREFIX}run-*.pid"):
+        pid = pidfile.read_text().strip()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                samples.append(int(line.split()[1]) / 1024)
+    proc.wait()
+    return max(samples) if samples else float("nan")
+
+
+def throughput(config: Path, image: str, work: Path, size_mb: int) -> dict:
+    blob = work / "blob"
+    with open(blob, "wb") as f:
+        f.write(os.urandom(size_mb * MB))
+    started = time.monotonic()
+    shutil.copyfile(blob, work / "blob-copy")
+    os.sync()
+    host = time.monotonic() - started
+    (work / "blob-copy").unlink()
+    script = ("import os, time, sys\n"
+              "t = time.monotonic(); n = 0\n"
+              "with open('/in/blob', 'rb') as f:\n"
+              "    while b := f.read(1 << 20): n += len(b)\n"
+              "t_in = time.monotonic() - t\n"
+              f"data = b'x' * (1 << 20); t = time.monotonic()\n"
+              "with open('/out/blob', 'wb') as f:\n"
+              f"    for _ in range({size_mb}): f.write(data)\n"
+              "    f.flush(); os.fsync(f.fileno())\n"
+              "t_out = time.monotonic() - t\n"
+              "print(t_in, t_out)\n")
+    out = work / "tp-out"
+    result = timed_run(config, image, work, "python", "-c", script,
+                       extra=("-i", str(blob), "-o", str(out), "--timeout", "600"))
+    shutil.rmtree(out)
+    blob.unlink()
+    t_in, t_out = map(float, result["stdout"].split())
+    mbps = lambda seconds: size_mb / seconds  # noqa: E731
+    return {"size_mb": size_mb, "in_mb_s": mbps(t_in), "out_mb_s": mbps(t_out), "host_copy_mb_s": mbps(host),
+            "in_ratio_to_host_copy": host / t_in, "out_ratio_to_host_copy": host / t_out}
+
+
+def runs_per_minute(config: Path, image: str, work: Path, parallel: int, per_worker: int) -> float:
+    def worker() -> None:
+        for _ in range(per_worker):
+            timed_run(config, image, work, "python", "-c", "pass")
+    threads = [threading.Thread(target=worker) for _ in range(parallel)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return parallel * per_worker * 60 / (time.monotonic() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", type=Path, default=REPO / "examples" / "vmiso.yaml")
+    parser.add_argument("--image", help="image to clone (default: image.name from the config)")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions for medians (default 3)")
+    parser.add_argument("--size-mb", type=int, default=100, help="9p throughput payload")
+    parser.add_argument("--quick", action="store_true", help="skip throughput, memory and runs/minute")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    cfg = config_mod.load(args.config)
+    image = args.image or cfg.image.name
+    work = Path(tempfile.mkdtemp(prefix="vmiso-bench-", dir="/var/tmp"))
+    os.chmod(work, 0o711)
+    try:
+        results: dict = {"image": image, "runs": args.runs}
+        floors, colds, warms = [], [], []
+        for i in range(args.runs):
+            floors.append(floor_boot(cfg, image, work))
+            colds.append(timed_run(args.config, image, work, "python", "-c", "pass", extra=("--cold",)))
+            warms.append(timed_run(args.config, image, work, "python", "-c", "pass"))
+            print(f"round {i + 1}: floor {floors[-1]:.2f} s, cold run {colds[-1]['total']:.2f} s, "
+                  f"warm run {warms[-1]['total']:.2f} s ({warms[-1]['boot']})", file=sys.stderr)
+        floor = statistics.median(floors)
+        for label, runs in (("cold", colds), ("warm", warms)):
+            total = statistics.median(r["total"] for r in runs)
+            results[f"{label}_s"] = total
+            results[f"{label}_ratio"] = total / floor
+            results[f"{label}_samples_s"] = [r["total"] for r in runs]
+            results[f"{label}_phases_s"] = {k: statistics.median(r["phases"].get(k, 0.0) for r in runs)
+                                            for k in runs[0]["phases"]}
+        results["warm_boots"] = [r["boot"] for r in warms]
+        results.update(floor_s=floor, floor_samples_s=floors)
+        if not args.quick:
+            results["throughput_9p"] = throughput(args.config, image, work, args.size_mb)
+            results["qemu_rss_mib"] = qemu_rss_mib(args.config, image, work)
+            results["runs_per_minute"] = {
+                "1": runs_per_minute(args.config, image, work, 1, args.runs),
+                "2": runs_per_minute(args.config, image, work, 2, args.runs),
+            }
+        report(results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(r: dict) -> None:
+    print(f"floor (bare kernel boot to a trivial /init), median of {r['runs']}: {r['floor_s']:.2f} s")
+    for label in ("cold", "warm"):
+        print(f"{label} run of 'python -c pass', vmiso start to exit: {r[f'{label}_s']:.2f} s "
+              f"= {r[f'{label}_ratio']:.2f} x floor")
+        print("  phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in r[f"{label}_phases_s"].items()))
+    if any(b != "warm" for b in r["warm_boots"]):
+        print(f"  note: warm runs booted {r['warm_boots']}: the image has no usable warm state")
+    if "throughput_9p" in r:
+        t = r["throughput_9p"]
+        print(f"9p throughput, {t['size_mb']} MB: in {t['in_mb_s']:.0f} MB/s "
+              f"({t['in_ratio_to_host_copy']:.2f} x host copy), out {t['out_mb_s']:.0f} MB/s "
+              f"({t['out_ratio_to_host_copy']:.2f} x host copy); host copy {t['host_copy_mb_s']:.0f} MB/s")
+        print(f"host memory per running VM (QEMU RSS): {r['qemu_rss_mib']:.0f} MiB")
+        rpm = r["runs_per_minute"]
+        print(f"trivial runs per minute: {rpm['1']:.1f} one at a time, {rpm['2']:.1f} two at a time")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Checks on the project's shape: the core stays free of click, the Vagrantfile stays valid."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+CORE = ["vmiso.config", "vmiso.domain", "vmiso.hypervisor", "vmiso.seed", "vmiso.ssh", "vmiso.run",
+        "vmiso.outputs", "vmiso.gc", "vmiso.doctor", "vmiso.image.provision", "vmiso.image.store",
+        "vmiso.image.layer", "vmiso.image.initramfs", "vmiso.accel"]
+
+
+def test_core_imports_without_click():
+    code = ("import sys; sys.modules['click'] = None\n"
+            + "".join(f"import {m}\n" for m in CORE))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_one_module_per_outside_dependency(repo):
+    owners = {"libvirt": {"hypervisor.py"}, "paramiko": {"ssh.py"}, "click": {"cli.py"},
+              "subprocess": {"tools.py"}}
+    for path in (repo / "vmiso").rglob("*.py"):
+        text = path.read_text()
+        for module, allowed in owners.items():
+            if f"import {module}" in text and path.name not in allowed:
+                pytest.fail(f"{path} imports {module}; only {allowed} may")
+
+
+def test_core_never_prints_or_exits(repo):
+    for path in (repo / "vmiso").rglob("*.py"):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        text = path.read_text()
+        assert not re.search(r"(?<![\w.])print\(", text) and "sys.exit" not in text, path
+
+
+def test_vagrantfile_validates(repo):
+    done = subprocess.run(["vagrant", "validate"], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, VAGRANT_CHECKPOINT_DISABLE="1"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "validated successfully" in done.stdout

@@ -1,0 +1,197 @@
+"""Warm states: booted clones saved to disk, restored by runs instead of booting.
+
+A warm state is a clone of the template booted until ssh-link waits for the
+host, then saved by libvirt (memory and device state) beside its disk.  A warm
+run restores it onto a fresh overlay over that disk, so it is as disposable as a
+cold one: nothing a run writes reaches the saved disk or another run, and the
+template is never written.  The restored domain gets a new VM generation ID,
+which makes the guest kernel reseed its RNG.  The shares are mounted only after
+the restore (QEMU refuses to save a VM with a mounted 9p share).
+
+libvirt refuses two running domains with one UUID, and a restored domain keeps
+the UUID it was saved with (it is part of what the guest sees), so an image has
+several slots, each its own saved clone, one run at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay
+from .domain import NAME_PREFIX, Retarget, domain_xml, retarget
+from .errors import GuestError, VmisoError
+from .hypervisor import Hypervisor
+from .image.store import Image
+from .progress import Steps
+
+log = logging.getLogger(__name__)
+
+SLOTS = 2
+READY = b"vmiso-ssh-link: waiting"
+INFO = "warm.json"
+
+
+@dataclass(frozen=True)
+class WarmKey:
+    """What a warm state must match to be used: anything else means a cold boot."""
+
+    template_sha256: str
+    hypervisor: str
+    accel: str
+    memory_mib: int
+    cpus: int
+    vmiso: str = __version__
+
+
+@dataclass(frozen=True)
+class Slot:
+    clone: CloneDir
+
+    @property
+    def state(self) -> Path:
+        return self.clone.path / "state.save"
+
+    @property
+    def info(self) -> Path:
+        return self.clone.path / INFO
+
+    @property
+    def lock(self) -> Path:
+        return self.clone.path.with_name(self.clone.path.name + ".lock")
+
+
+def warm_root(image: Image) -> Path:
+    return image.path / "warm"
+
+
+def slots(image: Image) -> list[Slot]:
+    root = warm_root(image)
+    if not root.is_dir():
+        return []
+    return [Slot(CloneDir(p)) for p in sorted(root.glob("slot-*")) if p.is_dir()]
+
+
+def _wait_ready(console_log: Path, deadline: float, alive) -> None:
+    while time.monotonic() < deadline:
+        try:
+            if READY in console_log.read_bytes():
+                return
+        except FileNotFoundError:
+            pass
+        if not alive():
+            raise GuestError("the clone stopped before it was ready to be saved")
+        time.sleep(0.1)
+    raise GuestError("the clone was not ready to be saved in time")
+
+
+def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_timeout: int) -> None:
+    root = warm_root(image)
+    final = root / f"slot-{index}"
+    with ExitStack() as undo:
+        clone = make_clone_dir(root / f".building-slot-{index}-{secrets.token_hex(3)}")
+        undo.callback(shutil.rmtree, clone.path, ignore_errors=True)
+        make_overlay(clone, image.template)
+        name = f"{NAME_PREFIX}warm-{image.name}-{index}-{secrets.token_hex(3)}"
+        spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
+                          cpus=key.cpus, metadata={"kind": "warm", "run_dir": str(clone.path)})
+        hv.start_transient(name, domain_xml(spec))
+        undo.callback(hv.destroy, name)
+        _wait_ready(clone.console_log, time.monotonic() + boot_timeout, lambda: hv.is_running(name))
+        slot = Slot(clone)
+        hv.save(name, slot.state)
+        slot.info.write_text(json.dumps({**dataclasses.asdict(key), "created": datetime.datetime.now(
+            datetime.timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
+        os.chmod(clone.overlay, 0o444)  # the backing file of every run restored from this slot
+        os.chmod(slot.state, 0o400)
+        for leftover in (clone.ssh_socket, clone.path / "owner.json"):
+            leftover.unlink(missing_ok=True)
+        if final.exists():
+            old = root / f".replaced-slot-{index}-{secrets.token_hex(3)}"
+            os.rename(final, old)
+            undo.callback(shutil.rmtree, old, ignore_errors=True)
+        os.rename(clone.path, final)
+
+
+def build(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: int = SLOTS,
+          boot_timeout: int = 300) -> None:
+    """(Re)make the image's warm slots; a run that holds a slot keeps its own files open."""
+    root = warm_root(image)
+    root.mkdir(exist_ok=True)
+    os.chmod(root, 0o711)
+    for index in range(count):
+        with steps.step("warm", f"boot and save warm slot {index + 1} of {count}"):
+            with _locked(Slot(CloneDir(root / f"slot-{index}")), wait=True):
+                _build_slot(hv, image, key, index, boot_timeout)
+
+
+class _locked:
+    """An exclusive lock on one slot (flock: released even when vmiso is killed)."""
+
+    def __init__(self, slot: Slot, wait: bool) -> None:
+        self.slot = slot
+        self._wait = wait
+        self._fd: int | None = None
+
+    def __enter__(self) -> "_locked":
+        fd = os.open(self.slot.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self._wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, str]:
+    """A free slot that matches ``key`` (locked until ``stack`` closes), or None and why not."""
+    found = slots(image)
+    if not found:
+        return None, f"image {image.name} has no warm state (make one: vmiso images warm {image.name})"
+    reasons = []
+    for slot in found:
+        try:
+            info = json.loads(slot.info.read_text())
+        except (OSError, ValueError):
+            reasons.append(f"{slot.clone.path.name} is unreadable")
+            continue
+        wanted = dataclasses.asdict(key)
+        differs = [k for k in wanted if info.get(k) != wanted[k]]
+        if differs:
+            reasons.append(f"{slot.clone.path.name} was made for another {', '.join(differs)}")
+            continue
+        try:
+            stack.enter_context(_locked(slot, wait=False))
+        except BlockingIOError:
+            reasons.append(f"{slot.clone.path.name} is in use")
+            continue
+        return slot, ""
+    return None, "no usable warm state: " + "; ".join(reasons)
+
+
+def restore_xml(hv: Hypervisor, slot: Slot, *, name: str, clone: CloneDir, metadata: dict[str, str]) -> str:
+    try:
+        return retarget(hv.saved_xml(slot.state), Retarget(
+            name=name, disk=clone.overlay, console_log=clone.console_log, ssh_socket=clone.ssh_socket,
+            shares=clone.shares, genid=str(uuid.uuid4()), metadata=metadata))
+    except ValueError as err:
+        raise VmisoError(f"warm state {slot.clone.path} does not fit a run: {err}",
+                         "remake it: vmiso images warm NAME") from None
