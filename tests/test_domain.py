@@ -122,17 +122,17 @@ SAVED = """<domain type='qemu'>
 </domain>"""
 
 
-def test_retarget_changes_host_paths_and_genid_only():
+def test_retarget_changes_host_paths_only():
     from vmiso.domain import Retarget, retarget
 
     xml = retarget(SAVED, Retarget(
         name="vmiso-run-1", disk=Path("/r/overlay.qcow2"), console_log=Path("/r/console.log"),
         ssh_socket=Path("/r/ssh.sock"), shares={"vmiso-in": Path("/r/in"), "vmiso-out": Path("/r/out")},
-        genid="12345678-aaaa-bbbb-cccc-ddddeeeeffff", metadata={"kind": "run", "run_dir": "/r"}))
+        metadata={"kind": "run", "run_dir": "/r"}))
     root = ET.fromstring(xml)
     assert root.findtext("name") == "vmiso-run-1"
     assert root.findtext("uuid") == "8d5f3c4e-1111-2222-3333-444455556666"  # guest-visible: kept
-    assert root.findtext("genid") == "12345678-aaaa-bbbb-cccc-ddddeeeeffff"
+    assert root.findtext("genid") == "0b0b0b0b-1111-2222-3333-444455556666"  # libvirt checks it too
     disk = root.find("devices/disk")
     assert disk.find("source").get("file") == "/r/overlay.qcow2"
     assert disk.find("backingStore") is None  # libvirt must probe the longer chain itself
@@ -141,11 +141,3 @@ def test_retarget_changes_host_paths_and_genid_only():
     assert shares == {"vmiso-in": "/r/in", "vmiso-out": "/r/out"}
     assert {s.get("path") for s in root.iter("source") if s.get("path")} == {"/r/console.log", "/r/ssh.sock"}
     assert metadata_of(xml) == {"kind": "run", "run_dir": "/r"}
-
-
-def test_retarget_refuses_a_domain_without_genid():
-    from vmiso.domain import Retarget, retarget
-
-    with pytest.raises(ValueError, match="genid"):
-        retarget(SAVED.replace("<genid>0b0b0b0b-1111-2222-3333-444455556666</genid>", ""), Retarget(
-            name="n", disk=Path("/d"), console_log=Path("/c"), ssh_socket=Path("/s"), shares={}, genid="g"))

@@ -195,24 +195,19 @@ class Retarget:
     console_log: Path
     ssh_socket: Path
     shares: dict[str, Path]  # tag -> host directory
-    genid: str
     metadata: dict[str, str] = field(default_factory=dict)
 
 
 def retarget(saved_xml: str, to: Retarget) -> str:
     """Point a saved domain's XML at another run's files, keeping everything the guest sees.
 
-    Device models, addresses and the machine type stay exactly as saved (libvirt
-    refuses a restore whose guest ABI differs); only host paths, the name, the
-    metadata and the VM generation ID change.  A new generation ID is what tells
-    the restored guest's kernel to reseed its random number generator.
+    Device models, addresses, the machine type, the UUID and the VM generation ID
+    stay exactly as saved: libvirt refuses a restore whose guest ABI differs, and
+    counts all of these in it.  Only host paths, the name and the metadata change.
+    (The guest's RNG is reseeded over the SSH link instead; see ssh.SEED_BYTES.)
     """
     root = ET.fromstring(saved_xml)
     root.find("name").text = to.name
-    genid = root.find("genid")
-    if genid is None:
-        raise ValueError("the saved domain has no <genid>; it cannot be restored safely")
-    genid.text = to.genid
     disks = root.findall("devices/disk[@device='disk']")
     if len(disks) != 1:
         raise ValueError(f"expected one disk in the saved domain, found {len(disks)}")
@@ -238,6 +233,5 @@ def retarget(saved_xml: str, to: Retarget) -> str:
     if old is not None:
         root.remove(old)
     if to.metadata:
-        index = list(root).index(genid) + 1
-        root.insert(index, _metadata(to.metadata))
+        root.insert(list(root).index(root.find("name")) + 1, _metadata(to.metadata))
     return ET.tostring(root, encoding="unicode")

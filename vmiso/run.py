@@ -27,7 +27,7 @@ from . import accel, gc, outputs, ssh, warm
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
-from .errors import GuestError, OutputError, RunTimeout, VmisoError
+from .errors import GuestError, HypervisorError, OutputError, RunTimeout, VmisoError
 from .hypervisor import Hypervisor
 from .image.store import Image, get_image, verified_sha256
 from .progress import Steps
@@ -219,8 +219,15 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             result.boot = "cold"
             _boot_cold(hv, image, clone, name, key, metadata, steps)
         else:
-            result.boot = "warm"
-            _boot_warm(hv, slot, clone, name, metadata, steps)
+            try:
+                _boot_warm(hv, slot, clone, name, metadata, steps)
+                result.boot = "warm"
+            except HypervisorError as err:
+                log.warning("cold boot: the warm state %s could not be restored: %s", slot.clone.path, err)
+                hv.destroy(name)
+                clone.overlay.unlink(missing_ok=True)
+                result.boot = "cold"
+                _boot_cold(hv, image, clone, name, key, metadata, steps)
         with steps.step("connect", "SSH over the virtio-serial link"):
             session = ssh.connect(
                 clone.ssh_socket, name=name, host_key=image.host_key.read_text(), client_key=image.client_key,

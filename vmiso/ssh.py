@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import select
 import socket
 import time
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 # The name under which the pinned key is stored; the link is a socket, not a host.
 GUEST_HOST = "vmiso-guest"
+# Fresh randomness sent before SSH starts: the guest's ssh-link reseeds its kernel RNG
+# with it, so that clones restored from one saved state do not share random numbers.
+SEED_BYTES = 64
 NO_STATUS = -1
 
 
@@ -107,6 +111,7 @@ def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, us
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(socket_path))
+            sock.sendall(os.urandom(SEED_BYTES))
         except OSError as err:
             sock.close()
             last_error = str(err)

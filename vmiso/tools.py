@@ -57,7 +57,7 @@ def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | N
         raise ToolError(f"{program} did not finish within {timeout:.0f} s") from None
     if done.returncode != 0:
         if log_path is not None:
-            tail = _tail(log_path)
+            tail = log_tail(log_path)
             where = f"; its log is {log_path}"
         else:
             tail = (done.stderr or done.stdout or "").strip()[-600:]
@@ -66,12 +66,13 @@ def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | N
     return output
 
 
-def _tail(path: Path, lines: int = 8) -> str:
+def log_tail(path: Path, lines: int = 8) -> str:
+    """The last ``lines`` lines of a log, on one line, for an error message."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return ""
-    return " | ".join(text.strip().splitlines()[-lines:])
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
 # --- qemu-img -----------------------------------------------------------------------

@@ -4,8 +4,9 @@ A warm state is a clone of the template booted until ssh-link waits for the
 host, then saved by libvirt (memory and device state) beside its disk.  A warm
 run restores it onto a fresh overlay over that disk, so it is as disposable as a
 cold one: nothing a run writes reaches the saved disk or another run, and the
-template is never written.  The restored domain gets a new VM generation ID,
-which makes the guest kernel reseed its RNG.  The shares are mounted only after
+template is never written.  The guest reseeds its kernel RNG with randomness the
+host sends before SSH starts (libvirt 9 refuses a restore with a new VM
+generation ID, which would otherwise do it).  The shares are mounted only after
 the restore (QEMU refuses to save a VM with a mounted 9p share).
 
 libvirt refuses two running domains with one UUID, and a restored domain keeps
@@ -24,7 +25,6 @@ import os
 import secrets
 import shutil
 import time
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +191,7 @@ def restore_xml(hv: Hypervisor, slot: Slot, *, name: str, clone: CloneDir, metad
     try:
         return retarget(hv.saved_xml(slot.state), Retarget(
             name=name, disk=clone.overlay, console_log=clone.console_log, ssh_socket=clone.ssh_socket,
-            shares=clone.shares, genid=str(uuid.uuid4()), metadata=metadata))
+            shares=clone.shares, metadata=metadata))
     except ValueError as err:
         raise VmisoError(f"warm state {slot.clone.path} does not fit a run: {err}",
                          "remake it: vmiso images warm NAME") from None

@@ -144,14 +144,6 @@ def _pairs(text: str, separator: str) -> list[dict[str, str]]:
     return found
 
 
-def _log_tail(path: Path, lines: int = 12) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
-
-
 @dataclass
 class _Build:
     config: Config
@@ -206,7 +198,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
             running = build.hv.is_running(domain)
             for kind, step in watcher.poll():
                 if kind == "FAIL":
-                    tail = _log_tail(report / f"{step}.log") or _log_tail(build.console_log)
+                    tail = tools.log_tail(report / f"{step}.log", 12) or tools.log_tail(build.console_log, 12)
                     raise ProvisionError(step, f"the guest reported a failure: {tail}",
                                          str(build.console_log))
                 if step in GUEST_STEPS and step != current:
