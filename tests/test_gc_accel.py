@@ -60,3 +60,28 @@ def test_kvm_problem_reads_the_host(tmp_path):
     assert "kvm_pvm" in accel.kvm_problem(tmp_path / "kvm", modules)
     (modules / "kvm_pvm").rmdir()
     assert "does not exist" in accel.kvm_problem(tmp_path / "kvm", modules)
+
+
+def test_orphaned_warm_builds_are_found(tmp_path):
+    state = tmp_path / "state"
+    (state / "images" / "x" / "warm" / ".building-slot-0-abc").mkdir(parents=True)
+    (state / "images" / "x" / "warm" / "slot-0").mkdir()
+    found = [(i.kind, i.name) for i in gc.find(None, state)]
+    assert found == [("warm state build", ".building-slot-0-abc")]
+
+
+def test_mounts_below_deepest_first(tmp_path):
+    from vmiso.workdir import mounts_below
+
+    mounts = tmp_path / "mounts"
+    base = tmp_path / "build"
+    mounts.write_text(
+        f"proc {base}/root/proc proc rw 0 0\n"
+        f"sysfs {base}/root/sys sysfs rw 0 0\n"
+        f"devpts {base}/root/dev/pts devpts rw 0 0\n"
+        f"tmpfs {tmp_path}/build-other tmpfs rw 0 0\n"
+        f"tmpfs {base}/with\\040space tmpfs rw 0 0\n"
+        "/dev/vda / ext4 rw 0 0\n")
+    found = mounts_below(base, mounts)
+    assert found[0] == base / "root/dev/pts"
+    assert set(found) == {base / "root/proc", base / "root/sys", base / "root/dev/pts", base / "with space"}

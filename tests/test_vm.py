@@ -150,6 +150,16 @@ def test_sigkill_leaves_nothing_after_gc(image):
     assert leftovers(image["state"]) == []
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
+def test_interrupt_cleans_up(image, sig, code):
+    run = Streamed.start("run", "-c", image["config"], "--", "sh", "-c", "echo up; sleep 600")
+    wait_for(lambda: any(text == "up" for _, _, text in run.lines), 300, "the job to start")
+    run.process.send_signal(sig)
+    assert run.wait(120) == code
+    assert "interrupted" in run.text("err") or "asked to stop" in run.text("err")
+    assert leftovers(image["state"]) == []
+
+
 def test_warm_runs_share_nothing(image, tmp_path):
     job = ("test ! -e /var/tmp/marker && echo written > /var/tmp/marker && "
            "od -An -tx1 -N16 /dev/urandom | tr -d ' \\n'")

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .hypervisor import Hypervisor
+from .workdir import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
         found.append(Leftover("image build", build.name, build))
     for build in _orphan_dirs(state_dir / "layers", ".building-*"):
         found.append(Leftover("OS layer build", build.name, build))
+    for build in _orphan_dirs(state_dir / "images", "*/warm/.building-*"):
+        found.append(Leftover("warm state build", build.name, build))
     if hv is not None:
         for dom in hv.vmiso_domains():
             home = dom.metadata.get("run_dir") or dom.metadata.get("workdir")
@@ -85,6 +87,6 @@ def collect(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
         if item.kind == "vm" and hv is not None:
             hv.destroy(item.name)
         elif item.path is not None:
-            shutil.rmtree(item.path, ignore_errors=True)
+            remove_tree(item.path)
         log.info("removed %s %s", item.kind, item.name)
     return leftovers

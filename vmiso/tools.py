@@ -27,6 +27,7 @@ PACKAGES = {
     "mkfs.ext4": "e2fsprogs",
     "debugfs": "e2fsprogs",
     "ssh-keygen": "openssh-client",
+    "umount": "mount",
 }
 
 
@@ -119,6 +120,11 @@ def mkfs_ext4_argv(*, source_dir: Path, image: Path, size_bytes: int, label: str
 def debugfs_dump_argv(image: Path, inside: str, out: Path) -> list[str]:
     # Reads one file out of an ext4 image without mounting it.
     return ["debugfs", "-R", f"dump -p {inside} {out}", str(image)]
+
+
+def umount_argv(mount_point: Path) -> list[str]:
+    # Lazy: the point may be busy, and all that matters is that it is no longer below the tree.
+    return ["umount", "--lazy", str(mount_point)]
 
 
 # --- seed ---------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 from pathlib import Path
 
+from . import tools
 from .errors import VmisoError
 
 QEMU_USER = "libvirt-qemu"
@@ -42,3 +44,30 @@ def share_dir(path: Path, *, writable: bool) -> Path:
     else:
         os.chmod(path, 0o755)
     return path
+
+
+def mounts_below(path: Path, mounts_file: Path = Path("/proc/self/mounts")) -> list[Path]:
+    """Mount points at or below ``path``, deepest first."""
+    base = os.path.realpath(path)
+    found = []
+    for line in mounts_file.read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 2:
+            continue
+        point = fields[1].encode().decode("unicode_escape")  # /proc/mounts escapes spaces as \040
+        if point == base or point.startswith(base + "/"):
+            found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that first detaches what a killed build left mounted below ``path``.
+
+    mmdebstrap mounts /proc, /sys and device nodes inside its target; if it dies,
+    those mounts stay, and a plain rmtree would walk into the host's own.
+    """
+    if not path.exists():
+        return
+    for point in mounts_below(path):
+        tools.run(tools.umount_argv(point))
+    shutil.rmtree(path, ignore_errors=True)

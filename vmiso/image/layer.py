@@ -23,6 +23,7 @@ from ..gc import OWNER_FILE, claim
 from ..errors import ConfigError, ProvisionError, ToolError
 from ..progress import Steps
 from ..resources import images_dir
+from ..workdir import remove_tree
 from . import initramfs
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
     log_path = state_dir / "logs" / f"layer-{key}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
-    shutil.rmtree(work, ignore_errors=True)
+    remove_tree(work)
     work.mkdir()
     claim(work)
     try:
@@ -159,7 +160,7 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
                 if "mmdebstrap" in err.message:
                     hint = f"check that the mirror {mirror} is reachable and carries {recipe.suite}"
                 raise ProvisionError("os-layer", err.message, str(log_path), hint) from None
-            shutil.rmtree(root)
+            remove_tree(root)
             (work / OWNER_FILE).unlink()
             (work / "recipe.json").write_text(json.dumps(
                 {"key": key, "mirror": mirror, "recipe": dataclasses.asdict(recipe)}, indent=2) + "\n")
@@ -168,6 +169,6 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
             os.chmod(work, 0o755)
             os.rename(work, layer.path)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
         raise
     return layer
