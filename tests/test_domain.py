@@ -126,11 +126,11 @@ def test_retarget_changes_host_paths_only():
     from vmiso.domain import Retarget, retarget
 
     xml = retarget(SAVED, Retarget(
-        name="vmiso-run-1", disk=Path("/r/overlay.qcow2"), console_log=Path("/r/console.log"),
+        disk=Path("/r/overlay.qcow2"), console_log=Path("/r/console.log"),
         ssh_socket=Path("/r/ssh.sock"), shares={"vmiso-in": Path("/r/in"), "vmiso-out": Path("/r/out")},
         metadata={"kind": "run", "run_dir": "/r"}))
     root = ET.fromstring(xml)
-    assert root.findtext("name") == "vmiso-run-1"
+    assert root.findtext("name") == "vmiso-warm-x-0-abc"  # libvirt refuses another name
     assert root.findtext("uuid") == "8d5f3c4e-1111-2222-3333-444455556666"  # guest-visible: kept
     assert root.findtext("genid") == "0b0b0b0b-1111-2222-3333-444455556666"  # libvirt checks it too
     disk = root.find("devices/disk")

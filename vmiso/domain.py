@@ -176,6 +176,10 @@ def domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
+def domain_name(xml: str) -> str:
+    return ET.fromstring(xml).findtext("name") or ""
+
+
 def metadata_of(xml: str) -> dict[str, str]:
     """Read back what ``_metadata`` wrote (for gc); {} when there is none."""
     root = ET.fromstring(xml)
@@ -188,9 +192,8 @@ def metadata_of(xml: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Retarget:
-    """The host-side paths and identity a restored copy of a saved domain takes on."""
+    """The host-side paths a restored copy of a saved domain takes on."""
 
-    name: str
     disk: Path
     console_log: Path
     ssh_socket: Path
@@ -201,13 +204,12 @@ class Retarget:
 def retarget(saved_xml: str, to: Retarget) -> str:
     """Point a saved domain's XML at another run's files, keeping everything the guest sees.
 
-    Device models, addresses, the machine type, the UUID and the VM generation ID
-    stay exactly as saved: libvirt refuses a restore whose guest ABI differs, and
-    counts all of these in it.  Only host paths, the name and the metadata change.
-    (The guest's RNG is reseeded over the SSH link instead; see ssh.SEED_BYTES.)
+    Device models, addresses, the machine type, the name, the UUID and the VM
+    generation ID stay exactly as saved: libvirt 9 refuses a restore that changes
+    any of them.  Only host paths and the metadata change.  (The guest's RNG is
+    reseeded over the SSH link instead; see ssh.SEED_BYTES.)
     """
     root = ET.fromstring(saved_xml)
-    root.find("name").text = to.name
     disks = root.findall("devices/disk[@device='disk']")
     if len(disks) != 1:
         raise ValueError(f"expected one disk in the saved domain, found {len(disks)}")

@@ -166,21 +166,32 @@ class _OutputWatch:
 
 
 def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: warm.WarmKey,
-               metadata: dict[str, str], steps: Steps) -> None:
+               metadata: dict[str, str], steps: Steps, cleanup: ExitStack) -> str:
     with steps.step("overlay", "copy-on-write clone of the template"):
         make_overlay(clone, image.template)
     spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
                       cpus=key.cpus, metadata=metadata)
     with steps.step("start", "transient domain, cold boot"):
+        cleanup.callback(hv.destroy, name)
         hv.start_transient(name, domain_xml(spec))
+    return name
 
 
-def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, name: str, metadata: dict[str, str],
-               steps: Steps) -> None:
+def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[str, str],
+               steps: Steps, cleanup: ExitStack) -> str:
+    """Restore ``slot``; the domain keeps the name it was saved with, which the caller must use."""
     with steps.step("overlay", "copy-on-write clone of the warm disk"):
         make_overlay(clone, slot.clone.overlay)
     with steps.step("start", "restore the saved clone"):
-        hv.restore(name, slot.state, warm.restore_xml(hv, slot, name=name, clone=clone, metadata=metadata))
+        name, xml = warm.restore_xml(hv, slot, clone=clone, metadata=metadata)
+        # Registered before the restore: one that fails half-way is destroyed too.
+        cleanup.callback(hv.destroy, name)
+        try:
+            hv.restore(name, slot.state, xml)
+        except HypervisorError:
+            hv.destroy(name)
+            raise
+    return name
 
 
 def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
@@ -211,23 +222,19 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             stage_inputs(request.inputs, clone.inputs)
         metadata = {"kind": "run", "run_dir": str(clone.path), "image": image.name}
         slot, why_cold = (None, "--cold") if not request.warm else warm.acquire(image, key, cleanup)
-        # Registered before the start: a restore that fails half-way is destroyed too.
-        cleanup.callback(hv.destroy, name)
+        if slot is not None:
+            try:
+                name = _boot_warm(hv, slot, clone, metadata, steps, cleanup)
+                result.boot = "warm"
+            except HypervisorError as err:
+                why_cold = f"the warm state {slot.clone.path.name} could not be restored: {err}"
+                clone.overlay.unlink(missing_ok=True)
+                slot = None
         if slot is None:
             if request.warm:
                 log.warning("cold boot: %s", why_cold)
             result.boot = "cold"
-            _boot_cold(hv, image, clone, name, key, metadata, steps)
-        else:
-            try:
-                _boot_warm(hv, slot, clone, name, metadata, steps)
-                result.boot = "warm"
-            except HypervisorError as err:
-                log.warning("cold boot: the warm state %s could not be restored: %s", slot.clone.path, err)
-                hv.destroy(name)
-                clone.overlay.unlink(missing_ok=True)
-                result.boot = "cold"
-                _boot_cold(hv, image, clone, name, key, metadata, steps)
+            name = _boot_cold(hv, image, clone, name, key, metadata, steps, cleanup)
         with steps.step("connect", "SSH over the virtio-serial link"):
             session = ssh.connect(
                 clone.ssh_socket, name=name, host_key=image.host_key.read_text(), client_key=image.client_key,

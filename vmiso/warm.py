@@ -9,9 +9,9 @@ host sends before SSH starts (libvirt 9 refuses a restore with a new VM
 generation ID, which would otherwise do it).  The shares are mounted only after
 the restore (QEMU refuses to save a VM with a mounted 9p share).
 
-libvirt refuses two running domains with one UUID, and a restored domain keeps
-the UUID it was saved with (it is part of what the guest sees), so an image has
-several slots, each its own saved clone, one run at a time.
+libvirt refuses two running domains with one name or UUID, and a restored
+domain keeps both as saved (libvirt 9 refuses to change them on restore), so an
+image has several slots, each its own saved clone, used by one run at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import __version__
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay
-from .domain import NAME_PREFIX, Retarget, domain_xml, retarget
+from .domain import NAME_PREFIX, Retarget, domain_name, domain_xml, retarget
 from .errors import GuestError, VmisoError
 from .hypervisor import Hypervisor
 from .image.store import Image
@@ -187,10 +187,12 @@ def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, 
     return None, "no usable warm state: " + "; ".join(reasons)
 
 
-def restore_xml(hv: Hypervisor, slot: Slot, *, name: str, clone: CloneDir, metadata: dict[str, str]) -> str:
+def restore_xml(hv: Hypervisor, slot: Slot, *, clone: CloneDir, metadata: dict[str, str]) -> tuple[str, str]:
+    """(domain name, XML) for restoring ``slot`` as the run in ``clone``; the name is the saved one."""
     try:
-        return retarget(hv.saved_xml(slot.state), Retarget(
-            name=name, disk=clone.overlay, console_log=clone.console_log, ssh_socket=clone.ssh_socket,
+        saved = hv.saved_xml(slot.state)
+        return domain_name(saved), retarget(saved, Retarget(
+            disk=clone.overlay, console_log=clone.console_log, ssh_socket=clone.ssh_socket,
             shares=clone.shares, metadata=metadata))
     except ValueError as err:
         raise VmisoError(f"warm state {slot.clone.path} does not fit a run: {err}",
