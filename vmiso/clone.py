@@ -15,7 +15,10 @@ from .image.store import Image
 from .workdir import private_dir, share_dir
 
 # The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
-KERNEL_CMDLINE = "console=ttyS0 quiet"
+# panic=-1: a guest whose init dies reboots at once, which on_reboot turns into its end.
+KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
+# Asks ssh-link to pre-load what sessions run, in a clone about to be saved as a warm state.
+PREWARM = "vmiso.prewarm"
 SHARE_IN = "vmiso-in"
 SHARE_OUT = "vmiso-out"
 
@@ -67,7 +70,7 @@ def make_overlay(clone: CloneDir, backing: Path) -> None:
 
 
 def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_mib: int, cpus: int,
-               metadata: dict[str, str]) -> DomainSpec:
+               metadata: dict[str, str], prewarm: bool = False) -> DomainSpec:
     return DomainSpec(
         name=name,
         memory_mib=memory_mib,
@@ -75,7 +78,7 @@ def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_m
         accel=accel,
         disks=(Disk(clone.overlay, cache="unsafe"),),
         console_log=clone.console_log,
-        boot=KernelBoot(image.kernel, image.initramfs, KERNEL_CMDLINE),
+        boot=KernelBoot(image.kernel, image.initramfs, f"{KERNEL_CMDLINE} {PREWARM}" if prewarm else KERNEL_CMDLINE),
         shares=(Share(clone.inputs, SHARE_IN, readonly=True), Share(clone.outputs, SHARE_OUT, readonly=False)),
         ssh_socket=clone.ssh_socket,
         metadata=metadata,

@@ -106,7 +106,7 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         make_overlay(clone, image.template)
         name = f"{NAME_PREFIX}warm-{image.name}-{index}-{secrets.token_hex(3)}"
         spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
-                          cpus=key.cpus, metadata={"kind": "warm", "run_dir": str(clone.path)})
+                          cpus=key.cpus, metadata={"kind": "warm", "run_dir": str(clone.path)}, prewarm=True)
         hv.start_transient(name, domain_xml(spec))
         undo.callback(hv.destroy, name)
         _wait_ready(clone.console_log, time.monotonic() + boot_timeout, lambda: hv.is_running(name))

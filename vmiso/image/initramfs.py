@@ -17,18 +17,24 @@ from ..errors import ToolError
 from ..resources import images_dir
 
 # What a clone loads, by module name; their dependencies come from modules.dep.
-MODULES = (
-    "virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", "crc32c-intel", "ext4",
-    "9pnet_virtio", "9p",
+# The boot group is needed to mount the root; the 9p group loads in the
+# background meanwhile (the shares are mounted only once the host connects).
+BOOT_MODULES = (
+    "virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", "ext4",
     # Without it the kernel's RNG takes seconds to initialize, and sshd waits for it.
     "virtio-rng",
 )
+LATE_MODULES = ("9pnet_virtio", "9p")
 BUSYBOX_APPLETS = ("sh", "mount", "insmod", "switch_root", "mkdir", "sleep", "echo", "hostname", "ip",
                    "poweroff")
 
 
-def module_order(modules_dir: Path, wanted: tuple[str, ...] = MODULES) -> list[str]:
-    """Module paths (relative to ``modules_dir``) in an order that loads dependencies first."""
+def module_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES,
+                 loaded: tuple[str, ...] = ()) -> list[str]:
+    """Module paths (relative to ``modules_dir``) in an order that loads dependencies first.
+
+    Paths in ``loaded`` (an earlier group) are left out.
+    """
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
     for line in (modules_dir / "modules.dep").read_text().splitlines():
@@ -44,7 +50,7 @@ def module_order(modules_dir: Path, wanted: tuple[str, ...] = MODULES) -> list[s
     order: list[str] = []
 
     def visit(path: str) -> None:
-        if path in order:
+        if path in order or path in loaded:
             return
         for dep in reversed(deps.get(path, [])):  # modprobe loads the last one first
             visit(dep)
@@ -56,8 +62,6 @@ def module_order(modules_dir: Path, wanted: tuple[str, ...] = MODULES) -> list[s
             continue
         path = by_name.get(name) or by_name.get(key)
         if path is None:
-            if name == "crc32c-intel":  # optional: a CPU-specific speed-up
-                continue
             raise ToolError(f"the layer's kernel has no module {name} (and it is not built in)")
         visit(path)
     return order
@@ -109,8 +113,11 @@ def build(root: Path, kernel_release: str) -> bytes:
     archive.file("bin/busybox", busybox.read_bytes(), 0o755)
     for applet in BUSYBOX_APPLETS:
         archive.symlink(f"bin/{applet}", "busybox")
-    order = module_order(modules_dir)
-    for index, relative in enumerate(order):
-        archive.file(f"lib/modules/{index:02d}-{Path(relative).name}", (modules_dir / relative).read_bytes())
+    boot = module_order(modules_dir, BOOT_MODULES)
+    late = module_order(modules_dir, LATE_MODULES, loaded=tuple(boot))
+    archive.directory("lib/modules/late")
+    for group, order in (("lib/modules", boot), ("lib/modules/late", late)):
+        for index, relative in enumerate(order):
+            archive.file(f"{group}/{index:02d}-{Path(relative).name}", (modules_dir / relative).read_bytes())
     archive.file("init", (images_dir() / "guest" / "initramfs-init").read_bytes(), 0o755)
     return archive.finish()
