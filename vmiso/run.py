@@ -27,7 +27,7 @@ from . import accel, gc, outputs, ssh, warm
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
-from .errors import GuestError, HypervisorError, OutputError, RunTimeout, VmisoError
+from .errors import GuestError, HypervisorError, ImageError, OutputError, RunTimeout, VmisoError
 from .hypervisor import Hypervisor
 from .image.store import Image, get_image, verified_sha256
 from .progress import Steps
@@ -226,7 +226,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             try:
                 name = _boot_warm(hv, slot, clone, metadata, steps, cleanup)
                 result.boot = "warm"
-            except HypervisorError as err:
+            except (HypervisorError, ImageError) as err:
                 why_cold = f"the warm state {slot.clone.path.name} could not be restored: {err}"
                 clone.overlay.unlink(missing_ok=True)
                 slot = None

@@ -32,7 +32,7 @@ from pathlib import Path
 from . import __version__
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay
 from .domain import NAME_PREFIX, Retarget, domain_name, domain_xml, retarget
-from .errors import GuestError, VmisoError
+from .errors import GuestError, ImageError, VmisoError
 from .hypervisor import Hypervisor
 from .image.store import Image
 from .progress import Steps
@@ -195,5 +195,5 @@ def restore_xml(hv: Hypervisor, slot: Slot, *, clone: CloneDir, metadata: dict[s
             disk=clone.overlay, console_log=clone.console_log, ssh_socket=clone.ssh_socket,
             shares=clone.shares, metadata=metadata))
     except ValueError as err:
-        raise VmisoError(f"warm state {slot.clone.path} does not fit a run: {err}",
+        raise ImageError(f"warm state {slot.clone.path} does not fit a run: {err}",
                          "remake it: vmiso images warm NAME") from None
