@@ -87,7 +87,7 @@ def test_run_streams_isolates_and_checks_outputs(image, tmp_path, boot):
     data.write_text("a,b\n1,2\n")
     out = tmp_path / "out"
     record = tmp_path / "run.json"
-    probes = [[a, 22] for a in host_addresses()] + [["10.0.2.2", 22], ["10.0.2.3", 53]]
+    probes = [[a, port] for a in host_addresses() for port in (22, 443)]
     flags = ["--cold"] if boot == "cold" else []
     run = Streamed.start("run", "-c", image["config"], *flags, "-i", GUEST / "probe.py", "-i", data, "-o", out,
                          "--json", record, "--", "python", "probe.py", json.dumps(probes))

@@ -239,7 +239,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             session = ssh.connect(
                 clone.ssh_socket, name=name, host_key=image.host_key.read_text(), client_key=image.client_key,
                 user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
-                alive=lambda: hv.is_running(name))
+                alive=lambda: hv.is_running(name), seed=result.boot == "warm")
             cleanup.callback(session.close)
         with steps.step("exec", shlex.join(request.command)):
             with _OutputWatch(clone.outputs, config.run.output_max_bytes, config.run.output_max_files,

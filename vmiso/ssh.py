@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 # The name under which the pinned key is stored; the link is a socket, not a host.
 GUEST_HOST = "vmiso-guest"
-# Fresh randomness sent before SSH starts: the guest's ssh-link reseeds its kernel RNG
-# with it, so that clones restored from one saved state do not share random numbers.
+# Fresh randomness sent before SSH to a restored clone: its ssh-link reseeds the kernel
+# RNG with it, so that clones restored from one saved state do not share random numbers.
+# (A cold clone seeded its RNG from virtio-rng at boot.)
 SEED_BYTES = 64
 NO_STATUS = -1
 
@@ -97,8 +98,11 @@ class Session:
 
 
 def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, user: str,
-            deadline: float, alive: Callable[[], bool]) -> Session:
-    """Connect once the guest answers; ``alive`` says whether the VM still runs."""
+            deadline: float, alive: Callable[[], bool], seed: bool) -> Session:
+    """Connect once the guest answers; ``alive`` says whether the VM still runs.
+
+    ``seed``: send SEED_BYTES first, as a clone restored from a warm state expects.
+    """
     pinned = _pinned_key(host_key)
     try:
         key = paramiko.Ed25519Key.from_private_key_file(str(client_key))
@@ -111,7 +115,8 @@ def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, us
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(socket_path))
-            sock.sendall(os.urandom(SEED_BYTES))
+            if seed:
+                sock.sendall(os.urandom(SEED_BYTES))
         except OSError as err:
             sock.close()
             last_error = str(err)

@@ -26,7 +26,7 @@ BOOT_MODULES = (
 )
 LATE_MODULES = ("9pnet_virtio", "9p")
 BUSYBOX_APPLETS = ("sh", "mount", "insmod", "switch_root", "mkdir", "sleep", "echo", "hostname", "ip",
-                   "poweroff")
+                   "poweroff", "grep", "tr", "cat", "stat", "chown")
 
 
 def module_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES,

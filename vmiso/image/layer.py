@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # Files vmiso puts into every layer: source under images/guest -> (path in guest, mode).
 GUEST_FILES = {
     "ssh-link": ("usr/local/lib/vmiso/ssh-link", 0o755),
+    "ssh-serve": ("usr/local/lib/vmiso/ssh-serve", 0o755),
     "sshd_config.vmiso": ("etc/ssh/sshd_config.vmiso", 0o644),
 }
 # Read on the host to build the clones' initramfs; part of the layer's hash.
