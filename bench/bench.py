@@ -84,7 +84,7 @@ def qemu_rss_mib(config: Path, image: str, work: Path) -> float:
     assert proc.stdout is not None
     proc.stdout.readline()
     samples = []
-    for pidfile in Path("/run/libvirt/qemu").glob(f"{NAME_PREFIX}run-*.pid"):
+    for pidfile in Path("/run/libvirt/qemu").glob(f"{NAME_PREFIX}*.pid"):
         pid = pidfile.read_text().strip()
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
