@@ -1,6 +1,4 @@
 import os
-
-import pytest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 

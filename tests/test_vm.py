@@ -7,7 +7,6 @@ checks many things per boot, because every boot costs tens of seconds.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import stat

@@ -32,7 +32,7 @@ from pathlib import Path
 from . import __version__
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay
 from .domain import NAME_PREFIX, Retarget, domain_name, domain_xml, retarget
-from .errors import GuestError, ImageError, VmisoError
+from .errors import GuestError, ImageError
 from .hypervisor import Hypervisor
 from .image.store import Image
 from .progress import Steps
