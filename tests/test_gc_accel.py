@@ -85,3 +85,19 @@ def test_mounts_below_deepest_first(tmp_path):
     found = mounts_below(base, mounts)
     assert found[0] == base / "root/dev/pts"
     assert set(found) == {base / "root/proc", base / "root/sys", base / "root/dev/pts", base / "with space"}
+
+
+def test_install_dir_replaces_only_when_complete(tmp_path):
+    from vmiso.workdir import install_dir
+
+    final = tmp_path / "image"
+    first = tmp_path / ".building-1"
+    first.mkdir()
+    (first / "v").write_text("1")
+    install_dir(first, final)
+    second = tmp_path / ".building-2"
+    second.mkdir()
+    (second / "v").write_text("2")
+    install_dir(second, final)
+    assert (final / "v").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image"]

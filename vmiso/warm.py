@@ -35,6 +35,7 @@ from .domain import NAME_PREFIX, Retarget, domain_name, domain_xml, retarget
 from .errors import GuestError, ImageError
 from .hypervisor import Hypervisor
 from .image.store import Image
+from .workdir import install_dir
 from .progress import Steps
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,7 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         os.chmod(slot.state, 0o400)
         for leftover in (clone.ssh_socket, clone.path / "owner.json"):
             leftover.unlink(missing_ok=True)
-        if final.exists():
-            old = root / f".replaced-slot-{index}-{secrets.token_hex(3)}"
-            os.rename(final, old)
-            undo.callback(shutil.rmtree, old, ignore_errors=True)
-        os.rename(clone.path, final)
+        install_dir(clone.path, final)
 
 
 def build(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: int = SLOTS,

@@ -71,3 +71,18 @@ def remove_tree(path: Path) -> None:
     for point in mounts_below(path):
         tools.run(tools.umount_argv(point))
     shutil.rmtree(path, ignore_errors=True)
+
+
+def install_dir(new: Path, final: Path) -> None:
+    """Move a finished directory into place, replacing an older one only once the new one is there."""
+    if not final.exists():
+        os.rename(new, final)
+        return
+    old = final.with_name(f".replaced-{final.name}-{os.getpid()}")
+    os.rename(final, old)
+    try:
+        os.rename(new, final)
+    except OSError:
+        os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -27,7 +27,7 @@ from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoEr
 from ..hypervisor import Hypervisor
 from ..progress import Steps
 from ..seed import SeedInputs, write_seed
-from ..workdir import private_dir, share_dir
+from ..workdir import install_dir, private_dir, share_dir
 from .layer import Layer, ensure_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
 from .store import MANIFEST, Image, images_root, prepare_root, sha256_file
@@ -293,7 +293,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             os.chmod(work / MANIFEST, 0o644)
             os.chmod(work, 0o711)
-            _install(work, final)
+            install_dir(work, final)
         undo.pop_all()  # complete: keep it
     image = Image(name, final)
     make_warm_state(config, hv, image, steps)
