@@ -42,7 +42,7 @@ def leftovers(state: Path) -> list[str]:
     runs = state / "runs"
     found = [p.name for p in runs.iterdir()] if runs.is_dir() else []
     found += [p.name for p in (state / "images").iterdir() if p.name.startswith(".")]
-    return found + vmiso_domains()
+    return found + vmiso_domains(state)
 
 
 def host_addresses() -> list[str]:
@@ -118,7 +118,7 @@ def test_run_streams_isolates_and_checks_outputs(image, tmp_path, boot):
     summary = json.loads(record.read_text())
     assert summary["exit_code"] == 3 and summary["image"] == "it" and summary["boot"] == boot
     assert summary["sha256"] == json.loads((image["state"] / "images/it/manifest.json").read_text())["sha256"]
-    assert {"overlay", "start", "boot", "exec", "teardown"} <= set(summary["timings"])
+    assert {"overlay", "start", "connect", "exec", "teardown"} <= set(summary["timings"])
     assert {f["path"] for f in summary["outputs"]["files"]} == {"result.json", "sub/table.txt"}
     assert leftovers(image["state"]) == []
 

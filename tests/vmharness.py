@@ -95,10 +95,18 @@ class Streamed:
         raise AssertionError(f"{line!r} never appeared on std{stream}: {self.lines}")
 
 
-def vmiso_domains() -> list[str]:
-    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                           capture_output=True, text=True, check=True).stdout.split()
-    return [n for n in names if n.startswith("vmiso-")]
+def vmiso_domains(state: Path) -> list[str]:
+    """vmiso's domains whose files are under ``state`` (other vmiso users of the host are not ours)."""
+    virsh = ["virsh", "-c", "qemu:///system"]
+    names = subprocess.run([*virsh, "list", "--all", "--name"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    found = []
+    for name in names:
+        if name.startswith("vmiso-"):
+            xml = subprocess.run([*virsh, "dumpxml", name], capture_output=True, text=True).stdout
+            if str(state) in xml:
+                found.append(name)
+    return found
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
