@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from vmiso import config as config_mod  # noqa: E402
 from vmiso.domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, domain_xml  # noqa: E402
+from vmiso.gc import claim  # noqa: E402
 from vmiso.hypervisor import connected  # noqa: E402
 from vmiso.image.initramfs import _Newc  # noqa: E402
 from vmiso.image.store import get_image  # noqa: E402
@@ -59,7 +60,8 @@ def floor_boot(cfg: config_mod.Config, image_name: str, work: Path) -> float:
     spec = DomainSpec(name=name, memory_mib=cfg.vm.memory_mib, cpus=cfg.vm.cpus,
                       accel="kvm" if cfg.accel == "kvm" else "tcg",
                       disks=(Disk(overlay, cache="unsafe"),), console_log=work / "floor.log",
-                      boot=KernelBoot(image.kernel, initramfs, KERNEL_CMDLINE))
+                      boot=KernelBoot(image.kernel, initramfs, KERNEL_CMDLINE),
+                      metadata={"kind": "bench", "run_dir": str(work)})  # gc: ours, and alive
     with connected(cfg.libvirt_uri) as hv:
         started = time.monotonic()
         hv.start_transient(name, domain_xml(spec))
@@ -150,6 +152,7 @@ def main() -> None:
     image = args.image or cfg.image.name
     work = Path(tempfile.mkdtemp(prefix="vmiso-bench-", dir="/var/tmp"))
     os.chmod(work, 0o711)
+    claim(work)
     try:
         results: dict = {"image": image, "runs": args.runs}
         floors, colds, warms = [], [], []
