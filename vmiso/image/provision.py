@@ -302,26 +302,12 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
 
 def make_warm_state(config: Config, hv: Hypervisor, image: Image, steps: Steps) -> bool:
     """Save booted clones for fast runs; without them runs boot cold, so a failure only warns."""
-    key = warm.WarmKey(template_sha256=image.manifest()["sha256"], hypervisor=hv.version(),
-                       accel=image.manifest()["accel"], memory_mib=config.vm.memory_mib, cpus=config.vm.cpus)
+    manifest = image.manifest()
+    key = warm.WarmKey(template_sha256=manifest["sha256"], hypervisor=hv.version(), accel=manifest["accel"],
+                       memory_mib=config.vm.memory_mib, cpus=config.vm.cpus)
     try:
         warm.build(hv, image, key, steps, boot_timeout=config.run.boot_timeout)
     except VmisoError as err:
         log.warning("image %s: no warm state (%s); runs will boot cold", image.name, err)
         return False
     return True
-
-
-def _install(work: Path, final: Path) -> None:
-    """Move the finished image into place, replacing an older one only once the new one is there."""
-    if not final.exists():
-        os.rename(work, final)
-        return
-    old = final.with_name(f".replaced-{final.name}-{secrets.token_hex(4)}")
-    os.rename(final, old)
-    try:
-        os.rename(work, final)
-    except OSError:
-        os.rename(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
