@@ -71,6 +71,11 @@ def make_overlay(clone: CloneDir, backing: Path) -> None:
 
 def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_mib: int, cpus: int,
                metadata: dict[str, str], prewarm: bool = False) -> DomainSpec:
+    cmdline = KERNEL_CMDLINE
+    if image.root_device != "/dev/vda":  # a partition of a cloud image; initramfs-init reads it
+        cmdline += f" vmiso.root={image.root_device}"
+    if prewarm:
+        cmdline += f" {PREWARM}"
     return DomainSpec(
         name=name,
         memory_mib=memory_mib,
@@ -78,7 +83,7 @@ def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_m
         accel=accel,
         disks=(Disk(clone.overlay, cache="unsafe"),),
         console_log=clone.console_log,
-        boot=KernelBoot(image.kernel, image.initramfs, f"{KERNEL_CMDLINE} {PREWARM}" if prewarm else KERNEL_CMDLINE),
+        boot=KernelBoot(image.kernel, image.initramfs, cmdline),
         shares=(Share(clone.inputs, SHARE_IN, readonly=True), Share(clone.outputs, SHARE_OUT, readonly=False)),
         ssh_socket=clone.ssh_socket,
         metadata=metadata,

@@ -26,6 +26,8 @@ PACKAGES = {
     "genisoimage": "genisoimage",
     "mkfs.ext4": "e2fsprogs",
     "debugfs": "e2fsprogs",
+    "sfdisk": "fdisk",
+    "busybox": "busybox-static",
     "ssh-keygen": "openssh-client",
     "umount": "mount",
 }
@@ -40,7 +42,7 @@ def which(program: str) -> str:
 
 
 def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | None = None,
-        input_text: str | None = None) -> str:
+        input_text: str | None = None, cwd: Path | None = None) -> str:
     """Run ``argv``; return its stdout.  Output goes to ``log_path`` when given."""
     program = argv[0]
     full = [which(program), *argv[1:]]
@@ -48,11 +50,12 @@ def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | N
     try:
         if log_path is not None:
             with open(log_path, "ab") as log_file:
-                done = subprocess.run(full, stdout=log_file, stderr=subprocess.STDOUT,
+                done = subprocess.run(full, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd,
                                       timeout=timeout, input=input_text.encode() if input_text else None)
             output = ""
         else:
-            done = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input_text)
+            done = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input_text,
+                                  cwd=cwd)
             output = done.stdout
     except subprocess.TimeoutExpired:
         raise ToolError(f"{program} did not finish within {timeout:.0f} s") from None
@@ -83,10 +86,11 @@ def qemu_img_overlay_argv(backing: Path, overlay: Path, backing_format: str = "q
             "-b", str(backing), str(overlay)]
 
 
-def qemu_img_convert_argv(source: Path, source_format: str, target: Path) -> list[str]:
+def qemu_img_convert_argv(source: Path, source_format: str, target: Path,
+                          target_format: str = "qcow2") -> list[str]:
     # No compression: a compressed template is smaller but every cold read of a
     # cluster pays for inflating it, and runs read the template far more often.
-    return ["qemu-img", "convert", "-q", "-f", source_format, "-O", "qcow2", str(source), str(target)]
+    return ["qemu-img", "convert", "-q", "-f", source_format, "-O", target_format, str(source), str(target)]
 
 
 def qemu_img_info_argv(image: Path) -> list[str]:
@@ -117,9 +121,21 @@ def mkfs_ext4_argv(*, source_dir: Path, image: Path, size_bytes: int, label: str
             "-d", str(source_dir), str(image), f"{size_bytes // 1024}k"]
 
 
-def debugfs_dump_argv(image: Path, inside: str, out: Path) -> list[str]:
-    # Reads one file out of an ext4 image without mounting it.
-    return ["debugfs", "-R", f"dump -p {inside} {out}", str(image)]
+def debugfs_argv(disk: Path, offset: int, request_file: Path) -> list[str]:
+    # Reads an ext4 filesystem that starts ``offset`` bytes into a raw disk image,
+    # without mounting it (read-only: no -w).  The requests come from a file, one
+    # per line; debugfs reports a failed request on stderr and still exits 0.
+    return ["debugfs", "-f", str(request_file), f"{disk}?offset={offset}"]
+
+
+def sfdisk_json_argv(disk: Path) -> list[str]:
+    # The partition table of a raw disk image (a file, not a device).
+    return ["sfdisk", "--json", str(disk)]
+
+
+def ldd_argv(program: Path) -> list[str]:
+    # Succeeds only for a dynamically linked program.
+    return ["ldd", str(program)]
 
 
 def umount_argv(mount_point: Path) -> list[str]:

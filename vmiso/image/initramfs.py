@@ -3,8 +3,9 @@
 Debian's own initrd (~35 MB compressed, ~130 MB unpacked, udev and a dozen
 hooks) costs a clone seconds under emulation just to be unpacked.  A clone only
 needs its disk, its shares and its SSH port, so its initramfs holds the modules
-for those (resolved with modules.dep), the layer's static busybox and
-images/guest/initramfs-init, packed as an uncompressed "newc" cpio archive.
+for those (resolved with modules.dep), a static busybox (the layer's, or the
+host's for a cloud image) and images/guest/initramfs-init, packed as an
+uncompressed "newc" cpio archive.
 """
 
 from __future__ import annotations
@@ -62,9 +63,23 @@ def module_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES,
             continue
         path = by_name.get(name) or by_name.get(key)
         if path is None:
-            raise ToolError(f"the layer's kernel has no module {name} (and it is not built in)")
+            raise ToolError(f"the kernel has no module {name} (and it is not built in)")
         visit(path)
+    for path in order:
+        # busybox insmod hands the file to the kernel as it is.
+        if not path.endswith(".ko"):
+            raise ToolError(f"the kernel's module {path} is compressed; vmiso needs uncompressed modules")
     return order
+
+
+def module_groups(modules_dir: Path) -> tuple[list[str], list[str]]:
+    """The boot group and the late (9p) group, as paths relative to ``modules_dir``.
+
+    Only modules.dep and modules.builtin are read, so a caller can fetch the
+    listed files afterwards.
+    """
+    boot = module_order(modules_dir, BOOT_MODULES)
+    return boot, module_order(modules_dir, LATE_MODULES, loaded=tuple(boot))
 
 
 class _Newc:
@@ -99,22 +114,15 @@ class _Newc:
         return self.buffer.getvalue()
 
 
-def build(root: Path, kernel_release: str) -> bytes:
-    """The initramfs for a layer whose root directory is ``root``."""
-    modules_dir = root / "usr/lib/modules" / kernel_release
-    busybox = root / "usr/bin/busybox"
-    if not busybox.exists():
-        busybox = root / "bin/busybox"
-    if not busybox.exists():
-        raise ToolError("the layer has no /bin/busybox; add busybox-static to the recipe's packages")
+def build(modules_dir: Path, busybox: Path) -> bytes:
+    """The initramfs from a kernel's modules directory and a static busybox."""
     archive = _Newc()
     for directory in ("bin", "dev", "proc", "sys", "root", "lib", "lib/modules"):
         archive.directory(directory)
     archive.file("bin/busybox", busybox.read_bytes(), 0o755)
     for applet in BUSYBOX_APPLETS:
         archive.symlink(f"bin/{applet}", "busybox")
-    boot = module_order(modules_dir, BOOT_MODULES)
-    late = module_order(modules_dir, LATE_MODULES, loaded=tuple(boot))
+    boot, late = module_groups(modules_dir)
     archive.directory("lib/modules/late")
     for group, order in (("lib/modules", boot), ("lib/modules/late", late)):
         for index, relative in enumerate(order):

@@ -49,12 +49,21 @@ class Recipe:
 
 @dataclass(frozen=True)
 class Layer:
+    """What a provisioning boot starts from: a disk, its kernel, and the clones' initramfs.
+
+    A recipe's layer is a bare ext4 filesystem (raw, root on /dev/vda); a cloud
+    image's is the verified qcow2 with its partition table (root on /dev/vdaN).
+    """
+
     key: str
     path: Path
+    root_device: str = "/dev/vda"
+    rootfs_name: str = "rootfs.img"
+    rootfs_format: str = "raw"
 
     @property
     def rootfs(self) -> Path:
-        return self.path / "rootfs.img"
+        return self.path / self.rootfs_name
 
     @property
     def kernel(self) -> Path:
@@ -100,6 +109,13 @@ def layer_key(recipe: Recipe, mirror: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def guest_files() -> tuple[tuple[str, str, int], ...]:
+    """(absolute path in the guest, text, mode) of each guest file, for images vmiso did not build."""
+    guest = images_dir() / "guest"
+    return tuple(("/" + inside, (guest / name).read_text(encoding="utf-8"), mode)
+                 for name, (inside, mode) in GUEST_FILES.items())
+
+
 def _install_guest_files(root: Path) -> None:
     guest = images_dir() / "guest"
     for name, (inside, mode) in GUEST_FILES.items():
@@ -122,7 +138,10 @@ def _copy_boot_files(root: Path, dest: Path) -> None:
     shutil.copyfile(initrds[0], dest / "initrd.img")
     release = kernels[0].name.removeprefix("vmlinuz-")
     (dest / "kernel-release").write_text(release + "\n")
-    (dest / "initramfs.img").write_bytes(initramfs.build(root, release))
+    busybox = next((p for p in (root / "usr/bin/busybox", root / "bin/busybox") if p.exists()), None)
+    if busybox is None:
+        raise ToolError("the layer has no /bin/busybox; add busybox-static to the recipe's packages")
+    (dest / "initramfs.img").write_bytes(initramfs.build(root / "usr/lib/modules" / release, busybox))
 
 
 def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -> Layer:

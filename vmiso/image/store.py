@@ -46,6 +46,11 @@ class Image:
     def host_key(self) -> Path:
         return self.path / "host_key.pub"
 
+    @property
+    def root_device(self) -> str:
+        """The clone's root filesystem: the whole disk, or a cloud image's partition."""
+        return self.manifest().get("root_device", "/dev/vda")
+
     def manifest(self) -> dict:
         try:
             return json.loads((self.path / MANIFEST).read_text())
