@@ -64,3 +64,17 @@ def test_provision_env_quotes_values():
 def test_provision_env_refuses_bad_package_names():
     with pytest.raises(ConfigError, match="not a Debian package name"):
         provision_env(inputs(apt_packages=("curl; reboot",)))
+
+
+def test_guest_files_of_a_cloud_image_keep_their_text_and_mode():
+    from vmiso.image.layer import guest_files
+    data = yaml.safe_load(render_user_data(inputs(guest_files=guest_files())))
+    files = {f["path"]: f for f in data["write_files"]}
+    link = files["/usr/local/lib/vmiso/ssh-link"]
+    assert link["permissions"] == "0755" and link["content"].startswith("#!")
+    assert files["/etc/ssh/sshd_config.vmiso"]["permissions"] == "0644"
+    assert "/usr/local/lib/vmiso/ssh-link" not in {f["path"] for f in user_data_files(inputs())}
+
+
+def user_data_files(seed: SeedInputs) -> list[dict]:
+    return yaml.safe_load(render_user_data(seed))["write_files"]

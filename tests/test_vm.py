@@ -7,6 +7,7 @@ checks many things per boot, because every boot costs tens of seconds.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import stat
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from diskimage import ROOT_PARTITION, make_cloud_image, remove_files
 from vmharness import (TABULATE, Streamed, make_state_root, remove_tree, vmiso, vmiso_domains, wait_for,
                        write_config)
 
@@ -242,3 +244,57 @@ def test_too_little_disk_space_is_refused(tmp_path):
     finally:
         subprocess.run(["umount", str(root)], check=False)
         remove_tree(root)
+
+
+@pytest.fixture(scope="module")
+def cloud_image(image, vm_root):
+    """A cloud-image-like qcow2 (GPT, root on partition 3) made from the session's OS layer,
+    without vmiso's guest files or busybox, provisioned as its own image."""
+    (layer,) = [p for p in (image["state"] / "layers").iterdir() if not p.name.startswith(".")]
+    work = vm_root / "cloud"
+    work.mkdir()
+    filesystem = work / "root.ext4"
+    subprocess.run(["cp", "--sparse=always", str(layer / "rootfs.img"), str(filesystem)], check=True)
+    os.chmod(filesystem, 0o644)
+    remove_files(filesystem, ["/usr/local/lib/vmiso/ssh-link", "/usr/local/lib/vmiso/ssh-serve",
+                              "/etc/ssh/sshd_config.vmiso", "/usr/bin/busybox"])
+    qcow2 = work / "debian-generic.qcow2"
+    sha256 = make_cloud_image(filesystem, qcow2)
+    filesystem.unlink()
+    state = vm_root / "cloud-state"
+    config = write_config(work / "config", state,
+                          image={"name": "cloudy", "cloud_image": {"path": str(qcow2), "sha256": sha256}})
+    done = vmiso("provision", "-c", config, timeout=2400)
+    assert done.returncode == 0, done.stderr
+    yield {"config": config, "state": state, "output": done, "sha256": sha256}
+    remove_tree(state)
+    remove_tree(work)
+
+
+def test_cloud_image_is_provisioned_and_runs_isolated(cloud_image, tmp_path):
+    state = cloud_image["state"]
+    manifest = json.loads((state / "images" / "cloudy" / "manifest.json").read_text())
+    assert manifest["source"]["cloud_image"].endswith("debian-generic.qcow2")
+    assert manifest["source"]["sha256"] == cloud_image["sha256"]
+    assert manifest["root_device"] == f"/dev/vda{ROOT_PARTITION}"
+    assert {"name": "tabulate", "version": "0.9.0"} in manifest["pip"]
+    assert "cloud-image: kernel " in cloud_image["output"].stdout + cloud_image["output"].stderr
+    # Warm and cold clones boot from partition 3 with vmiso's files, which provisioning installed.
+    out = tmp_path / "out"
+    (tmp_path / "data.csv").write_text("a,b\n")
+    probes = [[a, 443] for a in host_addresses()]
+    done = vmiso("run", "-c", cloud_image["config"], "-i", GUEST / "probe.py", "-i", tmp_path / "data.csv",
+                 "-o", out, "--json",
+                 tmp_path / "warm.json", "--", "python", "probe.py", json.dumps(probes))
+    assert done.returncode == 3, done.stderr
+    assert json.loads((tmp_path / "warm.json").read_text())["boot"] == "warm"
+    results = json.loads(done.stdout.splitlines()[-1])
+    assert results["tabulate"] == "0.9.0" and results["uid"] != 0 and results["interfaces"] == ["lo"]
+    assert "ALLOWED" not in {v for k, v in results.items() if k.startswith("tcp ")} | {results["dns"]}
+    assert (out / "result.json").exists()
+    cold = vmiso("run", "-c", cloud_image["config"], "--cold", "--", "sh", "-c",
+                 "cat /proc/cmdline; ls /usr/local/lib/vmiso; command -v tini")
+    assert cold.returncode == 0, cold.stderr
+    assert f"vmiso.root=/dev/vda{ROOT_PARTITION}" in cold.stdout
+    assert "ssh-link\nssh-serve\n/usr/bin/tini" in cold.stdout
+    assert leftovers(state) == []

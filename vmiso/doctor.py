@@ -28,7 +28,9 @@ class Check:
 
 def _programs() -> list[Check]:
     checks = []
-    for program in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "genisoimage", "mkfs.ext4", "ssh-keygen"):
+    # sfdisk, debugfs and busybox serve cloud images: their partitions, kernel and the clones' initramfs.
+    for program in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "genisoimage", "mkfs.ext4", "ssh-keygen",
+                    "sfdisk", "debugfs", "busybox"):
         try:
             checks.append(Check(program, True, tools.which(program)))
         except VmisoError as err:

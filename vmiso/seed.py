@@ -33,6 +33,8 @@ class SeedInputs:
     ca_pems: tuple[str, ...] = ()
     requirements: str = ""
     apt_packages: tuple[str, ...] = ()
+    # (path, text, mode) of vmiso's files for images it did not build (cloud images).
+    guest_files: tuple[tuple[str, str, int], ...] = ()
     pip: PipOptions = PipOptions()
     require_hashes: bool = False
 
@@ -80,6 +82,7 @@ def user_data(inputs: SeedInputs) -> dict:
         _write_file("/var/lib/vmiso/provision.sh", script, "0755"),
         _write_file("/var/lib/vmiso/provision.env", provision_env(inputs), "0600"),
         _write_file("/var/lib/vmiso/requirements.txt", inputs.requirements),
+        *(_write_file(path, text, f"{mode:04o}") for path, text, mode in inputs.guest_files),
     ]
     return data
 

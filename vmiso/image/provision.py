@@ -28,7 +28,8 @@ from ..hypervisor import Hypervisor
 from ..progress import Steps
 from ..seed import SeedInputs, write_seed
 from ..workdir import install_dir, private_dir, share_dir
-from .layer import Layer, ensure_layer, layer_key, load_recipe
+from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer
+from .layer import Layer, ensure_layer, guest_files, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
 from .store import MANIFEST, Image, images_root, prepare_root, sha256_file
 
@@ -160,7 +161,10 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
     """Run cloud-init and provision.sh in a networked VM; return the report directory."""
     config, work, steps = build.config, build.work, build.steps
     overlay = work / "disk.qcow2"
-    tools.run(tools.qemu_img_overlay_argv(layer.rootfs, overlay, backing_format="raw"))
+    tools.run(tools.qemu_img_overlay_argv(layer.rootfs, overlay, backing_format=layer.rootfs_format))
+    cloud = config.image.cloud_image is not None
+    # A recipe's layer has vmiso's guest files and packages already; a cloud image gets them now.
+    apt_packages = (*CLOUD_PACKAGES, *config.provision.apt_packages) if cloud else config.provision.apt_packages
     report = share_dir(work / "report", writable=True)
     seed_dir = private_dir(work / "seed")  # QEMU must reach seed.iso; the rest is 0600
     inputs = SeedInputs(
@@ -171,7 +175,8 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
         authorized_key=keys.client_public,
         ca_pems=load_ca_certificates(config.provision.ca_certificates),
         requirements=requirements.text if requirements else "",
-        apt_packages=config.provision.apt_packages,
+        apt_packages=apt_packages,
+        guest_files=guest_files() if cloud else (),
         pip=config.provision.pip,
         require_hashes=bool(config.provision.pip.require_hashes
                             or (config.provision.pip.require_hashes is None
@@ -183,7 +188,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
         name=domain, memory_mib=config.provision.memory_mib, cpus=config.vm.cpus, accel=build.accel,
         disks=(Disk(overlay), Disk(seed, format="raw", readonly=True)),
         console_log=build.console_log,
-        boot=KernelBoot(layer.kernel, layer.initrd, "root=/dev/vda rw console=ttyS0 ds=nocloud"),
+        boot=KernelBoot(layer.kernel, layer.initrd, f"root={layer.root_device} rw console=ttyS0 ds=nocloud"),
         shares=(Share(report, "vmiso-report", readonly=False),),
         user_network=True,
         metadata={"kind": "provision", "workdir": str(work)},
@@ -223,6 +228,27 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
     return report
 
 
+def _source(config: Config, layer: Layer) -> dict:
+    cloud = config.image.cloud_image
+    if cloud is not None:
+        return {"cloud_image": str(cloud.path), "sha256": cloud.sha256, "layer": layer.key}
+    return {"recipe": config.image.recipe, "mirror": config.image.mirror, "layer": layer.key}
+
+
+def _ensure_source(config: Config, steps: Steps) -> Layer:
+    """The OS layer to provision from: the recipe's, or the cloud image's."""
+    state_dir, cloud = config.state_dir, config.image.cloud_image
+    if cloud is not None:
+        cached = (state_dir / "layers" / cloud_key(cloud)).exists()
+        # The verified copy, its raw form while it is read, then overlay and template.
+        needed = SPACE_FROM_CACHED_LAYER + (0 if cached else 3 * cloud.path.stat().st_size)
+        check_free_space(state_dir, needed)
+        return ensure_cloud_layer(state_dir, cloud, steps)
+    cached = (state_dir / "layers" / layer_key(load_recipe(config.image.recipe), config.image.mirror)).exists()
+    check_free_space(state_dir, SPACE_FROM_CACHED_LAYER if cached else SPACE_WITH_LAYER)
+    return ensure_layer(state_dir, config.image.recipe, config.image.mirror, steps)
+
+
 def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replace: bool = False,
               steps: Steps | None = None) -> Image:
     steps = steps or Steps()
@@ -233,7 +259,11 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
         raise ImageError(f"an image named {name!r} exists already",
                          "pass --replace to rebuild it, or choose another --name")
     accel_name = accel.resolve(config.accel)
-    load_recipe(config.image.recipe)  # a bad recipe fails before anything is built
+    if config.image.cloud_image is None:
+        load_recipe(config.image.recipe)  # a bad recipe fails before anything is built
+    elif not config.image.cloud_image.path.is_file():
+        raise ConfigError(f"image.cloud_image.path: {config.image.cloud_image.path} is not a file",
+                          "give the path of a qcow2 cloud image")
     requirements = (load_requirements(config.provision.requirements, config.provision.pip.require_hashes)
                     if config.provision.requirements else None)
     load_ca_certificates(config.provision.ca_certificates)
@@ -247,10 +277,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
         private_dir(work)
         undo.callback(shutil.rmtree, work, ignore_errors=True)
         claim(work)
-        cached = (state_dir / "layers" / layer_key(load_recipe(config.image.recipe),
-                                                   config.image.mirror)).exists()
-        check_free_space(state_dir, SPACE_FROM_CACHED_LAYER if cached else SPACE_WITH_LAYER)
-        layer = ensure_layer(state_dir, config.image.recipe, config.image.mirror, steps)
+        layer = _ensure_source(config, steps)
         with steps.step("keys", "client key and pinned host key"):
             keys = _make_keys(work)
         build = _Build(config, hv, name, steps, work, console_log, accel_name)
@@ -271,7 +298,8 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "sha256": digest,
                 "template": template.name,
-                "recipe": {"name": config.image.recipe, "layer": layer.key, "mirror": config.image.mirror},
+                "source": _source(config, layer),
+                "root_device": layer.root_device,
                 "kernel": (layer.path / "kernel-release").read_text().strip(),
                 "python": _read_report(report, "python.txt").strip(),
                 "pip": _pairs(_read_report(report, "pip-freeze.txt"), "=="),
