@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
+import yaml
 
 from diskimage import ROOT_PARTITION, make_cloud_image, make_filesystem
 from test_initramfs import DEPS, fake_root, read_newc
@@ -140,3 +142,17 @@ def test_listing_parser_and_path_guard():
     for bad in ("/boot/x y", "/boot/../../etc/shadow", "/boot/x\nwrite /a /b", "a;b"):
         with pytest.raises(ProvisionError, match="will not read"):
             cloud.safe_path(bad)
+
+
+def test_provision_with_a_wrong_sha256_stops_before_anything_is_built(tmp_path, image):
+    state = tmp_path / "state"
+    config = tmp_path / "vmiso.yaml"
+    config.write_text(yaml.safe_dump({
+        "accel": "tcg", "state_dir": str(state),
+        "image": {"name": "c", "cloud_image": {"path": str(image.path), "sha256": "f" * 64}}}))
+    done = subprocess.run([sys.executable, "-m", "vmiso", "provision", "-c", str(config)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 125
+    assert f"has sha256 {image.sha256}, not the {'f' * 64}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list((state / "images").iterdir()) == [] and list((state / "layers").iterdir()) == []

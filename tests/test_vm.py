@@ -279,6 +279,8 @@ def test_cloud_image_is_provisioned_and_runs_isolated(cloud_image, tmp_path):
     assert manifest["root_device"] == f"/dev/vda{ROOT_PARTITION}"
     assert {"name": "tabulate", "version": "0.9.0"} in manifest["pip"]
     assert "cloud-image: kernel " in cloud_image["output"].stdout + cloud_image["output"].stderr
+    listed = vmiso("images", "-c", cloud_image["config"], check=True).stdout
+    assert f"source: cloud image {manifest['source']['cloud_image']} (sha256 {cloud_image['sha256']})" in listed
     # Warm and cold clones boot from partition 3 with vmiso's files, which provisioning installed.
     out = tmp_path / "out"
     (tmp_path / "data.csv").write_text("a,b\n")

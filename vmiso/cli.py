@@ -140,6 +140,11 @@ def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
         packages = ", ".join(f"{p['name']}=={p['version']}" for p in row["packages"]
                              if p["name"] not in ("pip", "setuptools", "wheel"))
         click.echo(f"{'':<20} packages: {packages or '-'}")
+        source = row["source"]
+        if "cloud_image" in source:
+            click.echo(f"{'':<20} source: cloud image {source['cloud_image']} (sha256 {source['sha256']})")
+        elif "recipe" in source:
+            click.echo(f"{'':<20} source: recipe {source['recipe']} from {source['mirror']}")
 
 
 @images.command("rm")

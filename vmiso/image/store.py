@@ -149,5 +149,6 @@ def summary(image: Image) -> dict:
         "created": manifest.get("created"),
         "sha256": manifest.get("sha256"),
         "packages": manifest.get("pip", []),
+        "source": manifest.get("source", {}),
         "path": str(image.path),
     }
