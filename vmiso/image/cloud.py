@@ -9,7 +9,7 @@ initrd for the provisioning boot, and the modules of the clones' initramfs
 guest has run.
 
 The image's kernel must have 9p (Debian's "generic" images do; "genericcloud"
-ones do not), its root filesystem must be ext4, and its modules uncompressed.
+ones do not), its root filesystem must be ext4, and its modules plain, xz or gzip.
 """
 
 from __future__ import annotations

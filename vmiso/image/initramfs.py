@@ -10,8 +10,11 @@ uncompressed "newc" cpio archive.
 
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ToolError
@@ -26,6 +29,8 @@ BOOT_MODULES = (
     "virtio-rng",
 )
 LATE_MODULES = ("9pnet_virtio", "9p")
+_DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
+    ".ko": lambda data: data, ".ko.xz": lzma.decompress, ".ko.gz": gzip.decompress}
 BUSYBOX_APPLETS = ("sh", "mount", "insmod", "switch_root", "mkdir", "sleep", "echo", "hostname", "ip",
                    "poweroff", "grep", "tr", "cat", "stat", "chown")
 
@@ -66,10 +71,19 @@ def module_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES,
             raise ToolError(f"the kernel has no module {name} (and it is not built in)")
         visit(path)
     for path in order:
-        # busybox insmod hands the file to the kernel as it is.
-        if not path.endswith(".ko"):
-            raise ToolError(f"the kernel's module {path} is compressed; vmiso needs uncompressed modules")
+        if not path.endswith(tuple(_DECOMPRESS)):
+            raise ToolError(f"the kernel's module {path} is compressed in a way vmiso cannot unpack "
+                            f"(it reads {', '.join(_DECOMPRESS)})")
     return order
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module file as the kernel loads it: busybox insmod hands it over as it is,
+    so xz- and gzip-compressed modules (Debian 13 ships .ko.xz) are unpacked here."""
+    for suffix, unpack in _DECOMPRESS.items():
+        if path.name.endswith(suffix):
+            return unpack(path.read_bytes())
+    raise ToolError(f"{path} is not a kernel module vmiso can load")
 
 
 def module_groups(modules_dir: Path) -> tuple[list[str], list[str]]:
@@ -126,6 +140,7 @@ def build(modules_dir: Path, busybox: Path) -> bytes:
     archive.directory("lib/modules/late")
     for group, order in (("lib/modules", boot), ("lib/modules/late", late)):
         for index, relative in enumerate(order):
-            archive.file(f"{group}/{index:02d}-{Path(relative).name}", (modules_dir / relative).read_bytes())
+            name = Path(relative).name.split(".ko")[0]
+            archive.file(f"{group}/{index:02d}-{name}.ko", module_bytes(modules_dir / relative))
     archive.file("init", (images_dir() / "guest" / "initramfs-init").read_bytes(), 0o755)
     return archive.finish()
