@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,7 +17,7 @@ import yaml
 from diskimage import ROOT_PARTITION, make_cloud_image, make_filesystem
 from test_initramfs import DEPS, fake_root, read_newc
 from vmiso.config import CloudImage
-from vmiso.errors import ConfigError, ImageError, ProvisionError
+from vmiso.errors import ConfigError, ImageError, ProvisionError, ToolError
 from vmiso.image import cloud
 from vmiso.progress import Steps
 
@@ -156,3 +157,11 @@ def test_provision_with_a_wrong_sha256_stops_before_anything_is_built(tmp_path, 
     assert f"has sha256 {image.sha256}, not the {'f' * 64}" in done.stderr
     assert "Traceback" not in done.stderr
     assert list((state / "images").iterdir()) == [] and list((state / "layers").iterdir()) == []
+
+
+def test_the_host_busybox_must_be_there_and_static(tmp_path):
+    source = CloudImage(tmp_path / "x.qcow2", "0" * 64)
+    for busybox, problem in ((tmp_path / "nope", "is missing"), (Path("/bin/ls"), "is dynamically linked")):
+        with pytest.raises(ToolError, match=f"{problem}.*apt-get install busybox-static"):
+            cloud.cloud_key(source, busybox)
+    assert cloud.cloud_key(source).startswith("cloud-")

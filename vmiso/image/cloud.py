@@ -160,8 +160,20 @@ class _Disk:
                 raise ProvisionError("cloud-image", f"could not read {inside} from the image")
 
 
+def _check_busybox(busybox: Path) -> None:
+    fix = "install the static one: apt-get install busybox-static"
+    if not busybox.is_file():
+        raise ToolError(f"{busybox} is missing: vmiso puts it into the clones' initramfs", fix)
+    try:
+        tools.run(tools.ldd_argv(busybox))
+    except ToolError:
+        return  # not a dynamic executable
+    raise ToolError(f"{busybox} is dynamically linked; the clones' initramfs has no libraries for it", fix)
+
+
 def cloud_key(cloud: CloudImage, busybox: Path = HOST_BUSYBOX) -> str:
     """The cache key: the image, and what vmiso adds to it (its init, the host's busybox)."""
+    _check_busybox(busybox)
     digest = hashlib.sha256(cloud.sha256.encode())
     for name in HOST_FILES:
         digest.update((images_dir() / "guest" / name).read_bytes())
@@ -240,20 +252,10 @@ def _load(path: Path, key: str) -> Layer:
     return Layer(key, path, root_device=source["root_device"], rootfs_name=DISK, rootfs_format="qcow2")
 
 
-def _check_busybox() -> None:
-    fix = "install the static one: apt-get install busybox-static"
-    if not HOST_BUSYBOX.is_file():
-        raise ToolError(f"{HOST_BUSYBOX} is missing: vmiso puts it into the clones' initramfs", fix)
-    try:
-        tools.run(tools.ldd_argv(HOST_BUSYBOX))
-    except ToolError:
-        return  # not a dynamic executable
-    raise ToolError(f"{HOST_BUSYBOX} is dynamically linked; the clones' initramfs has no libraries for it", fix)
 
 
 def ensure_cloud_layer(state_dir: Path, cloud: CloudImage, steps: Steps) -> Layer:
     """Return the cached layer made from this cloud image, making it when missing."""
-    _check_busybox()
     key = cloud_key(cloud)
     layers = state_dir / "layers"
     path = layers / key
