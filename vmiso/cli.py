@@ -232,18 +232,26 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
 @cli.command()
 @_config_option
 @_state_option
+@click.option("--layers", is_flag=True,
+              help="Also remove the cached OS layers (provisioning rebuilds them when needed).")
 @click.pass_context
-def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None) -> None:
+def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, layers: bool) -> None:
     """Remove VMs, overlays and directories that a killed vmiso left behind."""
     from . import gc as gc_mod
     from .hypervisor import connected
+    from .image.layer import remove_cached_layers
 
     config = _load(ctx, config_path, state_dir=state_dir)
     with connected(config.libvirt_uri) as hv:
         removed = gc_mod.collect(hv, config.state_dir)
     for item in removed:
         click.echo(f"removed {item.kind} {item.name}")
-    if not removed:
+    freed, kept = remove_cached_layers(config.state_dir) if layers else ([], [])
+    for layer in freed:
+        click.echo(f"removed OS layer {layer.key} ({layer.size / 1024**2:.0f} MiB)")
+    for layer in kept:
+        click.echo(f"kept OS layer {layer.key}: a provisioning is using it")
+    if not removed and not freed:
         click.echo("nothing to remove")
 
 

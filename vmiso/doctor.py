@@ -12,6 +12,7 @@ from . import accel, gc, tools
 from .config import Config
 from .errors import VmisoError
 from .hypervisor import open_hypervisor
+from .image.layer import cached_layers
 from .workdir import qemu_ids
 
 GIB = 1024**3
@@ -71,6 +72,15 @@ def _space(state_dir: Path) -> Check:
                  "" if ok else "provisioning needs about 6 GiB; free space or set state_dir")
 
 
+def _layer_cache(state_dir: Path) -> Check:
+    layers = cached_layers(state_dir)
+    size = sum(layer.size for layer in layers)
+    detail = f"{len(layers)} cached OS layer(s), {size / GIB:.1f} GiB"
+    if layers:
+        detail += " ('vmiso gc --layers' removes them; provisioning rebuilds them when needed)"
+    return Check("layer cache", True, detail)
+
+
 def _state_dir(state_dir: Path) -> Check:
     if os.geteuid() != 0:
         return Check("permissions", False, "vmiso runs as root (it manages qemu:///system and its files)",
@@ -94,6 +104,7 @@ def run_checks(config: Config, connect: Callable = open_hypervisor) -> list[Chec
     except VmisoError as err:
         checks.append(Check("libvirt", False, err.message, err.hint or ""))
     checks.append(_space(config.state_dir))
+    checks.append(_layer_cache(config.state_dir))
     checks.append(_state_dir(config.state_dir))
     try:
         leftovers = gc.find(hv, config.state_dir)

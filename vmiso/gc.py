@@ -69,6 +69,8 @@ def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
         found.append(Leftover("image build", build.name, build))
     for build in _orphan_dirs(state_dir / "layers", ".building-*"):
         found.append(Leftover("OS layer build", build.name, build))
+    for doomed in _orphan_dirs(state_dir / "layers", ".removing-*"):  # a removal that was cut short
+        found.append(Leftover("OS layer removal", doomed.name, doomed))
     for build in _orphan_dirs(state_dir / "images", "*/warm/.building-*"):
         found.append(Leftover("warm state build", build.name, build))
     if hv is not None:

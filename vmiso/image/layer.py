@@ -9,11 +9,13 @@ A layer is cached under a hash of everything that went into it.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,3 +194,66 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
         remove_tree(work)
         raise
     return layer
+
+
+# --- the cache of layers --------------------------------------------------------------
+# A layer is only a cache: templates are flattened and keep their own kernel and
+# initramfs, so removing layers costs only a rebuild at the next provisioning.
+# A provisioning share-locks the layer it builds on; removal takes the lock
+# exclusively, so a layer in use is never pulled from under it.
+
+
+@dataclass(frozen=True)
+class CachedLayer:
+    key: str
+    path: Path
+    size: int  # bytes on disk (the raw layers are sparse)
+
+
+def cached_layers(state_dir: Path) -> list[CachedLayer]:
+    layers = state_dir / "layers"
+    if not layers.is_dir():
+        return []
+    found = []
+    for path in sorted(layers.iterdir()):
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        size = sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file())
+        found.append(CachedLayer(path.name, path, size))
+    return found
+
+
+def hold_layer(layer: Layer, stack: ExitStack) -> bool:
+    """Share-lock ``layer`` until ``stack`` closes; False when it was removed meanwhile."""
+    try:
+        fd = os.open(layer.path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return False
+    stack.callback(os.close, fd)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        same = os.stat(layer.path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+    return same and layer.rootfs.exists()
+
+
+def remove_cached_layers(state_dir: Path) -> tuple[list[CachedLayer], list[CachedLayer]]:
+    """Remove every cached layer no provisioning uses; return (removed, kept because in use)."""
+    removed, kept = [], []
+    for layer in cached_layers(state_dir):
+        fd = os.open(layer.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                kept.append(layer)
+                continue
+            # Renamed under the lock: a provisioning that waits for it then finds it gone.
+            doomed = layer.path.with_name(f".removing-{layer.key}")
+            os.rename(layer.path, doomed)
+        finally:
+            os.close(fd)
+        remove_tree(doomed)
+        removed.append(layer)
+    return removed, kept

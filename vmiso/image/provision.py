@@ -29,7 +29,7 @@ from ..progress import Steps
 from ..seed import SeedInputs, write_seed
 from ..workdir import install_dir, private_dir, share_dir
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer
-from .layer import Layer, ensure_layer, guest_files, layer_key, load_recipe
+from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
 from .store import MANIFEST, Image, images_root, prepare_root, sha256_file
 
@@ -272,12 +272,17 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     console_log = logs / f"provision-{name}-{stamp}.log"
 
-    with ExitStack() as undo:
+    with ExitStack() as undo, ExitStack() as held:
         work = images_root(state_dir) / f".building-{name}-{secrets.token_hex(4)}"
         private_dir(work)
         undo.callback(shutil.rmtree, work, ignore_errors=True)
         claim(work)
         layer = _ensure_source(config, steps)
+        if not hold_layer(layer, held):  # 'vmiso gc --layers' removed it just now: build it again
+            layer = _ensure_source(config, steps)
+            if not hold_layer(layer, held):
+                raise ImageError(f"the OS layer {layer.key} keeps disappearing",
+                                 "do not run 'vmiso gc --layers' while provisioning")
         with steps.step("keys", "client key and pinned host key"):
             keys = _make_keys(work)
         build = _Build(config, hv, name, steps, work, console_log, accel_name)
