@@ -29,10 +29,14 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vmiso-report "$REPORT"
 
 step apt
 export DEBIAN_FRONTEND=noninteractive
+# A cloud image may start its own apt jobs at first boot (apt-daily,
+# unattended-upgrades): wait for their lock rather than fail on it.
+WAIT_LOCK="-o DPkg::Lock::Timeout=600"
 if [ -n "$APT_PACKAGES" ]; then
-    run apt-get update -q
-    # shellcheck disable=SC2086  # a list of package names, split on purpose
-    run apt-get install -y -q --no-install-recommends $APT_PACKAGES
+    # shellcheck disable=SC2086  # option and package lists, split on purpose
+    run apt-get $WAIT_LOCK update -q
+    # shellcheck disable=SC2086
+    run apt-get $WAIT_LOCK install -y -q --no-install-recommends $APT_PACKAGES
 fi
 
 step venv
