@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import yaml
 
 from vmiso import gc
-from vmiso.image.layer import Layer, cached_layers, hold_layer, remove_cached_layers
+from vmiso.image.layer import Layer, cached_layers, hold_layer, publish_layer, remove_cached_layers
 
 
 def fake_layer(state, key, size=4096):
@@ -57,3 +57,14 @@ def test_cli_gc_layers(tmp_path):
                           check=True)
     assert "removed OS layer dddd (3 MiB)" in done.stdout
     assert not (tmp_path / "state/layers/dddd").exists()
+
+
+def test_a_concurrent_build_of_the_same_layer_keeps_the_first(tmp_path):
+    first, second, final = tmp_path / ".building-1", tmp_path / ".building-2", tmp_path / "key"
+    for work, text in ((first, "first"), (second, "second")):
+        work.mkdir()
+        (work / "rootfs.img").write_text(text)
+    publish_layer(first, final)
+    publish_layer(second, final)  # rename(2) refuses a non-empty target: the first stays
+    assert (final / "rootfs.img").read_text() == "first"
+    assert not first.exists() and not second.exists()

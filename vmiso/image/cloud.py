@@ -30,7 +30,7 @@ from ..progress import Steps
 from ..resources import images_dir
 from ..workdir import remove_tree
 from . import initramfs
-from .layer import HOST_FILES, Layer
+from .layer import HOST_FILES, Layer, publish_layer
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,6 @@ def _load(path: Path, key: str) -> Layer:
     return Layer(key, path, root_device=source["root_device"], rootfs_name=DISK, rootfs_format="qcow2")
 
 
-
-
 def ensure_cloud_layer(state_dir: Path, cloud: CloudImage, steps: Steps) -> Layer:
     """Return the cached layer made from this cloud image, making it when missing."""
     key = cloud_key(cloud)
@@ -286,7 +284,7 @@ def ensure_cloud_layer(state_dir: Path, cloud: CloudImage, steps: Steps) -> Laye
             for item in work.iterdir():
                 os.chmod(item, 0o444)
             os.chmod(work, 0o755)
-            os.rename(work, path)
+            publish_layer(work, path)
     except BaseException:
         remove_tree(work)
         raise

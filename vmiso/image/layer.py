@@ -146,6 +146,17 @@ def _copy_boot_files(root: Path, dest: Path) -> None:
     (dest / "initramfs.img").write_bytes(initramfs.build(root / "usr/lib/modules" / release, busybox))
 
 
+def publish_layer(work: Path, final: Path) -> None:
+    """Move a finished layer into place; when a concurrent provisioning of the same
+    source got there first, keep that one (the two are equivalent) and drop this."""
+    try:
+        os.rename(work, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        remove_tree(work)
+
+
 def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -> Layer:
     """Return the cached layer for this recipe and mirror, building it when missing."""
     recipe = load_recipe(recipe_name)
@@ -189,7 +200,7 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
             for path in work.iterdir():
                 os.chmod(path, 0o444)
             os.chmod(work, 0o755)
-            os.rename(work, layer.path)
+            publish_layer(work, layer.path)
     except BaseException:
         remove_tree(work)
         raise
