@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from .domain import NAME_PREFIX, Retarget, domain_name, domain_xml, retarget
 from .errors import GuestError, ImageError
 from .hypervisor import Hypervisor
 from .image.store import Image
-from .workdir import install_dir
+from .workdir import flocked, install_dir
 from .progress import Steps
 
 log = logging.getLogger(__name__)
@@ -130,32 +129,8 @@ def build(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: in
     os.chmod(root, 0o711)
     for index in range(count):
         with steps.step("warm", f"boot and save warm slot {index + 1} of {count}"):
-            with _locked(Slot(CloneDir(root / f"slot-{index}")), wait=True):
+            with flocked(Slot(CloneDir(root / f"slot-{index}")).lock):
                 _build_slot(hv, image, key, index, boot_timeout)
-
-
-class _locked:
-    """An exclusive lock on one slot (flock: released even when vmiso is killed)."""
-
-    def __init__(self, slot: Slot, wait: bool) -> None:
-        self.slot = slot
-        self._wait = wait
-        self._fd: int | None = None
-
-    def __enter__(self) -> "_locked":
-        fd = os.open(self.slot.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self._wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, str]:
@@ -176,7 +151,7 @@ def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, 
             reasons.append(f"{slot.clone.path.name} was made for another {', '.join(differs)}")
             continue
         try:
-            stack.enter_context(_locked(slot, wait=False))
+            stack.enter_context(flocked(slot.lock, wait=False))
         except BlockingIOError:
             reasons.append(f"{slot.clone.path.name} is in use")
             continue

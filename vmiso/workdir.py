@@ -7,9 +7,12 @@ so a writable share must belong to that user.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import tools
@@ -86,3 +89,22 @@ def install_dir(new: Path, final: Path) -> None:
         os.rename(old, final)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def flocked(path: Path, *, shared: bool = False, wait: bool = True, directory: bool = False) -> Iterator[int]:
+    """flock(2) on ``path`` until the block ends; the kernel drops it when vmiso dies.
+
+    ``directory``: lock an existing directory (FileNotFoundError when it is gone);
+    otherwise ``path`` is a lock file, created mode 0600.  Without ``wait`` a lock
+    held elsewhere raises BlockingIOError.  Yields the open descriptor.
+    """
+    if directory:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        yield fd
+    finally:
+        os.close(fd)

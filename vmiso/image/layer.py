@@ -9,7 +9,6 @@ A layer is cached under a hash of everything that went into it.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -25,7 +24,7 @@ from ..gc import OWNER_FILE, claim
 from ..errors import ConfigError, ProvisionError, ToolError
 from ..progress import Steps
 from ..resources import images_dir
-from ..workdir import remove_tree
+from ..workdir import flocked, remove_tree
 from . import initramfs
 
 log = logging.getLogger(__name__)
@@ -237,11 +236,9 @@ def cached_layers(state_dir: Path) -> list[CachedLayer]:
 def hold_layer(layer: Layer, stack: ExitStack) -> bool:
     """Share-lock ``layer`` until ``stack`` closes; False when it was removed meanwhile."""
     try:
-        fd = os.open(layer.path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = stack.enter_context(flocked(layer.path, shared=True, directory=True))
     except FileNotFoundError:
         return False
-    stack.callback(os.close, fd)
-    fcntl.flock(fd, fcntl.LOCK_SH)
     try:
         same = os.stat(layer.path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
@@ -253,18 +250,14 @@ def remove_cached_layers(state_dir: Path) -> tuple[list[CachedLayer], list[Cache
     """Remove every cached layer no provisioning uses; return (removed, kept because in use)."""
     removed, kept = [], []
     for layer in cached_layers(state_dir):
-        fd = os.open(layer.path, os.O_RDONLY | os.O_DIRECTORY)
+        doomed = layer.path.with_name(f".removing-{layer.key}")
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                kept.append(layer)
-                continue
-            # Renamed under the lock: a provisioning that waits for it then finds it gone.
-            doomed = layer.path.with_name(f".removing-{layer.key}")
-            os.rename(layer.path, doomed)
-        finally:
-            os.close(fd)
+            with flocked(layer.path, wait=False, directory=True):
+                # Renamed under the lock: a provisioning that waits for it then finds it gone.
+                os.rename(layer.path, doomed)
+        except BlockingIOError:
+            kept.append(layer)
+            continue
         remove_tree(doomed)
         removed.append(layer)
     return removed, kept
