@@ -233,8 +233,8 @@ def _extract(disk: _Disk, steps: Steps) -> tuple[Kernel, Partition]:
     disk.dump(kernel.kernel[0], [(kernel.kernel[1], "vmlinuz")])
     disk.dump(kernel.initrd[0], [(kernel.initrd[1], "initrd.img")])
     modules_dir = kernel.modules[1]
-    disk.dump(root, [(f"{modules_dir}/modules.dep", "modules/modules.dep")])
-    disk.dump(root, [(f"{modules_dir}/modules.builtin", "modules/modules.builtin")])
+    disk.dump(root, [(f"{modules_dir}/modules.dep", "modules/modules.dep"),
+                     (f"{modules_dir}/modules.builtin", "modules/modules.builtin")])
     try:
         boot, late = initramfs.module_groups(disk.work / "modules")
     except ToolError as err:
