@@ -1,4 +1,6 @@
 import os
+
+import pytest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -13,7 +15,8 @@ def run_spec(**changes) -> DomainSpec:
         memory_mib=512,
         cpus=2,
         accel="tcg",
-        disks=(Disk(Path("/state/runs/abc/overlay.qcow2"), cache="unsafe"),),
+        disks=(Disk(Path("/state/runs/abc/overlay.qcow2"), cache="unsafe"),
+               Disk(Path("/state/runs/abc/scratch.img"), format="raw", cache="unsafe")),
         console_log=Path("/state/runs/abc/console.log"),
         boot=KernelBoot(Path("/state/images/x/vmlinuz"), Path("/state/images/x/initrd.img"),
                         "root=/dev/vda rw console=ttyS0"),
@@ -104,6 +107,11 @@ SAVED = """<domain type='qemu'>
       <target dev='vda' bus='virtio'/>
       <address type='pci' domain='0x0000' bus='0x04' slot='0x00' function='0x0'/>
     </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/s/images/x/warm/.building-slot-0/scratch.img'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
     <filesystem type='mount' accessmode='mapped'>
       <source dir='/s/images/x/warm/.building-slot-0/in'/><target dir='vmiso-in'/><readonly/>
     </filesystem>
@@ -124,18 +132,34 @@ def test_retarget_changes_host_paths_only():
     from vmiso.domain import Retarget, retarget
 
     xml = retarget(SAVED, Retarget(
-        disk=Path("/r/overlay.qcow2"), console_log=Path("/r/console.log"),
+        disks={"vda": Path("/r/overlay.qcow2"), "vdb": Path("/r/scratch.img")}, console_log=Path("/r/console.log"),
         ssh_socket=Path("/r/ssh.sock"), shares={"vmiso-in": Path("/r/in"), "vmiso-out": Path("/r/out")},
         metadata={"kind": "run", "run_dir": "/r"}))
     root = ET.fromstring(xml)
     assert root.findtext("name") == "vmiso-warm-x-0-abc"  # libvirt refuses another name
     assert root.findtext("uuid") == "8d5f3c4e-1111-2222-3333-444455556666"  # guest-visible: kept
     assert root.findtext("genid") == "0b0b0b0b-1111-2222-3333-444455556666"  # libvirt checks it too
-    disk = root.find("devices/disk")
+    disk = root.find("devices/disk/target[@dev='vda']/..")
     assert disk.find("source").get("file") == "/r/overlay.qcow2"
+    assert root.find("devices/disk/target[@dev='vdb']/../source").get("file") == "/r/scratch.img"
     assert disk.find("backingStore") is None  # libvirt must probe the longer chain itself
     assert disk.find("address").get("bus") == "0x04"  # the guest's view stays as saved
     shares = {fs.find("target").get("dir"): fs.find("source").get("dir") for fs in root.iter("filesystem")}
     assert shares == {"vmiso-in": "/r/in", "vmiso-out": "/r/out"}
     assert {s.get("path") for s in root.iter("source") if s.get("path")} == {"/r/console.log", "/r/ssh.sock"}
     assert metadata_of(xml) == {"kind": "run", "run_dir": "/r"}
+
+
+def test_retarget_refuses_a_saved_domain_with_other_disks():
+    from vmiso.domain import Retarget, retarget
+
+    with pytest.raises(ValueError, match=r"disks \['vda', 'vdb'\], a run has \['vda'\]"):
+        retarget(SAVED, Retarget(
+            disks={"vda": Path("/r/overlay.qcow2")}, console_log=Path("/r/console.log"),
+            ssh_socket=Path("/r/ssh.sock"), shares={"vmiso-in": Path("/r/in"), "vmiso-out": Path("/r/out")}))
+
+
+def test_guest_cpu_is_chosen_for_each_accelerator():
+    # TCG's default (qemu64) lacks SSE4.2/POPCNT: NumPy 2 dies with SIGILL on it.
+    assert ET.fromstring(domain_xml(run_spec(accel="tcg"))).find("cpu").get("mode") == "maximum"
+    assert ET.fromstring(domain_xml(run_spec(accel="kvm"))).find("cpu").get("mode") == "host-passthrough"

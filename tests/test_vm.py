@@ -6,6 +6,7 @@ checks many things per boot, because every boot costs tens of seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from diskimage import ROOT_PARTITION, make_cloud_image, remove_files
-from vmharness import (TABULATE, Streamed, make_state_root, remove_tree, vmiso, vmiso_domains, wait_for,
+from vmharness import (NUMPY, TABULATE, Streamed, make_state_root, remove_tree, vmiso, vmiso_domains, wait_for,
                        write_config)
 
 pytestmark = pytest.mark.vm
@@ -34,7 +35,7 @@ def vm_root():
 
 @pytest.fixture(scope="session")
 def image(vm_root):
-    config = write_config(vm_root / "config", vm_root / "state")
+    config = write_config(vm_root / "config", vm_root / "state", requirements=TABULATE + NUMPY)
     done = vmiso("-q", "provision", "-c", config, timeout=2400)
     assert done.returncode == 0, done.stderr
     return {"config": config, "state": vm_root / "state", "output": done}
@@ -63,6 +64,7 @@ def test_provision_makes_a_sealed_verified_image(image):
     state = image["state"]
     manifest = json.loads((state / "images" / "it" / "manifest.json").read_text())
     assert {"name": "tabulate", "version": "0.9.0"} in manifest["pip"]
+    assert {"name": "numpy", "version": "2.2.6"} in manifest["pip"]
     assert manifest["requirements"]["hashed"] is True
     assert any(p["name"] == "openssh-server" for p in manifest["apt"])
     assert manifest["kernel"] and manifest["python"].startswith("3.")
@@ -300,3 +302,73 @@ def test_cloud_image_is_provisioned_and_runs_isolated(cloud_image, tmp_path):
     assert f"vmiso.root=/dev/vda{ROOT_PARTITION}" in cold.stdout
     assert "ssh-link\nssh-serve\n/usr/bin/tini" in cold.stdout
     assert leftovers(state) == []
+
+
+@pytest.mark.parametrize("boot", ["warm", "cold"])
+def test_compiled_wheels_clock_and_scratch(image, tmp_path, boot):
+    """NumPy's compiled code runs on the guest CPU, the clock is the host's, /tmp is on disk."""
+    data = tmp_path / "staged-now.csv"
+    data.write_text("x\n1\n")
+    many = tmp_path / "many"
+    expected = {}
+    for i in range(600):
+        path = many / f"d{i // 100}" / f"r{i:03d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(1 + i * 7))
+        expected[str(path.relative_to(tmp_path))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = tmp_path / "run.json"
+    flags = ["--cold"] if boot == "cold" else []
+    # More than half of the guest's 512 MiB: a tmpfs /tmp could not hold it.
+    run = Streamed.start("run", "-c", image["config"], *flags, "-i", GUEST / "workday.py", "-i", data,
+                         "-i", many, "--json", record, "--", "python", "workday.py", "300")
+    assert run.wait() == 0, run.lines
+    first = next(stamp for stamp, stream, line in run.lines if stream == "out")
+    host_then = time.time() - (time.monotonic() - first)  # the host's wall clock when that line arrived
+    started, results = [json.loads(line) for line in run.text("out").splitlines()]
+    assert json.loads(record.read_text())["boot"] == boot
+    # The job read the host's time at its start (a warm state was saved minutes ago).
+    assert abs(started["started"] - host_then) < 2.0, (started, host_then)
+    assert results["input_mtime_ahead"] <= 1.0  # inputs staged now are not from the guest's future
+    assert results["many"] == expected
+    assert results["numpy"].startswith("2.")
+    assert results["dot"] == 333833500.0 and results["solve"] == [0.1, 0.6]
+    assert results["tmpdir"] == "/tmp"
+    assert 1.9 * 1024**3 < results["tmp_size"] <= 2 * 1024**3  # run.scratch's default
+    assert results["tmp_bytes_read_back"] == 300 * 1024**2 > results["mem_total"] / 2
+    summary = json.loads(record.read_text())
+    assert summary["memory_mib"] == 512 and summary["scratch_bytes"] == 2 * 1024**3
+    assert leftovers(image["state"]) == []
+
+
+def test_scratch_is_bounded_by_its_size(image, tmp_path):
+    job = ("import errno, sys, time\n"
+           "written = 0\n"
+           "try:\n"
+           "    with open('/tmp/fill', 'wb') as f:\n"
+           "        while True:\n"
+           "            f.write(b'x' * 1048576); f.flush(); written += 1\n"
+           "except OSError as err:\n"
+           "    print(errno.errorcode[err.errno], written, flush=True)\n"
+           "time.sleep(6)\n")
+    run = Streamed.start("run", "-c", image["config"], "--scratch", "64MiB", "--json", tmp_path / "r.json",
+                         "--", "python", "-c", job)
+    wait_for(lambda: run.text("out"), 300, "the job to fill its scratch space")
+    code, written = run.text("out").split()
+    assert code == "ENOSPC" and 40 <= int(written) < 64
+    # On the host, the run's scratch file holds no more than its size.
+    (scratch,) = (image["state"] / "runs").glob("*/scratch.img")
+    assert scratch.stat().st_size == 64 * 1024**2 and scratch.stat().st_blocks * 512 <= 64 * 1024**2
+    assert run.wait() == 0, run.lines
+    # Another scratch size than the warm state's: a cold boot that says why.
+    assert json.loads((tmp_path / "r.json").read_text())["boot"] == "cold"
+    assert "scratch_bytes" in run.text("err")
+    assert leftovers(image["state"]) == []
+
+
+def test_a_job_killed_by_a_signal_is_named(image, tmp_path):
+    done = vmiso("run", "-c", image["config"], "--json", tmp_path / "r.json", "--", "sh", "-c", "kill -ILL $$")
+    assert done.returncode == 128 + signal.SIGILL, done.stderr
+    assert "the job was killed by SIGILL (an illegal instruction: " in done.stderr
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["signal"] == "SIGILL" and record["exit_code"] == 132
+    assert leftovers(image["state"]) == []

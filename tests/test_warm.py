@@ -1,12 +1,14 @@
 import dataclasses
 import json
+import struct
+import time
 from contextlib import ExitStack
 
 from vmiso import warm
 from vmiso.image.store import Image
 
-KEY = warm.WarmKey(template_sha256="a" * 64, hypervisor="libvirt 9.0, QEMU 7.2", accel="tcg",
-                   memory_mib=512, cpus=2)
+KEY = warm.WarmKey.make(template_sha256="a" * 64, hypervisor="libvirt 9.0, QEMU 7.2", accel="tcg",
+                        memory_mib=512, cpus=2, scratch_bytes=2 * 1024**3)
 
 
 def make_slot(image: Image, index: int, key: warm.WarmKey = KEY) -> None:
@@ -52,3 +54,40 @@ def test_other_memory_size_falls_back(tmp_path):
     with ExitStack() as stack:
         slot, why = warm.acquire(image, dataclasses.replace(KEY, memory_mib=1024), stack)
     assert slot is None and "memory_mib" in why
+
+
+def test_another_cpu_model_falls_back_and_names_both(tmp_path):
+    # A state saved before the CPU was chosen on purpose (no model recorded) or for
+    # another one must not be restored onto this CPU.
+    image = Image("x", tmp_path)
+    make_slot(image, 0, dataclasses.replace(KEY, cpu="host-passthrough"))
+    with ExitStack() as stack:
+        slot, why = warm.acquire(image, KEY, stack)
+    assert slot is None and "another cpu (cpu host-passthrough, not maximum)" in why
+    assert KEY.cpu == "maximum"
+
+
+def test_other_scratch_size_or_old_link_falls_back(tmp_path):
+    image = Image("x", tmp_path)
+    make_slot(image, 0, dataclasses.replace(KEY, link=1))
+    with ExitStack() as stack:
+        slot, why = warm.acquire(image, dataclasses.replace(KEY, scratch_bytes=4 * 1024**3), stack)
+    assert slot is None and "scratch_bytes" in why and "link 1, not 2" in why
+
+
+def test_hello_carries_fresh_randomness_and_the_host_clock():
+    before = time.time()
+    first, second = warm.hello(), warm.hello()
+    assert len(first) == warm.SEED_BYTES + warm.CLOCK.size
+    assert first[:warm.SEED_BYTES] != second[:warm.SEED_BYTES]
+    seconds, nanoseconds = warm.CLOCK.unpack(first[warm.SEED_BYTES:])
+    assert before - 1 <= seconds + nanoseconds / 1e9 <= time.time()
+    assert struct.calcsize("!qq") == warm.CLOCK.size
+
+
+def test_ready_line_gives_the_guest_link_protocol(tmp_path):
+    log = tmp_path / "console.log"
+    log.write_bytes(b"boot noise\nvmiso-ssh-link: waiting protocol=2\n")
+    assert warm._wait_ready(log, time.monotonic() + 5, lambda: True) == 2
+    log.write_bytes(b"vmiso-ssh-link: waiting\n")  # an image provisioned by an older vmiso
+    assert warm._wait_ready(log, time.monotonic() + 5, lambda: True) == 1

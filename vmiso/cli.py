@@ -181,6 +181,8 @@ def images_verify(ctx: click.Context, name: str) -> None:
 @click.option("--timeout", type=click.IntRange(min=1), help="seconds the job may run (wall clock)")
 @click.option("--memory", type=click.IntRange(min=128), help="guest memory in MiB")
 @click.option("--cpus", type=click.IntRange(min=1), help="guest vCPUs")
+@click.option("--scratch", metavar="SIZE",
+              help="room for the job's /tmp on disk, e.g. 8GiB (default: run.scratch, 2GiB)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="write a record of the run (timings, exit code, output manifest) here")
 @click.option("--cold", is_flag=True, help="boot the clone from scratch even when a warm state exists")
@@ -188,20 +190,22 @@ def images_verify(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_dir: Path | None,
         image: str | None, inputs: tuple[Path, ...], output: Path | None, timeout: int | None,
-        memory: int | None, cpus: int | None, json_path: Path | None, cold: bool,
+        memory: int | None, cpus: int | None, scratch: str | None, json_path: Path | None, cold: bool,
         command: tuple[str, ...]) -> None:
     """Run COMMAND in a disposable, offline clone of an image.
 
     \b
     Inside the guest: inputs under /in (read-only, also the working directory),
-    outputs to /out, the image's venv first on PATH.  vmiso exits with the job's
-    exit code; 124 means the timeout struck, 125 an error of vmiso or the VM,
-    130 an interruption.
+    outputs to /out, /tmp (and TMPDIR) on a scratch disk of the run's own, the
+    image's venv first on PATH.  vmiso exits with the job's exit code, or
+    128 + N when signal N killed it; 124 means the timeout struck, 125 an error
+    of vmiso or the VM, 130 an interruption.
     """
     from .hypervisor import connected
     from .run import RunRequest, run as do_run
 
-    config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
+    scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
+    config = _load(ctx, config_path, accel=accel, state_dir=state_dir, **{"run.scratch": scratch_bytes})
     request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
                          timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold)
     if json_path is not None and json_path.exists():
@@ -222,6 +226,9 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
     if result.outputs is not None:
         for path, reason in result.outputs.refused:
             click.echo(f"vmiso: refused output {path}: {reason}", err=True)
+    if (killed := result.signal_message()) is not None:
+        what, hint = killed
+        click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
     ctx.exit(result.exit_code)
 
 

@@ -6,6 +6,7 @@ warm state's saved devices match a run's exactly.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,11 @@ class CloneDir:
     @property
     def overlay(self) -> Path:
         return self.path / "overlay.qcow2"
+
+    @property
+    def scratch(self) -> Path:
+        """The job's /tmp: a raw, sparse ext4 image of the run's scratch size."""
+        return self.path / "scratch.img"
 
     @property
     def inputs(self) -> Path:
@@ -69,6 +75,25 @@ def make_overlay(clone: CloneDir, backing: Path) -> None:
     tools.run(tools.qemu_img_overlay_argv(backing, clone.overlay))
 
 
+def make_scratch(clone: CloneDir, size_bytes: int, *, like: Path | None = None) -> None:
+    """The clone's scratch disk: a new sparse file, never larger on the host than ``size_bytes``.
+
+    ``like``: copy that pristine scratch image instead of making a filesystem (a
+    restored clone's kernel has read the saved one's first blocks, so the copy must
+    match them byte for byte).
+    """
+    if like is not None:
+        tools.run(tools.cp_sparse_argv(like, clone.scratch))
+        os.chmod(clone.scratch, 0o600)
+        return
+    fd = os.open(clone.scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.ftruncate(fd, size_bytes)
+    finally:
+        os.close(fd)
+    tools.run(tools.mkfs_scratch_argv(clone.scratch))
+
+
 def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_mib: int, cpus: int,
                metadata: dict[str, str], prewarm: bool = False) -> DomainSpec:
     cmdline = KERNEL_CMDLINE
@@ -81,7 +106,7 @@ def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_m
         memory_mib=memory_mib,
         cpus=cpus,
         accel=accel,
-        disks=(Disk(clone.overlay, cache="unsafe"),),
+        disks=(Disk(clone.overlay, cache="unsafe"), Disk(clone.scratch, format="raw", cache="unsafe")),
         console_log=clone.console_log,
         boot=KernelBoot(image.kernel, image.initramfs, cmdline),
         shares=(Share(clone.inputs, SHARE_IN, readonly=True), Share(clone.outputs, SHARE_OUT, readonly=False)),

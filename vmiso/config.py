@@ -103,6 +103,8 @@ class RunConfig:
     boot_timeout: int = 300
     output_max_bytes: int = 1024**3
     output_max_files: int = 10000
+    # The job's /tmp: an ext4 filesystem of this size on a sparse file of the run's own.
+    scratch: int = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,8 @@ class Config:
 
 
 # Keys whose values are sizes and may be written with units.
-_SIZE_KEYS = {"output_max_bytes", "filesystem_size"}
+_SIZE_KEYS = {"output_max_bytes", "filesystem_size", "scratch"}
+MIN_SCRATCH = 64 * 1024**2
 
 
 def _type_name(tp: Any) -> str:
@@ -238,6 +241,7 @@ def _validate(config: Config) -> Config:
         ("run.timeout", config.run.timeout, 1),
         ("run.boot_timeout", config.run.boot_timeout, 5),
         ("run.output_max_files", config.run.output_max_files, 1),
+        ("run.scratch", config.run.scratch, MIN_SCRATCH),
     ):
         if value < low:
             raise ConfigError(f"{key}: {value} is too small (at least {low})")

@@ -155,6 +155,17 @@ def _devices(spec: DomainSpec) -> ET.Element:
     return devices
 
 
+def cpu_mode(accel: str) -> str:
+    """The guest CPU for an accelerator, chosen on purpose.
+
+    KVM: the host's own CPU.  TCG: QEMU's "max" model (libvirt's ``maximum``), every
+    feature TCG emulates.  Without a <cpu> element TCG gives ``qemu64``, which lacks
+    SSSE3, SSE4.1/4.2 and POPCNT (below x86-64-v2), so NumPy 2 and the wheels built
+    on it die with SIGILL at import.
+    """
+    return "host-passthrough" if accel == "kvm" else "maximum"
+
+
 def domain_xml(spec: DomainSpec) -> str:
     root = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     _sub(root, "name", spec.name)
@@ -167,8 +178,7 @@ def domain_xml(spec: DomainSpec) -> str:
     root.append(_os(spec))
     features = _sub(root, "features")
     _sub(features, "acpi")
-    if spec.accel == "kvm":
-        _sub(root, "cpu", mode="host-passthrough")
+    _sub(root, "cpu", mode=cpu_mode(spec.accel))
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         _sub(root, event, "destroy")
     root.append(_devices(spec))
@@ -194,7 +204,7 @@ def metadata_of(xml: str) -> dict[str, str]:
 class Retarget:
     """The host-side paths a restored copy of a saved domain takes on."""
 
-    disk: Path
+    disks: dict[str, Path]  # target device (vda, vdb) -> host file
     console_log: Path
     ssh_socket: Path
     shares: dict[str, Path]  # tag -> host directory
@@ -210,14 +220,15 @@ def retarget(saved_xml: str, to: Retarget) -> str:
     reseeded over the SSH link instead; see ssh.SEED_BYTES.)
     """
     root = ET.fromstring(saved_xml)
-    disks = root.findall("devices/disk[@device='disk']")
-    if len(disks) != 1:
-        raise ValueError(f"expected one disk in the saved domain, found {len(disks)}")
-    disks[0].find("source").set("file", str(to.disk))
-    # The saved chain ends at the old disk; the run's overlay adds a layer, which
-    # libvirt must discover itself rather than take from the stale description.
-    for backing in disks[0].findall("backingStore"):
-        disks[0].remove(backing)
+    disks = {d.find("target").get("dev"): d for d in root.findall("devices/disk[@device='disk']")}
+    if set(disks) != set(to.disks):
+        raise ValueError(f"the saved domain has disks {sorted(disks)}, a run has {sorted(to.disks)}")
+    for dev, disk in disks.items():
+        disk.find("source").set("file", str(to.disks[dev]))
+        # The saved chain ends at the old disk; the run's overlay adds a layer, which
+        # libvirt must discover itself rather than take from the stale description.
+        for backing in disk.findall("backingStore"):
+            disk.remove(backing)
     for serial in root.findall("devices/serial") + root.findall("devices/console"):
         source = serial.find("source")
         if source is not None and source.get("path"):

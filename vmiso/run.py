@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import accel, gc, outputs, ssh, warm
-from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay
+from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
 from .errors import GuestError, HypervisorError, ImageError, OutputError, RunTimeout, VmisoError
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 GUEST_IN = "/in"
 GUEST_OUT = "/out"
 GUEST_VENV = "/opt/vmiso/venv"
+GUEST_TMP = "/tmp"  # the scratch disk
 WATCH_INTERVAL = 0.25
 
 
@@ -50,6 +51,7 @@ class RunRequest:
     timeout: int | None = None
     memory_mib: int | None = None
     cpus: int | None = None
+    scratch_bytes: int | None = None  # the job's /tmp; None: run.scratch from the config
     warm: bool = True  # restore a warm state when one fits; False: always boot cold
 
 
@@ -61,8 +63,24 @@ class RunResult:
     command: tuple[str, ...]
     exit_code: int
     boot: str = ""  # "warm" or "cold"
+    memory_mib: int = 0
+    scratch_bytes: int = 0
+    signal: str | None = None  # "SIGKILL" when a signal ended the job
     timings: dict[str, float] = field(default_factory=dict)
     outputs: outputs.OutputReport | None = None
+
+    def signal_message(self) -> tuple[str, str] | None:
+        """(what happened, what to do) when a signal ended the job, for the CLI to say."""
+        if self.signal is None:
+            return None
+        hint = {
+            "SIGILL": "an illegal instruction: a compiled package needs a CPU feature the guest's CPU lacks",
+            "SIGKILL": ("most likely the guest's out-of-memory killer: raise --memory "
+                        f"(this run had {self.memory_mib} MiB)"),
+            "SIGSEGV": "a crash in native code (or a stack overflow)",
+            "SIGBUS": "a bad memory access; also what a full /tmp gives a job that maps its files",
+        }.get(self.signal, "")
+        return f"the job was killed by {self.signal}", hint
 
     def as_dict(self) -> dict:
         return {
@@ -72,6 +90,9 @@ class RunResult:
             "command": list(self.command),
             "exit_code": self.exit_code,
             "boot": self.boot,
+            "signal": self.signal,
+            "memory_mib": self.memory_mib,
+            "scratch_bytes": self.scratch_bytes,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "outputs": self.outputs.as_dict() if self.outputs else None,
         }
@@ -86,6 +107,7 @@ def job_command(command: tuple[str, ...]) -> str:
         "VIRTUAL_ENV": GUEST_VENV,
         "HOME": f"/home/{RUN_USER}",
         "LANG": "C.UTF-8",
+        "TMPDIR": GUEST_TMP,
     }
     assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     return f"cd {GUEST_IN} && exec env -i {assignments} {shlex.join(command)}"
@@ -165,10 +187,20 @@ class _OutputWatch:
                 return
 
 
+def check_scratch_room(directory: Path, scratch_bytes: int) -> None:
+    """The scratch file is sparse: refuse a run whose /tmp could fill the host's disk."""
+    free = shutil.disk_usage(directory).free
+    if free < scratch_bytes:
+        raise VmisoError(f"the run's scratch space needs up to {scratch_bytes // 1024**2} MiB under {directory}, "
+                         f"which has {free // 1024**2} MiB free",
+                         "free space there, or give the job less with --scratch (or run.scratch)")
+
+
 def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: warm.WarmKey,
                metadata: dict[str, str], steps: Steps, cleanup: ExitStack) -> str:
-    with steps.step("overlay", "copy-on-write clone of the template"):
+    with steps.step("overlay", "copy-on-write clone of the template, scratch disk"):
         make_overlay(clone, image.template)
+        make_scratch(clone, key.scratch_bytes)
     spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
                       cpus=key.cpus, metadata=metadata)
     with steps.step("start", "transient domain, cold boot"):
@@ -180,8 +212,9 @@ def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: wa
 def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[str, str],
                steps: Steps, cleanup: ExitStack) -> str:
     """Restore ``slot``; the domain keeps the name it was saved with, which the caller must use."""
-    with steps.step("overlay", "copy-on-write clone of the warm disk"):
+    with steps.step("overlay", "copy-on-write clone of the warm disk, scratch disk"):
         make_overlay(clone, slot.clone.overlay)
+        make_scratch(clone, 0, like=slot.scratch)
     with steps.step("start", "restore the saved clone"):
         name, xml = warm.restore_xml(hv, slot, clone=clone, metadata=metadata)
         # Registered before the restore: one that fails half-way is destroyed too.
@@ -212,12 +245,15 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
     with ExitStack() as cleanup:
         with steps.step("verify", "template sha256"):
             sha256 = verified_sha256(image)
-        key = warm.WarmKey(template_sha256=sha256, hypervisor=hv.version(), accel=accel_name,
-                           memory_mib=request.memory_mib or config.vm.memory_mib,
-                           cpus=request.cpus or config.vm.cpus)
-        result = RunResult(run_id, image.name, sha256, request.command, exit_code=-1)
+        key = warm.WarmKey.make(template_sha256=sha256, hypervisor=hv.version(), accel=accel_name,
+                                memory_mib=request.memory_mib or config.vm.memory_mib,
+                                cpus=request.cpus or config.vm.cpus,
+                                scratch_bytes=request.scratch_bytes or config.run.scratch)
+        result = RunResult(run_id, image.name, sha256, request.command, exit_code=-1,
+                           memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes)
         with steps.step("stage", "run directory and inputs"):
             clone = make_clone_dir(config.state_dir / "runs" / run_id)
+            check_scratch_room(clone.path, key.scratch_bytes)
             cleanup.callback(shutil.rmtree, clone.path, ignore_errors=True)
             stage_inputs(request.inputs, clone.inputs)
         metadata = {"kind": "run", "run_dir": str(clone.path), "image": image.name}
@@ -229,6 +265,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             except (HypervisorError, ImageError) as err:
                 why_cold = f"the warm state {slot.clone.path.name} could not be restored: {err}"
                 clone.overlay.unlink(missing_ok=True)
+                clone.scratch.unlink(missing_ok=True)
                 slot = None
         if slot is None:
             if request.warm:
@@ -239,7 +276,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             session = ssh.connect(
                 clone.ssh_socket, name=name, host_key=image.host_key.read_text(), client_key=image.client_key,
                 user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
-                alive=lambda: hv.is_running(name), seed=result.boot == "warm")
+                alive=lambda: hv.is_running(name), hello=warm.hello if result.boot == "warm" else None)
             cleanup.callback(session.close)
         with steps.step("exec", shlex.join(request.command)):
             with _OutputWatch(clone.outputs, config.run.output_max_bytes, config.run.output_max_files,
@@ -261,9 +298,15 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         if status is None:
             raise RunTimeout(f"the job ran longer than {timeout} s; the VM was destroyed",
                              "raise --timeout if the job needs longer")
-        if status == ssh.NO_STATUS:
-            raise GuestError("the job ended without an exit status (killed by a signal?)")
-        result.exit_code = status
+        if status.unknown_signal:
+            raise GuestError("the job was killed by a signal that vmiso does not know")
+        if status.signal is not None:
+            result.signal = status.signal.name
+            result.exit_code = 128 + status.signal.value  # as a shell and docker run report it
+        elif status.code is not None:
+            result.exit_code = status.code
+        else:
+            raise GuestError("the job ended without an exit status")
         if request.output is not None:
             with steps.step("collect", f"check and copy {GUEST_OUT}"):
                 result.outputs = outputs.collect(clone.outputs, request.output,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import select
+import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,11 +26,46 @@ log = logging.getLogger(__name__)
 
 # The name under which the pinned key is stored; the link is a socket, not a host.
 GUEST_HOST = "vmiso-guest"
-# Fresh randomness sent before SSH to a restored clone: its ssh-link reseeds the kernel
-# RNG with it, so that clones restored from one saved state do not share random numbers.
-# (A cold clone seeded its RNG from virtio-rng at boot.)
-SEED_BYTES = 64
-NO_STATUS = -1
+# Signal names a guest may report (RFC 4254 sends them without "SIG"); anything else
+# it sends is not repeated to the host's terminal.
+_SIGNALS = {s.name.removeprefix("SIG"): s for s in signal.Signals if not s.name.startswith("SIG_")}
+
+
+@dataclass(frozen=True)
+class JobExit:
+    """How the job's process ended, as sshd reported it."""
+
+    code: int | None = None  # its exit status, when it exited
+    signal: signal.Signals | None = None  # the signal that killed it
+    unknown_signal: bool = False  # killed by a signal whose name vmiso does not know
+    core_dumped: bool = False
+
+    @property
+    def reported(self) -> bool:
+        return self.code is not None or self.signal is not None or self.unknown_signal
+
+
+def _handle_request(channel: paramiko.Channel, message: paramiko.Message) -> None:
+    """paramiko's channel-request handler, plus the "exit-signal" request it ignores.
+
+    sshd sends "exit-signal" instead of "exit-status" when the command was killed by a
+    signal (RFC 4254, 6.10): signal name without "SIG", core dumped, message, language.
+    """
+    start = message.packet.tell()
+    if message.get_text() != "exit-signal":
+        message.packet.seek(start)
+        paramiko.Channel._handle_request(channel, message)
+        return
+    message.get_boolean()  # want_reply: false for exit-signal
+    known = _SIGNALS.get(message.get_string().decode("ascii", "replace"))
+    channel.vmiso_exit = JobExit(signal=known, unknown_signal=known is None, core_dumped=message.get_boolean())
+    channel.status_event.set()
+
+
+def _with_exit_signals(transport: paramiko.Transport) -> None:
+    table = dict(transport._channel_handler_table)
+    table[paramiko.common.MSG_CHANNEL_REQUEST] = _handle_request
+    transport._channel_handler_table = table
 
 
 class HostKeyMismatch(GuestError):
@@ -53,11 +89,11 @@ class Session:
         self._client.close()
 
     def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *,
-                deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False) -> int | None:
-        """Run ``command``, streaming its output; its exit status, or None when stopped.
+                deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False) -> JobExit | None:
+        """Run ``command``, streaming its output; how it ended, or None when stopped.
 
-        Returns None when ``deadline`` passed or ``should_stop`` said so; -1 when the
-        command ended without an exit status (killed by a signal).
+        Returns None when ``deadline`` passed or ``should_stop`` said so; a JobExit
+        that reports nothing when the channel closed without a status.
         """
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
@@ -88,20 +124,29 @@ class Session:
                 if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
                     # The status arrives before the last data only when the stream is closed.
                     if channel.eof_received or channel.closed:
-                        return channel.recv_exit_status()
+                        return _job_exit(channel)
                 if channel.closed and not channel.exit_status_ready():
                     if not transport.is_active():
                         raise GuestError(f"the SSH link to {self._name} broke while the job ran")
-                    return NO_STATUS
+                    return JobExit()
         finally:
             channel.close()
 
 
+def _job_exit(channel: paramiko.Channel) -> JobExit:
+    by_signal = getattr(channel, "vmiso_exit", None)
+    if by_signal is not None:
+        return by_signal
+    status = channel.recv_exit_status()
+    return JobExit(code=status) if status >= 0 else JobExit()
+
+
 def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, user: str,
-            deadline: float, alive: Callable[[], bool], seed: bool) -> Session:
+            deadline: float, alive: Callable[[], bool], hello: Callable[[], bytes] | None = None) -> Session:
     """Connect once the guest answers; ``alive`` says whether the VM still runs.
 
-    ``seed``: send SEED_BYTES first, as a clone restored from a warm state expects.
+    ``hello``: bytes to send before SSH starts, as a clone restored from a warm
+    state expects (see warm.hello); called at the moment of sending.
     """
     pinned = _pinned_key(host_key)
     try:
@@ -115,8 +160,8 @@ def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, us
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(str(socket_path))
-            if seed:
-                sock.sendall(os.urandom(SEED_BYTES))
+            if hello is not None:
+                sock.sendall(hello())
         except OSError as err:
             sock.close()
             last_error = str(err)
@@ -130,6 +175,7 @@ def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, us
             client.connect(GUEST_HOST, username=user, pkey=key, sock=sock, allow_agent=False,
                            look_for_keys=False, timeout=remaining, banner_timeout=remaining,
                            auth_timeout=30, channel_timeout=30)
+            _with_exit_signals(client.get_transport())
             return Session(client, name)
         except paramiko.BadHostKeyException as err:
             client.close()

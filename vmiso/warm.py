@@ -21,7 +21,9 @@ import datetime
 import json
 import logging
 import os
+import re
 import secrets
+import struct
 import shutil
 import time
 from contextlib import ExitStack
@@ -29,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay
-from .domain import NAME_PREFIX, Retarget, domain_name, domain_xml, retarget
+from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
+from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, retarget
 from .errors import GuestError, ImageError
 from .hypervisor import Hypervisor
 from .image.store import Image
@@ -42,6 +44,15 @@ log = logging.getLogger(__name__)
 SLOTS = 2
 READY = b"vmiso-ssh-link: waiting"
 INFO = "warm.json"
+# What the host sends a restored clone's ssh-link before SSH starts.  1: SEED_BYTES
+# of randomness.  2: the same, then the host's wall clock (struct "!qq": seconds,
+# nanoseconds).  The guest announces its version when it is ready to be saved.
+LINK_PROTOCOL = 2
+_PROTOCOL_RE = re.compile(rb"vmiso-ssh-link: waiting protocol=(\d+)")
+CLOCK = struct.Struct("!qq")
+# Restored clones share the saved RNG state: each reseeds its kernel RNG with these
+# bytes from the host before SSH starts.  (A cold clone seeds from virtio-rng at boot.)
+SEED_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,16 @@ class WarmKey:
     accel: str
     memory_mib: int
     cpus: int
+    scratch_bytes: int  # the scratch disk's size is part of the saved device state
+    cpu: str = ""  # the guest CPU model; saved CPU state only restores onto the same model
+    link: int = LINK_PROTOCOL  # the guest's ssh-link protocol (recorded from the guest)
     vmiso: str = __version__
+
+    @classmethod
+    def make(cls, *, template_sha256: str, hypervisor: str, accel: str, memory_mib: int, cpus: int,
+             scratch_bytes: int) -> "WarmKey":
+        return cls(template_sha256=template_sha256, hypervisor=hypervisor, accel=accel, memory_mib=memory_mib,
+                   cpus=cpus, scratch_bytes=scratch_bytes, cpu=cpu_mode(accel))
 
 
 @dataclass(frozen=True)
@@ -67,6 +87,11 @@ class Slot:
     @property
     def info(self) -> Path:
         return self.clone.path / INFO
+
+    @property
+    def scratch(self) -> Path:
+        """The pristine scratch image the saved clone booted with; each run gets a copy."""
+        return self.clone.scratch
 
     @property
     def lock(self) -> Path:
@@ -84,13 +109,16 @@ def slots(image: Image) -> list[Slot]:
     return [Slot(CloneDir(p)) for p in sorted(root.glob("slot-*")) if p.is_dir()]
 
 
-def _wait_ready(console_log: Path, deadline: float, alive) -> None:
+def _wait_ready(console_log: Path, deadline: float, alive) -> int:
+    """Wait for ssh-link's ready line; the link protocol it announces (1 if none)."""
     while time.monotonic() < deadline:
         try:
-            if READY in console_log.read_bytes():
-                return
+            text = console_log.read_bytes()
         except FileNotFoundError:
-            pass
+            text = b""
+        if READY in text:
+            found = _PROTOCOL_RE.search(text)
+            return int(found.group(1)) if found else 1
         if not alive():
             raise GuestError("the clone stopped before it was ready to be saved")
         time.sleep(0.1)
@@ -104,17 +132,22 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         clone = make_clone_dir(root / f".building-slot-{index}-{secrets.token_hex(3)}")
         undo.callback(shutil.rmtree, clone.path, ignore_errors=True)
         make_overlay(clone, image.template)
+        make_scratch(clone, key.scratch_bytes)
         name = f"{NAME_PREFIX}warm-{image.name}-{index}-{secrets.token_hex(3)}"
         spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
                           cpus=key.cpus, metadata={"kind": "warm", "run_dir": str(clone.path)}, prewarm=True)
         hv.start_transient(name, domain_xml(spec))
         undo.callback(hv.destroy, name)
-        _wait_ready(clone.console_log, time.monotonic() + boot_timeout, lambda: hv.is_running(name))
+        link = _wait_ready(clone.console_log, time.monotonic() + boot_timeout, lambda: hv.is_running(name))
+        if link != key.link:
+            log.warning("image %s: its ssh-link speaks protocol %d, this vmiso %d; runs will boot cold "
+                        "until the image is provisioned again", image.name, link, key.link)
         slot = Slot(clone)
         hv.save(name, slot.state)
-        slot.info.write_text(json.dumps({**dataclasses.asdict(key), "created": datetime.datetime.now(
+        slot.info.write_text(json.dumps({**dataclasses.asdict(key), "link": link, "created": datetime.datetime.now(
             datetime.timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
         os.chmod(clone.overlay, 0o444)  # the backing file of every run restored from this slot
+        os.chmod(clone.scratch, 0o444)  # copied, byte for byte, for every run
         os.chmod(slot.state, 0o400)
         for leftover in (clone.ssh_socket, clone.path / "owner.json"):
             leftover.unlink(missing_ok=True)
@@ -148,7 +181,9 @@ def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, 
         wanted = dataclasses.asdict(key)
         differs = [k for k in wanted if info.get(k) != wanted[k]]
         if differs:
-            reasons.append(f"{slot.clone.path.name} was made for another {', '.join(differs)}")
+            reasons.append(f"{slot.clone.path.name} was made for another {', '.join(differs)} ("
+                           + ", ".join(f"{k} {_short(info.get(k))}, not {_short(wanted[k])}" for k in differs)
+                           + ")")
             continue
         try:
             stack.enter_context(flocked(slot.lock, wait=False))
@@ -159,12 +194,23 @@ def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, 
     return None, "no usable warm state: " + "; ".join(reasons)
 
 
+def _short(value: object) -> str:
+    text = "none" if value is None else str(value)
+    return text[:12] + "..." if len(text) > 24 else text
+
+
+def hello() -> bytes:
+    """What the host sends a restored clone first: fresh randomness, then its wall clock."""
+    now = time.time_ns()
+    return os.urandom(SEED_BYTES) + CLOCK.pack(now // 1_000_000_000, now % 1_000_000_000)
+
+
 def restore_xml(hv: Hypervisor, slot: Slot, *, clone: CloneDir, metadata: dict[str, str]) -> tuple[str, str]:
     """(domain name, XML) for restoring ``slot`` as the run in ``clone``; the name is the saved one."""
     try:
         saved = hv.saved_xml(slot.state)
         return domain_name(saved), retarget(saved, Retarget(
-            disk=clone.overlay, console_log=clone.console_log, ssh_socket=clone.ssh_socket,
+            disks={"vda": clone.overlay, "vdb": clone.scratch}, console_log=clone.console_log, ssh_socket=clone.ssh_socket,
             shares=clone.shares, metadata=metadata))
     except ValueError as err:
         raise ImageError(f"warm state {slot.clone.path} does not fit a run: {err}",
