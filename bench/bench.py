@@ -126,6 +126,39 @@ def throughput(config: Path, image: str, work: Path, size_mb: int) -> dict:
             "in_ratio_to_host_copy": host / t_in, "out_ratio_to_host_copy": host / t_out}
 
 
+def small_files(config: Path, image: str, work: Path, count: int) -> dict:
+    """Walk and read COUNT files of 1 KB in /in, then the same tree on the guest's tmpfs, in one run.
+
+    Also the same walk over /out, which keeps 9p's uncached default (as /in had before
+    it was mounted with cache=loose): the cache's gain, measured in the same run.
+    """
+    tree = work / "many"
+    for i in range(count):
+        sub = tree / f"d{i // 500:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:05d}.json").write_bytes(os.urandom(512).hex().encode())
+    script = ("import os, shutil, time\n"
+              "def walk(root):\n"
+              "    t = time.monotonic(); n = 0\n"
+              "    for d, _, files in os.walk(root):\n"
+              "        for name in files:\n"
+              "            with open(os.path.join(d, name), 'rb') as f: n += len(f.read())\n"
+              "    return time.monotonic() - t, n\n"
+              "t_in, n_in = walk('/in/many')\n"
+              "shutil.copytree('/in/many', '/dev/shm/many')\n"
+              "t_mem, n_mem = walk('/dev/shm/many')\n"
+              "shutil.copytree('/dev/shm/many', '/out/many')\n"
+              "t_none, n_none = walk('/out/many')\n"
+              "assert n_in == n_mem == n_none\n"
+              "print(t_in, t_mem, t_none, n_in)\n")
+    result = timed_run(config, image, work, "python", "-c", script, extra=("-i", str(tree), "--timeout", "900"))
+    shutil.rmtree(tree)
+    t_in, t_mem, t_none, size = result["stdout"].split()
+    return {"files": count, "bytes": int(size), "in_s": float(t_in), "tmpfs_s": float(t_mem),
+            "uncached_9p_s": float(t_none), "ratio": float(t_in) / float(t_mem),
+            "uncached_ratio": float(t_none) / float(t_mem)}
+
+
 def runs_per_minute(config: Path, image: str, work: Path, parallel: int, per_worker: int) -> float:
     def worker() -> None:
         for _ in range(per_worker):
@@ -145,7 +178,9 @@ def main() -> None:
     parser.add_argument("--image", help="image to clone (default: image.name from the config)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions for medians (default 3)")
     parser.add_argument("--size-mb", type=int, default=100, help="9p throughput payload")
-    parser.add_argument("--quick", action="store_true", help="skip throughput, memory and runs/minute")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip throughput, small files, memory and runs/minute")
+    parser.add_argument("--small-files", type=int, default=5000, help="files of 1 KB for the small-file walk")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     cfg = config_mod.load(args.config)
@@ -174,6 +209,7 @@ def main() -> None:
         results.update(floor_s=floor, floor_samples_s=floors)
         if not args.quick:
             results["throughput_9p"] = throughput(args.config, image, work, args.size_mb)
+            results["small_files"] = small_files(args.config, image, work, args.small_files)
             results["qemu_rss_mib"] = qemu_rss_mib(args.config, image, work)
             results["runs_per_minute"] = {
                 "1": runs_per_minute(args.config, image, work, 1, args.runs),
@@ -199,6 +235,10 @@ def report(r: dict) -> None:
         print(f"9p throughput, {t['size_mb']} MB: in {t['in_mb_s']:.0f} MB/s "
               f"({t['in_ratio_to_host_copy']:.2f} x host copy), out {t['out_mb_s']:.0f} MB/s "
               f"({t['out_ratio_to_host_copy']:.2f} x host copy); host copy {t['host_copy_mb_s']:.0f} MB/s")
+        m = r["small_files"]
+        print(f"{m['files']} files of 1 KB, walked and read: /in {m['in_s']:.2f} s, the same tree on the "
+              f"guest's tmpfs {m['tmpfs_s']:.2f} s: {m['ratio']:.2f} x tmpfs (uncached 9p: "
+              f"{m['uncached_9p_s']:.2f} s, {m['uncached_ratio']:.2f} x)")
         print(f"host memory per running VM (QEMU RSS): {r['qemu_rss_mib']:.0f} MiB")
         rpm = r["runs_per_minute"]
         print(f"trivial runs per minute: {rpm['1']:.1f} one at a time, {rpm['2']:.1f} two at a time")
