@@ -15,6 +15,7 @@ import click
 from . import config as config_mod
 from .errors import EXIT_INTERRUPTED, EXIT_VMISO, Interrupted, VmisoError
 from .progress import Steps
+from .terminal import SafeStream, for_terminal, neutralize
 
 log = logging.getLogger("vmiso")
 
@@ -26,9 +27,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except VmisoError as err:
-            click.echo(f"vmiso: error: {err.message}", err=True)
+            # Messages may quote what a guest wrote (names, log lines): never raw.
+            click.echo(f"vmiso: error: {neutralize(err.message)}", err=True)
             if err.hint:
-                click.echo(f"vmiso: {err.hint}", err=True)
+                click.echo(f"vmiso: {neutralize(err.hint)}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("vmiso: interrupted", err=True)
@@ -36,7 +38,7 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as err:  # anything unexpected is a bug: say so, briefly
-            click.echo(f"vmiso: internal error: {type(err).__name__}: {err}", err=True)
+            click.echo(f"vmiso: internal error: {type(err).__name__}: {neutralize(str(err))}", err=True)
             if log.isEnabledFor(logging.DEBUG):
                 traceback.print_exc()
             else:
@@ -44,10 +46,17 @@ class _Group(click.Group):
             ctx.exit(EXIT_VMISO)
 
 
+class _SafeFormatter(logging.Formatter):
+    """Log lines may quote what a guest wrote: show its control characters, never send them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return neutralize(super().format(record))
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("vmiso: %(levelname)s: %(message)s"))
+    handler.setFormatter(_SafeFormatter("vmiso: %(levelname)s: %(message)s"))
     root = logging.getLogger("vmiso")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -186,12 +195,15 @@ def images_verify(ctx: click.Context, name: str) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="write a record of the run (timings, exit code, output manifest) here")
 @click.option("--cold", is_flag=True, help="boot the clone from scratch even when a warm state exists")
+@click.option("--raw", is_flag=True,
+              help="pass the job's output to a terminal unchanged (by default its control characters "
+                   "and escape sequences are shown, not obeyed; pipes and files always get raw bytes)")
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
 def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_dir: Path | None,
         image: str | None, inputs: tuple[Path, ...], output: Path | None, timeout: int | None,
         memory: int | None, cpus: int | None, scratch: str | None, json_path: Path | None, cold: bool,
-        command: tuple[str, ...]) -> None:
+        raw: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND in a disposable, offline clone of an image.
 
     \b
@@ -212,10 +224,18 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
         raise VmisoError(f"--json {json_path} exists already; vmiso never overwrites files")
     steps = Steps(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0))
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)  # the terminal was closed
     record: dict[str, Any] = {"command": list(command), "image": request.image}
     try:
         with connected(config.libvirt_uri) as hv:
-            result = do_run(config, hv, request, sys.stdout.buffer, sys.stderr.buffer, steps)
+            out = for_terminal(sys.stdout.buffer, is_terminal=sys.stdout.isatty(), raw=raw)
+            err_out = for_terminal(sys.stderr.buffer, is_terminal=sys.stderr.isatty(), raw=raw)
+            try:
+                result = do_run(config, hv, request, out, err_out, steps)  # type: ignore[arg-type]
+            finally:
+                for stream in (out, err_out):
+                    if isinstance(stream, SafeStream):
+                        stream.finish()
         record = result.as_dict()
     except VmisoError as err:
         record.update(exit_code=err.exit_code, error=str(err), timings=dict(steps.timings))
@@ -225,15 +245,15 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
             json_path.write_text(json.dumps(record, indent=2) + "\n")
     if result.outputs is not None:
         for path, reason in result.outputs.refused:
-            click.echo(f"vmiso: refused output {path}: {reason}", err=True)
+            click.echo(f"vmiso: refused output {neutralize(path)}: {neutralize(reason)}", err=True)
     if (killed := result.signal_message()) is not None:
         what, hint = killed
         click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
     ctx.exit(result.exit_code)
 
 
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise Interrupted("vmiso was asked to stop (SIGTERM)")
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(f"vmiso was asked to stop ({signal.Signals(signum).name})")
 
 
 @cli.command()
@@ -298,6 +318,19 @@ def images_warm(ctx: click.Context, name: str) -> None:
         if not make_warm_state(config, hv, image, steps):
             raise VmisoError(f"could not make a warm state for {name}", "see the warning above")
     click.echo(f"{name}: warm state ready in {steps.elapsed():.0f} s")
+
+
+@cli.command("_watchdog", hidden=True)
+@click.argument("uri")
+@click.argument("name")
+@click.argument("run_dir")
+@click.argument("deadline", type=float)
+@click.pass_context
+def watchdog_command(ctx: click.Context, uri: str, name: str, run_dir: str, deadline: float) -> None:
+    """The process that destroys a run's VM when its vmiso dies (started by vmiso run)."""
+    from .watchdog import main as watch
+
+    ctx.exit(watch(uri, name, run_dir, deadline))
 
 
 def main() -> None:
