@@ -87,3 +87,12 @@ def test_flags_override_file(write):
 def test_image_name_checked(write):
     with pytest.raises(ConfigError, match="image.name"):
         config.load(write("v.yaml", "image:\n  name: ../etc\n"), env={})
+
+
+def test_scratch_size_default_units_and_minimum(write):
+    assert config.load(None).run.scratch == 2 * 1024**3
+    assert config.load(write("a.yaml", "run:\n  scratch: 8GiB\n")).run.scratch == 8 * 1024**3
+    with pytest.raises(ConfigError, match="run.scratch: .* is too small"):
+        config.load(write("b.yaml", "run:\n  scratch: 1MiB\n"))
+    with pytest.raises(ConfigError, match="run.scratch: 'lots' is not a size"):
+        config.load(write("c.yaml", "run:\n  scratch: lots\n"))

@@ -18,12 +18,13 @@ import shlex
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from . import accel, gc, outputs, ssh, warm
+from . import accel, gc, outputs, ssh, warm, watchdog
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
@@ -40,6 +41,7 @@ GUEST_OUT = "/out"
 GUEST_VENV = "/opt/vmiso/venv"
 GUEST_TMP = "/tmp"  # the scratch disk
 WATCH_INTERVAL = 0.25
+WATCHDOG_GRACE = 30  # seconds past boot + job timeout before the watchdog acts on its own
 
 
 @dataclass(frozen=True)
@@ -197,20 +199,21 @@ def check_scratch_room(directory: Path, scratch_bytes: int) -> None:
 
 
 def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: warm.WarmKey,
-               metadata: dict[str, str], steps: Steps, cleanup: ExitStack) -> str:
+               metadata: dict[str, str], steps: Steps, cleanup: ExitStack, watch: Callable[[str], None]) -> str:
     with steps.step("overlay", "copy-on-write clone of the template, scratch disk"):
         make_overlay(clone, image.template)
         make_scratch(clone, key.scratch_bytes)
     spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
                       cpus=key.cpus, metadata=metadata)
     with steps.step("start", "transient domain, cold boot"):
+        watch(name)  # released after the destroy below (an ExitStack unwinds in reverse)
         cleanup.callback(hv.destroy, name)
         hv.start_transient(name, domain_xml(spec))
     return name
 
 
 def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[str, str],
-               steps: Steps, cleanup: ExitStack) -> str:
+               steps: Steps, cleanup: ExitStack, watch: Callable[[str], None]) -> str:
     """Restore ``slot``; the domain keeps the name it was saved with, which the caller must use."""
     with steps.step("overlay", "copy-on-write clone of the warm disk, scratch disk"):
         make_overlay(clone, slot.clone.overlay)
@@ -218,6 +221,7 @@ def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[
     with steps.step("start", "restore the saved clone"):
         name, xml = warm.restore_xml(hv, slot, clone=clone, metadata=metadata)
         # Registered before the restore: one that fails half-way is destroyed too.
+        watch(name)
         cleanup.callback(hv.destroy, name)
         try:
             hv.restore(name, slot.state, xml)
@@ -253,14 +257,20 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
                            memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes)
         with steps.step("stage", "run directory and inputs"):
             clone = make_clone_dir(config.state_dir / "runs" / run_id)
-            check_scratch_room(clone.path, key.scratch_bytes)
             cleanup.callback(shutil.rmtree, clone.path, ignore_errors=True)
+            check_scratch_room(clone.path, key.scratch_bytes)
             stage_inputs(request.inputs, clone.inputs)
         metadata = {"kind": "run", "run_dir": str(clone.path), "image": image.name}
+
+        def watch(domain: str) -> None:
+            """The VM dies with this process, and by the run's deadline even if this process hangs."""
+            deadline = time.time() + config.run.boot_timeout + timeout + WATCHDOG_GRACE
+            cleanup.callback(watchdog.start(config.libvirt_uri, domain, str(clone.path), deadline).release)
+
         slot, why_cold = (None, "--cold") if not request.warm else warm.acquire(image, key, cleanup)
         if slot is not None:
             try:
-                name = _boot_warm(hv, slot, clone, metadata, steps, cleanup)
+                name = _boot_warm(hv, slot, clone, metadata, steps, cleanup, watch)
                 result.boot = "warm"
             except (HypervisorError, ImageError) as err:
                 why_cold = f"the warm state {slot.clone.path.name} could not be restored: {err}"
@@ -271,7 +281,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             if request.warm:
                 log.warning("cold boot: %s", why_cold)
             result.boot = "cold"
-            name = _boot_cold(hv, image, clone, name, key, metadata, steps, cleanup)
+            name = _boot_cold(hv, image, clone, name, key, metadata, steps, cleanup, watch)
         with steps.step("connect", "SSH over the virtio-serial link"):
             session = ssh.connect(
                 clone.ssh_socket, name=name, host_key=image.host_key.read_text(), client_key=image.client_key,
