@@ -406,3 +406,29 @@ def test_a_terminal_sees_escape_sequences_not_their_effect(image):
     assert piped.stdout == b"\x1b]0;owned\x07\x1b[31mred\tok\n"
     assert piped.stderr == "x\x1b[2J\u202e\n".encode()
     assert leftovers(image["state"]) == []
+
+
+def test_stdin_streams_through_and_only_given_variables_reach_the_job(image, tmp_path):
+    payload = tmp_path / "payload"
+    digest = hashlib.sha256()
+    with open(payload, "wb") as f:
+        for _ in range(200):
+            chunk = os.urandom(1 << 20)
+            digest.update(chunk)
+            f.write(chunk)
+    (tmp_path / "vars").write_text("# for the job\nFROM_FILE=one two\n\nSECOND=x=y\n")
+    job = 'echo "$GREETING|$FROM_FILE|$SECOND|${HOST_SECRET:-unset}" >&2; cat'
+    started = time.monotonic()
+    with open(payload, "rb") as source:
+        done = subprocess.run([*VMISO, "-q", "run", "-c", str(image["config"]), "-e", "GREETING=hello world",
+                               "--env-file", str(tmp_path / "vars"), "--", "sh", "-c", job],
+                              stdin=source, capture_output=True, cwd=REPO, timeout=600,
+                              env=dict(os.environ, VMISO_ACCEL="tcg", HOST_SECRET="s3cret"))
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.decode().strip() == "hello world|one two|x=y|unset"
+    assert len(done.stdout) == 200 << 20 and hashlib.sha256(done.stdout).hexdigest() == digest.hexdigest()
+    print(f"200 MiB through stdin and stdout in {elapsed:.1f} s")
+    refused = vmiso("run", "-c", image["config"], "-e", "1BAD=x", "--", "true")
+    assert refused.returncode == 125 and "'1BAD' is not a valid environment variable name" in refused.stderr
+    assert leftovers(image["state"]) == []

@@ -195,6 +195,10 @@ def images_verify(ctx: click.Context, name: str) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="write a record of the run (timings, exit code, output manifest) here")
 @click.option("--cold", is_flag=True, help="boot the clone from scratch even when a warm state exists")
+@click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
+              help="set a variable for the job (repeatable); nothing else of this environment reaches it")
+@click.option("--env-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="variables for the job, one KEY=VALUE a line ('#' comments; values taken as written)")
 @click.option("--raw", is_flag=True,
               help="pass the job's output to a terminal unchanged (by default its control characters "
                    "and escape sequences are shown, not obeyed; pipes and files always get raw bytes)")
@@ -203,7 +207,7 @@ def images_verify(ctx: click.Context, name: str) -> None:
 def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_dir: Path | None,
         image: str | None, inputs: tuple[Path, ...], output: Path | None, timeout: int | None,
         memory: int | None, cpus: int | None, scratch: str | None, json_path: Path | None, cold: bool,
-        raw: bool, command: tuple[str, ...]) -> None:
+        env_pairs: tuple[str, ...], env_file: Path | None, raw: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND in a disposable, offline clone of an image.
 
     \b
@@ -218,8 +222,10 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
 
     scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
     config = _load(ctx, config_path, accel=accel, state_dir=state_dir, **{"run.scratch": scratch_bytes})
+    env = _env_file(env_file) if env_file is not None else []
+    env += [_env_pair(pair, "-e") for pair in env_pairs]
     request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
-                         timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold)
+                         timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold, env=tuple(env))
     if json_path is not None and json_path.exists():
         raise VmisoError(f"--json {json_path} exists already; vmiso never overwrites files")
     steps = Steps(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0))
@@ -231,7 +237,9 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
             out = for_terminal(sys.stdout.buffer, is_terminal=sys.stdout.isatty(), raw=raw)
             err_out = for_terminal(sys.stderr.buffer, is_terminal=sys.stderr.isatty(), raw=raw)
             try:
-                result = do_run(config, hv, request, out, err_out, steps)  # type: ignore[arg-type]
+                # A pipe or file on stdin streams to the job; a terminal (or none) gives it end of file.
+                stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer
+                result = do_run(config, hv, request, out, err_out, steps, stdin=stdin)  # type: ignore[arg-type]
             finally:
                 for stream in (out, err_out):
                     if isinstance(stream, SafeStream):
@@ -250,6 +258,23 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
         what, hint = killed
         click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
     ctx.exit(result.exit_code)
+
+
+def _env_pair(text: str, where: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise VmisoError(f"{where}: {text!r} has no '='; nothing of this environment reaches the job "
+                         "unless given as a value", f"write -e {key}=VALUE (or -e {key}=\"${key}\" in a shell)")
+    return key, value
+
+
+def _env_file(path: Path) -> list[tuple[str, str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise VmisoError(f"cannot read --env-file {path}: {err}") from None
+    return [_env_pair(line, f"{path}, line {number}") for number, line in enumerate(lines, 1)
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def _raise_interrupt(signum: int, _frame: object) -> None:

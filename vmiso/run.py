@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -55,6 +56,7 @@ class RunRequest:
     cpus: int | None = None
     scratch_bytes: int | None = None  # the job's /tmp; None: run.scratch from the config
     warm: bool = True  # restore a warm state when one fits; False: always boot cold
+    env: tuple[tuple[str, str], ...] = ()  # set for the job, after vmiso's own
 
 
 @dataclass
@@ -100,9 +102,22 @@ class RunResult:
         }
 
 
-def job_command(command: tuple[str, ...]) -> str:
-    """The shell line sshd runs for the job: fixed environment, then the user's argv, quoted."""
-    env = {
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_env(pairs: tuple[tuple[str, str], ...]) -> None:
+    for key, value in pairs:
+        if not _ENV_NAME.fullmatch(key):
+            raise VmisoError(f"{key!r} is not a valid environment variable name",
+                             "use letters, digits and '_', not starting with a digit: -e NAME=VALUE")
+        if "\0" in value:
+            raise VmisoError(f"the value of {key} contains a NUL character, which no environment can hold")
+
+
+def job_command(command: tuple[str, ...], env: tuple[tuple[str, str], ...] = ()) -> str:
+    """The shell line sshd runs for the job: a fixed environment (nothing of the host's),
+    then the user's -e variables, then the user's argv, all quoted."""
+    fixed = {
         "VMISO_IN": GUEST_IN,
         "VMISO_OUT": GUEST_OUT,
         "PATH": f"{GUEST_VENV}/bin:/usr/local/bin:/usr/bin:/bin",
@@ -111,7 +126,7 @@ def job_command(command: tuple[str, ...]) -> str:
         "LANG": "C.UTF-8",
         "TMPDIR": GUEST_TMP,
     }
-    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in [*fixed.items(), *env])
     return f"cd {GUEST_IN} && exec env -i {assignments} {shlex.join(command)}"
 
 
@@ -232,11 +247,13 @@ def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[
 
 
 def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
-        steps: Steps | None = None) -> RunResult:
+        steps: Steps | None = None, stdin: BinaryIO | None = None) -> RunResult:
+    """One disposable run of ``request``; ``stdin`` is streamed to the job (None: end of file)."""
     steps = steps or Steps()
     if not request.command:
         raise VmisoError("no command to run", "give one after --, e.g. vmiso run -- python job.py")
     check_inputs(request.inputs)
+    check_env(request.env)
     if request.output is not None:
         outputs.check_destination(request.output)
     accel_name = accel.resolve(config.accel)
@@ -292,7 +309,8 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             with _OutputWatch(clone.outputs, config.run.output_max_bytes, config.run.output_max_files,
                               stop=lambda: hv.destroy(name)) as watch:
                 try:
-                    status = session.execute(job_command(request.command), stdout, stderr,
+                    status = session.execute(job_command(request.command, request.env), stdout, stderr,
+                                             stdin=stdin,
                                              deadline=time.monotonic() + timeout,
                                              should_stop=lambda: watch.exceeded is not None)
                 except GuestError:
