@@ -115,3 +115,11 @@ def test_checkout_and_editable_install_read_the_source_tree():
     from vmiso.resources import cloud_init_dir, images_dir
     assert (images_dir(), cloud_init_dir()) == (REPO / "images", REPO / "cloud-init")
 
+
+def test_installed_vmiso_names_its_version(wheel_venv, elsewhere):
+    done = subprocess.run([str(wheel_venv / "bin/vmiso"), "--version"], capture_output=True, text=True,
+                          cwd=elsewhere, env=_clean_env(), timeout=60)
+    assert done.returncode == 0 and done.stdout == f"vmiso {__version__}\n"
+    doctor = subprocess.run([str(wheel_venv / "bin/vmiso"), "doctor", "--help"], capture_output=True,
+                            text=True, cwd=elsewhere, env=_clean_env(), timeout=60)
+    assert doctor.returncode == 0, doctor.stderr

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from . import __version__
 from . import config as config_mod
 from .errors import EXIT_INTERRUPTED, EXIT_VMISO, Interrupted, VmisoError
 from .progress import Steps
@@ -94,7 +95,7 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="more detail; tracebacks for internal errors")
 @click.option("-q", "--quiet", is_flag=True, help="only errors")
-@click.version_option(package_name="vmiso")
+@click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Run Python programs you cannot audit in disposable, offline VMs."""
