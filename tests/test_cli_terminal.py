@@ -1,4 +1,4 @@
-"""vmiso on a terminal: live progress that stays plain on a pipe."""
+"""vmiso on a terminal: shell completion, and live progress that stays plain on a pipe."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import io
 import logging
 import os
 import re
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 from vmiso.cli import _Progress, _setup_logging
 from vmiso.image.provision import ConsoleWatcher, guest_activity
 from vmiso.progress import Steps
 
+VMISO_BIN = Path(sys.executable).parent / "vmiso"
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # anything but printable text and newlines
 
 
@@ -23,6 +26,32 @@ class FakeStream(io.StringIO):
 
     def isatty(self) -> bool:
         return self._tty
+
+
+def _complete(var: str, **env: str) -> str:
+    done = subprocess.run([str(VMISO_BIN)], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, **{"_VMISO_COMPLETE": var}, **env))
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_bash_completion_completes_commands_in_a_real_bash():
+    script = _complete("bash_source")
+    assert "complete -o nosort -F _vmiso_completion vmiso" in script
+    # What the README tells a user to put in ~/.bashrc, then a <TAB> after 'vmiso images '.
+    bash = ('eval "$(_VMISO_COMPLETE=bash_source vmiso)"\n'
+            'COMP_WORDS=(vmiso images ""); COMP_CWORD=2; _vmiso_completion vmiso\n'
+            'echo "${COMPREPLY[*]}"\n')
+    done = subprocess.run(["bash", "-c", bash], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PATH=f"{VMISO_BIN.parent}:{os.environ['PATH']}"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["rm", "verify", "warm"]
+    assert _complete("bash_complete", COMP_WORDS="vmiso pro", COMP_CWORD="1").split() == ["plain,provision"]
+
+
+def test_zsh_completion_script():
+    script = _complete("zsh_source")
+    assert script.startswith("#compdef vmiso") and "_VMISO_COMPLETE=zsh_complete" in script
 
 
 def _events(printer: _Progress) -> None:
