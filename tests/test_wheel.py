@@ -4,18 +4,23 @@ and a wheel installed into a fresh venv, used from a directory with no checkout.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 import tarfile
+import termios
+import threading
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from vmharness import REPO, TABULATE, vmiso_domains, write_config
+from vmharness import REPO, vmiso_domains, write_config
 from vmiso import __version__
 
 
@@ -123,3 +128,86 @@ def test_installed_vmiso_names_its_version(wheel_venv, elsewhere):
     doctor = subprocess.run([str(wheel_venv / "bin/vmiso"), "doctor", "--help"], capture_output=True,
                             text=True, cwd=elsewhere, env=_clean_env(), timeout=60)
     assert doctor.returncode == 0, doctor.stderr
+
+
+def _on_a_terminal(argv: list[str], cwd: Path, env: dict[str, str], timeout: float
+                   ) -> tuple[int, str, str]:
+    """Run ``argv`` with stderr on a pseudo-terminal (200 columns) and stdout on a pipe."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+                               cwd=cwd, env=env)
+    os.close(slave)
+    seen = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        stdout, _ = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+        reader.join(30)
+        os.close(master)
+    return process.returncode, stdout.decode(), seen.decode(errors="replace")
+
+
+@pytest.mark.vm
+def test_wheel_installed_outside_the_checkout_provisions_and_runs(wheel_venv, vm_root, elsewhere):
+    """``pip install`` of the wheel, then ``vmiso provision`` and ``vmiso run`` with no checkout in sight.
+
+    The state directory is the session's: the OS layer cached there (the same bytes
+    from the wheel as from the checkout) is reused, so only the cloud-init boot runs.
+    """
+    state = vm_root / "state"
+    config = write_config(elsewhere, state, image={"name": "from-wheel"})
+    vmiso_bin = str(wheel_venv / "bin/vmiso")
+    env = _clean_env(TERM="xterm")
+    started = time.monotonic()
+    try:
+        code, stdout, terminal = _on_a_terminal([vmiso_bin, "provision", "-c", str(config)], elsewhere, env,
+                                                timeout=2400)
+        provisioned = time.monotonic() - started
+        assert code == 0, terminal[-4000:]
+        assert stdout.startswith("provisioned from-wheel in ")
+        manifest = json.loads((state / "images/from-wheel/manifest.json").read_text())
+        assert {"name": "tabulate", "version": "0.9.0"} in manifest["pip"]
+        # The terminal saw the live status line: a ticking clock, the guest's boot
+        # and pip's package; and nothing of it is left once erased.
+        assert "\r\x1b[K" in terminal
+        assert re.search(r"  boot \d+:\d\d  (starting |cloud-init )", terminal), terminal[-4000:]
+        assert re.search(r"  pip \d+:\d\d  (collecting|downloading|installing) tabulate", terminal), \
+            terminal[-4000:]
+        assert len(set(re.findall(r"  boot (\d+:\d\d)", terminal))) > 10  # the clock ticks between events
+        job = elsewhere / "job.py"
+        job.write_text("import os, tabulate\n"
+                       "table = tabulate.tabulate([[1, 2]], headers=['a', 'b'])\n"
+                       "print(table)\n"
+                       "open(os.path.join(os.environ['VMISO_OUT'], 'table.txt'), 'w').write(table)\n")
+        started_run = time.monotonic()
+        done = subprocess.run([vmiso_bin, "run", "-c", str(config), "-i", str(job), "-o", str(elsewhere / "out"),
+                               "--json", str(elsewhere / "run.json"), "--", "python", "job.py"],
+                              capture_output=True, text=True, timeout=900, cwd=elsewhere, env=env)
+        ran = time.monotonic() - started_run
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[0].split() == ["a", "b"]
+        assert (elsewhere / "out/table.txt").read_text().startswith("  a    b")
+        record = json.loads((elsewhere / "run.json").read_text())
+        assert record["image"] == "from-wheel" and record["exit_code"] == 0
+        activities = dict.fromkeys(re.findall(r"  (\S+) \d+:\d\d  ([^\r\n]+?)(?=\r|\n|$)", terminal))
+        print(f"\nwheel VM test: provision {provisioned:.0f} s, run {ran:.1f} s ({record['boot']}); "
+              f"statuses seen: {[f'{step}: {what}' for step, what in activities]}")
+    finally:
+        subprocess.run([vmiso_bin, "images", "-c", str(config), "rm", "from-wheel"], capture_output=True,
+                       cwd=elsewhere, env=env, timeout=120)
+    assert not (state / "images/from-wheel").exists()
+    assert vmiso_domains(state) == []
