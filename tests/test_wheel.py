@@ -125,9 +125,18 @@ def test_installed_vmiso_names_its_version(wheel_venv, elsewhere):
     done = subprocess.run([str(wheel_venv / "bin/vmiso"), "--version"], capture_output=True, text=True,
                           cwd=elsewhere, env=_clean_env(), timeout=60)
     assert done.returncode == 0 and done.stdout == f"vmiso {__version__}\n"
-    doctor = subprocess.run([str(wheel_venv / "bin/vmiso"), "doctor", "--help"], capture_output=True,
-                            text=True, cwd=elsewhere, env=_clean_env(), timeout=60)
-    assert doctor.returncode == 0, doctor.stderr
+
+
+
+def test_installed_vmiso_doctor_checks_its_data(wheel_venv, elsewhere):
+    # Before, a plain 'pip install' passed 'vmiso doctor' and then failed at 'vmiso provision'.
+    def doctor(**env: str) -> str:
+        return subprocess.run([str(wheel_venv / "bin/vmiso"), "doctor"], capture_output=True, text=True,
+                              cwd=elsewhere, env=_clean_env(**env), timeout=120).stdout
+    site = next(wheel_venv.glob("lib/python3*/site-packages/vmiso"))
+    assert f"[ok  ] data: {site}/_data/images, {site}/_data/cloud_init\n" in doctor()
+    assert f"[FAIL] data: vmiso's data (images/, cloud-init/) is not under {elsewhere}\n" in \
+        doctor(VMISO_DATA_DIR=str(elsewhere))
 
 
 def _on_a_terminal(argv: list[str], cwd: Path, env: dict[str, str], timeout: float
