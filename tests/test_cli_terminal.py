@@ -152,6 +152,9 @@ def test_console_watcher_reports_markers_and_the_latest_activity(tmp_path):
     with open(log, "ab") as f:
         f.write(b"ecting c==3\n")
     assert watcher.poll() == [] and watcher.activity == "collecting c==3"
+    capped = ConsoleWatcher(log, read_max=16)  # a step log is read a bounded piece at a time
+    assert capped.poll() == [] and capped.activity == "collecting a==1"
+    assert capped.poll() == [("STEP", "pip")]
     link = tmp_path / "link.log"
     link.symlink_to(log)
     followed = ConsoleWatcher(link)

@@ -59,7 +59,7 @@ _ACTIVITY = tuple((re.compile(pattern), template) for pattern, template in (
     (r"^Installing collected packages: (.+)", "installing {}"),
 ))
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-READ_MAX_BYTES = 1024 * 1024  # of a log per poll
+STEP_LOG_READ_BYTES = 1024 * 1024  # per poll: a step log only feeds the live status
 LINE_MAX_BYTES = 64 * 1024  # a longer line is cut: markers and activities are short
 
 
@@ -108,8 +108,9 @@ def guest_activity(line: str) -> str | None:
 class ConsoleWatcher:
     """Reads new output of a guest log: vmiso's step markers, and the guest's latest activity."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_max: int = -1) -> None:
         self.path = path
+        self.read_max = read_max  # bytes per poll; -1: all there is (the console's markers must all be seen)
         self.activity: str | None = None
         self._offset = 0
         self._partial = b""
@@ -124,7 +125,7 @@ class ConsoleWatcher:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return b""
             f.seek(self._offset)
-            return f.read(READ_MAX_BYTES)
+            return f.read(self.read_max)
 
     def poll(self) -> list[tuple[str, str]]:
         data = self._read()
@@ -257,7 +258,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
                         steps.finish(current)
                     current = step
                     steps.start(step, "inside the VM")
-                    step_log, shown = ConsoleWatcher(report / f"{step}.log"), None
+                    step_log, shown = ConsoleWatcher(report / f"{step}.log", STEP_LOG_READ_BYTES), None
             if step_log is not None:
                 step_log.poll()
             activity = watcher.activity if step_log is None else step_log.activity
