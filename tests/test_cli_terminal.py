@@ -127,6 +127,12 @@ def test_guest_activity_from_console_and_step_logs():
     assert guest_activity("\x1b[0;1;39m         Starting \x1b[0;1;39mcloud-init.service\x1b[0m - Initial "
                           "cloud-init job (metadata service crawler)...") == \
         "starting cloud-init.service - Initial cloud-init job (metadata service crawler)"
+    # Bytes from a real console: systemd shortened the name, mangling its colour codes; the kernel
+    # log line before it has the whole name.
+    shortened = b"         Starting \x1b[0;1;39msystemd-udev-trig\xe2\x80\xa6[0m - Coldplug All udev Devices...\r"
+    assert guest_activity(shortened.decode()) is None
+    assert guest_activity("[   16.036972] systemd[1]: Starting systemd-udev-trigger.service - Coldplug All udev "
+                          "Devices...") == "starting systemd-udev-trigger.service - Coldplug All udev Devices"
     assert guest_activity("Cloud-init v. 22.4.2 running 'modules:final' at Fri, 27 Nov 2026") == \
         "cloud-init modules:final"
     assert guest_activity("Collecting tabulate==0.9.0 (from -r /var/lib/vmiso/requirements.txt (line 1))") \

@@ -48,7 +48,7 @@ _MARKER = re.compile(rb"VMISO-(STEP|FAIL) ([a-z-]+)")
 # What the guest is doing, in the words of systemd and cloud-init (console) and of
 # apt and pip (each step's log in the report share): a live status, never logged.
 _ACTIVITY = tuple((re.compile(pattern), template) for pattern, template in (
-    (r"Starting (.+?)\.\.\.", "starting {}"),
+    (r"Starting (.+)\.\.\.\s*$", "starting {}"),
     (r"Cloud-init v\. \S+ running '([^']+)'", "cloud-init {}"),
     (r"^Get:\d+ \S+ \S+ \S+ (\S+)", "downloading {}"),
     (r"^Unpacking (\S+)", "unpacking {}"),
@@ -96,6 +96,8 @@ def check_free_space(directory: Path, needed: int) -> None:
 
 def guest_activity(line: str) -> str | None:
     """A short, printable description of what a line of guest output says the guest does."""
+    if "\u2026" in line:  # systemd shortened it, mangling its colour codes; the kernel log has it whole
+        return None
     text = _ANSI.sub("", line).strip("\r")
     for pattern, template in _ACTIVITY:
         found = pattern.search(text)
