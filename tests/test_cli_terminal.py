@@ -116,6 +116,18 @@ def test_a_log_message_erases_the_status_line_first(monkeypatch):
     assert not logging.getLogger("vmiso").handlers[0].filters
 
 
+def test_progress_shows_control_characters_never_sends_them():
+    for tty in (False, True):
+        stream = FakeStream(tty=tty)
+        with _Progress(quiet=False, live=True, stream=stream, interval=60) as printer:
+            printer("note", "cloud-image", "kernel 6.1\x1b]0;owned\x07", 1.0)
+            printer("start", "pip", "", 1.0)
+            printer("status", "pip", "collecting \x1b[2Jx", 1.0)
+        assert "kernel 6.1^[]0;owned^G\n" in stream.getvalue()
+        assert "\x1b]" not in stream.getvalue() and "\x1b[2J" not in stream.getvalue()
+        assert ("collecting ^[[2Jx" in stream.getvalue()) == tty
+
+
 def test_steps_status_reaches_the_listener_only():
     seen = []
     steps = Steps(lambda *event: seen.append(event[:3]))

@@ -143,7 +143,8 @@ class _Progress:
         return True
 
     def _line(self, text: str) -> None:
-        click.echo(text, file=self._stream)
+        # Details may quote what an image or a guest holds (a cloud image's kernel release).
+        click.echo(neutralize(text), file=self._stream)
 
     def _erase(self) -> None:
         if self._shown:
@@ -158,7 +159,7 @@ class _Progress:
         seconds = int(time.monotonic() - self._open[step])
         text = f"  {step} {seconds // 60}:{seconds % 60:02d}"
         if self._status.get(step):
-            text += f"  {self._status[step]}"
+            text += f"  {neutralize(self._status[step])}"
         try:
             width = os.get_terminal_size(self._stream.fileno()).columns
         except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
