@@ -83,7 +83,17 @@ def test_progress_on_a_pipe_is_plain_timestamped_lines():
     assert quiet.getvalue() == ""
 
 
-def test_progress_on_a_terminal_shows_a_live_status_line():
+def test_progress_on_a_dumb_terminal_is_plain(monkeypatch):
+    monkeypatch.setenv("TERM", "dumb")
+    stream = FakeStream(tty=True)
+    with _Progress(quiet=False, live=True, stream=stream, interval=0.01) as printer:
+        _events(printer)
+        time.sleep(0.05)
+    assert stream.getvalue() == PLAIN
+
+
+def test_progress_on_a_terminal_shows_a_live_status_line(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
     stream = FakeStream(tty=True)
     with _Progress(quiet=False, live=True, stream=stream, interval=0.05) as printer:
         printer("start", "boot", "networked provisioning VM, cloud-init", 1.0)
@@ -106,6 +116,7 @@ def test_progress_on_a_terminal_shows_a_live_status_line():
 
 
 def test_a_log_message_erases_the_status_line_first(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
     stream = FakeStream(tty=True)
     monkeypatch.setattr(sys, "stderr", stream)
     _setup_logging(0, False)
@@ -116,7 +127,8 @@ def test_a_log_message_erases_the_status_line_first(monkeypatch):
     assert not logging.getLogger("vmiso").handlers[0].filters
 
 
-def test_progress_shows_control_characters_never_sends_them():
+def test_progress_shows_control_characters_never_sends_them(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
     for tty in (False, True):
         stream = FakeStream(tty=tty)
         with _Progress(quiet=False, live=True, stream=stream, interval=60) as printer:

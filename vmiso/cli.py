@@ -85,7 +85,8 @@ class _Progress:
                  interval: float = 0.5) -> None:
         self._quiet = quiet
         self._stream = stream if stream is not None else sys.stderr
-        self._live = live and not quiet and self._stream.isatty()
+        # A dumb terminal (Emacs' shell, some CI consoles) knows no erase-line.
+        self._live = live and not quiet and self._stream.isatty() and os.environ.get("TERM") != "dumb"
         self._interval = interval
         self._lock = threading.RLock()
         self._open: dict[str, float] = {}  # open steps in start order -> monotonic start
