@@ -27,21 +27,6 @@ pytestmark = pytest.mark.vm
 GUEST = Path(__file__).parent / "guest"
 
 
-@pytest.fixture(scope="session")
-def vm_root():
-    root = make_state_root()
-    yield root
-    remove_tree(root)
-
-
-@pytest.fixture(scope="session")
-def image(vm_root):
-    config = write_config(vm_root / "config", vm_root / "state", requirements=TABULATE + NUMPY)
-    done = vmiso("-q", "provision", "-c", config, timeout=2400)
-    assert done.returncode == 0, done.stderr
-    return {"config": config, "state": vm_root / "state", "output": done}
-
-
 def leftovers(state: Path) -> list[str]:
     runs = state / "runs"
     found = [p.name for p in runs.iterdir()] if runs.is_dir() else []

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
+from . import __version__
 from . import config as config_mod
 from .errors import EXIT_INTERRUPTED, EXIT_VMISO, Interrupted, VmisoError
 from .progress import Steps
@@ -65,17 +70,109 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
 
 
-def _progress_printer(quiet: bool):
-    def listener(event: str, step: str, detail: str, elapsed: float) -> None:
-        if quiet:
+class _Progress:
+    """Prints the core's step events on stderr (see vmiso.progress).
+
+    A step's start, its notes and its failure are one timestamped line each, on a
+    pipe, a file or a terminal alike.  When ``live`` and stderr is a terminal (only
+    then), a status line under them shows the open step's elapsed time and what it
+    is doing right now (the guest's phase, the package pip installs), redrawn
+    every ``interval`` seconds with a carriage return and erase-line, and erased
+    before anything else is written.  Use it as a context manager when live.
+    """
+
+    def __init__(self, quiet: bool, live: bool = False, stream: TextIO | None = None,
+                 interval: float = 0.5) -> None:
+        self._quiet = quiet
+        self._stream = stream if stream is not None else sys.stderr
+        # A dumb terminal (Emacs' shell, some CI consoles) knows no erase-line.
+        self._live = live and not quiet and self._stream.isatty() and os.environ.get("TERM") != "dumb"
+        self._interval = interval
+        self._lock = threading.RLock()
+        self._open: dict[str, float] = {}  # open steps in start order -> monotonic start
+        self._status: dict[str, str] = {}
+        self._shown = False
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def __call__(self, event: str, step: str, detail: str, elapsed: float) -> None:
+        if self._quiet:
             return
-        if event == "start":
-            click.echo(f"[{elapsed:7.1f}s] {step}" + (f": {detail}" if detail else ""), err=True)
-        elif event == "note":
-            click.echo(f"[{elapsed:7.1f}s] {step}: {detail}", err=True)
-        elif event == "fail":
-            click.echo(f"[{elapsed:7.1f}s] {step} FAILED", err=True)
-    return listener
+        with self._lock:
+            self._erase()
+            if event == "start":
+                self._line(f"[{elapsed:7.1f}s] {step}" + (f": {detail}" if detail else ""))
+                self._open[step] = time.monotonic()
+                self._status.pop(step, None)
+            elif event == "note":
+                self._line(f"[{elapsed:7.1f}s] {step}: {detail}")
+            elif event == "fail":
+                self._line(f"[{elapsed:7.1f}s] {step} FAILED")
+            elif event == "status":
+                self._status[step] = detail
+            if event in ("done", "fail"):
+                self._open.pop(step, None)
+                self._status.pop(step, None)
+            self._draw()
+
+    def __enter__(self) -> "_Progress":
+        if self._live:
+            self._ticker = threading.Thread(target=self._tick, name="vmiso-progress", daemon=True)
+            self._ticker.start()
+            for handler in logging.getLogger("vmiso").handlers:
+                handler.addFilter(self._before_log)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            for handler in logging.getLogger("vmiso").handlers:
+                handler.removeFilter(self._before_log)
+        with self._lock:
+            self._erase()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                self._erase()
+                self._draw()
+
+    def _before_log(self, _record: logging.LogRecord) -> bool:
+        with self._lock:  # the next tick draws the status line again, under the message
+            self._erase()
+        return True
+
+    def _line(self, text: str) -> None:
+        # Details may quote what an image or a guest holds (a cloud image's kernel release).
+        click.echo(neutralize(text), file=self._stream)
+
+    def _erase(self) -> None:
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._shown = False
+
+    def _draw(self) -> None:
+        if not self._live or not self._open or self._stop.is_set():
+            return
+        step = next(reversed(self._open))
+        seconds = int(time.monotonic() - self._open[step])
+        text = f"  {step} {seconds // 60}:{seconds % 60:02d}"
+        if self._status.get(step):
+            text += f"  {neutralize(self._status[step])}"
+        try:
+            width = os.get_terminal_size(self._stream.fileno()).columns
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            width = 80
+        self._stream.write(text[:max(width - 1, 10)])  # never wrap: \r could not go back up
+        self._stream.flush()
+        self._shown = True
+
+
+def _progress_printer(quiet: bool) -> _Progress:
+    """Plain timestamped lines (commands that stream a job's output use this)."""
+    return _Progress(quiet)
 
 
 def _load(ctx: click.Context, config_path: Path | None, **overrides: Any) -> config_mod.Config:
@@ -94,7 +191,7 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="more detail; tracebacks for internal errors")
 @click.option("-q", "--quiet", is_flag=True, help="only errors")
-@click.version_option(package_name="vmiso")
+@click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Run Python programs you cannot audit in disposable, offline VMs."""
@@ -117,8 +214,8 @@ def provision(ctx: click.Context, config_path: Path | None, accel: str | None, s
     from .image.store import summary
 
     config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
-    steps = Steps(_progress_printer(ctx.obj["quiet"]))
-    with connected(config.libvirt_uri) as hv:
+    with _Progress(ctx.obj["quiet"], live=True) as printer, connected(config.libvirt_uri) as hv:
+        steps = Steps(printer)
         image = do_provision(config, hv, name=name, replace=replace, steps=steps)
     info = summary(image)
     click.echo(f"provisioned {info['name']} in {steps.elapsed():.0f} s: sha256 {info['sha256']}")
@@ -338,8 +435,8 @@ def images_warm(ctx: click.Context, name: str) -> None:
 
     config = ctx.obj["config"]
     image = get_image(config.state_dir, name)
-    steps = Steps(_progress_printer(ctx.obj["quiet"]))
-    with connected(config.libvirt_uri) as hv:
+    with _Progress(ctx.obj["quiet"], live=True) as printer, connected(config.libvirt_uri) as hv:
+        steps = Steps(printer)
         if not make_warm_state(config, hv, image, steps):
             raise VmisoError(f"could not make a warm state for {name}", "see the warning above")
     click.echo(f"{name}: warm state ready in {steps.elapsed():.0f} s")
