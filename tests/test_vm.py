@@ -103,8 +103,10 @@ def test_run_streams_isolates_and_checks_outputs(image, tmp_path, boot):
     manifest = (out / "MANIFEST").read_text()
     assert "  result.json\n" in manifest and "  sub/table.txt\n" in manifest
     stderr = run.text("err")
-    for name, reason in (("link", "symbolic link"), ("fifo", "FIFO"), ("suid", "setuid")):
+    for name, reason in (("link", "symbolic link"), ("fifo", "FIFO"), ("suid", "setuid"),
+                         ("sub/.git", "git runs hooks"), (".envrc", "direnv runs it")):
         assert f"refused output {name}: " in stderr and reason in stderr
+    assert not (out / "sub" / ".git").exists() and not (out / ".envrc").exists()
     summary = json.loads(record.read_text())
     assert summary["exit_code"] == 3 and summary["image"] == "it" and summary["boot"] == boot
     assert summary["sha256"] == json.loads((image["state"] / "images/it/manifest.json").read_text())["sha256"]

@@ -292,6 +292,8 @@ def images_verify(ctx: click.Context, name: str) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="write a record of the run (timings, exit code, output manifest) here")
 @click.option("--cold", is_flag=True, help="boot the clone from scratch even when a warm state exists")
+@click.option("--accept-tool-files", is_flag=True,
+              help="also copy outputs that host tools run code from (.git/, .hg/, .envrc, .vscode/, ...)")
 @click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
               help="set a variable for the job (repeatable); nothing else of this environment reaches it")
 @click.option("--env-file", type=click.Path(path_type=Path, dir_okay=False),
@@ -304,7 +306,8 @@ def images_verify(ctx: click.Context, name: str) -> None:
 def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_dir: Path | None,
         image: str | None, inputs: tuple[Path, ...], output: Path | None, timeout: int | None,
         memory: int | None, cpus: int | None, scratch: str | None, json_path: Path | None, cold: bool,
-        env_pairs: tuple[str, ...], env_file: Path | None, raw: bool, command: tuple[str, ...]) -> None:
+        accept_tool_files: bool, env_pairs: tuple[str, ...], env_file: Path | None, raw: bool,
+        command: tuple[str, ...]) -> None:
     """Run COMMAND in a disposable, offline clone of an image.
 
     \b
@@ -322,7 +325,8 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
     env = _env_file(env_file) if env_file is not None else []
     env += [_env_pair(pair, "-e") for pair in env_pairs]
     request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
-                         timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold, env=tuple(env))
+                         timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold, env=tuple(env),
+                         accept_tool_files=accept_tool_files)
     if json_path is not None and json_path.exists():
         raise VmisoError(f"--json {json_path} exists already; vmiso never overwrites files")
     steps = Steps(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0))

@@ -57,6 +57,7 @@ class RunRequest:
     scratch_bytes: int | None = None  # the job's /tmp; None: run.scratch from the config
     warm: bool = True  # restore a warm state when one fits; False: always boot cold
     env: tuple[tuple[str, str], ...] = ()  # set for the job, after vmiso's own
+    accept_tool_files: bool = False  # copy outputs that host tools run code from (.git/, .envrc)
 
 
 @dataclass
@@ -339,7 +340,8 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             with steps.step("collect", f"check and copy {GUEST_OUT}"):
                 result.outputs = outputs.collect(clone.outputs, request.output,
                                                  max_bytes=config.run.output_max_bytes,
-                                                 max_files=config.run.output_max_files)
+                                                 max_files=config.run.output_max_files,
+                                                 accept_tool_files=request.accept_tool_files)
         with steps.step("cleanup", "remove the overlay and staging directories"):
             cleanup.close()
     result.timings = dict(steps.timings)
