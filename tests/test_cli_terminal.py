@@ -124,7 +124,7 @@ def test_a_log_message_erases_the_status_line_first(monkeypatch):
         printer("start", "warm", "boot and save warm slot 1 of 2", 1.0)
         logging.getLogger("vmiso.test").warning("no warm state")
     assert "  warm 0:00\r\x1b[Kvmiso: WARNING: no warm state\n" in stream.getvalue()
-    assert not logging.getLogger("vmiso").handlers[0].filters
+    assert not logging.getLogger().handlers[0].filters
 
 
 def test_progress_shows_control_characters_never_sends_them(monkeypatch):
@@ -189,3 +189,12 @@ def test_console_watcher_reports_markers_and_the_latest_activity(tmp_path):
     link.symlink_to(log)
     followed = ConsoleWatcher(link)
     assert followed.poll() == [] and followed.activity is None
+
+
+def test_third_party_log_lines_are_escaped_too(monkeypatch):
+    # paramiko logs what a hostile sshd sent as its banner; it must not reach the terminal raw.
+    stream = FakeStream(tty=True)
+    monkeypatch.setattr(sys, "stderr", stream)
+    _setup_logging(0, False)
+    logging.getLogger("paramiko.transport").error('Indecipherable protocol version "\x1b]0;OWNED\x07"')
+    assert "^[]0;OWNED^G" in stream.getvalue() and "\x1b" not in stream.getvalue()

@@ -177,3 +177,28 @@ def test_a_dead_vm_is_not_waited_for(tmp_path):
     with pytest.raises(GuestError, match="stopped before it answered"):
         ssh.connect(tmp_path / "nothing.sock", name="vmiso-run-x", host_key=host, client_key=client_key,
                     user="vmiso", deadline=time.monotonic() + 5, alive=lambda: False)
+
+
+def test_a_flood_of_output_does_not_starve_the_deadline(guest):
+    def flood(channel):
+        until = time.monotonic() + 8  # finite, so that a regression fails instead of hanging
+        try:
+            while time.monotonic() < until:
+                channel.sendall(b"x" * 65536)
+        except OSError:
+            pass  # the client went away, as it should
+
+    SCRIPTS["flood"] = flood
+
+    class Slow(io.RawIOBase):  # a host side that writes more slowly than the job prints
+        def write(self, data):
+            time.sleep(0.005)
+            return len(data)
+
+    session = connect(guest)
+    try:
+        started = time.monotonic()
+        status = session.execute("flood", Slow(), io.BytesIO(), deadline=time.monotonic() + 1.0)
+    finally:
+        session.close()
+    assert status is None and time.monotonic() - started < 3

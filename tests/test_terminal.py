@@ -36,3 +36,18 @@ def test_pipes_and_raw_get_the_bytes_unchanged():
     assert for_terminal(raw, is_terminal=False, raw=False) is raw
     assert for_terminal(raw, is_terminal=True, raw=True) is raw
     assert isinstance(for_terminal(raw, is_terminal=True, raw=False), SafeStream)
+
+
+def test_invisible_and_unassigned_characters_are_made_visible():
+    for char in ("\u200b", "\u200d", "\u2060", "\ufeff", "\u180e", "\u00ad", "\ufff9", "\U000e0041",
+                 "\ue000", "\U0010ffff", "\udc9b"):
+        assert neutralize(f"a{char}b") == f"a<U+{ord(char):04X}>b", hex(ord(char))
+    assert neutralize("émoji ✓ 🙂 ") == "émoji ✓ 🙂 "
+
+
+def test_fast_enough_for_a_job_that_prints_a_lot():
+    import time
+    text = ("log line 12345 with some ascii text and a tab\there\n" * 20000) + "naïve ✓\n" * 20000
+    started = time.monotonic()
+    assert neutralize(text) == text
+    assert time.monotonic() - started < 1.0  # about 1.4 MB

@@ -45,10 +45,15 @@ class _Group(click.Group):
         except Exception as err:  # anything unexpected is a bug: say so, briefly
             click.echo(f"vmiso: internal error: {type(err).__name__}: {neutralize(str(err))}", err=True)
             if log.isEnabledFor(logging.DEBUG):
-                traceback.print_exc()
+                click.echo(neutralize(traceback.format_exc()), err=True, nl=False)
             else:
                 click.echo("vmiso: run with -v for the traceback", err=True)
             ctx.exit(EXIT_VMISO)
+
+
+def _say(text: str) -> None:
+    """Print a line that may quote what a guest wrote (names, versions, leftovers)."""
+    click.echo(neutralize(text))
 
 
 class _SafeFormatter(logging.Formatter):
@@ -62,12 +67,14 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_SafeFormatter("vmiso: %(levelname)s: %(message)s"))
-    root = logging.getLogger("vmiso")
+    # On the root logger: paramiko's messages quote what the guest's sshd sent
+    # (a hostile banner, say), so they too go through the escaping formatter.
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
-    if verbose:
-        # paramiko and libvirt are chatty; keep them at warnings unless -vv
-        logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
+    root.setLevel(logging.ERROR if quiet else logging.WARNING)
+    logging.getLogger("vmiso").setLevel(level)
+    # paramiko is chatty: at warnings unless -vv
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose > 1 else logging.NOTSET)
 
 
 class _Progress:
@@ -119,7 +126,7 @@ class _Progress:
         if self._live:
             self._ticker = threading.Thread(target=self._tick, name="vmiso-progress", daemon=True)
             self._ticker.start()
-            for handler in logging.getLogger("vmiso").handlers:
+            for handler in logging.getLogger().handlers:
                 handler.addFilter(self._before_log)
         return self
 
@@ -127,7 +134,7 @@ class _Progress:
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join()
-            for handler in logging.getLogger("vmiso").handlers:
+            for handler in logging.getLogger().handlers:
                 handler.removeFilter(self._before_log)
         with self._lock:
             self._erase()
@@ -240,17 +247,19 @@ def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
     if not rows:
         click.echo("no images; build one with 'vmiso provision'")
         return
-    click.echo(f"{'NAME':<20} {'SIZE':>9} {'CREATED':<26} SHA256")
+    # Package names and versions come from the guest (pip freeze, written while
+    # install-time code ran as root): shown, never obeyed, like everything a guest wrote.
+    _say(f"{'NAME':<20} {'SIZE':>9} {'CREATED':<26} SHA256")
     for row in rows:
-        click.echo(f"{row['name']:<20} {row['size'] / 1024**2:>7.0f}MB {row['created'] or '?':<26} {row['sha256']}")
+        _say(f"{row['name']:<20} {row['size'] / 1024**2:>7.0f}MB {row['created'] or '?':<26} {row['sha256']}")
         packages = ", ".join(f"{p['name']}=={p['version']}" for p in row["packages"]
                              if p["name"] not in ("pip", "setuptools", "wheel"))
-        click.echo(f"{'':<20} packages: {packages or '-'}")
+        _say(f"{'':<20} packages: {packages or '-'}")
         source = row["source"]
         if "cloud_image" in source:
-            click.echo(f"{'':<20} source: cloud image {source['cloud_image']} (sha256 {source['sha256']})")
+            _say(f"{'':<20} source: cloud image {source['cloud_image']} (sha256 {source['sha256']})")
         elif "recipe" in source:
-            click.echo(f"{'':<20} source: recipe {source['recipe']} from {source['mirror']}")
+            _say(f"{'':<20} source: recipe {source['recipe']} from {source['mirror']}")
 
 
 @images.command("rm")
@@ -421,9 +430,9 @@ def doctor(ctx: click.Context, config_path: Path | None, accel: str | None, stat
     failed = 0
     for check in run_checks(config):
         mark = "ok  " if check.ok and not check.warning else "warn" if check.ok else "FAIL"
-        click.echo(f"[{mark}] {check.name}: {check.detail}")
+        _say(f"[{mark}] {check.name}: {check.detail}")
         if check.fix:
-            click.echo(f"       fix: {check.fix}")
+            _say(f"       fix: {check.fix}")
         failed += not check.ok
     ctx.exit(1 if failed else 0)
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # The name under which the pinned key is stored; the link is a socket, not a host.
 GUEST_HOST = "vmiso-guest"
+DRAIN_CHUNKS = 16  # 64 KiB each
 # Signal names a guest may report (RFC 4254 sends them without "SIG"); anything else
 # it sends is not repeated to the host's terminal.
 _SIGNALS = {s.name.removeprefix("SIG"): s for s in signal.Signals if not s.name.startswith("SIG_")}
@@ -119,11 +120,17 @@ class Session:
                 if should_stop():
                     return None
                 select.select([channel], [], [], 0.2)
+                # At most DRAIN_CHUNKS a stream per pass: a job that prints faster than
+                # the host writes cannot keep this loop from checking the deadline.
                 drained = False
-                while channel.recv_ready():
+                for _ in range(DRAIN_CHUNKS):
+                    if not channel.recv_ready():
+                        break
                     stdout.write(channel.recv(65536))
                     drained = True
-                while channel.recv_stderr_ready():
+                for _ in range(DRAIN_CHUNKS):
+                    if not channel.recv_stderr_ready():
+                        break
                     stderr.write(channel.recv_stderr(65536))
                     drained = True
                 if drained:

@@ -13,30 +13,33 @@ passes them to a terminal unchanged).
 from __future__ import annotations
 
 import codecs
+import re
+import unicodedata
 from typing import BinaryIO
 
-KEEP = {"\t", "\n"}
-# Format characters that reorder or break lines: bidi embeddings, overrides and
-# isolates, the implicit marks, and the Unicode line and paragraph separators.
-_VISIBLE = {0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+# Unicode categories a terminal acts on or that hide or reorder text: controls
+# (C0, DEL, C1), format characters (bidi overrides and isolates, zero-width
+# joiners and spaces, soft hyphen, BOM, tag characters), line and paragraph
+# separators, private-use, unassigned and surrogate code points.
+_SHOWN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Co", "Cn", "Cs"}
+# Everything but tab, newline and printable ASCII: only these runs are examined.
+_CANDIDATES = re.compile(r"[^\t\n\x20-\x7e]+")
 
 
 def _shown(char: str) -> str:
     code = ord(char)
-    if char in KEEP:
-        return char
     if code < 0x20:
         return "^" + chr(code + 0x40)
     if code == 0x7F:
         return "^?"
-    if 0x80 <= code < 0xA0 or code in _VISIBLE:
+    if unicodedata.category(char) in _SHOWN_CATEGORIES:
         return f"<U+{code:04X}>"
     return char
 
 
 def neutralize(text: str) -> str:
     """``text`` with every character a terminal would act on made visible instead."""
-    return "".join(_shown(c) for c in text)
+    return _CANDIDATES.sub(lambda run: "".join(map(_shown, run.group())), text)
 
 
 class SafeStream:
