@@ -24,14 +24,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vmiso import config as config_mod  # noqa: E402
-from vmiso.domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, domain_xml  # noqa: E402
-from vmiso.gc import claim  # noqa: E402
-from vmiso.hypervisor import connected  # noqa: E402
-from vmiso.image.initramfs import _Newc  # noqa: E402
-from vmiso.image.store import get_image  # noqa: E402
-from vmiso.clone import KERNEL_CMDLINE  # noqa: E402
-from vmiso import tools  # noqa: E402
+from vmiso import config as config_mod, tools
+from vmiso.clone import KERNEL_CMDLINE
+from vmiso.domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, domain_xml
+from vmiso.gc import claim
+from vmiso.hypervisor import connected
+from vmiso.image.initramfs import _Newc
+from vmiso.image.store import get_image
 
 VMISO = [sys.executable, "-m", "vmiso"]
 MB = 1024 * 1024

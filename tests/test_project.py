@@ -42,3 +42,21 @@ def test_vagrantfile_validates(repo):
                           env=dict(os.environ, VAGRANT_CHECKPOINT_DISABLE="1"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "validated successfully" in done.stdout
+
+
+def _tool(name: str) -> str:
+    """The linter from the venv that runs the tests (scripts/setup-host --test installs it)."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.path.exists(path):
+        pytest.fail(f"{name} is not installed next to {sys.executable}: pip install -e '.[test]'")
+    return path
+
+
+def test_ruff_passes(repo):
+    done = subprocess.run([_tool("ruff"), "check", "."], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_mypy_passes(repo):
+    done = subprocess.run([_tool("mypy")], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

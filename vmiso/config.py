@@ -159,7 +159,7 @@ def _convert(tp: Any, value: Any, where: str, base_dir: Path) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_tp, _) = typing.get_args(tp)
         return tuple(_convert(item_tp, v, f"{where}[{i}]", base_dir) for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, where, base_dir)
     if tp is bool:
         if not isinstance(value, bool):
@@ -261,7 +261,7 @@ def load(path: Path | None, env: typing.Mapping[str, str] | None = None) -> Conf
     if accel:
         if accel not in ACCELS:
             raise ConfigError(f"VMISO_ACCEL={accel!r} is not valid", "use auto, kvm or tcg")
-        config = dataclasses.replace(config, accel=accel)
+        config = dataclasses.replace(config, accel=typing.cast(Literal["auto", "kvm", "tcg"], accel))
     return _validate(config)
 
 

@@ -37,7 +37,7 @@ class DomainInfo:
 
 
 class Hypervisor:
-    def __init__(self, conn: "libvirt.virConnect", uri: str) -> None:
+    def __init__(self, conn: libvirt.virConnect, uri: str) -> None:
         self.conn = conn
         self.uri = uri
 
@@ -62,7 +62,7 @@ class Hypervisor:
                 "run 'vmiso doctor' to check the host",
             ) from None
 
-    def _lookup(self, name: str) -> "libvirt.virDomain | None":
+    def _lookup(self, name: str) -> libvirt.virDomain | None:
         try:
             return self.conn.lookupByName(name)
         except libvirt.libvirtError as err:

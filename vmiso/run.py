@@ -18,6 +18,7 @@ import shlex
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,14 +161,14 @@ def stage_inputs(inputs: tuple[Path, ...], staging: Path) -> None:
 class _OutputWatch:
     """Stops the guest as soon as /out holds more than the limits allow."""
 
-    def __init__(self, share: Path, max_bytes: int, max_files: int, stop: callable) -> None:
+    def __init__(self, share: Path, max_bytes: int, max_files: int, stop: Callable[[], object]) -> None:
         self._share, self._max_bytes, self._max_files = share, max_bytes, max_files
         self._stop = stop
         self._done = threading.Event()
         self.exceeded: str | None = None
         self._thread = threading.Thread(target=self._watch, name="vmiso-output-watch", daemon=True)
 
-    def __enter__(self) -> "_OutputWatch":
+    def __enter__(self) -> _OutputWatch:
         self._thread.start()
         return self
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -35,7 +35,7 @@ class SeedInputs:
     apt_packages: tuple[str, ...] = ()
     # (path, text, mode) of vmiso's files for images it did not build (cloud images).
     guest_files: tuple[tuple[str, str, int], ...] = ()
-    pip: PipOptions = PipOptions()
+    pip: PipOptions = field(default_factory=PipOptions)
     require_hashes: bool = False
 
 

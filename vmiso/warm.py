@@ -23,8 +23,8 @@ import logging
 import os
 import re
 import secrets
-import struct
 import shutil
+import struct
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -36,8 +36,8 @@ from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, re
 from .errors import GuestError, ImageError
 from .hypervisor import Hypervisor
 from .image.store import Image
-from .workdir import flocked, install_dir
 from .progress import Steps
+from .workdir import flocked, install_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class WarmKey:
 
     @classmethod
     def make(cls, *, template_sha256: str, hypervisor: str, accel: str, memory_mib: int, cpus: int,
-             scratch_bytes: int) -> "WarmKey":
+             scratch_bytes: int) -> WarmKey:
         return cls(template_sha256=template_sha256, hypervisor=hypervisor, accel=accel, memory_mib=memory_mib,
                    cpus=cpus, scratch_bytes=scratch_bytes, cpu=cpu_mode(accel))
 
@@ -145,7 +145,7 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         slot = Slot(clone)
         hv.save(name, slot.state)
         slot.info.write_text(json.dumps({**dataclasses.asdict(key), "link": link, "created": datetime.datetime.now(
-            datetime.timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
+            datetime.UTC).isoformat(timespec="seconds")}, indent=2) + "\n")
         os.chmod(clone.overlay, 0o444)  # the backing file of every run restored from this slot
         os.chmod(clone.scratch, 0o444)  # copied, byte for byte, for every run
         os.chmod(slot.state, 0o400)
@@ -210,8 +210,8 @@ def restore_xml(hv: Hypervisor, slot: Slot, *, clone: CloneDir, metadata: dict[s
     try:
         saved = hv.saved_xml(slot.state)
         return domain_name(saved), retarget(saved, Retarget(
-            disks={"vda": clone.overlay, "vdb": clone.scratch}, console_log=clone.console_log, ssh_socket=clone.ssh_socket,
-            shares=clone.shares, metadata=metadata))
+            disks={"vda": clone.overlay, "vdb": clone.scratch}, console_log=clone.console_log,
+            ssh_socket=clone.ssh_socket, shares=clone.shares, metadata=metadata))
     except ValueError as err:
         raise ImageError(f"warm state {slot.clone.path} does not fit a run: {err}",
                          "remake it: vmiso images warm NAME") from None

@@ -66,10 +66,10 @@ def module_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES,
         key = name.replace("-", "_")
         if key in builtin:
             continue
-        path = by_name.get(name) or by_name.get(key)
-        if path is None:
+        found = by_name.get(name) or by_name.get(key)
+        if found is None:
             raise ToolError(f"the kernel has no module {name} (and it is not built in)")
-        visit(path)
+        visit(found)
     for path in order:
         if not path.endswith(tuple(_DECOMPRESS)):
             raise ToolError(f"the kernel's module {path} is compressed in a way vmiso cannot unpack "

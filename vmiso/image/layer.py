@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .. import tools
 from ..config import from_mapping, load_yaml
-from ..gc import OWNER_FILE, claim
 from ..errors import ConfigError, ProvisionError, ToolError
+from ..gc import OWNER_FILE, claim
 from ..progress import Steps
 from ..resources import images_dir
 from ..workdir import flocked, remove_tree

@@ -22,8 +22,8 @@ from pathlib import Path
 from .. import __version__, accel, tools, warm
 from ..config import Config, check_name
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
-from ..gc import OWNER_FILE, claim
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
+from ..gc import OWNER_FILE, claim
 from ..hypervisor import Hypervisor
 from ..progress import Steps
 from ..seed import SeedInputs, write_seed
@@ -50,7 +50,7 @@ def load_ca_certificates(setting: str | tuple[Path, ...], host_dir: Path = HOST_
     """The PEM texts the provisioning VM should trust."""
     if setting == "none":
         return ()
-    if setting == "host":
+    if isinstance(setting, str):  # "host"; config validation refuses other strings
         paths: list[Path] = sorted(host_dir.rglob("*.crt")) if host_dir.is_dir() else []
     else:
         paths = list(setting)
@@ -300,7 +300,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                 os.chmod(work / target, 0o444)
             manifest = {
                 "name": name,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "sha256": digest,
                 "template": template.name,
                 "source": _source(config, layer),
