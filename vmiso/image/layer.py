@@ -93,11 +93,12 @@ def recipe_path(recipe: str) -> Path:
 
 def load_recipe(recipe: str) -> Recipe:
     path = recipe_path(recipe)
-    data = load_yaml(path)
-    loaded = from_mapping(Recipe, data, "recipe", path.parent)
-    if not isinstance(data, dict) or "suite" not in data:
-        raise ConfigError(f"{path}: the recipe names no suite")
-    return loaded
+    try:
+        return from_mapping(Recipe, load_yaml(path), "recipe", path.parent)
+    except ConfigError as err:
+        if err.message.startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {err.message}", err.hint) from None
 
 
 def layer_key(recipe: Recipe, mirror: str) -> str:
