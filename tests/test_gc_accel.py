@@ -101,3 +101,15 @@ def test_install_dir_replaces_only_when_complete(tmp_path):
     install_dir(second, final)
     assert (final / "v").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image"]
+
+
+def test_mounts_below_a_non_ascii_directory(tmp_path):
+    # /proc/mounts holds the path's UTF-8 bytes as they are and escapes only
+    # space, tab, newline and backslash as octal.
+    from vmiso.workdir import mounts_below
+
+    base = tmp_path / "état" / "build"
+    mounts = tmp_path / "mounts"
+    mounts.write_bytes(f"proc {base}/root/proc proc rw 0 0\n".encode()
+                       + f"tmpfs {base}/a\\134b\\011c tmpfs rw 0 0\n".encode())
+    assert set(mounts_below(base, mounts)) == {base / "root/proc", base / "a\\b\tc"}

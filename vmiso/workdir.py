@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,15 +50,21 @@ def share_dir(path: Path, *, writable: bool) -> Path:
     return path
 
 
+def _unescape_mount(field: bytes) -> bytes:
+    """The kernel writes a mount point's bytes as they are, except space, tab, newline
+    and backslash, which it writes as octal escapes (\\040 ...)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
 def mounts_below(path: Path, mounts_file: Path = Path("/proc/self/mounts")) -> list[Path]:
     """Mount points at or below ``path``, deepest first."""
     base = os.path.realpath(path)
     found = []
-    for line in mounts_file.read_text().splitlines():
+    for line in mounts_file.read_bytes().splitlines():
         fields = line.split()
         if len(fields) < 2:
             continue
-        point = fields[1].encode().decode("unicode_escape")  # /proc/mounts escapes spaces as \040
+        point = os.fsdecode(_unescape_mount(fields[1]))
         if point == base or point.startswith(base + "/"):
             found.append(Path(point))
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
