@@ -38,7 +38,7 @@ def which(program: str) -> str:
     found = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin:/usr/bin:/bin")
     if not found:
         package = PACKAGES.get(program, program)
-        raise ToolError(f"{program} is not installed", f"install it: apt-get install {package}")
+        raise ToolError(f"{program} is not installed", f"install it: apt-get install {package}", program=program)
     return found
 
 
@@ -59,7 +59,7 @@ def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | N
                                   cwd=cwd)
             output = done.stdout
     except subprocess.TimeoutExpired:
-        raise ToolError(f"{program} did not finish within {timeout:.0f} s") from None
+        raise ToolError(f"{program} did not finish within {timeout:.0f} s", program=program) from None
     if done.returncode != 0:
         if log_path is not None:
             tail = log_tail(log_path)
@@ -67,7 +67,7 @@ def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | N
         else:
             tail = (done.stderr or done.stdout or "").strip()[-600:]
             where = ""
-        raise ToolError(f"{program} failed with exit code {done.returncode}{where}: {tail}")
+        raise ToolError(f"{program} failed with exit code {done.returncode}{where}: {tail}", program=program)
     return output
 
 

@@ -239,7 +239,7 @@ def _extract(disk: _Disk, steps: Steps) -> tuple[Kernel, Partition]:
         boot, late = initramfs.module_groups(disk.work / "modules")
     except ToolError as err:
         hint = None
-        if "9p" in err.message:
+        if isinstance(err, initramfs.MissingModule) and err.module in initramfs.LATE_MODULES:
             hint = ("vmiso moves data over virtio-9p; use an image whose kernel has it, e.g. Debian's "
                     "'generic' image rather than 'genericcloud', or the recipe source (image.recipe)")
         raise ProvisionError("cloud-image", f"kernel {kernel.release}: {err.message}", hint=hint) from None

@@ -157,6 +157,13 @@ def publish_layer(work: Path, final: Path) -> None:
         remove_tree(work)
 
 
+def layer_failure(err: ToolError, recipe: Recipe, mirror: str, log_path: Path) -> ProvisionError:
+    hint = None
+    if err.program == "mmdebstrap":
+        hint = f"check that the mirror {mirror} is reachable and carries {recipe.suite}"
+    return ProvisionError("os-layer", err.message, str(log_path), hint)
+
+
 def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -> Layer:
     """Return the cached layer for this recipe and mirror, building it when missing."""
     recipe = load_recipe(recipe_name)
@@ -189,10 +196,7 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
                                                size_bytes=recipe.filesystem_size, label="vmiso-root"),
                           log_path=log_path)
             except ToolError as err:
-                hint = None
-                if "mmdebstrap" in err.message:
-                    hint = f"check that the mirror {mirror} is reachable and carries {recipe.suite}"
-                raise ProvisionError("os-layer", err.message, str(log_path), hint) from None
+                raise layer_failure(err, recipe, mirror, log_path) from None
             remove_tree(root)
             (work / OWNER_FILE).unlink()
             (work / "recipe.json").write_text(json.dumps(
