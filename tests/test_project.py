@@ -60,3 +60,21 @@ def test_ruff_passes(repo):
 def test_mypy_passes(repo):
     done = subprocess.run([_tool("mypy")], cwd=repo, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_benchmark_floor_boots_under_the_accelerator_runs_use(repo, tmp_path):
+    # 'accel: auto' runs use KVM where it works; the floor they are compared with must too.
+    sys.path.insert(0, str(repo / "bench"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(repo / "bench"))
+    from vmiso import config
+    from vmiso.image.store import Image
+
+    image = Image("x", tmp_path)
+    auto = config.load(None, env={})
+    spec = bench.floor_spec(auto, "floor", image, tmp_path / "i", tmp_path / "o", tmp_path, kvm_check=lambda: None)
+    assert spec.accel == "kvm"
+    tcg = config.load(None, env={"VMISO_ACCEL": "tcg"})
+    assert bench.floor_spec(tcg, "floor", image, tmp_path / "i", tmp_path / "o", tmp_path).accel == "tcg"
