@@ -91,3 +91,22 @@ def test_ready_line_gives_the_guest_link_protocol(tmp_path):
     assert warm._wait_ready(log, time.monotonic() + 5, lambda: True) == 2
     log.write_bytes(b"vmiso-ssh-link: waiting\n")  # an image provisioned by an older vmiso
     assert warm._wait_ready(log, time.monotonic() + 5, lambda: True) == 1
+
+
+class VersionOnly:
+    def version(self) -> str:
+        return "libvirt 9.0, QEMU 7.2"
+
+
+def test_a_warm_state_is_made_for_the_accelerator_runs_resolve(tmp_path, monkeypatch):
+    # The manifest records the accelerator of the provisioning; 'images warm' under
+    # another one must make states that runs under it can use.
+    from vmiso import config
+
+    image = Image("x", tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"sha256": "a" * 64, "accel": "kvm"}))
+    built = []
+    monkeypatch.setattr(warm, "build", lambda hv, image, key, steps, boot_timeout: built.append(key))
+    warm.make_warm_state(config.load(None, env={"VMISO_ACCEL": "tcg"}), VersionOnly(), image, None)
+    assert built[0].accel == "tcg" and built[0].cpu == "maximum"
+    assert built[0] == dataclasses.replace(KEY, memory_mib=512, cpus=2)

@@ -220,6 +220,13 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
     except VmisoError as err:
         record.update(exit_code=err.exit_code, error=str(err), timings=dict(steps.timings))
         raise
+    except KeyboardInterrupt:
+        record.update(exit_code=EXIT_INTERRUPTED, error="interrupted", timings=dict(steps.timings))
+        raise
+    except Exception as err:
+        record.update(exit_code=EXIT_VMISO, error=f"internal error: {type(err).__name__}: {err}",
+                      timings=dict(steps.timings))
+        raise
     finally:
         if json_path is not None:
             json_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -287,16 +294,19 @@ def doctor(ctx: click.Context, config_path: Path | None, accel: str | None, stat
 @click.pass_context
 def images_warm(ctx: click.Context, name: str) -> None:
     """Boot and save clones of an image so that runs restore them instead of booting."""
+    from .errors import ImageError
     from .hypervisor import connected
-    from .image.provision import make_warm_state
     from .image.store import get_image
+    from .warm import make_warm_state
 
     config = ctx.obj["config"]
     image = get_image(config.state_dir, name)
     steps = Steps(_progress_printer(ctx.obj["quiet"]))
     with connected(config.libvirt_uri) as hv:
-        if not make_warm_state(config, hv, image, steps):
-            raise VmisoError(f"could not make a warm state for {name}", "see the warning above")
+        try:
+            make_warm_state(config, hv, image, steps)
+        except VmisoError as err:  # said here, in the error itself: -q hides warnings
+            raise ImageError(f"could not make a warm state for {name}: {err.message}", err.hint) from None
     click.echo(f"{name}: warm state ready in {steps.elapsed():.0f} s")
 
 

@@ -30,8 +30,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from . import __version__, accel
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
+from .config import Config
 from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, retarget
 from .errors import GuestError, ImageError
 from .hypervisor import Hypervisor
@@ -164,6 +165,17 @@ def build(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: in
         with steps.step("warm", f"boot and save warm slot {index + 1} of {count}"):
             with flocked(Slot(CloneDir(root / f"slot-{index}")).lock):
                 _build_slot(hv, image, key, index, boot_timeout)
+
+
+def make_warm_state(config: Config, hv: Hypervisor, image: Image, steps: Steps,
+                    accel_name: str | None = None) -> None:
+    """Save booted clones of ``image`` for runs of ``config`` to restore; raises what went wrong."""
+    # The accelerator runs resolve, not the one the manifest recorded: a state made
+    # for another accelerator would never match a run.
+    key = WarmKey.make(template_sha256=image.manifest()["sha256"], hypervisor=hv.version(),
+                       accel=accel_name or accel.resolve(config.accel), memory_mib=config.vm.memory_mib,
+                       cpus=config.vm.cpus, scratch_bytes=config.run.scratch)
+    build(hv, image, key, steps, boot_timeout=config.run.boot_timeout)
 
 
 def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, str]:

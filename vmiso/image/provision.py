@@ -329,22 +329,8 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             install_dir(work, final)
         undo.pop_all()  # complete: keep it
     image = Image(name, final)
-    make_warm_state(config, hv, image, steps, accel_name)
-    return image
-
-
-def make_warm_state(config: Config, hv: Hypervisor, image: Image, steps: Steps,
-                    accel_name: str | None = None) -> bool:
-    """Save booted clones for fast runs; without them runs boot cold, so a failure only warns."""
-    manifest = image.manifest()
-    # The accelerator runs resolve, not the one the manifest recorded: a state made
-    # for another accelerator would never match a run.
-    key = warm.WarmKey.make(template_sha256=manifest["sha256"], hypervisor=hv.version(),
-                            accel=accel_name or accel.resolve(config.accel), memory_mib=config.vm.memory_mib,
-                            cpus=config.vm.cpus, scratch_bytes=config.run.scratch)
     try:
-        warm.build(hv, image, key, steps, boot_timeout=config.run.boot_timeout)
-    except VmisoError as err:
+        warm.make_warm_state(config, hv, image, steps, accel_name)
+    except VmisoError as err:  # runs boot cold without it: the image is still good
         log.warning("image %s: no warm state (%s); runs will boot cold", image.name, err)
-        return False
-    return True
+    return image

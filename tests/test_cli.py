@@ -1,0 +1,153 @@
+"""The command line through click's runner: exit codes, messages, the --json record.
+
+The library functions behind each command are replaced by small fakes; libvirt is
+its test:///default driver, which boots nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from vmiso import cli, warm
+from vmiso.errors import GuestError, RunTimeout, VmisoError
+from vmiso.run import RunResult
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "vmiso.yaml"
+    path.write_text(yaml.safe_dump({"accel": "tcg", "libvirt_uri": "test:///default",
+                                    "state_dir": str(tmp_path / "state")}))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def keep_process_state():
+    """The CLI sets up logging and a SIGTERM handler; the test process keeps its own."""
+    sigterm = signal.getsignal(signal.SIGTERM)
+    loggers = [logging.getLogger(name) for name in ("vmiso", "paramiko")]
+    saved = [(lg, lg.level, lg.handlers[:]) for lg in loggers]
+    yield
+    signal.signal(signal.SIGTERM, sigterm)
+    for lg, level, handlers in saved:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli.cli, list(args), catch_exceptions=False)
+
+
+def fake_run(monkeypatch, outcome):
+    """Make 'vmiso run' call ``outcome(request)`` instead of booting a VM."""
+    seen = []
+
+    def run(config, hv, request, stdout, stderr, steps):
+        seen.append(request)
+        with steps.step("exec", "the job"):
+            stdout.write(b"job output\n")
+            return outcome(request)
+    monkeypatch.setattr("vmiso.run.run", run)
+    return seen
+
+
+def result(exit_code: int = 0, **changes) -> RunResult:
+    return RunResult(run_id="abc", image="default", sha256="0" * 64, command=("python", "job.py"),
+                     exit_code=exit_code, boot="warm", memory_mib=512, scratch_bytes=2 * 1024**3, **changes)
+
+
+def test_run_exits_with_the_job_code_and_records_it(monkeypatch, config, tmp_path):
+    requests = fake_run(monkeypatch, lambda request: result(3))
+    record = tmp_path / "run.json"
+    done = invoke("run", "-c", str(config), "--json", str(record), "--cold", "--memory", "1024",
+                  "-i", str(config), "--", "python", "job.py")
+    assert done.exit_code == 3
+    assert "job output" in done.stdout
+    assert requests[0].command == ("python", "job.py") and not requests[0].warm
+    assert requests[0].memory_mib == 1024 and requests[0].inputs == (config,)
+    data = json.loads(record.read_text())
+    assert data["exit_code"] == 3 and data["boot"] == "warm" and data["command"] == ["python", "job.py"]
+
+
+def test_run_says_which_signal_killed_the_job(monkeypatch, config):
+    fake_run(monkeypatch, lambda request: result(137, signal="SIGKILL"))
+    done = invoke("run", "-c", str(config), "--", "python", "job.py")
+    assert done.exit_code == 137
+    assert "killed by SIGKILL (most likely the guest's out-of-memory killer" in done.stderr
+    assert "this run had 512 MiB" in done.stderr
+
+
+@pytest.mark.parametrize(("error", "code"), [(RunTimeout("too long", "raise --timeout"), 124),
+                                             (GuestError("no SSH"), 125)])
+def test_a_failed_run_is_recorded_with_its_exit_code(monkeypatch, config, tmp_path, error, code):
+    def fail(request):
+        raise error
+    fake_run(monkeypatch, fail)
+    record = tmp_path / "run.json"
+    done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
+    assert done.exit_code == code
+    assert f"vmiso: error: {error.message}" in done.stderr
+    data = json.loads(record.read_text())
+    assert data["exit_code"] == code and data["error"] == str(error) and "exec" in data["timings"]
+
+
+def test_an_interrupted_run_is_recorded_with_exit_code_130(monkeypatch, config, tmp_path):
+    def interrupt(request):
+        raise KeyboardInterrupt
+    fake_run(monkeypatch, interrupt)
+    record = tmp_path / "run.json"
+    done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
+    assert done.exit_code == 130 and "vmiso: interrupted" in done.stderr
+    data = json.loads(record.read_text())
+    assert data["exit_code"] == 130 and data["error"] == "interrupted"
+
+
+def test_an_internal_error_is_short_and_recorded(monkeypatch, config, tmp_path):
+    def bug(request):
+        raise ZeroDivisionError("oops")
+    fake_run(monkeypatch, bug)
+    record = tmp_path / "run.json"
+    done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
+    assert done.exit_code == 125
+    assert "internal error: ZeroDivisionError: oops" in done.stderr and "run with -v" in done.stderr
+    assert json.loads(record.read_text())["exit_code"] == 125
+    verbose = invoke("-v", "run", "-c", str(config), "--", "true")
+    assert "Traceback" in verbose.stderr
+
+
+def test_run_never_overwrites_the_json_record(monkeypatch, config, tmp_path):
+    fake_run(monkeypatch, lambda request: result(0))
+    record = tmp_path / "run.json"
+    record.write_text("mine")
+    done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
+    assert done.exit_code == 125 and "exists already" in done.stderr
+    assert record.read_text() == "mine"
+
+
+def test_sigterm_becomes_an_interruption():
+    with pytest.raises(VmisoError) as err:
+        cli._raise_interrupt(signal.SIGTERM, None)
+    assert err.value.exit_code == 130
+
+
+def test_images_warm_gives_the_reason_even_with_q(monkeypatch, config, tmp_path):
+    # The reason used to be a warning, which -q hides, and the error said 'see the warning above'.
+    image = tmp_path / "state" / "images" / "x"
+    image.mkdir(parents=True)
+    (image / "manifest.json").write_text(json.dumps({"sha256": "0" * 64}))
+    (image / "template.qcow2").write_bytes(b"")
+
+    def build(hv, image, key, steps, *, boot_timeout):
+        raise GuestError("the clone was not ready to be saved in time")
+    monkeypatch.setattr(warm, "build", build)
+    done = invoke("-q", "images", "-c", str(config), "warm", "x")
+    assert done.exit_code == 125
+    assert "could not make a warm state for x: the clone was not ready to be saved in time" in done.stderr
+    assert "warning above" not in done.stderr
