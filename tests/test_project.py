@@ -8,8 +8,9 @@ import sys
 import pytest
 
 CORE = ["vmiso.config", "vmiso.domain", "vmiso.hypervisor", "vmiso.seed", "vmiso.ssh", "vmiso.run",
-        "vmiso.outputs", "vmiso.gc", "vmiso.doctor", "vmiso.image.provision", "vmiso.image.store",
-        "vmiso.image.layer", "vmiso.image.initramfs", "vmiso.accel"]
+        "vmiso.inputs", "vmiso.outputs", "vmiso.reaper", "vmiso.workdir", "vmiso.warm", "vmiso.doctor",
+        "vmiso.image.provision", "vmiso.image.store", "vmiso.image.layer", "vmiso.image.initramfs",
+        "vmiso.image.cloud", "vmiso.accel"]
 
 
 def test_core_imports_without_click():
@@ -78,3 +79,14 @@ def test_the_benchmark_floor_boots_under_the_accelerator_runs_use(repo, tmp_path
     assert spec.accel == "kvm"
     tcg = config.load(None, env={"VMISO_ACCEL": "tcg"})
     assert bench.floor_spec(tcg, "floor", image, tmp_path / "i", tmp_path / "o", tmp_path).accel == "tcg"
+
+
+def test_image_code_imports_without_libvirt():
+    # Only hypervisor.py talks to libvirt; the image store, layers and provisioning are
+    # handed a connection. (vmiso.image used to import the reaper, and through it libvirt.)
+    modules = ["vmiso.image.store", "vmiso.image.layer", "vmiso.image.cloud", "vmiso.image.provision",
+               "vmiso.warm", "vmiso.reaper", "vmiso.workdir", "vmiso.clone", "vmiso.inputs"]
+    code = ("import sys; sys.modules['libvirt'] = None\n" + "".join(f"import {m}\n" for m in modules)
+            + "assert 'vmiso.hypervisor' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -251,13 +251,13 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
 @click.pass_context
 def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, layers: bool) -> None:
     """Remove VMs, overlays and directories that a killed vmiso left behind."""
-    from . import gc as gc_mod
+    from . import reaper
     from .hypervisor import connected
     from .image.layer import remove_cached_layers
 
     config = _load(ctx, config_path, state_dir=state_dir)
     with connected(config.libvirt_uri) as hv:
-        removed = gc_mod.collect(hv, config.state_dir)
+        removed = reaper.collect(hv, config.state_dir)
     for item in removed:
         click.echo(f"removed {item.kind} {item.name}")
     freed, kept = remove_cached_layers(config.state_dir) if layers else ([], [])

@@ -191,7 +191,7 @@ def domain_name(xml: str) -> str:
 
 
 def metadata_of(xml: str) -> dict[str, str]:
-    """Read back what ``_metadata`` wrote (for gc); {} when there is none."""
+    """Read back what ``_metadata`` wrote (for the reaper); {} when there is none."""
     root = ET.fromstring(xml)
     inner = root.find(f"metadata/{{{METADATA_NS}}}vm")
     if inner is None:

@@ -29,16 +29,19 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, accel
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, retarget
 from .errors import GuestError, ImageError
-from .hypervisor import Hypervisor
 from .image.store import Image
 from .progress import Steps
 from .workdir import flocked, install_dir
+
+if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
+    from .hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ so a writable share must belong to that user.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pwd
 import re
@@ -48,6 +49,37 @@ def share_dir(path: Path, *, writable: bool) -> Path:
     else:
         os.chmod(path, 0o755)
     return path
+
+
+# --- owners: which vmiso process a directory belongs to -----------------------------
+# Run directories and build directories record their owner; reaper.py removes
+# those whose owner no longer exists.
+
+OWNER_FILE = "owner.json"
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def claim(directory: Path) -> None:
+    """Mark ``directory`` as this process's."""
+    pid = os.getpid()
+    (directory / OWNER_FILE).write_text(json.dumps({"pid": pid, "start": _start_time(pid)}))
+
+
+def owner_alive(directory: Path) -> bool:
+    try:
+        owner = json.loads((directory / OWNER_FILE).read_text())
+        pid, start = int(owner["pid"]), owner["start"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _start_time(pid) == start and start is not None
 
 
 def _unescape_mount(field: bytes) -> bytes:

@@ -25,10 +25,9 @@ from pathlib import Path
 from .. import tools
 from ..config import CloudImage
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError
-from ..gc import OWNER_FILE, claim
 from ..progress import Steps
 from ..resources import images_dir
-from ..workdir import remove_tree
+from ..workdir import OWNER_FILE, claim, remove_tree
 from . import initramfs
 from .layer import HOST_FILES, Layer, publish_layer
 

@@ -18,20 +18,22 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__, accel, tools, warm
 from ..config import Config, check_name
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
-from ..gc import OWNER_FILE, claim
-from ..hypervisor import Hypervisor
 from ..progress import Steps
 from ..seed import SeedInputs, write_seed
-from ..workdir import install_dir, private_dir, share_dir
+from ..workdir import OWNER_FILE, claim, install_dir, private_dir, share_dir
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
 from .store import MANIFEST, Image, images_root, prepare_root, sha256_file
+
+if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
+    from ..hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 
