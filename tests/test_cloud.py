@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_initramfs import DEPS, fake_root, read_newc
 
 from vmiso.config import CloudImage
 from vmiso.errors import ConfigError, ImageError, ProvisionError, ToolError
@@ -21,6 +20,7 @@ from vmiso.image import cloud
 from vmiso.progress import Steps
 
 from diskimage import ROOT_PARTITION, make_cloud_image, make_filesystem
+from test_initramfs import DEPS, fake_root, read_newc
 
 RELEASE = "6.1.0-test"
 

@@ -22,54 +22,12 @@ import pytest
 from vmiso import config as config_mod, run, warm
 from vmiso.clone import CloneDir, clone_spec, make_clone_dir
 from vmiso.domain import domain_xml
-from vmiso.errors import GuestError, HypervisorError, OutputError, RunTimeout, VmisoError
+from vmiso.errors import GuestError, OutputError, RunTimeout, VmisoError
 from vmiso.image.store import Image
 from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
-VERSION = "libvirt 9.0, QEMU 7.2"
-
-
-class FakeHypervisor:
-    """The few Hypervisor methods a run uses; domains are names in a set."""
-
-    def __init__(self) -> None:
-        self.running: set[str] = set()
-        self.started: dict[str, str] = {}  # name -> domain XML
-        self.restored: dict[str, str] = {}
-        self.destroyed: list[str] = []
-        self.saved: dict[Path, str] = {}  # saved state -> its XML
-        self.fail_restore = False
-
-    def version(self) -> str:
-        return VERSION
-
-    def vmiso_domains(self) -> list:
-        return []
-
-    def start_transient(self, name: str, xml: str, *, autodestroy: bool = True) -> None:
-        self.started[name] = xml
-        self.running.add(name)
-
-    def saved_xml(self, path: Path) -> str:
-        return self.saved[path]
-
-    def restore(self, name: str, path: Path, xml: str) -> None:
-        if self.fail_restore:
-            raise HypervisorError(f"libvirt could not restore VM {name} from {path}: broken")
-        self.restored[name] = xml
-        self.running.add(name)
-
-    def is_running(self, name: str) -> bool:
-        return name in self.running
-
-    def destroy(self, name: str) -> bool:
-        self.destroyed.append(name)
-        if name not in self.running:
-            return False
-        self.running.discard(name)
-        return True
-
+from fakes import VERSION, FakeHypervisor, make_image
 
 Job = Callable[[CloneDir, io.BytesIO, io.BytesIO], "JobExit | None"]
 
@@ -125,17 +83,7 @@ def config(state: Path) -> config_mod.Config:
 
 @pytest.fixture
 def image(state: Path) -> Image:
-    """An image as provisioning leaves it, with a tiny template."""
-    path = state / "images" / "x"
-    path.mkdir(parents=True)
-    template = path / "template.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(template), "16M"], check=True)
-    digest = subprocess.run(["sha256sum", str(template)], capture_output=True, text=True).stdout.split()[0]
-    (path / "manifest.json").write_text(json.dumps({"name": "x", "sha256": digest}))
-    (path / "host_key.pub").write_text("ssh-ed25519 AAAA pinned\n")
-    for name in ("client_key", "vmlinuz", "initramfs.img"):
-        (path / name).write_bytes(b"")
-    return Image("x", path)
+    return make_image(state)
 
 
 def request(*command: str, **changes) -> run.RunRequest:

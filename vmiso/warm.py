@@ -38,7 +38,7 @@ from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, re
 from .errors import GuestError, ImageError
 from .image.store import Image
 from .progress import Steps
-from .workdir import flocked, install_dir
+from .workdir import OWNER_FILE, flocked, install_dir
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
     from .hypervisor import Hypervisor
@@ -153,7 +153,7 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         os.chmod(clone.overlay, 0o444)  # the backing file of every run restored from this slot
         os.chmod(clone.scratch, 0o444)  # copied, byte for byte, for every run
         os.chmod(slot.state, 0o400)
-        for leftover in (clone.ssh_socket, clone.path / "owner.json"):
+        for leftover in (clone.ssh_socket, clone.path / OWNER_FILE):
             leftover.unlink(missing_ok=True)
         install_dir(clone.path, final)
 
