@@ -6,6 +6,7 @@ its test:///default driver, which boots nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import signal
@@ -16,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from vmiso import cli, warm
-from vmiso.errors import GuestError, RunTimeout, VmisoError
+from vmiso.errors import GuestError, Interrupted, RunTimeout, VmisoError
 from vmiso.run import RunResult
 
 
@@ -151,3 +152,95 @@ def test_images_warm_gives_the_reason_even_with_q(monkeypatch, config, tmp_path)
     assert done.exit_code == 125
     assert "could not make a warm state for x: the clone was not ready to be saved in time" in done.stderr
     assert "warning above" not in done.stderr
+
+
+def image_in(state: Path, name: str = "x", **manifest) -> Path:
+    path = state / "images" / name
+    path.mkdir(parents=True)
+    (path / "template.qcow2").write_bytes(b"template")
+    digest = hashlib.sha256(b"template").hexdigest()
+    (path / "manifest.json").write_text(json.dumps({"name": name, "sha256": digest, **manifest}))
+    return path
+
+
+def test_run_reports_refused_outputs(monkeypatch, config):
+    from vmiso.outputs import OutputReport
+
+    report = OutputReport(refused=[("link", "a symbolic link")])
+    fake_run(monkeypatch, lambda request: result(0, outputs=report))
+    done = invoke("run", "-c", str(config), "--", "true")
+    assert done.exit_code == 0 and "vmiso: refused output link: a symbolic link" in done.stderr
+
+
+def test_provision_prints_the_new_image_and_its_progress(monkeypatch, config, tmp_path):
+    state = tmp_path / "state"
+
+    def provision(cfg, hv, *, name, replace, steps):
+        with steps.step("keys", "client key"):
+            steps.note("keys", "made")
+        from vmiso.image.store import Image
+        return Image(name, image_in(state, name, created="2026-01-01T00:00:00+00:00"))
+    monkeypatch.setattr("vmiso.image.provision.provision", provision)
+    done = invoke("provision", "-c", str(config), "--name", "new")
+    assert done.exit_code == 0
+    assert f"provisioned new in 0 s: sha256 {hashlib.sha256(b'template').hexdigest()}" in done.stdout
+    assert "keys: client key" in done.stderr and "keys: made" in done.stderr
+
+
+def test_images_lists_verifies_and_removes(config, tmp_path):
+    state = tmp_path / "state"
+    assert "no images; build one with 'vmiso provision'" in invoke("images", "-c", str(config)).stdout
+    image_in(state, "recipe", pip=[{"name": "tabulate", "version": "0.9.0"}, {"name": "pip", "version": "23"}],
+             source={"recipe": "debian-12", "mirror": "http://m/debian"})
+    image_in(state, "cloud", source={"cloud_image": "/c.qcow2", "sha256": "c" * 64})
+    listing = invoke("images", "-c", str(config)).stdout
+    assert "packages: tabulate==0.9.0" in listing and "pip==" not in listing
+    assert "source: recipe debian-12 from http://m/debian" in listing
+    assert f"source: cloud image /c.qcow2 (sha256 {'c' * 64})" in listing
+    rows = json.loads(invoke("images", "-c", str(config), "--json").stdout)
+    assert [row["name"] for row in rows] == ["cloud", "recipe"]
+    assert "cloud: OK sha256" in invoke("images", "-c", str(config), "verify", "cloud").stdout
+    (state / "images" / "cloud" / "template.qcow2").write_bytes(b"changed")
+    changed = invoke("images", "-c", str(config), "verify", "cloud")
+    assert changed.exit_code == 125 and "does not match its manifest" in changed.stderr
+    assert invoke("images", "-c", str(config), "rm", "cloud").stdout == "removed cloud\n"
+    assert [row["name"] for row in json.loads(invoke("images", "-c", str(config), "--json").stdout)] == ["recipe"]
+
+
+def test_gc_removes_leftovers(config, tmp_path):
+    orphan = tmp_path / "state" / "runs" / "dead"
+    orphan.mkdir(parents=True)
+    done = invoke("gc", "-c", str(config))
+    assert done.exit_code == 0 and "removed run directory dead" in done.stdout and not orphan.exists()
+    assert "nothing to remove" in invoke("gc", "-c", str(config)).stdout
+
+
+def test_doctor_marks_each_check_and_fails_when_one_fails(monkeypatch, config):
+    from vmiso.doctor import Check
+
+    checks = [Check("qemu-img", True, "/usr/bin/qemu-img"), Check("accel", True, "TCG", "use KVM", warning=True)]
+    monkeypatch.setattr("vmiso.doctor.run_checks", lambda cfg: checks)
+    done = invoke("doctor", "-c", str(config))
+    assert done.exit_code == 0
+    assert "[ok  ] qemu-img: /usr/bin/qemu-img" in done.stdout and "[warn] accel: TCG" in done.stdout
+    assert "fix: use KVM" in done.stdout
+    checks.append(Check("libvirt", False, "no daemon", "start it"))
+    failed = invoke("doctor", "-c", str(config))
+    assert failed.exit_code == 1 and "[FAIL] libvirt: no daemon" in failed.stdout
+
+
+def test_a_bad_config_is_one_line_and_125(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("acel: tcg\n")
+    done = invoke("images", "-c", str(path))
+    assert done.exit_code == 125
+    assert done.stderr == "vmiso: error: unknown key 'acel'\nvmiso: did you mean 'accel'?\n"
+
+
+def test_main_exits_130_when_interrupted_outside_a_command(monkeypatch):
+    def interrupted(**kwargs):
+        raise Interrupted("vmiso was asked to stop (SIGTERM)")
+    monkeypatch.setattr(cli, "cli", interrupted)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 130
