@@ -2,10 +2,10 @@
 
 Every run directory and image build directory holds an ``owner.json`` naming the
 vmiso process that made it (``workdir.claim``: pid and start time, so a reused
-pid is not mistaken for the owner).  Whatever belongs to a process that no longer exists is removed.
-A run's VM is transient and auto-destroyed by libvirt when its vmiso's
-connection closes, so usually only files are left; a VM is destroyed here too
-when one remains.
+pid is not mistaken for the owner).  Whatever belongs to a process that no
+longer exists is removed.  A run's VM is transient and auto-destroyed by
+libvirt when its vmiso's connection closes, so usually only files are left; a
+VM is destroyed here too when one remains.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the connection is passed in: importing this module needs no
     from .hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Leftover:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import ToolError
 
@@ -51,8 +52,9 @@ def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | N
     try:
         if log_path is not None:
             with open(log_path, "ab") as log_file:
-                done = subprocess.run(full, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd, text=True,
-                                      timeout=timeout, input=input_text or None)
+                done: subprocess.CompletedProcess[Any] = subprocess.run(
+                    full, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd, timeout=timeout,
+                    input=input_text.encode() if input_text else None)
             output = ""
         else:
             done = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input_text,
