@@ -136,6 +136,7 @@ Connect = Callable[..., ssh.Session]
 
 def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
         steps: Steps | None = None, *, connect: Connect = ssh.connect) -> RunResult:
+    """Run ``request.command`` in a fresh clone; the job's exit code, or an error saying why it has none."""
     steps = steps or Steps()
     image, accel_name = _check(config, request)
     reaper.collect(hv, config.state_dir)  # what a vmiso killed earlier left behind
