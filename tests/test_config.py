@@ -113,3 +113,12 @@ def test_apt_packages_are_checked_when_the_config_loads(write):
         config.load(path, env={})
     assert config.load(write("w.yaml", "provision:\n  apt_packages: [libxml2=2.9.14+dfsg-1.3]\n"),
                        env={}).provision.apt_packages == ("libxml2=2.9.14+dfsg-1.3",)
+
+
+def test_scratch_size_default_units_and_minimum(write):
+    assert config.load(None).run.scratch == 2 * 1024**3
+    assert config.load(write("a.yaml", "run:\n  scratch: 8GiB\n")).run.scratch == 8 * 1024**3
+    with pytest.raises(ConfigError, match="run.scratch: .* is too small"):
+        config.load(write("b.yaml", "run:\n  scratch: 1MiB\n"))
+    with pytest.raises(ConfigError, match="run.scratch: 'lots' is not a size"):
+        config.load(write("c.yaml", "run:\n  scratch: lots\n"))

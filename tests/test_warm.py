@@ -128,7 +128,7 @@ def test_build_saves_slots_that_a_run_then_restores(tmp_path):
     state = tmp_path / "state"
     image = make_image(state)
     cfg = config_mod.override(config_mod.load(None, env={"VMISO_ACCEL": "tcg"}), state_dir=state,
-                              **{"run.scratch": config_mod.MIN_SCRATCH})
+                              libvirt_uri="test:///default", **{"run.scratch": config_mod.MIN_SCRATCH})
     hv = FakeHypervisor()
     hv.console = b"[ 1.0] boot\nvmiso-ssh-link: waiting protocol=2\n"
     warm.make_warm_state(cfg, hv, image, Steps())

@@ -49,10 +49,11 @@ def write_config(directory: Path, state_dir: Path, requirements: str = TABULATE,
     return path
 
 
-def vmiso(*args: str | Path, timeout: float = 900, check: bool = False) -> subprocess.CompletedProcess:
-    env = dict(os.environ, VMISO_ACCEL="tcg", PYTHONUNBUFFERED="1")
+def vmiso(*args: str | Path, timeout: float = 900, check: bool = False,
+          **env_changes: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, VMISO_ACCEL="tcg", PYTHONUNBUFFERED="1", **env_changes)
     done = subprocess.run([*VMISO, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=REPO)
+                          env=env, cwd=REPO, stdin=subprocess.DEVNULL)
     if check and done.returncode != 0:
         raise AssertionError(f"vmiso {args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
@@ -70,7 +71,7 @@ class Streamed:
     def start(cls, *args: str | Path) -> Streamed:
         env = dict(os.environ, VMISO_ACCEL="tcg", PYTHONUNBUFFERED="1")
         process = subprocess.Popen([*VMISO, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env=env, cwd=REPO)
+                                   stdin=subprocess.DEVNULL, env=env, cwd=REPO)
         streamed = cls(process)
         for name, pipe in (("out", process.stdout), ("err", process.stderr)):
             thread = threading.Thread(target=streamed._read, args=(name, pipe), daemon=True)

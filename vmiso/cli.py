@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
-from . import config as config_mod
+from . import __version__, config as config_mod
 from .errors import EXIT_INTERRUPTED, EXIT_VMISO, Interrupted, VmisoError
 from .progress import Steps
+from .terminal import SafeStream, for_terminal, neutralize
 
 log = logging.getLogger("vmiso")
 
@@ -26,9 +31,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except VmisoError as err:
-            click.echo(f"vmiso: error: {err.message}", err=True)
+            # Messages may quote what a guest wrote (names, log lines): never raw.
+            click.echo(f"vmiso: error: {neutralize(err.message)}", err=True)
             if err.hint:
-                click.echo(f"vmiso: {err.hint}", err=True)
+                click.echo(f"vmiso: {neutralize(err.hint)}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("vmiso: interrupted", err=True)
@@ -36,7 +42,7 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as err:  # anything unexpected is a bug: say so, briefly
-            click.echo(f"vmiso: internal error: {type(err).__name__}: {err}", err=True)
+            click.echo(f"vmiso: internal error: {type(err).__name__}: {neutralize(str(err))}", err=True)
             if log.isEnabledFor(logging.DEBUG):
                 traceback.print_exc()
             else:
@@ -44,10 +50,17 @@ class _Group(click.Group):
             ctx.exit(EXIT_VMISO)
 
 
+class _SafeFormatter(logging.Formatter):
+    """Log lines may quote what a guest wrote: show its control characters, never send them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return neutralize(super().format(record))
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("vmiso: %(levelname)s: %(message)s"))
+    handler.setFormatter(_SafeFormatter("vmiso: %(levelname)s: %(message)s"))
     root = logging.getLogger("vmiso")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -56,17 +69,109 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
 
 
-def _progress_printer(quiet: bool):
-    def listener(event: str, step: str, detail: str, elapsed: float) -> None:
-        if quiet:
+class _Progress:
+    """Prints the core's step events on stderr (see vmiso.progress).
+
+    A step's start, its notes and its failure are one timestamped line each, on a
+    pipe, a file or a terminal alike.  When ``live`` and stderr is a terminal (only
+    then), a status line under them shows the open step's elapsed time and what it
+    is doing right now (the guest's phase, the package pip installs), redrawn
+    every ``interval`` seconds with a carriage return and erase-line, and erased
+    before anything else is written.  Use it as a context manager when live.
+    """
+
+    def __init__(self, quiet: bool, live: bool = False, stream: TextIO | None = None,
+                 interval: float = 0.5) -> None:
+        self._quiet = quiet
+        self._stream = stream if stream is not None else sys.stderr
+        # A dumb terminal (Emacs' shell, some CI consoles) knows no erase-line.
+        self._live = live and not quiet and self._stream.isatty() and os.environ.get("TERM") != "dumb"
+        self._interval = interval
+        self._lock = threading.RLock()
+        self._open: dict[str, float] = {}  # open steps in start order -> monotonic start
+        self._status: dict[str, str] = {}
+        self._shown = False
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def __call__(self, event: str, step: str, detail: str, elapsed: float) -> None:
+        if self._quiet:
             return
-        if event == "start":
-            click.echo(f"[{elapsed:7.1f}s] {step}" + (f": {detail}" if detail else ""), err=True)
-        elif event == "note":
-            click.echo(f"[{elapsed:7.1f}s] {step}: {detail}", err=True)
-        elif event == "fail":
-            click.echo(f"[{elapsed:7.1f}s] {step} FAILED", err=True)
-    return listener
+        with self._lock:
+            self._erase()
+            if event == "start":
+                self._line(f"[{elapsed:7.1f}s] {step}" + (f": {detail}" if detail else ""))
+                self._open[step] = time.monotonic()
+                self._status.pop(step, None)
+            elif event == "note":
+                self._line(f"[{elapsed:7.1f}s] {step}: {detail}")
+            elif event == "fail":
+                self._line(f"[{elapsed:7.1f}s] {step} FAILED")
+            elif event == "status":
+                self._status[step] = detail
+            if event in ("done", "fail"):
+                self._open.pop(step, None)
+                self._status.pop(step, None)
+            self._draw()
+
+    def __enter__(self) -> _Progress:
+        if self._live:
+            self._ticker = threading.Thread(target=self._tick, name="vmiso-progress", daemon=True)
+            self._ticker.start()
+            for handler in logging.getLogger("vmiso").handlers:
+                handler.addFilter(self._before_log)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            for handler in logging.getLogger("vmiso").handlers:
+                handler.removeFilter(self._before_log)
+        with self._lock:
+            self._erase()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                self._erase()
+                self._draw()
+
+    def _before_log(self, _record: logging.LogRecord) -> bool:
+        with self._lock:  # the next tick draws the status line again, under the message
+            self._erase()
+        return True
+
+    def _line(self, text: str) -> None:
+        # Details may quote what an image or a guest holds (a cloud image's kernel release).
+        click.echo(neutralize(text), file=self._stream)
+
+    def _erase(self) -> None:
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._shown = False
+
+    def _draw(self) -> None:
+        if not self._live or not self._open or self._stop.is_set():
+            return
+        step = next(reversed(self._open))
+        seconds = int(time.monotonic() - self._open[step])
+        text = f"  {step} {seconds // 60}:{seconds % 60:02d}"
+        if self._status.get(step):
+            text += f"  {neutralize(self._status[step])}"
+        try:
+            width = os.get_terminal_size(self._stream.fileno()).columns
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            width = 80
+        self._stream.write(text[:max(width - 1, 10)])  # never wrap: \r could not go back up
+        self._stream.flush()
+        self._shown = True
+
+
+def _progress_printer(quiet: bool) -> _Progress:
+    """Plain timestamped lines (commands that stream a job's output use this)."""
+    return _Progress(quiet)
 
 
 def _load(ctx: click.Context, config_path: Path | None, **overrides: Any) -> config_mod.Config:
@@ -85,7 +190,7 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="more detail; tracebacks for internal errors")
 @click.option("-q", "--quiet", is_flag=True, help="only errors")
-@click.version_option(package_name="vmiso")
+@click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Run Python programs you cannot audit in disposable, offline VMs."""
@@ -108,8 +213,8 @@ def provision(ctx: click.Context, config_path: Path | None, accel: str | None, s
     from .image.store import summary
 
     config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
-    steps = Steps(_progress_printer(ctx.obj["quiet"]))
-    with connected(config.libvirt_uri) as hv:
+    with _Progress(ctx.obj["quiet"], live=True) as printer, connected(config.libvirt_uri) as hv:
+        steps = Steps(printer)
         image = do_provision(config, hv, name=name, replace=replace, steps=steps)
     info = summary(image)
     click.echo(f"provisioned {info['name']} in {steps.elapsed():.0f} s: sha256 {info['sha256']}")
@@ -186,11 +291,21 @@ def images_verify(ctx: click.Context, name: str) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="write a record of the run (timings, exit code, output manifest) here")
 @click.option("--cold", is_flag=True, help="boot the clone from scratch even when a warm state exists")
+@click.option("--accept-tool-files", is_flag=True,
+              help="also copy outputs that host tools run code from (.git/, .hg/, .envrc, .vscode/, ...)")
+@click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
+              help="set a variable for the job (repeatable); nothing else of this environment reaches it")
+@click.option("--env-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="variables for the job, one KEY=VALUE a line ('#' comments; values taken as written)")
+@click.option("--raw", is_flag=True,
+              help="pass the job's output to a terminal unchanged (by default its control characters "
+                   "and escape sequences are shown, not obeyed; pipes and files always get raw bytes)")
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
 def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_dir: Path | None,
         image: str | None, inputs: tuple[Path, ...], output: Path | None, timeout: int | None,
         memory: int | None, cpus: int | None, scratch: str | None, json_path: Path | None, cold: bool,
+        accept_tool_files: bool, env_pairs: tuple[str, ...], env_file: Path | None, raw: bool,
         command: tuple[str, ...]) -> None:
     """Run COMMAND in a disposable, offline clone of an image.
 
@@ -206,16 +321,29 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
 
     scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
     config = _load(ctx, config_path, accel=accel, state_dir=state_dir, **{"run.scratch": scratch_bytes})
+    env = _env_file(env_file) if env_file is not None else []
+    env += [_env_pair(pair, "-e") for pair in env_pairs]
     request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
-                         timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold)
+                         timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold, env=tuple(env),
+                         accept_tool_files=accept_tool_files)
     if json_path is not None and json_path.exists():
         raise VmisoError(f"--json {json_path} exists already; vmiso never overwrites files")
     steps = Steps(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0))
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)  # the terminal was closed
     record: dict[str, Any] = {"command": list(command), "image": request.image}
     try:
         with connected(config.libvirt_uri) as hv:
-            result = do_run(config, hv, request, sys.stdout.buffer, sys.stderr.buffer, steps)
+            out = for_terminal(sys.stdout.buffer, is_terminal=sys.stdout.isatty(), raw=raw)
+            err_out = for_terminal(sys.stderr.buffer, is_terminal=sys.stderr.isatty(), raw=raw)
+            try:
+                # A pipe or file on stdin streams to the job; a terminal (or none) gives it end of file.
+                stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer
+                result = do_run(config, hv, request, out, err_out, steps, stdin=stdin)  # type: ignore[arg-type]
+            finally:
+                for stream in (out, err_out):
+                    if isinstance(stream, SafeStream):
+                        stream.finish()
         record = result.as_dict()
     except VmisoError as err:
         record.update(exit_code=err.exit_code, error=str(err), timings=dict(steps.timings))
@@ -232,15 +360,32 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
             json_path.write_text(json.dumps(record, indent=2) + "\n")
     if result.outputs is not None:
         for path, reason in result.outputs.refused:
-            click.echo(f"vmiso: refused output {path}: {reason}", err=True)
+            click.echo(f"vmiso: refused output {neutralize(path)}: {neutralize(reason)}", err=True)
     if (killed := result.signal_message()) is not None:
         what, hint = killed
         click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
     ctx.exit(result.exit_code)
 
 
-def _raise_interrupt(_signum: int, _frame: object) -> None:
-    raise Interrupted("vmiso was asked to stop (SIGTERM)")
+def _env_pair(text: str, where: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise VmisoError(f"{where}: {text!r} has no '='; nothing of this environment reaches the job "
+                         "unless given as a value", f"write -e {key}=VALUE (or -e {key}=\"${key}\" in a shell)")
+    return key, value
+
+
+def _env_file(path: Path) -> list[tuple[str, str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise VmisoError(f"cannot read --env-file {path}: {err}") from None
+    return [_env_pair(line, f"{path}, line {number}") for number, line in enumerate(lines, 1)
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(f"vmiso was asked to stop ({signal.Signals(signum).name})")
 
 
 @cli.command()
@@ -301,13 +446,26 @@ def images_warm(ctx: click.Context, name: str) -> None:
 
     config = ctx.obj["config"]
     image = get_image(config.state_dir, name)
-    steps = Steps(_progress_printer(ctx.obj["quiet"]))
-    with connected(config.libvirt_uri) as hv:
+    with _Progress(ctx.obj["quiet"], live=True) as printer, connected(config.libvirt_uri) as hv:
+        steps = Steps(printer)
         try:
             make_warm_state(config, hv, image, steps)
         except VmisoError as err:  # said here, in the error itself: -q hides warnings
             raise ImageError(f"could not make a warm state for {name}: {err.message}", err.hint) from None
     click.echo(f"{name}: warm state ready in {steps.elapsed():.0f} s")
+
+
+@cli.command("_watchdog", hidden=True)
+@click.argument("uri")
+@click.argument("name")
+@click.argument("run_dir")
+@click.argument("deadline", type=float)
+@click.pass_context
+def watchdog_command(ctx: click.Context, uri: str, name: str, run_dir: str, deadline: float) -> None:
+    """The process that destroys a run's VM when its vmiso dies (started by vmiso run)."""
+    from .watchdog import main as watch
+
+    ctx.exit(watch(uri, name, run_dir, deadline))
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from .config import Config
 from .errors import VmisoError
 from .hypervisor import open_hypervisor
 from .image.layer import cached_layers
+from .resources import data_dirs
 from .workdir import qemu_ids
 
 GIB = 1024**3
@@ -37,6 +38,15 @@ def _programs() -> list[Check]:
         except VmisoError as err:
             checks.append(Check(program, False, err.message, err.hint or ""))
     return checks
+
+
+def _data() -> Check:
+    """vmiso's own files (image recipes, guest files, cloud-init templates), wherever it was installed."""
+    try:
+        images, cloud_init = data_dirs()
+    except VmisoError as err:
+        return Check("data", False, err.message, err.hint or "")
+    return Check("data", True, f"{images}, {cloud_init}")
 
 
 def _accel(config: Config) -> Check:
@@ -93,6 +103,7 @@ def _state_dir(state_dir: Path) -> Check:
 
 def run_checks(config: Config, connect: Callable = open_hypervisor) -> list[Check]:
     checks = _programs()
+    checks.append(_data())
     checks.append(_accel(config))
     kvm = _kvm_device()
     if kvm:

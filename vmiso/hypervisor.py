@@ -103,6 +103,19 @@ class Hypervisor:
                 dom.undefine()
         return True
 
+    def destroy_run(self, name: str, run_dir: str) -> bool:
+        """Destroy ``name`` only while it is still the VM of ``run_dir`` (a restored
+        domain keeps its saved name, which the next run from that slot takes on)."""
+        dom = self._lookup(name)
+        if dom is None:
+            return False
+        try:
+            if metadata_of(dom.XMLDesc(0)).get("run_dir") != run_dir:
+                return False
+        except libvirt.libvirtError:
+            return False  # it went away while we looked
+        return self.destroy(name)
+
     def shutdown(self, name: str) -> None:
         """Ask the guest to power off (ACPI); see ``wait_stopped``."""
         dom = self._lookup(name)

@@ -21,6 +21,21 @@ from pathlib import Path
 from .errors import OutputError
 
 MANIFEST_NAME = "MANIFEST"
+# Names that common host tools run code from when an analyst opens or enters the
+# directory that holds them; refused at any depth unless accepted knowingly.
+TOOL_FILES = {
+    ".git": "git runs hooks and configured commands (core.fsmonitor, aliases) from it",
+    ".hg": "Mercurial runs hooks configured in it",
+    ".envrc": "direnv runs it on entering the directory",
+    ".vscode": "VS Code runs its tasks and settings",
+    ".idea": "JetBrains IDEs run its configurations",
+    ".dir-locals.el": "Emacs evaluates it",
+    ".exrc": "vim runs it (with 'exrc')",
+    ".nvimrc": "Neovim runs it (with 'exrc')",
+    ".nvim.lua": "Neovim runs it (with 'exrc')",
+    ".lvimrc": "vim's localvimrc runs it",
+}
+TOOL_SUFFIXES = {".desktop": "desktop file managers launch it"}
 VIRTFS_MODE = "user.virtfs.mode"
 _CHUNK = 1024 * 1024
 
@@ -79,6 +94,12 @@ def _name_problem(name: str) -> str | None:
     if name in (".", "..") or "/" in name or "\\" in name:
         return "name is not a plain file name"
     return None
+
+
+def tool_file_problem(name: str) -> str | None:
+    """Why a host tool would run code from an output called ``name``, or None."""
+    reason = TOOL_FILES.get(name) or next((r for suffix, r in TOOL_SUFFIXES.items() if name.endswith(suffix)), None)
+    return f"{reason} (accept such files with --accept-tool-files)" if reason else None
 
 
 def _entry_problem(path: str, st: os.stat_result) -> str | None:
@@ -141,8 +162,12 @@ def _copy(src: str, dest: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def collect(share: Path, dest: Path, *, max_bytes: int, max_files: int) -> OutputReport:
-    """Copy what the guest left in ``share`` into ``dest`` after the checks; write MANIFEST."""
+def collect(share: Path, dest: Path, *, max_bytes: int, max_files: int,
+            accept_tool_files: bool = False) -> OutputReport:
+    """Copy what the guest left in ``share`` into ``dest`` after the checks; write MANIFEST.
+
+    ``accept_tool_files``: also copy what TOOL_FILES names (.git/, .envrc, ...).
+    """
     report = OutputReport()
     plan: list[tuple[str, str, bool]] = []  # (host path, relative path, is_dir)
     planned_bytes = 0
@@ -156,6 +181,8 @@ def collect(share: Path, dest: Path, *, max_bytes: int, max_files: int) -> Outpu
                 problem = _name_problem(entry.name)
                 st = entry.stat(follow_symlinks=False)
                 problem = problem or _entry_problem(entry.path, st)
+                if problem is None and not accept_tool_files:
+                    problem = tool_file_problem(entry.name)
                 if problem is None and not prefix and entry.name == MANIFEST_NAME:
                     problem = "the name MANIFEST is vmiso's own"
                 if problem:

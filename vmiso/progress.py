@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # (event, step, detail, elapsed seconds since the first step); event is
-# "start", "done" or "fail".
+# "start", "done", "fail", "note" (a message inside a step) or "status" (what a
+# step is doing right now, e.g. the package pip is installing: transient, worth
+# showing live on a terminal but not worth a line in a log).
 Listener = Callable[[str, str, str, float], None]
 
 
@@ -25,6 +27,11 @@ class Steps:
         """A message inside a step (e.g. a guest-side phase)."""
         if self._listener:
             self._listener("note", step, detail, self.elapsed())
+
+    def status(self, step: str, detail: str) -> None:
+        """What ``step`` is doing right now; replaced by the next status, never logged."""
+        if self._listener:
+            self._listener("status", step, detail, self.elapsed())
 
     def start(self, name: str, detail: str = "") -> None:
         self._started[name] = time.monotonic()

@@ -16,6 +16,7 @@ tear the VM down, judge how the job ended, collect the outputs, clean up.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import shlex
 import shutil
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import accel, outputs, reaper, ssh, warm
+from . import accel, outputs, reaper, ssh, warm, watchdog
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
@@ -46,6 +47,7 @@ GUEST_OUT = "/out"
 GUEST_VENV = "/opt/vmiso/venv"
 GUEST_TMP = "/tmp"  # the scratch disk
 WATCH_INTERVAL = 0.25
+WATCHDOG_GRACE = 30  # seconds past boot + job timeout before the watchdog acts on its own
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class RunRequest:
     cpus: int | None = None
     scratch_bytes: int | None = None  # the job's /tmp; None: run.scratch from the config
     warm: bool = True  # restore a warm state when one fits; False: always boot cold
+    env: tuple[tuple[str, str], ...] = ()  # set for the job, after vmiso's own
+    accept_tool_files: bool = False  # copy outputs that host tools run code from (.git/, .envrc)
 
 
 @dataclass
@@ -135,8 +139,11 @@ Connect = Callable[..., ssh.Session]
 
 
 def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
-        steps: Steps | None = None, *, connect: Connect = ssh.connect) -> RunResult:
-    """Run ``request.command`` in a fresh clone; the job's exit code, or an error saying why it has none."""
+        steps: Steps | None = None, stdin: BinaryIO | None = None, *, connect: Connect = ssh.connect) -> RunResult:
+    """Run ``request.command`` in a fresh clone; the job's exit code, or an error saying why it has none.
+
+    ``stdin`` is streamed to the job (None: end of file).
+    """
     steps = steps or Steps()
     image, accel_name = _check(config, request)
     reaper.collect(hv, config.state_dir)  # what a vmiso killed earlier left behind
@@ -149,9 +156,10 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
                                 cpus=request.cpus or config.vm.cpus,
                                 scratch_bytes=request.scratch_bytes or config.run.scratch)
         clone = _stage(config, request, run_id, key, steps, cleanup)
-        vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup)
+        watch = _watchdog(config, request, clone, cleanup)
+        vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
         session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
-        outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, steps)
+        outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps)
         with steps.step("teardown", "destroy the VM"):
             session.close()
             hv.destroy(vm.name)
@@ -160,7 +168,8 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         if request.output is not None:
             with steps.step("collect", f"check and copy {GUEST_OUT}"):
                 collected = outputs.collect(clone.outputs, request.output, max_bytes=config.run.output_max_bytes,
-                                            max_files=config.run.output_max_files)
+                                            max_files=config.run.output_max_files,
+                                            accept_tool_files=request.accept_tool_files)
         with steps.step("cleanup", "remove the overlay and staging directories"):
             cleanup.close()
     return RunResult(run_id, image.name, sha256, request.command, exit_code, boot=vm.boot,
@@ -173,6 +182,7 @@ def _check(config: Config, request: RunRequest) -> tuple[Image, str]:
     if not request.command:
         raise VmisoError("no command to run", "give one after --, e.g. vmiso run -- python job.py")
     check_inputs(request.inputs)
+    check_env(request.env)
     if request.output is not None:
         outputs.check_destination(request.output)
     accel_name = accel.resolve(config.accel)
@@ -190,21 +200,32 @@ def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, 
     return clone
 
 
+def _watchdog(config: Config, request: RunRequest, clone: CloneDir, cleanup: ExitStack) -> Callable[[str], None]:
+    """What a boot calls once it knows its domain's name: from then on the VM dies with this
+    process, and by the run's deadline even if this process hangs (see watchdog.py)."""
+    timeout = request.timeout or config.run.timeout
+
+    def watch(domain: str) -> None:
+        deadline = time.time() + config.run.boot_timeout + timeout + WATCHDOG_GRACE
+        cleanup.callback(watchdog.start(config.libvirt_uri, domain, str(clone.path), deadline).release)
+    return watch
+
+
 def _boot(hv: Hypervisor, image: Image, clone: CloneDir, key: warm.WarmKey, name: str, want_warm: bool,
-          steps: Steps, cleanup: ExitStack) -> Booted:
+          steps: Steps, cleanup: ExitStack, watch: Callable[[str], None]) -> Booted:
     """Restore a warm state that fits; boot cold when none does or the restore fails, saying why."""
     metadata = {"kind": "run", "run_dir": str(clone.path), "image": image.name}
     slot, why_cold = warm.acquire(image, key, cleanup) if want_warm else (None, "--cold")
     if slot is not None:
         try:
-            return Booted(_boot_warm(hv, slot, clone, metadata, steps, cleanup), "warm")
+            return Booted(_boot_warm(hv, slot, clone, metadata, steps, cleanup, watch), "warm")
         except (HypervisorError, ImageError) as err:
             why_cold = f"the warm state {slot.clone.path.name} could not be restored: {err}"
             clone.overlay.unlink(missing_ok=True)
             clone.scratch.unlink(missing_ok=True)
     if want_warm:
         log.warning("cold boot: %s", why_cold)
-    return Booted(_boot_cold(hv, image, clone, name, key, metadata, steps, cleanup), "cold")
+    return Booted(_boot_cold(hv, image, clone, name, key, metadata, steps, cleanup, watch), "cold")
 
 
 def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: Config, connect: Connect,
@@ -219,14 +240,15 @@ def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: 
 
 
 def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, config: Config,
-             request: RunRequest, stdout: BinaryIO, stderr: BinaryIO, steps: Steps) -> Outcome:
+             request: RunRequest, stdout: BinaryIO, stderr: BinaryIO, stdin: BinaryIO | None,
+             steps: Steps) -> Outcome:
     """Run the job, streaming its output, until it ends, times out or writes too much."""
     timeout = request.timeout or config.run.timeout
     with steps.step("exec", shlex.join(request.command)), \
             _OutputWatch(clone.outputs, config.run.output_max_bytes, config.run.output_max_files,
                          stop=lambda: hv.destroy(vm.name)) as watch:
         try:
-            status = session.execute(job_command(request.command), stdout, stderr,
+            status = session.execute(job_command(request.command, request.env), stdout, stderr, stdin=stdin,
                                      deadline=time.monotonic() + timeout,
                                      should_stop=lambda: watch.exceeded is not None)
         except GuestError:
@@ -260,9 +282,22 @@ def _judge(outcome: Outcome) -> tuple[int, str | None]:
 # --- the steps' helpers ----------------------------------------------------------------
 
 
-def job_command(command: tuple[str, ...]) -> str:
-    """The shell line sshd runs for the job: fixed environment, then the user's argv, quoted."""
-    env = {
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_env(pairs: tuple[tuple[str, str], ...]) -> None:
+    for key, value in pairs:
+        if not _ENV_NAME.fullmatch(key):
+            raise VmisoError(f"{key!r} is not a valid environment variable name",
+                             "use letters, digits and '_', not starting with a digit: -e NAME=VALUE")
+        if "\0" in value:
+            raise VmisoError(f"the value of {key} contains a NUL character, which no environment can hold")
+
+
+def job_command(command: tuple[str, ...], env: tuple[tuple[str, str], ...] = ()) -> str:
+    """The shell line sshd runs for the job: a fixed environment (nothing of the host's),
+    then the user's -e variables, then the user's argv, all quoted."""
+    fixed = {
         "VMISO_IN": GUEST_IN,
         "VMISO_OUT": GUEST_OUT,
         "PATH": f"{GUEST_VENV}/bin:/usr/local/bin:/usr/bin:/bin",
@@ -271,7 +306,7 @@ def job_command(command: tuple[str, ...]) -> str:
         "LANG": "C.UTF-8",
         "TMPDIR": GUEST_TMP,
     }
-    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in [*fixed.items(), *env])
     return f"cd {GUEST_IN} && exec env -i {assignments} {shlex.join(command)}"
 
 
@@ -315,20 +350,21 @@ def check_scratch_room(directory: Path, scratch_bytes: int) -> None:
 
 
 def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: warm.WarmKey,
-               metadata: dict[str, str], steps: Steps, cleanup: ExitStack) -> str:
+               metadata: dict[str, str], steps: Steps, cleanup: ExitStack, watch: Callable[[str], None]) -> str:
     with steps.step("overlay", "copy-on-write clone of the template, scratch disk"):
         make_overlay(clone, image.template)
         make_scratch(clone, key.scratch_bytes)
     spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
                       cpus=key.cpus, metadata=metadata)
     with steps.step("start", "transient domain, cold boot"):
+        watch(name)  # released after the destroy below (an ExitStack unwinds in reverse)
         cleanup.callback(hv.destroy, name)
         hv.start_transient(name, domain_xml(spec))
     return name
 
 
 def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[str, str],
-               steps: Steps, cleanup: ExitStack) -> str:
+               steps: Steps, cleanup: ExitStack, watch: Callable[[str], None]) -> str:
     """Restore ``slot``; the domain keeps the name it was saved with, which the caller must use."""
     with steps.step("overlay", "copy-on-write clone of the warm disk, scratch disk"):
         make_overlay(clone, slot.clone.overlay)
@@ -336,6 +372,7 @@ def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[
     with steps.step("start", "restore the saved clone"):
         name, xml = warm.restore_xml(hv, slot, clone=clone, metadata=metadata)
         # Registered before the restore: one that fails half-way is destroyed too.
+        watch(name)
         cleanup.callback(hv.destroy, name)
         try:
             hv.restore(name, slot.state, xml)

@@ -12,6 +12,7 @@ import logging
 import select
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,9 +91,13 @@ class Session:
     def close(self) -> None:
         self._client.close()
 
-    def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *,
+    def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *, stdin: BinaryIO | None = None,
                 deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False) -> JobExit | None:
         """Run ``command``, streaming its output; how it ended, or None when stopped.
+
+        ``stdin``: streamed to the job as it is read, then end of file (None: end
+        of file at once).  SSH's flow control bounds what is in flight, so a
+        stream of any size passes without being held in memory.
 
         Returns None when ``deadline`` passed or ``should_stop`` said so; a JobExit
         that reports nothing when the channel closed without a status.
@@ -103,9 +108,12 @@ class Session:
         try:
             channel = transport.open_session(timeout=30)
             channel.exec_command(command)
-            channel.shutdown_write()  # the job reads EOF on stdin
+            if stdin is None:
+                channel.shutdown_write()  # the job reads EOF on stdin
         except (paramiko.SSHException, OSError) as err:
             raise GuestError(f"cannot start the job in {self._name}: {err}") from None
+        if stdin is not None:
+            threading.Thread(target=_pump, args=(stdin, channel), name="vmiso-stdin", daemon=True).start()
         try:
             while True:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -133,6 +141,17 @@ class Session:
                     return JobExit()
         finally:
             channel.close()
+
+
+def _pump(source: BinaryIO, channel: paramiko.Channel) -> None:
+    """Copy ``source`` to the job's stdin until end of file, then send end of file."""
+    read = getattr(source, "read1", source.read)
+    try:
+        while chunk := read(65536):
+            channel.sendall(chunk)  # blocks while the job is not reading
+        channel.shutdown_write()
+    except (OSError, EOFError, paramiko.SSHException):
+        pass  # the job ended, or the link closed: nobody reads any more
 
 
 def _job_exit(channel: paramiko.Channel) -> JobExit:

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,37 @@ def log_tail(path: Path, lines: int = 8) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+Detached = subprocess.Popen
+
+
+def start_detached(argv: Sequence[str]) -> Detached:
+    """Start ``argv`` in a session of its own (no signal from this process's terminal
+    reaches it), with a pipe on its stdin and no output."""
+    return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
+def finish_detached(process: Detached, message: bytes, timeout: float = 5) -> None:
+    """Send ``message`` and end of file on its stdin, then reap it (killed after ``timeout``)."""
+    if process.stdin is not None:
+        try:
+            process.stdin.write(message)
+            process.stdin.close()
+        except OSError:
+            pass  # it has ended already
+        process.stdin = None
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def watchdog_argv(uri: str, name: str, run_dir: str, deadline: float) -> list[str]:
+    # This Python and this vmiso, whichever way it was installed.
+    return [sys.executable, "-m", "vmiso", "_watchdog", uri, name, run_dir, f"{deadline:.3f}"]
 
 
 # --- qemu-img -----------------------------------------------------------------------

@@ -52,7 +52,7 @@ INFO = "warm.json"
 # of randomness.  2: the same, then the host's wall clock (struct "!qq": seconds,
 # nanoseconds).  The guest announces its version when it is ready to be saved.
 LINK_PROTOCOL = 2
-_PROTOCOL_RE = re.compile(rb"vmiso-ssh-link: waiting protocol=(\d+)")
+_PROTOCOL_RE = re.compile(rb"vmiso-ssh-link: waiting protocol=(\d{1,4})\b")
 CLOCK = struct.Struct("!qq")
 # Restored clones share the saved RNG state: each reseeds its kernel RNG with these
 # bytes from the host before SSH starts.  (A cold clone seeds from virtio-rng at boot.)

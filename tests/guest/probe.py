@@ -56,6 +56,12 @@ os.mkfifo(os.path.join(out, "fifo"))
 with open(os.path.join(out, "suid"), "w") as f:
     f.write("x")
 os.chmod(os.path.join(out, "suid"), 0o4755)
+# What git and direnv would run on the analyst's host when they enter the output.
+os.makedirs(os.path.join(out, "sub", ".git", "hooks"))
+with open(os.path.join(out, "sub", ".git", "config"), "w") as f:
+    f.write("[core]\n\tfsmonitor = touch /tmp/owned\n")
+with open(os.path.join(out, ".envrc"), "w") as f:
+    f.write("touch /tmp/owned\n")
 with open(os.path.join(out, "result.json"), "w") as f:
     json.dump(results, f)
 print(json.dumps(results), flush=True)

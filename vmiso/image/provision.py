@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -46,6 +47,22 @@ SPACE_FROM_CACHED_LAYER = 3 * GIB
 REPORT_MAX_BYTES = 4 * 1024 * 1024
 GUEST_STEPS = ("apt", "venv", "pip", "manifest", "seal", "poweroff")
 _MARKER = re.compile(rb"VMISO-(STEP|FAIL) ([a-z-]+)")
+# What the guest is doing, in the words of systemd and cloud-init (console) and of
+# apt and pip (each step's log in the report share): a live status, never logged.
+_ACTIVITY = tuple((re.compile(pattern), template) for pattern, template in (
+    (r"Starting (.+)\.\.\.\s*$", "starting {}"),
+    (r"Cloud-init v\. \S+ running '([^']+)'", "cloud-init {}"),
+    (r"^Get:\d+ \S+ \S+ \S+ (\S+)", "downloading {}"),
+    (r"^Unpacking (\S+)", "unpacking {}"),
+    (r"^Setting up (\S+)", "setting up {}"),
+    (r"^Collecting (\S+)", "collecting {}"),
+    (r"^\s*Downloading (\S+)", "downloading {}"),
+    (r"^\s*Building wheel for (\S+)", "building {}"),
+    (r"^Installing collected packages: (.+)", "installing {}"),
+))
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+STEP_LOG_READ_BYTES = 1024 * 1024  # per poll: a step log only feeds the live status
+LINE_MAX_BYTES = 64 * 1024  # a longer line is cut: markers and activities are short
 
 
 def load_ca_certificates(setting: str | tuple[Path, ...], host_dir: Path = HOST_CA_DIR) -> tuple[str, ...]:
@@ -79,26 +96,54 @@ def check_free_space(directory: Path, needed: int) -> None:
         )
 
 
-class ConsoleWatcher:
-    """Reads new output of the guest's console log and finds vmiso's step markers."""
+def guest_activity(line: str) -> str | None:
+    """A short, printable description of what a line of guest output says the guest does."""
+    if "\u2026" in line:  # systemd shortened it, mangling its colour codes; the kernel log has it whole
+        return None
+    text = _ANSI.sub("", line).strip("\r")
+    for pattern, template in _ACTIVITY:
+        found = pattern.search(text)
+        if found:
+            # The guest chose these bytes: printable ASCII only, bounded, before a terminal sees them.
+            return re.sub(r"[^\x20-\x7e]", "?", template.format(found.group(1)))[:120]
+    return None
 
-    def __init__(self, path: Path) -> None:
+
+class ConsoleWatcher:
+    """Reads new output of a guest log: vmiso's step markers, and the guest's latest activity."""
+
+    def __init__(self, path: Path, read_max: int = -1) -> None:
         self.path = path
+        self.read_max = read_max  # bytes per poll; -1: all there is (the console's markers must all be seen)
+        self.activity: str | None = None
         self._offset = 0
         self._partial = b""
 
-    def poll(self) -> list[tuple[str, str]]:
+    def _read(self) -> bytes:
+        # The guest may write the file (the report share): no links, nothing but a regular file.
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return b""
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return b""
+            f.seek(self._offset)
+            return f.read(self.read_max)
+
+    def poll(self) -> list[tuple[str, str]]:
+        data = self._read()
         self._offset += len(data)
         lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        return [(m.group(1).decode(), m.group(2).decode())
-                for line in lines for m in [_MARKER.search(line)] if m]
+        self._partial = lines.pop()[-LINE_MAX_BYTES:]
+        markers = []
+        for line in lines:
+            marker = _MARKER.search(line)
+            if marker:
+                markers.append((marker.group(1).decode(), marker.group(2).decode()))
+            else:
+                self.activity = guest_activity(line.decode("utf-8", errors="replace")) or self.activity
+        return markers
 
 
 @dataclass(frozen=True)
@@ -199,6 +244,8 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
         build.hv.start_transient(domain, domain_xml(spec))
         undo.callback(build.hv.destroy, domain)
         watcher = ConsoleWatcher(build.console_log)
+        step_log: ConsoleWatcher | None = None  # the current guest step's log, for its activity
+        shown = None
         deadline = time.monotonic() + config.provision.timeout
         current = None
         while True:
@@ -215,6 +262,13 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
                         steps.finish(current)
                     current = step
                     steps.start(step, "inside the VM")
+                    step_log, shown = ConsoleWatcher(report / f"{step}.log", STEP_LOG_READ_BYTES), None
+            if step_log is not None:
+                step_log.poll()
+            activity = watcher.activity if step_log is None else step_log.activity
+            if activity and activity != shown:
+                steps.status(current or "boot", activity)
+                shown = activity
             if not running:
                 break
             if time.monotonic() > deadline:
