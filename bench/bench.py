@@ -19,19 +19,19 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vmiso import config as config_mod  # noqa: E402
-from vmiso.domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, domain_xml  # noqa: E402
-from vmiso.gc import claim  # noqa: E402
-from vmiso.hypervisor import connected  # noqa: E402
-from vmiso.image.initramfs import _Newc  # noqa: E402
-from vmiso.image.store import get_image  # noqa: E402
-from vmiso.clone import KERNEL_CMDLINE  # noqa: E402
-from vmiso import tools  # noqa: E402
+from vmiso import accel, config as config_mod, tools
+from vmiso.clone import KERNEL_CMDLINE
+from vmiso.domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, domain_xml
+from vmiso.hypervisor import connected
+from vmiso.image.initramfs import _Newc
+from vmiso.image.store import Image, get_image
+from vmiso.workdir import claim
 
 VMISO = [sys.executable, "-m", "vmiso"]
 MB = 1024 * 1024
@@ -42,6 +42,16 @@ def vmiso(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     if done.returncode != 0:
         raise SystemExit(f"vmiso {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
     return done
+
+
+def floor_spec(cfg: config_mod.Config, name: str, image: Image, initramfs: Path, overlay: Path, work: Path,
+               kvm_check: Callable[[], str | None] = accel.kvm_problem) -> DomainSpec:
+    """The floor's domain: under the accelerator (and so the guest CPU) that runs resolve."""
+    return DomainSpec(name=name, memory_mib=cfg.vm.memory_mib, cpus=cfg.vm.cpus,
+                      accel=accel.resolve(cfg.accel, kvm_check),
+                      disks=(Disk(overlay, cache="unsafe"),), console_log=work / "floor.log",
+                      boot=KernelBoot(image.kernel, initramfs, KERNEL_CMDLINE),
+                      metadata={"kind": "bench", "run_dir": str(work)})  # gc: ours, and alive
 
 
 def floor_boot(cfg: config_mod.Config, image_name: str, work: Path) -> float:
@@ -57,11 +67,7 @@ def floor_boot(cfg: config_mod.Config, image_name: str, work: Path) -> float:
     overlay.unlink(missing_ok=True)
     tools.run(tools.qemu_img_overlay_argv(image.template, overlay))
     name = f"{NAME_PREFIX}bench-floor"
-    spec = DomainSpec(name=name, memory_mib=cfg.vm.memory_mib, cpus=cfg.vm.cpus,
-                      accel="kvm" if cfg.accel == "kvm" else "tcg",
-                      disks=(Disk(overlay, cache="unsafe"),), console_log=work / "floor.log",
-                      boot=KernelBoot(image.kernel, initramfs, KERNEL_CMDLINE),
-                      metadata={"kind": "bench", "run_dir": str(work)})  # gc: ours, and alive
+    spec = floor_spec(cfg, name, image, initramfs, overlay, work)
     with connected(cfg.libvirt_uri) as hv:
         started = time.monotonic()
         hv.start_transient(name, domain_xml(spec))

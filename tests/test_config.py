@@ -89,6 +89,32 @@ def test_image_name_checked(write):
         config.load(write("v.yaml", "image:\n  name: ../etc\n"), env={})
 
 
+def test_a_missing_required_key_is_a_config_error_with_its_path(write):
+    # cloud_image needs both path and sha256; a missing one used to end in a TypeError.
+    path = write("v.yaml", "image:\n  cloud_image:\n    path: x.qcow2\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    assert "image.cloud_image.sha256" in str(err.value) and "missing" in str(err.value)
+
+
+def test_a_recipe_without_suite_names_the_file_and_the_key(write):
+    from vmiso.image.layer import load_recipe
+
+    recipe = write("r.yaml", "variant: minbase\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(str(recipe))
+    assert str(recipe) in str(err.value) and "recipe.suite" in str(err.value)
+
+
+def test_apt_packages_are_checked_when_the_config_loads(write):
+    # Not only when the seed is rendered, after minutes of building the OS layer.
+    path = write("v.yaml", "provision:\n  apt_packages: [libxml2, 'x; rm -rf /']\n")
+    with pytest.raises(ConfigError, match="provision.apt_packages"):
+        config.load(path, env={})
+    assert config.load(write("w.yaml", "provision:\n  apt_packages: [libxml2=2.9.14+dfsg-1.3]\n"),
+                       env={}).provision.apt_packages == ("libxml2=2.9.14+dfsg-1.3",)
+
+
 def test_scratch_size_default_units_and_minimum(write):
     assert config.load(None).run.scratch == 2 * 1024**3
     assert config.load(write("a.yaml", "run:\n  scratch: 8GiB\n")).run.scratch == 8 * 1024**3

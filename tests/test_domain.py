@@ -1,8 +1,8 @@
 import os
-
-import pytest
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import pytest
 
 from vmiso.domain import Disk, DomainSpec, KernelBoot, Share, domain_xml, metadata_of
 

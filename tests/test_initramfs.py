@@ -120,3 +120,10 @@ def test_zstd_modules_are_refused_by_name(tmp_path):
     _, modules = fake_root(tmp_path, [line.replace("ext4.ko:", "ext4.ko.zst:") for line in DEPS])
     with pytest.raises(ToolError, match=r"ext4\.ko\.zst is compressed in a way vmiso cannot unpack"):
         initramfs.module_groups(modules)
+
+
+def test_a_missing_module_is_a_typed_error_that_names_it(tmp_path):
+    _, modules = fake_root(tmp_path, [line for line in DEPS if "9p" not in line])
+    with pytest.raises(initramfs.MissingModule) as err:
+        initramfs.module_groups(modules)
+    assert err.value.module == "9pnet_virtio"

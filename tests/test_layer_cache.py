@@ -8,7 +8,7 @@ from contextlib import ExitStack
 
 import yaml
 
-from vmiso import gc
+from vmiso import reaper
 from vmiso.image.layer import Layer, cached_layers, hold_layer, publish_layer, remove_cached_layers
 
 
@@ -39,8 +39,8 @@ def test_a_cut_short_removal_is_a_leftover(tmp_path):
     doomed = tmp_path / "layers" / ".removing-cccc"
     doomed.mkdir(parents=True)
     (doomed / "rootfs.img").write_bytes(b"x")
-    assert [(i.kind, i.name) for i in gc.find(None, tmp_path)] == [("OS layer removal", ".removing-cccc")]
-    gc.collect(None, tmp_path)
+    assert [(i.kind, i.name) for i in reaper.find(None, tmp_path)] == [("OS layer removal", ".removing-cccc")]
+    reaper.collect(None, tmp_path)
     assert not doomed.exists()
 
 

@@ -1,5 +1,5 @@
-import yaml
 import pytest
+import yaml
 
 from vmiso.config import PipOptions
 from vmiso.errors import ConfigError

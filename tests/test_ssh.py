@@ -6,7 +6,9 @@ small script table, and reports their end as sshd does (exit-status or exit-sign
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import socket
 import subprocess
 import threading
@@ -84,7 +86,10 @@ def guest(tmp_path):
     hellos: list[bytes] = []
 
     def serve() -> None:
-        conn, _ = listener.accept()
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return  # the test ended without connecting
         hellos.append(conn.recv(3))
         transport = paramiko.Transport(conn)
         transport.add_server_key(paramiko.Ed25519Key.from_private_key_file(str(host_key_path)))
@@ -202,3 +207,150 @@ def test_a_flood_of_output_does_not_starve_the_deadline(guest):
     finally:
         session.close()
     assert status is None and time.monotonic() - started < 3
+
+
+def test_should_stop_ends_the_wait(guest):
+    session = connect(guest)
+    try:
+        status, _, _ = run(session, "hang", should_stop=lambda: True)
+    finally:
+        session.close()
+    assert status is None
+
+
+def test_a_closed_session_runs_nothing(guest):
+    session = connect(guest)
+    session.close()
+    with pytest.raises(GuestError, match="the SSH link to vmiso-run-test is closed"):
+        run(session, "exit 3")
+
+
+def test_a_client_key_the_guest_does_not_know_is_refused(guest, tmp_path):
+    other, _ = keypair(tmp_path, "stranger")
+    with pytest.raises(GuestError, match="refused the image's client key"):
+        connect(guest, client_key=other)
+
+
+def test_unreadable_keys_are_named(guest, tmp_path):
+    with pytest.raises(GuestError, match="recorded host key is unreadable"):
+        connect(guest, host_key="ssh-ed25519 not-base64!")
+    with pytest.raises(GuestError, match="cannot read the image's client key"):
+        connect(guest, client_key=tmp_path / "missing")
+
+
+def test_a_guest_that_never_answers_ends_at_the_deadline(tmp_path):
+    client_key, _ = keypair(tmp_path, "client")
+    _, host = keypair(tmp_path, "host")
+    with pytest.raises(GuestError, match=r"did not answer SSH in time \(.*No such file"):
+        ssh.connect(tmp_path / "nothing.sock", name="vmiso-run-x", host_key=host, client_key=client_key,
+                    user="vmiso", deadline=time.monotonic() + 0.3, alive=lambda: True)
+
+
+def test_a_guest_that_hangs_up_is_tried_again(tmp_path):
+    # The port's socket exists before sshd listens behind it: connections end at once.
+    client_key, _ = keypair(tmp_path, "client")
+    _, host = keypair(tmp_path, "host")
+    path = tmp_path / "ssh.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    accepted = []
+
+    def hang_up() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.close()
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        with pytest.raises(GuestError, match="did not answer SSH in time"):
+            ssh.connect(path, name="vmiso-run-x", host_key=host, client_key=client_key, user="vmiso",
+                        deadline=time.monotonic() + 1, alive=lambda: True)
+    finally:
+        listener.close()
+    assert len(accepted) >= 2
+
+
+class FakeChannel:
+    """Just enough of paramiko.Channel for Session.execute: a job whose link goes away."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()  # select() needs a descriptor; nothing arrives
+        self.closed = False
+        self.eof_received = False
+
+    def fileno(self) -> int:
+        return self._read
+
+    def exec_command(self, command: str) -> None:
+        self.command = command
+
+    def shutdown_write(self) -> None:
+        pass
+
+    def recv_ready(self) -> bool:
+        return False
+
+    def recv_stderr_ready(self) -> bool:
+        return False
+
+    def exit_status_ready(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        for fd in (self._read, self._write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class FakeTransport:
+    def __init__(self, channel: FakeChannel | None) -> None:
+        self.channel = channel
+        self.active = True
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def open_session(self, timeout: float) -> FakeChannel:
+        if self.channel is None:
+            raise paramiko.SSHException("administratively prohibited")
+        return self.channel
+
+
+class FakeClient:
+    def __init__(self, transport: FakeTransport) -> None:
+        self.transport = transport
+
+    def get_transport(self) -> FakeTransport:
+        return self.transport
+
+    def close(self) -> None:
+        self.transport.active = False
+
+
+def test_a_link_that_breaks_while_the_job_runs_is_an_error():
+    channel = FakeChannel()
+    transport = FakeTransport(channel)
+    session = ssh.Session(FakeClient(transport), "vmiso-run-x")
+
+    def breaks() -> bool:
+        channel.closed, transport.active = True, False
+        return False
+    with pytest.raises(GuestError, match="broke while the job ran"):
+        session.execute("job", io.BytesIO(), io.BytesIO(), should_stop=breaks)
+
+
+def test_a_channel_closed_without_a_status_reports_none():
+    channel = FakeChannel()
+    channel.closed = True
+    session = ssh.Session(FakeClient(FakeTransport(channel)), "vmiso-run-x")
+    assert session.execute("job", io.BytesIO(), io.BytesIO()) == ssh.JobExit()
+
+
+def test_a_job_that_cannot_start_is_a_guest_error():
+    session = ssh.Session(FakeClient(FakeTransport(None)), "vmiso-run-x")
+    with pytest.raises(GuestError, match="cannot start the job in vmiso-run-x: administratively prohibited"):
+        session.execute("job", io.BytesIO(), io.BytesIO())

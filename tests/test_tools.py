@@ -43,3 +43,20 @@ def test_missing_program_names_package(monkeypatch):
     monkeypatch.setitem(tools.PACKAGES, "no-such-tool-vmiso", "some-package")
     with pytest.raises(ToolError, match="apt-get install some-package"):
         tools.which("no-such-tool-vmiso")
+
+
+def test_a_failed_tool_is_named_on_the_error(tmp_path):
+    with pytest.raises(ToolError) as err:
+        tools.run(["qemu-img", "info", str(tmp_path / "mmdebstrap-missing.qcow2")])
+    assert err.value.program == "qemu-img"
+
+
+def test_only_a_failed_mmdebstrap_points_at_the_mirror(tmp_path):
+    from vmiso.image.layer import Recipe, layer_failure
+
+    log = tmp_path / "layer.log"
+    recipe = Recipe(suite="bookworm")
+    mkfs = ToolError(f"mkfs.ext4 failed with exit code 1; its log is {tmp_path}/mmdebstrap.log", program="mkfs.ext4")
+    assert layer_failure(mkfs, recipe, "http://m/debian", log).hint is None
+    debootstrap = ToolError("mmdebstrap failed with exit code 1", program="mmdebstrap")
+    assert "http://m/debian" in layer_failure(debootstrap, recipe, "http://m/debian", log).hint

@@ -20,8 +20,18 @@ from pathlib import Path
 import pytest
 
 from diskimage import ROOT_PARTITION, make_cloud_image, remove_files
-from vmharness import (NUMPY, REPO, TABULATE, VMISO, Streamed, make_state_root, remove_tree, vmiso, vmiso_domains, wait_for,
-                       write_config)
+from vmharness import (
+    REPO,
+    TABULATE,
+    VMISO,
+    Streamed,
+    make_state_root,
+    remove_tree,
+    vmiso,
+    vmiso_domains,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.vm
 GUEST = Path(__file__).parent / "guest"

@@ -1,11 +1,20 @@
 import dataclasses
+import io
 import json
 import struct
 import time
 from contextlib import ExitStack
 
-from vmiso import warm
+import pytest
+
+from vmiso import config as config_mod, run, warm
+from vmiso.clone import CloneDir
+from vmiso.errors import GuestError, ImageError
 from vmiso.image.store import Image
+from vmiso.progress import Steps
+from vmiso.ssh import JobExit
+
+from fakes import FakeHypervisor, make_image
 
 KEY = warm.WarmKey.make(template_sha256="a" * 64, hypervisor="libvirt 9.0, QEMU 7.2", accel="tcg",
                         memory_mib=512, cpus=2, scratch_bytes=2 * 1024**3)
@@ -91,3 +100,102 @@ def test_ready_line_gives_the_guest_link_protocol(tmp_path):
     assert warm._wait_ready(log, time.monotonic() + 5, lambda: True) == 2
     log.write_bytes(b"vmiso-ssh-link: waiting\n")  # an image provisioned by an older vmiso
     assert warm._wait_ready(log, time.monotonic() + 5, lambda: True) == 1
+
+
+class VersionOnly:
+    def version(self) -> str:
+        return "libvirt 9.0, QEMU 7.2"
+
+
+def test_a_warm_state_is_made_for_the_accelerator_runs_resolve(tmp_path, monkeypatch):
+    # The manifest records the accelerator of the provisioning; 'images warm' under
+    # another one must make states that runs under it can use.
+
+    image = Image("x", tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"sha256": "a" * 64, "accel": "kvm"}))
+    built = []
+    monkeypatch.setattr(warm, "build", lambda hv, image, key, steps, boot_timeout: built.append(key))
+    warm.make_warm_state(config_mod.load(None, env={"VMISO_ACCEL": "tcg"}), VersionOnly(), image, None)
+    assert built[0].accel == "tcg" and built[0].cpu == "maximum"
+    assert built[0] == dataclasses.replace(KEY, memory_mib=512, cpus=2)
+
+
+def test_build_saves_slots_that_a_run_then_restores(tmp_path):
+
+    from vmiso.progress import Steps
+
+
+    state = tmp_path / "state"
+    image = make_image(state)
+    cfg = config_mod.override(config_mod.load(None, env={"VMISO_ACCEL": "tcg"}), state_dir=state,
+                              libvirt_uri="test:///default", **{"run.scratch": config_mod.MIN_SCRATCH})
+    hv = FakeHypervisor()
+    hv.console = b"[ 1.0] boot\nvmiso-ssh-link: waiting protocol=2\n"
+    warm.make_warm_state(cfg, hv, image, Steps())
+    found = warm.slots(image)
+    assert [s.clone.path.name for s in found] == ["slot-0", "slot-1"]
+    for slot in found:
+        info = json.loads(slot.info.read_text())
+        assert info["accel"] == "tcg" and info["link"] == 2 and info["scratch_bytes"] == cfg.run.scratch
+        assert slot.clone.overlay.stat().st_mode & 0o777 == 0o444
+        assert slot.state.stat().st_mode & 0o777 == 0o400
+        assert not (slot.clone.path / "owner.json").exists() and not slot.clone.ssh_socket.exists()
+    assert not hv.running and len(hv.destroyed) == 2
+    assert not list(warm.warm_root(image).glob(".building-*"))
+
+    class Session:
+        def execute(self, command, stdout, stderr, **kwargs):
+            return warm_exit
+
+        def close(self):
+            pass
+    warm_exit = JobExit(code=0)
+    result = run.run(cfg, hv, run.RunRequest(command=("true",), image="x"), io.BytesIO(), io.BytesIO(),
+                     connect=lambda socket_path, **kwargs: Session())
+    assert result.boot == "warm" and len(hv.restored) == 1
+
+
+def test_a_clone_that_stops_before_it_is_ready_leaves_nothing(tmp_path):
+    from vmiso.progress import Steps
+
+
+    image = make_image(tmp_path / "state")
+    hv = FakeHypervisor()
+    hv.console = b"Kernel panic\n"
+    hv.start_transient = lambda name, xml, autodestroy=True: None  # it never runs
+    with pytest.raises(GuestError, match="stopped before it was ready"):
+        warm.build(hv, image, KEY, Steps(), count=1)
+    assert warm.slots(image) == [] and not list(warm.warm_root(image).glob(".building-*"))
+
+
+def test_an_old_ssh_link_is_saved_with_a_warning(tmp_path, caplog):
+
+
+    image = make_image(tmp_path / "state")
+    hv = FakeHypervisor()
+    hv.console = b"vmiso-ssh-link: waiting\n"
+    warm.build(hv, image, dataclasses.replace(KEY, scratch_bytes=64 * 1024**2), Steps(), count=1)
+    assert "speaks protocol 1, this vmiso 2" in caplog.text
+    assert json.loads(warm.slots(image)[0].info.read_text())["link"] == 1
+
+
+def test_the_ready_wait_ends_at_its_deadline(tmp_path):
+
+    with pytest.raises(GuestError, match="not ready to be saved in time"):
+        warm._wait_ready(tmp_path / "missing.log", time.monotonic() + 0.15, lambda: True)
+
+
+def test_an_unreadable_or_unfit_slot_is_not_used(tmp_path):
+
+    image = Image("x", tmp_path)
+    (warm.warm_root(image) / "slot-0").mkdir(parents=True)  # no warm.json
+    with ExitStack() as stack:
+        slot, why = warm.acquire(image, KEY, stack)
+    assert slot is None and "slot-0 is unreadable" in why
+
+    class SavedXml:
+        def saved_xml(self, path):
+            return "<domain><name>vmiso-warm-x-0</name></domain>"
+    with pytest.raises(ImageError, match="does not fit a run"):
+        warm.restore_xml(SavedXml(), warm.Slot(CloneDir(tmp_path / "slot-0")), clone=CloneDir(tmp_path / "run"),
+                         metadata={})

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from vmharness import REPO, vmiso_domains, write_config
 from vmiso import __version__
+
+from vmharness import REPO, vmiso_domains, write_config
 
 
 def _files(root: Path) -> set[str]:

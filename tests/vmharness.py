@@ -68,7 +68,7 @@ class Streamed:
     _threads: list[threading.Thread] = field(default_factory=list)
 
     @classmethod
-    def start(cls, *args: str | Path) -> "Streamed":
+    def start(cls, *args: str | Path) -> Streamed:
         env = dict(os.environ, VMISO_ACCEL="tcg", PYTHONUNBUFFERED="1")
         process = subprocess.Popen([*VMISO, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    stdin=subprocess.DEVNULL, env=env, cwd=REPO)

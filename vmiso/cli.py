@@ -16,8 +16,7 @@ from typing import Any, TextIO
 
 import click
 
-from . import __version__
-from . import config as config_mod
+from . import __version__, config as config_mod
 from .errors import EXIT_INTERRUPTED, EXIT_VMISO, Interrupted, VmisoError
 from .progress import Steps
 from .terminal import SafeStream, for_terminal, neutralize
@@ -122,7 +121,7 @@ class _Progress:
                 self._status.pop(step, None)
             self._draw()
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if self._live:
             self._ticker = threading.Thread(target=self._tick, name="vmiso-progress", daemon=True)
             self._ticker.start()
@@ -358,6 +357,13 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
     except VmisoError as err:
         record.update(exit_code=err.exit_code, error=str(err), timings=dict(steps.timings))
         raise
+    except KeyboardInterrupt:
+        record.update(exit_code=EXIT_INTERRUPTED, error="interrupted", timings=dict(steps.timings))
+        raise
+    except Exception as err:
+        record.update(exit_code=EXIT_VMISO, error=f"internal error: {type(err).__name__}: {err}",
+                      timings=dict(steps.timings))
+        raise
     finally:
         if json_path is not None:
             json_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -399,13 +405,13 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 @click.pass_context
 def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, layers: bool) -> None:
     """Remove VMs, overlays and directories that a killed vmiso left behind."""
-    from . import gc as gc_mod
+    from . import reaper
     from .hypervisor import connected
     from .image.layer import remove_cached_layers
 
     config = _load(ctx, config_path, state_dir=state_dir)
     with connected(config.libvirt_uri) as hv:
-        removed = gc_mod.collect(hv, config.state_dir)
+        removed = reaper.collect(hv, config.state_dir)
     for item in removed:
         click.echo(f"removed {item.kind} {item.name}")
     freed, kept = remove_cached_layers(config.state_dir) if layers else ([], [])
@@ -442,16 +448,19 @@ def doctor(ctx: click.Context, config_path: Path | None, accel: str | None, stat
 @click.pass_context
 def images_warm(ctx: click.Context, name: str) -> None:
     """Boot and save clones of an image so that runs restore them instead of booting."""
+    from .errors import ImageError
     from .hypervisor import connected
-    from .image.provision import make_warm_state
     from .image.store import get_image
+    from .warm import make_warm_state
 
     config = ctx.obj["config"]
     image = get_image(config.state_dir, name)
     with _Progress(ctx.obj["quiet"], live=True) as printer, connected(config.libvirt_uri) as hv:
         steps = Steps(printer)
-        if not make_warm_state(config, hv, image, steps):
-            raise VmisoError(f"could not make a warm state for {name}", "see the warning above")
+        try:
+            make_warm_state(config, hv, image, steps)
+        except VmisoError as err:  # said here, in the error itself: -q hides warnings
+            raise ImageError(f"could not make a warm state for {name}: {err.message}", err.hint) from None
     click.echo(f"{name}: warm state ready in {steps.elapsed():.0f} s")
 
 

@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gc, tools
+from . import tools
 from .domain import Disk, DomainSpec, KernelBoot, Share
 from .image.store import Image
-from .workdir import private_dir, share_dir
+from .workdir import claim, private_dir, share_dir
 
 # The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
 # panic=-1: a guest whose init dies reboots at once, which on_reboot turns into its end.
@@ -61,10 +61,10 @@ class CloneDir:
 
 
 def make_clone_dir(path: Path) -> CloneDir:
-    """Create the directory (owned by this process, for gc) with its two share directories."""
+    """Create the directory (owned by this process, for the reaper) with its two share directories."""
     private_dir(path.parent)
     private_dir(path)
-    gc.claim(path)
+    claim(path)
     clone = CloneDir(path)
     share_dir(clone.inputs, writable=False)
     share_dir(clone.outputs, writable=True)

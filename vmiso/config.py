@@ -29,6 +29,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_APT_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 
 
 def parse_size(value: int | str, where: str) -> int:
@@ -44,6 +45,16 @@ def parse_size(value: int | str, where: str) -> int:
         raise ConfigError(f"{where}: {value!r} is not a size; write e.g. 1073741824, 512MiB or 1GiB")
     unit = (match.group(2) or "").lower()[:1]
     return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def check_apt_packages(names: tuple[str, ...]) -> tuple[str, ...]:
+    for name in names:
+        if not _APT_NAME.match(name):
+            raise ConfigError(
+                f"provision.apt_packages: {name!r} is not a Debian package name",
+                "write names such as 'libxml2' or 'libxml2=2.9.14+dfsg-1.3'",
+            )
+    return names
 
 
 def check_name(name: str, what: str = "image name") -> str:
@@ -141,6 +152,9 @@ def _convert(tp: Any, value: Any, where: str, base_dir: Path) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        given = [o for o in options if o is not type(None)]
+        if len(given) == 1:  # an optional value: its own error says more than "expected ..."
+            return _convert(given[0], value, where, base_dir)
         for option in options:
             if option is type(None):
                 continue
@@ -159,7 +173,7 @@ def _convert(tp: Any, value: Any, where: str, base_dir: Path) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_tp, _) = typing.get_args(tp)
         return tuple(_convert(item_tp, v, f"{where}[{i}]", base_dir) for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, where, base_dir)
     if tp is bool:
         if not isinstance(value, bool):
@@ -198,6 +212,10 @@ def _build(cls: type, data: Any, where: str, base_dir: Path) -> Any:
             hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(names)
             raise ConfigError(f"unknown key '{path}'", hint)
         values[key] = _convert(hints[key], value, path, base_dir)
+    for f in dataclasses.fields(cls):
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            path = f"{where}.{f.name}" if where else f.name
+            raise ConfigError(f"missing key '{path}'", f"{where or 'the file'} needs it")
     return cls(**values)
 
 
@@ -227,6 +245,7 @@ def _validate(config: Config) -> Config:
     check_name(config.image.name, "image.name")
     if config.image.cloud_image and not _SHA256_RE.match(config.image.cloud_image.sha256):
         raise ConfigError("image.cloud_image.sha256: expected 64 lower-case hex digits")
+    check_apt_packages(config.provision.apt_packages)
     ca = config.provision.ca_certificates
     if isinstance(ca, str) and ca not in CA_MODES:
         raise ConfigError(
@@ -261,7 +280,7 @@ def load(path: Path | None, env: typing.Mapping[str, str] | None = None) -> Conf
     if accel:
         if accel not in ACCELS:
             raise ConfigError(f"VMISO_ACCEL={accel!r} is not valid", "use auto, kvm or tcg")
-        config = dataclasses.replace(config, accel=accel)
+        config = dataclasses.replace(config, accel=typing.cast(Literal["auto", "kvm", "tcg"], accel))
     return _validate(config)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import accel, gc, tools
+from . import accel, reaper, tools
 from .config import Config
 from .errors import VmisoError
 from .hypervisor import open_hypervisor
@@ -118,7 +118,7 @@ def run_checks(config: Config, connect: Callable = open_hypervisor) -> list[Chec
     checks.append(_layer_cache(config.state_dir))
     checks.append(_state_dir(config.state_dir))
     try:
-        leftovers = gc.find(hv, config.state_dir)
+        leftovers = reaper.find(hv, config.state_dir)
     except VmisoError as err:
         leftovers = []
         checks.append(Check("leftovers", False, err.message))

@@ -191,7 +191,7 @@ def domain_name(xml: str) -> str:
 
 
 def metadata_of(xml: str) -> dict[str, str]:
-    """Read back what ``_metadata`` wrote (for gc); {} when there is none."""
+    """Read back what ``_metadata`` wrote (for the reaper); {} when there is none."""
     root = ET.fromstring(xml)
     inner = root.find(f"metadata/{{{METADATA_NS}}}vm")
     if inner is None:
@@ -211,6 +211,14 @@ class Retarget:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def _child(element: ET.Element, path: str) -> ET.Element:
+    """``element.find(path)``, or ValueError naming what the saved domain lacks."""
+    found = element.find(path)
+    if found is None:
+        raise ValueError(f"the saved domain's <{element.tag}> has no <{path}>")
+    return found
+
+
 def retarget(saved_xml: str, to: Retarget) -> str:
     """Point a saved domain's XML at another run's files, keeping everything the guest sees.
 
@@ -220,11 +228,11 @@ def retarget(saved_xml: str, to: Retarget) -> str:
     reseeded over the SSH link instead; see ssh.SEED_BYTES.)
     """
     root = ET.fromstring(saved_xml)
-    disks = {d.find("target").get("dev"): d for d in root.findall("devices/disk[@device='disk']")}
+    disks = {_child(d, "target").get("dev", ""): d for d in root.findall("devices/disk[@device='disk']")}
     if set(disks) != set(to.disks):
         raise ValueError(f"the saved domain has disks {sorted(disks)}, a run has {sorted(to.disks)}")
     for dev, disk in disks.items():
-        disk.find("source").set("file", str(to.disks[dev]))
+        _child(disk, "source").set("file", str(to.disks[dev]))
         # The saved chain ends at the old disk; the run's overlay adds a layer, which
         # libvirt must discover itself rather than take from the stale description.
         for backing in disk.findall("backingStore"):
@@ -236,15 +244,15 @@ def retarget(saved_xml: str, to: Retarget) -> str:
     channel = root.find(f"devices/channel/target[@name='{SSH_CHANNEL}']/..")
     if channel is None:
         raise ValueError("the saved domain has no SSH channel")
-    channel.find("source").set("path", str(to.ssh_socket))
+    _child(channel, "source").set("path", str(to.ssh_socket))
     for fs in root.findall("devices/filesystem"):
-        tag = fs.find("target").get("dir")
-        if tag not in to.shares:
+        tag = _child(fs, "target").get("dir")
+        if tag is None or tag not in to.shares:
             raise ValueError(f"the saved domain shares {tag!r}, which the run does not provide")
-        fs.find("source").set("dir", str(to.shares[tag]))
+        _child(fs, "source").set("dir", str(to.shares[tag]))
     old = root.find("metadata")
     if old is not None:
         root.remove(old)
     if to.metadata:
-        root.insert(list(root).index(root.find("name")) + 1, _metadata(to.metadata))
+        root.insert(list(root).index(_child(root, "name")) + 1, _metadata(to.metadata))
     return ET.tostring(root, encoding="unicode")

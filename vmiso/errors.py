@@ -37,6 +37,10 @@ class ConfigError(VmisoError):
 class ToolError(VmisoError):
     """An outside program (qemu-img, mmdebstrap, ...) failed or is missing."""
 
+    def __init__(self, message: str, hint: str | None = None, *, program: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.program = program  # the program that failed, when one did
+
 
 class HypervisorError(VmisoError):
     """libvirt refused or failed an operation."""

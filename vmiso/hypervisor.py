@@ -36,8 +36,29 @@ class DomainInfo:
     metadata: dict[str, str]
 
 
+# Errors that mean the domain is gone, or was never running: not failures for the
+# operations that tolerate them.
+_GONE = (libvirt.VIR_ERR_NO_DOMAIN,)
+_GONE_OR_STOPPED = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
+
+
+@contextmanager
+def _libvirt(action: str, *, hint: str | None = None, tolerate: tuple[int, ...] = ()) -> Iterator[None]:
+    """Convert a libvirtError in the block into a HypervisorError that says what failed.
+
+    An error whose code is in ``tolerate`` ends the block silently; the code after
+    the ``with`` statement then says what that means.
+    """
+    try:
+        yield
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in tolerate:
+            return
+        raise HypervisorError(f"{action}: {err.get_error_message()}", hint) from None
+
+
 class Hypervisor:
-    def __init__(self, conn: "libvirt.virConnect", uri: str) -> None:
+    def __init__(self, conn: libvirt.virConnect, uri: str) -> None:
         self.conn = conn
         self.uri = uri
 
@@ -54,47 +75,32 @@ class Hypervisor:
         vmiso that dies (even by SIGKILL) does not leave the VM running.
         """
         flags = libvirt.VIR_DOMAIN_START_AUTODESTROY if autodestroy else 0
-        try:
+        with _libvirt(f"libvirt could not start VM {name}", hint="run 'vmiso doctor' to check the host"):
             self.conn.createXML(xml, flags)
-        except libvirt.libvirtError as err:
-            raise HypervisorError(
-                f"libvirt could not start VM {name}: {err.get_error_message()}",
-                "run 'vmiso doctor' to check the host",
-            ) from None
 
-    def _lookup(self, name: str) -> "libvirt.virDomain | None":
-        try:
+    def _lookup(self, name: str) -> libvirt.virDomain | None:
+        with _libvirt(f"libvirt could not look up VM {name}", tolerate=_GONE):
             return self.conn.lookupByName(name)
-        except libvirt.libvirtError as err:
-            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise HypervisorError(f"libvirt could not look up VM {name}: {err.get_error_message()}") from None
+        return None
 
     def is_running(self, name: str) -> bool:
         dom = self._lookup(name)
         if dom is None:
             return False
-        try:
+        with _libvirt(f"libvirt could not query VM {name}", tolerate=_GONE):
             return bool(dom.isActive())
-        except libvirt.libvirtError as err:
-            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return False
-            raise HypervisorError(f"libvirt could not query VM {name}: {err.get_error_message()}") from None
+        return False
 
     def destroy(self, name: str) -> bool:
         """Stop ``name`` at once and forget it; False when it did not exist."""
         dom = self._lookup(name)
         if dom is None:
             return False
-        try:
+        with _libvirt(f"libvirt could not destroy VM {name}", tolerate=_GONE_OR_STOPPED):
             if dom.isActive():
                 dom.destroy()
             if dom.isPersistent():
                 dom.undefine()
-        except libvirt.libvirtError as err:
-            if err.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
-                return True
-            raise HypervisorError(f"libvirt could not destroy VM {name}: {err.get_error_message()}") from None
         return True
 
     def destroy_run(self, name: str, run_dir: str) -> bool:
@@ -115,11 +121,8 @@ class Hypervisor:
         dom = self._lookup(name)
         if dom is None:
             return
-        try:
+        with _libvirt(f"libvirt could not shut down VM {name}", tolerate=_GONE_OR_STOPPED):
             dom.shutdown()
-        except libvirt.libvirtError as err:
-            if err.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
-                raise HypervisorError(f"libvirt could not shut down VM {name}: {err.get_error_message()}") from None
 
     def wait_stopped(self, name: str, timeout: float, poll: float = 0.5) -> bool:
         deadline = time.monotonic() + timeout
@@ -134,31 +137,23 @@ class Hypervisor:
         dom = self._lookup(name)
         if dom is None:
             raise HypervisorError(f"VM {name} does not exist; nothing to save")
-        try:
+        with _libvirt(f"libvirt could not save VM {name}"):
             dom.save(str(path))
-        except libvirt.libvirtError as err:
-            raise HypervisorError(f"libvirt could not save VM {name}: {err.get_error_message()}") from None
 
     def saved_xml(self, path: Path) -> str:
-        try:
-            return self.conn.saveImageGetXMLDesc(str(path), libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
-        except libvirt.libvirtError as err:
-            raise HypervisorError(f"libvirt cannot read the saved state {path}: {err.get_error_message()}") from None
+        with _libvirt(f"libvirt cannot read the saved state {path}"):
+            xml: str = self.conn.saveImageGetXMLDesc(str(path), libvirt.VIR_DOMAIN_SAVE_IMAGE_XML_SECURE)
+        return xml
 
     def restore(self, name: str, path: Path, xml: str) -> None:
         """Start ``name`` from a saved state, with ``xml`` (the saved one retargeted)."""
-        try:
+        with _libvirt(f"libvirt could not restore VM {name} from {path}"):
             self.conn.restoreFlags(str(path), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
-        except libvirt.libvirtError as err:
-            raise HypervisorError(f"libvirt could not restore VM {name} from {path}: "
-                                  f"{err.get_error_message()}") from None
 
     def vmiso_domains(self) -> list[DomainInfo]:
         """Every domain whose name marks it as vmiso's, with its metadata."""
-        try:
+        with _libvirt("libvirt could not list VMs"):
             domains = self.conn.listAllDomains(0)
-        except libvirt.libvirtError as err:
-            raise HypervisorError(f"libvirt could not list VMs: {err.get_error_message()}") from None
         found = []
         for dom in domains:
             try:
@@ -171,22 +166,16 @@ class Hypervisor:
         return found
 
     def version(self) -> str:
-        try:
+        with _libvirt(f"libvirt at {self.uri} does not answer"):
             lib = self.conn.getLibVersion()
             qemu = self.conn.getVersion()
-        except libvirt.libvirtError as err:
-            raise HypervisorError(f"libvirt at {self.uri} does not answer: {err.get_error_message()}") from None
         return f"libvirt {lib // 1000000}.{lib // 1000 % 1000}, QEMU {qemu // 1000000}.{qemu // 1000 % 1000}"
 
 
 def open_hypervisor(uri: str) -> Hypervisor:
-    try:
+    with _libvirt(f"cannot connect to libvirt at {uri}",
+                  hint="start the daemons (scripts/setup-host does) or set libvirt_uri in vmiso.yaml"):
         conn = libvirt.open(uri)
-    except libvirt.libvirtError as err:
-        raise HypervisorError(
-            f"cannot connect to libvirt at {uri}: {err.get_error_message()}",
-            "start the daemons (scripts/setup-host does) or set libvirt_uri in vmiso.yaml",
-        ) from None
     return Hypervisor(conn, uri)
 
 

@@ -1,18 +1,21 @@
 """``vmiso run``: one disposable, offline clone per job, from start to cleanup.
 
-The clone is a fresh qcow2 overlay over the read-only template, booted as a
-transient libvirt domain with no network device at all.  Its one link to the
-host is SSH over a virtio-serial port whose host end is a Unix socket in the
-run's own directory.  Inputs are copied into a per-run directory shared
-read-only; outputs come back through a second share and are checked before
-they are copied out.  Whatever happens, the domain, the overlay and the staging
-directories are removed.
+The clone is a fresh qcow2 overlay over the read-only template (or over a warm
+state's disk), started as a transient libvirt domain with no network device at
+all.  Its one link to the host is SSH over a virtio-serial port whose host end
+is a Unix socket in the run's own directory.  Inputs are copied into a per-run
+directory shared read-only; outputs come back through a second share and are
+checked before they are copied out.  Whatever happens, the domain, the overlay
+and the staging directories are removed.
+
+``run`` reads as its steps: check the request, stage the run directory, boot a
+clone (warm when a saved state fits, cold otherwise), connect, execute the job,
+tear the VM down, judge how the job ended, collect the outputs, clean up.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import secrets
 import shlex
@@ -23,21 +26,23 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from . import accel, gc, outputs, ssh, warm, watchdog
+from . import accel, outputs, reaper, ssh, warm, watchdog
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
 from .errors import GuestError, HypervisorError, ImageError, OutputError, RunTimeout, VmisoError
-from .hypervisor import Hypervisor
 from .image.store import Image, get_image, verified_sha256
+from .inputs import GUEST_IN, check_inputs, stage_inputs
 from .progress import Steps
 from .seed import RUN_USER
 
+if TYPE_CHECKING:
+    from .hypervisor import Hypervisor
+
 log = logging.getLogger(__name__)
 
-GUEST_IN = "/in"
 GUEST_OUT = "/out"
 GUEST_VENV = "/opt/vmiso/venv"
 GUEST_TMP = "/tmp"  # the scratch disk
@@ -103,6 +108,180 @@ class RunResult:
         }
 
 
+@dataclass(frozen=True)
+class TimedOut:
+    """The job ran past its timeout; the VM was destroyed."""
+
+    seconds: int
+
+
+@dataclass(frozen=True)
+class OverLimit:
+    """The job wrote more to /out than the limits allow; the VM was stopped."""
+
+    reason: str
+
+
+# How a job ended: by itself (as sshd reported it), or stopped by vmiso.
+Outcome = ssh.JobExit | TimedOut | OverLimit
+
+
+@dataclass(frozen=True)
+class Booted:
+    """A running clone: its domain name (a warm state's is the saved one) and how it booted."""
+
+    name: str
+    boot: str  # "warm" or "cold"
+
+
+# ssh.connect, or a fake of it in tests.
+Connect = Callable[..., ssh.Session]
+
+
+def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
+        steps: Steps | None = None, stdin: BinaryIO | None = None, *, connect: Connect = ssh.connect) -> RunResult:
+    """Run ``request.command`` in a fresh clone; the job's exit code, or an error saying why it has none.
+
+    ``stdin`` is streamed to the job (None: end of file).
+    """
+    steps = steps or Steps()
+    image, accel_name = _check(config, request)
+    reaper.collect(hv, config.state_dir)  # what a vmiso killed earlier left behind
+    run_id = secrets.token_hex(6)
+    with ExitStack() as cleanup:
+        with steps.step("verify", "template sha256"):
+            sha256 = verified_sha256(image)
+        key = warm.WarmKey.make(template_sha256=sha256, hypervisor=hv.version(), accel=accel_name,
+                                memory_mib=request.memory_mib or config.vm.memory_mib,
+                                cpus=request.cpus or config.vm.cpus,
+                                scratch_bytes=request.scratch_bytes or config.run.scratch)
+        clone = _stage(config, request, run_id, key, steps, cleanup)
+        watch = _watchdog(config, request, clone, cleanup)
+        vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
+        session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
+        outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps)
+        with steps.step("teardown", "destroy the VM"):
+            session.close()
+            hv.destroy(vm.name)
+        exit_code, signal = _judge(outcome)
+        collected = None
+        if request.output is not None:
+            with steps.step("collect", f"check and copy {GUEST_OUT}"):
+                collected = outputs.collect(clone.outputs, request.output, max_bytes=config.run.output_max_bytes,
+                                            max_files=config.run.output_max_files,
+                                            accept_tool_files=request.accept_tool_files)
+        with steps.step("cleanup", "remove the overlay and staging directories"):
+            cleanup.close()
+    return RunResult(run_id, image.name, sha256, request.command, exit_code, boot=vm.boot,
+                     memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes, signal=signal,
+                     timings=dict(steps.timings), outputs=collected)
+
+
+def _check(config: Config, request: RunRequest) -> tuple[Image, str]:
+    """Everything that can be refused before anything is made: (the image, the accelerator)."""
+    if not request.command:
+        raise VmisoError("no command to run", "give one after --, e.g. vmiso run -- python job.py")
+    check_inputs(request.inputs)
+    check_env(request.env)
+    if request.output is not None:
+        outputs.check_destination(request.output)
+    accel_name = accel.resolve(config.accel)
+    return get_image(config.state_dir, request.image), accel_name
+
+
+def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, steps: Steps,
+           cleanup: ExitStack) -> CloneDir:
+    """The run's directory, removed when ``cleanup`` closes, with the inputs copied in."""
+    with steps.step("stage", "run directory and inputs"):
+        clone = make_clone_dir(config.state_dir / "runs" / run_id)
+        cleanup.callback(shutil.rmtree, clone.path, ignore_errors=True)
+        check_scratch_room(clone.path, key.scratch_bytes)
+        stage_inputs(request.inputs, clone.inputs)
+    return clone
+
+
+def _watchdog(config: Config, request: RunRequest, clone: CloneDir, cleanup: ExitStack) -> Callable[[str], None]:
+    """What a boot calls once it knows its domain's name: from then on the VM dies with this
+    process, and by the run's deadline even if this process hangs (see watchdog.py)."""
+    timeout = request.timeout or config.run.timeout
+
+    def watch(domain: str) -> None:
+        deadline = time.time() + config.run.boot_timeout + timeout + WATCHDOG_GRACE
+        cleanup.callback(watchdog.start(config.libvirt_uri, domain, str(clone.path), deadline).release)
+    return watch
+
+
+def _boot(hv: Hypervisor, image: Image, clone: CloneDir, key: warm.WarmKey, name: str, want_warm: bool,
+          steps: Steps, cleanup: ExitStack, watch: Callable[[str], None]) -> Booted:
+    """Restore a warm state that fits; boot cold when none does or the restore fails, saying why."""
+    metadata = {"kind": "run", "run_dir": str(clone.path), "image": image.name}
+    slot, why_cold = warm.acquire(image, key, cleanup) if want_warm else (None, "--cold")
+    if slot is not None:
+        try:
+            return Booted(_boot_warm(hv, slot, clone, metadata, steps, cleanup, watch), "warm")
+        except (HypervisorError, ImageError) as err:
+            why_cold = f"the warm state {slot.clone.path.name} could not be restored: {err}"
+            clone.overlay.unlink(missing_ok=True)
+            clone.scratch.unlink(missing_ok=True)
+    if want_warm:
+        log.warning("cold boot: %s", why_cold)
+    return Booted(_boot_cold(hv, image, clone, name, key, metadata, steps, cleanup, watch), "cold")
+
+
+def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: Config, connect: Connect,
+             steps: Steps, cleanup: ExitStack) -> ssh.Session:
+    with steps.step("connect", "SSH over the virtio-serial link"):
+        session = connect(
+            clone.ssh_socket, name=vm.name, host_key=image.host_key.read_text(), client_key=image.client_key,
+            user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
+            alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot == "warm" else None)
+        cleanup.callback(session.close)
+    return session
+
+
+def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, config: Config,
+             request: RunRequest, stdout: BinaryIO, stderr: BinaryIO, stdin: BinaryIO | None,
+             steps: Steps) -> Outcome:
+    """Run the job, streaming its output, until it ends, times out or writes too much."""
+    timeout = request.timeout or config.run.timeout
+    with steps.step("exec", shlex.join(request.command)), \
+            _OutputWatch(clone.outputs, config.run.output_max_bytes, config.run.output_max_files,
+                         stop=lambda: hv.destroy(vm.name)) as watch:
+        try:
+            status = session.execute(job_command(request.command, request.env), stdout, stderr, stdin=stdin,
+                                     deadline=time.monotonic() + timeout,
+                                     should_stop=lambda: watch.exceeded is not None)
+        except GuestError:
+            if watch.exceeded is None:
+                raise
+            status = None  # the link broke because the watch stopped the VM
+    if watch.exceeded:
+        return OverLimit(watch.exceeded)
+    if status is None:
+        return TimedOut(timeout)
+    return status
+
+
+def _judge(outcome: Outcome) -> tuple[int, str | None]:
+    """(vmiso's exit code, the signal's name) of a job that ended; an error for one that did not."""
+    if isinstance(outcome, OverLimit):
+        raise OutputError(f"{outcome.reason}; the VM was stopped",
+                          "raise run.output_max_bytes / run.output_max_files in vmiso.yaml if expected")
+    if isinstance(outcome, TimedOut):
+        raise RunTimeout(f"the job ran longer than {outcome.seconds} s; the VM was destroyed",
+                         "raise --timeout if the job needs longer")
+    if outcome.unknown_signal:
+        raise GuestError("the job was killed by a signal that vmiso does not know")
+    if outcome.signal is not None:
+        return 128 + outcome.signal.value, outcome.signal.name  # as a shell and docker run report it
+    if outcome.code is not None:
+        return outcome.code, None
+    raise GuestError("the job ended without an exit status")
+
+
+# --- the steps' helpers ----------------------------------------------------------------
+
+
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -131,61 +310,17 @@ def job_command(command: tuple[str, ...], env: tuple[tuple[str, str], ...] = ())
     return f"cd {GUEST_IN} && exec env -i {assignments} {shlex.join(command)}"
 
 
-def _input_problem(root: Path) -> str | None:
-    """Symlinks inside an input directory may not lead out of it."""
-    base = root.resolve()
-    for directory, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(directory) / name
-            if path.is_symlink():
-                target = path.resolve()
-                if target != base and base not in target.parents:
-                    return f"{path} is a symbolic link to {target}, outside the input"
-    return None
-
-
-def check_inputs(inputs: tuple[Path, ...]) -> None:
-    seen: dict[str, Path] = {}
-    for path in inputs:
-        if not path.exists():
-            raise VmisoError(f"input {path} does not exist")
-        if not (path.is_file() or path.is_dir()):
-            raise VmisoError(f"input {path} is neither a file nor a directory")
-        name = path.resolve().name
-        if name in seen:
-            raise VmisoError(f"inputs {seen[name]} and {path} would both appear as {GUEST_IN}/{name}",
-                             "rename one of them")
-        seen[name] = path
-        if path.is_dir() and (problem := _input_problem(path)):
-            raise VmisoError(f"input refused: {problem}", "copy the target into the input instead")
-
-
-def stage_inputs(inputs: tuple[Path, ...], staging: Path) -> None:
-    """Copy inputs into the run's read-only share: the user's files are never shared directly."""
-    for path in inputs:
-        target = staging / path.resolve().name
-        if path.is_dir():
-            shutil.copytree(path, target, symlinks=False, copy_function=shutil.copyfile)
-        else:
-            shutil.copyfile(path, target)
-    for directory, dirs, files in os.walk(staging):
-        for name in dirs:
-            os.chmod(os.path.join(directory, name), 0o755)
-        for name in files:
-            os.chmod(os.path.join(directory, name), 0o644)
-
-
 class _OutputWatch:
     """Stops the guest as soon as /out holds more than the limits allow."""
 
-    def __init__(self, share: Path, max_bytes: int, max_files: int, stop: callable) -> None:
+    def __init__(self, share: Path, max_bytes: int, max_files: int, stop: Callable[[], object]) -> None:
         self._share, self._max_bytes, self._max_files = share, max_bytes, max_files
         self._stop = stop
         self._done = threading.Event()
         self.exceeded: str | None = None
         self._thread = threading.Thread(target=self._watch, name="vmiso-output-watch", daemon=True)
 
-    def __enter__(self) -> "_OutputWatch":
+    def __enter__(self) -> _OutputWatch:
         self._thread.start()
         return self
 
@@ -245,104 +380,3 @@ def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[
             hv.destroy(name)
             raise
     return name
-
-
-def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
-        steps: Steps | None = None, stdin: BinaryIO | None = None) -> RunResult:
-    """One disposable run of ``request``; ``stdin`` is streamed to the job (None: end of file)."""
-    steps = steps or Steps()
-    if not request.command:
-        raise VmisoError("no command to run", "give one after --, e.g. vmiso run -- python job.py")
-    check_inputs(request.inputs)
-    check_env(request.env)
-    if request.output is not None:
-        outputs.check_destination(request.output)
-    accel_name = accel.resolve(config.accel)
-    image = get_image(config.state_dir, request.image)
-    gc.collect(hv, config.state_dir)  # what a vmiso killed earlier left behind
-
-    run_id = secrets.token_hex(6)
-    name = f"{NAME_PREFIX}run-{run_id}"
-    timeout = request.timeout or config.run.timeout
-    with ExitStack() as cleanup:
-        with steps.step("verify", "template sha256"):
-            sha256 = verified_sha256(image)
-        key = warm.WarmKey.make(template_sha256=sha256, hypervisor=hv.version(), accel=accel_name,
-                                memory_mib=request.memory_mib or config.vm.memory_mib,
-                                cpus=request.cpus or config.vm.cpus,
-                                scratch_bytes=request.scratch_bytes or config.run.scratch)
-        result = RunResult(run_id, image.name, sha256, request.command, exit_code=-1,
-                           memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes)
-        with steps.step("stage", "run directory and inputs"):
-            clone = make_clone_dir(config.state_dir / "runs" / run_id)
-            cleanup.callback(shutil.rmtree, clone.path, ignore_errors=True)
-            check_scratch_room(clone.path, key.scratch_bytes)
-            stage_inputs(request.inputs, clone.inputs)
-        metadata = {"kind": "run", "run_dir": str(clone.path), "image": image.name}
-
-        def watch(domain: str) -> None:
-            """The VM dies with this process, and by the run's deadline even if this process hangs."""
-            deadline = time.time() + config.run.boot_timeout + timeout + WATCHDOG_GRACE
-            cleanup.callback(watchdog.start(config.libvirt_uri, domain, str(clone.path), deadline).release)
-
-        slot, why_cold = (None, "--cold") if not request.warm else warm.acquire(image, key, cleanup)
-        if slot is not None:
-            try:
-                name = _boot_warm(hv, slot, clone, metadata, steps, cleanup, watch)
-                result.boot = "warm"
-            except (HypervisorError, ImageError) as err:
-                why_cold = f"the warm state {slot.clone.path.name} could not be restored: {err}"
-                clone.overlay.unlink(missing_ok=True)
-                clone.scratch.unlink(missing_ok=True)
-                slot = None
-        if slot is None:
-            if request.warm:
-                log.warning("cold boot: %s", why_cold)
-            result.boot = "cold"
-            name = _boot_cold(hv, image, clone, name, key, metadata, steps, cleanup, watch)
-        with steps.step("connect", "SSH over the virtio-serial link"):
-            session = ssh.connect(
-                clone.ssh_socket, name=name, host_key=image.host_key.read_text(), client_key=image.client_key,
-                user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
-                alive=lambda: hv.is_running(name), hello=warm.hello if result.boot == "warm" else None)
-            cleanup.callback(session.close)
-        with steps.step("exec", shlex.join(request.command)):
-            with _OutputWatch(clone.outputs, config.run.output_max_bytes, config.run.output_max_files,
-                              stop=lambda: hv.destroy(name)) as watch:
-                try:
-                    status = session.execute(job_command(request.command, request.env), stdout, stderr,
-                                             stdin=stdin,
-                                             deadline=time.monotonic() + timeout,
-                                             should_stop=lambda: watch.exceeded is not None)
-                except GuestError:
-                    if watch.exceeded is None:
-                        raise
-                    status = None
-        with steps.step("teardown", "destroy the VM"):
-            session.close()
-            hv.destroy(name)
-        if watch.exceeded:
-            raise OutputError(f"{watch.exceeded}; the VM was stopped",
-                              "raise run.output_max_bytes / run.output_max_files in vmiso.yaml if expected")
-        if status is None:
-            raise RunTimeout(f"the job ran longer than {timeout} s; the VM was destroyed",
-                             "raise --timeout if the job needs longer")
-        if status.unknown_signal:
-            raise GuestError("the job was killed by a signal that vmiso does not know")
-        if status.signal is not None:
-            result.signal = status.signal.name
-            result.exit_code = 128 + status.signal.value  # as a shell and docker run report it
-        elif status.code is not None:
-            result.exit_code = status.code
-        else:
-            raise GuestError("the job ended without an exit status")
-        if request.output is not None:
-            with steps.step("collect", f"check and copy {GUEST_OUT}"):
-                result.outputs = outputs.collect(clone.outputs, request.output,
-                                                 max_bytes=config.run.output_max_bytes,
-                                                 max_files=config.run.output_max_files,
-                                                 accept_tool_files=request.accept_tool_files)
-        with steps.step("cleanup", "remove the overlay and staging directories"):
-            cleanup.close()
-    result.timings = dict(steps.timings)
-    return result

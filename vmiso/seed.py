@@ -7,20 +7,17 @@ differ per image are added here as dicts and everything is written with
 
 from __future__ import annotations
 
-import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from . import tools
-from .config import PipOptions
-from .errors import ConfigError
+from .config import PipOptions, check_apt_packages
 from .resources import cloud_init_dir
 
 RUN_USER = "vmiso"
-_APT_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -35,18 +32,8 @@ class SeedInputs:
     apt_packages: tuple[str, ...] = ()
     # (path, text, mode) of vmiso's files for images it did not build (cloud images).
     guest_files: tuple[tuple[str, str, int], ...] = ()
-    pip: PipOptions = PipOptions()
+    pip: PipOptions = field(default_factory=PipOptions)
     require_hashes: bool = False
-
-
-def check_apt_packages(names: tuple[str, ...]) -> tuple[str, ...]:
-    for name in names:
-        if not _APT_NAME.match(name):
-            raise ConfigError(
-                f"provision.apt_packages: {name!r} is not a Debian package name",
-                "write names such as 'libxml2' or 'libxml2=2.9.14+dfsg-1.3'",
-            )
-    return names
 
 
 def provision_env(inputs: SeedInputs) -> str:

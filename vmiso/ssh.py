@@ -56,18 +56,20 @@ def _handle_request(channel: paramiko.Channel, message: paramiko.Message) -> Non
     start = message.packet.tell()
     if message.get_text() != "exit-signal":
         message.packet.seek(start)
-        paramiko.Channel._handle_request(channel, message)
+        paramiko.Channel._handle_request(channel, message)  # type: ignore[attr-defined]  # private API
         return
     message.get_boolean()  # want_reply: false for exit-signal
     known = _SIGNALS.get(message.get_string().decode("ascii", "replace"))
-    channel.vmiso_exit = JobExit(signal=known, unknown_signal=known is None, core_dumped=message.get_boolean())
+    exit_ = JobExit(signal=known, unknown_signal=known is None, core_dumped=message.get_boolean())
+    channel.vmiso_exit = exit_  # type: ignore[attr-defined]  # read back by _job_exit
     channel.status_event.set()
 
 
 def _with_exit_signals(transport: paramiko.Transport) -> None:
-    table = dict(transport._channel_handler_table)
+    # paramiko has no public hook for channel requests; its handler table is private.
+    table = dict(transport._channel_handler_table)  # type: ignore[attr-defined]
     table[paramiko.common.MSG_CHANNEL_REQUEST] = _handle_request
-    transport._channel_handler_table = table
+    transport._channel_handler_table = table  # type: ignore[attr-defined]
 
 
 class HostKeyMismatch(GuestError):
@@ -201,7 +203,10 @@ def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, us
             client.connect(GUEST_HOST, username=user, pkey=key, sock=sock, allow_agent=False,
                            look_for_keys=False, timeout=remaining, banner_timeout=remaining,
                            auth_timeout=30, channel_timeout=30)
-            _with_exit_signals(client.get_transport())
+            transport = client.get_transport()
+            if transport is None:
+                raise paramiko.SSHException("the SSH transport closed at once")
+            _with_exit_signals(transport)
             return Session(client, name)
         except paramiko.BadHostKeyException as err:
             client.close()

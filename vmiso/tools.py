@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import ToolError
 
@@ -39,7 +40,7 @@ def which(program: str) -> str:
     found = shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin:/usr/bin:/bin")
     if not found:
         package = PACKAGES.get(program, program)
-        raise ToolError(f"{program} is not installed", f"install it: apt-get install {package}")
+        raise ToolError(f"{program} is not installed", f"install it: apt-get install {package}", program=program)
     return found
 
 
@@ -52,15 +53,16 @@ def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | N
     try:
         if log_path is not None:
             with open(log_path, "ab") as log_file:
-                done = subprocess.run(full, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd,
-                                      timeout=timeout, input=input_text.encode() if input_text else None)
+                done: subprocess.CompletedProcess[Any] = subprocess.run(
+                    full, stdout=log_file, stderr=subprocess.STDOUT, cwd=cwd, timeout=timeout,
+                    input=input_text.encode() if input_text else None)
             output = ""
         else:
             done = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input_text,
                                   cwd=cwd)
             output = done.stdout
     except subprocess.TimeoutExpired:
-        raise ToolError(f"{program} did not finish within {timeout:.0f} s") from None
+        raise ToolError(f"{program} did not finish within {timeout:.0f} s", program=program) from None
     if done.returncode != 0:
         if log_path is not None:
             tail = log_tail(log_path)
@@ -68,7 +70,7 @@ def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | N
         else:
             tail = (done.stderr or done.stdout or "").strip()[-600:]
             where = ""
-        raise ToolError(f"{program} failed with exit code {done.returncode}{where}: {tail}")
+        raise ToolError(f"{program} failed with exit code {done.returncode}{where}: {tail}", program=program)
     return output
 
 

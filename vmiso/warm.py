@@ -23,21 +23,25 @@ import logging
 import os
 import re
 import secrets
-import struct
 import shutil
+import struct
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, accel
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
+from .config import Config
 from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, retarget
 from .errors import GuestError, ImageError
-from .hypervisor import Hypervisor
 from .image.store import Image
-from .workdir import flocked, install_dir
 from .progress import Steps
+from .workdir import OWNER_FILE, flocked, install_dir
+
+if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
+    from .hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ class WarmKey:
 
     @classmethod
     def make(cls, *, template_sha256: str, hypervisor: str, accel: str, memory_mib: int, cpus: int,
-             scratch_bytes: int) -> "WarmKey":
+             scratch_bytes: int) -> WarmKey:
         return cls(template_sha256=template_sha256, hypervisor=hypervisor, accel=accel, memory_mib=memory_mib,
                    cpus=cpus, scratch_bytes=scratch_bytes, cpu=cpu_mode(accel))
 
@@ -145,11 +149,11 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         slot = Slot(clone)
         hv.save(name, slot.state)
         slot.info.write_text(json.dumps({**dataclasses.asdict(key), "link": link, "created": datetime.datetime.now(
-            datetime.timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
+            datetime.UTC).isoformat(timespec="seconds")}, indent=2) + "\n")
         os.chmod(clone.overlay, 0o444)  # the backing file of every run restored from this slot
         os.chmod(clone.scratch, 0o444)  # copied, byte for byte, for every run
         os.chmod(slot.state, 0o400)
-        for leftover in (clone.ssh_socket, clone.path / "owner.json"):
+        for leftover in (clone.ssh_socket, clone.path / OWNER_FILE):
             leftover.unlink(missing_ok=True)
         install_dir(clone.path, final)
 
@@ -164,6 +168,17 @@ def build(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: in
         with steps.step("warm", f"boot and save warm slot {index + 1} of {count}"):
             with flocked(Slot(CloneDir(root / f"slot-{index}")).lock):
                 _build_slot(hv, image, key, index, boot_timeout)
+
+
+def make_warm_state(config: Config, hv: Hypervisor, image: Image, steps: Steps,
+                    accel_name: str | None = None) -> None:
+    """Save booted clones of ``image`` for runs of ``config`` to restore; raises what went wrong."""
+    # The accelerator runs resolve, not the one the manifest recorded: a state made
+    # for another accelerator would never match a run.
+    key = WarmKey.make(template_sha256=image.manifest()["sha256"], hypervisor=hv.version(),
+                       accel=accel_name or accel.resolve(config.accel), memory_mib=config.vm.memory_mib,
+                       cpus=config.vm.cpus, scratch_bytes=config.run.scratch)
+    build(hv, image, key, steps, boot_timeout=config.run.boot_timeout)
 
 
 def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, str]:
@@ -210,8 +225,8 @@ def restore_xml(hv: Hypervisor, slot: Slot, *, clone: CloneDir, metadata: dict[s
     try:
         saved = hv.saved_xml(slot.state)
         return domain_name(saved), retarget(saved, Retarget(
-            disks={"vda": clone.overlay, "vdb": clone.scratch}, console_log=clone.console_log, ssh_socket=clone.ssh_socket,
-            shares=clone.shares, metadata=metadata))
+            disks={"vda": clone.overlay, "vdb": clone.scratch}, console_log=clone.console_log,
+            ssh_socket=clone.ssh_socket, shares=clone.shares, metadata=metadata))
     except ValueError as err:
         raise ImageError(f"warm state {slot.clone.path} does not fit a run: {err}",
                          "remake it: vmiso images warm NAME") from None

@@ -8,8 +8,10 @@ so a writable share must belong to that user.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pwd
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,15 +51,52 @@ def share_dir(path: Path, *, writable: bool) -> Path:
     return path
 
 
+# --- owners: which vmiso process a directory belongs to -----------------------------
+# Run directories and build directories record their owner; reaper.py removes
+# those whose owner no longer exists.
+
+OWNER_FILE = "owner.json"
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def claim(directory: Path) -> None:
+    """Mark ``directory`` as this process's."""
+    pid = os.getpid()
+    (directory / OWNER_FILE).write_text(json.dumps({"pid": pid, "start": _start_time(pid)}))
+
+
+def owner_alive(directory: Path) -> bool:
+    try:
+        owner = json.loads((directory / OWNER_FILE).read_text())
+        pid, start = int(owner["pid"]), owner["start"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return _start_time(pid) == start and start is not None
+
+
+def _unescape_mount(field: bytes) -> bytes:
+    """The kernel writes a mount point's bytes as they are, except space, tab, newline
+    and backslash, which it writes as octal escapes (\\040 ...)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
 def mounts_below(path: Path, mounts_file: Path = Path("/proc/self/mounts")) -> list[Path]:
     """Mount points at or below ``path``, deepest first."""
     base = os.path.realpath(path)
     found = []
-    for line in mounts_file.read_text().splitlines():
+    for line in mounts_file.read_bytes().splitlines():
         fields = line.split()
         if len(fields) < 2:
             continue
-        point = fields[1].encode().decode("unicode_escape")  # /proc/mounts escapes spaces as \040
+        point = os.fsdecode(_unescape_mount(fields[1]))
         if point == base or point.startswith(base + "/"):
             found.append(Path(point))
     return sorted(found, key=lambda p: len(p.parts), reverse=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,11 @@ from pathlib import Path
 from .. import tools
 from ..config import CloudImage
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError
-from ..gc import OWNER_FILE, claim
 from ..progress import Steps
 from ..resources import images_dir
 from ..workdir import remove_tree
 from . import initramfs
-from .layer import HOST_FILES, Layer, publish_layer
+from .layer import HOST_FILES, Layer, building_layer
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +237,7 @@ def _extract(disk: _Disk, steps: Steps) -> tuple[Kernel, Partition]:
         boot, late = initramfs.module_groups(disk.work / "modules")
     except ToolError as err:
         hint = None
-        if "9p" in err.message:
+        if isinstance(err, initramfs.MissingModule) and err.module in initramfs.LATE_MODULES:
             hint = ("vmiso moves data over virtio-9p; use an image whose kernel has it, e.g. Debian's "
                     "'generic' image rather than 'genericcloud', or the recipe source (image.recipe)")
         raise ProvisionError("cloud-image", f"kernel {kernel.release}: {err.message}", hint=hint) from None
@@ -260,32 +258,19 @@ def ensure_cloud_layer(state_dir: Path, cloud: CloudImage, steps: Steps) -> Laye
     if (path / SOURCE_FILE).exists():
         steps.note("cloud-image", f"reusing cached layer {key} of {cloud.path}")
         return _load(path, key)
-    layers.mkdir(parents=True, exist_ok=True)
-    os.chmod(layers, 0o711)
-    work = layers / f".building-{key}-{os.getpid()}"
-    remove_tree(work)
-    work.mkdir()
-    claim(work)
-    try:
-        with steps.step("cloud-image", f"verify {cloud.path}, read its kernel and modules"):
-            copy_verified(cloud.path, work / DISK, cloud.sha256)
-            check_qcow2(work / DISK, cloud.path)
-            raw = work / "disk.raw"
-            tools.run(tools.qemu_img_convert_argv(work / DISK, "qcow2", raw, target_format="raw"))
-            kernel, root = _extract(_Disk(raw, work), steps)
-            (work / "initramfs.img").write_bytes(initramfs.build(work / "modules", HOST_BUSYBOX))
-            for leftover in (raw, work / "debugfs.requests", work / OWNER_FILE):
-                leftover.unlink()
-            remove_tree(work / "modules")
-            (work / "kernel-release").write_text(kernel.release + "\n")
-            (work / SOURCE_FILE).write_text(json.dumps(
-                {"key": key, "cloud_image": {"path": str(cloud.path), "sha256": cloud.sha256},
-                 "root_device": root.device, "kernel": kernel.release}, indent=2) + "\n")
-            for item in work.iterdir():
-                os.chmod(item, 0o444)
-            os.chmod(work, 0o755)
-            publish_layer(work, path)
-    except BaseException:
-        remove_tree(work)
-        raise
+    with steps.step("cloud-image", f"verify {cloud.path}, read its kernel and modules"), \
+            building_layer(layers, key) as work:
+        copy_verified(cloud.path, work / DISK, cloud.sha256)
+        check_qcow2(work / DISK, cloud.path)
+        raw = work / "disk.raw"
+        tools.run(tools.qemu_img_convert_argv(work / DISK, "qcow2", raw, target_format="raw"))
+        kernel, root = _extract(_Disk(raw, work), steps)
+        (work / "initramfs.img").write_bytes(initramfs.build(work / "modules", HOST_BUSYBOX))
+        for leftover in (raw, work / "debugfs.requests"):
+            leftover.unlink()
+        remove_tree(work / "modules")
+        (work / "kernel-release").write_text(kernel.release + "\n")
+        (work / SOURCE_FILE).write_text(json.dumps(
+            {"key": key, "cloud_image": {"path": str(cloud.path), "sha256": cloud.sha256},
+             "root_device": root.device, "kernel": kernel.release}, indent=2) + "\n")
     return _load(path, key)

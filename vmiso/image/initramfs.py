@@ -35,6 +35,14 @@ BUSYBOX_APPLETS = ("sh", "mount", "insmod", "switch_root", "mkdir", "sleep", "ec
                    "poweroff", "grep", "tr", "cat", "stat", "chown")
 
 
+class MissingModule(ToolError):
+    """The kernel lacks a module a clone needs, and does not have it built in."""
+
+    def __init__(self, module: str) -> None:
+        super().__init__(f"the kernel has no module {module} (and it is not built in)")
+        self.module = module
+
+
 def module_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES,
                  loaded: tuple[str, ...] = ()) -> list[str]:
     """Module paths (relative to ``modules_dir``) in an order that loads dependencies first.
@@ -66,10 +74,10 @@ def module_order(modules_dir: Path, wanted: tuple[str, ...] = BOOT_MODULES,
         key = name.replace("-", "_")
         if key in builtin:
             continue
-        path = by_name.get(name) or by_name.get(key)
-        if path is None:
-            raise ToolError(f"the kernel has no module {name} (and it is not built in)")
-        visit(path)
+        found = by_name.get(name) or by_name.get(key)
+        if found is None:
+            raise MissingModule(name)
+        visit(found)
     for path in order:
         if not path.endswith(tuple(_DECOMPRESS)):
             raise ToolError(f"the kernel's module {path} is compressed in a way vmiso cannot unpack "

@@ -14,17 +14,17 @@ import json
 import logging
 import os
 import shutil
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import tools
 from ..config import from_mapping, load_yaml
-from ..gc import OWNER_FILE, claim
 from ..errors import ConfigError, ProvisionError, ToolError
 from ..progress import Steps
 from ..resources import images_dir
-from ..workdir import flocked, remove_tree
+from ..workdir import OWNER_FILE, claim, flocked, remove_tree
 from . import initramfs
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,12 @@ def recipe_path(recipe: str) -> Path:
 
 def load_recipe(recipe: str) -> Recipe:
     path = recipe_path(recipe)
-    data = load_yaml(path)
-    loaded = from_mapping(Recipe, data, "recipe", path.parent)
-    if not isinstance(data, dict) or "suite" not in data:
-        raise ConfigError(f"{path}: the recipe names no suite")
-    return loaded
+    try:
+        return from_mapping(Recipe, load_yaml(path), "recipe", path.parent)
+    except ConfigError as err:
+        if err.message.startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {err.message}", err.hint) from None
 
 
 def layer_key(recipe: Recipe, mirror: str) -> str:
@@ -145,6 +146,31 @@ def _copy_boot_files(root: Path, dest: Path) -> None:
     (dest / "initramfs.img").write_bytes(initramfs.build(root / "usr/lib/modules" / release, busybox))
 
 
+@contextmanager
+def building_layer(layers: Path, key: str) -> Iterator[Path]:
+    """A work directory for layer ``key``, claimed by this process until it is done.
+
+    When the block ends, what it put into the directory is made read-only and the
+    directory is moved into place as ``layers/key``; when it fails, it is removed.
+    """
+    layers.mkdir(parents=True, exist_ok=True)
+    os.chmod(layers, 0o711)
+    work = layers / f".building-{key}-{os.getpid()}"
+    remove_tree(work)
+    work.mkdir()
+    claim(work)
+    try:
+        yield work
+        (work / OWNER_FILE).unlink()
+        for path in work.iterdir():
+            os.chmod(path, 0o444)
+        os.chmod(work, 0o755)
+        publish_layer(work, layers / key)
+    except BaseException:
+        remove_tree(work)
+        raise
+
+
 def publish_layer(work: Path, final: Path) -> None:
     """Move a finished layer into place; when a concurrent provisioning of the same
     source got there first, keep that one (the two are equivalent) and drop this."""
@@ -156,6 +182,13 @@ def publish_layer(work: Path, final: Path) -> None:
         remove_tree(work)
 
 
+def layer_failure(err: ToolError, recipe: Recipe, mirror: str, log_path: Path) -> ProvisionError:
+    hint = None
+    if err.program == "mmdebstrap":
+        hint = f"check that the mirror {mirror} is reachable and carries {recipe.suite}"
+    return ProvisionError("os-layer", err.message, str(log_path), hint)
+
+
 def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -> Layer:
     """Return the cached layer for this recipe and mirror, building it when missing."""
     recipe = load_recipe(recipe_name)
@@ -165,44 +198,27 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
     if layer.rootfs.exists():
         steps.note("os-layer", f"reusing cached layer {key}")
         return layer
-    layers.mkdir(parents=True, exist_ok=True)
-    os.chmod(layers, 0o711)
-    work = layers / f".building-{key}-{os.getpid()}"
     log_path = state_dir / "logs" / f"layer-{key}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
-    remove_tree(work)
-    work.mkdir()
-    claim(work)
-    try:
-        with steps.step("os-layer", f"mmdebstrap {recipe.suite} from {mirror} (log: {log_path})"):
-            root = work / "root"
-            packages = [recipe.kernel_package, *recipe.packages]
-            try:
-                tools.run(tools.mmdebstrap_argv(suite=recipe.suite, mirror=mirror, target=root,
-                                                packages=packages, variant=recipe.variant),
-                          log_path=log_path)
-                _install_guest_files(root)
-                _copy_boot_files(root, work)
-                tools.run(tools.mkfs_ext4_argv(source_dir=root, image=work / "rootfs.img",
-                                               size_bytes=recipe.filesystem_size, label="vmiso-root"),
-                          log_path=log_path)
-            except ToolError as err:
-                hint = None
-                if "mmdebstrap" in err.message:
-                    hint = f"check that the mirror {mirror} is reachable and carries {recipe.suite}"
-                raise ProvisionError("os-layer", err.message, str(log_path), hint) from None
-            remove_tree(root)
-            (work / OWNER_FILE).unlink()
-            (work / "recipe.json").write_text(json.dumps(
-                {"key": key, "mirror": mirror, "recipe": dataclasses.asdict(recipe)}, indent=2) + "\n")
-            for path in work.iterdir():
-                os.chmod(path, 0o444)
-            os.chmod(work, 0o755)
-            publish_layer(work, layer.path)
-    except BaseException:
-        remove_tree(work)
-        raise
+    with steps.step("os-layer", f"mmdebstrap {recipe.suite} from {mirror} (log: {log_path})"), \
+            building_layer(layers, key) as work:
+        root = work / "root"
+        packages = [recipe.kernel_package, *recipe.packages]
+        try:
+            tools.run(tools.mmdebstrap_argv(suite=recipe.suite, mirror=mirror, target=root,
+                                            packages=packages, variant=recipe.variant),
+                      log_path=log_path)
+            _install_guest_files(root)
+            _copy_boot_files(root, work)
+            tools.run(tools.mkfs_ext4_argv(source_dir=root, image=work / "rootfs.img",
+                                           size_bytes=recipe.filesystem_size, label="vmiso-root"),
+                      log_path=log_path)
+        except ToolError as err:
+            raise layer_failure(err, recipe, mirror, log_path) from None
+        remove_tree(root)
+        (work / "recipe.json").write_text(json.dumps(
+            {"key": key, "mirror": mirror, "recipe": dataclasses.asdict(recipe)}, indent=2) + "\n")
     return layer
 
 

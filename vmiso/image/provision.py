@@ -19,20 +19,22 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__, accel, tools, warm
 from ..config import Config, check_name
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
-from ..gc import OWNER_FILE, claim
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
-from ..hypervisor import Hypervisor
 from ..progress import Steps
 from ..seed import SeedInputs, write_seed
-from ..workdir import install_dir, private_dir, share_dir
+from ..workdir import OWNER_FILE, claim, install_dir, private_dir, share_dir
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
 from .store import MANIFEST, Image, images_root, prepare_root, sha256_file
+
+if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
+    from ..hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def load_ca_certificates(setting: str | tuple[Path, ...], host_dir: Path = HOST_
     """The PEM texts the provisioning VM should trust."""
     if setting == "none":
         return ()
-    if setting == "host":
+    if isinstance(setting, str):  # "host"; config validation refuses other strings
         paths: list[Path] = sorted(host_dir.rglob("*.crt")) if host_dir.is_dir() else []
     else:
         paths = list(setting)
@@ -354,7 +356,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                 os.chmod(work / target, 0o444)
             manifest = {
                 "name": name,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "sha256": digest,
                 "template": template.name,
                 "source": _source(config, layer),
@@ -383,22 +385,8 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             install_dir(work, final)
         undo.pop_all()  # complete: keep it
     image = Image(name, final)
-    make_warm_state(config, hv, image, steps, accel_name)
-    return image
-
-
-def make_warm_state(config: Config, hv: Hypervisor, image: Image, steps: Steps,
-                    accel_name: str | None = None) -> bool:
-    """Save booted clones for fast runs; without them runs boot cold, so a failure only warns."""
-    manifest = image.manifest()
-    # The accelerator runs resolve, not the one the manifest recorded: a state made
-    # for another accelerator would never match a run.
-    key = warm.WarmKey.make(template_sha256=manifest["sha256"], hypervisor=hv.version(),
-                            accel=accel_name or accel.resolve(config.accel), memory_mib=config.vm.memory_mib,
-                            cpus=config.vm.cpus, scratch_bytes=config.run.scratch)
     try:
-        warm.build(hv, image, key, steps, boot_timeout=config.run.boot_timeout)
-    except VmisoError as err:
+        warm.make_warm_state(config, hv, image, steps, accel_name)
+    except VmisoError as err:  # runs boot cold without it: the image is still good
         log.warning("image %s: no warm state (%s); runs will boot cold", image.name, err)
-        return False
-    return True
+    return image

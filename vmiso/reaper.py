@@ -1,51 +1,26 @@
 """Leftovers of vmiso processes that died: their VMs, run directories and half-built images.
 
 Every run directory and image build directory holds an ``owner.json`` naming the
-vmiso process that made it (pid and start time, so a reused pid is not mistaken
-for the owner).  Whatever belongs to a process that no longer exists is removed.
-A run's VM is transient and auto-destroyed by libvirt when its vmiso's
-connection closes, so usually only files are left; a VM is destroyed here too
-when one remains.
+vmiso process that made it (``workdir.claim``: pid and start time, so a reused
+pid is not mistaken for the owner).  Whatever belongs to a process that no
+longer exists is removed.  A run's VM is transient and auto-destroyed by
+libvirt when its vmiso's connection closes, so usually only files are left; a
+VM is destroyed here too when one remains.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .hypervisor import Hypervisor
-from .workdir import remove_tree
+from .workdir import owner_alive, remove_tree
+
+if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
+    from .hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
-
-OWNER_FILE = "owner.json"
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def claim(directory: Path) -> None:
-    """Mark ``directory`` as this process's."""
-    pid = os.getpid()
-    (directory / OWNER_FILE).write_text(json.dumps({"pid": pid, "start": _start_time(pid)}))
-
-
-def owner_alive(directory: Path) -> bool:
-    try:
-        owner = json.loads((directory / OWNER_FILE).read_text())
-        pid, start = int(owner["pid"]), owner["start"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return _start_time(pid) == start and start is not None
 
 
 @dataclass(frozen=True)

@@ -5,37 +5,37 @@ import sys
 
 import pytest
 
-from vmiso import accel, gc
+from vmiso import accel, reaper, workdir
 from vmiso.errors import AccelError
 
 
 def test_owner_alive_for_this_process_and_dead_for_an_ended_one(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
-    gc.claim(mine)
-    assert gc.owner_alive(mine)
+    workdir.claim(mine)
+    assert workdir.owner_alive(mine)
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                            text=True, check=True)
     dead = tmp_path / "dead"
     dead.mkdir()
-    (dead / gc.OWNER_FILE).write_text(json.dumps({"pid": int(ended.stdout), "start": 1}))
-    assert not gc.owner_alive(dead)
+    (dead / workdir.OWNER_FILE).write_text(json.dumps({"pid": int(ended.stdout), "start": 1}))
+    assert not workdir.owner_alive(dead)
     # A reused pid with another start time is not the owner.
     reused = tmp_path / "reused"
     reused.mkdir()
-    (reused / gc.OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "start": 1}))
-    assert not gc.owner_alive(reused)
-    assert not gc.owner_alive(tmp_path / "missing")
+    (reused / workdir.OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "start": 1}))
+    assert not workdir.owner_alive(reused)
+    assert not workdir.owner_alive(tmp_path / "missing")
 
 
 def test_find_and_collect_orphaned_directories_without_libvirt(tmp_path):
     state = tmp_path / "state"
     for path in (state / "runs" / "live", state / "runs" / "orphan", state / "images" / ".building-x-1"):
         path.mkdir(parents=True)
-    gc.claim(state / "runs" / "live")
-    found = {(i.kind, i.name) for i in gc.find(None, state)}
+    workdir.claim(state / "runs" / "live")
+    found = {(i.kind, i.name) for i in reaper.find(None, state)}
     assert found == {("run directory", "orphan"), ("image build", ".building-x-1")}
-    gc.collect(None, state)
+    reaper.collect(None, state)
     assert sorted(p.name for p in (state / "runs").iterdir()) == ["live"]
     assert list((state / "images").iterdir()) == []
 
@@ -66,7 +66,7 @@ def test_orphaned_warm_builds_are_found(tmp_path):
     state = tmp_path / "state"
     (state / "images" / "x" / "warm" / ".building-slot-0-abc").mkdir(parents=True)
     (state / "images" / "x" / "warm" / "slot-0").mkdir()
-    found = [(i.kind, i.name) for i in gc.find(None, state)]
+    found = [(i.kind, i.name) for i in reaper.find(None, state)]
     assert found == [("warm state build", ".building-slot-0-abc")]
 
 
@@ -101,3 +101,15 @@ def test_install_dir_replaces_only_when_complete(tmp_path):
     install_dir(second, final)
     assert (final / "v").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image"]
+
+
+def test_mounts_below_a_non_ascii_directory(tmp_path):
+    # /proc/mounts holds the path's UTF-8 bytes as they are and escapes only
+    # space, tab, newline and backslash as octal.
+    from vmiso.workdir import mounts_below
+
+    base = tmp_path / "état" / "build"
+    mounts = tmp_path / "mounts"
+    mounts.write_bytes(f"proc {base}/root/proc proc rw 0 0\n".encode()
+                       + f"tmpfs {base}/a\\134b\\011c tmpfs rw 0 0\n".encode())
+    assert set(mounts_below(base, mounts)) == {base / "root/proc", base / "a\\b\tc"}

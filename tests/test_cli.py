@@ -1,0 +1,246 @@
+"""The command line through click's runner: exit codes, messages, the --json record.
+
+The library functions behind each command are replaced by small fakes; libvirt is
+its test:///default driver, which boots nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from vmiso import cli, warm
+from vmiso.errors import GuestError, Interrupted, RunTimeout, VmisoError
+from vmiso.run import RunResult
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "vmiso.yaml"
+    path.write_text(yaml.safe_dump({"accel": "tcg", "libvirt_uri": "test:///default",
+                                    "state_dir": str(tmp_path / "state")}))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def keep_process_state():
+    """The CLI sets up logging and a SIGTERM handler; the test process keeps its own."""
+    sigterm = signal.getsignal(signal.SIGTERM)
+    loggers = [logging.getLogger(name) for name in ("vmiso", "paramiko")]
+    saved = [(lg, lg.level, lg.handlers[:]) for lg in loggers]
+    yield
+    signal.signal(signal.SIGTERM, sigterm)
+    for lg, level, handlers in saved:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli.cli, list(args), catch_exceptions=False)
+
+
+def fake_run(monkeypatch, outcome):
+    """Make 'vmiso run' call ``outcome(request)`` instead of booting a VM."""
+    seen = []
+
+    def run(config, hv, request, stdout, stderr, steps, stdin=None):
+        seen.append(request)
+        with steps.step("exec", "the job"):
+            stdout.write(b"job output\n")
+            return outcome(request)
+    monkeypatch.setattr("vmiso.run.run", run)
+    return seen
+
+
+def result(exit_code: int = 0, **changes) -> RunResult:
+    return RunResult(run_id="abc", image="default", sha256="0" * 64, command=("python", "job.py"),
+                     exit_code=exit_code, boot="warm", memory_mib=512, scratch_bytes=2 * 1024**3, **changes)
+
+
+def test_run_exits_with_the_job_code_and_records_it(monkeypatch, config, tmp_path):
+    requests = fake_run(monkeypatch, lambda request: result(3))
+    record = tmp_path / "run.json"
+    done = invoke("run", "-c", str(config), "--json", str(record), "--cold", "--memory", "1024",
+                  "-i", str(config), "--", "python", "job.py")
+    assert done.exit_code == 3
+    assert "job output" in done.stdout
+    assert requests[0].command == ("python", "job.py") and not requests[0].warm
+    assert requests[0].memory_mib == 1024 and requests[0].inputs == (config,)
+    data = json.loads(record.read_text())
+    assert data["exit_code"] == 3 and data["boot"] == "warm" and data["command"] == ["python", "job.py"]
+
+
+def test_run_says_which_signal_killed_the_job(monkeypatch, config):
+    fake_run(monkeypatch, lambda request: result(137, signal="SIGKILL"))
+    done = invoke("run", "-c", str(config), "--", "python", "job.py")
+    assert done.exit_code == 137
+    assert "killed by SIGKILL (most likely the guest's out-of-memory killer" in done.stderr
+    assert "this run had 512 MiB" in done.stderr
+
+
+@pytest.mark.parametrize(("error", "code"), [(RunTimeout("too long", "raise --timeout"), 124),
+                                             (GuestError("no SSH"), 125)])
+def test_a_failed_run_is_recorded_with_its_exit_code(monkeypatch, config, tmp_path, error, code):
+    def fail(request):
+        raise error
+    fake_run(monkeypatch, fail)
+    record = tmp_path / "run.json"
+    done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
+    assert done.exit_code == code
+    assert f"vmiso: error: {error.message}" in done.stderr
+    data = json.loads(record.read_text())
+    assert data["exit_code"] == code and data["error"] == str(error) and "exec" in data["timings"]
+
+
+def test_an_interrupted_run_is_recorded_with_exit_code_130(monkeypatch, config, tmp_path):
+    def interrupt(request):
+        raise KeyboardInterrupt
+    fake_run(monkeypatch, interrupt)
+    record = tmp_path / "run.json"
+    done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
+    assert done.exit_code == 130 and "vmiso: interrupted" in done.stderr
+    data = json.loads(record.read_text())
+    assert data["exit_code"] == 130 and data["error"] == "interrupted"
+
+
+def test_an_internal_error_is_short_and_recorded(monkeypatch, config, tmp_path):
+    def bug(request):
+        raise ZeroDivisionError("oops")
+    fake_run(monkeypatch, bug)
+    record = tmp_path / "run.json"
+    done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
+    assert done.exit_code == 125
+    assert "internal error: ZeroDivisionError: oops" in done.stderr and "run with -v" in done.stderr
+    assert json.loads(record.read_text())["exit_code"] == 125
+    verbose = invoke("-v", "run", "-c", str(config), "--", "true")
+    assert "Traceback" in verbose.stderr
+
+
+def test_run_never_overwrites_the_json_record(monkeypatch, config, tmp_path):
+    fake_run(monkeypatch, lambda request: result(0))
+    record = tmp_path / "run.json"
+    record.write_text("mine")
+    done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
+    assert done.exit_code == 125 and "exists already" in done.stderr
+    assert record.read_text() == "mine"
+
+
+def test_sigterm_becomes_an_interruption():
+    with pytest.raises(VmisoError) as err:
+        cli._raise_interrupt(signal.SIGTERM, None)
+    assert err.value.exit_code == 130
+
+
+def test_images_warm_gives_the_reason_even_with_q(monkeypatch, config, tmp_path):
+    # The reason used to be a warning, which -q hides, and the error said 'see the warning above'.
+    image = tmp_path / "state" / "images" / "x"
+    image.mkdir(parents=True)
+    (image / "manifest.json").write_text(json.dumps({"sha256": "0" * 64}))
+    (image / "template.qcow2").write_bytes(b"")
+
+    def build(hv, image, key, steps, *, boot_timeout):
+        raise GuestError("the clone was not ready to be saved in time")
+    monkeypatch.setattr(warm, "build", build)
+    done = invoke("-q", "images", "-c", str(config), "warm", "x")
+    assert done.exit_code == 125
+    assert "could not make a warm state for x: the clone was not ready to be saved in time" in done.stderr
+    assert "warning above" not in done.stderr
+
+
+def image_in(state: Path, name: str = "x", **manifest) -> Path:
+    path = state / "images" / name
+    path.mkdir(parents=True)
+    (path / "template.qcow2").write_bytes(b"template")
+    digest = hashlib.sha256(b"template").hexdigest()
+    (path / "manifest.json").write_text(json.dumps({"name": name, "sha256": digest, **manifest}))
+    return path
+
+
+def test_run_reports_refused_outputs(monkeypatch, config):
+    from vmiso.outputs import OutputReport
+
+    report = OutputReport(refused=[("link", "a symbolic link")])
+    fake_run(monkeypatch, lambda request: result(0, outputs=report))
+    done = invoke("run", "-c", str(config), "--", "true")
+    assert done.exit_code == 0 and "vmiso: refused output link: a symbolic link" in done.stderr
+
+
+def test_provision_prints_the_new_image_and_its_progress(monkeypatch, config, tmp_path):
+    state = tmp_path / "state"
+
+    def provision(cfg, hv, *, name, replace, steps):
+        with steps.step("keys", "client key"):
+            steps.note("keys", "made")
+        from vmiso.image.store import Image
+        return Image(name, image_in(state, name, created="2026-01-01T00:00:00+00:00"))
+    monkeypatch.setattr("vmiso.image.provision.provision", provision)
+    done = invoke("provision", "-c", str(config), "--name", "new")
+    assert done.exit_code == 0
+    assert f"provisioned new in 0 s: sha256 {hashlib.sha256(b'template').hexdigest()}" in done.stdout
+    assert "keys: client key" in done.stderr and "keys: made" in done.stderr
+
+
+def test_images_lists_verifies_and_removes(config, tmp_path):
+    state = tmp_path / "state"
+    assert "no images; build one with 'vmiso provision'" in invoke("images", "-c", str(config)).stdout
+    image_in(state, "recipe", pip=[{"name": "tabulate", "version": "0.9.0"}, {"name": "pip", "version": "23"}],
+             source={"recipe": "debian-12", "mirror": "http://m/debian"})
+    image_in(state, "cloud", source={"cloud_image": "/c.qcow2", "sha256": "c" * 64})
+    listing = invoke("images", "-c", str(config)).stdout
+    assert "packages: tabulate==0.9.0" in listing and "pip==" not in listing
+    assert "source: recipe debian-12 from http://m/debian" in listing
+    assert f"source: cloud image /c.qcow2 (sha256 {'c' * 64})" in listing
+    rows = json.loads(invoke("images", "-c", str(config), "--json").stdout)
+    assert [row["name"] for row in rows] == ["cloud", "recipe"]
+    assert "cloud: OK sha256" in invoke("images", "-c", str(config), "verify", "cloud").stdout
+    (state / "images" / "cloud" / "template.qcow2").write_bytes(b"changed")
+    changed = invoke("images", "-c", str(config), "verify", "cloud")
+    assert changed.exit_code == 125 and "does not match its manifest" in changed.stderr
+    assert invoke("images", "-c", str(config), "rm", "cloud").stdout == "removed cloud\n"
+    assert [row["name"] for row in json.loads(invoke("images", "-c", str(config), "--json").stdout)] == ["recipe"]
+
+
+def test_gc_removes_leftovers(config, tmp_path):
+    orphan = tmp_path / "state" / "runs" / "dead"
+    orphan.mkdir(parents=True)
+    done = invoke("gc", "-c", str(config))
+    assert done.exit_code == 0 and "removed run directory dead" in done.stdout and not orphan.exists()
+    assert "nothing to remove" in invoke("gc", "-c", str(config)).stdout
+
+
+def test_doctor_marks_each_check_and_fails_when_one_fails(monkeypatch, config):
+    from vmiso.doctor import Check
+
+    checks = [Check("qemu-img", True, "/usr/bin/qemu-img"), Check("accel", True, "TCG", "use KVM", warning=True)]
+    monkeypatch.setattr("vmiso.doctor.run_checks", lambda cfg: checks)
+    done = invoke("doctor", "-c", str(config))
+    assert done.exit_code == 0
+    assert "[ok  ] qemu-img: /usr/bin/qemu-img" in done.stdout and "[warn] accel: TCG" in done.stdout
+    assert "fix: use KVM" in done.stdout
+    checks.append(Check("libvirt", False, "no daemon", "start it"))
+    failed = invoke("doctor", "-c", str(config))
+    assert failed.exit_code == 1 and "[FAIL] libvirt: no daemon" in failed.stdout
+
+
+def test_a_bad_config_is_one_line_and_125(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("acel: tcg\n")
+    done = invoke("images", "-c", str(path))
+    assert done.exit_code == 125
+    assert done.stderr == "vmiso: error: unknown key 'acel'\nvmiso: did you mean 'accel'?\n"
+
+
+def test_main_exits_130_when_interrupted_outside_a_command(monkeypatch):
+    def interrupted(**kwargs):
+        raise Interrupted("vmiso was asked to stop (SIGTERM)")
+    monkeypatch.setattr(cli, "cli", interrupted)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 130

@@ -1,0 +1,313 @@
+"""run.run without a VM: a small fake hypervisor and a fake SSH session play the guest.
+
+What is real: the run directory, the inputs' staging, the overlay and scratch disks
+(qemu-img, mkfs.ext4), the warm slots and their locks, the domain XML, the output
+watch and the output checks.  What is fake: libvirt (FakeHypervisor records what it
+was asked) and the guest's sshd (FakeSession runs a Python function as "the job").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from vmiso import config as config_mod, run, warm
+from vmiso.clone import CloneDir, clone_spec, make_clone_dir
+from vmiso.domain import domain_xml
+from vmiso.errors import GuestError, OutputError, RunTimeout, VmisoError
+from vmiso.image.store import Image
+from vmiso.progress import Steps
+from vmiso.ssh import JobExit
+
+from fakes import VERSION, FakeHypervisor, make_image
+
+Job = Callable[[CloneDir, io.BytesIO, io.BytesIO], "JobExit | None"]
+
+
+class FakeSession:
+    def __init__(self, clone: CloneDir, job: Job) -> None:
+        self.clone, self.job = clone, job
+        self.commands: list[str] = []
+        self.closed = False
+
+    def execute(self, command, stdout, stderr, *, stdin=None, deadline=None, should_stop=lambda: False):
+        self.commands.append(command)
+        self.stdin = stdin
+        self.should_stop = should_stop
+        return self.job(self, stdout, stderr)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeConnect:
+    """Stands in for ssh.connect: the guest "answers" with a FakeSession running ``job``."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.calls: list[dict] = []
+        self.sessions: list[FakeSession] = []
+
+    def __call__(self, socket_path: Path, **kwargs) -> FakeSession:
+        self.calls.append(kwargs)
+        assert kwargs["alive"]()  # the VM runs while vmiso connects
+        session = FakeSession(CloneDir(socket_path.parent), self.job)
+        self.sessions.append(session)
+        return session
+
+
+def exits(code: int, out: bytes = b"") -> Job:
+    def job(session, stdout, stderr):
+        stdout.write(out)
+        return JobExit(code=code)
+    return job
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def config(state: Path) -> config_mod.Config:
+    cfg = config_mod.load(None, env={"VMISO_ACCEL": "tcg"})
+    # test:///default: the run's watchdog process would look there, and find nothing to destroy.
+    return config_mod.override(cfg, state_dir=state, libvirt_uri="test:///default",
+                               **{"run.scratch": config_mod.MIN_SCRATCH})
+
+
+@pytest.fixture
+def image(state: Path) -> Image:
+    return make_image(state)
+
+
+def request(*command: str, **changes) -> run.RunRequest:
+    return run.RunRequest(command=command or ("python", "job.py"), image="x", **changes)
+
+
+def do_run(config, hv, req, connect, steps=None) -> tuple[run.RunResult, bytes, bytes]:
+    stdout, stderr = io.BytesIO(), io.BytesIO()
+    result = run.run(config, hv, req, stdout, stderr, steps, connect=connect)
+    return result, stdout.getvalue(), stderr.getvalue()
+
+
+def leftovers(state: Path) -> list[str]:
+    runs = state / "runs"
+    return sorted(p.name for p in runs.iterdir()) if runs.is_dir() else []
+
+
+def test_a_cold_run_from_start_to_cleanup(config, image, state, tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n")
+    hv, connect = FakeHypervisor(), FakeConnect(exits(0, b"done\n"))
+    result, out, _ = do_run(config, hv, request(inputs=(data,)), connect)
+    assert out == b"done\n"
+    assert result.exit_code == 0 and result.signal is None and result.boot == "cold"
+    assert result.image == "x" and result.memory_mib == 512 and result.scratch_bytes == config_mod.MIN_SCRATCH
+    assert list(result.timings) == ["verify", "stage", "overlay", "start", "connect", "exec", "teardown", "cleanup"]
+    (name,) = hv.started
+    assert "<interface" not in hv.started[name]  # no network device
+    assert hv.destroyed[0] == name and not hv.running
+    assert connect.calls[0]["hello"] is None and connect.calls[0]["host_key"] == "ssh-ed25519 AAAA pinned\n"
+    session = connect.sessions[0]
+    assert session.closed
+    assert session.commands[0].endswith("python job.py") and "VMISO_OUT=/out" in session.commands[0]
+    assert leftovers(state) == []
+
+
+def test_the_job_sees_its_inputs_and_its_outputs_are_collected(config, image, state, tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n")
+
+    def job(session, stdout, stderr):
+        assert (session.clone.inputs / "data.csv").read_text() == "a,b\n"
+        (session.clone.outputs / "result.txt").write_text("42\n")
+        return JobExit(code=0)
+    result, _, _ = do_run(config, FakeHypervisor(), request(inputs=(data,), output=tmp_path / "out"),
+                          FakeConnect(job))
+    assert (tmp_path / "out" / "result.txt").read_text() == "42\n"
+    assert [f["path"] for f in result.as_dict()["outputs"]["files"]] == ["result.txt"]
+    assert "collect" in result.timings
+
+
+def test_a_signal_gives_128_plus_its_number(config, image):
+    result, _, _ = do_run(config, FakeHypervisor(), request(),
+                          FakeConnect(lambda s, o, e: JobExit(signal=signal.SIGKILL)))
+    assert result.exit_code == 137 and result.signal == "SIGKILL"
+    assert result.signal_message() == ("the job was killed by SIGKILL", "most likely the guest's out-of-memory "
+                                       "killer: raise --memory (this run had 512 MiB)")
+
+
+@pytest.mark.parametrize(("ending", "message"), [
+    (JobExit(unknown_signal=True), "a signal that vmiso does not know"),
+    (JobExit(), "ended without an exit status"),
+])
+def test_a_job_without_a_usable_status_is_a_guest_error(config, image, state, ending, message):
+    hv = FakeHypervisor()
+    with pytest.raises(GuestError, match=message):
+        do_run(config, hv, request(), FakeConnect(lambda s, o, e: ending))
+    assert not hv.running and leftovers(state) == []
+
+
+def test_a_timeout_destroys_the_vm_and_cleans_up(config, image, state):
+    hv = FakeHypervisor()
+    with pytest.raises(RunTimeout, match="longer than 7 s") as err:
+        do_run(config, hv, request(timeout=7), FakeConnect(lambda s, o, e: None))  # deadline passed
+    assert err.value.exit_code == 124
+    assert not hv.running and leftovers(state) == []
+
+
+def test_a_job_that_writes_too_much_is_stopped(config, image, state):
+    config = config_mod.override(config, **{"run.output_max_files": 3})
+    hv = FakeHypervisor()
+
+    def flood(session, stdout, stderr):
+        for i in range(10):
+            (session.clone.outputs / f"f{i}").write_text("x")
+        deadline = time.monotonic() + 5
+        while not session.should_stop():  # as ssh.Session.execute polls it
+            assert time.monotonic() < deadline, "the output watch did not stop the job"
+            time.sleep(0.01)
+        raise GuestError("the SSH link broke while the job ran")  # the watch destroyed the VM
+    with pytest.raises(OutputError, match="more than 3 files to /out; the VM was stopped"):
+        do_run(config, hv, request(), FakeConnect(flood))
+    assert not hv.running and leftovers(state) == []
+
+
+def test_a_broken_link_is_an_error_and_still_cleans_up(config, image, state):
+    def broken(session, stdout, stderr):
+        raise GuestError("the SSH link broke while the job ran")
+    hv = FakeHypervisor()
+    with pytest.raises(GuestError, match="link broke"):
+        do_run(config, hv, request(), FakeConnect(broken))
+    assert not hv.running and leftovers(state) == []
+
+
+def test_an_interrupt_cleans_up(config, image, state):
+    def interrupted(session, stdout, stderr):
+        raise KeyboardInterrupt
+    hv = FakeHypervisor()
+    with pytest.raises(KeyboardInterrupt):
+        do_run(config, hv, request(), FakeConnect(interrupted))
+    assert not hv.running and leftovers(state) == []
+
+
+def test_bad_requests_are_refused_before_anything_is_made(config, image, state, tmp_path):
+    hv = FakeHypervisor()
+    with pytest.raises(VmisoError, match="no command"):
+        run.run(config, hv, run.RunRequest(command=(), image="x"), io.BytesIO(), io.BytesIO())
+    with pytest.raises(VmisoError, match="does not exist"):
+        do_run(config, hv, request(inputs=(tmp_path / "missing",)), FakeConnect(exits(0)))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(OutputError):
+        do_run(config, hv, request(output=tmp_path / "full"), FakeConnect(exits(0)))
+    with pytest.raises(VmisoError, match="no image named 'y'"):
+        do_run(config, hv, dataclasses.replace(request(), image="y"), FakeConnect(exits(0)))
+    assert not hv.started and leftovers(state) == []
+
+
+def test_too_little_room_for_the_scratch_disk_is_refused(config, image, state):
+    config = config_mod.override(config, **{"run.scratch": 1024**5})  # a pebibyte
+    hv = FakeHypervisor()
+    with pytest.raises(VmisoError, match="scratch space needs up to"):
+        do_run(config, hv, request(), FakeConnect(exits(0)))
+    assert not hv.started and leftovers(state) == []
+
+
+def make_warm_slot(hv: FakeHypervisor, image: Image, config: config_mod.Config, index: int = 0,
+                   **key_changes) -> warm.Slot:
+    """A warm slot as warm.build leaves one, its saved state known to ``hv``."""
+    sha256 = image.manifest()["sha256"]
+    key = warm.WarmKey.make(template_sha256=sha256, hypervisor=VERSION, accel="tcg",
+                            memory_mib=config.vm.memory_mib, cpus=config.vm.cpus, scratch_bytes=config.run.scratch)
+    key = dataclasses.replace(key, **key_changes)
+    clone = make_clone_dir(warm.warm_root(image) / f"slot-{index}")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.template), "-F", "qcow2",
+                    str(clone.overlay)], check=True)
+    clone.scratch.write_bytes(b"\0" * 4096)
+    slot = warm.Slot(clone)
+    slot.state.write_bytes(b"saved")
+    slot.info.write_text(json.dumps(dataclasses.asdict(key)))
+    name = f"vmiso-warm-x-{index}-abc"
+    hv.saved[slot.state] = domain_xml(clone_spec(name=name, image=image, clone=clone, accel="tcg",
+                                                 memory_mib=key.memory_mib, cpus=key.cpus, metadata={}))
+    return slot
+
+
+def test_a_warm_run_restores_a_fitting_slot_onto_a_fresh_overlay(config, image, state):
+    hv = FakeHypervisor()
+    slot = make_warm_slot(hv, image, config)
+    connect = FakeConnect(exits(0))
+    result, _, _ = do_run(config, hv, request(), connect)
+    assert result.boot == "warm" and not hv.started
+    (name,) = hv.restored
+    assert name == "vmiso-warm-x-0-abc"  # a restored domain keeps its saved name
+    assert "/runs/" in hv.restored[name] and str(slot.clone.overlay) not in hv.restored[name]
+    assert connect.calls[0]["hello"] is warm.hello and connect.calls[0]["name"] == name
+    assert not hv.running and leftovers(state) == []
+    assert slot.state.read_bytes() == b"saved"
+
+
+def test_a_warm_state_for_another_accelerator_boots_cold_and_says_why(config, image, caplog):
+    hv = FakeHypervisor()
+    make_warm_slot(hv, image, config, accel="kvm", cpu="host-passthrough")
+    result, _, _ = do_run(config, hv, request(), FakeConnect(exits(0)))
+    assert result.boot == "cold"
+    assert "cold boot: no usable warm state: slot-0 was made for another accel, cpu" in caplog.text
+
+
+def test_a_failed_restore_falls_back_to_a_cold_boot(config, image, state, caplog):
+    hv = FakeHypervisor()
+    hv.fail_restore = True
+    make_warm_slot(hv, image, config)
+    result, _, _ = do_run(config, hv, request(), FakeConnect(exits(5)))
+    assert result.boot == "cold" and result.exit_code == 5
+    assert "the warm state slot-0 could not be restored" in caplog.text
+    assert "vmiso-warm-x-0-abc" in hv.destroyed  # the half-restored domain
+    assert leftovers(state) == []
+
+
+def test_cold_is_cold_without_a_word(config, image, caplog):
+    hv = FakeHypervisor()
+    make_warm_slot(hv, image, config)
+    result, _, _ = do_run(config, hv, request(warm=False), FakeConnect(exits(0)))
+    assert result.boot == "cold" and "cold boot" not in caplog.text
+
+
+def test_two_runs_share_no_slot(config, image):
+    hv = FakeHypervisor()
+    make_warm_slot(hv, image, config)
+    boots = []
+
+    def nested(session, stdout, stderr):  # a second run while the first holds the only slot
+        boots.append(do_run(config, hv, request(), FakeConnect(exits(0)))[0].boot)
+        return JobExit(code=0)
+    first, _, _ = do_run(config, hv, request(), FakeConnect(nested))
+    assert (first.boot, boots) == ("warm", ["cold"])
+
+
+def test_steps_are_reported_as_they_happen(config, image):
+    events = []
+    steps = Steps(lambda event, step, detail, elapsed: events.append((event, step)))
+    do_run(config, FakeHypervisor(), request(), FakeConnect(exits(0)), steps)
+    assert ("start", "exec") in events and ("done", "cleanup") in events
+
+
+def test_stdin_and_variables_reach_the_job(config, image):
+    connect = FakeConnect(exits(0))
+    stdin = io.BytesIO(b"input")
+    run.run(config, FakeHypervisor(), request(env=(("GREETING", "hello world"),)), io.BytesIO(), io.BytesIO(),
+            stdin=stdin, connect=connect)
+    session = connect.sessions[0]
+    assert session.stdin is stdin and "'GREETING=hello world' python job.py" in session.commands[0]
+    with pytest.raises(VmisoError, match="'1BAD' is not a valid environment variable name"):
+        do_run(config, FakeHypervisor(), request(env=(("1BAD", "x"),)), connect)
