@@ -311,3 +311,14 @@ def test_stdin_and_variables_reach_the_job(config, image):
     assert session.stdin is stdin and "'GREETING=hello world' python job.py" in session.commands[0]
     with pytest.raises(VmisoError, match="'1BAD' is not a valid environment variable name"):
         do_run(config, FakeHypervisor(), request(env=(("1BAD", "x"),)), connect)
+
+
+def test_an_exit_status_no_process_can_have_is_refused():
+    # 256 would wrap to 0 as vmiso's own exit status: a hostile guest's "success".
+    from vmiso import run as run_mod
+    from vmiso.errors import GuestError
+    from vmiso.ssh import JobExit
+
+    assert run_mod._judge(JobExit(code=255)) == (255, None)
+    with pytest.raises(GuestError, match="exit status 256"):
+        run_mod._judge(JobExit(code=256))

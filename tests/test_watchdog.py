@@ -19,7 +19,8 @@ DOMAIN = """<domain type='test'>
 
 
 def test_release_leaves_the_vm_alone():
-    dog = watchdog.start("test:///default", "vmiso-run-x", "/r/x", time.time() + 60)
+    dog = watchdog.start("test:///default", "vmiso-run-x", "/r/x", 60)
+    dog.started()
     started = time.monotonic()
     dog.release()
     assert dog.process.returncode == 0 and time.monotonic() - started < 5
@@ -29,14 +30,14 @@ def test_a_dead_parent_or_a_passed_deadline_means_destroy():
     # The decision, on a real pipe: EOF without RELEASE, or the deadline, is "destroy".
     read, write = os.pipe()
     os.close(write)
-    assert watchdog.wait_for_release(read, time.time() + 5) is False
+    assert watchdog.wait_for_release(read, time.monotonic() + 5) == (False, False)
     os.close(read)
     read, write = os.pipe()
     started = time.monotonic()
-    assert watchdog.wait_for_release(read, time.time() + 0.3) is False
+    assert watchdog.wait_for_release(read, time.monotonic() + 0.3) == (False, False)
     assert 0.2 < time.monotonic() - started < 2
-    os.write(write, watchdog.RELEASE)
-    assert watchdog.wait_for_release(read, time.time() + 5) is True
+    os.write(write, watchdog.STARTED + watchdog.RELEASE)
+    assert watchdog.wait_for_release(read, time.monotonic() + 5) == (True, True)
     os.close(read)
     os.close(write)
 
@@ -51,8 +52,8 @@ def test_destroys_only_the_run_it_watches():
     saved = os.dup(0)
     os.dup2(read, 0)
     try:
-        assert watchdog.main("test:///default", "vmiso-run-a", "/r/a", time.time() + 60) == 0
-        assert watchdog.main("test:///default", "vmiso-run-b", "/r/b", time.time() + 60) == 0
+        assert watchdog.main("test:///default", "vmiso-run-a", "/r/a", 60) == 0
+        assert watchdog.main("test:///default", "vmiso-run-b", "/r/b", 60) == 0
     finally:
         os.dup2(saved, 0)
         os.close(saved)
@@ -68,7 +69,7 @@ def test_it_outlives_its_parent_and_ignores_the_terminal(tmp_path):
     # A parent that starts a watchdog and is then killed: the watchdog is in a
     # session of its own, sees the pipe close, and exits after acting.
     script = ("import sys, time; from vmiso import watchdog\n"
-              "dog = watchdog.start('test:///default', 'vmiso-run-none', '/r/none', time.time() + 60)\n"
+              "dog = watchdog.start('test:///default', 'vmiso-run-none', '/r/none', 60); dog.started()\n"
               "print(dog.process.pid, flush=True); time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     pid = int(parent.stdout.readline())
@@ -84,3 +85,14 @@ def test_it_outlives_its_parent_and_ignores_the_terminal(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError("the watchdog did not act after its parent died")
+
+
+def test_nothing_from_the_directory_vmiso_was_started_in_runs(tmp_path, monkeypatch):
+    # An analyst working in an untrusted checkout: its click.py must not run on the host.
+    marker = tmp_path / "ran"
+    (tmp_path / "click.py").write_text(f"open({str(marker)!r}, 'w').write('owned')\n")
+    monkeypatch.chdir(tmp_path)
+    dog = watchdog.start("test:///default", "vmiso-run-x", "/r/x", 60)
+    time.sleep(1.5)  # time enough to import the CLI
+    dog.release()
+    assert dog.process.returncode == 0 and not marker.exists()

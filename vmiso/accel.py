@@ -8,6 +8,7 @@ cannot be used, and names ``tcg`` as the explicit choice.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -60,3 +61,22 @@ def resolve(requested: str, kvm_check: Callable[[], str | None] = kvm_problem) -
         "to run under software emulation instead, set 'accel: tcg' in vmiso.yaml or "
         "VMISO_ACCEL=tcg; QEMU does not treat TCG as a security boundary",
     )
+
+
+def host_cpu_id(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """A short digest of the host CPU's model and flags: what host-passthrough shows a guest.
+
+    A warm state saved on one CPU (or before a microcode or kernel change hid a
+    feature) must not be restored where its code could meet a missing instruction.
+    """
+    wanted = []
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key = line.partition(":")[0].strip()
+            if key in ("vendor_id", "model name", "flags") and line not in wanted:
+                wanted.append(line)
+            if not line.strip() and wanted:
+                break  # the first processor is enough
+    except OSError:
+        return "unknown"
+    return hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:12]

@@ -468,13 +468,13 @@ def images_warm(ctx: click.Context, name: str) -> None:
 @click.argument("uri")
 @click.argument("name")
 @click.argument("run_dir")
-@click.argument("deadline", type=float)
+@click.argument("seconds", type=float)
 @click.pass_context
-def watchdog_command(ctx: click.Context, uri: str, name: str, run_dir: str, deadline: float) -> None:
+def watchdog_command(ctx: click.Context, uri: str, name: str, run_dir: str, seconds: float) -> None:
     """The process that destroys a run's VM when its vmiso dies (started by vmiso run)."""
     from .watchdog import main as watch
 
-    ctx.exit(watch(uri, name, run_dir, deadline))
+    ctx.exit(watch(uri, name, run_dir, seconds))
 
 
 def main() -> None:

@@ -23,6 +23,9 @@ class Disk:
     # "unsafe" drops the guest's flushes: right for a disposable overlay, wrong
     # for an image that must survive (provisioning uses "writeback").
     cache: str = "writeback"
+    # "report": a failed write (the host's disk is full) is an I/O error in the
+    # guest, not a paused VM that waits out its timeout.  None: QEMU's default.
+    error_policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,9 @@ def _os(spec: DomainSpec) -> ET.Element:
 
 def _disk(disk: Disk, index: int) -> ET.Element:
     el = ET.Element("disk", type="file", device="disk")
-    _sub(el, "driver", name="qemu", type=disk.format, cache=disk.cache, discard="unmap")
+    driver = _sub(el, "driver", name="qemu", type=disk.format, cache=disk.cache, discard="unmap")
+    if disk.error_policy is not None:
+        driver.set("error_policy", disk.error_policy)
     _sub(el, "source", file=str(disk.path))
     _sub(el, "target", dev="vd" + "abcdefghijklmnopqrstuvwxyz"[index], bus="virtio")
     if disk.readonly:
@@ -225,7 +230,7 @@ def retarget(saved_xml: str, to: Retarget) -> str:
     Device models, addresses, the machine type, the name, the UUID and the VM
     generation ID stay exactly as saved: libvirt 9 refuses a restore that changes
     any of them.  Only host paths and the metadata change.  (The guest's RNG is
-    reseeded over the SSH link instead; see ssh.SEED_BYTES.)
+    reseeded over the SSH link instead; see warm.hello.)
     """
     root = ET.fromstring(saved_xml)
     disks = {_child(d, "target").get("dev", ""): d for d in root.findall("devices/disk[@device='disk']")}

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import libvirt
 
@@ -103,18 +104,26 @@ class Hypervisor:
                 dom.undefine()
         return True
 
-    def destroy_run(self, name: str, run_dir: str) -> bool:
-        """Destroy ``name`` only while it is still the VM of ``run_dir`` (a restored
-        domain keeps its saved name, which the next run from that slot takes on)."""
+    def destroy_run(self, name: str, run_dir: str) -> Literal["destroyed", "absent", "another run's"]:
+        """Destroy ``name`` only while it is still the VM of ``run_dir``.
+
+        A restored domain keeps its saved name (and UUID), which the next run from
+        that slot takes on; so the domain checked is then destroyed by its numeric
+        ID, which libvirt never gives to another domain while it runs.
+        """
         dom = self._lookup(name)
         if dom is None:
-            return False
-        try:
+            return "absent"
+        with _libvirt(f"libvirt could not inspect VM {name}", tolerate=_GONE_OR_STOPPED):
+            domain_id = dom.ID()
             if metadata_of(dom.XMLDesc(0)).get("run_dir") != run_dir:
-                return False
-        except libvirt.libvirtError:
-            return False  # it went away while we looked
-        return self.destroy(name)
+                return "another run's"
+            if domain_id < 0:
+                return "absent"  # defined but not running: nothing to stop
+            with _libvirt(f"libvirt could not destroy VM {name}", tolerate=_GONE_OR_STOPPED):
+                self.conn.lookupByID(domain_id).destroy()
+            return "destroyed"
+        return "absent"
 
     def shutdown(self, name: str) -> None:
         """Ask the guest to power off (ACPI); see ``wait_stopped``."""

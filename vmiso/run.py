@@ -200,19 +200,22 @@ def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, 
     return clone
 
 
-def _watchdog(config: Config, request: RunRequest, clone: CloneDir, cleanup: ExitStack) -> Callable[[str], None]:
+def _watchdog(config: Config, request: RunRequest, clone: CloneDir,
+              cleanup: ExitStack) -> Callable[[str], watchdog.Watchdog]:
     """What a boot calls once it knows its domain's name: from then on the VM dies with this
     process, and by the run's deadline even if this process hangs (see watchdog.py)."""
     timeout = request.timeout or config.run.timeout
 
-    def watch(domain: str) -> None:
-        deadline = time.time() + config.run.boot_timeout + timeout + WATCHDOG_GRACE
-        cleanup.callback(watchdog.start(config.libvirt_uri, domain, str(clone.path), deadline).release)
-    return watch
+    def guard(domain: str) -> watchdog.Watchdog:
+        seconds = config.run.boot_timeout + timeout + WATCHDOG_GRACE
+        dog = watchdog.start(config.libvirt_uri, domain, str(clone.path), seconds)
+        cleanup.callback(dog.release)
+        return dog
+    return guard
 
 
 def _boot(hv: Hypervisor, image: Image, clone: CloneDir, key: warm.WarmKey, name: str, want_warm: bool,
-          steps: Steps, cleanup: ExitStack, watch: Callable[[str], None]) -> Booted:
+          steps: Steps, cleanup: ExitStack, watch: Callable[[str], watchdog.Watchdog]) -> Booted:
     """Restore a warm state that fits; boot cold when none does or the restore fails, saying why."""
     metadata = {"kind": "run", "run_dir": str(clone.path), "image": image.name}
     slot, why_cold = warm.acquire(image, key, cleanup) if want_warm else (None, "--cold")
@@ -275,6 +278,8 @@ def _judge(outcome: Outcome) -> tuple[int, str | None]:
     if outcome.signal is not None:
         return 128 + outcome.signal.value, outcome.signal.name  # as a shell and docker run report it
     if outcome.code is not None:
+        if not 0 <= outcome.code <= 255:  # what no process can exit with (and 256 would wrap to 0)
+            raise GuestError(f"the guest reported exit status {outcome.code}, which no job can have")
         return outcome.code, None
     raise GuestError("the job ended without an exit status")
 
@@ -350,21 +355,23 @@ def check_scratch_room(directory: Path, scratch_bytes: int) -> None:
 
 
 def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: warm.WarmKey,
-               metadata: dict[str, str], steps: Steps, cleanup: ExitStack, watch: Callable[[str], None]) -> str:
+               metadata: dict[str, str], steps: Steps, cleanup: ExitStack,
+               watch: Callable[[str], watchdog.Watchdog]) -> str:
     with steps.step("overlay", "copy-on-write clone of the template, scratch disk"):
         make_overlay(clone, image.template)
         make_scratch(clone, key.scratch_bytes)
     spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
                       cpus=key.cpus, metadata=metadata)
     with steps.step("start", "transient domain, cold boot"):
-        watch(name)  # released after the destroy below (an ExitStack unwinds in reverse)
+        dog = watch(name)  # released after the destroy below (an ExitStack unwinds in reverse)
         cleanup.callback(hv.destroy, name)
         hv.start_transient(name, domain_xml(spec))
+        dog.started()
     return name
 
 
 def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[str, str],
-               steps: Steps, cleanup: ExitStack, watch: Callable[[str], None]) -> str:
+               steps: Steps, cleanup: ExitStack, watch: Callable[[str], watchdog.Watchdog]) -> str:
     """Restore ``slot``; the domain keeps the name it was saved with, which the caller must use."""
     with steps.step("overlay", "copy-on-write clone of the warm disk, scratch disk"):
         make_overlay(clone, slot.clone.overlay)
@@ -372,11 +379,12 @@ def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[
     with steps.step("start", "restore the saved clone"):
         name, xml = warm.restore_xml(hv, slot, clone=clone, metadata=metadata)
         # Registered before the restore: one that fails half-way is destroyed too.
-        watch(name)
+        dog = watch(name)
         cleanup.callback(hv.destroy, name)
         try:
             hv.restore(name, slot.state, xml)
         except HypervisorError:
             hv.destroy(name)
             raise
+        dog.started()
     return name

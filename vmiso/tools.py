@@ -90,7 +90,17 @@ def start_detached(argv: Sequence[str]) -> Detached:
     """Start ``argv`` in a session of its own (no signal from this process's terminal
     reaches it), with a pipe on its stdin and no output."""
     return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, cwd="/")
+
+
+def tell_detached(process: Detached, message: bytes) -> None:
+    """Write ``message`` to its stdin now (it may have ended: then nothing happens)."""
+    if process.stdin is not None:
+        try:
+            process.stdin.write(message)
+            process.stdin.flush()
+        except OSError:
+            pass
 
 
 def finish_detached(process: Detached, message: bytes, timeout: float = 5) -> None:
@@ -109,9 +119,10 @@ def finish_detached(process: Detached, message: bytes, timeout: float = 5) -> No
         process.wait()
 
 
-def watchdog_argv(uri: str, name: str, run_dir: str, deadline: float) -> list[str]:
-    # This Python and this vmiso, whichever way it was installed.
-    return [sys.executable, "-m", "vmiso", "_watchdog", uri, name, run_dir, f"{deadline:.3f}"]
+def watchdog_argv(uri: str, name: str, run_dir: str, seconds: float) -> list[str]:
+    # This Python and this vmiso, whichever way it was installed; -I: not the
+    # directory vmiso was started in (an untrusted checkout's click.py, say) on the path.
+    return [sys.executable, "-I", "-m", "vmiso", "_watchdog", uri, name, run_dir, f"{seconds:.0f}"]
 
 
 # --- qemu-img -----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__, accel
+from .accel import host_cpu_id
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, retarget
@@ -77,7 +78,9 @@ class WarmKey:
     def make(cls, *, template_sha256: str, hypervisor: str, accel: str, memory_mib: int, cpus: int,
              scratch_bytes: int) -> WarmKey:
         return cls(template_sha256=template_sha256, hypervisor=hypervisor, accel=accel, memory_mib=memory_mib,
-                   cpus=cpus, scratch_bytes=scratch_bytes, cpu=cpu_mode(accel))
+                   cpus=cpus, scratch_bytes=scratch_bytes,
+                   # under KVM the guest sees the host's CPU: the key names which one
+                   cpu=cpu_mode(accel) + (f" {host_cpu_id()}" if accel == "kvm" else ""))
 
 
 @dataclass(frozen=True)

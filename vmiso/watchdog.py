@@ -22,46 +22,66 @@ from dataclasses import dataclass
 
 from . import tools
 
-RELEASE = b"\x01"
+RELEASE = b"\x01"  # vmiso tears the VM down itself
+STARTED = b"\x02"  # the domain exists now
+APPEAR_SECONDS = 30
 
 
 @dataclass
 class Watchdog:
     process: tools.Detached
 
+    def started(self) -> None:
+        """The domain exists: if vmiso dies from now on, it is there to destroy at once."""
+        tools.tell_detached(self.process, STARTED)
+
     def release(self) -> None:
         """vmiso tears the VM down itself: the watchdog exits without touching it."""
         tools.finish_detached(self.process, RELEASE)
 
 
-def start(uri: str, name: str, run_dir: str, deadline: float) -> Watchdog:
-    """Watch ``name`` until released; ``deadline`` is wall-clock (time.time()) seconds."""
-    return Watchdog(tools.start_detached(tools.watchdog_argv(uri, name, run_dir, deadline)))
+def start(uri: str, name: str, run_dir: str, seconds: float) -> Watchdog:
+    """Watch ``name`` until released, for at most ``seconds`` from now."""
+    return Watchdog(tools.start_detached(tools.watchdog_argv(uri, name, run_dir, seconds)))
 
 
-def wait_for_release(fd: int, deadline: float) -> bool:
-    """True when vmiso released the VM; False when it died or the deadline passed."""
+def wait_for_release(fd: int, deadline: float) -> tuple[bool, bool]:
+    """(released, started): released is False when vmiso died or ``deadline`` (monotonic)
+    passed; started says whether vmiso had said that the domain exists."""
+    started = False
     while True:
-        left = deadline - time.time()
+        left = deadline - time.monotonic()
         if left <= 0:
-            return False
+            return False, started
         readable, _, _ = select.select([fd], [], [], min(left, 60))
         if readable:
             data = os.read(fd, 1)
-            return data == RELEASE  # b"": the pipe closed without it
+            if data == STARTED:
+                started = True
+                continue
+            return data == RELEASE, started  # b"": the pipe closed without it
 
 
-def main(uri: str, name: str, run_dir: str, deadline: float) -> int:
-    """Wait on stdin (the pipe from vmiso); destroy the run's VM unless released.  The exit status."""
-    if wait_for_release(0, deadline):
+def main(uri: str, name: str, run_dir: str, seconds: float) -> int:
+    """Wait on stdin (the pipe from vmiso); destroy the run's VM unless released.  The exit status.
+
+    A vmiso killed while libvirt was still creating or restoring the domain leaves
+    it to appear a moment later: then the watchdog looks for it for APPEAR_SECONDS
+    before it concludes that there is nothing to destroy.
+    """
+    released, started = wait_for_release(0, time.monotonic() + seconds)
+    if released:
         return 0
     from .hypervisor import connected  # only now: a released watchdog never loads libvirt
 
-    for attempt in range(3):
+    give_up = time.monotonic() + (5 if started else APPEAR_SECONDS)
+    while True:
         try:
             with connected(uri) as hv:
-                hv.destroy_run(name, run_dir)
-            return 0
-        except Exception:  # nobody is left to report to; try again, then give up
-            time.sleep(1 + attempt)
-    return 1
+                if hv.destroy_run(name, run_dir) != "absent" or started:
+                    return 0
+        except Exception:  # nobody is left to report to: try again until giving up
+            pass
+        if time.monotonic() >= give_up:
+            return 1
+        time.sleep(0.5)
