@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pty
 import signal
 import socket
 import stat
@@ -26,6 +25,7 @@ from vmharness import (
     VMISO,
     Streamed,
     make_state_root,
+    on_a_terminal,
     remove_tree,
     vmiso,
     vmiso_domains,
@@ -378,23 +378,9 @@ def test_a_job_killed_by_a_signal_is_named(image, tmp_path):
 
 def test_a_terminal_sees_escape_sequences_not_their_effect(image):
     job = r"printf '\033]0;owned\007\033[31mred\tok\n'; printf 'x\033[2J\342\200\256\n' >&2"
-    master, slave = pty.openpty()
-    process = subprocess.Popen([*VMISO, "-q", "run", "-c", str(image["config"]), "--", "sh", "-c", job],
-                               stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=REPO,
-                               env=dict(os.environ, VMISO_ACCEL="tcg"))
-    os.close(slave)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: every writer has closed the terminal
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(master)
-    assert process.wait(300) == 0, shown
-    text = shown.decode()
+    code, _, text = on_a_terminal([*VMISO, "-q", "run", "-c", str(image["config"]), "--", "sh", "-c", job],
+                                  REPO, dict(os.environ, VMISO_ACCEL="tcg"), 300, stdout_too=True)
+    assert code == 0, text
     assert "^[]0;owned^G^[[31mred\tok" in text and "x^[[2J<U+202E>" in text
     assert "\x1b" not in text and "\x07" not in text
     # A pipe gets the job's bytes unchanged.

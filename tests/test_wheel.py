@@ -4,16 +4,12 @@ and a wheel installed into a fresh venv, used from a directory with no checkout.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import tarfile
-import termios
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -22,7 +18,7 @@ import pytest
 
 from vmiso import __version__
 
-from vmharness import REPO, vmiso_domains, write_config
+from vmharness import REPO, on_a_terminal, vmiso_domains, write_config
 
 
 def _files(root: Path) -> set[str]:
@@ -140,35 +136,6 @@ def test_installed_vmiso_doctor_checks_its_data(wheel_venv, elsewhere):
         doctor(VMISO_DATA_DIR=str(elsewhere))
 
 
-def _on_a_terminal(argv: list[str], cwd: Path, env: dict[str, str], timeout: float
-                   ) -> tuple[int, str, str]:
-    """Run ``argv`` with stderr on a pseudo-terminal (200 columns) and stdout on a pipe."""
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
-                               cwd=cwd, env=env)
-    os.close(slave)
-    seen = bytearray()
-
-    def read() -> None:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the last writer closed the terminal
-                return
-            if not chunk:
-                return
-            seen.extend(chunk)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        stdout, _ = process.communicate(timeout=timeout)
-    finally:
-        process.kill()
-        reader.join(30)
-        os.close(master)
-    return process.returncode, stdout.decode(), seen.decode(errors="replace")
 
 
 @pytest.mark.vm
@@ -184,7 +151,7 @@ def test_wheel_installed_outside_the_checkout_provisions_and_runs(wheel_venv, vm
     env = _clean_env(TERM="xterm")
     started = time.monotonic()
     try:
-        code, stdout, terminal = _on_a_terminal([vmiso_bin, "provision", "-c", str(config)], elsewhere, env,
+        code, stdout, terminal = on_a_terminal([vmiso_bin, "provision", "-c", str(config)], elsewhere, env,
                                                 timeout=2400)
         provisioned = time.monotonic() - started
         assert code == 0, terminal[-4000:]

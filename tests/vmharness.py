@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -124,3 +127,35 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def on_a_terminal(argv: list[str], cwd: Path, env: dict[str, str], timeout: float, *,
+                  stdout_too: bool = False) -> tuple[int, str, str]:
+    """Run ``argv`` with stderr (and with ``stdout_too`` stdout) on a pseudo-terminal of
+    200 columns: (exit code, what reached stdout's pipe, what the terminal received)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    process = subprocess.Popen(argv, stdout=slave if stdout_too else subprocess.PIPE, stderr=slave,
+                               stdin=subprocess.DEVNULL, cwd=cwd, env=env)
+    os.close(slave)
+    seen = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        stdout, _ = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+        reader.join(30)
+        os.close(master)
+    return process.returncode, (stdout or b"").decode(), seen.decode(errors="replace")
