@@ -28,6 +28,14 @@ def keypair(directory: Path, name: str) -> tuple[Path, str]:
     return path, path.with_suffix(".pub").read_text().strip()
 
 
+def listen(path: Path) -> socket.socket:
+    """The host end of a guest's virtio-serial port, as QEMU makes it: a listening Unix socket."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    return listener
+
+
 def send_exit_signal(channel: paramiko.Channel, name: bytes) -> None:
     """What sshd sends when the command died by a signal (RFC 4254, 6.10)."""
     message = paramiko.Message()
@@ -79,9 +87,7 @@ def guest(tmp_path):
     host_key_path, host_public = keypair(tmp_path, "host")
     client_key, client_public = keypair(tmp_path, "client")
     socket_path = tmp_path / "ssh.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(socket_path))
-    listener.listen(1)
+    listener = listen(socket_path)
     server = FakeGuest(client_public)
     hellos: list[bytes] = []
 
@@ -122,41 +128,34 @@ def run(session: ssh.Session, command: str, **kwargs) -> tuple[ssh.JobExit | Non
     return status, out.getvalue(), err.getvalue()
 
 
-def test_exit_status_and_streams(guest):
+def run_once(guest, command: str, **kwargs) -> tuple[ssh.JobExit | None, bytes, bytes]:
+    """Connect, run ``command``, close."""
     session = connect(guest)
     try:
-        status, out, err = run(session, "exit 3")
+        return run(session, command, **kwargs)
     finally:
         session.close()
+
+
+def test_exit_status_and_streams(guest):
+    status, out, err = run_once(guest, "exit 3")
     assert status == ssh.JobExit(code=3)
     assert (out, err) == (b"out-1\n", b"err-1\n")
     assert guest["hellos"] == [b"hi!"]  # sent before SSH, as a restored clone expects
 
 
 def test_a_signal_is_reported_by_name(guest):
-    session = connect(guest)
-    try:
-        status, out, _ = run(session, "kill ILL")
-    finally:
-        session.close()
+    status, out, _ = run_once(guest, "kill ILL")
     assert status.signal.name == "SIGILL" and status.code is None and out == b"before\n"
 
 
 def test_an_unknown_signal_name_is_not_repeated(guest):
-    session = connect(guest)
-    try:
-        status, _, _ = run(session, "kill BOGUS")
-    finally:
-        session.close()
+    status, _, _ = run_once(guest, "kill BOGUS")
     assert status.unknown_signal and status.signal is None
 
 
 def test_no_status_at_all(guest):
-    session = connect(guest)
-    try:
-        status, _, _ = run(session, "vanish")
-    finally:
-        session.close()
+    status, _, _ = run_once(guest, "vanish")
     assert status == ssh.JobExit() and not status.reported
 
 
@@ -210,11 +209,7 @@ def test_a_flood_of_output_does_not_starve_the_deadline(guest):
 
 
 def test_should_stop_ends_the_wait(guest):
-    session = connect(guest)
-    try:
-        status, _, _ = run(session, "hang", should_stop=lambda: True)
-    finally:
-        session.close()
+    status, _, _ = run_once(guest, "hang", should_stop=lambda: True)
     assert status is None
 
 
@@ -251,9 +246,7 @@ def test_a_guest_that_hangs_up_is_tried_again(tmp_path):
     client_key, _ = keypair(tmp_path, "client")
     _, host = keypair(tmp_path, "host")
     path = tmp_path / "ssh.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(8)
+    listener = listen(path)
     accepted = []
 
     def hang_up() -> None:
