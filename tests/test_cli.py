@@ -50,7 +50,7 @@ def fake_run(monkeypatch, outcome):
     """Make 'vmiso run' call ``outcome(request)`` instead of booting a VM."""
     seen = []
 
-    def run(config, hv, request, stdout, stderr, steps, stdin=None):
+    def run(config, hv, request, stdout, stderr, steps, stdin=None, interruption=None):
         seen.append(request)
         with steps.step("exec", "the job"):
             stdout.write(b"job output\n")

@@ -38,10 +38,12 @@ class FakeSession:
         self.commands: list[str] = []
         self.closed = False
 
-    def execute(self, command, stdout, stderr, *, stdin=None, deadline=None, should_stop=lambda: False):
+    def execute(self, command, stdout, stderr, *, stdin=None, deadline=None, should_stop=lambda: False,
+                signals=lambda: None):
         self.commands.append(command)
         self.stdin = stdin
         self.should_stop = should_stop
+        self.signals = signals
         return self.job(self, stdout, stderr)
 
     def close(self) -> None:
@@ -322,3 +324,33 @@ def test_an_exit_status_no_process_can_have_is_refused():
     assert run_mod._judge(JobExit(code=255)) == (255, None)
     with pytest.raises(GuestError, match="exit status 256"):
         run_mod._judge(JobExit(code=256))
+
+
+def test_the_first_interrupt_is_the_jobs_and_the_second_vmisos():
+    interruption = run.Interruption(grace=0.2)
+    assert interruption.request(signal.SIGINT) is False  # before the job runs: stop now
+    interruption.job_running = True
+    assert interruption.request(signal.SIGTERM) is True
+    assert interruption.take() == signal.SIGTERM and interruption.take() is None  # passed on once
+    assert interruption.request(signal.SIGINT) is False  # the second: stop now
+    assert not interruption.expired()
+    time.sleep(0.3)
+    assert interruption.expired()
+
+
+def test_a_job_that_outlives_its_grace_is_destroyed(config, image, state):
+    interruption = run.Interruption(grace=0.0)
+
+    def stubborn(session, stdout, stderr):
+        assert interruption.request(signal.SIGINT)  # Ctrl-C while the job runs
+        assert session.signals() == signal.SIGINT  # passed on to the job
+        time.sleep(0.01)
+        assert session.should_stop()  # the grace is over: the run stops waiting
+        return None
+
+    hv = FakeHypervisor()
+    with pytest.raises(run.Interrupted, match="did not end within 0 s of SIGINT") as err:
+        run.run(config, hv, request(), io.BytesIO(), io.BytesIO(), connect=FakeConnect(stubborn),
+                interruption=interruption)
+    assert err.value.exit_code == 130
+    assert not hv.running and leftovers(state) == []

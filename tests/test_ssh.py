@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -59,11 +60,33 @@ SCRIPTS = {
 }
 
 
+def trap(channel: paramiko.Channel, server: FakeGuest) -> None:
+    """A job that traps SIGINT: it ends with 3 once the signal arrives (1 if it never does)."""
+    channel.send_exit_status(3 if server.signalled.wait(5) else 1)
+
+
 class FakeGuest(paramiko.ServerInterface):
     def __init__(self, client_public: str) -> None:
         self.client_public = client_public
         self.commands: list[str] = []
         self.ran = threading.Event()
+        self.signals: list[str] = []  # what "signal" requests named, as sshd would deliver them
+        self.signalled = threading.Event()
+
+    def hear_signals(self, transport: paramiko.Transport) -> None:
+        """paramiko's server ignores "signal" requests; sshd delivers them to the command."""
+        def handle(channel: paramiko.Channel, message: paramiko.Message) -> None:
+            start = message.packet.tell()
+            if message.get_text() == "signal":
+                message.get_boolean()
+                self.signals.append(message.get_text())
+                self.signalled.set()
+                return
+            message.packet.seek(start)
+            paramiko.Channel._handle_request(channel, message)
+        table = dict(transport._channel_handler_table)
+        table[paramiko.common.MSG_CHANNEL_REQUEST] = handle
+        transport._channel_handler_table = table
 
     def get_allowed_auths(self, username: str) -> str:
         return "publickey"
@@ -100,12 +123,16 @@ def guest(tmp_path):
         transport = paramiko.Transport(conn)
         transport.add_server_key(paramiko.Ed25519Key.from_private_key_file(str(host_key_path)))
         transport.start_server(server=server)
+        server.hear_signals(transport)
         while transport.is_active():
             channel = transport.accept(1)
             if channel is None:
                 continue
             server.ran.wait(5)
-            SCRIPTS[server.commands[-1]](channel)
+            if server.commands[-1] == "trap":
+                trap(channel, server)
+            else:
+                SCRIPTS[server.commands[-1]](channel)
             channel.close()
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -347,3 +374,10 @@ def test_a_job_that_cannot_start_is_a_guest_error():
     session = ssh.Session(FakeClient(FakeTransport(None)), "vmiso-run-x")
     with pytest.raises(GuestError, match="cannot start the job in vmiso-run-x: administratively prohibited"):
         session.execute("job", io.BytesIO(), io.BytesIO())
+
+
+def test_a_signal_is_passed_to_the_job_once(guest):
+    pending = [signal.SIGINT]
+    status, _, _ = run_once(guest, "trap", signals=lambda: pending.pop() if pending else None)
+    assert status == ssh.JobExit(code=3)
+    assert guest["server"].signals == ["INT"]

@@ -155,13 +155,46 @@ def test_sigkill_leaves_nothing_after_gc(image):
     assert leftovers(image["state"]) == []
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130), (signal.SIGHUP, 130)])
-def test_interrupt_cleans_up(image, sig, code):
+@pytest.mark.parametrize("sig, code, said", [
+    # The job gets SIGINT or SIGTERM, and (a shell that does not trap it) dies of it.
+    (signal.SIGINT, 130, "killed by SIGINT"),
+    (signal.SIGTERM, 143, "killed by SIGTERM"),
+    # A closed terminal: vmiso stops at once.
+    (signal.SIGHUP, 130, "asked to stop (SIGHUP)"),
+])
+def test_interrupt_cleans_up(image, sig, code, said):
     run = Streamed.start("run", "-c", image["config"], "--", "sh", "-c", "echo up; sleep 600")
     wait_for(lambda: any(text == "up" for _, _, text in run.lines), 300, "the job to start")
     run.process.send_signal(sig)
-    assert run.wait(120) == code
-    assert "interrupted" in run.text("err") or "asked to stop" in run.text("err")
+    assert run.wait(120) == code, run.lines
+    assert said in run.text("err")
+    assert leftovers(image["state"]) == []
+
+
+def test_ctrl_c_reaches_the_job_and_a_second_one_stops_vmiso(image, tmp_path):
+    job = ("import signal, sys, time\n"
+           "def done(signum, frame):\n"
+           "    open('/out/caught', 'w').write(signal.Signals(signum).name)\n"
+           "    sys.exit(3)\n"
+           "signal.signal(signal.SIGINT, done)\n"
+           "print('up', flush=True)\n"
+           "time.sleep(600)\n")
+    run = Streamed.start("run", "-c", image["config"], "-o", tmp_path / "out", "--", "python", "-c", job)
+    wait_for(lambda: "up" in run.text("out"), 300, "the job to start")
+    run.process.send_signal(signal.SIGINT)
+    assert run.wait(120) == 3, run.lines  # the job's own ending, not vmiso's
+    assert (tmp_path / "out" / "caught").read_text() == "SIGINT"
+    assert "SIGINT passed to the job" in run.text("err")
+    # A job that ignores it: the second Ctrl-C destroys the VM.
+    stubborn = Streamed.start("run", "-c", image["config"], "--", "sh", "-c", "trap '' INT; echo up; sleep 600")
+    wait_for(lambda: "up" in stubborn.text("out"), 300, "the job to start")
+    stubborn.process.send_signal(signal.SIGINT)
+    wait_for(lambda: "SIGINT passed to the job" in stubborn.text("err"), 30, "the signal to be passed on")
+    time.sleep(1)
+    assert stubborn.process.poll() is None
+    stubborn.process.send_signal(signal.SIGINT)
+    assert stubborn.wait(60) == 130
+    assert "asked to stop (SIGINT)" in stubborn.text("err")
     assert leftovers(image["state"]) == []
 
 

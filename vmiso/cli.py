@@ -326,7 +326,7 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
     of vmiso or the VM, 130 an interruption.
     """
     from .hypervisor import connected
-    from .run import RunRequest, run as do_run
+    from .run import Interruption, RunRequest, run as do_run
 
     scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
     config = _load(ctx, config_path, accel=accel, state_dir=state_dir, **{"run.scratch": scratch_bytes})
@@ -338,7 +338,15 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
     if json_path is not None and json_path.exists():
         raise VmisoError(f"--json {json_path} exists already; vmiso never overwrites files")
     steps = Steps(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0))
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # The first Ctrl-C or SIGTERM while the job runs is the job's (it may clean up and
+    # write its results); the second, or one before the job runs, stops vmiso at once.
+    interruption = Interruption()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not interruption.request(signal.Signals(signum)):
+            _raise_interrupt(signum, frame)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, _raise_interrupt)  # the terminal was closed
     record: dict[str, Any] = {"command": list(command), "image": request.image}
     try:
@@ -348,7 +356,8 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
             try:
                 # A pipe or file on stdin streams to the job; a terminal (or none) gives it end of file.
                 stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer
-                result = do_run(config, hv, request, out, err_out, steps, stdin=stdin)  # type: ignore[arg-type]
+                result = do_run(config, hv, request, out, err_out, steps, stdin=stdin,  # type: ignore[arg-type]
+                                interruption=interruption)
             finally:
                 for stream in (out, err_out):
                     if isinstance(stream, SafeStream):

@@ -20,6 +20,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from . import accel, outputs, reaper, ssh, warm, watchdog
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
-from .errors import GuestError, HypervisorError, ImageError, OutputError, RunTimeout, VmisoError
+from .errors import GuestError, HypervisorError, ImageError, Interrupted, OutputError, RunTimeout, VmisoError
 from .image.store import Image, get_image, verified_sha256
 from .inputs import GUEST_IN, check_inputs, stage_inputs
 from .progress import Steps
@@ -48,6 +49,40 @@ GUEST_VENV = "/opt/vmiso/venv"
 GUEST_TMP = "/tmp"  # the scratch disk
 WATCH_INTERVAL = 0.25
 WATCHDOG_GRACE = 30  # seconds past boot + job timeout before the watchdog acts on its own
+INTERRUPT_GRACE = 10  # seconds a job has to end after the first SIGINT/SIGTERM is passed to it
+
+
+@dataclass
+class Interruption:
+    """Ctrl-C and SIGTERM while a job runs: the first is the job's, the second (or the
+    grace period's end) vmiso's.
+
+    The CLI's signal handler calls ``request``; while the job runs, the run passes
+    the first signal on to the job and gives it INTERRUPT_GRACE seconds to end.
+    """
+
+    grace: float = INTERRUPT_GRACE
+    job_running: bool = False
+    received: signal.Signals | None = None
+    at: float = 0.0
+    _forwarded: bool = False
+
+    def request(self, sig: signal.Signals) -> bool:
+        """True when the running job gets ``sig``; False when vmiso must stop now."""
+        if not self.job_running or self.received is not None:
+            return False
+        self.received, self.at = sig, time.monotonic()
+        return True
+
+    def take(self) -> signal.Signals | None:
+        """The signal to pass on to the job, once."""
+        if self.received is None or self._forwarded:
+            return None
+        self._forwarded = True
+        return self.received
+
+    def expired(self) -> bool:
+        return self.received is not None and time.monotonic() - self.at > self.grace
 
 
 @dataclass(frozen=True)
@@ -139,11 +174,14 @@ Connect = Callable[..., ssh.Session]
 
 
 def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
-        steps: Steps | None = None, stdin: BinaryIO | None = None, *, connect: Connect = ssh.connect) -> RunResult:
+        steps: Steps | None = None, stdin: BinaryIO | None = None, *, connect: Connect = ssh.connect,
+        interruption: Interruption | None = None) -> RunResult:
     """Run ``request.command`` in a fresh clone; the job's exit code, or an error saying why it has none.
 
-    ``stdin`` is streamed to the job (None: end of file).
+    ``stdin`` is streamed to the job (None: end of file); ``interruption`` passes the
+    first Ctrl-C or SIGTERM while the job runs on to it (see Interruption).
     """
+    interruption = interruption or Interruption()
     steps = steps or Steps()
     image, accel_name = _check(config, request)
     reaper.collect(hv, config.state_dir)  # what a vmiso killed earlier left behind
@@ -159,7 +197,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         watch = _watchdog(config, request, clone, cleanup)
         vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
         session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
-        outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps)
+        outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps, interruption)
         with steps.step("teardown", "destroy the VM"):
             session.close()
             hv.destroy(vm.name)
@@ -244,25 +282,41 @@ def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: 
 
 def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, config: Config,
              request: RunRequest, stdout: BinaryIO, stderr: BinaryIO, stdin: BinaryIO | None,
-             steps: Steps) -> Outcome:
+             steps: Steps, interruption: Interruption) -> Outcome:
     """Run the job, streaming its output, until it ends, times out or writes too much."""
     timeout = request.timeout or config.run.timeout
     with steps.step("exec", shlex.join(request.command)), \
             _OutputWatch(clone.outputs, config.run.output_max_bytes, config.run.output_max_files,
                          stop=lambda: hv.destroy(vm.name)) as watch:
+        interruption.job_running = True
         try:
             status = session.execute(job_command(request.command, request.env), stdout, stderr, stdin=stdin,
                                      deadline=time.monotonic() + timeout,
-                                     should_stop=lambda: watch.exceeded is not None)
+                                     should_stop=lambda: watch.exceeded is not None or interruption.expired(),
+                                     signals=lambda: _forward(interruption))
         except GuestError:
             if watch.exceeded is None:
                 raise
             status = None  # the link broke because the watch stopped the VM
+        finally:
+            interruption.job_running = False
     if watch.exceeded:
         return OverLimit(watch.exceeded)
+    if status is None and interruption.expired():
+        assert interruption.received is not None
+        raise Interrupted(f"the job did not end within {interruption.grace:.0f} s of "
+                          f"{interruption.received.name}; the VM was destroyed")
     if status is None:
         return TimedOut(timeout)
     return status
+
+
+def _forward(interruption: Interruption) -> signal.Signals | None:
+    sig = interruption.take()
+    if sig is not None:
+        log.warning("%s passed to the job; it has %.0f s to end (once more: stop it now)",
+                    sig.name, interruption.grace)
+    return sig
 
 
 def _judge(outcome: Outcome) -> tuple[int, str | None]:

@@ -93,12 +93,16 @@ class Session:
         self._client.close()
 
     def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *, stdin: BinaryIO | None = None,
-                deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False) -> JobExit | None:
+                deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False,
+                signals: Callable[[], signal.Signals | None] = lambda: None) -> JobExit | None:
         """Run ``command``, streaming its output; how it ended, or None when stopped.
 
         ``stdin``: streamed to the job as it is read, then end of file (None: end
         of file at once).  SSH's flow control bounds what is in flight, so a
         stream of any size passes without being held in memory.
+
+        ``signals``: polled while the job runs; a signal it returns is sent to the
+        job (sshd delivers it to the job's process).
 
         Returns None when ``deadline`` passed or ``should_stop`` said so; a JobExit
         that reports nothing when the channel closed without a status.
@@ -121,6 +125,8 @@ class Session:
                     return None
                 if should_stop():
                     return None
+                if (forward := signals()) is not None:
+                    _send_signal(channel, forward)
                 select.select([channel], [], [], 0.2)
                 # At most DRAIN_CHUNKS a stream per pass: a job that prints faster than
                 # the host writes cannot keep this loop from checking the deadline.
@@ -148,6 +154,20 @@ class Session:
                     return JobExit()
         finally:
             channel.close()
+
+
+def _send_signal(channel: paramiko.Channel, sig: signal.Signals) -> None:
+    """RFC 4254, 6.9: the "signal" request, which paramiko's client API lacks."""
+    message = paramiko.Message()
+    message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+    message.add_int(channel.remote_chanid)
+    message.add_string("signal")
+    message.add_boolean(False)
+    message.add_string(sig.name.removeprefix("SIG"))
+    try:
+        channel.get_transport()._send_user_message(message)  # type: ignore[attr-defined]
+    except (OSError, EOFError, AttributeError, paramiko.SSHException) as err:
+        log.debug("could not send %s to the job: %s", sig.name, err)
 
 
 def _pump(source: BinaryIO, channel: paramiko.Channel) -> None:
