@@ -46,12 +46,21 @@ def invoke(*args: str):
     return CliRunner().invoke(cli.cli, list(args), catch_exceptions=False)
 
 
+class Seen(list):
+    """The requests a fake run saw, and the pseudo-terminal each asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.terminals: list = []
+
+
 def fake_run(monkeypatch, outcome):
     """Make 'vmiso run' call ``outcome(request)`` instead of booting a VM."""
-    seen = []
+    seen = Seen()
 
-    def run(config, hv, request, stdout, stderr, steps, stdin=None, interruption=None):
+    def run(config, hv, request, stdout, stderr, steps, stdin=None, interruption=None, terminal=None):
         seen.append(request)
+        seen.terminals.append(terminal)
         with steps.step("exec", "the job"):
             stdout.write(b"job output\n")
             return outcome(request)
@@ -244,3 +253,16 @@ def test_main_exits_130_when_interrupted_outside_a_command(monkeypatch):
     with pytest.raises(SystemExit) as done:
         cli.main()
     assert done.value.code == 130
+
+
+def test_shell_and_run_t_give_the_job_a_pseudo_terminal(monkeypatch):
+    seen = fake_run(monkeypatch, lambda request: result(exit_code=7))
+    monkeypatch.setenv("TERM", "screen-256color")
+    done = invoke("shell")
+    assert done.exit_code == 7
+    assert seen[-1].command == ("bash",)
+    assert seen.terminals[-1].term == "screen-256color" and len(seen.terminals[-1].size()) == 2
+    done = invoke("run", "-t", "--", "python", "-i")
+    assert seen[-1].command == ("python", "-i") and seen.terminals[-1] is not None
+    invoke("run", "--", "true")
+    assert seen.terminals[-1] is None

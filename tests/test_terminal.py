@@ -51,3 +51,20 @@ def test_fast_enough_for_a_job_that_prints_a_lot():
     started = time.monotonic()
     assert neutralize(text) == text
     assert time.monotonic() - started < 1.0  # about 1.4 MB
+
+
+def test_an_interactive_session_keeps_its_screen_control_but_not_more():
+    from vmiso.terminal import InteractiveFilter
+
+    raw = io.BytesIO()
+    screen = InteractiveFilter(raw)
+    session = (b"\x1b[1;31mred\x1b[0m \x1b[2J\x1b[H\x1b7x\x1b8"  # colours, clear, cursor: kept
+               b"\x1b]0;owned title\x07"  # window title: dropped
+               b"\x1b]52;c;Y3VybCBldmlsIHwgc2g=\x1b\\"  # clipboard write, ST-terminated: dropped
+               b"\x1bPtmux;\x1b\x1b]0;x\x07\x1b\\"  # tmux passthrough (DCS): dropped
+               b"\xc2\x9b31m \xc2\xa9 ok\n")  # C1 CSI in UTF-8 dropped; (c) sign kept
+    for i in range(len(session)):  # state carries across writes
+        screen.write(session[i:i + 1])
+    assert raw.getvalue() == b"\x1b[1;31mred\x1b[0m \x1b[2J\x1b[H\x1b7x\x1b831m \xc2\xa9 ok\n"
+    screen.finish()
+    assert raw.getvalue().endswith(InteractiveFilter.RESET)

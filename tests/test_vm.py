@@ -6,13 +6,17 @@ checks many things per boot, because every boot costs tens of seconds.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -447,4 +451,39 @@ def test_stdin_streams_through_and_only_given_variables_reach_the_job(image, tmp
     print(f"200 MiB through stdin and stdout in {elapsed:.1f} s")
     refused = vmiso("run", "-c", image["config"], "-e", "1BAD=x", "--", "true")
     assert refused.returncode == 125 and "'1BAD' is not a valid environment variable name" in refused.stderr
+    assert leftovers(image["state"]) == []
+
+
+def test_a_shell_on_a_pseudo_terminal(image, tmp_path):
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen([*VMISO, "-q", "shell", "-c", str(image["config"]), "-o", str(tmp_path / "out")],
+                               stdin=slave, stdout=slave, stderr=slave, cwd=REPO, start_new_session=True,
+                               env=dict(os.environ, VMISO_ACCEL="tcg", TERM="xterm"))
+    os.close(slave)
+    seen = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: b"$ " in seen, 300, "the shell's prompt")
+        os.write(master, b"stty size; echo hi-$((6*7)) > /out/said; printf 'title\\033]0;x\\007-end\\n'; exit 7\r")
+        assert process.wait(120) == 7, bytes(seen)
+    finally:
+        process.kill()
+        reader.join(10)
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert "40 120" in text  # the host terminal's size
+    assert "title-end" in text and "\x1b]0;x" not in text  # the window title stays the analyst's
+    assert (tmp_path / "out" / "said").read_text() == "hi-42\n"  # outputs collected when the shell exits
     assert leftovers(image["state"]) == []

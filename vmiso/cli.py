@@ -19,7 +19,7 @@ import click
 from . import __version__, config as config_mod
 from .errors import EXIT_INTERRUPTED, EXIT_VMISO, Interrupted, VmisoError
 from .progress import Steps
-from .terminal import SafeStream, for_terminal, neutralize
+from .terminal import InteractiveFilter, SafeStream, for_terminal, neutralize
 
 log = logging.getLogger("vmiso")
 
@@ -283,39 +283,48 @@ def images_verify(ctx: click.Context, name: str) -> None:
     click.echo(f"{name}: OK sha256 {digest}")
 
 
+_JOB_OPTIONS = [
+    _config_option,
+    _accel_option,
+    _state_option,
+    click.option("--image", help="template to clone (default: image.name from the config)"),
+    click.option("-i", "--input", "inputs", multiple=True, type=click.Path(path_type=Path, exists=False),
+                 help="file or directory to copy in, read-only, under /in (repeatable)"),
+    click.option("-o", "--output", type=click.Path(path_type=Path),
+                 help="new or empty directory that receives /out after checks"),
+    click.option("--timeout", type=click.IntRange(min=1), help="seconds the job may run (wall clock)"),
+    click.option("--memory", type=click.IntRange(min=128), help="guest memory in MiB"),
+    click.option("--cpus", type=click.IntRange(min=1), help="guest vCPUs"),
+    click.option("--scratch", metavar="SIZE",
+                 help="room for the job's /tmp on disk, e.g. 8GiB (default: run.scratch, 2GiB)"),
+    click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
+                 help="write a record of the run (timings, exit code, output manifest) here"),
+    click.option("--cold", is_flag=True, help="boot the clone from scratch even when a warm state exists"),
+    click.option("--accept-tool-files", is_flag=True,
+                 help="also copy outputs that host tools run code from (.git/, .hg/, .envrc, .vscode/, ...)"),
+    click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
+                 help="set a variable for the job (repeatable); nothing else of this environment reaches it"),
+    click.option("--env-file", type=click.Path(path_type=Path, dir_okay=False),
+                 help="variables for the job, one KEY=VALUE a line ('#' comments; values taken as written)"),
+    click.option("--raw", is_flag=True,
+                 help="pass the job's output to a terminal unchanged (by default its control characters "
+                      "and escape sequences are shown, not obeyed; with a pseudo-terminal, those that "
+                      "reach beyond the screen are dropped; pipes and files always get raw bytes)"),
+]
+
+
+def _job_options(command: Any) -> Any:
+    for option in reversed(_JOB_OPTIONS):
+        command = option(command)
+    return command
+
+
 @cli.command(context_settings={"allow_interspersed_args": False})
-@_config_option
-@_accel_option
-@_state_option
-@click.option("--image", help="template to clone (default: image.name from the config)")
-@click.option("-i", "--input", "inputs", multiple=True, type=click.Path(path_type=Path, exists=False),
-              help="file or directory to copy in, read-only, under /in (repeatable)")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="new or empty directory that receives /out after checks")
-@click.option("--timeout", type=click.IntRange(min=1), help="seconds the job may run (wall clock)")
-@click.option("--memory", type=click.IntRange(min=128), help="guest memory in MiB")
-@click.option("--cpus", type=click.IntRange(min=1), help="guest vCPUs")
-@click.option("--scratch", metavar="SIZE",
-              help="room for the job's /tmp on disk, e.g. 8GiB (default: run.scratch, 2GiB)")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
-              help="write a record of the run (timings, exit code, output manifest) here")
-@click.option("--cold", is_flag=True, help="boot the clone from scratch even when a warm state exists")
-@click.option("--accept-tool-files", is_flag=True,
-              help="also copy outputs that host tools run code from (.git/, .hg/, .envrc, .vscode/, ...)")
-@click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
-              help="set a variable for the job (repeatable); nothing else of this environment reaches it")
-@click.option("--env-file", type=click.Path(path_type=Path, dir_okay=False),
-              help="variables for the job, one KEY=VALUE a line ('#' comments; values taken as written)")
-@click.option("--raw", is_flag=True,
-              help="pass the job's output to a terminal unchanged (by default its control characters "
-                   "and escape sequences are shown, not obeyed; pipes and files always get raw bytes)")
+@_job_options
+@click.option("-t", "--tty", is_flag=True, help="give the job a pseudo-terminal (for interactive programs)")
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
-def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_dir: Path | None,
-        image: str | None, inputs: tuple[Path, ...], output: Path | None, timeout: int | None,
-        memory: int | None, cpus: int | None, scratch: str | None, json_path: Path | None, cold: bool,
-        accept_tool_files: bool, env_pairs: tuple[str, ...], env_file: Path | None, raw: bool,
-        command: tuple[str, ...]) -> None:
+def run(ctx: click.Context, command: tuple[str, ...], tty: bool, **options: Any) -> None:
     """Run COMMAND in a disposable, offline clone of an image.
 
     \b
@@ -325,6 +334,29 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
     128 + N when signal N killed it; 124 means the timeout struck, 125 an error
     of vmiso or the VM, 130 an interruption.
     """
+    _run_job(ctx, command, tty=tty, **options)
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@_job_options
+@click.argument("command", nargs=-1)
+@click.pass_context
+def shell(ctx: click.Context, command: tuple[str, ...], **options: Any) -> None:
+    """An interactive shell (or COMMAND) on a pseudo-terminal in a disposable, offline clone.
+
+    \b
+    The same clone, shares, limits, timeout and cleanup as 'vmiso run'; outputs in
+    /out are checked and copied (-o) when the shell exits, and vmiso exits with
+    the shell's exit code.
+    """
+    _run_job(ctx, command or ("bash",), tty=True, **options)
+
+
+def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_path: Path | None,
+             accel: str | None, state_dir: Path | None, image: str | None, inputs: tuple[Path, ...],
+             output: Path | None, timeout: int | None, memory: int | None, cpus: int | None,
+             scratch: str | None, json_path: Path | None, cold: bool, accept_tool_files: bool,
+             env_pairs: tuple[str, ...], env_file: Path | None, raw: bool) -> None:
     from .hypervisor import connected
     from .run import Interruption, RunRequest, run as do_run
 
@@ -337,7 +369,8 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
                          accept_tool_files=accept_tool_files)
     if json_path is not None and json_path.exists():
         raise VmisoError(f"--json {json_path} exists already; vmiso never overwrites files")
-    steps = Steps(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0))
+    session = _Session.for_job(tty=tty, raw=raw)
+    steps = Steps(session.around(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0)))
     # The first Ctrl-C or SIGTERM while the job runs is the job's (it may clean up and
     # write its results); the second, or one before the job runs, stops vmiso at once.
     interruption = Interruption()
@@ -350,18 +383,9 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
     signal.signal(signal.SIGHUP, _raise_interrupt)  # the terminal was closed
     record: dict[str, Any] = {"command": list(command), "image": request.image}
     try:
-        with connected(config.libvirt_uri) as hv:
-            out = for_terminal(sys.stdout.buffer, is_terminal=sys.stdout.isatty(), raw=raw)
-            err_out = for_terminal(sys.stderr.buffer, is_terminal=sys.stderr.isatty(), raw=raw)
-            try:
-                # A pipe or file on stdin streams to the job; a terminal (or none) gives it end of file.
-                stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer
-                result = do_run(config, hv, request, out, err_out, steps, stdin=stdin,  # type: ignore[arg-type]
-                                interruption=interruption)
-            finally:
-                for stream in (out, err_out):
-                    if isinstance(stream, SafeStream):
-                        stream.finish()
+        with connected(config.libvirt_uri) as hv, session:
+            result = do_run(config, hv, request, session.stdout, session.stderr, steps,
+                            stdin=session.stdin, interruption=interruption, terminal=session.terminal)
         record = result.as_dict()
     except VmisoError as err:
         record.update(exit_code=err.exit_code, error=str(err), timings=dict(steps.timings))
@@ -383,6 +407,75 @@ def run(ctx: click.Context, config_path: Path | None, accel: str | None, state_d
         what, hint = killed
         click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
     ctx.exit(result.exit_code)
+
+
+class _Session:
+    """This process's terminal and standard streams, as one job uses them.
+
+    Without a pseudo-terminal: stdout and stderr neutralized on a terminal (unless
+    --raw), stdin streamed when it is a pipe or a file.  With one (-t, shell): the
+    job's single output stream goes to stdout through the interactive filter, the
+    keyboard goes to the job, and while the job runs (from the "exec" step on) the
+    terminal is in raw mode, so that keys like Ctrl-C reach the job's terminal.
+    """
+
+    def __init__(self, stdout: Any, stderr: Any, stdin: Any, terminal: Any) -> None:
+        self.stdout, self.stderr, self.stdin, self.terminal = stdout, stderr, stdin, terminal
+        self._saved_mode: list | None = None
+
+    @classmethod
+    def for_job(cls, *, tty: bool, raw: bool) -> _Session:
+        stdin_is_terminal = sys.stdin is not None and sys.stdin.isatty()
+        if not tty:
+            return cls(for_terminal(sys.stdout.buffer, is_terminal=sys.stdout.isatty(), raw=raw),
+                       for_terminal(sys.stderr.buffer, is_terminal=sys.stderr.isatty(), raw=raw),
+                       None if sys.stdin is None or stdin_is_terminal else sys.stdin.buffer, None)
+        from .ssh import Terminal
+
+        out: Any = sys.stdout.buffer
+        if sys.stdout.isatty() and not raw:
+            out = InteractiveFilter(out)
+        return cls(out, out, sys.stdin.buffer if sys.stdin is not None else None,
+                   Terminal(os.environ.get("TERM") or "xterm-256color", _terminal_size))
+
+    def around(self, listener: Any) -> Any:
+        """The progress listener, with the terminal made raw when the job starts."""
+        def listen(event: str, step: str, detail: str, elapsed: float) -> None:
+            listener(event, step, detail, elapsed)
+            if event == "start" and step == "exec" and self.terminal is not None:
+                self._make_raw()
+        return listen
+
+    def _make_raw(self) -> None:
+        if sys.stdin is not None and sys.stdin.isatty() and self._saved_mode is None:
+            import termios
+            import tty
+
+            self._saved_mode = termios.tcgetattr(sys.stdin.fileno())
+            tty.setraw(sys.stdin.fileno(), termios.TCSANOW)  # keep what was typed ahead
+
+    def __enter__(self) -> _Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved_mode is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved_mode)
+            self._saved_mode = None
+        for stream in {id(s): s for s in (self.stdout, self.stderr)}.values():
+            if isinstance(stream, (SafeStream, InteractiveFilter)):
+                stream.finish()
+
+
+def _terminal_size() -> tuple[int, int]:
+    for stream in (sys.stdout, sys.stdin, sys.stderr):
+        try:
+            size = os.get_terminal_size(stream.fileno())
+            return size.columns, size.lines
+        except (OSError, ValueError, AttributeError):
+            continue
+    return 80, 24
 
 
 def _env_pair(text: str, where: str) -> tuple[str, str]:

@@ -175,11 +175,12 @@ Connect = Callable[..., ssh.Session]
 
 def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
         steps: Steps | None = None, stdin: BinaryIO | None = None, *, connect: Connect = ssh.connect,
-        interruption: Interruption | None = None) -> RunResult:
+        interruption: Interruption | None = None, terminal: ssh.Terminal | None = None) -> RunResult:
     """Run ``request.command`` in a fresh clone; the job's exit code, or an error saying why it has none.
 
     ``stdin`` is streamed to the job (None: end of file); ``interruption`` passes the
-    first Ctrl-C or SIGTERM while the job runs on to it (see Interruption).
+    first Ctrl-C or SIGTERM while the job runs on to it (see Interruption);
+    ``terminal`` gives the job a pseudo-terminal (``vmiso shell``, ``run -t``).
     """
     interruption = interruption or Interruption()
     steps = steps or Steps()
@@ -197,7 +198,8 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         watch = _watchdog(config, request, clone, cleanup)
         vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
         session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
-        outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps, interruption)
+        outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps, interruption,
+                           terminal)
         with steps.step("teardown", "destroy the VM"):
             session.close()
             hv.destroy(vm.name)
@@ -282,7 +284,7 @@ def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: 
 
 def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, config: Config,
              request: RunRequest, stdout: BinaryIO, stderr: BinaryIO, stdin: BinaryIO | None,
-             steps: Steps, interruption: Interruption) -> Outcome:
+             steps: Steps, interruption: Interruption, terminal: ssh.Terminal | None) -> Outcome:
     """Run the job, streaming its output, until it ends, times out or writes too much."""
     timeout = request.timeout or config.run.timeout
     with steps.step("exec", shlex.join(request.command)), \
@@ -293,7 +295,7 @@ def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, 
             status = session.execute(job_command(request.command, request.env), stdout, stderr, stdin=stdin,
                                      deadline=time.monotonic() + timeout,
                                      should_stop=lambda: watch.exceeded is not None or interruption.expired(),
-                                     signals=lambda: _forward(interruption))
+                                     signals=lambda: _forward(interruption), terminal=terminal)
         except GuestError:
             if watch.exceeded is None:
                 raise

@@ -8,7 +8,9 @@ an unknown or different key is refused, never added.  No agent, no keys from
 from __future__ import annotations
 
 import base64
+import io
 import logging
+import os
 import select
 import signal
 import socket
@@ -45,6 +47,15 @@ class JobExit:
     @property
     def reported(self) -> bool:
         return self.code is not None or self.signal is not None or self.unknown_signal
+
+
+@dataclass(frozen=True)
+class Terminal:
+    """A pseudo-terminal for the job: its type, and the host terminal's size
+    (columns, rows), polled so that the job's follows it."""
+
+    term: str
+    size: Callable[[], tuple[int, int]]
 
 
 def _handle_request(channel: paramiko.Channel, message: paramiko.Message) -> None:
@@ -94,7 +105,8 @@ class Session:
 
     def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *, stdin: BinaryIO | None = None,
                 deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False,
-                signals: Callable[[], signal.Signals | None] = lambda: None) -> JobExit | None:
+                signals: Callable[[], signal.Signals | None] = lambda: None,
+                terminal: Terminal | None = None) -> JobExit | None:
         """Run ``command``, streaming its output; how it ended, or None when stopped.
 
         ``stdin``: streamed to the job as it is read, then end of file (None: end
@@ -104,6 +116,9 @@ class Session:
         ``signals``: polled while the job runs; a signal it returns is sent to the
         job (sshd delivers it to the job's process).
 
+        ``terminal``: run the job on a pseudo-terminal of that type and size, resized
+        when the host's changes (its stdout and stderr are then one stream).
+
         Returns None when ``deadline`` passed or ``should_stop`` said so; a JobExit
         that reports nothing when the channel closed without a status.
         """
@@ -112,6 +127,9 @@ class Session:
             raise GuestError(f"the SSH link to {self._name} is closed")
         try:
             channel = transport.open_session(timeout=30)
+            if terminal is not None:
+                size = terminal.size()
+                channel.get_pty(term=terminal.term, width=size[0], height=size[1])
             channel.exec_command(command)
             if stdin is None:
                 channel.shutdown_write()  # the job reads EOF on stdin
@@ -127,6 +145,9 @@ class Session:
                     return None
                 if (forward := signals()) is not None:
                     _send_signal(channel, forward)
+                if terminal is not None and (now := terminal.size()) != size:
+                    size = now
+                    channel.resize_pty(width=size[0], height=size[1])
                 select.select([channel], [], [], 0.2)
                 # At most DRAIN_CHUNKS a stream per pass: a job that prints faster than
                 # the host writes cannot keep this loop from checking the deadline.
@@ -172,7 +193,13 @@ def _send_signal(channel: paramiko.Channel, sig: signal.Signals) -> None:
 
 def _pump(source: BinaryIO, channel: paramiko.Channel) -> None:
     """Copy ``source`` to the job's stdin until end of file, then send end of file."""
-    read = getattr(source, "read1", source.read)
+    # From the file descriptor where there is one: a daemon thread blocked in a
+    # buffered read holds its lock, and Python aborts at exit on that lock.
+    try:
+        fd = source.fileno()
+        read: Callable[[int], bytes] = lambda size: os.read(fd, size)  # noqa: E731
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        read = getattr(source, "read1", source.read)
     try:
         while chunk := read(65536):
             channel.sendall(chunk)  # blocks while the job is not reading
