@@ -58,7 +58,8 @@ def fake_run(monkeypatch, outcome):
     """Make 'vmiso run' call ``outcome(request)`` instead of booting a VM."""
     seen = Seen()
 
-    def run(config, hv, request, stdout, stderr, steps, stdin=None, interruption=None, terminal=None):
+    def run(config, hv, request, stdout, stderr, steps, stdin=None, interruption=None, terminal=None,
+            on_published=None):
         seen.append(request)
         seen.terminals.append(terminal)
         with steps.step("exec", "the job"):

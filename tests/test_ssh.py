@@ -60,6 +60,12 @@ SCRIPTS = {
 }
 
 
+def upper_echo(channel: paramiko.Channel) -> None:
+    while data := channel.recv(65536):
+        channel.sendall(data.upper())
+    channel.close()
+
+
 def trap(channel: paramiko.Channel, server: FakeGuest) -> None:
     """A job that traps SIGINT: it ends with 3 once the signal arrives (1 if it never does)."""
     channel.send_exit_status(3 if server.signalled.wait(5) else 1)
@@ -70,6 +76,7 @@ class FakeGuest(paramiko.ServerInterface):
         self.client_public = client_public
         self.commands: list[str] = []
         self.ran = threading.Event()
+        self.forwarded: dict[int, tuple] = {}  # channel id -> (host, port) asked for
         self.signals: list[str] = []  # what "signal" requests named, as sshd would deliver them
         self.signalled = threading.Event()
 
@@ -99,6 +106,11 @@ class FakeGuest(paramiko.ServerInterface):
     def check_channel_request(self, kind: str, chanid: int) -> int:
         return paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
+    def check_channel_direct_tcpip_request(self, chanid: int, origin: tuple, destination: tuple) -> int:
+        """A connection to a port on the guest's loopback (vmiso run --publish): an upper-casing echo."""
+        self.forwarded[chanid] = destination
+        return paramiko.OPEN_SUCCEEDED
+
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         self.commands.append(command.decode())
         self.ran.set()
@@ -127,6 +139,9 @@ def guest(tmp_path):
         while transport.is_active():
             channel = transport.accept(1)
             if channel is None:
+                continue
+            if channel.chanid in server.forwarded:
+                threading.Thread(target=upper_echo, args=(channel,), daemon=True).start()
                 continue
             server.ran.wait(5)
             if server.commands[-1] == "trap":
@@ -381,3 +396,18 @@ def test_a_signal_is_passed_to_the_job_once(guest):
     status, _, _ = run_once(guest, "trap", signals=lambda: pending.pop() if pending else None)
     assert status == ssh.JobExit(code=3)
     assert guest["server"].signals == ["INT"]
+
+
+def test_a_published_port_reaches_the_guests_loopback_only_while_open(guest):
+    session = connect(guest)
+    try:
+        published = session.publish(8888)
+        with socket.create_connection(("127.0.0.1", published.host_port), timeout=10) as conn:
+            conn.sendall(b"hello")
+            assert conn.recv(100) == b"HELLO"
+        assert list(guest["server"].forwarded.values()) == [("127.0.0.1", 8888)]
+        published.close()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", published.host_port), timeout=2)
+    finally:
+        session.close()

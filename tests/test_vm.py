@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import http.client
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -18,6 +20,7 @@ import subprocess
 import termios
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -486,4 +489,29 @@ def test_a_shell_on_a_pseudo_terminal(image, tmp_path):
     assert "40 120" in text  # the host terminal's size
     assert "title-end" in text and "\x1b]0;x" not in text  # the window title stays the analyst's
     assert (tmp_path / "out" / "said").read_text() == "hi-42\n"  # outputs collected when the shell exits
+    assert leftovers(image["state"]) == []
+
+
+def test_a_published_port_serves_this_host_while_the_job_runs(image, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "hello.txt").write_text("from the guest\n")
+    run = Streamed.start("run", "-c", image["config"], "-i", site, "--publish", "8000", "--",
+                         "python", "-m", "http.server", "8000", "--bind", "127.0.0.1", "--directory", "/in/site")
+    wait_for(lambda: "is at 127.0.0.1:" in run.text("err"), 300, "the published port")
+    found = re.search(r"port 8000 is at 127\.0\.0\.1:(\d+)", run.text("err"))
+    assert found, run.text("err")
+    url = f"http://127.0.0.1:{found.group(1)}/hello.txt"
+    body = None
+    for _ in range(120):  # until the server in the guest listens
+        try:
+            body = urllib.request.urlopen(url, timeout=10).read()
+            break
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.5)
+    assert body == b"from the guest\n"
+    run.process.send_signal(signal.SIGINT)  # passed on: http.server exits 0 on KeyboardInterrupt
+    assert run.wait(120) == 0, run.lines
+    with pytest.raises(OSError):  # the port was the run's only while it lasted
+        socket.create_connection(("127.0.0.1", int(found.group(1))), timeout=2)
     assert leftovers(image["state"]) == []

@@ -306,6 +306,9 @@ _JOB_OPTIONS = [
                  help="set a variable for the job (repeatable); nothing else of this environment reaches it"),
     click.option("--env-file", type=click.Path(path_type=Path, dir_okay=False),
                  help="variables for the job, one KEY=VALUE a line ('#' comments; values taken as written)"),
+    click.option("-p", "--publish", multiple=True, type=click.IntRange(1, 65535), metavar="PORT",
+                 help="let this host reach the job's 127.0.0.1:PORT on a loopback port vmiso prints, "
+                      "while the job runs (repeatable); e.g. a notebook server"),
     click.option("--raw", is_flag=True,
                  help="pass the job's output to a terminal unchanged (by default its control characters "
                       "and escape sequences are shown, not obeyed; with a pseudo-terminal, those that "
@@ -356,7 +359,7 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
              accel: str | None, state_dir: Path | None, image: str | None, inputs: tuple[Path, ...],
              output: Path | None, timeout: int | None, memory: int | None, cpus: int | None,
              scratch: str | None, json_path: Path | None, cold: bool, accept_tool_files: bool,
-             env_pairs: tuple[str, ...], env_file: Path | None, raw: bool) -> None:
+             env_pairs: tuple[str, ...], env_file: Path | None, publish: tuple[int, ...], raw: bool) -> None:
     from .hypervisor import connected
     from .run import Interruption, RunRequest, run as do_run
 
@@ -366,7 +369,7 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     env += [_env_pair(pair, "-e") for pair in env_pairs]
     request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
                          timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold, env=tuple(env),
-                         accept_tool_files=accept_tool_files)
+                         accept_tool_files=accept_tool_files, publish=publish)
     if json_path is not None and json_path.exists():
         raise VmisoError(f"--json {json_path} exists already; vmiso never overwrites files")
     session = _Session.for_job(tty=tty, raw=raw)
@@ -385,7 +388,8 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     try:
         with connected(config.libvirt_uri) as hv, session:
             result = do_run(config, hv, request, session.stdout, session.stderr, steps,
-                            stdin=session.stdin, interruption=interruption, terminal=session.terminal)
+                            stdin=session.stdin, interruption=interruption, terminal=session.terminal,
+                            on_published=_say_published)
         record = result.as_dict()
     except VmisoError as err:
         record.update(exit_code=err.exit_code, error=str(err), timings=dict(steps.timings))
@@ -407,6 +411,11 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
         what, hint = killed
         click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
     ctx.exit(result.exit_code)
+
+
+def _say_published(guest_port: int, host_port: int) -> None:
+    click.echo(f"vmiso: the job's port {guest_port} is at 127.0.0.1:{host_port} "
+               f"(http://127.0.0.1:{host_port}/) while it runs", err=True)
 
 
 class _Session:

@@ -98,6 +98,7 @@ class RunRequest:
     warm: bool = True  # restore a warm state when one fits; False: always boot cold
     env: tuple[tuple[str, str], ...] = ()  # set for the job, after vmiso's own
     accept_tool_files: bool = False  # copy outputs that host tools run code from (.git/, .envrc)
+    publish: tuple[int, ...] = ()  # guest loopback ports the host may reach while the job runs
 
 
 @dataclass
@@ -113,6 +114,7 @@ class RunResult:
     signal: str | None = None  # "SIGKILL" when a signal ended the job
     timings: dict[str, float] = field(default_factory=dict)
     outputs: outputs.OutputReport | None = None
+    published: dict[int, int] = field(default_factory=dict)  # guest port -> host port (127.0.0.1)
 
     def signal_message(self) -> tuple[str, str] | None:
         """(what happened, what to do) when a signal ended the job, for the CLI to say."""
@@ -140,6 +142,7 @@ class RunResult:
             "scratch_bytes": self.scratch_bytes,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "outputs": self.outputs.as_dict() if self.outputs else None,
+            "published": {str(guest): host for guest, host in self.published.items()},
         }
 
 
@@ -175,12 +178,15 @@ Connect = Callable[..., ssh.Session]
 
 def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
         steps: Steps | None = None, stdin: BinaryIO | None = None, *, connect: Connect = ssh.connect,
-        interruption: Interruption | None = None, terminal: ssh.Terminal | None = None) -> RunResult:
+        interruption: Interruption | None = None, terminal: ssh.Terminal | None = None,
+        on_published: Callable[[int, int], None] = lambda guest, host: None) -> RunResult:
     """Run ``request.command`` in a fresh clone; the job's exit code, or an error saying why it has none.
 
     ``stdin`` is streamed to the job (None: end of file); ``interruption`` passes the
     first Ctrl-C or SIGTERM while the job runs on to it (see Interruption);
-    ``terminal`` gives the job a pseudo-terminal (``vmiso shell``, ``run -t``).
+    ``terminal`` gives the job a pseudo-terminal (``vmiso shell``, ``run -t``);
+    ``on_published(guest_port, host_port)`` is called as each of ``request.publish``
+    opens, before the job starts.
     """
     interruption = interruption or Interruption()
     steps = steps or Steps()
@@ -198,9 +204,12 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         watch = _watchdog(config, request, clone, cleanup)
         vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
         session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
+        published = _publish(session, request.publish, on_published, cleanup)
         outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps, interruption,
                            terminal)
         with steps.step("teardown", "destroy the VM"):
+            for port in published:
+                port.close()
             session.close()
             hv.destroy(vm.name)
         exit_code, signal = _judge(outcome)
@@ -214,7 +223,8 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             cleanup.close()
     return RunResult(run_id, image.name, sha256, request.command, exit_code, boot=vm.boot,
                      memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes, signal=signal,
-                     timings=dict(steps.timings), outputs=collected)
+                     timings=dict(steps.timings), outputs=collected,
+                     published={p.guest_port: p.host_port for p in published})
 
 
 def _check(config: Config, request: RunRequest) -> tuple[Image, str]:
@@ -280,6 +290,18 @@ def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: 
             alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot == "warm" else None)
         cleanup.callback(session.close)
     return session
+
+
+def _publish(session: ssh.Session, ports: tuple[int, ...], on_published: Callable[[int, int], None],
+             cleanup: ExitStack) -> list[ssh.Published]:
+    """Listen on the host's loopback for each guest port, until the job ends."""
+    published = []
+    for port in ports:
+        forward = session.publish(port)
+        cleanup.callback(forward.close)
+        published.append(forward)
+        on_published(port, forward.host_port)
+    return published
 
 
 def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, config: Config,

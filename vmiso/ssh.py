@@ -8,6 +8,7 @@ an unknown or different key is refused, never added.  No agent, no keys from
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -103,6 +104,13 @@ class Session:
     def close(self) -> None:
         self._client.close()
 
+    def publish(self, guest_port: int) -> Published:
+        """Make 127.0.0.1:``guest_port`` in the guest reachable on a port of the host's loopback."""
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestError(f"the SSH link to {self._name} is closed")
+        return Published(transport, guest_port, self._name)
+
     def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *, stdin: BinaryIO | None = None,
                 deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False,
                 signals: Callable[[], signal.Signals | None] = lambda: None,
@@ -175,6 +183,75 @@ class Session:
                     return JobExit()
         finally:
             channel.close()
+
+
+class Published:
+    """A port on the guest's loopback, reachable from the host's loopback while it is open.
+
+    Listens on 127.0.0.1 (an ephemeral port, ``host_port``); each connection it
+    accepts becomes an SSH "direct-tcpip" channel to 127.0.0.1:``guest_port`` in
+    the guest, copied both ways.  Nothing is added to the VM (no network device);
+    the guest's sshd allows only such channels, opened by the host.
+    """
+
+    def __init__(self, transport: paramiko.Transport, guest_port: int, name: str) -> None:
+        self.guest_port = guest_port
+        self._transport, self._name = transport, name
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.host_port: int = self._listener.getsockname()[1]
+        self._open: set[socket.socket | paramiko.Channel] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, name=f"vmiso-publish-{guest_port}", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                channel = self._transport.open_channel("direct-tcpip", ("127.0.0.1", self.guest_port), peer,
+                                                       timeout=30)
+            except (paramiko.SSHException, OSError, EOFError) as err:
+                log.debug("%s: no connection to guest port %d: %s", self._name, self.guest_port, err)
+                conn.close()
+                continue
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    channel.close()
+                    return
+                self._open.update((conn, channel))
+            for source, sink in ((conn, channel), (channel, conn)):
+                threading.Thread(target=self._copy, args=(source, sink), daemon=True).start()
+
+    def _copy(self, source: socket.socket | paramiko.Channel, sink: socket.socket | paramiko.Channel) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.close()
+            with self._lock:
+                self._open.difference_update((source, sink))
+
+    def close(self) -> None:
+        """Stop listening and end every connection: the port is the run's only while it lasts."""
+        with self._lock:
+            self._closed = True
+            ends = list(self._open)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; stops listening
+        self._listener.close()
+        for end in ends:
+            with contextlib.suppress(OSError):
+                end.close()
 
 
 def _send_signal(channel: paramiko.Channel, sig: signal.Signals) -> None:
