@@ -1,7 +1,9 @@
-"""vmiso benchmark: a trivial run phase by phase, against the floor, measured in one invocation.
+"""vmiso benchmark: a trivial run phase by phase, against two floors, measured in one invocation.
 
-The floor is a bare boot of the image's own kernel and initramfs to an /init that
-powers off at once: the least any cold start on this host can cost.  Absolute
+The strict floor is the same kernel started by plain QEMU, without libvirt or a
+disk, with an initramfs that holds only a static busybox whose /init powers off
+at once: the least any start on this host can cost.  The (libvirt) floor boots
+the image's own kernel and vmiso's initramfs as a libvirt domain to such an /init.  Absolute
 times drift between machines and runs; the ratios, measured side by side, do not.
 
     .venv/bin/python bench/bench.py -c examples/vmiso.yaml [--runs 3] [--json FILE]
@@ -73,6 +75,28 @@ def floor_boot(cfg: config_mod.Config, image_name: str, work: Path) -> float:
         hv.start_transient(name, domain_xml(spec))
         hv.wait_stopped(name, 300, poll=0.02)
         return time.monotonic() - started
+
+
+def strict_floor_boot(cfg: config_mod.Config, image_name: str, work: Path) -> float:
+    """The strict floor: the same kernel started by plain QEMU (no libvirt, no disk) with an
+    initramfs that holds only a static busybox whose /init powers off at once."""
+    image = get_image(cfg.state_dir, image_name)
+    initramfs = work / "strict-floor.cpio"
+    if not initramfs.exists():
+        archive = _Newc()
+        for directory in ("bin", "dev", "proc"):
+            archive.directory(directory)
+        archive.file("bin/busybox", Path(tools.which("busybox")).read_bytes(), 0o755)
+        archive.file("init", b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n", 0o755)
+        initramfs.write_bytes(archive.finish())
+    kvm = accel.resolve(cfg.accel) == "kvm"
+    argv = [tools.which("qemu-system-x86_64"), "-machine", f"q35,accel={'kvm' if kvm else 'tcg'}",
+            "-cpu", "host" if kvm else "max", "-m", str(cfg.vm.memory_mib), "-smp", str(cfg.vm.cpus),
+            "-kernel", str(image.kernel), "-initrd", str(initramfs), "-append", KERNEL_CMDLINE,
+            "-nodefaults", "-display", "none", "-serial", "null", "-no-reboot"]
+    started = time.monotonic()
+    subprocess.run(argv, check=True, timeout=300, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return time.monotonic() - started
 
 
 def timed_run(config: Path, image: str, work: Path, *command: str, extra: tuple[str, ...] = ()) -> dict:
@@ -196,23 +220,27 @@ def main() -> None:
     claim(work)
     try:
         results: dict = {"image": image, "runs": args.runs}
-        floors, colds, warms = [], [], []
+        stricts, floors, colds, warms = [], [], [], []
         for i in range(args.runs):
+            stricts.append(strict_floor_boot(cfg, image, work))
             floors.append(floor_boot(cfg, image, work))
             colds.append(timed_run(args.config, image, work, "python", "-c", "pass", extra=("--cold",)))
             warms.append(timed_run(args.config, image, work, "python", "-c", "pass"))
-            print(f"round {i + 1}: floor {floors[-1]:.2f} s, cold run {colds[-1]['total']:.2f} s, "
+            print(f"round {i + 1}: strict floor {stricts[-1]:.2f} s, floor {floors[-1]:.2f} s, "
+                  f"cold run {colds[-1]['total']:.2f} s, "
                   f"warm run {warms[-1]['total']:.2f} s ({warms[-1]['boot']})", file=sys.stderr)
         floor = statistics.median(floors)
+        strict = statistics.median(stricts)
         for label, runs in (("cold", colds), ("warm", warms)):
             total = statistics.median(r["total"] for r in runs)
             results[f"{label}_s"] = total
             results[f"{label}_ratio"] = total / floor
+            results[f"{label}_strict_ratio"] = total / strict
             results[f"{label}_samples_s"] = [r["total"] for r in runs]
             results[f"{label}_phases_s"] = {k: statistics.median(r["phases"].get(k, 0.0) for r in runs)
                                             for k in runs[0]["phases"]}
         results["warm_boots"] = [r["boot"] for r in warms]
-        results.update(floor_s=floor, floor_samples_s=floors)
+        results.update(floor_s=floor, floor_samples_s=floors, strict_floor_s=strict, strict_floor_samples_s=stricts)
         if not args.quick:
             results["throughput_9p"] = throughput(args.config, image, work, args.size_mb)
             results["small_files"] = small_files(args.config, image, work, args.small_files)
@@ -228,11 +256,19 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _spread(samples: list[float]) -> str:
+    return f"{min(samples):.2f}-{max(samples):.2f} s"
+
+
 def report(r: dict) -> None:
-    print(f"floor (bare kernel boot to a trivial /init), median of {r['runs']}: {r['floor_s']:.2f} s")
+    print(f"strict floor (plain QEMU, the same kernel, a busybox-only initramfs whose /init powers off), "
+          f"median of {r['runs']}: {r['strict_floor_s']:.2f} s ({_spread(r['strict_floor_samples_s'])})")
+    print(f"floor (libvirt, the image's kernel and initramfs to a trivial /init): {r['floor_s']:.2f} s "
+          f"({_spread(r['floor_samples_s'])})")
     for label in ("cold", "warm"):
         print(f"{label} run of 'python -c pass', vmiso start to exit: {r[f'{label}_s']:.2f} s "
-              f"= {r[f'{label}_ratio']:.2f} x floor")
+              f"({_spread(r[f'{label}_samples_s'])}) = {r[f'{label}_strict_ratio']:.2f} x strict floor, "
+              f"{r[f'{label}_ratio']:.2f} x floor")
         print("  phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in r[f"{label}_phases_s"].items()))
     if any(b != "warm" for b in r["warm_boots"]):
         print(f"  note: warm runs booted {r['warm_boots']}: the image has no usable warm state")
