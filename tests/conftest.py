@@ -54,11 +54,14 @@ os.environ.setdefault("VMISO_ACCEL", "tcg")
 
 
 @pytest.fixture
-def deep_tree():
+def deep_tree(tmp_path: Path):
     """deep_tree(root, depth, name="d", file_every=0) -> the names from ``root`` down.
 
     Built by descriptor, as a guest can: the path is far longer than PATH_MAX.
-    ``file_every``: a file "f" (holding its depth) in every so many directories."""
+    ``file_every``: a file "f" (holding its depth) in every so many directories.
+    Everything in ``tmp_path`` is removed afterwards by vmiso.tree: pytest's own
+    cleanup (shutil.rmtree, recursive in Python 3.11) would crash on it, in this
+    session or a later one."""
     def _make(root: Path, depth: int, name: str = "d", file_every: int = 0) -> list[str]:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -74,4 +77,12 @@ def deep_tree():
         finally:
             os.close(fd)
         return [name] * depth
-    return _make
+    yield _make
+    from vmiso import tree
+
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in os.listdir(fd):
+            assert tree.remove_tree(fd, name) == []
+    finally:
+        os.close(fd)
