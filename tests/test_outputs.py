@@ -239,3 +239,26 @@ def test_an_output_directory_replaced_by_a_link_is_refused(share, tmp_path):
     with pytest.raises(OutputError, match="no longer a directory"):
         collect(share, dest)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_destination_directory_moved_during_a_deep_collect_is_never_written_through(share, tmp_path,
+                                                                                        monkeypatch, deep_tree):
+    # Deeper than the descriptors vmiso keeps: climbing back to c/c/c/c/c for "z" re-descends
+    # into --output by name, and finds that dest/c is no longer the directory it made.
+    names = deep_tree(share, 40, "c")
+    fd = os.open(share.joinpath(*names), os.O_RDONLY | os.O_DIRECTORY)
+    os.close(os.open("deep", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    os.close(fd)
+    share.joinpath(*names[:5], "z").write_text("late")
+    dest = tmp_path / "dest"
+    real_copy = outputs._copy
+
+    def moving_copy(*args, **kwargs):
+        if not (dest / "moved").exists():
+            os.rename(dest / "c", dest / "moved")
+            dest.joinpath(*names[:5]).mkdir(parents=True)  # same names, other directories
+        return real_copy(*args, **kwargs)
+    monkeypatch.setattr(outputs, "_copy", moving_copy)
+    with pytest.raises(OutputError, match="moved or replaced"):
+        collect(share, dest)
+    assert list(dest.joinpath(*names[:5]).iterdir()) == []

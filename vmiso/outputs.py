@@ -291,18 +291,28 @@ def _copy_planned(share_fd: int, dest_fd: int, plan: _Plan, report: OutputReport
                 raise changed
             while out.depth >= entry.depth:
                 out.leave()
-            rel = entry.path()
-            if entry.is_dir:
-                _create(entry.name, out.fd, rel, directory=True)
-                out.enter(entry.name)
-                continue
-            try:
-                fd_in = entry.open()
-            except OSError as err:
-                raise OutputError(f"cannot read {tree.shorten(rel)} in /out: {err.strerror or err}") from None
-            size, digest = _copy(fd_in, _create(entry.name, out.fd, rel))
-            report.files.append(OutputFile(rel, size, digest))
+            copied = _copy_entry(entry, out)
+            if copied is not None:
+                report.files.append(copied)
         if seen != len(plan):
             raise changed
     finally:
         out.close()
+
+
+def _copy_entry(entry: tree.Entry, out: tree.DirPath) -> OutputFile | None:
+    """``entry`` made in ``out``'s directory: a directory (entered: what follows goes in it) or a copied file."""
+    rel = entry.path()
+    try:
+        if entry.is_dir:
+            _create(entry.name, out.fd, rel, directory=True)
+            out.enter(entry.name)
+            return None
+        fd_in = entry.open()
+    except OSError as err:  # TreeChanged among them: a directory of --output was moved meanwhile
+        raise OutputError(f"cannot copy {tree.shorten(rel)}: {err.strerror or err}") from None
+    try:
+        size, digest = _copy(fd_in, _create(entry.name, out.fd, rel))
+    except OSError as err:
+        raise OutputError(f"cannot copy {tree.shorten(rel)}: {err.strerror or err}") from None
+    return OutputFile(rel, size, digest)
