@@ -51,3 +51,38 @@ def image(vm_root):
 
 
 os.environ.setdefault("VMISO_ACCEL", "tcg")
+
+
+@pytest.fixture
+def deep_tree(tmp_path: Path):
+    """deep_tree(root, depth, name="d", file_every=0) -> the names from ``root`` down.
+
+    Built by descriptor, as a guest can: the path is far longer than PATH_MAX.
+    ``file_every``: a file "f" (holding its depth) in every so many directories.
+    Everything in ``tmp_path`` is removed afterwards by vmiso.tree: pytest's own
+    cleanup (shutil.rmtree, recursive in Python 3.11) would crash on it, in this
+    session or a later one."""
+    def _make(root: Path, depth: int, name: str = "d", file_every: int = 0) -> list[str]:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for level in range(1, depth + 1):
+                os.mkdir(name, dir_fd=fd)
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                if file_every and level % file_every == 0:
+                    out = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+                    os.write(out, str(level).encode())
+                    os.close(out)
+        finally:
+            os.close(fd)
+        return [name] * depth
+    yield _make
+    from vmiso import tree
+
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in os.listdir(fd):
+            assert tree.remove_tree(fd, name) == []
+    finally:
+        os.close(fd)

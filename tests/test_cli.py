@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -223,6 +224,24 @@ def test_gc_removes_leftovers(config, tmp_path):
     done = invoke("gc", "-c", str(config))
     assert done.exit_code == 0 and "removed run directory dead" in done.stdout and not orphan.exists()
     assert "nothing to remove" in invoke("gc", "-c", str(config)).stdout
+
+
+def test_gc_says_what_it_could_not_remove_and_removes_the_rest(config, tmp_path, monkeypatch):
+    runs = tmp_path / "state" / "runs"
+    (runs / "stuck" / "out").mkdir(parents=True)
+    (runs / "stuck" / "out" / "kept").write_text("x")
+    (runs / "dead").mkdir()
+    real_unlink = os.unlink
+
+    def unlink(name, *, dir_fd=None):  # as in an immutable directory (chattr +i)
+        if name == "kept":
+            raise PermissionError(1, "Operation not permitted")
+        real_unlink(name, dir_fd=dir_fd)
+    monkeypatch.setattr(os, "unlink", unlink)
+    done = invoke("gc", "-c", str(config))
+    assert done.stdout == "removed run directory dead\n"
+    assert ("vmiso: WARNING: could not remove run directory stuck: stuck/out/kept: Operation not permitted\n"
+            in done.stderr)
 
 
 def test_doctor_marks_each_check_and_fails_when_one_fails(monkeypatch, config):

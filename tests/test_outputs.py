@@ -136,3 +136,129 @@ def test_files_that_host_tools_would_run_are_refused_at_any_depth(share, tmp_pat
     assert not (tmp_path / "dest" / ".git").exists()
     accepted = outputs.collect(share, tmp_path / "dest2", max_bytes=10**6, max_files=100, accept_tool_files=True)
     assert accepted.refused == [] and (tmp_path / "dest2" / ".git" / "hooks" / "post-checkout").exists()
+
+
+def read_deep(root, names, last):
+    """The bytes of ``last`` under ``root``/``names``..., read by descriptor (the path is too long for open)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for name in names:
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    try:
+        inner = os.open(last, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+        try:
+            return os.read(inner, 100)
+        finally:
+            os.close(inner)
+    finally:
+        os.close(fd)
+
+
+def test_a_tree_beyond_the_recursion_limit_and_path_max_is_collected(share, tmp_path, deep_tree):
+    depth = 3000
+    assert sys.getrecursionlimit() < depth
+    names = deep_tree(share, depth, "d" * 20, file_every=1000)  # 63,000 bytes of path
+    dest = tmp_path / "dest"
+    report = collect(share, dest, max_files=10_000)
+    # "d..." sorts before "f": the deepest file comes first
+    assert [f.path for f in report.files] == ["/".join([*names[:n], "f"]) for n in (3000, 2000, 1000)]
+    assert read_deep(dest, names, "f") == b"3000"
+    manifest = (dest / "MANIFEST").read_text().splitlines()
+    assert manifest[0] == hashlib.sha256(b"3000").hexdigest() + "  " + "/".join([*names, "f"])
+
+
+def test_usage_counts_beyond_path_max(share, deep_tree):
+    deep_tree(share, 500, "u" * 50, file_every=50)  # 25,500 bytes of path
+    used, entries = outputs.usage(share, stop_after_files=10_000)
+    assert entries == 500 + 10 and used > 0
+    assert outputs.usage(share, stop_after_files=100)[1] == 101
+
+
+def test_names_of_255_bytes_are_collected(share, tmp_path):
+    long = "n" * 255
+    (share / long).mkdir()
+    (share / long / long).write_text("deep")
+    report = collect(share, tmp_path / "dest")
+    assert [f.path for f in report.files] == [f"{long}/{long}"]
+    assert (tmp_path / "dest" / long / long).read_text() == "deep"
+
+
+def test_empty_directories_and_refused_entries_count_against_max_files(share, tmp_path):
+    for i in range(30):
+        (share / f"empty{i}").mkdir()
+    with pytest.raises(OutputError, match="more than 20 files"):
+        collect(share, tmp_path / "d1", max_files=20)
+    assert outputs.usage(share, stop_after_files=20)[1] == 21  # the output watch sees them too
+    for i in range(30):
+        (share / f"empty{i}").rmdir()
+        os.mkfifo(share / f"fifo{i}")
+    with pytest.raises(OutputError, match="more than 20 files"):
+        collect(share, tmp_path / "d2", max_files=20)
+
+
+def test_path_lengths_count_against_max_bytes(share, tmp_path, deep_tree):
+    # An empty file 5,000 bytes down: MANIFEST and the report would carry a path the job chose.
+    names = deep_tree(share, 100, "p" * 49)
+    fd = os.open(share, os.O_RDONLY | os.O_DIRECTORY)
+    for name in names:
+        fd, old = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(old)
+    os.close(os.open("empty", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    os.close(fd)
+    with pytest.raises(OutputError, match="more than 4000 bytes"):
+        collect(share, tmp_path / "dest", max_bytes=4000, max_files=1000)
+
+
+def test_a_subdirectory_swapped_for_a_link_during_collect_is_not_followed(share, tmp_path, monkeypatch):
+    (share / "sub").mkdir()
+    (share / "sub" / "result.txt").write_text("guest")
+    dest, elsewhere = tmp_path / "dest", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    real_copy = outputs._copy
+
+    def racing_copy(*args, **kwargs):
+        # Another local user, between vmiso's mkdir of dest/sub and its write into it.
+        if not (dest / "moved").exists():
+            os.rename(dest / "sub", dest / "moved")
+            os.symlink(elsewhere, dest / "sub")
+        return real_copy(*args, **kwargs)
+    monkeypatch.setattr(outputs, "_copy", racing_copy)
+    collect(share, dest)
+    assert list(elsewhere.iterdir()) == []
+    assert (dest / "moved" / "result.txt").read_text() == "guest"
+
+
+def test_an_output_directory_replaced_by_a_link_is_refused(share, tmp_path):
+    (share / "result.txt").write_text("guest")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dest = tmp_path / "dest"
+    outputs.check_destination(dest)  # new at the start of the run...
+    dest.symlink_to(elsewhere)  # ...and a link by its end
+    with pytest.raises(OutputError, match="no longer a directory"):
+        collect(share, dest)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_destination_directory_moved_during_a_deep_collect_is_never_written_through(share, tmp_path,
+                                                                                        monkeypatch, deep_tree):
+    # Deeper than the descriptors vmiso keeps: climbing back to c/c/c/c/c for "z" re-descends
+    # into --output by name, and finds that dest/c is no longer the directory it made.
+    names = deep_tree(share, 40, "c")
+    fd = os.open(share.joinpath(*names), os.O_RDONLY | os.O_DIRECTORY)
+    os.close(os.open("deep", os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    os.close(fd)
+    share.joinpath(*names[:5], "z").write_text("late")
+    dest = tmp_path / "dest"
+    real_copy = outputs._copy
+
+    def moving_copy(*args, **kwargs):
+        if not (dest / "moved").exists():
+            os.rename(dest / "c", dest / "moved")
+            dest.joinpath(*names[:5]).mkdir(parents=True)  # same names, other directories
+        return real_copy(*args, **kwargs)
+    monkeypatch.setattr(outputs, "_copy", moving_copy)
+    with pytest.raises(OutputError, match="moved or replaced"):
+        collect(share, dest)
+    assert list(dest.joinpath(*names[:5]).iterdir()) == []

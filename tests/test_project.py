@@ -8,7 +8,7 @@ import sys
 import pytest
 
 CORE = ["vmiso.config", "vmiso.domain", "vmiso.hypervisor", "vmiso.seed", "vmiso.ssh", "vmiso.run",
-        "vmiso.inputs", "vmiso.outputs", "vmiso.reaper", "vmiso.workdir", "vmiso.warm", "vmiso.doctor",
+        "vmiso.inputs", "vmiso.outputs", "vmiso.tree", "vmiso.reaper", "vmiso.workdir", "vmiso.warm", "vmiso.doctor",
         "vmiso.image.provision", "vmiso.image.store", "vmiso.image.layer", "vmiso.image.initramfs",
         "vmiso.image.cloud", "vmiso.accel"]
 

@@ -113,3 +113,47 @@ def test_mounts_below_a_non_ascii_directory(tmp_path):
     mounts.write_bytes(f"proc {base}/root/proc proc rw 0 0\n".encode()
                        + f"tmpfs {base}/a\\134b\\011c tmpfs rw 0 0\n".encode())
     assert set(mounts_below(base, mounts)) == {base / "root/proc", base / "a\\b\tc"}
+
+
+def test_a_leftover_deeper_than_the_recursion_limit_does_not_stop_gc(tmp_path, deep_tree):
+    out = tmp_path / "state" / "runs" / "dead" / "out"
+    out.mkdir(parents=True)
+    deep_tree(out, 3000, "d" * 30, file_every=10)  # what a job may leave in its share
+    removed = reaper.collect(None, tmp_path / "state")
+    assert [(i.kind, i.name) for i in removed] == [("run directory", "dead")]
+    assert list((tmp_path / "state" / "runs").iterdir()) == []
+
+
+def test_gc_goes_on_past_what_it_cannot_remove_and_says_so(tmp_path, monkeypatch, caplog):
+    runs = tmp_path / "state" / "runs"
+    (runs / "a-stuck" / "out" / "locked").mkdir(parents=True)
+    (runs / "a-stuck" / "out" / "locked" / "file").write_text("x")
+    (runs / "b-fine" / "out").mkdir(parents=True)
+    locked = runs / "a-stuck" / "out" / "locked"
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        real_unlink = os.unlink  # no chattr here: a fake that refuses as an immutable directory does
+
+        def unlink(name, *, dir_fd=None):
+            if name == "file":
+                raise PermissionError(1, os.strerror(1))
+            real_unlink(name, dir_fd=dir_fd)
+        monkeypatch.setattr(os, "unlink", unlink)
+    try:
+        cleaned = reaper.clean(None, tmp_path / "state")
+        assert [i.name for i in cleaned.removed] == ["b-fine"]
+        assert [(i.name, why) for i, why in cleaned.failed] == [
+            ("a-stuck", "a-stuck/out/locked/file: Operation not permitted")]
+        assert reaper.collect(None, tmp_path / "state") == []
+        assert "could not remove run directory a-stuck: a-stuck/out/locked/file" in caplog.text
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
+    assert sorted(p.name for p in runs.iterdir()) == ["a-stuck"]
+
+
+def test_a_run_directory_is_removed_whatever_its_guest_left(tmp_path, deep_tree):
+    run_dir = tmp_path / "runs" / "mine"
+    (run_dir / "out").mkdir(parents=True)
+    deep_tree(run_dir / "out", 2000, "r" * 255)  # 512,000 bytes of path
+    (run_dir / "out" / "link").symlink_to(tmp_path / "runs")
+    assert reaper.remove(run_dir)
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -140,6 +140,15 @@ def test_the_job_sees_its_inputs_and_its_outputs_are_collected(config, image, st
     assert "collect" in result.timings
 
 
+def test_what_a_job_leaves_in_its_share_never_fails_its_run(config, image, state, tmp_path, deep_tree):
+    def nest(session, stdout, stderr):  # past the recursion limit that shutil.rmtree hit, and PATH_MAX
+        deep_tree(session.clone.outputs, 1500, "x" * 100)
+        return JobExit(code=0)
+    result, _, _ = do_run(config, FakeHypervisor(), request(output=tmp_path / "out"), FakeConnect(nest))
+    assert result.exit_code == 0 and result.outputs.files == []
+    assert leftovers(state) == []
+
+
 def test_a_signal_gives_128_plus_its_number(config, image):
     result, _, _ = do_run(config, FakeHypervisor(), request(),
                           FakeConnect(lambda s, o, e: JobExit(signal=signal.SIGKILL)))

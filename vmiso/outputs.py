@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import tree
 from .errors import OutputError
 
 MANIFEST_NAME = "MANIFEST"
@@ -78,9 +79,9 @@ def check_destination(dest: Path) -> None:
         raise OutputError(f"--output {dest}: its parent directory does not exist")
 
 
-def _guest_mode(path: str) -> int | None:
+def _guest_mode(fd: int) -> int | None:
     try:
-        raw = os.getxattr(path, VIRTFS_MODE, follow_symlinks=False)
+        raw = os.getxattr(fd, VIRTFS_MODE)
     except OSError:
         return None
     return int.from_bytes(raw[:4], sys.byteorder)
@@ -102,10 +103,13 @@ def tool_file_problem(name: str) -> str | None:
     return f"{reason} (accept such files with --accept-tool-files)" if reason else None
 
 
-def _entry_problem(path: str, st: os.stat_result) -> str | None:
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+def _entry_problem(entry: tree.Entry) -> str | None:
+    if not (stat.S_ISREG(entry.st.st_mode) or entry.is_dir):
         return "not a regular file or directory"
-    mode = _guest_mode(path)
+    try:
+        mode = _guest_mode(entry.open())
+    except OSError as err:
+        return f"cannot be opened ({err.strerror or err})"
     if mode is not None:
         kind = stat.S_IFMT(mode)
         if kind == stat.S_IFLNK:
@@ -120,46 +124,45 @@ def _entry_problem(path: str, st: os.stat_result) -> str | None:
 
 
 def usage(root: Path, stop_after_files: int) -> tuple[int, int]:
-    """(bytes, files) under ``root`` as the host sees them; stops counting past the limit."""
+    """(bytes, entries) under ``root`` as the host sees them; stops counting past the limit.
+
+    Files and directories both count as entries, as in ``collect``.  The guest
+    is writing meanwhile: what vanishes or moves during the walk is skipped.
+    """
     total = files = 0
-    stack = [str(root)]
-    while stack:
-        try:
-            with os.scandir(stack.pop()) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                    else:
-                        files += 1
-                        try:
-                            total += entry.stat(follow_symlinks=False).st_blocks * 512
-                        except OSError:
-                            pass
-                    if files > stop_after_files:
-                        return total, files
-        except OSError:
-            continue
+    try:
+        root_fd = os.open(root, tree.OPEN_DIR)
+    except OSError:
+        return total, files
+    try:
+        for entry in tree.walk(root_fd):
+            files += 1
+            total += entry.st.st_blocks * 512
+            if files > stop_after_files:
+                break
+    finally:
+        os.close(root_fd)
     return total, files
 
 
-def _copy(src: str, dest: Path) -> tuple[int, str]:
+def _copy(fd_in: int, fd_out: int) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
-    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        fd_out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        try:
-            while block := os.read(fd_in, _CHUNK):
-                digest.update(block)
-                size += len(block)
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(fd_out, view):]
-        finally:
-            os.close(fd_out)
+        while block := os.read(fd_in, _CHUNK):
+            digest.update(block)
+            size += len(block)
+            view = memoryview(block)
+            while view:
+                view = view[os.write(fd_out, view):]
     finally:
-        os.close(fd_in)
+        os.close(fd_out)
     return size, digest.hexdigest()
+
+
+# What the first pass decided for each entry, in walk order: None refused, else
+# (device, inode, size or -1 for a directory) of what is copied.
+_Plan = list[tuple[int, int, int] | None]
 
 
 def collect(share: Path, dest: Path, *, max_bytes: int, max_files: int,
@@ -167,55 +170,149 @@ def collect(share: Path, dest: Path, *, max_bytes: int, max_files: int,
     """Copy what the guest left in ``share`` into ``dest`` after the checks; write MANIFEST.
 
     ``accept_tool_files``: also copy what TOOL_FILES names (.git/, .envrc, ...).
+
+    Two walks of the share, both by descriptor (vmiso.tree): the first checks
+    every entry and the limits and copies nothing; the second copies what the
+    first accepted, checking each entry is the one the first saw.  The
+    destination is written relative to descriptors only: the --output directory
+    opened once with O_NOFOLLOW, each subdirectory opened right after vmiso made
+    it, so a directory swapped for a symbolic link meanwhile is never followed.
     """
     report = OutputReport()
-    plan: list[tuple[str, str, bool]] = []  # (host path, relative path, is_dir)
-    planned_bytes = 0
-
-    def walk(directory: str, prefix: str) -> None:
-        nonlocal planned_bytes
-        with os.scandir(directory) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                rel = f"{prefix}{entry.name}"
-                shown = rel.encode("utf-8", "backslashreplace").decode()
-                problem = _name_problem(entry.name)
-                st = entry.stat(follow_symlinks=False)
-                problem = problem or _entry_problem(entry.path, st)
-                if problem is None and not accept_tool_files:
-                    problem = tool_file_problem(entry.name)
-                if problem is None and not prefix and entry.name == MANIFEST_NAME:
-                    problem = "the name MANIFEST is vmiso's own"
-                if problem:
-                    report.refused.append((shown, problem))
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    plan.append((entry.path, rel, True))
-                    walk(entry.path, rel + "/")
-                else:
-                    plan.append((entry.path, rel, False))
-                    planned_bytes += st.st_size
-                if len(plan) > max_files:
-                    raise OutputError(f"the job wrote more than {max_files} files and directories to /out",
-                                      "raise run.output_max_files in vmiso.yaml if that is expected")
-                if planned_bytes > max_bytes:
-                    raise OutputError(f"the job wrote more than {max_bytes} bytes to /out",
-                                      "raise run.output_max_bytes in vmiso.yaml if that is expected")
-
-    walk(str(share), "")
-    dest.mkdir(mode=0o755, exist_ok=True)
+    share_fd = os.open(share, tree.OPEN_DIR)
     try:
-        for host_path, rel, is_dir in plan:
-            target = dest / rel
-            if is_dir:
-                target.mkdir(mode=0o755)
-                continue
-            size, digest = _copy(host_path, target)
-            report.files.append(OutputFile(rel, size, digest))
-        manifest = "".join(f"{f.sha256}  {f.path}\n" for f in report.files)
-        fd = os.open(dest / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    except FileExistsError as err:
-        raise OutputError(f"{err.filename} exists already; vmiso never overwrites files",
-                          "name a new or empty --output directory") from None
+        plan = _check(share_fd, report, max_bytes=max_bytes, max_files=max_files,
+                      accept_tool_files=accept_tool_files)
+        dest_fd = _open_destination(dest)
+        try:
+            _copy_planned(share_fd, dest_fd, plan, report)
+            manifest = "".join(f"{f.sha256}  {f.path}\n" for f in report.files)
+            fd = _create(MANIFEST_NAME, dest_fd, MANIFEST_NAME)
+        finally:
+            os.close(dest_fd)
+    finally:
+        os.close(share_fd)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(manifest)
     return report
+
+
+def _check(share_fd: int, report: OutputReport, *, max_bytes: int, max_files: int,
+           accept_tool_files: bool) -> _Plan:
+    """The first walk: each entry refused (in ``report``) or planned; OutputError past a limit.
+
+    Every entry the guest wrote counts against ``max_files``, refused or not, and
+    each reported path's length against ``max_bytes`` with the files' sizes: the
+    MANIFEST and the report hold them, and a guest can make a path megabytes long.
+    """
+    plan: _Plan = []
+    planned_bytes = 0
+    prefix = [0]  # per depth, the length of the path down to it (with its '/')
+
+    def unreadable(where: tree.DirPath, name: str | None, err: OSError) -> None:
+        raise OutputError(f"cannot read {tree.shorten(where.path(name))} in /out: {err.strerror or err}")
+
+    for entry in tree.walk(share_fd, sort=True, on_error=unreadable):
+        del prefix[entry.depth:]
+        path_len = prefix[-1] + len(entry.name)
+        problem = _name_problem(entry.name) or _entry_problem(entry)
+        if problem is None and not accept_tool_files:
+            problem = tool_file_problem(entry.name)
+        if problem is None and entry.depth == 1 and entry.name == MANIFEST_NAME:
+            problem = "the name MANIFEST is vmiso's own"
+        if problem:
+            entry.descend = False
+            shown = entry.path().encode("utf-8", "backslashreplace").decode()
+            report.refused.append((shown, problem))
+            planned_bytes += len(shown)
+            plan.append(None)
+        elif entry.is_dir:
+            prefix.append(path_len + 1)
+            plan.append((*tree.identity(entry.st), -1))
+        else:
+            planned_bytes += entry.st.st_size + path_len
+            plan.append((*tree.identity(entry.st), entry.st.st_size))
+        if len(plan) > max_files:
+            raise OutputError(f"the job wrote more than {max_files} files and directories to /out",
+                              "raise run.output_max_files in vmiso.yaml if that is expected")
+        if planned_bytes > max_bytes:
+            raise OutputError(f"the job wrote more than {max_bytes} bytes to /out",
+                              "raise run.output_max_bytes in vmiso.yaml if that is expected")
+    return plan
+
+
+def _open_destination(dest: Path) -> int:
+    """The --output directory, made if new, opened once: O_NOFOLLOW refuses a symbolic link put in its place."""
+    try:
+        os.mkdir(dest, 0o755)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise OutputError(f"cannot make --output {dest}: {err.strerror}") from None
+    try:
+        return os.open(dest, tree.OPEN_DIR)
+    except OSError as err:
+        raise OutputError(f"--output {dest} is no longer a directory ({err.strerror}); "
+                          "was it replaced while the job ran?", "name a new or empty directory") from None
+
+
+def _create(name: str, dir_fd: int, shown: str, *, directory: bool = False) -> int:
+    """A new file (its descriptor) or directory (0) in ``dir_fd``; never one that exists."""
+    try:
+        if directory:
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+            return 0
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                       dir_fd=dir_fd)
+    except FileExistsError:
+        raise OutputError(f"{tree.shorten(shown)} exists already; vmiso never overwrites files",
+                          "name a new or empty --output directory") from None
+
+
+def _copy_planned(share_fd: int, dest_fd: int, plan: _Plan, report: OutputReport) -> None:
+    """The second walk: copy what ``plan`` accepted into ``dest_fd``, entry for entry."""
+    out = tree.DirPath(dest_fd)
+    changed = OutputError("the output share changed while it was copied",
+                          "nothing may write to it once the VM is gone; run the job again")
+
+    def unreadable(where: tree.DirPath, name: str | None, err: OSError) -> None:
+        raise OutputError(f"cannot read {tree.shorten(where.path(name))} in /out: {err.strerror or err}")
+
+    try:
+        seen = 0
+        for entry in tree.walk(share_fd, sort=True, on_error=unreadable):
+            expected = plan[seen] if seen < len(plan) else ()
+            seen += 1
+            if expected is None:
+                entry.descend = False
+                continue
+            size = -1 if entry.is_dir else entry.st.st_size
+            if expected != (*tree.identity(entry.st), size):
+                raise changed
+            while out.depth >= entry.depth:
+                out.leave()
+            copied = _copy_entry(entry, out)
+            if copied is not None:
+                report.files.append(copied)
+        if seen != len(plan):
+            raise changed
+    finally:
+        out.close()
+
+
+def _copy_entry(entry: tree.Entry, out: tree.DirPath) -> OutputFile | None:
+    """``entry`` made in ``out``'s directory: a directory (entered: what follows goes in it) or a copied file."""
+    rel = entry.path()
+    try:
+        if entry.is_dir:
+            _create(entry.name, out.fd, rel, directory=True)
+            out.enter(entry.name)
+            return None
+        fd_in = entry.open()
+    except OSError as err:  # TreeChanged among them: a directory of --output was moved meanwhile
+        raise OutputError(f"cannot copy {tree.shorten(rel)}: {err.strerror or err}") from None
+    try:
+        size, digest = _copy(fd_in, _create(entry.name, out.fd, rel))
+    except OSError as err:
+        raise OutputError(f"cannot copy {tree.shorten(rel)}: {err.strerror or err}") from None
+    return OutputFile(rel, size, digest)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import VmisoError
+from .tree import Failure
 from .workdir import owner_alive, remove_tree
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
@@ -57,13 +59,57 @@ def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
     return found
 
 
-def collect(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
-    """Remove what ``find`` reports; VMs first, so that no QEMU holds the files."""
-    leftovers = find(hv, state_dir)
-    for item in sorted(leftovers, key=lambda i: i.kind != "vm"):
-        if item.kind == "vm" and hv is not None:
-            hv.destroy(item.name)
-        elif item.path is not None:
-            remove_tree(item.path)
+@dataclass(frozen=True)
+class Cleaned:
+    removed: list[Leftover]
+    failed: list[tuple[Leftover, str]]  # (what, why it is still there)
+
+
+def clean(hv: Hypervisor | None, state_dir: Path) -> Cleaned:
+    """Remove what ``find`` reports, each on its own: one that cannot go does not stop the others.
+
+    VMs first, so that no QEMU holds the files.
+    """
+    removed, failed = [], []
+    for item in sorted(find(hv, state_dir), key=lambda i: i.kind != "vm"):
+        try:
+            if item.kind == "vm" and hv is not None:
+                hv.destroy(item.name)
+            elif item.path is not None and (failures := remove_tree(item.path)):
+                failed.append((item, _failures_text(failures)))
+                continue
+        except (VmisoError, OSError) as err:
+            failed.append((item, str(err)))
+            continue
+        removed.append(item)
         log.info("removed %s %s", item.kind, item.name)
-    return leftovers
+    return Cleaned(removed, failed)
+
+
+def collect(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
+    """``clean``, for callers that go on regardless: what was removed; what could not be is logged
+    as a warning ("could not remove ..."), and removal is tried again next time."""
+    cleaned = clean(hv, state_dir)
+    for item, reason in cleaned.failed:
+        log.warning("could not remove %s %s: %s", item.kind, item.name, reason)
+    return cleaned.removed
+
+
+def remove(path: Path) -> bool:
+    """Remove a directory this process made (a run's), never raising for what the guest left in it.
+
+    What cannot be removed is logged; once this process has ended, ``collect`` tries again.
+    """
+    try:
+        failures = remove_tree(path)
+    except (VmisoError, OSError) as err:
+        log.warning("could not remove %s: %s", path, err)
+        return False
+    if failures:
+        log.warning("could not remove %s: %s", path, _failures_text(failures))
+    return not failures
+
+
+def _failures_text(failures: list[Failure], shown: int = 3) -> str:
+    text = "; ".join(f"{f.path}: {f.reason}" for f in failures[:shown])
+    return text + (f"; and {len(failures) - shown} more" if len(failures) > shown else "")

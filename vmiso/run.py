@@ -244,7 +244,7 @@ def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, 
     """The run's directory, removed when ``cleanup`` closes, with the inputs copied in."""
     with steps.step("stage", "run directory and inputs"):
         clone = make_clone_dir(config.state_dir / "runs" / run_id)
-        cleanup.callback(shutil.rmtree, clone.path, ignore_errors=True)
+        cleanup.callback(reaper.remove, clone.path)
         check_scratch_room(clone.path, key.scratch_bytes)
         stage_inputs(request.inputs, clone.inputs)
     return clone

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import struct
 import time
 from contextlib import ExitStack
@@ -39,7 +38,7 @@ from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, re
 from .errors import GuestError, ImageError
 from .image.store import Image
 from .progress import Steps
-from .workdir import OWNER_FILE, flocked, install_dir
+from .workdir import OWNER_FILE, flocked, install_dir, remove_tree
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
     from .hypervisor import Hypervisor
@@ -137,7 +136,7 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
     final = root / f"slot-{index}"
     with ExitStack() as undo:
         clone = make_clone_dir(root / f".building-slot-{index}-{secrets.token_hex(3)}")
-        undo.callback(shutil.rmtree, clone.path, ignore_errors=True)
+        undo.callback(remove_tree, clone.path)  # the template's guest wrote in its share
         make_overlay(clone, image.template)
         make_scratch(clone, key.scratch_bytes)
         name = f"{NAME_PREFIX}warm-{image.name}-{index}-{secrets.token_hex(3)}"

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import tools
+from . import tools, tree
 from .errors import VmisoError
 
 QEMU_USER = "libvirt-qemu"
@@ -102,17 +102,24 @@ def mounts_below(path: Path, mounts_file: Path = Path("/proc/self/mounts")) -> l
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
-def remove_tree(path: Path) -> None:
-    """rmtree that first detaches what a killed build left mounted below ``path``.
+def remove_tree(path: Path) -> list[tree.Failure]:
+    """Remove ``path`` and everything below it; what could not be removed, or [].
 
-    mmdebstrap mounts /proc, /sys and device nodes inside its target; if it dies,
-    those mounts stay, and a plain rmtree would walk into the host's own.
+    By descriptor (vmiso.tree): any depth and name length, no symbolic link
+    followed, no other filesystem entered, and nothing that a tree holds raises.
+    What a killed build left mounted below ``path`` is detached first (mmdebstrap
+    mounts /proc, /sys and device nodes inside its target); an unmount that fails
+    raises ToolError rather than leave the walk next to the host's own files.
     """
-    if not path.exists():
-        return
+    if not os.path.lexists(path):
+        return []
     for point in mounts_below(path):
         tools.run(tools.umount_argv(point))
-    shutil.rmtree(path, ignore_errors=True)
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return tree.remove_tree(parent, path.name)
+    finally:
+        os.close(parent)
 
 
 def install_dir(new: Path, final: Path) -> None:

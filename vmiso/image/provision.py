@@ -27,7 +27,7 @@ from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xm
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
 from ..progress import Steps
 from ..seed import SeedInputs, write_seed
-from ..workdir import OWNER_FILE, claim, install_dir, private_dir, share_dir
+from ..workdir import OWNER_FILE, claim, install_dir, private_dir, remove_tree, share_dir
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
@@ -331,7 +331,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
     with ExitStack() as undo, ExitStack() as held:
         work = images_root(state_dir) / f".building-{name}-{secrets.token_hex(4)}"
         private_dir(work)
-        undo.callback(shutil.rmtree, work, ignore_errors=True)
+        undo.callback(remove_tree, work)  # holds the share the provisioning guest wrote
         claim(work)
         layer = _ensure_source(config, steps)
         if not hold_layer(layer, held):  # 'vmiso gc --layers' removed it just now: build it again
@@ -376,8 +376,8 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             }
             shutil.copyfile(console_log, work / "provision.log")
             for leftover in ("disk.qcow2", "seed", "report", OWNER_FILE):
-                path = work / leftover
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if failures := remove_tree(work / leftover):
+                    raise ImageError(f"cannot remove {work / failures[0].path}: {failures[0].reason}")
             (work / "host_key.pub").write_text(keys.host_public + "\n")
             (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             os.chmod(work / MANIFEST, 0o644)
