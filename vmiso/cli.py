@@ -522,16 +522,19 @@ def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, lay
 
     config = _load(ctx, config_path, state_dir=state_dir)
     with connected(config.libvirt_uri) as hv:
-        removed = reaper.collect(hv, config.state_dir)
-    for item in removed:
-        click.echo(f"removed {item.kind} {item.name}")
+        cleaned = reaper.clean(hv, config.state_dir)
+    for item in cleaned.removed:
+        _say(f"removed {item.kind} {item.name}")
     freed, kept = remove_cached_layers(config.state_dir) if layers else ([], [])
     for layer in freed:
         click.echo(f"removed OS layer {layer.key} ({layer.size / 1024**2:.0f} MiB)")
     for layer in kept:
         click.echo(f"kept OS layer {layer.key}: a provisioning is using it")
-    if not removed and not freed:
+    for item, reason in cleaned.failed:  # each on its own line; the others were removed
+        click.echo(neutralize(f"vmiso: could not remove {item.kind} {item.name}: {reason}"), err=True)
+    if not cleaned.removed and not freed and not cleaned.failed:
         click.echo("nothing to remove")
+    ctx.exit(1 if cleaned.failed else 0)
 
 
 @cli.command()
