@@ -39,7 +39,8 @@ class FakeSession:
         self.closed = False
 
     def execute(self, command, stdout, stderr, *, stdin=None, deadline=None, should_stop=lambda: False,
-                signals=lambda: None, terminal=None):
+                signals=lambda: None, terminal=None, on_start=lambda: None):
+        on_start()
         self.commands.append(command)
         self.stdin = stdin
         self.should_stop = should_stop

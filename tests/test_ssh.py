@@ -57,6 +57,7 @@ SCRIPTS = {
     "kill BOGUS": lambda ch: send_exit_signal(ch, b"\x1b]0;owned\x07"),
     "vanish": lambda ch: None,
     "hang": lambda ch: time.sleep(3),
+    "mute": lambda ch: None,
 }
 
 
@@ -112,6 +113,8 @@ class FakeGuest(paramiko.ServerInterface):
         return paramiko.OPEN_SUCCEEDED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        if command == b"mute":
+            time.sleep(3)  # a guest that takes the request and does not answer
         self.commands.append(command.decode())
         self.ran.set()
         return True
@@ -402,12 +405,22 @@ def test_a_published_port_reaches_the_guests_loopback_only_while_open(guest):
     session = connect(guest)
     try:
         published = session.publish(8888)
-        with socket.create_connection(("127.0.0.1", published.host_port), timeout=10) as conn:
+        assert published.host.startswith("127.") and published.host != "127.0.0.1"
+        with socket.create_connection((published.host, published.host_port), timeout=10) as conn:
             conn.sendall(b"hello")
+            conn.shutdown(socket.SHUT_WR)  # a half-close: the answer still comes back
             assert conn.recv(100) == b"HELLO"
         assert list(guest["server"].forwarded.values()) == [("127.0.0.1", 8888)]
         published.close()
         with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", published.host_port), timeout=2)
+            socket.create_connection((published.host, published.host_port), timeout=2)
     finally:
         session.close()
+
+
+def test_a_guest_that_never_starts_the_job_does_not_hold_vmiso(guest, monkeypatch):
+    monkeypatch.setattr(ssh, "START_SECONDS", 0.5)
+    started = time.monotonic()
+    with pytest.raises(GuestError, match="did not start the job"):
+        run_once(guest, "mute")
+    assert time.monotonic() - started < 2.5

@@ -68,3 +68,30 @@ def test_an_interactive_session_keeps_its_screen_control_but_not_more():
     assert raw.getvalue() == b"\x1b[1;31mred\x1b[0m \x1b[2J\x1b[H\x1b7x\x1b831m \xc2\xa9 ok\n"
     screen.finish()
     assert raw.getvalue().endswith(InteractiveFilter.RESET)
+
+
+def test_sequences_cannot_be_smuggled_through_half_finished_ones():
+    from vmiso.terminal import InteractiveFilter
+
+    attempts = [
+        b"\x1b\x1b]52;c;aGk=\x07",  # ESC ESC: the second ESC starts the OSC
+        b"\x1b[\x1b]52;c;aGk=\x07",  # ESC inside a CSI
+        b"\x1b[1\x18\x1b]0;x\x07",  # CAN cancels the CSI, then an OSC
+        b"\xc2\x1b]0;pwned\x07",  # a UTF-8 lead byte before ESC
+        b"\xc2\xc2\x9d0;x\x07",  # U+009D: OSC as a C1 control
+        b"\x9d0;x\x07",  # a raw 8-bit C1 byte
+        b"\x1bP1$r\x1b\\",  # DCS (an answerback request)
+        b"\x1b[9t\x1b[21t\x1b[3J",  # window operations, title report, scrollback erase
+        b"\x1b[" + b"1;" * 100 + b"m",  # an endless CSI
+    ]
+    for attempt in attempts:
+        for pieces in ([attempt], [attempt[i:i + 1] for i in range(len(attempt))]):
+            raw = io.BytesIO()
+            screen = InteractiveFilter(raw)
+            for piece in pieces:
+                screen.write(piece)
+            shown = raw.getvalue().decode()
+            assert "\x1b]" not in shown and "\x1bP" not in shown, (attempt, shown)
+            assert "\x1b[9t" not in shown and "\x1b[21t" not in shown, (attempt, shown)
+            assert not any(0x80 <= ord(c) <= 0x9F for c in shown), (attempt, shown)
+            assert "\x1b[3J" not in shown and not shown.startswith("\x1b[1;1;1;"), (attempt, shown)

@@ -413,9 +413,9 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     ctx.exit(result.exit_code)
 
 
-def _say_published(guest_port: int, host_port: int) -> None:
-    click.echo(f"vmiso: the job's port {guest_port} is at 127.0.0.1:{host_port} "
-               f"(http://127.0.0.1:{host_port}/) while it runs", err=True)
+def _say_published(guest_port: int, where: str) -> None:
+    click.echo(f"vmiso: the job's port {guest_port} is at {where} (http://{where}/) while it runs; "
+               "what it serves is the guest's, and a browser can send on what it shows", err=True)
 
 
 class _Session:
@@ -431,6 +431,7 @@ class _Session:
     def __init__(self, stdout: Any, stderr: Any, stdin: Any, terminal: Any) -> None:
         self.stdout, self.stderr, self.stdin, self.terminal = stdout, stderr, stdin, terminal
         self._saved_mode: list | None = None
+        self._finished = False
 
     @classmethod
     def for_job(cls, *, tty: bool, raw: bool) -> _Session:
@@ -448,8 +449,11 @@ class _Session:
                    Terminal(os.environ.get("TERM") or "xterm-256color", _terminal_size))
 
     def around(self, listener: Any) -> Any:
-        """The progress listener, with the terminal made raw when the job starts."""
+        """The progress listener, with the terminal raw while the job runs (the "exec"
+        step) and given back, in its ordinary modes, as soon as the job ends."""
         def listen(event: str, step: str, detail: str, elapsed: float) -> None:
+            if event in ("done", "fail") and step == "exec":
+                self._give_back()
             listener(event, step, detail, elapsed)
             if event == "start" and step == "exec" and self.terminal is not None:
                 self._make_raw()
@@ -467,14 +471,22 @@ class _Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._saved_mode is not None:
-            import termios
+        self._give_back()
 
-            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved_mode)
-            self._saved_mode = None
+    def _give_back(self) -> None:
+        """Once: the screen's modes reset, the terminal's mode restored, and what was typed
+        for the job but not read discarded (TCSAFLUSH), so that it never reaches the shell."""
+        if self._finished:
+            return
+        self._finished = True
         for stream in {id(s): s for s in (self.stdout, self.stderr)}.values():
             if isinstance(stream, (SafeStream, InteractiveFilter)):
                 stream.finish()
+        if self._saved_mode is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSAFLUSH, self._saved_mode)
+            self._saved_mode = None
 
 
 def _terminal_size() -> tuple[int, int]:

@@ -114,7 +114,7 @@ class RunResult:
     signal: str | None = None  # "SIGKILL" when a signal ended the job
     timings: dict[str, float] = field(default_factory=dict)
     outputs: outputs.OutputReport | None = None
-    published: dict[int, int] = field(default_factory=dict)  # guest port -> host port (127.0.0.1)
+    published: dict[int, str] = field(default_factory=dict)  # guest port -> "127.a.b.c:port" on this host
 
     def signal_message(self) -> tuple[str, str] | None:
         """(what happened, what to do) when a signal ended the job, for the CLI to say."""
@@ -142,7 +142,7 @@ class RunResult:
             "scratch_bytes": self.scratch_bytes,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "outputs": self.outputs.as_dict() if self.outputs else None,
-            "published": {str(guest): host for guest, host in self.published.items()},
+            "published": {str(guest): where for guest, where in self.published.items()},
         }
 
 
@@ -179,14 +179,14 @@ Connect = Callable[..., ssh.Session]
 def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
         steps: Steps | None = None, stdin: BinaryIO | None = None, *, connect: Connect = ssh.connect,
         interruption: Interruption | None = None, terminal: ssh.Terminal | None = None,
-        on_published: Callable[[int, int], None] = lambda guest, host: None) -> RunResult:
+        on_published: Callable[[int, str], None] = lambda guest, where: None) -> RunResult:
     """Run ``request.command`` in a fresh clone; the job's exit code, or an error saying why it has none.
 
     ``stdin`` is streamed to the job (None: end of file); ``interruption`` passes the
     first Ctrl-C or SIGTERM while the job runs on to it (see Interruption);
     ``terminal`` gives the job a pseudo-terminal (``vmiso shell``, ``run -t``);
-    ``on_published(guest_port, host_port)`` is called as each of ``request.publish``
-    opens, before the job starts.
+    ``on_published(guest_port, "127.a.b.c:port")`` is called as each of
+    ``request.publish`` opens, before the job starts.
     """
     interruption = interruption or Interruption()
     steps = steps or Steps()
@@ -224,7 +224,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
     return RunResult(run_id, image.name, sha256, request.command, exit_code, boot=vm.boot,
                      memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes, signal=signal,
                      timings=dict(steps.timings), outputs=collected,
-                     published={p.guest_port: p.host_port for p in published})
+                     published={p.guest_port: f"{p.host}:{p.host_port}" for p in published})
 
 
 def _check(config: Config, request: RunRequest) -> tuple[Image, str]:
@@ -292,7 +292,7 @@ def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: 
     return session
 
 
-def _publish(session: ssh.Session, ports: tuple[int, ...], on_published: Callable[[int, int], None],
+def _publish(session: ssh.Session, ports: tuple[int, ...], on_published: Callable[[int, str], None],
              cleanup: ExitStack) -> list[ssh.Published]:
     """Listen on the host's loopback for each guest port, until the job ends."""
     published = []
@@ -300,7 +300,7 @@ def _publish(session: ssh.Session, ports: tuple[int, ...], on_published: Callabl
         forward = session.publish(port)
         cleanup.callback(forward.close)
         published.append(forward)
-        on_published(port, forward.host_port)
+        on_published(port, f"{forward.host}:{forward.host_port}")
     return published
 
 
@@ -312,12 +312,12 @@ def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, 
     with steps.step("exec", shlex.join(request.command)), \
             _OutputWatch(clone.outputs, config.run.output_max_bytes, config.run.output_max_files,
                          stop=lambda: hv.destroy(vm.name)) as watch:
-        interruption.job_running = True
         try:
             status = session.execute(job_command(request.command, request.env), stdout, stderr, stdin=stdin,
                                      deadline=time.monotonic() + timeout,
                                      should_stop=lambda: watch.exceeded is not None or interruption.expired(),
-                                     signals=lambda: _forward(interruption), terminal=terminal)
+                                     signals=lambda: _forward(interruption), terminal=terminal,
+                                     on_start=lambda: setattr(interruption, "job_running", True))
         except GuestError:
             if watch.exceeded is None:
                 raise

@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import os
+import secrets
 import select
 import signal
 import socket
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # The name under which the pinned key is stored; the link is a socket, not a host.
 GUEST_HOST = "vmiso-guest"
 DRAIN_CHUNKS = 16  # 64 KiB each
+START_SECONDS = 30.0  # for the guest to start the job once asked
 # Signal names a guest may report (RFC 4254 sends them without "SIG"); anything else
 # it sends is not repeated to the host's terminal.
 _SIGNALS = {s.name.removeprefix("SIG"): s for s in signal.Signals if not s.name.startswith("SIG_")}
@@ -114,7 +116,7 @@ class Session:
     def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *, stdin: BinaryIO | None = None,
                 deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False,
                 signals: Callable[[], signal.Signals | None] = lambda: None,
-                terminal: Terminal | None = None) -> JobExit | None:
+                terminal: Terminal | None = None, on_start: Callable[[], None] = lambda: None) -> JobExit | None:
         """Run ``command``, streaming its output; how it ended, or None when stopped.
 
         ``stdin``: streamed to the job as it is read, then end of file (None: end
@@ -127,6 +129,10 @@ class Session:
         ``terminal``: run the job on a pseudo-terminal of that type and size, resized
         when the host's changes (its stdout and stderr are then one stream).
 
+        ``on_start``: called once the guest has started the job.  Starting it is
+        bounded too (START_SECONDS, or what is left of ``deadline``): a guest that
+        never answers the request does not hold vmiso.
+
         Returns None when ``deadline`` passed or ``should_stop`` said so; a JobExit
         that reports nothing when the channel closed without a status.
         """
@@ -135,14 +141,32 @@ class Session:
             raise GuestError(f"the SSH link to {self._name} is closed")
         try:
             channel = transport.open_session(timeout=30)
+        except (paramiko.SSHException, OSError) as err:
+            raise GuestError(f"cannot start the job in {self._name}: {err}") from None
+        # paramiko waits for the answers to pty-req and exec without a time limit.
+        left = START_SECONDS if deadline is None else max(0.0, min(START_SECONDS, deadline - time.monotonic()))
+        gave_up = threading.Event()
+
+        def give_up_now() -> None:
+            gave_up.set()
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                channel.close()
+        give_up = threading.Timer(left, give_up_now)
+        give_up.start()
+        try:
             if terminal is not None:
                 size = terminal.size()
                 channel.get_pty(term=terminal.term, width=size[0], height=size[1])
             channel.exec_command(command)
             if stdin is None:
                 channel.shutdown_write()  # the job reads EOF on stdin
-        except (paramiko.SSHException, OSError) as err:
+        except (paramiko.SSHException, OSError, EOFError) as err:
+            if gave_up.is_set():
+                raise GuestError(f"the guest did not start the job in {self._name} within {left:.0f} s") from None
             raise GuestError(f"cannot start the job in {self._name}: {err}") from None
+        finally:
+            give_up.cancel()
+        on_start()
         if stdin is not None:
             threading.Thread(target=_pump, args=(stdin, channel), name="vmiso-stdin", daemon=True).start()
         try:
@@ -188,19 +212,26 @@ class Session:
 class Published:
     """A port on the guest's loopback, reachable from the host's loopback while it is open.
 
-    Listens on 127.0.0.1 (an ephemeral port, ``host_port``); each connection it
-    accepts becomes an SSH "direct-tcpip" channel to 127.0.0.1:``guest_port`` in
-    the guest, copied both ways.  Nothing is added to the VM (no network device);
-    the guest's sshd allows only such channels, opened by the host.
+    Listens on an address of its own in 127.0.0.0/8 (a random one, ``host``: a
+    browser keeps cookies per host name, not per port, so a page the guest serves
+    shares them with no other local service) and an ephemeral port
+    (``host_port``); each connection it accepts, MAX_CONNECTIONS at a time,
+    becomes an SSH "direct-tcpip" channel to 127.0.0.1:``guest_port`` in the
+    guest, copied both ways.  Nothing is added to the VM (no network device); the
+    guest's sshd allows only such channels, opened by the host.
     """
+
+    MAX_CONNECTIONS = 64
 
     def __init__(self, transport: paramiko.Transport, guest_port: int, name: str) -> None:
         self.guest_port = guest_port
         self._transport, self._name = transport, name
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind(("127.0.0.1", 0))
+        self.host = "127." + ".".join(str(secrets.randbelow(254) + 1) for _ in range(3))
+        self._listener.bind((self.host, 0))
         self._listener.listen(16)
         self.host_port: int = self._listener.getsockname()[1]
+        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
         self._open: set[socket.socket | paramiko.Channel] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -208,6 +239,7 @@ class Published:
 
     def _accept(self) -> None:
         while True:
+            self._slots.acquire()  # at most MAX_CONNECTIONS at once; the rest wait in the backlog
             try:
                 conn, peer = self._listener.accept()
             except OSError:
@@ -218,6 +250,7 @@ class Published:
             except (paramiko.SSHException, OSError, EOFError) as err:
                 log.debug("%s: no connection to guest port %d: %s", self._name, self.guest_port, err)
                 conn.close()
+                self._slots.release()
                 continue
             with self._lock:
                 if self._closed:
@@ -225,21 +258,34 @@ class Published:
                     channel.close()
                     return
                 self._open.update((conn, channel))
-            for source, sink in ((conn, channel), (channel, conn)):
-                threading.Thread(target=self._copy, args=(source, sink), daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, channel), daemon=True).start()
 
-    def _copy(self, source: socket.socket | paramiko.Channel, sink: socket.socket | paramiko.Channel) -> None:
+    def _serve(self, conn: socket.socket, channel: paramiko.Channel) -> None:
+        """Copy both ways; an end of file in one direction is passed on as such (a
+        half-close), and the connection ends when both directions have."""
+        upstream = threading.Thread(target=self._copy, args=(conn, channel), daemon=True)
+        upstream.start()
+        self._copy(channel, conn)
+        upstream.join()
+        for end in (conn, channel):
+            with contextlib.suppress(OSError):
+                end.close()
+        with self._lock:
+            self._open.difference_update((conn, channel))
+        self._slots.release()
+
+    @staticmethod
+    def _copy(source: socket.socket | paramiko.Channel, sink: socket.socket | paramiko.Channel) -> None:
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
         except (OSError, EOFError, paramiko.SSHException):
             pass
-        finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.close()
-            with self._lock:
-                self._open.difference_update((source, sink))
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            if isinstance(sink, socket.socket):
+                sink.shutdown(socket.SHUT_WR)
+            else:
+                sink.shutdown_write()
 
     def close(self) -> None:
         """Stop listening and end every connection: the port is the run's only while it lasts."""

@@ -75,63 +75,93 @@ def for_terminal(stream: BinaryIO, *, is_terminal: bool, raw: bool) -> BinaryIO 
 class InteractiveFilter:
     """For an interactive session on a pseudo-terminal (``vmiso shell``, ``run -t``).
 
-    A shell or an editor needs the terminal's escape sequences: CSI sequences
-    (colours, cursor movement, screen modes) and two-character ESC sequences pass.
-    What could reach beyond the session's own screen is dropped: OSC (window title,
-    clipboard writes with OSC 52, hyperlinks; ended by BEL or ST), DCS (including
-    tmux's passthrough), SOS, PM and APC strings (ended by ST only), and C1 controls encoded in UTF-8 (U+0080-U+009F,
-    which some terminals obey as 8-bit controls).  Stateful across writes.
+    A shell or an editor needs the terminal's escape sequences, so this parses the
+    stream as a terminal does (UTF-8 characters, not bytes) and passes only what
+    acts on the session's own screen: text, C0 controls, CSI sequences (colours,
+    cursor, erasing, modes) and two-character ESC sequences.  It drops what could
+    reach beyond the screen: OSC (window title, clipboard writes with OSC 52,
+    hyperlinks; ended by BEL or ST), DCS (including tmux's passthrough), SOS, PM
+    and APC strings (ended by ST), C1 controls (U+0080-U+009F), CSI window
+    operations (final ``t``: moving, resizing, title reports) and the erasing of
+    the terminal's scrollback (``CSI 3 J``).  As a terminal does, ESC anywhere
+    starts a new sequence and CAN or SUB cancels one, so a sequence cannot be
+    smuggled through a half-finished one.  Stateful across writes.
     """
 
-    _NORMAL, _ESC, _CSI, _STRING, _STRING_ESC, _C2 = range(6)
-    # After ESC: what opens a control string, dropped with it up to BEL or ST.
-    _STRINGS = frozenset(b"]PX^_")
-    # The modes a full-screen program may leave on, turned off when the session ends.
-    RESET = b"\x1b[0m\x1b[?25h\x1b[?1049l\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?2004l"
+    _NORMAL, _ESC, _CSI, _STRING, _STRING_ESC = range(5)
+    _STRINGS = frozenset("]PX^_")  # after ESC: OSC, DCS, SOS, PM, APC
+    _CANCEL = frozenset("\x18\x1a")  # CAN, SUB
+    _CSI_MAX = 64  # parameter and intermediate characters; a longer CSI is dropped
+    # The modes a full-screen program may leave on, turned off when the session ends:
+    # soft reset, colours, cursor, alternate screen, mouse and focus reporting and
+    # their encodings, bracketed paste, the kitty keyboard protocol, modifyOtherKeys
+    # and the line-drawing character set.
+    RESET = (b"\x1b[!p\x1b[0m\x1b[?25h\x1b[?1049l\x1b[?9l\x1b[?1000l\x1b[?1002l\x1b[?1003l"
+             b"\x1b[?1004l\x1b[?1005l\x1b[?1006l\x1b[?1015l\x1b[?2004l\x1b[<99u\x1b[>4m\x1b(B")
 
     def __init__(self, raw: BinaryIO) -> None:
         self._raw = raw
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._state = self._NORMAL
+        self._csi = ""  # the CSI sequence's characters so far
         self._osc = False  # the open string is an OSC, which BEL may also end
 
     def write(self, data: bytes) -> int:
-        out = bytearray()
-        for byte in data:
-            state = self._state
-            if state == self._NORMAL:
-                if byte == 0x1B:
-                    self._state = self._ESC
-                elif byte == 0xC2:
-                    self._state = self._C2
-                else:
-                    out.append(byte)
-            elif state == self._C2:
-                self._state = self._NORMAL
-                if not 0x80 <= byte <= 0x9F:  # U+0080-U+009F: dropped; anything else kept
-                    out += bytes((0xC2, byte))
-            elif state == self._ESC:
-                if byte in self._STRINGS:
-                    self._state = self._STRING
-                    self._osc = byte == ord("]")
-                elif byte == ord("["):
-                    out += b"\x1b["
-                    self._state = self._CSI
-                else:
-                    out += bytes((0x1B, byte))
-                    self._state = self._NORMAL
-            elif state == self._CSI:
-                out.append(byte)
-                if 0x40 <= byte <= 0x7E:
-                    self._state = self._NORMAL
-            elif state == self._STRING:
-                if byte == 0x07 and self._osc:
-                    self._state = self._NORMAL
-                elif byte == 0x1B:
-                    self._state = self._STRING_ESC
-            else:  # _STRING_ESC
-                self._state = self._NORMAL if byte == ord("\\") else self._STRING
-        self._raw.write(bytes(out))
+        out: list[str] = []
+        for char in self._decoder.decode(data):
+            self._feed(char, out)
+        self._raw.write("".join(out).encode())
         return len(data)
+
+    def _feed(self, char: str, out: list[str]) -> None:
+        code = ord(char)
+        state = self._state
+        if char in self._CANCEL:
+            self._state = self._NORMAL
+            return
+        if state in (self._STRING, self._STRING_ESC):
+            if (state == self._STRING_ESC and char == "\\") or code == 0x9C or (char == "\x07" and self._osc):
+                self._state = self._NORMAL  # ST (ESC \ or U+009C), or BEL ending an OSC
+            elif state == self._STRING_ESC:
+                self._state = self._ESC  # ESC inside a string ends it and starts a sequence
+                self._feed(char, out)
+            elif char == "\x1b":
+                self._state = self._STRING_ESC
+            return  # everything inside a control string is dropped
+        if char == "\x1b":
+            self._state = self._ESC  # anything half-finished is abandoned
+            return
+        if 0x80 <= code <= 0x9F:
+            self._state = self._NORMAL  # C1 controls: never passed on
+            return
+        if state == self._ESC:
+            if char == "[":
+                self._state, self._csi = self._CSI, ""
+            elif char in self._STRINGS:
+                self._state, self._osc = self._STRING, char == "]"
+            elif char == "\\":
+                self._state = self._NORMAL  # a stray ST: it ends nothing
+            elif 0x20 <= code <= 0x7E:
+                out.append("\x1b" + char)
+                self._state = self._NORMAL
+            else:  # a control or a non-ASCII character ends the escape; it is itself handled
+                self._state = self._NORMAL
+                self._feed(char, out)
+            return
+        if state == self._CSI:
+            if 0x20 <= code <= 0x3F:
+                self._csi += char
+                if len(self._csi) > self._CSI_MAX:
+                    self._state = self._NORMAL
+            elif 0x40 <= code <= 0x7E:
+                self._state = self._NORMAL
+                if char != "t" and self._csi + char != "3J":
+                    out.append("\x1b[" + self._csi + char)
+            else:  # not a CSI a terminal would finish: dropped, the character handled
+                self._state = self._NORMAL
+                self._feed(char, out)
+            return
+        out.append(char)
 
     def flush(self) -> None:
         self._raw.flush()
