@@ -268,7 +268,7 @@ class Published:
         self._copy(channel, conn)
         upstream.join()
         for end in (conn, channel):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                 end.close()
         with self._lock:
             self._open.difference_update((conn, channel))
@@ -296,7 +296,7 @@ class Published:
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; stops listening
         self._listener.close()
         for end in ends:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                 end.close()
 
 
