@@ -159,8 +159,8 @@ def throughput(config: Path, image: str, work: Path, size_mb: int) -> dict:
 def small_files(config: Path, image: str, work: Path, count: int) -> dict:
     """Walk and read COUNT files of 1 KB in /in, then the same tree on the guest's tmpfs, in one run.
 
-    Also the same walk over /out, which keeps 9p's uncached default (as /in had before
-    it was mounted with cache=loose): the cache's gain, measured in the same run.
+    Also the same walk over /out, the other share: with /in mounted in another 9p
+    cache mode, the difference the mode makes, measured in the same run.
     """
     tree = work / "many"
     for i in range(count):
