@@ -18,7 +18,6 @@ import stat
 import struct
 import subprocess
 import termios
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -33,6 +32,7 @@ from vmharness import (
     Streamed,
     make_state_root,
     on_a_terminal,
+    read_terminal,
     remove_tree,
     vmiso,
     vmiso_domains,
@@ -465,18 +465,7 @@ def test_a_shell_on_a_pseudo_terminal(image, tmp_path):
                                env=dict(os.environ, VMISO_ACCEL="tcg", TERM="xterm"))
     os.close(slave)
     seen = bytearray()
-
-    def read() -> None:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            seen.extend(chunk)
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    reader = read_terminal(master, seen)
     try:
         wait_for(lambda: b"$ " in seen, 300, "the shell's prompt")
         os.write(master, b"stty size; echo hi-$((6*7)) > /out/said; printf 'title\\033]0;x\\007-end\\n'; exit 7\r")

@@ -129,17 +129,8 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def on_a_terminal(argv: list[str], cwd: Path, env: dict[str, str], timeout: float, *,
-                  stdout_too: bool = False) -> tuple[int, str, str]:
-    """Run ``argv`` with stderr (and with ``stdout_too`` stdout) on a pseudo-terminal of
-    200 columns: (exit code, what reached stdout's pipe, what the terminal received)."""
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-    process = subprocess.Popen(argv, stdout=slave if stdout_too else subprocess.PIPE, stderr=slave,
-                               stdin=subprocess.DEVNULL, cwd=cwd, env=env)
-    os.close(slave)
-    seen = bytearray()
-
+def read_terminal(master: int, seen: bytearray) -> threading.Thread:
+    """A thread that adds what a pseudo-terminal's programs write to ``seen``, until they close it."""
     def read() -> None:
         while True:
             try:
@@ -152,6 +143,20 @@ def on_a_terminal(argv: list[str], cwd: Path, env: dict[str, str], timeout: floa
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    return reader
+
+
+def on_a_terminal(argv: list[str], cwd: Path, env: dict[str, str], timeout: float, *,
+                  stdout_too: bool = False) -> tuple[int, str, str]:
+    """Run ``argv`` with stderr (and with ``stdout_too`` stdout) on a pseudo-terminal of
+    200 columns: (exit code, what reached stdout's pipe, what the terminal received)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    process = subprocess.Popen(argv, stdout=slave if stdout_too else subprocess.PIPE, stderr=slave,
+                               stdin=subprocess.DEVNULL, cwd=cwd, env=env)
+    os.close(slave)
+    seen = bytearray()
+    reader = read_terminal(master, seen)
     try:
         stdout, _ = process.communicate(timeout=timeout)
     finally:
