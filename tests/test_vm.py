@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from vmiso import workdir
+
 from diskimage import ROOT_PARTITION, make_cloud_image, remove_files
 from vmharness import (
     REPO,
@@ -48,6 +50,7 @@ def leftovers(state: Path) -> list[str]:
     runs = state / "runs"
     found = [p.name for p in runs.iterdir()] if runs.is_dir() else []
     found += [p.name for p in (state / "images").iterdir() if p.name.startswith(".")]
+    found += [f"mount {p}" for p in workdir.mounts_below(state)]  # a run's /out filesystem
     return found + vmiso_domains(state)
 
 
@@ -236,16 +239,37 @@ def test_two_runs_at_once_are_separate(image, tmp_path):
     assert leftovers(image["state"]) == []
 
 
-def test_output_flood_is_stopped(image, tmp_path):
-    config = write_config(tmp_path / "small", image["state"], run={"output_max_bytes": "8MiB"})
-    started = time.monotonic()
-    done = vmiso("run", "-c", config, "--image", "it", "-o", tmp_path / "out", "--",
-                 "sh", "-c", "while :; do head -c 1048576 /dev/zero >> /out/flood; done")
+def test_the_kernel_bounds_out_whatever_the_job_writes(image, tmp_path):
+    """A hostile job fills /out with bytes, then empty directories, then a chain of
+    directories: each stops at the run's limits, on a filesystem the host kernel
+    sized; vmiso says /out was full, the collector refuses it and nothing is left."""
+    config = write_config(tmp_path / "small", image["state"],
+                          run={"output_max_bytes": "8MiB", "output_max_files": 300})
+    done = vmiso("run", "-c", config, "-i", GUEST / "fill_out.py", "-o", tmp_path / "out", "--",
+                 "python", "fill_out.py", "flood")
     assert done.returncode == 125, done.stderr
-    assert "more than 8388608 bytes" in done.stderr and "stopped" in done.stderr
-    assert time.monotonic() - started < 300
+    found = json.loads(done.stdout)
+    assert found["bytes"][1] == "ENOSPC" and 8 * 16 <= found["bytes"][0] <= 9 * 16  # 64 KiB writes
+    assert found["empty_dirs"][1] == "ENOSPC" and 300 <= found["empty_dirs"][0] <= 316
+    assert found["deep_chain"][1] == "ENOSPC" and 300 <= found["deep_chain"][0] <= 316
+    assert found["df"][0] <= 10 * 1024**2  # what the guest sees of /out: its limit
+    assert "the job filled /out: it may hold 300 files and directories" in done.stderr
+    assert "more than 300 files and directories to /out" in done.stderr
     assert not (tmp_path / "out").exists()
     assert leftovers(image["state"]) == []
+
+
+def test_a_tree_far_past_path_max_comes_out_whole(image, tmp_path):
+    done = vmiso("run", "-c", image["config"], "-i", GUEST / "fill_out.py", "-o", tmp_path / "out", "--",
+                 "python", "fill_out.py", "deep")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [600, "ok"]
+    name = "deeper-than-path-max-" * 4
+    (bottom,) = [line for line in (tmp_path / "out" / "MANIFEST").read_text().splitlines()
+                 if line.endswith("/bottom.txt")]
+    assert bottom.split("  ", 1)[1] == "/".join([name] * 600 + ["bottom.txt"])  # 50,000 bytes of path
+    assert leftovers(image["state"]) == []
+    assert workdir.remove_tree(tmp_path / "out") == []  # pytest's own cleanup recurses
 
 
 @pytest.mark.parametrize("requirements, message", [

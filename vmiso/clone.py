@@ -13,7 +13,7 @@ from pathlib import Path
 from . import tools
 from .domain import Disk, DomainSpec, KernelBoot, Share
 from .image.store import Image
-from .workdir import claim, private_dir, share_dir
+from .workdir import bounded_share, claim, private_dir, share_dir
 
 # The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
 # panic=-1: a guest whose init dies reboots at once, which on_reboot turns into its end.
@@ -60,14 +60,23 @@ class CloneDir:
         return {SHARE_IN: self.inputs, SHARE_OUT: self.outputs}
 
 
-def make_clone_dir(path: Path) -> CloneDir:
-    """Create the directory (owned by this process, for the reaper) with its two share directories."""
+def make_clone_dir(path: Path, *, output_limits: tuple[int, int] | None = None) -> CloneDir:
+    """Create the directory (owned by this process, for the reaper) with its two share directories.
+
+    ``output_limits`` (bytes, files and directories): /out on a filesystem of that
+    size (workdir.bounded_share), mounted until the directory is removed
+    (workdir.remove_tree unmounts first).  Without it, a plain directory: a clone
+    made to be saved as a warm state never mounts its shares.
+    """
     private_dir(path.parent)
     private_dir(path)
     claim(path)
     clone = CloneDir(path)
     share_dir(clone.inputs, writable=False)
-    share_dir(clone.outputs, writable=True)
+    if output_limits is None:
+        share_dir(clone.outputs, writable=True)
+    else:
+        bounded_share(clone.outputs, max_bytes=output_limits[0], max_files=output_limits[1])
     return clone
 
 

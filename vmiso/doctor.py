@@ -31,8 +31,9 @@ class Check:
 def _programs() -> list[Check]:
     checks = []
     # sfdisk, debugfs and busybox serve cloud images: their partitions, kernel and the clones' initramfs.
+    # mount: each run's /out is a loop-mounted filesystem of its own.
     for program in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "genisoimage", "mkfs.ext4", "ssh-keygen",
-                    "sfdisk", "debugfs", "busybox"):
+                    "sfdisk", "debugfs", "busybox", "mount"):
         try:
             checks.append(Check(program, True, tools.which(program)))
         except VmisoError as err:
@@ -101,8 +102,17 @@ def _state_dir(state_dir: Path) -> Check:
     return Check("permissions", True, f"root; {state_dir} usable")
 
 
+def _loop_devices(control: Path = Path("/dev/loop-control")) -> Check:
+    """Each run's /out is an ext4 on a loop device (workdir.bounded_share)."""
+    if control.exists():
+        return Check("loop", True, f"{control}: each run's /out gets a filesystem of its own")
+    return Check("loop", False, f"{control} is missing: runs cannot bound /out",
+                 "load the loop module (modprobe loop), or give the container loop devices")
+
+
 def run_checks(config: Config, connect: Callable = open_hypervisor) -> list[Check]:
     checks = _programs()
+    checks.append(_loop_devices())
     checks.append(_data())
     checks.append(_accel(config))
     kvm = _kvm_device()

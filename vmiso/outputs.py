@@ -123,28 +123,6 @@ def _entry_problem(entry: tree.Entry) -> str | None:
     return None
 
 
-def usage(root: Path, stop_after_files: int) -> tuple[int, int]:
-    """(bytes, entries) under ``root`` as the host sees them; stops counting past the limit.
-
-    Files and directories both count as entries, as in ``collect``.  The guest
-    is writing meanwhile: what vanishes or moves during the walk is skipped.
-    """
-    total = files = 0
-    try:
-        root_fd = os.open(root, tree.OPEN_DIR)
-    except OSError:
-        return total, files
-    try:
-        for entry in tree.walk(root_fd):
-            files += 1
-            total += entry.st.st_blocks * 512
-            if files > stop_after_files:
-                break
-    finally:
-        os.close(root_fd)
-    return total, files
-
-
 def _copy(fd_in: int, fd_out: int) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0

@@ -21,7 +21,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -33,11 +32,12 @@ from . import accel, outputs, reaper, ssh, warm, watchdog
 from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
-from .errors import GuestError, HypervisorError, ImageError, Interrupted, OutputError, RunTimeout, VmisoError
+from .errors import GuestError, HypervisorError, ImageError, Interrupted, RunTimeout, VmisoError
 from .image.store import Image, get_image, verified_sha256
 from .inputs import GUEST_IN, check_inputs, stage_inputs
 from .progress import Steps
 from .seed import RUN_USER
+from .workdir import bounded_share_size, private_dir, share_full
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 GUEST_OUT = "/out"
 GUEST_VENV = "/opt/vmiso/venv"
 GUEST_TMP = "/tmp"  # the scratch disk
-WATCH_INTERVAL = 0.25
 WATCHDOG_GRACE = 30  # seconds past boot + job timeout before the watchdog acts on its own
 INTERRUPT_GRACE = 10  # seconds a job has to end after the first SIGINT/SIGTERM is passed to it
 
@@ -153,15 +152,8 @@ class TimedOut:
     seconds: int
 
 
-@dataclass(frozen=True)
-class OverLimit:
-    """The job wrote more to /out than the limits allow; the VM was stopped."""
-
-    reason: str
-
-
 # How a job ended: by itself (as sshd reported it), or stopped by vmiso.
-Outcome = ssh.JobExit | TimedOut | OverLimit
+Outcome = ssh.JobExit | TimedOut
 
 
 @dataclass(frozen=True)
@@ -243,9 +235,12 @@ def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, 
            cleanup: ExitStack) -> CloneDir:
     """The run's directory, removed when ``cleanup`` closes, with the inputs copied in."""
     with steps.step("stage", "run directory and inputs"):
-        clone = make_clone_dir(config.state_dir / "runs" / run_id)
-        cleanup.callback(reaper.remove, clone.path)
-        check_scratch_room(clone.path, key.scratch_bytes)
+        runs = config.state_dir / "runs"
+        limits = (config.run.output_max_bytes, config.run.output_max_files)
+        check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*limits))
+        path = runs / run_id
+        cleanup.callback(reaper.remove, path)  # whatever make_clone_dir got to
+        clone = make_clone_dir(path, output_limits=limits)
         stage_inputs(request.inputs, clone.inputs)
     return clone
 
@@ -307,25 +302,27 @@ def _publish(session: ssh.Session, ports: tuple[int, ...], on_published: Callabl
 def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, config: Config,
              request: RunRequest, stdout: BinaryIO, stderr: BinaryIO, stdin: BinaryIO | None,
              steps: Steps, interruption: Interruption, terminal: ssh.Terminal | None) -> Outcome:
-    """Run the job, streaming its output, until it ends, times out or writes too much."""
+    """Run the job, streaming its output, until it ends or times out.
+
+    What it can write to /out is bounded by the kernel (clone.make_clone_dir): a job
+    that fills it gets "no space left on device" as on any full disk, and vmiso says
+    so once the job has ended.
+    """
     timeout = request.timeout or config.run.timeout
-    with steps.step("exec", shlex.join(request.command)), \
-            _OutputWatch(clone.outputs, config.run.output_max_bytes, config.run.output_max_files,
-                         stop=lambda: hv.destroy(vm.name)) as watch:
+    with steps.step("exec", shlex.join(request.command)):
         try:
             status = session.execute(job_command(request.command, request.env), stdout, stderr, stdin=stdin,
                                      deadline=time.monotonic() + timeout,
-                                     should_stop=lambda: watch.exceeded is not None or interruption.expired(),
+                                     should_stop=interruption.expired,
                                      signals=lambda: _forward(interruption), terminal=terminal,
                                      on_start=lambda: setattr(interruption, "job_running", True))
-        except GuestError:
-            if watch.exceeded is None:
-                raise
-            status = None  # the link broke because the watch stopped the VM
         finally:
             interruption.job_running = False
-    if watch.exceeded:
-        return OverLimit(watch.exceeded)
+    if full := share_full(clone.outputs):
+        limit = (f"{config.run.output_max_files} files and directories (run.output_max_files)" if full == "files"
+                 else f"{config.run.output_max_bytes} bytes (run.output_max_bytes)")
+        log.warning("the job filled %s: it may hold %s; raise that in vmiso.yaml if the job needs more",
+                    GUEST_OUT, limit)
     if status is None and interruption.expired():
         assert interruption.received is not None
         raise Interrupted(f"the job did not end within {interruption.grace:.0f} s of "
@@ -345,9 +342,6 @@ def _forward(interruption: Interruption) -> signal.Signals | None:
 
 def _judge(outcome: Outcome) -> tuple[int, str | None]:
     """(vmiso's exit code, the signal's name) of a job that ended; an error for one that did not."""
-    if isinstance(outcome, OverLimit):
-        raise OutputError(f"{outcome.reason}; the VM was stopped",
-                          "raise run.output_max_bytes / run.output_max_files in vmiso.yaml if expected")
     if isinstance(outcome, TimedOut):
         raise RunTimeout(f"the job ran longer than {outcome.seconds} s; the VM was destroyed",
                          "raise --timeout if the job needs longer")
@@ -393,43 +387,14 @@ def job_command(command: tuple[str, ...], env: tuple[tuple[str, str], ...] = ())
     return f"cd {GUEST_IN} && exec env -i {assignments} {shlex.join(command)}"
 
 
-class _OutputWatch:
-    """Stops the guest as soon as /out holds more than the limits allow."""
-
-    def __init__(self, share: Path, max_bytes: int, max_files: int, stop: Callable[[], object]) -> None:
-        self._share, self._max_bytes, self._max_files = share, max_bytes, max_files
-        self._stop = stop
-        self._done = threading.Event()
-        self.exceeded: str | None = None
-        self._thread = threading.Thread(target=self._watch, name="vmiso-output-watch", daemon=True)
-
-    def __enter__(self) -> _OutputWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        while not self._done.wait(WATCH_INTERVAL):
-            used, files = outputs.usage(self._share, self._max_files)
-            if used > self._max_bytes:
-                self.exceeded = f"the job wrote more than {self._max_bytes} bytes to {GUEST_OUT}"
-            elif files > self._max_files:
-                self.exceeded = f"the job wrote more than {self._max_files} files to {GUEST_OUT}"
-            if self.exceeded:
-                self._stop()
-                return
-
-
-def check_scratch_room(directory: Path, scratch_bytes: int) -> None:
-    """The scratch file is sparse: refuse a run whose /tmp could fill the host's disk."""
+def check_room(directory: Path, scratch_bytes: int, output_bytes: int) -> None:
+    """/tmp and /out are sparse files the job may fill: refuse a run that could fill the host's disk."""
     free = shutil.disk_usage(directory).free
-    if free < scratch_bytes:
-        raise VmisoError(f"the run's scratch space needs up to {scratch_bytes // 1024**2} MiB under {directory}, "
-                         f"which has {free // 1024**2} MiB free",
-                         "free space there, or give the job less with --scratch (or run.scratch)")
+    if free < scratch_bytes + output_bytes:
+        raise VmisoError(f"the run's scratch space and /out need up to {scratch_bytes // 1024**2} MiB and "
+                         f"{output_bytes // 1024**2} MiB under {directory}, which has {free // 1024**2} MiB free",
+                         "free space there, or give the job less with --scratch (run.scratch) "
+                         "or run.output_max_bytes")
 
 
 def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: warm.WarmKey,

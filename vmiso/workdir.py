@@ -51,6 +51,71 @@ def share_dir(path: Path, *, writable: bool) -> Path:
     return path
 
 
+# --- bounded shares: a writable share on a filesystem of its own ----------------------
+# The guest writes a writable share through QEMU's 9p server, as the QEMU user.  A
+# sized ext4 on a sparse file, mounted on the share's directory, makes the kernel
+# bound what it can hold: bytes (data, directories, names, xattrs: every block)
+# and entries (every file and directory is an inode).  The host kernel is the only
+# writer of that filesystem, so no guest-made filesystem image is ever parsed.
+
+SHARE_FS_SUFFIX = ".fs"
+_INODE_BYTES = 256
+_MiB = 1024**2
+
+
+def bounded_share_size(max_bytes: int, max_files: int) -> int:
+    """The filesystem's size: ``max_bytes`` free for the guest after ext4's own metadata
+    (inode tables; bitmaps and descriptors, 8 KiB per 128 MiB group; 1 MiB to spare) and the
+    clusters ext4 keeps back for delayed allocation (2 %, at most 16 MiB)."""
+    size = max_bytes + max_files * _INODE_BYTES + max_bytes // 16384 + _MiB
+    return size + min(size // 49, 16 * _MiB)
+
+
+def bounded_share(path: Path, *, max_bytes: int, max_files: int) -> Path:
+    """A writable share at ``path`` that can never hold more than about ``max_bytes``
+    bytes or ``max_files`` files and directories; undo with ``unmount_share``.
+
+    The filesystem image, ``path`` + ".fs", is root's (0600): QEMU never sees it.
+    """
+    image = path.with_name(path.name + SHARE_FS_SUFFIX)
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, bounded_share_size(max_bytes, max_files))
+    finally:
+        os.close(fd)
+    # Inodes 1-10 are ext4's own and lost+found (11) is removed below: -N counts them.
+    tools.run(tools.mkfs_share_argv(image, max_files + 11, qemu_ids()))
+    path.mkdir(mode=0o700)
+    tools.run(tools.mount_share_argv(image, path))
+    try:
+        os.rmdir(path / "lost+found")
+        os.chmod(path, 0o700)
+    except OSError:
+        unmount_share(path)
+        raise
+    return path
+
+
+def unmount_share(path: Path) -> None:
+    if os.path.ismount(path):
+        tools.run(tools.umount_argv(path))
+
+
+def share_full(path: Path) -> str | None:
+    """What a bounded share ran out of ("bytes", "files"), or None."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    if st.f_favail == 0:
+        return "files"
+    # bounded_share_size leaves at most 1 MiB beyond the limit: less than that free
+    # (a writer's last chunk may not fit in what is left) means the guest used it all.
+    if st.f_bavail * st.f_frsize < _MiB + 64 * 1024:
+        return "bytes"
+    return None
+
+
 # --- owners: which vmiso process a directory belongs to -----------------------------
 # Run directories and build directories record their owner; reaper.py removes
 # those whose owner no longer exists.

@@ -27,7 +27,7 @@ from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xm
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
 from ..progress import Steps
 from ..seed import SeedInputs, write_seed
-from ..workdir import OWNER_FILE, claim, install_dir, private_dir, remove_tree, share_dir
+from ..workdir import OWNER_FILE, SHARE_FS_SUFFIX, bounded_share, claim, install_dir, private_dir, remove_tree
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
@@ -39,6 +39,10 @@ if TYPE_CHECKING:  # the connection is passed in: importing this module needs no
 log = logging.getLogger(__name__)
 
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+# The report share holds each step's log and the package lists; what install-time
+# code can write to the host is bounded by its filesystem (workdir.bounded_share).
+REPORT_SHARE_BYTES = 256 * 1024**2
+REPORT_SHARE_FILES = 100
 GIB = 1024**3
 # Free space a provisioning needs in the state directory, measured on Debian 12:
 # the layer's root directory (~0.8 GiB) and its image, the overlay, the template.
@@ -212,7 +216,8 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
     cloud = config.image.cloud_image is not None
     # A recipe's layer has vmiso's guest files and packages already; a cloud image gets them now.
     apt_packages = (*CLOUD_PACKAGES, *config.provision.apt_packages) if cloud else config.provision.apt_packages
-    report = share_dir(work / "report", writable=True)
+    # What install-time code can write to the host: bounded by the kernel like a run's /out.
+    report = bounded_share(work / "report", max_bytes=REPORT_SHARE_BYTES, max_files=REPORT_SHARE_FILES)
     seed_dir = private_dir(work / "seed")  # QEMU must reach seed.iso; the rest is 0600
     inputs = SeedInputs(
         instance_id=f"vmiso-{build.name}-{secrets.token_hex(4)}",
@@ -375,7 +380,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                 "vmiso": __version__,
             }
             shutil.copyfile(console_log, work / "provision.log")
-            for leftover in ("disk.qcow2", "seed", "report", OWNER_FILE):
+            for leftover in ("disk.qcow2", "seed", "report", "report" + SHARE_FS_SUFFIX, OWNER_FILE):
                 if failures := remove_tree(work / leftover):
                     raise ImageError(f"cannot remove {work / failures[0].path}: {failures[0].reason}")
             (work / "host_key.pub").write_text(keys.host_public + "\n")
