@@ -68,6 +68,11 @@ rm -rf /var/lib/apt/lists/* /root/.cache /var/cache/debconf/*-old /var/lib/vmiso
 run cloud-init clean --logs
 find /var/log -type f -exec truncate -s 0 "{}" +
 rm -f "$CONF"
+# What was deleted (the requirements, cloud-init's copy of the seed, logs, caches)
+# must not survive in the free blocks that the template would carry: discard them,
+# so the overlay reads them as zeros.
+sync
+run fstrim -v /
 echo ok > "$REPORT/status"
 sync
 umount "$REPORT"

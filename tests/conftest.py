@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmharness import NUMPY, TABULATE, make_state_root, remove_tree, vmiso, write_config
+from vmharness import DELETED_SECRET, NUMPY, TABULATE, make_state_root, remove_tree, vmiso, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,9 @@ def vm_root():
 
 @pytest.fixture(scope="session")
 def image(vm_root):
-    config = write_config(vm_root / "config", vm_root / "state", requirements=TABULATE + NUMPY)
+    # The marker stands for what provisioning sees and deletes (the requirements are copied
+    # in, then removed at sealing): the template's free space must not carry it.
+    config = write_config(vm_root / "config", vm_root / "state", requirements=TABULATE + NUMPY + DELETED_SECRET)
     done = vmiso("-q", "provision", "-c", config, timeout=2400)
     assert done.returncode == 0, done.stderr
     return {"config": config, "state": vm_root / "state", "output": done}

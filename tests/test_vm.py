@@ -28,6 +28,7 @@ from vmiso import workdir
 
 from diskimage import ROOT_PARTITION, make_cloud_image, remove_files
 from vmharness import (
+    DELETED_SECRET,
     REPO,
     TABULATE,
     VMISO,
@@ -66,6 +67,17 @@ def host_addresses() -> list[str]:
     return addresses
 
 
+def contains(path: Path, needle: bytes) -> bool:
+    """Whether ``needle`` is anywhere in the file (read in blocks that overlap by its length)."""
+    tail = b""
+    with open(path, "rb") as f:
+        while block := f.read(8 * 1024**2):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle):]
+    return False
+
+
 def test_provision_makes_a_sealed_verified_image(image):
     state = image["state"]
     manifest = json.loads((state / "images" / "it" / "manifest.json").read_text())
@@ -78,6 +90,8 @@ def test_provision_makes_a_sealed_verified_image(image):
     template = state / "images" / "it" / "template.qcow2"
     assert stat.S_IMODE(template.stat().st_mode) == 0o444
     assert stat.S_IMODE((state / "images" / "it" / "client_key").stat().st_mode) == 0o600
+    # What the guest deleted before sealing is not in the template's free space.
+    assert not contains(template, DELETED_SECRET.strip("# \n").encode())
     listed = json.loads(vmiso("images", "-c", image["config"], "--json", check=True).stdout)
     assert [(i["name"], i["sha256"]) for i in listed] == [("it", manifest["sha256"])]
     assert "tabulate==0.9.0" in vmiso("images", "-c", image["config"], check=True).stdout

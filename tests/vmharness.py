@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import shutil
 import struct
 import subprocess
@@ -30,6 +31,11 @@ def make_state_root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="vmiso-test-", dir="/var/tmp"))
     os.chmod(root, 0o711)
     return root
+
+
+# A requirements comment that provisioning copies into the guest and deletes before
+# sealing, like any secret it handles: the VM tests look for it in the template.
+DELETED_SECRET = f"# vmiso-deleted-secret-{secrets.token_hex(8)}\n"
 
 
 def write_config(directory: Path, state_dir: Path, requirements: str = TABULATE, **extra: object) -> Path:

@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import shutil
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,10 +34,37 @@ def qemu_ids(user: str = QEMU_USER) -> tuple[int, int]:
 
 
 def private_dir(path: Path) -> Path:
-    """A root-owned directory that QEMU may traverse but not list (0711)."""
+    """A directory of this user's that only QEMU may traverse (not list), and nobody else.
+
+    Mode 0700 plus one POSIX ACL entry, ``user:QEMU:--x``: a run's paths are in
+    QEMU's command line, which every local user can read, so "cannot list" is not
+    enough; other users must not be able to pass through at all.
+    """
     path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o711)
+    os.chmod(path, 0o700)
+    set_traverse_acl(path, qemu_ids()[0])
     return path
+
+
+# POSIX ACLs as the kernel stores them in the system.posix_acl_access xattr
+# (linux/posix_acl_xattr.h): a version, then (tag, permissions, id) entries sorted by tag.
+_ACL_VERSION = 2
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+_ACL_X = 1
+
+
+def set_traverse_acl(path: Path, uid: int) -> None:
+    """Owner rwx, ``uid`` search (x) only, group and others nothing."""
+    entries = [(_ACL_USER_OBJ, 7, _ACL_UNDEFINED_ID), (_ACL_USER, _ACL_X, uid),
+               (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID), (_ACL_MASK, _ACL_X, _ACL_UNDEFINED_ID),
+               (_ACL_OTHER, 0, _ACL_UNDEFINED_ID)]
+    blob = struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+    try:
+        os.setxattr(path, "system.posix_acl_access", blob, follow_symlinks=False)
+    except OSError as err:
+        raise VmisoError(f"cannot give QEMU access to {path}: {err.strerror} (its filesystem needs POSIX ACLs)",
+                         "put vmiso's state_dir on a filesystem with ACLs (ext4, xfs, btrfs, tmpfs)") from None
 
 
 def share_dir(path: Path, *, writable: bool) -> Path:

@@ -1,0 +1,77 @@
+"""Private means private: other local users cannot reach what a run stages, and QEMU only what it must.
+
+Each check runs a real process as another user (setpriv), as an attacker on the
+same host would: paths are no secret, since QEMU's command line names them.
+"""
+
+from __future__ import annotations
+
+import pwd
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from vmiso import workdir
+from vmiso.clone import make_clone_dir
+from vmiso.inputs import stage_inputs
+
+PROBE = """
+import os, sys
+for path in sys.argv[1:]:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        print("read", end=" ")
+    except OSError as err:
+        print(type(err).__name__, end=" ")
+"""
+LIST = """
+import os, sys
+try:
+    os.listdir(sys.argv[1])
+    print("listed")
+except OSError as err:
+    print(type(err).__name__)
+"""
+
+
+def as_user(user: str, code: str, *paths: Path) -> str:
+    entry = pwd.getpwnam(user)
+    done = subprocess.run(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups",
+                           sys.executable, "-I", "-c", code, *map(str, paths)],
+                          capture_output=True, text=True, check=True, cwd="/")
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def a_run(tmp_path):
+    """A run directory as vmiso makes one, with an input staged, below a traversable root
+    (pytest's own is its user's alone)."""
+    root = Path(tempfile.mkdtemp(prefix="vmiso-privacy-", dir="/var/tmp"))
+    root.chmod(0o711)
+    data = tmp_path / "secret.csv"
+    data.write_text("the analyst's data\n")
+    clone = make_clone_dir(root / "runs" / "0123456789ab", output_limits=(1024**2, 10))
+    stage_inputs((data,), clone.inputs)
+    (clone.path / "seed.iso").write_text("a private key")  # as write_seed leaves it: 0644 by umask
+    yield clone
+    assert workdir.remove_tree(root) == []
+
+
+def test_another_user_cannot_reach_staged_inputs_or_anything_in_a_run(a_run):
+    nobody = as_user("nobody", PROBE, a_run.inputs / "secret.csv", a_run.path / "seed.iso",
+                     a_run.path / "owner.json")
+    assert nobody == "PermissionError PermissionError PermissionError"
+    assert as_user("nobody", LIST, a_run.path.parent) == "PermissionError"
+    assert as_user("nobody", LIST, a_run.outputs) == "PermissionError"
+
+
+def test_qemu_reaches_what_it_serves_but_cannot_list_the_run(a_run):
+    qemu = workdir.QEMU_USER
+    assert as_user(qemu, PROBE, a_run.inputs / "secret.csv") == "read"
+    assert as_user(qemu, LIST, a_run.path) == "PermissionError"
+    assert as_user(qemu, LIST, a_run.path.parent) == "PermissionError"
+    assert as_user(qemu, LIST, a_run.outputs) == "listed"  # the writable share is QEMU's own
