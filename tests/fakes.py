@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from vmiso.errors import HypervisorError
-from vmiso.image.store import Image
+from vmiso.image.store import Image, sha256_file
 
 VERSION = "libvirt 9.0, QEMU 7.2"
 
@@ -72,9 +72,11 @@ def make_image(state: Path, name: str = "x") -> Image:
     path.mkdir(parents=True)
     template = path / "template.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(template), "16M"], check=True)
-    digest = subprocess.run(["sha256sum", str(template)], capture_output=True, text=True).stdout.split()[0]
-    (path / "manifest.json").write_text(json.dumps({"name": name, "sha256": digest}))
+    (path / "client_key").write_bytes(b"")
+    (path / "vmlinuz").write_bytes(b"a kernel")
+    (path / "initramfs.img").write_bytes(b"an initramfs")
+    (path / "manifest.json").write_text(json.dumps({
+        "name": name, "sha256": sha256_file(template),
+        "kernel_sha256": sha256_file(path / "vmlinuz"), "initramfs_sha256": sha256_file(path / "initramfs.img")}))
     (path / "host_key.pub").write_text("ssh-ed25519 AAAA pinned\n")
-    for file in ("client_key", "vmlinuz", "initramfs.img"):
-        (path / file).write_bytes(b"")
     return Image(name, path)

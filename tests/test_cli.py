@@ -168,9 +168,13 @@ def test_images_warm_gives_the_reason_even_with_q(monkeypatch, config, tmp_path)
 def image_in(state: Path, name: str = "x", **manifest) -> Path:
     path = state / "images" / name
     path.mkdir(parents=True)
-    (path / "template.qcow2").write_bytes(b"template")
-    digest = hashlib.sha256(b"template").hexdigest()
-    (path / "manifest.json").write_text(json.dumps({"name": name, "sha256": digest, **manifest}))
+    files = {"template.qcow2": b"template", "vmlinuz": b"kernel", "initramfs.img": b"initramfs"}
+    for file, content in files.items():
+        (path / file).write_bytes(content)
+    digests = {key: hashlib.sha256(files[file]).hexdigest()
+               for key, file in (("sha256", "template.qcow2"), ("kernel_sha256", "vmlinuz"),
+                                 ("initramfs_sha256", "initramfs.img"))}
+    (path / "manifest.json").write_text(json.dumps({"name": name, **digests, **manifest}))
     return path
 
 
@@ -211,9 +215,15 @@ def test_images_lists_verifies_and_removes(config, tmp_path):
     rows = json.loads(invoke("images", "-c", str(config), "--json").stdout)
     assert [row["name"] for row in rows] == ["cloud", "recipe"]
     assert "cloud: OK sha256" in invoke("images", "-c", str(config), "verify", "cloud").stdout
+    kernel = state / "images" / "cloud" / "vmlinuz"
+    kernel.write_bytes(b"kernal")  # same size, and its old mtime put back: only ctime tells
+    os.utime(kernel, ns=(0, 0))
+    changed = invoke("images", "-c", str(config), "verify", "cloud")
+    assert changed.exit_code == 125 and "image cloud: vmlinuz was changed" in changed.stderr
+    kernel.write_bytes(b"kernel")
     (state / "images" / "cloud" / "template.qcow2").write_bytes(b"changed")
     changed = invoke("images", "-c", str(config), "verify", "cloud")
-    assert changed.exit_code == 125 and "does not match its manifest" in changed.stderr
+    assert changed.exit_code == 125 and "image cloud: template was changed" in changed.stderr
     assert invoke("images", "-c", str(config), "rm", "cloud").stdout == "removed cloud\n"
     assert [row["name"] for row in json.loads(invoke("images", "-c", str(config), "--json").stdout)] == ["recipe"]
 

@@ -99,6 +99,8 @@ SAVED = """<domain type='qemu'>
   <uuid>8d5f3c4e-1111-2222-3333-444455556666</uuid>
   <genid>0b0b0b0b-1111-2222-3333-444455556666</genid>
   <metadata><vmiso:vm xmlns:vmiso="urn:vmiso:domain:1"><vmiso:kind>warm</vmiso:kind></vmiso:vm></metadata>
+  <os><type>hvm</type><kernel>/s/images/x/warm/.building-slot-0/vmlinuz</kernel>
+    <initrd>/s/images/x/warm/.building-slot-0/initramfs.img</initrd></os>
   <devices>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
@@ -132,7 +134,9 @@ def test_retarget_changes_host_paths_only():
     from vmiso.domain import Retarget, retarget
 
     xml = retarget(SAVED, Retarget(
-        disks={"vda": Path("/r/overlay.qcow2"), "vdb": Path("/r/scratch.img")}, console_log=Path("/r/console.log"),
+        disks={"vda": Path("/r/overlay.qcow2"), "vdb": Path("/r/scratch.img")},
+        backing={"vda": ((Path("/s/slot-0/overlay.qcow2"), "qcow2"), (Path("/s/template.qcow2"), "qcow2"))},
+        kernel=Path("/r/vmlinuz"), initrd=Path("/r/initramfs.img"), console_log=Path("/r/console.log"),
         ssh_socket=Path("/r/ssh.sock"), shares={"vmiso-in": Path("/r/in"), "vmiso-out": Path("/r/out")},
         metadata={"kind": "run", "run_dir": "/r"}))
     root = ET.fromstring(xml)
@@ -142,7 +146,15 @@ def test_retarget_changes_host_paths_only():
     disk = root.find("devices/disk/target[@dev='vda']/..")
     assert disk.find("source").get("file") == "/r/overlay.qcow2"
     assert root.find("devices/disk/target[@dev='vdb']/../source").get("file") == "/r/scratch.img"
-    assert disk.find("backingStore") is None  # libvirt must probe the longer chain itself
+    # The run's chain, given rather than probed, and no layer of it handed to QEMU's user.
+    chain, layer = [], disk.find("backingStore")
+    while layer is not None and layer.find("source") is not None:
+        assert layer.find("source/seclabel").attrib == {"model": "dac", "relabel": "no"}
+        chain.append((layer.find("source").get("file"), layer.find("format").get("type")))
+        layer = layer.find("backingStore")
+    assert chain == [("/s/slot-0/overlay.qcow2", "qcow2"), ("/s/template.qcow2", "qcow2")]
+    assert layer is not None and len(layer) == 0  # an empty <backingStore/> ends it
+    assert (root.findtext("os/kernel"), root.findtext("os/initrd")) == ("/r/vmlinuz", "/r/initramfs.img")
     assert disk.find("address").get("bus") == "0x04"  # the guest's view stays as saved
     shares = {fs.find("target").get("dir"): fs.find("source").get("dir") for fs in root.iter("filesystem")}
     assert shares == {"vmiso-in": "/r/in", "vmiso-out": "/r/out"}
@@ -155,7 +167,8 @@ def test_retarget_refuses_a_saved_domain_with_other_disks():
 
     with pytest.raises(ValueError, match=r"disks \['vda', 'vdb'\], a run has \['vda'\]"):
         retarget(SAVED, Retarget(
-            disks={"vda": Path("/r/overlay.qcow2")}, console_log=Path("/r/console.log"),
+            disks={"vda": Path("/r/overlay.qcow2")}, backing={}, kernel=Path("/r/vmlinuz"),
+            initrd=Path("/r/initramfs.img"), console_log=Path("/r/console.log"),
             ssh_socket=Path("/r/ssh.sock"), shares={"vmiso-in": Path("/r/in"), "vmiso-out": Path("/r/out")}))
 
 

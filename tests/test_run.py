@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +25,8 @@ import pytest
 from vmiso import config as config_mod, run, warm
 from vmiso.clone import CloneDir, clone_spec, make_clone_dir
 from vmiso.domain import domain_xml
-from vmiso.errors import GuestError, OutputError, RunTimeout, VmisoError
-from vmiso.image.store import Image
+from vmiso.errors import GuestError, ImageError, OutputError, RunTimeout, VmisoError
+from vmiso.image.store import Image, remember
 from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
@@ -119,7 +120,8 @@ def test_a_cold_run_from_start_to_cleanup(config, image, state, tmp_path):
     assert out == b"done\n"
     assert result.exit_code == 0 and result.signal is None and result.boot == "cold"
     assert result.image == "x" and result.memory_mib == 512 and result.scratch_bytes == config_mod.MIN_SCRATCH
-    assert list(result.timings) == ["verify", "stage", "overlay", "start", "connect", "exec", "teardown", "cleanup"]
+    assert list(result.timings) == ["verify", "stage", "kernel", "overlay", "start", "connect", "exec", "teardown",
+                                    "cleanup"]
     (name,) = hv.started
     assert "<interface" not in hv.started[name]  # no network device
     assert hv.destroyed[0] == name and not hv.running
@@ -266,7 +268,8 @@ def make_warm_slot(hv: FakeHypervisor, image: Image, config: config_mod.Config, 
     clone.scratch.write_bytes(b"\0" * 4096)
     slot = warm.Slot(clone)
     slot.state.write_bytes(b"saved")
-    slot.info.write_text(json.dumps(dataclasses.asdict(key)))
+    slot.info.write_text(json.dumps({**dataclasses.asdict(key), "sha256": {
+        path.name: remember(path) for path in (clone.overlay, clone.scratch, slot.state)}}))
     name = f"vmiso-warm-x-{index}-abc"
     hv.saved[slot.state] = domain_xml(clone_spec(name=name, image=image, clone=clone, accel="tcg",
                                                  memory_mib=key.memory_mib, cpus=key.cpus, metadata={}))
@@ -281,7 +284,10 @@ def test_a_warm_run_restores_a_fitting_slot_onto_a_fresh_overlay(config, image, 
     assert result.boot == "warm" and not hv.started
     (name,) = hv.restored
     assert name == "vmiso-warm-x-0-abc"  # a restored domain keeps its saved name
-    assert "/runs/" in hv.restored[name] and str(slot.clone.overlay) not in hv.restored[name]
+    vda = ET.fromstring(hv.restored[name]).find("devices/disk/target[@dev='vda']/..")
+    assert "/runs/" in vda.find("source").get("file")
+    assert vda.find("backingStore/source").get("file") == str(slot.clone.overlay)  # read only, never relabelled
+    assert vda.find("backingStore/source/seclabel").get("relabel") == "no"
     assert connect.calls[0]["hello"] is warm.hello and connect.calls[0]["name"] == name
     assert not hv.running and leftovers(state) == []
     assert slot.state.read_bytes() == b"saved"
@@ -293,6 +299,35 @@ def test_a_warm_state_for_another_accelerator_boots_cold_and_says_why(config, im
     result, _, _ = do_run(config, hv, request(), FakeConnect(exits(0)))
     assert result.boot == "cold"
     assert "cold boot: no usable warm state: slot-0 was made for another accel, cpu" in caplog.text
+
+
+def test_a_changed_warm_state_is_not_restored(config, image, state, caplog):
+    hv = FakeHypervisor()
+    slot = make_warm_slot(hv, image, config)
+    slot.state.chmod(0o600)
+    slot.state.write_bytes(b"SAVED")  # same size
+    result, _, _ = do_run(config, hv, request(), FakeConnect(exits(0)))
+    assert result.boot == "cold" and not hv.restored
+    assert "could not be restored: warm state slot-0: state.save was changed" in caplog.text
+    assert leftovers(state) == []
+
+
+def test_a_changed_kernel_is_never_booted(config, image, state):
+    hv = FakeHypervisor()
+    image.kernel.write_bytes(b"a kernal")
+    with pytest.raises(ImageError, match="image x: vmlinuz was changed"):
+        do_run(config, hv, request(), FakeConnect(exits(0)))
+    assert not hv.started and not hv.restored and leftovers(state) == []
+
+
+def test_runs_boot_their_own_copies_of_the_kernel_and_leave_the_images_files_root_s(config, image, state):
+    hv = FakeHypervisor()
+    do_run(config, hv, request(), FakeConnect(exits(0)))
+    root = ET.fromstring(next(iter(hv.started.values())))
+    assert "/runs/" in root.findtext("os/kernel") and "/runs/" in root.findtext("os/initrd")
+    vda = root.find("devices/disk/target[@dev='vda']/..")
+    assert vda.find("backingStore/source").get("file") == str(image.template)
+    assert vda.find("backingStore/source/seclabel").attrib == {"model": "dac", "relabel": "no"}
 
 
 def test_a_failed_restore_falls_back_to_a_cold_boot(config, image, state, caplog):

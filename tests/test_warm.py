@@ -198,4 +198,4 @@ def test_an_unreadable_or_unfit_slot_is_not_used(tmp_path):
             return "<domain><name>vmiso-warm-x-0</name></domain>"
     with pytest.raises(ImageError, match="does not fit a run"):
         warm.restore_xml(SavedXml(), warm.Slot(CloneDir(tmp_path / "slot-0")), clone=CloneDir(tmp_path / "run"),
-                         metadata={})
+                         template=tmp_path / "template.qcow2", metadata={})

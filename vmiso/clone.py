@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import tools
 from .domain import Disk, DomainSpec, KernelBoot, Share
-from .image.store import Image
+from .image.store import Image, boot_files, copy_verified
 from .workdir import bounded_share, claim, private_dir, share_dir
 
 # The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
@@ -38,6 +38,15 @@ class CloneDir:
     def scratch(self) -> Path:
         """The job's /tmp: a raw, sparse ext4 image of the run's scratch size."""
         return self.path / "scratch.img"
+
+    @property
+    def kernel(self) -> Path:
+        """The clone's own verified copy of the image's kernel (store.copy_verified)."""
+        return self.path / "vmlinuz"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.path / "initramfs.img"
 
     @property
     def inputs(self) -> Path:
@@ -84,6 +93,17 @@ def make_overlay(clone: CloneDir, backing: Path) -> None:
     tools.run(tools.qemu_img_overlay_argv(backing, clone.overlay))
 
 
+def copy_boot_files(clone: CloneDir, image: Image) -> None:
+    """The clone's kernel and initramfs: copies checked against the manifest as they are made.
+
+    Copies, because libvirt gives the files it boots to QEMU's user while the VM
+    runs (store.boot_files); the image's own stay root's and unchanged.
+    """
+    fix = f"the image was changed; remove it and provision it again (vmiso images rm {image.name})"
+    for source, expected in boot_files(image).items():
+        copy_verified(source, clone.path / source.name, expected, what=f"image {image.name}: {source.name}", fix=fix)
+
+
 def make_scratch(clone: CloneDir, size_bytes: int, *, like: Path | None = None) -> None:
     """The clone's scratch disk: a new sparse file, never larger on the host than ``size_bytes``.
 
@@ -115,10 +135,10 @@ def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_m
         memory_mib=memory_mib,
         cpus=cpus,
         accel=accel,
-        disks=(Disk(clone.overlay, cache="unsafe", error_policy="report"),
+        disks=(Disk(clone.overlay, cache="unsafe", error_policy="report", backing=((image.template, "qcow2"),)),
                Disk(clone.scratch, format="raw", cache="unsafe", error_policy="report")),
         console_log=clone.console_log,
-        boot=KernelBoot(image.kernel, image.initramfs, cmdline),
+        boot=KernelBoot(clone.kernel, clone.initramfs, cmdline),
         shares=(Share(clone.inputs, SHARE_IN, readonly=True), Share(clone.outputs, SHARE_OUT, readonly=False)),
         ssh_socket=clone.ssh_socket,
         metadata=metadata,

@@ -26,6 +26,9 @@ class Disk:
     # "report": a failed write (the host's disk is full) is an I/O error in the
     # guest, not a paused VM that waits out its timeout.  None: QEMU's default.
     error_policy: str | None = None
+    # The images below ``path``, top first, with their formats: QEMU reads them, and
+    # libvirt neither probes them nor hands them to QEMU's user (see _backing_store).
+    backing: tuple[tuple[Path, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,31 @@ def _disk(disk: Disk, index: int) -> ET.Element:
     if disk.error_policy is not None:
         driver.set("error_policy", disk.error_policy)
     _sub(el, "source", file=str(disk.path))
+    if disk.backing:
+        el.append(backing_store(disk.backing))
     _sub(el, "target", dev="vd" + "abcdefghijklmnopqrstuvwxyz"[index], bus="virtio")
     if disk.readonly:
         _sub(el, "readonly")
     return el
+
+
+def backing_store(chain: tuple[tuple[Path, str], ...]) -> ET.Element:
+    """The backing chain as given, ended by an empty <backingStore/>, each layer with DAC relabelling off.
+
+    libvirt otherwise chowns every image of the chain to QEMU's user while the VM
+    runs (DAC has no read-only label), so a QEMU that the guest took over could
+    chmod and rewrite the template every later clone boots.  Left root's (0444),
+    the layers stay readable and unwritable for QEMU.
+    """
+    top = ET.Element("backingStore")
+    current = top
+    for path, fmt in chain:
+        current.set("type", "file")
+        _sub(current, "format", type=fmt)
+        source = _sub(current, "source", file=str(path))
+        _sub(source, "seclabel", model="dac", relabel="no")
+        current = _sub(current, "backingStore")
+    return top
 
 
 def _share(share: Share) -> ET.Element:
@@ -210,6 +234,9 @@ class Retarget:
     """The host-side paths a restored copy of a saved domain takes on."""
 
     disks: dict[str, Path]  # target device (vda, vdb) -> host file
+    backing: dict[str, tuple[tuple[Path, str], ...]]  # target device -> its chain below (Disk.backing)
+    kernel: Path
+    initrd: Path
     console_log: Path
     ssh_socket: Path
     shares: dict[str, Path]  # tag -> host directory
@@ -238,10 +265,13 @@ def retarget(saved_xml: str, to: Retarget) -> str:
         raise ValueError(f"the saved domain has disks {sorted(disks)}, a run has {sorted(to.disks)}")
     for dev, disk in disks.items():
         _child(disk, "source").set("file", str(to.disks[dev]))
-        # The saved chain ends at the old disk; the run's overlay adds a layer, which
-        # libvirt must discover itself rather than take from the stale description.
+        # The saved chain ends at the old disk; the run's overlay adds a layer.
         for backing in disk.findall("backingStore"):
             disk.remove(backing)
+        if to.backing.get(dev):
+            disk.insert(list(disk).index(_child(disk, "source")) + 1, backing_store(to.backing[dev]))
+    _child(root, "os/kernel").text = str(to.kernel)
+    _child(root, "os/initrd").text = str(to.initrd)
     for serial in root.findall("devices/serial") + root.findall("devices/console"):
         source = serial.find("source")
         if source is not None and source.get("path"):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from . import accel, outputs, reaper, ssh, warm, watchdog
-from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
+from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
 from .errors import GuestError, HypervisorError, ImageError, Interrupted, RunTimeout, VmisoError
@@ -263,10 +263,12 @@ def _boot(hv: Hypervisor, image: Image, clone: CloneDir, key: warm.WarmKey, name
           steps: Steps, cleanup: ExitStack, watch: Callable[[str], watchdog.Watchdog]) -> Booted:
     """Restore a warm state that fits; boot cold when none does or the restore fails, saying why."""
     metadata = {"kind": "run", "run_dir": str(clone.path), "image": image.name}
+    with steps.step("kernel", "verified copies of the kernel and initramfs"):
+        copy_boot_files(clone, image)
     slot, why_cold = warm.acquire(image, key, cleanup) if want_warm else (None, "--cold")
     if slot is not None:
         try:
-            return Booted(_boot_warm(hv, slot, clone, metadata, steps, cleanup, watch), "warm")
+            return Booted(_boot_warm(hv, image, slot, clone, metadata, steps, cleanup, watch), "warm")
         except (HypervisorError, ImageError) as err:
             why_cold = f"the warm state {slot.clone.path.name} could not be restored: {err}"
             clone.overlay.unlink(missing_ok=True)
@@ -413,14 +415,15 @@ def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: wa
     return name
 
 
-def _boot_warm(hv: Hypervisor, slot: warm.Slot, clone: CloneDir, metadata: dict[str, str],
+def _boot_warm(hv: Hypervisor, image: Image, slot: warm.Slot, clone: CloneDir, metadata: dict[str, str],
                steps: Steps, cleanup: ExitStack, watch: Callable[[str], watchdog.Watchdog]) -> str:
     """Restore ``slot``; the domain keeps the name it was saved with, which the caller must use."""
     with steps.step("overlay", "copy-on-write clone of the warm disk, scratch disk"):
+        warm.verify(slot)
         make_overlay(clone, slot.clone.overlay)
         make_scratch(clone, 0, like=slot.scratch)
     with steps.step("start", "restore the saved clone"):
-        name, xml = warm.restore_xml(hv, slot, clone=clone, metadata=metadata)
+        name, xml = warm.restore_xml(hv, slot, clone=clone, template=image.template, metadata=metadata)
         # Registered before the restore: one that fails half-way is destroyed too.
         dog = watch(name)
         cleanup.callback(hv.destroy, name)

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING
 
 from . import __version__, accel
 from .accel import host_cpu_id
-from .clone import CloneDir, clone_spec, make_clone_dir, make_overlay, make_scratch
+from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, retarget
 from .errors import GuestError, ImageError
-from .image.store import Image
+from .image.store import Image, check_file, remember
 from .progress import Steps
 from .workdir import OWNER_FILE, flocked, install_dir, remove_tree
 
@@ -139,6 +139,7 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         undo.callback(remove_tree, clone.path)  # the template's guest wrote in its share
         make_overlay(clone, image.template)
         make_scratch(clone, key.scratch_bytes)
+        copy_boot_files(clone, image)
         name = f"{NAME_PREFIX}warm-{image.name}-{index}-{secrets.token_hex(3)}"
         spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
                           cpus=key.cpus, metadata={"kind": "warm", "run_dir": str(clone.path)}, prewarm=True)
@@ -150,11 +151,17 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
                         "until the image is provisioned again", image.name, link, key.link)
         slot = Slot(clone)
         hv.save(name, slot.state)
-        slot.info.write_text(json.dumps({**dataclasses.asdict(key), "link": link, "created": datetime.datetime.now(
-            datetime.UTC).isoformat(timespec="seconds")}, indent=2) + "\n")
+        for made in (clone.overlay, clone.scratch, slot.state):  # libvirt gave the disks to QEMU's user
+            os.chown(made, 0, 0)
         os.chmod(clone.overlay, 0o444)  # the backing file of every run restored from this slot
         os.chmod(clone.scratch, 0o444)  # copied, byte for byte, for every run
         os.chmod(slot.state, 0o400)
+        slot.info.write_text(json.dumps({
+            **dataclasses.asdict(key), "link": link,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            # What a run restores is checked against these (verify): a slot is a boot like any other.
+            "sha256": {path.name: remember(path) for path in (clone.overlay, clone.scratch, slot.state)},
+        }, indent=2) + "\n")
         for leftover in (clone.ssh_socket, clone.path / OWNER_FILE):
             leftover.unlink(missing_ok=True)
         install_dir(clone.path, final)
@@ -222,12 +229,26 @@ def hello() -> bytes:
     return os.urandom(SEED_BYTES) + CLOCK.pack(now // 1_000_000_000, now % 1_000_000_000)
 
 
-def restore_xml(hv: Hypervisor, slot: Slot, *, clone: CloneDir, metadata: dict[str, str]) -> tuple[str, str]:
+def verify(slot: Slot) -> None:
+    """ImageError unless the slot's disk, scratch image and saved state are as it recorded them."""
+    try:
+        recorded = json.loads(slot.info.read_text()).get("sha256") or {}
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    fix = f"remake it: vmiso images warm {slot.clone.path.parent.parent.name}"
+    for path in (slot.clone.overlay, slot.clone.scratch, slot.state):
+        check_file(path, recorded.get(path.name), what=f"warm state {slot.clone.path.name}: {path.name}", fix=fix)
+
+
+def restore_xml(hv: Hypervisor, slot: Slot, *, clone: CloneDir, template: Path,
+                metadata: dict[str, str]) -> tuple[str, str]:
     """(domain name, XML) for restoring ``slot`` as the run in ``clone``; the name is the saved one."""
     try:
         saved = hv.saved_xml(slot.state)
         return domain_name(saved), retarget(saved, Retarget(
-            disks={"vda": clone.overlay, "vdb": clone.scratch}, console_log=clone.console_log,
+            disks={"vda": clone.overlay, "vdb": clone.scratch},
+            backing={"vda": ((slot.clone.overlay, "qcow2"), (template, "qcow2"))},
+            kernel=clone.kernel, initrd=clone.initramfs, console_log=clone.console_log,
             ssh_socket=clone.ssh_socket, shares=clone.shares, metadata=metadata))
     except ValueError as err:
         raise ImageError(f"warm state {slot.clone.path} does not fit a run: {err}",

@@ -235,12 +235,16 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
                                 and requirements is not None and requirements.has_hashes)),
     )
     seed = write_seed(inputs, seed_dir)
+    # libvirt hands the files it boots to QEMU's user: give it copies, never the layer's own.
+    kernel, initrd = seed_dir / "vmlinuz", seed_dir / "initrd.img"
+    shutil.copyfile(layer.kernel, kernel)
+    shutil.copyfile(layer.initrd, initrd)
     domain = f"{NAME_PREFIX}provision-{build.name}-{secrets.token_hex(3)}"
     spec = DomainSpec(
         name=domain, memory_mib=config.provision.memory_mib, cpus=config.vm.cpus, accel=build.accel,
-        disks=(Disk(overlay), Disk(seed, format="raw", readonly=True)),
+        disks=(Disk(overlay, backing=((layer.rootfs, layer.rootfs_format),)), Disk(seed, format="raw", readonly=True)),
         console_log=build.console_log,
-        boot=KernelBoot(layer.kernel, layer.initrd, f"root={layer.root_device} rw console=ttyS0 ds=nocloud"),
+        boot=KernelBoot(kernel, initrd, f"root={layer.root_device} rw console=ttyS0 ds=nocloud"),
         shares=(Share(report, "vmiso-report", readonly=False),),
         user_network=True,
         metadata={"kind": "provision", "workdir": str(work)},
@@ -356,14 +360,19 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                 raise ProvisionError("template", err.message) from None
             os.chmod(template, 0o444)
             digest = sha256_file(template)
+            boot_sha256 = {}
             for source, target in ((layer.kernel, "vmlinuz"), (layer.initramfs, "initramfs.img")):
                 shutil.copyfile(source, work / target)
                 os.chmod(work / target, 0o444)
+                boot_sha256[target] = sha256_file(work / target)
             manifest = {
                 "name": name,
                 "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "sha256": digest,
                 "template": template.name,
+                # What boots is checked like the template (store.boot_files).
+                "kernel_sha256": boot_sha256["vmlinuz"],
+                "initramfs_sha256": boot_sha256["initramfs.img"],
                 "source": _source(config, layer),
                 "root_device": layer.root_device,
                 "kernel": (layer.path / "kernel-release").read_text().strip(),

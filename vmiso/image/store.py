@@ -105,40 +105,93 @@ def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
 
 
 def _identity(path: Path) -> list[int]:
+    # ctime too: a write, chmod or chown changes it, and unlike mtime no user can set it back.
     st = path.stat()
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _read_cache(cache_path: Path) -> dict:
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def remember(path: Path, sha256: str | None = None) -> str:
+    """Record ``path``'s sha256 (computed unless given) and identity in the cache beside it."""
+    sha256 = sha256 or sha256_file(path)
+    cache_path = path.with_name(_SHA_CACHE)
+    cache = _read_cache(cache_path)
+    cache[path.name] = {"identity": _identity(path), "sha256": sha256, "checked": time.time()}
+    tmp = cache_path.with_name(f"{_SHA_CACHE}.{os.getpid()}")
+    tmp.write_text(json.dumps(cache))
+    os.replace(tmp, cache_path)
+    return sha256
+
+
+def check_file(path: Path, expected: str | None, *, what: str, fix: str) -> str:
+    """``path``'s sha256 if it is ``expected``, re-hashing only when the file's identity
+    changed since it last matched (a cache beside it, root's like the file); else ImageError."""
+    entry = _read_cache(path.with_name(_SHA_CACHE)).get(path.name)
+    if expected and isinstance(entry, dict) and entry.get("identity") == _identity(path) \
+            and entry.get("sha256") == expected:
+        return expected
+    actual = sha256_file(path)
+    if not expected or actual != expected:
+        raise ImageError(f"{what} was changed: its sha256 is {actual}, not the recorded {expected or 'none'}", fix)
+    return remember(path, actual)
+
+
+def _fix(image: Image) -> str:
+    return f"it was changed; remove the image and provision it again (vmiso images rm {image.name})"
 
 
 def verify(image: Image) -> str:
-    """Re-hash the template and compare with the manifest; return the sha256 or raise."""
-    expected = image.manifest().get("sha256")
-    actual = sha256_file(image.template)
-    if actual != expected:
-        raise ImageError(
-            f"image {image.name}: template sha256 {actual} does not match its manifest ({expected})",
-            f"the template was changed; remove it and provision again (vmiso images rm {image.name})",
-        )
-    _write_cache(image, actual)
-    return actual
+    """Re-hash the template, kernel and initramfs; the template's sha256, or ImageError."""
+    _forget(image)
+    for path, expected in boot_files(image).items():
+        check_file(path, expected, what=f"image {image.name}: {path.name}", fix=_fix(image))
+    return verified_sha256(image)
+
+
+def _forget(image: Image) -> None:
+    try:
+        os.unlink(image.template.with_name(_SHA_CACHE))
+    except FileNotFoundError:
+        pass
 
 
 def verified_sha256(image: Image) -> str:
-    """The template's checked sha256, re-hashing only when its file identity changed."""
-    try:
-        cached = json.loads((image.path / _SHA_CACHE).read_text())
-        if cached.get("identity") == _identity(image.template) and \
-                cached.get("sha256") == image.manifest().get("sha256"):
-            return cached["sha256"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    return verify(image)
+    """The template's checked sha256 (the kernel and initramfs are checked as they are
+    copied for each boot: ``copy_verified``)."""
+    return check_file(image.template, image.manifest().get("sha256"), what=f"image {image.name}: template",
+                      fix=_fix(image))
 
 
-def _write_cache(image: Image, sha256: str) -> None:
-    tmp = image.path / f"{_SHA_CACHE}.{os.getpid()}"
-    tmp.write_text(json.dumps({"identity": _identity(image.template), "sha256": sha256,
-                               "checked": time.time()}))
-    os.replace(tmp, image.path / _SHA_CACHE)
+def boot_files(image: Image) -> dict[Path, str]:
+    """The kernel and initramfs with the sha256 each must have; ImageError for an image made
+    before vmiso recorded them."""
+    manifest = image.manifest()
+    wanted = {image.kernel: manifest.get("kernel_sha256"), image.initramfs: manifest.get("initramfs_sha256")}
+    if not all(wanted.values()):
+        raise ImageError(f"image {image.name} records no sha256 for its kernel and initramfs, "
+                         "so what boots cannot be verified",
+                         f"provision it again: vmiso provision --name {image.name} --replace")
+    return {path: str(digest) for path, digest in wanted.items()}
+
+
+def copy_verified(source: Path, target: Path, expected: str, *, what: str, fix: str) -> None:
+    """Copy ``source`` to a new ``target``, hashing what is copied: the copy is exactly what
+    was checked, whatever happens to ``source`` meanwhile.  ImageError (and no target) on a mismatch."""
+    digest = hashlib.sha256()
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        while block := src.read(4 * 1024 * 1024):
+            digest.update(block)
+            dst.write(block)
+    if digest.hexdigest() != expected:
+        target.unlink()
+        raise ImageError(f"{what} was changed: its sha256 is {digest.hexdigest()}, not the recorded {expected}", fix)
 
 
 def summary(image: Image) -> dict:
