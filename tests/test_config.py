@@ -122,3 +122,10 @@ def test_scratch_size_default_units_and_minimum(write):
         config.load(write("b.yaml", "run:\n  scratch: 1MiB\n"))
     with pytest.raises(ConfigError, match="run.scratch: 'lots' is not a size"):
         config.load(write("c.yaml", "run:\n  scratch: lots\n"))
+
+
+def test_output_limit_minimum(write):
+    # /out's filesystem keeps 1 MiB to spare: a smaller limit could not tell full from empty.
+    assert config.load(write("a.yaml", "run:\n  output_max_bytes: 1MiB\n")).run.output_max_bytes == 1024**2
+    with pytest.raises(ConfigError, match="run.output_max_bytes: 1000 is too small"):
+        config.load(write("b.yaml", "run:\n  output_max_bytes: 1000\n"))

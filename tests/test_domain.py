@@ -15,7 +15,8 @@ def run_spec(**changes) -> DomainSpec:
         memory_mib=512,
         cpus=2,
         accel="tcg",
-        disks=(Disk(Path("/state/runs/abc/overlay.qcow2"), cache="unsafe", error_policy="report"),
+        disks=(Disk(Path("/state/runs/abc/overlay.qcow2"), cache="unsafe", error_policy="report",
+                    backing=((Path("/state/images/x/template.qcow2"), "qcow2"),)),
                Disk(Path("/state/runs/abc/scratch.img"), format="raw", cache="unsafe", error_policy="report")),
         console_log=Path("/state/runs/abc/console.log"),
         boot=KernelBoot(Path("/state/images/x/vmlinuz"), Path("/state/images/x/initrd.img"),
@@ -43,7 +44,7 @@ def test_run_domain_matches_golden():
 def test_provision_domain_matches_golden():
     spec = run_spec(
         name="vmiso-provision-x", shares=(), ssh_socket=None, user_network=True, memory_mib=1024,
-        disks=(Disk(Path("/state/images/.b/disk.qcow2")),
+        disks=(Disk(Path("/state/images/.b/disk.qcow2"), backing=((Path("/state/layers/k/rootfs.img"), "raw"),)),
                Disk(Path("/state/images/.b/seed/seed.iso"), format="raw", readonly=True)),
         metadata={"kind": "provision"})
     check_golden("provision-domain.xml", domain_xml(spec))

@@ -6,7 +6,9 @@ same host would: paths are no secret, since QEMU's command line names them.
 
 from __future__ import annotations
 
+import os
 import pwd
+import stat
 import subprocess
 import sys
 import tempfile
@@ -75,3 +77,46 @@ def test_qemu_reaches_what_it_serves_but_cannot_list_the_run(a_run):
     assert as_user(qemu, LIST, a_run.path) == "PermissionError"
     assert as_user(qemu, LIST, a_run.path.parent) == "PermissionError"
     assert as_user(qemu, LIST, a_run.outputs) == "listed"  # the writable share is QEMU's own
+
+
+def test_an_older_store_s_open_directory_becomes_private_without_locking_qemu_out(tmp_path):
+    root = Path(tempfile.mkdtemp(prefix="vmiso-privacy-", dir="/var/tmp"))
+    try:
+        root.chmod(0o711)
+        runs = root / "runs"
+        runs.mkdir(mode=0o711)  # as vmiso left it before runs were private
+        (runs / "f").write_text("x")
+        (runs / "f").chmod(0o644)
+        workdir.private_dir(runs)
+        assert as_user("nobody", PROBE, runs / "f") == "PermissionError"
+        assert as_user(workdir.QEMU_USER, PROBE, runs / "f") == "read"
+    finally:
+        assert workdir.remove_tree(root) == []
+
+
+def test_a_template_left_writable_by_qemu_is_made_root_s_again_before_it_is_trusted(tmp_path, caplog):
+    from vmiso.image import store
+
+    template = tmp_path / "template.qcow2"
+    template.write_bytes(b"template")
+    uid, gid = workdir.qemu_ids()
+    os.chown(template, uid, gid)  # what libvirt left behind when it relabelled backing chains
+    template.chmod(0o644)
+    digest = store.sha256_file(template)
+    assert store.check_file(template, digest, what="template", fix="") == digest
+    st = template.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o444)
+    assert f"was not root's and read-only (uid {uid}, mode 644)" in caplog.text
+
+
+def test_files_without_a_recorded_sha256_or_missing_are_refused_unread(tmp_path, monkeypatch):
+    from vmiso.errors import ImageError
+    from vmiso.image import store
+
+    big = tmp_path / "scratch.img"
+    big.write_bytes(b"x")
+    monkeypatch.setattr(store, "_hash_stable", lambda path: pytest.fail("hashed a file it must refuse"))
+    with pytest.raises(ImageError, match="has no recorded sha256"):
+        store.check_file(big, None, what="warm state slot-0: scratch.img", fix="remake it")
+    with pytest.raises(ImageError, match="slot-0: state.save is missing"):
+        store.check_file(tmp_path / "state.save", "0" * 64, what="warm state slot-0: state.save", fix="remake it")

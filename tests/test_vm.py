@@ -90,6 +90,10 @@ def test_provision_makes_a_sealed_verified_image(image):
     template = state / "images" / "it" / "template.qcow2"
     assert stat.S_IMODE(template.stat().st_mode) == 0o444
     assert stat.S_IMODE((state / "images" / "it" / "client_key").stat().st_mode) == 0o600
+    # The image is root's and private (the template holds the guest's SSH host key).
+    assert stat.S_IMODE((state / "images" / "it").stat().st_mode) & 0o007 == 0
+    assert [(p.stat().st_uid, stat.S_IMODE(p.stat().st_mode)) for p in (template, template.with_name("vmlinuz"))] \
+        == [(0, 0o444)] * 2
     # What the guest deleted before sealing is not in the template's free space.
     assert not contains(template, DELETED_SECRET.strip("# \n").encode())
     listed = json.loads(vmiso("images", "-c", image["config"], "--json", check=True).stdout)
@@ -165,6 +169,13 @@ def test_sigkill_leaves_nothing_after_gc(image):
     wait_for(lambda: any(text == "up" for _, _, text in run.lines), 300, "the job to start")
     runs = list((image["state"] / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "overlay.qcow2").exists()
+    # While the VM runs, nothing below its overlay was handed to QEMU's user, and
+    # nobody else can enter the run's directory.
+    it = image["state"] / "images" / "it"
+    for below in (it / "template.qcow2", it / "vmlinuz", it / "initramfs.img", it / "warm/slot-0/overlay.qcow2"):
+        st = below.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o444), below
+    assert stat.S_IMODE(runs[0].stat().st_mode) == 0o700
     run.process.send_signal(signal.SIGKILL)
     run.wait()
     # The VM dies with vmiso, within seconds, by its watchdog: not at the next vmiso command.

@@ -260,6 +260,7 @@ def _validate(config: Config) -> Config:
         ("run.timeout", config.run.timeout, 1),
         ("run.boot_timeout", config.run.boot_timeout, 5),
         ("run.output_max_files", config.run.output_max_files, 1),
+        ("run.output_max_bytes", config.run.output_max_bytes, 1024**2),  # /out's filesystem has 1 MiB to spare
         ("run.scratch", config.run.scratch, MIN_SCRATCH),
     ):
         if value < low:

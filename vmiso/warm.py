@@ -38,7 +38,7 @@ from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, re
 from .errors import GuestError, ImageError
 from .image.store import Image, check_file, remember
 from .progress import Steps
-from .workdir import OWNER_FILE, flocked, install_dir, remove_tree
+from .workdir import OWNER_FILE, flocked, install_dir, private_dir, remove_tree
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
     from .hypervisor import Hypervisor
@@ -164,15 +164,17 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         }, indent=2) + "\n")
         for leftover in (clone.ssh_socket, clone.path / OWNER_FILE):
             leftover.unlink(missing_ok=True)
+        # A run restores with shares of its own: the slot's (one QEMU's) are not kept.
+        for share in (clone.inputs, clone.outputs):
+            if failures := remove_tree(share):
+                raise ImageError(f"cannot remove {share / failures[0].path}: {failures[0].reason}")
         install_dir(clone.path, final)
 
 
 def build(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: int = SLOTS,
           boot_timeout: int = 300) -> None:
     """(Re)make the image's warm slots; a run that holds a slot keeps its own files open."""
-    root = warm_root(image)
-    root.mkdir(exist_ok=True)
-    os.chmod(root, 0o711)
+    root = private_dir(warm_root(image))
     for index in range(count):
         with steps.step("warm", f"boot and save warm slot {index + 1} of {count}"):
             with flocked(Slot(CloneDir(root / f"slot-{index}")).lock):

@@ -40,8 +40,13 @@ def private_dir(path: Path) -> Path:
     QEMU's command line, which every local user can read, so "cannot list" is not
     enough; other users must not be able to pass through at all.
     """
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    # Set whole, never by chmod: a chmod of a directory with an ACL rewrites its
+    # mask, which would lock QEMU out of runs that are starting meanwhile.
     set_traverse_acl(path, qemu_ids()[0])
     return path
 

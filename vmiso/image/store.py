@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from ..errors import ImageError
 
 MANIFEST = "manifest.json"
 _SHA_CACHE = ".sha256-cache.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,11 @@ def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
 
 
 def _identity(path: Path) -> list[int]:
+    return _identity_of(path.stat())
+
+
+def _identity_of(st: os.stat_result) -> list[int]:
     # ctime too: a write, chmod or chown changes it, and unlike mtime no user can set it back.
-    st = path.stat()
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
@@ -118,29 +124,67 @@ def _read_cache(cache_path: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
-def remember(path: Path, sha256: str | None = None) -> str:
-    """Record ``path``'s sha256 (computed unless given) and identity in the cache beside it."""
-    sha256 = sha256 or sha256_file(path)
+def root_only(path: Path) -> None:
+    """Make a file that vmiso boots from root's and unwritable, as it was made.
+
+    libvirt used to hand whole backing chains to QEMU's user and never give them
+    back; such a file stays writable by any QEMU until put right here.
+    """
+    st = path.stat()
+    if st.st_uid != 0 or st.st_gid != 0 or st.st_mode & 0o222:
+        log.warning("%s was not root's and read-only (uid %d, mode %o): made so again",
+                    path, st.st_uid, stat.S_IMODE(st.st_mode))
+        os.chown(path, 0, 0)
+        os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o222)
+
+
+def _hash_stable(path: Path) -> tuple[str, list[int]]:
+    """(sha256, identity) of one open file, ImageError if it changed while being read."""
+    with open(path, "rb") as f:
+        before = _identity_of(os.fstat(f.fileno()))
+        digest = hashlib.sha256()
+        while block := f.read(4 * 1024 * 1024):
+            digest.update(block)
+        if _identity_of(os.fstat(f.fileno())) != before:
+            raise ImageError(f"{path} changed while vmiso was checking it", "try again")
+    return digest.hexdigest(), before
+
+
+def remember(path: Path) -> str:
+    """Record ``path``'s sha256 and identity in the cache beside it; the sha256."""
+    sha256, identity = _hash_stable(path)
+    _store(path, sha256, identity)
+    return sha256
+
+
+def _store(path: Path, sha256: str, identity: list[int]) -> None:
     cache_path = path.with_name(_SHA_CACHE)
     cache = _read_cache(cache_path)
-    cache[path.name] = {"identity": _identity(path), "sha256": sha256, "checked": time.time()}
+    cache[path.name] = {"identity": identity, "sha256": sha256, "checked": time.time()}
     tmp = cache_path.with_name(f"{_SHA_CACHE}.{os.getpid()}")
     tmp.write_text(json.dumps(cache))
     os.replace(tmp, cache_path)
-    return sha256
 
 
 def check_file(path: Path, expected: str | None, *, what: str, fix: str) -> str:
     """``path``'s sha256 if it is ``expected``, re-hashing only when the file's identity
-    changed since it last matched (a cache beside it, root's like the file); else ImageError."""
-    entry = _read_cache(path.with_name(_SHA_CACHE)).get(path.name)
-    if expected and isinstance(entry, dict) and entry.get("identity") == _identity(path) \
-            and entry.get("sha256") == expected:
-        return expected
-    actual = sha256_file(path)
-    if not expected or actual != expected:
-        raise ImageError(f"{what} was changed: its sha256 is {actual}, not the recorded {expected or 'none'}", fix)
-    return remember(path, actual)
+    changed since it last matched (a cache beside it, root's like the file); else ImageError.
+
+    The file is made root's and read-only first (``_root_only``)."""
+    if not expected:
+        raise ImageError(f"{what} has no recorded sha256, so it cannot be verified", fix)
+    try:
+        root_only(path)
+        entry = _read_cache(path.with_name(_SHA_CACHE)).get(path.name)
+        if isinstance(entry, dict) and entry.get("identity") == _identity(path) and entry.get("sha256") == expected:
+            return expected
+        actual, identity = _hash_stable(path)
+    except FileNotFoundError:
+        raise ImageError(f"{what} is missing", fix) from None
+    if actual != expected:
+        raise ImageError(f"{what} was changed: its sha256 is {actual}, not the recorded {expected}", fix)
+    _store(path, actual, identity)
+    return actual
 
 
 def _fix(image: Image) -> str:
