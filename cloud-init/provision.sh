@@ -68,10 +68,25 @@ rm -rf /var/lib/apt/lists/* /root/.cache /var/cache/debconf/*-old /var/lib/vmiso
 run cloud-init clean --logs
 find /var/log -type f -exec truncate -s 0 "{}" +
 rm -f "$CONF"
-# What was deleted (the requirements, cloud-init's copy of the seed, logs, caches)
-# must not survive in the free blocks that the template would carry: discard them,
-# so the overlay reads them as zeros.
+# Sealed: nothing may write to the disk any more.  cloud-init, which runs this
+# script, would otherwise recreate its instance directory (with the seed's user
+# data in it) on its way out.  A remount fails while any file is open for
+# writing; the kernel's emergency remount does not.
 sync
+if mount -o remount,ro / 2>/dev/null; then
+    console "vmiso: root filesystem read-only"
+else
+    echo 1 > /proc/sys/kernel/sysrq
+    echo u > /proc/sysrq-trigger  # block-device filesystems only: the report share stays writable
+    sleep 1
+    console "vmiso: root filesystem read-only (emergency remount)"
+fi
+awk '$2 == "/" { split($4, o, ","); exit o[1] != "ro" }' /proc/mounts || fail
+# What was deleted (the requirements, cloud-init's copy of the seed, logs, caches)
+# must not survive in the free blocks that the template would carry: discard every
+# free block (the overlay's clusters are 4 KiB, so each discard reaches it and
+# reads back as zeros), now that the filesystem is read-only and ext4 has given
+# back the blocks it had set aside for files being written.
 run fstrim -v /
 echo ok > "$REPORT/status"
 sync

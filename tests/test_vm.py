@@ -175,7 +175,7 @@ def test_sigkill_leaves_nothing_after_gc(image):
     for below in (it / "template.qcow2", it / "vmlinuz", it / "initramfs.img", it / "warm/slot-0/overlay.qcow2"):
         st = below.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o444), below
-    assert stat.S_IMODE(runs[0].stat().st_mode) == 0o700
+    assert stat.S_IMODE(runs[0].stat().st_mode) & 0o007 == 0
     run.process.send_signal(signal.SIGKILL)
     run.wait()
     # The VM dies with vmiso, within seconds, by its watchdog: not at the next vmiso command.

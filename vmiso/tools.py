@@ -127,8 +127,10 @@ def watchdog_argv(uri: str, name: str, run_dir: str, seconds: float) -> list[str
 
 # --- qemu-img -----------------------------------------------------------------------
 
-def qemu_img_overlay_argv(backing: Path, overlay: Path, backing_format: str = "qcow2") -> list[str]:
-    return ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format,
+def qemu_img_overlay_argv(backing: Path, overlay: Path, backing_format: str = "qcow2",
+                          cluster_size: int | None = None) -> list[str]:
+    options = ["-o", f"cluster_size={cluster_size}"] if cluster_size else []
+    return ["qemu-img", "create", "-q", "-f", "qcow2", *options, "-F", backing_format,
             "-b", str(backing), str(overlay)]
 
 

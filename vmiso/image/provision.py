@@ -31,7 +31,7 @@ from ..workdir import OWNER_FILE, SHARE_FS_SUFFIX, bounded_share, claim, install
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
-from .store import MANIFEST, Image, images_root, prepare_root, sha256_file
+from .store import MANIFEST, Image, images_root, prepare_root, root_only, sha256_file
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
     from ..hypervisor import Hypervisor
@@ -212,7 +212,10 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
     """Run cloud-init and provision.sh in a networked VM; return the report directory."""
     config, work, steps = build.config, build.work, build.steps
     overlay = work / "disk.qcow2"
-    tools.run(tools.qemu_img_overlay_argv(layer.rootfs, overlay, backing_format=layer.rootfs_format))
+    # 4 KiB clusters, the guest filesystem's block: a discard of any free block then
+    # reaches the overlay, and what provisioning deleted reads as zeros (see provision.sh).
+    tools.run(tools.qemu_img_overlay_argv(layer.rootfs, overlay, backing_format=layer.rootfs_format,
+                                          cluster_size=4096))
     cloud = config.image.cloud_image is not None
     # A recipe's layer has vmiso's guest files and packages already; a cloud image gets them now.
     apt_packages = (*CLOUD_PACKAGES, *config.provision.apt_packages) if cloud else config.provision.apt_packages
@@ -235,6 +238,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
                                 and requirements is not None and requirements.has_hashes)),
     )
     seed = write_seed(inputs, seed_dir)
+    root_only(layer.rootfs)  # a backing file: QEMU reads it, and must not be able to write it
     # libvirt hands the files it boots to QEMU's user: give it copies, never the layer's own.
     kernel, initrd = seed_dir / "vmlinuz", seed_dir / "initrd.img"
     shutil.copyfile(layer.kernel, kernel)
@@ -395,7 +399,8 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             (work / "host_key.pub").write_text(keys.host_public + "\n")
             (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             os.chmod(work / MANIFEST, 0o644)
-            os.chmod(work, 0o711)
+            # The directory stays private (workdir.private_dir): the template holds the
+            # guest's SSH host key, and only QEMU needs to reach it.
             install_dir(work, final)
         undo.pop_all()  # complete: keep it
     image = Image(name, final)
