@@ -51,8 +51,11 @@ def floor_spec(cfg: config_mod.Config, name: str, image: Image, initramfs: Path,
     """The floor's domain: under the accelerator (and so the guest CPU) that runs resolve."""
     return DomainSpec(name=name, memory_mib=cfg.vm.memory_mib, cpus=cfg.vm.cpus,
                       accel=accel.resolve(cfg.accel, kvm_check),
-                      disks=(Disk(overlay, cache="unsafe"),), console_log=work / "floor.log",
-                      boot=KernelBoot(image.kernel, initramfs, KERNEL_CMDLINE),
+                      # As a run's: the template read-only below the overlay, the kernel a copy
+                      # (libvirt would otherwise hand the image's own files to QEMU's user).
+                      disks=(Disk(overlay, cache="unsafe", backing=((image.template, "qcow2"),)),),
+                      console_log=work / "floor.log",
+                      boot=KernelBoot(work / "floor-vmlinuz", initramfs, KERNEL_CMDLINE),
                       metadata={"kind": "bench", "run_dir": str(work)})  # gc: ours, and alive
 
 
@@ -65,6 +68,7 @@ def floor_boot(cfg: config_mod.Config, image_name: str, work: Path) -> float:
     # Concatenated archives: the kernel unpacks both, and the later /init wins.
     initramfs.write_bytes(image.initramfs.read_bytes() + extra.finish())
     os.chmod(initramfs, 0o644)
+    shutil.copyfile(image.kernel, work / "floor-vmlinuz")
     overlay = work / "floor.qcow2"
     overlay.unlink(missing_ok=True)
     tools.run(tools.qemu_img_overlay_argv(image.template, overlay))
