@@ -100,6 +100,9 @@ class ProvisionConfig:
     ca_certificates: str | tuple[Path, ...] = "host"
     timeout: int = 1800
     memory_mib: int = 1024
+    # Hosts (HOST or HOST:PORT; port 443 when none is given) the provisioning VM's
+    # gateway may forward to besides those the index URLs and the mirror imply.
+    allow_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,7 @@ def _validate(config: Config) -> Config:
             f"provision.ca_certificates: {ca!r} is not valid",
             "write 'host', 'none', or a list of PEM files",
         )
+    _check_gateway(config)
     for key, value, low in (
         ("vm.memory_mib", config.vm.memory_mib, 128),
         ("vm.cpus", config.vm.cpus, 1),
@@ -266,6 +270,17 @@ def _validate(config: Config) -> Config:
         if value < low:
             raise ConfigError(f"{key}: {value} is too small (at least {low})")
     return config
+
+
+def _check_gateway(config: Config) -> None:
+    from .gateway import allow_list, check_no_credentials  # it reads Config: imported only when checking
+
+    pip = config.provision.pip
+    if pip.index_url is not None:
+        check_no_credentials(pip.index_url, "provision.pip.index_url")
+    for i, url in enumerate(pip.extra_index_urls):
+        check_no_credentials(url, f"provision.pip.extra_index_urls[{i}]")
+    allow_list(config)  # every URL and provision.allow_hosts entry parses
 
 
 def load(path: Path | None, env: typing.Mapping[str, str] | None = None) -> Config:

@@ -1,0 +1,386 @@
+"""The provisioning VM's only way out: an allow-listing, recording HTTP proxy (squid) on the host.
+
+The provisioning VM has no network device.  Its one link to the host is the
+virtio-serial SSH port that runs use too; over it the host asks the guest's sshd
+for a remote forward of the guest's 127.0.0.1:GUEST_PORT, and joins each
+connection made there to squid, which listens on a random loopback address and
+port of this host.  squid resolves names (the guest has no DNS), forwards only
+to the hosts that the configuration implies plus ``provision.allow_hosts``, on
+their ports only, refuses IP addresses, and logs every request with the bytes
+each way.  That log becomes the image's gateway record.
+
+This module is the only one that knows squid: its config, its argv, its log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import pwd
+import re
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from . import tools
+from .config import Config
+from .errors import ConfigError, ImageError, ToolError, VmisoError
+from .workdir import claim, owner_alive, remove_tree
+
+log = logging.getLogger(__name__)
+
+GUEST_PORT = 3128  # where the guest's proxy settings point: 127.0.0.1:GUEST_PORT in the guest
+DEFAULT_INDEX = "https://pypi.org/simple"
+DEFAULT_FILE_HOST = "files.pythonhosted.org"
+PROXY_USER = "proxy"  # Debian's squid drops to this user when started as root
+RECORD = "gateway.json"
+CONFIG_FILE = "squid.conf"
+ACCESS_LOG = "access.log"
+PID_FILE = "squid.pid"
+KEY = "provision.allow_hosts"
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                   r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+STOP_SECONDS = 5
+
+
+@dataclass(frozen=True, order=True)
+class Allowed:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def parse_allow_host(entry: str, where: str = KEY) -> list[Allowed]:
+    """``pypi.example.org`` (port 443) or ``pypi.example.org:8443`` -> what it allows."""
+    host, sep, port_text = entry.rpartition(":") if ":" in entry else (entry, "", "")
+    if _is_ip(entry) or _is_ip(host):
+        raise ConfigError(f"{where}: {entry!r} is an IP address; the gateway forwards only to host names",
+                          "name the host (in DNS or the host's /etc/hosts) and list that name")
+    if not _HOST.match(host):
+        raise ConfigError(f"{where}: {entry!r} is not a host name",
+                          "write a name such as 'pypi.example.org', optionally with ':PORT'")
+    port = 443
+    if sep:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"{where}: {entry!r} has no valid port", "write HOST or HOST:PORT (1-65535)")
+        port = int(port_text)
+    return [Allowed(host.lower(), port)]
+
+
+def url_host(url: str, where: str) -> Allowed | None:
+    """The host and port an http(s) URL needs; None for an IP address (never allowed)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: {url!r} is not an http or https URL")
+    if _is_ip(parts.hostname):
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"{where}: {url!r} has an invalid port") from None
+    return Allowed(parts.hostname.lower(), port)
+
+
+def check_no_credentials(url: str, where: str) -> None:
+    """An index URL's credentials would sit in the guest, where install-time code reads them."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            f"{where}: the URL carries credentials (user:password@); vmiso keeps them out of the "
+            "provisioning VM, where every package's install-time code could read them",
+            "give an index that needs none for provisioning: a mirror or caching proxy of your own "
+            "(devpi, a repository manager) that holds the credentials itself, named in "
+            f"{where} without them (and in {KEY} if it is another host)",
+        )
+
+
+def allow_list(config: Config, apt_urls: Iterable[str] = (), *, warn: bool = False) -> tuple[Allowed, ...]:
+    """What the gateway forwards to: the hosts the configuration implies, plus ``provision.allow_hosts``.
+
+    ``apt_urls``: a cloud image's own apt sources (a recipe's layer uses ``image.mirror``).
+    """
+    pip = config.provision.pip
+    found: set[Allowed] = set()
+    implied = [(pip.index_url or DEFAULT_INDEX, "provision.pip.index_url")]
+    implied += [(url, f"provision.pip.extra_index_urls[{i}]") for i, url in enumerate(pip.extra_index_urls)]
+    if config.image.cloud_image is None:
+        implied.append((config.image.mirror, "image.mirror"))
+    implied += [(url, "the cloud image's apt sources") for url in apt_urls]
+    for url, where in implied:
+        allowed = url_host(url, where)
+        if allowed is None and warn:
+            log.warning("%s: %s names an IP address, which the gateway never forwards to; "
+                        "name the host instead", where, url)
+        elif allowed is not None:
+            found.add(allowed)
+    if pip.index_url is None or url_host(pip.index_url, "provision.pip.index_url") == url_host(DEFAULT_INDEX, ""):
+        found.add(Allowed(DEFAULT_FILE_HOST, 443))
+    for i, entry in enumerate(config.provision.allow_hosts):
+        found.update(parse_allow_host(entry, f"{KEY}[{i}]"))
+    return tuple(sorted(found))
+
+
+# --- squid's config -------------------------------------------------------------------------
+
+LOG_FIELDS = ("time", "method", "host", "port", "status", "result", "bytes_from_guest", "bytes_to_guest")
+# %>st: bytes received from the client (the guest), %<st: bytes sent to it; a tunnel's whole.
+_LOGFORMAT = r"%ts.%03tu %rm %>rd %>rP %>Hs %Ss %>st %<st"
+
+
+def squid_config(directory: Path, listen: tuple[str, int], allowed: Iterable[Allowed],
+                 effective_user: str | None) -> str:
+    """squid.conf for one provisioning: listen on ``listen`` only, forward only to ``allowed``."""
+    by_port: dict[int, list[str]] = {}
+    for item in allowed:
+        by_port.setdefault(item.port, []).append(item.host)
+    lines = [
+        "# Generated by vmiso for one provisioning; removed when it ends.",
+        f"http_port {listen[0]}:{listen[1]}",
+        f"pid_filename {directory / PID_FILE}",
+        f"cache_log stdio:{directory / 'cache.log'}",
+        f"logformat vmiso {_LOGFORMAT}",
+        f"access_log stdio:{directory / ACCESS_LOG} logformat=vmiso",
+        "logfile_rotate 0",
+        f"coredump_dir {directory}",
+        "cache deny all",
+        "cache_mem 8 MB",
+        "netdb_filename none",
+        "pinger_enable off",
+        "shutdown_lifetime 0 seconds",
+        "forwarded_for delete",
+        "httpd_suppress_version_string on",
+        "acl CONNECT method CONNECT",
+    ]
+    if effective_user:
+        lines.append(f"cache_effective_user {effective_user}")
+    for port in sorted(by_port):
+        # -n: match the name as written, never a reverse lookup of an address.
+        lines.append(f"acl vmiso_hosts_{port} dstdomain -n " + " ".join(sorted(set(by_port[port]))))
+        lines.append(f"acl vmiso_port_{port} port {port}")
+        lines.append(f"http_access allow vmiso_hosts_{port} vmiso_port_{port}")
+    lines.append("http_access deny all")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+# --- the running gateway --------------------------------------------------------------------
+
+def gateways_root(state_dir: Path) -> Path:
+    return state_dir / "gateways"
+
+
+@dataclass
+class Gateway:
+    directory: Path
+    address: tuple[str, int]
+    allowed: tuple[Allowed, ...]
+    process: tools.Detached
+
+    @property
+    def access_log(self) -> Path:
+        return self.directory / ACCESS_LOG
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        """End squid (its supervisor ends it when its pipe closes) and wait for both."""
+        tools.finish_detached(self.process, b"", timeout=STOP_SECONDS + 5)
+
+    def remove(self) -> None:
+        remove_tree(self.directory)
+
+
+def _free_address() -> tuple[str, int]:
+    """A random loopback address and a port free on it now (squid binds it a moment later)."""
+    host = "127." + ".".join(str(secrets.randbelow(254) + 1) for _ in range(3))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return host, probe.getsockname()[1]
+
+
+def start(state_dir: Path, name: str, allowed: tuple[Allowed, ...], ready_seconds: float = 30) -> Gateway:
+    """Start squid for one provisioning, under a supervisor that ends it when this vmiso ends."""
+    squid = tools.which("squid")
+    root = gateways_root(state_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o711)
+    directory = root / f"{name}-{secrets.token_hex(4)}"
+    directory.mkdir(mode=0o700)
+    claim(directory)
+    user = None
+    if os.geteuid() == 0:
+        try:
+            entry = pwd.getpwnam(PROXY_USER)
+        except KeyError:
+            raise ToolError(f"the user {PROXY_USER!r} that squid runs as does not exist",
+                            "install squid: apt-get install squid", program="squid") from None
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+        user = PROXY_USER
+    address = _free_address()
+    conf = directory / CONFIG_FILE
+    conf.write_text(squid_config(directory, address, allowed, user))
+    os.chmod(conf, 0o644)
+    process = tools.start_detached(tools.gateway_argv(str(conf)))
+    gateway = Gateway(directory, address, allowed, process)
+    deadline = time.monotonic() + ready_seconds
+    while time.monotonic() < deadline:
+        if not gateway.running():
+            tail = tools.log_tail(directory / "cache.log", 6)
+            gateway.remove()
+            raise ToolError(f"the gateway (squid) did not start: {tail or 'no log'}", program=squid)
+        try:
+            socket.create_connection(address, timeout=1).close()
+            return gateway
+        except OSError:
+            time.sleep(0.1)
+    gateway.stop()
+    gateway.remove()
+    raise ToolError(f"the gateway (squid) did not listen within {ready_seconds:.0f} s", program=squid)
+
+
+def supervise(conf: str) -> int:
+    """``python -m vmiso _gateway CONF``: run squid until stdin (vmiso's pipe) closes, then end it.
+
+    vmiso holds the pipe for the length of a provisioning; however vmiso ends (even
+    by SIGKILL) the pipe closes and squid goes with it.
+    """
+    return tools.run_while_piped(tools.squid_argv(conf), STOP_SECONDS)
+
+
+# --- leftovers --------------------------------------------------------------------------------
+
+def orphans(state_dir: Path) -> list[Path]:
+    root = gateways_root(state_dir)
+    if not root.is_dir():
+        return []
+    return [p for p in sorted(root.iterdir()) if p.is_dir() and not owner_alive(p)]
+
+
+def _pid_of(directory: Path) -> int | None:
+    """squid's pid from its pid file, when that process still runs with this directory's config."""
+    try:
+        pid = int((directory / PID_FILE).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if str(directory / CONFIG_FILE).encode() in cmdline else None
+
+
+def running_orphan(directory: Path) -> bool:
+    return _pid_of(directory) is not None
+
+
+def end_orphan(directory: Path) -> None:
+    """Stop an orphaned gateway's squid (its vmiso died and its supervisor too) and remove its files."""
+    pid = _pid_of(directory)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_SECONDS
+        while _pid_of(directory) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _pid_of(directory) is not None:
+            os.kill(pid, signal.SIGKILL)
+    if failures := remove_tree(directory):
+        raise VmisoError(f"cannot remove {directory / failures[0].path}: {failures[0].reason}")
+
+
+# --- the record ---------------------------------------------------------------------------------
+
+def parse_access_log(text: str) -> list[dict]:
+    """squid's access.log in vmiso's format -> one dict per connection the gateway saw."""
+    entries = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) != len(LOG_FIELDS):
+            continue
+        raw = dict(zip(LOG_FIELDS, fields, strict=True))
+        try:
+            entry = {
+                "time": float(raw["time"]),
+                "method": raw["method"],
+                "host": raw["host"],
+                "port": int(raw["port"]) if raw["port"].isdigit() else None,
+                "allowed": raw["result"] != "TCP_DENIED",
+                "status": int(raw["status"]) if raw["status"].isdigit() else None,
+                "result": raw["result"],
+                "bytes_from_guest": int(raw["bytes_from_guest"]),
+                "bytes_to_guest": int(raw["bytes_to_guest"]),
+            }
+        except ValueError:
+            continue
+        entries.append(entry)
+    return entries
+
+
+def summarize(entries: list[dict]) -> dict:
+    """Hosts contacted and refused, with connection counts and bytes."""
+    def hosts(allowed: bool) -> list[dict]:
+        seen: dict[str, dict] = {}
+        for e in entries:
+            if e["allowed"] != allowed:
+                continue
+            key = f"{e['host']}:{e['port']}" if e["port"] is not None else e["host"]
+            item = seen.setdefault(key, {"host": key, "connections": 0, "bytes_from_guest": 0,
+                                         "bytes_to_guest": 0})
+            item["connections"] += 1
+            item["bytes_from_guest"] += e["bytes_from_guest"]
+            item["bytes_to_guest"] += e["bytes_to_guest"]
+        return sorted(seen.values(), key=lambda i: i["host"])
+    return {"contacted": hosts(True), "refused": hosts(False)}
+
+
+def write_record(gateway: Gateway, target: Path) -> dict:
+    """The gateway's log as the image's record (JSON): every connection, and the allow-list."""
+    try:
+        text = gateway.access_log.read_text(errors="replace")
+    except OSError:
+        text = ""
+    entries = parse_access_log(text)
+    record = {"allow_list": [str(a) for a in gateway.allowed], "connections": entries}
+    target.write_text(json.dumps(record, indent=1) + "\n")
+    os.chmod(target, 0o644)
+    return summarize(entries)
+
+
+def refused_hosts(gateway: Gateway) -> list[str]:
+    try:
+        text = gateway.access_log.read_text(errors="replace")
+    except OSError:
+        return []
+    return [item["host"] for item in summarize(parse_access_log(text))["refused"]]
+
+
+def image_record(image_dir: Path, manifest: dict) -> dict | None:
+    """The record's summary from the manifest, after checking the file against its digest there."""
+    entry = manifest.get("gateway")
+    if not entry:
+        return None
+    path = image_dir / entry["record"]
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"the gateway record {path} is unreadable: {err.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ImageError(f"the gateway record {path} does not match the sha256 in the manifest",
+                         "the record was changed; provision the image again")
+    record = json.loads(data)
+    return {"record": entry["record"], "sha256": entry["sha256"], "allow_list": record["allow_list"],
+            **summarize(record["connections"])}
