@@ -43,7 +43,7 @@ def test_run_domain_matches_golden():
 
 def test_provision_domain_matches_golden():
     spec = run_spec(
-        name="vmiso-provision-x", shares=(), ssh_socket=None, user_network=True, memory_mib=1024,
+        name="vmiso-provision-x", shares=(), ssh_socket=Path("/state/images/.b/ssh.sock"), memory_mib=1024,
         disks=(Disk(Path("/state/images/.b/disk.qcow2"), backing=((Path("/state/layers/k/rootfs.img"), "raw"),)),
                Disk(Path("/state/images/.b/seed/seed.iso"), format="raw", readonly=True)),
         metadata={"kind": "provision"})

@@ -58,7 +58,6 @@ class DomainSpec:
     boot: KernelBoot | None = None  # None: boot the first disk's bootloader
     shares: tuple[Share, ...] = ()
     ssh_socket: Path | None = None  # host end of the SSH link (a virtio-serial port)
-    user_network: bool = False  # QEMU user-mode NAT; only while provisioning
     genid: bool = True
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -144,12 +143,6 @@ def _console(log_path: Path) -> list[ET.Element]:
     return [serial, console]
 
 
-def _user_nic() -> ET.Element:
-    el = ET.Element("interface", type="user")
-    _sub(el, "model", type="virtio")
-    return el
-
-
 def _rng() -> ET.Element:
     el = ET.Element("rng", model="virtio")
     _sub(el, "backend", "/dev/urandom", model="random")
@@ -173,12 +166,11 @@ def _devices(spec: DomainSpec) -> ET.Element:
         devices.append(_share(share))
     if spec.ssh_socket is not None:
         devices.append(_ssh_channel(spec.ssh_socket))
-    if spec.user_network:
-        devices.append(_user_nic())
     devices.extend(_console(spec.console_log))
     devices.append(_rng())
     # Nothing the job could use to reach out or be reached: no USB, no balloon,
-    # no graphics or sound (none are added), and no NIC unless provisioning.
+    # no graphics or sound (none are added), and no NIC at all: not even provisioning
+    # has one (its gateway is reached over the SSH link; see vmiso.gateway).
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
     return devices

@@ -34,11 +34,13 @@ class SeedInputs:
     guest_files: tuple[tuple[str, str, int], ...] = ()
     pip: PipOptions = field(default_factory=PipOptions)
     require_hashes: bool = False
+    gateway_port: int = 3128  # the guest's port that the host forwards to the gateway
 
 
 def provision_env(inputs: SeedInputs) -> str:
     """The shell file that provision.sh sources: every value quoted by shlex."""
-    values = {"APT_PACKAGES": " ".join(check_apt_packages(inputs.apt_packages))}
+    values = {"APT_PACKAGES": " ".join(check_apt_packages(inputs.apt_packages)),
+              "GATEWAY_PORT": str(inputs.gateway_port)}
     if inputs.pip.index_url:
         values["PIP_INDEX_URL"] = inputs.pip.index_url
     if inputs.pip.extra_index_urls:

@@ -113,6 +113,14 @@ class Session:
             raise GuestError(f"the SSH link to {self._name} is closed")
         return Published(transport, guest_port, self._name)
 
+    def forward_from_guest(self, guest_port: int, target: tuple[str, int]) -> RemoteForward:
+        """Let the guest reach ``target`` (on this host) at its own 127.0.0.1:``guest_port``, and
+        nothing else: the guest's sshd listens there; each connection is joined to ``target``."""
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestError(f"the SSH link to {self._name} is closed")
+        return RemoteForward(transport, guest_port, target, self._name)
+
     def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *, stdin: BinaryIO | None = None,
                 deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False,
                 signals: Callable[[], signal.Signals | None] = lambda: None,
@@ -298,6 +306,44 @@ class Published:
         for end in ends:
             with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                 end.close()
+
+
+class RemoteForward:
+    """A remote ("tcpip-forward") forward: connections to a guest port become connections to a
+    host address.  The host chose the address; the guest only connects to its own loopback."""
+
+    def __init__(self, transport: paramiko.Transport, guest_port: int, target: tuple[str, int],
+                 name: str) -> None:
+        self._transport, self._target, self._name = transport, target, name
+        self.guest_port = guest_port
+        try:
+            transport.request_port_forward("127.0.0.1", guest_port, handler=self._handle)
+        except paramiko.SSHException as err:
+            raise GuestError(f"{name}: the guest's sshd refused to forward port {guest_port}: {err}") from None
+
+    def _handle(self, channel: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]) -> None:
+        # Called in paramiko's transport thread: connect and copy in threads of their own.
+        threading.Thread(target=self._serve, args=(channel,), daemon=True).start()
+
+    def _serve(self, channel: paramiko.Channel) -> None:
+        try:
+            conn = socket.create_connection(self._target, timeout=30)
+        except OSError as err:
+            log.warning("%s: the gateway at %s:%d did not answer: %s", self._name, *self._target, err)
+            channel.close()
+            return
+        conn.settimeout(None)
+        upstream = threading.Thread(target=Published._copy, args=(channel, conn), daemon=True)
+        upstream.start()
+        Published._copy(conn, channel)
+        upstream.join()
+        for end in (conn, channel):
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                end.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            self._transport.cancel_port_forward("127.0.0.1", self.guest_port)
 
 
 def _send_signal(channel: paramiko.Channel, sig: signal.Signals) -> None:

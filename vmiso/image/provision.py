@@ -1,6 +1,8 @@
-"""``vmiso provision``: OS layer -> networked cloud-init boot -> sealed, read-only template.
+"""``vmiso provision``: OS layer -> cloud-init boot behind the gateway -> sealed, read-only template.
 
-The only phase with a network.  Nothing of the user's is present but the
+The only phase with a way out, and that way is vmiso's gateway (vmiso.gateway):
+the VM has no network device; over its SSH link the host forwards one guest port
+to an allow-listing, recording proxy on the host.  Nothing of the user's is present but the
 requirements file.  Everything is built under a temporary name and renamed into
 the store at the end; a failure undoes what was made, in reverse order.
 """
@@ -21,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__, accel, tools, warm
+from .. import __version__, accel, gateway, ssh, tools, warm
 from ..config import Config, check_name
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
 from ..progress import Steps
-from ..seed import SeedInputs, write_seed
+from ..seed import RUN_USER, SeedInputs, write_seed
 from ..workdir import OWNER_FILE, SHARE_FS_SUFFIX, bounded_share, claim, install_dir, private_dir, remove_tree
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
@@ -49,7 +51,7 @@ GIB = 1024**3
 SPACE_WITH_LAYER = 6 * GIB
 SPACE_FROM_CACHED_LAYER = 3 * GIB
 REPORT_MAX_BYTES = 4 * 1024 * 1024
-GUEST_STEPS = ("apt", "venv", "pip", "manifest", "seal", "poweroff")
+GUEST_STEPS = ("gateway", "apt", "venv", "pip", "manifest", "seal", "poweroff")
 _MARKER = re.compile(rb"VMISO-(STEP|FAIL) ([a-z-]+)")
 # What the guest is doing, in the words of systemd and cloud-init (console) and of
 # apt and pip (each step's log in the report share): a live status, never logged.
@@ -205,11 +207,22 @@ class _Build:
     work: Path
     console_log: Path
     accel: str
+    gateway: gateway.Gateway
+
+
+def _open_gateway(build: _Build, domain: str, keys: _Keys, socket_path: Path, undo: ExitStack) -> None:
+    """The guest waits on its gateway port: connect over the SSH link and forward it to the gateway."""
+    session = ssh.connect(socket_path, name=domain, host_key=keys.host_public, client_key=keys.client_private,
+                          user=RUN_USER, deadline=time.monotonic() + 120,
+                          alive=lambda: build.hv.is_running(domain))
+    undo.callback(session.close)
+    forward = session.forward_from_guest(gateway.GUEST_PORT, build.gateway.address)
+    undo.callback(forward.close)
 
 
 def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements | None,
                         keys: _Keys, undo: ExitStack) -> Path:
-    """Run cloud-init and provision.sh in a networked VM; return the report directory."""
+    """Run cloud-init and provision.sh in a VM whose only way out is the gateway; return the report."""
     config, work, steps = build.config, build.work, build.steps
     overlay = work / "disk.qcow2"
     # 4 KiB clusters, the guest filesystem's block: a discard of any free block then
@@ -233,6 +246,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
         apt_packages=apt_packages,
         guest_files=guest_files() if cloud else (),
         pip=config.provision.pip,
+        gateway_port=gateway.GUEST_PORT,
         require_hashes=bool(config.provision.pip.require_hashes
                             or (config.provision.pip.require_hashes is None
                                 and requirements is not None and requirements.has_hashes)),
@@ -250,10 +264,10 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
         console_log=build.console_log,
         boot=KernelBoot(kernel, initrd, f"root={layer.root_device} rw console=ttyS0 ds=nocloud"),
         shares=(Share(report, "vmiso-report", readonly=False),),
-        user_network=True,
+        ssh_socket=work / "ssh.sock",  # no network device: the gateway is reached over this link
         metadata={"kind": "provision", "workdir": str(work)},
     )
-    with steps.step("boot", "networked provisioning VM, cloud-init"):
+    with steps.step("boot", "provisioning VM (no network device), cloud-init"):
         build.hv.start_transient(domain, domain_xml(spec))
         undo.callback(build.hv.destroy, domain)
         watcher = ConsoleWatcher(build.console_log)
@@ -275,6 +289,8 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
                         steps.finish(current)
                     current = step
                     steps.start(step, "inside the VM")
+                    if step == "gateway":
+                        _open_gateway(build, domain, keys, work / "ssh.sock", undo)
                     step_log, shown = ConsoleWatcher(report / f"{step}.log", STEP_LOG_READ_BYTES), None
             if step_log is not None:
                 step_log.poll()
@@ -354,8 +370,22 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                                  "do not run 'vmiso gc --layers' while provisioning")
         with steps.step("keys", "client key and pinned host key"):
             keys = _make_keys(work)
-        build = _Build(config, hv, name, steps, work, console_log, accel_name)
-        report = _boot_and_provision(build, layer, requirements, keys, undo)
+        allowed = gateway.allow_list(config, warn=True)
+        with steps.step("proxy", "the gateway, forwarding only to " + ", ".join(map(str, allowed))):
+            gw = gateway.start(state_dir, name, allowed)
+            undo.callback(gw.remove)
+            undo.callback(gw.stop)
+        build = _Build(config, hv, name, steps, work, console_log, accel_name, gw)
+        try:
+            report = _boot_and_provision(build, layer, requirements, keys, undo)
+        except ProvisionError as err:
+            if refused := gateway.refused_hosts(gw):
+                err.hint = (f"the gateway refused {', '.join(refused)}: a host not in the allow-list; "
+                            f"if the image needs it, add it to {gateway.KEY}")
+            raise
+        gw.stop()  # squid writes out its log as it ends
+        record = gateway.write_record(gw, work / gateway.RECORD)
+        gw.remove()
         with steps.step("template", "flatten, hash, make read-only"):
             template = work / "template.qcow2"
             try:
@@ -388,6 +418,12 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                     "sha256": sha256_file(requirements.path) if requirements else None,
                     "hashed": requirements.has_hashes if requirements else False,
                 },
+                "gateway": {
+                    "record": gateway.RECORD,
+                    "sha256": sha256_file(work / gateway.RECORD),
+                    "allow_list": [str(a) for a in allowed],
+                    "refused": [item["host"] for item in record["refused"]],
+                },
                 "host_key": keys.host_public,
                 "accel": accel_name,
                 "vmiso": __version__,
@@ -404,6 +440,10 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             install_dir(work, final)
         undo.pop_all()  # complete: keep it
     image = Image(name, final)
+    if record["refused"]:
+        log.warning("the gateway refused connections to %s during provisioning: install-time code tried to "
+                    "reach hosts outside the allow-list (see 'vmiso images show %s'; %s allows a host)",
+                    ", ".join(item["host"] for item in record["refused"]), name, gateway.KEY)
     try:
         warm.make_warm_state(config, hv, image, steps, accel_name)
     except VmisoError as err:  # runs boot cold without it: the image is still good
