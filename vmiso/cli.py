@@ -272,6 +272,38 @@ def images_rm(ctx: click.Context, name: str) -> None:
     click.echo(f"removed {name}")
 
 
+@images.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
+    """One image: its manifest's summary and what its provisioning's gateway let through or refused."""
+    from .gateway import image_record
+    from .image.store import get_image, summary
+
+    image = get_image(ctx.obj["config"].state_dir, name)
+    info = summary(image)
+    info["gateway"] = image_record(image.path, image.manifest())
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    _say(f"{info['name']}: sha256 {info['sha256']}, created {info['created'] or '?'}")
+    packages = ", ".join(f"{p['name']}=={p['version']}" for p in info["packages"])
+    _say(f"packages: {packages or '-'}")
+    gateway = info["gateway"]
+    if gateway is None:
+        _say("gateway: no record (provisioned before vmiso kept one)")
+        return
+    _say(f"gateway record: {gateway['record']} (sha256 {gateway['sha256']}, checked)")
+    _say("allowed: " + (", ".join(gateway["allow_list"]) or "-"))
+    for title, key in (("contacted", "contacted"), ("refused", "refused")):
+        rows = gateway[key]
+        _say(f"{title}: {'-' if not rows else ''}")
+        for row in rows:
+            _say(f"  {row['host']}: {row['connections']} connection(s), {row['bytes_from_guest']} bytes "
+                 f"from the guest, {row['bytes_to_guest']} to it")
+
+
 @images.command("verify")
 @click.argument("name")
 @click.pass_context
@@ -588,6 +620,16 @@ def images_warm(ctx: click.Context, name: str) -> None:
         except VmisoError as err:  # said here, in the error itself: -q hides warnings
             raise ImageError(f"could not make a warm state for {name}: {err.message}", err.hint) from None
     click.echo(f"{name}: warm state ready in {steps.elapsed():.0f} s")
+
+
+@cli.command("_gateway", hidden=True)
+@click.argument("conf")
+@click.pass_context
+def gateway_command(ctx: click.Context, conf: str) -> None:
+    """The supervisor of a provisioning's gateway (started by vmiso provision)."""
+    from .gateway import supervise
+
+    ctx.exit(supervise(conf))
 
 
 @cli.command("_watchdog", hidden=True)

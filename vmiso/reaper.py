@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import gateway
 from .errors import VmisoError
 from .tree import Failure
 from .workdir import owner_alive, remove_tree
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Leftover:
-    kind: str  # "vm", "run directory", "image build"
+    kind: str  # "vm", "run directory", "image build", "gateway"
     name: str
     path: Path | None = None
 
@@ -48,6 +49,9 @@ def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
         found.append(Leftover("OS layer build", build.name, build))
     for doomed in _orphan_dirs(state_dir / "layers", ".removing-*"):  # a removal that was cut short
         found.append(Leftover("OS layer removal", doomed.name, doomed))
+    for orphan in gateway.orphans(state_dir):  # a provisioning's squid whose vmiso is gone
+        running = " (squid still running)" if gateway.running_orphan(orphan) else ""
+        found.append(Leftover("gateway", orphan.name + running, orphan))
     for build in _orphan_dirs(state_dir / "images", "*/warm/.building-*"):
         found.append(Leftover("warm state build", build.name, build))
     if hv is not None:
@@ -75,6 +79,8 @@ def clean(hv: Hypervisor | None, state_dir: Path) -> Cleaned:
         try:
             if item.kind == "vm" and hv is not None:
                 hv.destroy(item.name)
+            elif item.kind == "gateway" and item.path is not None:
+                gateway.end_orphan(item.path)
             elif item.path is not None and (failures := remove_tree(item.path)):
                 failed.append((item, _failures_text(failures)))
                 continue
