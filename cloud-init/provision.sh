@@ -35,6 +35,8 @@ step gateway
 # forward, of 127.0.0.1:$GATEWAY_PORT, and nothing else.
 SSH_PORT=/dev/virtio-ports/org.vmiso.ssh
 mkdir -p /run/sshd
+# sshd refuses a locked account ("!") when PAM is off; "*" matches no password.
+run usermod -p '*' vmiso
 i=0
 until [ -e "$SSH_PORT" ]; do
     i=$((i + 1)); [ $i -gt 600 ] && { console "no $SSH_PORT"; fail; }; sleep 0.1
@@ -114,8 +116,6 @@ step seal
 # Clones boot with vmiso's own init, never cloud-init, and have no network.
 touch /etc/cloud/cloud-init.disabled
 rm -f /etc/network/interfaces.d/* /etc/netplan/*.yaml 2>/dev/null
-# sshd refuses a locked account ("!") when PAM is off; "*" matches no password.
-run usermod -p '*' vmiso
 run apt-get clean
 rm -rf /var/lib/apt/lists/* /root/.cache /var/cache/debconf/*-old /var/lib/vmiso/requirements.txt
 : > /etc/machine-id
