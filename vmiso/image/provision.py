@@ -32,6 +32,7 @@ from ..seed import RUN_USER, SeedInputs, write_seed
 from ..workdir import OWNER_FILE, SHARE_FS_SUFFIX, bounded_share, claim, install_dir, private_dir, remove_tree
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
+from . import sealcheck
 from .requirements import Requirements, load_requirements
 from .store import MANIFEST, Image, images_root, prepare_root, root_only, sha256_file
 
@@ -393,6 +394,9 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             except ToolError as err:
                 raise ProvisionError("template", err.message) from None
             os.chmod(template, 0o444)
+        with steps.step("check", "sshd, its config, vmiso's files and tini in the template, without booting it"):
+            sealcheck.check_template(template, layer, work)
+        with steps.step("hash", "the template's sha256, the boot files"):
             digest = sha256_file(template)
             boot_sha256 = {}
             for source, target in ((layer.kernel, "vmlinuz"), (layer.initramfs, "initramfs.img")):
