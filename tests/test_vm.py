@@ -300,6 +300,9 @@ def test_a_tree_far_past_path_max_comes_out_whole(image, tmp_path):
 @pytest.mark.parametrize("requirements, message", [
     ("vmiso-no-such-package-4f1d2e==1.0\n", "No matching distribution"),
     (TABULATE.replace("024ca478", "00000000"), "DO NOT MATCH"),
+    # A host outside the allow-list: the gateway refuses it, and the error names it and the key.
+    ("tabulate @ https://blocked.invalid/tabulate-0.9.0-py3-none-any.whl\n",
+     "the gateway refused blocked.invalid:443"),
 ])
 def test_failed_pip_leaves_no_image(image, tmp_path, requirements, message):
     config = write_config(tmp_path, image["state"], requirements=requirements, image={"name": "broken"})
@@ -307,6 +310,8 @@ def test_failed_pip_leaves_no_image(image, tmp_path, requirements, message):
     assert done.returncode == 125
     assert "provisioning failed at step 'pip'" in done.stderr
     assert message in done.stderr and "log: " in done.stderr
+    if "gateway" in message:
+        assert "provision.allow_hosts" in done.stderr
     assert not (image["state"] / "images" / "broken").exists()
     assert leftovers(image["state"]) == []
 
@@ -553,3 +558,117 @@ def test_a_published_port_serves_this_host_while_the_job_runs(image, tmp_path):
     with pytest.raises(OSError):  # the port was the run's only while it lasted
         socket.create_connection((found.group(1), int(found.group(2))), timeout=2)
     assert leftovers(image["state"]) == []
+
+
+def _probe_wheel(probe: dict) -> bytes:
+    """A wheel whose .pth file runs tests/guest/gateway_probe.py at every start of the venv's Python."""
+    import base64
+    import io
+    import zipfile
+
+    code = (GUEST / "gateway_probe.py").read_text().replace("PROBE = {}", f"PROBE = {json.dumps(probe)}")
+    files = {
+        "vmiso_gateway_probe.py": code,
+        "vmiso_gateway_probe.pth": "import vmiso_gateway_probe\n",
+        "vmiso_gateway_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: vmiso-gateway-probe\n"
+                                                     "Version: 1.0\n",
+        "vmiso_gateway_probe-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                  "Tag: py3-none-any\n",
+    }
+    record = []
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+            record.append(f"{name},sha256={digest},{len(text.encode())}")
+        record.append("vmiso_gateway_probe-1.0.dist-info/RECORD,,")
+        wheel.writestr("vmiso_gateway_probe-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return buffer.getvalue()
+
+
+def test_provisioning_reaches_only_its_gateway(image, tmp_path):
+    """One provisioning behind the gateway, with install-time code (a .pth file) that tries every
+    other way out: the host's loopback and addresses, QEMU's NAT gateway, the metadata address, DNS,
+    the registry by address, and through the gateway an IP literal and a host not allowed."""
+    import http.server
+    import threading
+    import urllib.parse
+
+    loopback_hits = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    loop_port = listener.getsockname()[1]
+    threading.Thread(target=lambda: loopback_hits.append(listener.accept()), daemon=True).start()
+
+    reports: list[dict] = []
+    files: dict[str, bytes] = {}
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = urllib.parse.urlsplit(self.path)
+            if path.path == "/report":
+                reports.append(json.loads(urllib.parse.parse_qs(path.query)["results"][0]))
+                body = b"ok"
+            elif path.path == "/simple/vmiso-gateway-probe/":
+                body = "".join(f'<a href="/files/{n}#sha256={hashlib.sha256(d).hexdigest()}">{n}</a>'
+                               for n, d in files.items()).encode()
+            elif path.path.startswith("/files/") and path.path[7:] in files:
+                body = files[path.path[7:]]
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    index = f"http://localhost:{server.server_address[1]}"
+    registry = socket.getaddrinfo("pypi.org", 443, socket.AF_INET)[0][4][0]
+    probe = {
+        "gateway_port": 3128,
+        "report": f"{index}/report",
+        "direct": [["10.0.2.2", loop_port], ["169.254.169.254", 80], [registry, 443],
+                   *[[a, loop_port] for a in host_addresses()]],
+        "refused": [f"{registry}:443", "blocked.invalid:443"],
+    }
+    wheel = _probe_wheel(probe)
+    files["vmiso_gateway_probe-1.0-py3-none-any.whl"] = wheel
+    requirements = TABULATE + f"vmiso-gateway-probe==1.0 --hash=sha256:{hashlib.sha256(wheel).hexdigest()}\n"
+    config = write_config(tmp_path, image["state"], requirements=requirements, image={"name": "gw"},
+                          provision={"pip": {"extra_index_urls": [f"{index}/simple"]}})
+    try:
+        done = vmiso("provision", "-c", config, timeout=2400)
+    finally:
+        server.shutdown()
+        listener.close()
+    assert done.returncode == 0, done.stderr
+    assert reports, "the probe never reported through the gateway"
+    results = reports[-1]
+    assert results["uid"] != 0  # install-time code is not root
+    assert results["interfaces"] == ["lo"]  # no network device at all
+    assert results["dns"] != "ALLOWED"
+    blocked = {k: v for k, v in results.items() if k.startswith(("tcp ", "gateway ", "write "))}
+    assert len(blocked) == len(probe["direct"]) + len(probe["refused"]) + 2
+    assert "ALLOWED" not in blocked.values(), blocked
+    assert loopback_hits == []  # the host's loopback listener saw nothing
+    # The refusals were said at the end, named; the record is bound to the manifest.
+    assert "blocked.invalid:443" in done.stderr and "provision.allow_hosts" in done.stderr
+    shown = json.loads(vmiso("images", "show", "gw", "--json", "-c", config, check=True).stdout)
+    contacted = {h["host"] for h in shown["gateway"]["contacted"]}
+    refused = {h["host"] for h in shown["gateway"]["refused"]}
+    assert {"pypi.org:443", "files.pythonhosted.org:443", f"localhost:{server.server_address[1]}"} <= contacted
+    assert {"blocked.invalid:443", f"{registry}:443"} <= refused
+    assert all(h["bytes_to_guest"] > 0 for h in shown["gateway"]["contacted"])
+    manifest = json.loads((image["state"] / "images/gw/manifest.json").read_text())
+    record = image["state"] / "images/gw" / manifest["gateway"]["record"]
+    assert hashlib.sha256(record.read_bytes()).hexdigest() == manifest["gateway"]["sha256"]
+    assert not list((image["state"] / "gateways").iterdir())  # the gateway ended with its provisioning
+    assert leftovers(image["state"]) == []
+    vmiso("images", "rm", "gw", "-c", config, check=True)

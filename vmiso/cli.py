@@ -233,7 +233,7 @@ def provision(ctx: click.Context, config_path: Path | None, accel: str | None, s
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.pass_context
 def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None, as_json: bool) -> None:
-    """List templates (subcommands: rm, verify)."""
+    """List templates (subcommands: rm, show, verify, warm)."""
     ctx.obj["config"] = _load(ctx, config_path, state_dir=state_dir)
     if ctx.invoked_subcommand is not None:
         return
