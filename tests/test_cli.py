@@ -296,3 +296,25 @@ def test_shell_and_run_t_give_the_job_a_pseudo_terminal(monkeypatch):
     assert seen[-1].command == ("python", "-i") and seen.terminals[-1] is not None
     invoke("run", "--", "true")
     assert seen.terminals[-1] is None
+
+
+def test_images_show_prints_what_the_gateway_let_through_and_refused(config, tmp_path):
+    state = tmp_path / "state"
+    record = {"allow_list": ["pypi.org:443"], "connections": [
+        {"time": 1.0, "method": "CONNECT", "host": "pypi.org", "port": 443, "allowed": True, "status": 200,
+         "result": "TCP_TUNNEL", "bytes_from_guest": 900, "bytes_to_guest": 12000},
+        {"time": 2.0, "method": "CONNECT", "host": "evil.example", "port": 443, "allowed": False,
+         "status": 403, "result": "TCP_DENIED", "bytes_from_guest": 110, "bytes_to_guest": 3300}]}
+    data = json.dumps(record).encode()
+    path = image_in(state, "gw", gateway={"record": "gateway.json", "sha256": hashlib.sha256(data).hexdigest(),
+                                          "allow_list": ["pypi.org:443"], "refused": ["evil.example:443"]})
+    (path / "gateway.json").write_bytes(data)
+    shown = invoke("images", "-c", str(config), "show", "gw")
+    assert shown.exit_code == 0, shown.stderr
+    assert "contacted: \n  pypi.org:443: 1 connection(s), 900 bytes from the guest, 12000 to it" in shown.stdout
+    assert "refused: \n  evil.example:443: 1 connection(s)" in shown.stdout
+    as_json = json.loads(invoke("images", "-c", str(config), "show", "gw", "--json").stdout)
+    assert [h["host"] for h in as_json["gateway"]["refused"]] == ["evil.example:443"]
+    (path / "gateway.json").write_bytes(data.replace(b"evil", b"good"))  # the record no longer matches
+    changed = invoke("images", "-c", str(config), "show", "gw")
+    assert changed.exit_code == 125 and "does not match the sha256 in the manifest" in changed.stderr
