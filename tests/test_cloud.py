@@ -178,3 +178,28 @@ def test_a_packed_9p_module_is_refused_for_its_packing_not_as_a_missing_9p(tmp_p
     with pytest.raises(ProvisionError) as err:
         cloud.ensure_cloud_layer(tmp_path / "state", source, Steps())
     assert "9p.ko.zst is compressed" in str(err.value) and "genericcloud" not in str(err.value)
+
+
+def test_apt_sources_of_both_formats_become_urls():
+    one_line = ("deb http://deb.debian.org/debian bookworm main\n"
+                "deb [signed-by=/usr/share/keyrings/x.gpg arch=amd64] https://mirror.example/debian bookworm main\n"
+                "# deb http://commented.example/debian bookworm main\n"
+                "deb cdrom:[Debian]/ bookworm main\n")
+    deb822 = "Types: deb\nURIs: http://deb.debian.org/debian http://security.example/debian-security\n"
+    assert cloud.apt_source_urls([one_line, deb822]) == [
+        "http://deb.debian.org/debian", "https://mirror.example/debian", "http://security.example/debian-security"]
+
+
+def test_a_cloud_images_apt_sources_are_read_without_booting_it(tmp_path):
+    root = cloud_root(tmp_path)
+    (root / "etc/apt/sources.list.d").mkdir(parents=True)
+    (root / "etc/apt/sources.list").write_text("deb http://ftp.example.org/debian bookworm main\n")
+    (root / "etc/apt/sources.list.d/debian.sources").write_text("Types: deb\nURIs: https://sec.example/debian\n")
+    (root / "etc/apt/sources.list.d/ignored.txt").write_text("deb http://not-a-source.example/ x y\n")
+    filesystem = make_filesystem(root, tmp_path / "root.ext4")
+    image = CloudImage(tmp_path / "cloud.qcow2", make_cloud_image(filesystem, tmp_path / "cloud.qcow2"))
+    layer = cloud.ensure_cloud_layer(tmp_path / "state", image, Steps())
+    work = tmp_path / "work"
+    work.mkdir()
+    assert cloud.read_apt_sources(layer, work) == ["http://ftp.example.org/debian", "https://sec.example/debian"]
+    assert list(work.iterdir()) == []

@@ -274,3 +274,50 @@ def ensure_cloud_layer(state_dir: Path, cloud: CloudImage, steps: Steps) -> Laye
             {"key": key, "cloud_image": {"path": str(cloud.path), "sha256": cloud.sha256},
              "root_device": root.device, "kernel": kernel.release}, indent=2) + "\n")
     return _load(path, key)
+
+
+def apt_source_urls(texts: list[str]) -> list[str]:
+    """The http(s) URIs of apt sources, one-line (``deb [opts] URI ...``) or deb822 (``URIs: ...``)."""
+    found = []
+    for text in texts:
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            words = line.split()
+            if not words:
+                continue
+            if words[0] in ("deb", "deb-src"):
+                rest = words[1:]
+                if rest and rest[0].startswith("["):
+                    while rest and not rest[0].endswith("]"):
+                        rest = rest[1:]
+                    rest = rest[1:]
+                found += rest[:1]
+            elif words[0].lower() == "uris:":
+                found += words[1:]
+    return [url for url in dict.fromkeys(found) if url.startswith(("http://", "https://"))]
+
+
+def read_apt_sources(layer: Layer, work: Path) -> list[str]:
+    """A cloud image's apt source URIs, read from its verified copy with debugfs (no boot, no mount)."""
+    check = work / "apt-sources"
+    check.mkdir()
+    try:
+        raw = check / "disk.raw"
+        tools.run(tools.qemu_img_convert_argv(layer.rootfs, layer.rootfs_format, raw, target_format="raw"))
+        try:
+            table = json.loads(tools.run(tools.sfdisk_json_argv(raw)))
+        except ToolError:
+            table = None
+        number = None if layer.root_device == "/dev/vda" else int(layer.root_device.removeprefix("/dev/vda"))
+        (root,) = [p for p in partitions(table) if p.number == number] or [Partition(None, 0)]
+        disk = _Disk(raw, check)
+        names = listing_names(disk.requests(root, ["ls -p /etc/apt/sources.list.d"]))
+        wanted = ["etc/apt/sources.list"] + [f"etc/apt/sources.list.d/{n}"
+                                             for n in names.get("/etc/apt/sources.list.d", [])
+                                             if n.endswith((".list", ".sources")) and _SAFE_PATH.match(n)]
+        disk.requests(root, [f"dump /{path} f{i}" for i, path in enumerate(wanted)])
+        texts = [(check / f"f{i}").read_text(errors="replace") for i in range(len(wanted))
+                 if (check / f"f{i}").is_file()]
+        return apt_source_urls(texts)
+    finally:
+        remove_tree(check)

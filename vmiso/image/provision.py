@@ -30,9 +30,9 @@ from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoEr
 from ..progress import Steps
 from ..seed import RUN_USER, SeedInputs, write_seed
 from ..workdir import OWNER_FILE, SHARE_FS_SUFFIX, bounded_share, claim, install_dir, private_dir, remove_tree
-from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer
-from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from . import sealcheck
+from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sources
+from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
 from .store import MANIFEST, Image, images_root, prepare_root, root_only, sha256_file
 
@@ -371,7 +371,9 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                                  "do not run 'vmiso gc --layers' while provisioning")
         with steps.step("keys", "client key and pinned host key"):
             keys = _make_keys(work)
-        allowed = gateway.allow_list(config, warn=True)
+        # A cloud image's apt uses its own sources: read them (without booting it) for the allow-list.
+        apt_urls = read_apt_sources(layer, work) if config.image.cloud_image is not None else []
+        allowed = gateway.allow_list(config, apt_urls, warn=True)
         with steps.step("proxy", "the gateway, forwarding only to " + ", ".join(map(str, allowed))):
             gw = gateway.start(state_dir, name, allowed)
             undo.callback(gw.remove)
