@@ -335,7 +335,8 @@ def summarize(entries: list[dict]) -> dict:
     def hosts(allowed: bool) -> list[dict]:
         seen: dict[str, dict] = {}
         for e in entries:
-            if e["allowed"] != allowed:
+            # host "-": a connection that closed before it asked for anything (a readiness probe)
+            if e["allowed"] != allowed or e["host"] == "-":
                 continue
             key = f"{e['host']}:{e['port']}" if e["port"] is not None else e["host"]
             item = seen.setdefault(key, {"host": key, "connections": 0, "bytes_from_guest": 0,
