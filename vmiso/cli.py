@@ -247,7 +247,7 @@ def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
         click.echo("no images; build one with 'vmiso provision'")
         return
     # Package names and versions come from the guest (pip freeze, written while
-    # install-time code ran as root): shown, never obeyed, like everything a guest wrote.
+    # install-time code ran): shown, never obeyed, like everything a guest wrote.
     _say(f"{'NAME':<20} {'SIZE':>9} {'CREATED':<26} SHA256")
     for row in rows:
         _say(f"{row['name']:<20} {row['size'] / 1024**2:>7.0f}MB {row['created'] or '?':<26} {row['sha256']}")
