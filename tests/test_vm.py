@@ -100,6 +100,10 @@ def test_provision_makes_a_sealed_verified_image(image):
     assert [(i["name"], i["sha256"]) for i in listed] == [("it", manifest["sha256"])]
     assert "tabulate==0.9.0" in vmiso("images", "-c", image["config"], check=True).stdout
     assert manifest["sha256"] in vmiso("images", "-c", image["config"], "verify", "it", check=True).stdout
+    # Provisioned through the gateway: the index and its file host, nothing refused, all recorded.
+    shown = json.loads(vmiso("images", "-c", image["config"], "show", "it", "--json", check=True).stdout)
+    assert {"pypi.org:443", "files.pythonhosted.org:443"} == {h["host"] for h in shown["gateway"]["contacted"]}
+    assert shown["gateway"]["refused"] == []
     assert leftovers(state) == []
     # The sealed image holds no cloud-init state or network configuration; the
     # provisioning log was kept beside it.
