@@ -85,8 +85,6 @@ BUILD_USER=vmiso-build
 run useradd --system --create-home --home-dir /var/lib/vmiso-build --shell /usr/sbin/nologin "$BUILD_USER"
 run install -d -o root -g root -m 0755 /opt/vmiso
 run install -d -o "$BUILD_USER" -g "$BUILD_USER" -m 0755 "$VENV"
-cp /var/lib/vmiso/requirements.txt /var/lib/vmiso-build/requirements.txt
-chmod 0644 /var/lib/vmiso-build/requirements.txt
 as_build() { runuser -u "$BUILD_USER" -- env HOME=/var/lib/vmiso-build "$@"; }
 run as_build python3 -m venv "$VENV"
 
@@ -97,7 +95,7 @@ export PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK
 export PIP_PROXY="$PROXY" HTTP_PROXY="$PROXY" HTTPS_PROXY="$PROXY" http_proxy="$PROXY" https_proxy="$PROXY"
 # PIP_INDEX_URL, PIP_EXTRA_INDEX_URL and PIP_REQUIRE_HASHES come from $CONF.
 if [ -s /var/lib/vmiso/requirements.txt ]; then
-    run as_build "$VENV/bin/pip" install --no-input -r /var/lib/vmiso-build/requirements.txt
+    run as_build "$VENV/bin/pip" install --no-input -r /var/lib/vmiso/requirements.txt
 fi
 
 step manifest
@@ -117,6 +115,11 @@ step seal
 touch /etc/cloud/cloud-init.disabled
 rm -f /etc/network/interfaces.d/* /etc/netplan/*.yaml 2>/dev/null
 run apt-get clean
+# The requirements and cloud-init's copies of the seed are overwritten with zeros in
+# place before they are deleted: fstrim below discards only whole free blocks, and
+# QEMU drops a discard that covers part of a qcow2 cluster, so a deleted file's
+# block could survive in the template beside live data.
+find /var/lib/vmiso/requirements.txt /var/lib/cloud -xdev -type f -exec shred -z -n 0 {} + 2>/dev/null
 rm -rf /var/lib/apt/lists/* /root/.cache /var/cache/debconf/*-old /var/lib/vmiso/requirements.txt
 : > /etc/machine-id
 run cloud-init clean --logs
