@@ -211,14 +211,14 @@ class _Build:
     gateway: gateway.Gateway
 
 
-def _open_gateway(build: _Build, domain: str, keys: _Keys, socket_path: Path, undo: ExitStack) -> None:
+def _open_gateway(build: _Build, domain: str, keys: _Keys, socket_path: Path, link: ExitStack) -> None:
     """The guest waits on its gateway port: connect over the SSH link and forward it to the gateway."""
     session = ssh.connect(socket_path, name=domain, host_key=keys.host_public, client_key=keys.client_private,
                           user=RUN_USER, deadline=time.monotonic() + 120,
                           alive=lambda: build.hv.is_running(domain))
-    undo.callback(session.close)
+    link.callback(session.close)
     forward = session.forward_from_guest(gateway.GUEST_PORT, build.gateway.address)
-    undo.callback(forward.close)
+    link.callback(forward.close)
 
 
 def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements | None,
@@ -268,7 +268,8 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
         ssh_socket=work / "ssh.sock",  # no network device: the gateway is reached over this link
         metadata={"kind": "provision", "workdir": str(work)},
     )
-    with steps.step("boot", "provisioning VM (no network device), cloud-init"):
+    # The SSH link that carries the gateway lasts while the VM runs, however its loop ends.
+    with steps.step("boot", "provisioning VM (no network device), cloud-init"), ExitStack() as link:
         build.hv.start_transient(domain, domain_xml(spec))
         undo.callback(build.hv.destroy, domain)
         watcher = ConsoleWatcher(build.console_log)
@@ -291,7 +292,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
                     current = step
                     steps.start(step, "inside the VM")
                     if step == "gateway":
-                        _open_gateway(build, domain, keys, work / "ssh.sock", undo)
+                        _open_gateway(build, domain, keys, work / "ssh.sock", link)
                     step_log, shown = ConsoleWatcher(report / f"{step}.log", STEP_LOG_READ_BYTES), None
             if step_log is not None:
                 step_log.poll()
