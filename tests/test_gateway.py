@@ -201,3 +201,26 @@ def test_squid_ends_when_the_supervisors_pipe_closes(state):
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists()
     gw.remove()
+
+
+@needs_squid
+def test_a_vmiso_killed_with_sigkill_leaves_no_squid_and_gc_removes_its_files(state):
+    import subprocess
+    import sys
+
+    script = ("import sys, time\nfrom pathlib import Path\nfrom vmiso import gateway\n"
+              "gw = gateway.start(Path(sys.argv[1]), 'k', (gateway.Allowed('localhost', 9),))\n"
+              "print(gw.directory, flush=True)\ntime.sleep(600)\n")
+    vmiso = subprocess.Popen([sys.executable, "-c", script, str(state)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+    directory = Path(vmiso.stdout.readline().strip())
+    pid = int((directory / gateway.PID_FILE).read_text())
+    assert Path(f"/proc/{pid}").exists()
+    vmiso.kill()  # SIGKILL: no cleanup of its own runs
+    vmiso.wait()
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()  # the supervisor saw the pipe close and ended squid
+    assert [(item.kind, item.name) for item in reaper.find(None, state)] == [("gateway", directory.name)]
+    assert reaper.clean(None, state).failed == [] and not directory.exists()
