@@ -624,6 +624,8 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
                 self.send_error(404)
                 return
             self.send_response(200)
+            self.send_header("Content-Type", "text/html" if path.path.startswith("/simple/")
+                             else "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
