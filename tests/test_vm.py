@@ -666,7 +666,7 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     assert loopback_hits == []  # the host's loopback listener saw nothing
     # The refusals were said at the end, named; the record is bound to the manifest.
     assert "blocked.invalid:443" in done.stderr and "provision.allow_hosts" in done.stderr
-    shown = json.loads(vmiso("images", "show", "gw", "--json", "-c", config, check=True).stdout)
+    shown = json.loads(vmiso("images", "-c", config, "show", "gw", "--json", check=True).stdout)
     contacted = {h["host"] for h in shown["gateway"]["contacted"]}
     refused = {h["host"] for h in shown["gateway"]["refused"]}
     assert {"pypi.org:443", "files.pythonhosted.org:443", f"localhost:{server.server_address[1]}"} <= contacted
@@ -677,4 +677,4 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     assert hashlib.sha256(record.read_bytes()).hexdigest() == manifest["gateway"]["sha256"]
     assert not list((image["state"] / "gateways").iterdir())  # the gateway ended with its provisioning
     assert leftovers(image["state"]) == []
-    vmiso("images", "rm", "gw", "-c", config, check=True)
+    vmiso("images", "-c", config, "rm", "gw", check=True)
