@@ -115,11 +115,6 @@ step seal
 touch /etc/cloud/cloud-init.disabled
 rm -f /etc/network/interfaces.d/* /etc/netplan/*.yaml 2>/dev/null
 run apt-get clean
-# The requirements and cloud-init's copies of the seed are overwritten with zeros in
-# place before they are deleted: fstrim below discards only whole free blocks, and
-# QEMU drops a discard that covers part of a qcow2 cluster, so a deleted file's
-# block could survive in the template beside live data.
-find /var/lib/vmiso/requirements.txt /var/lib/cloud -xdev -type f -exec shred -z -n 0 {} + 2>/dev/null
 rm -rf /var/lib/apt/lists/* /root/.cache /var/cache/debconf/*-old /var/lib/vmiso/requirements.txt
 : > /etc/machine-id
 run cloud-init clean --logs
