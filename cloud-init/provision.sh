@@ -66,10 +66,10 @@ PROXY="http://127.0.0.1:$GATEWAY_PORT"
 
 step apt
 export DEBIAN_FRONTEND=noninteractive
-# Through the gateway: it forwards to the mirror (or the image's sources) only.
-WAIT_LOCK="-o DPkg::Lock::Timeout=600 -o Acquire::http::Proxy=$PROXY -o Acquire::https::Proxy=$PROXY"
 # A cloud image may start its own apt jobs at first boot (apt-daily,
-# unattended-upgrades): wait for their lock rather than fail on it.
+# unattended-upgrades): wait for their lock rather than fail on it.  And go
+# through the gateway: it forwards to the mirror (or the image's sources) only.
+WAIT_LOCK="-o DPkg::Lock::Timeout=600 -o Acquire::http::Proxy=$PROXY -o Acquire::https::Proxy=$PROXY"
 if [ -n "$APT_PACKAGES" ]; then
     # shellcheck disable=SC2086  # option and package lists, split on purpose
     run apt-get $WAIT_LOCK update -q
