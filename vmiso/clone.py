@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import tools
 from .domain import Disk, DomainSpec, KernelBoot, Share
-from .image.store import Image, boot_files, copy_verified
+from .image.store import Image, boot_files, copy_verified, reprovision_hint
 from .workdir import bounded_share, claim, private_dir, share_dir
 
 # The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
@@ -99,9 +99,9 @@ def copy_boot_files(clone: CloneDir, image: Image) -> None:
     Copies, because libvirt gives the files it boots to QEMU's user while the VM
     runs (store.boot_files); the image's own stay root's and unchanged.
     """
-    fix = f"the image was changed; remove it and provision it again (vmiso images rm {image.name})"
     for source, expected in boot_files(image).items():
-        copy_verified(source, clone.path / source.name, expected, what=f"image {image.name}: {source.name}", fix=fix)
+        copy_verified(source, clone.path / source.name, expected, what=f"image {image.name}: {source.name}",
+                      fix=reprovision_hint(image))
 
 
 def make_scratch(clone: CloneDir, size_bytes: int, *, like: Path | None = None) -> None:

@@ -269,31 +269,10 @@ class Published:
             threading.Thread(target=self._serve, args=(conn, channel), daemon=True).start()
 
     def _serve(self, conn: socket.socket, channel: paramiko.Channel) -> None:
-        """Copy both ways; an end of file in one direction is passed on as such (a
-        half-close), and the connection ends when both directions have."""
-        upstream = threading.Thread(target=self._copy, args=(conn, channel), daemon=True)
-        upstream.start()
-        self._copy(channel, conn)
-        upstream.join()
-        for end in (conn, channel):
-            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                end.close()
+        _join(conn, channel)
         with self._lock:
             self._open.difference_update((conn, channel))
         self._slots.release()
-
-    @staticmethod
-    def _copy(source: socket.socket | paramiko.Channel, sink: socket.socket | paramiko.Channel) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except (OSError, EOFError, paramiko.SSHException):
-            pass
-        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-            if isinstance(sink, socket.socket):
-                sink.shutdown(socket.SHUT_WR)
-            else:
-                sink.shutdown_write()
 
     def close(self) -> None:
         """Stop listening and end every connection: the port is the run's only while it lasts."""
@@ -306,6 +285,31 @@ class Published:
         for end in ends:
             with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                 end.close()
+
+
+def _join(conn: socket.socket, channel: paramiko.Channel) -> None:
+    """Copy both ways until both directions end, then close both: an end of file in one
+    direction is passed on as such (a half-close).  A forward's connection, either way round."""
+    upstream = threading.Thread(target=_copy, args=(conn, channel), daemon=True)
+    upstream.start()
+    _copy(channel, conn)
+    upstream.join()
+    for end in (conn, channel):
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            end.close()
+
+
+def _copy(source: socket.socket | paramiko.Channel, sink: socket.socket | paramiko.Channel) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
+    with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+        if isinstance(sink, socket.socket):
+            sink.shutdown(socket.SHUT_WR)
+        else:
+            sink.shutdown_write()
 
 
 class RemoteForward:
@@ -333,13 +337,7 @@ class RemoteForward:
             channel.close()
             return
         conn.settimeout(None)
-        upstream = threading.Thread(target=Published._copy, args=(channel, conn), daemon=True)
-        upstream.start()
-        Published._copy(conn, channel)
-        upstream.join()
-        for end in (conn, channel):
-            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                end.close()
+        _join(conn, channel)
 
     def close(self) -> None:
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):

@@ -131,7 +131,7 @@ def find_kernel(listings: dict[Partition, dict[str, list[str]]]) -> Kernel:
     )
 
 
-class _Disk:
+class DebugfsDisk:
     """A raw copy of the image, read with debugfs one filesystem at a time."""
 
     def __init__(self, raw: Path, work: Path) -> None:
@@ -214,7 +214,7 @@ def check_qcow2(disk: Path, source: Path) -> None:
                           f"flatten it first: qemu-img convert -O qcow2 {source} IMAGE.qcow2")
 
 
-def _extract(disk: _Disk, steps: Steps) -> tuple[Kernel, Partition]:
+def _extract(disk: DebugfsDisk, steps: Steps) -> tuple[Kernel, Partition]:
     try:
         table = json.loads(tools.run(tools.sfdisk_json_argv(disk.raw)))
     except ToolError:
@@ -264,7 +264,7 @@ def ensure_cloud_layer(state_dir: Path, cloud: CloudImage, steps: Steps) -> Laye
         check_qcow2(work / DISK, cloud.path)
         raw = work / "disk.raw"
         tools.run(tools.qemu_img_convert_argv(work / DISK, "qcow2", raw, target_format="raw"))
-        kernel, root = _extract(_Disk(raw, work), steps)
+        kernel, root = _extract(DebugfsDisk(raw, work), steps)
         (work / "initramfs.img").write_bytes(initramfs.build(work / "modules", HOST_BUSYBOX))
         for leftover in (raw, work / "debugfs.requests"):
             leftover.unlink()
@@ -297,6 +297,18 @@ def apt_source_urls(texts: list[str]) -> list[str]:
     return [url for url in dict.fromkeys(found) if url.startswith(("http://", "https://"))]
 
 
+def root_partition(raw: Path, root_device: str) -> Partition:
+    """Where the root filesystem ``root_device`` (/dev/vda, or /dev/vdaN) is in the raw disk ``raw``."""
+    if root_device == "/dev/vda":
+        return Partition(None, 0)
+    number = int(root_device.removeprefix("/dev/vda"))
+    table = json.loads(tools.run(tools.sfdisk_json_argv(raw)))
+    for part in partitions(table):
+        if part.number == number:
+            return part
+    raise ImageError(f"the disk has no partition {number} (its root, {root_device})")
+
+
 def read_apt_sources(layer: Layer, work: Path) -> list[str]:
     """A cloud image's apt source URIs, read from its verified copy with debugfs (no boot, no mount)."""
     check = work / "apt-sources"
@@ -304,13 +316,8 @@ def read_apt_sources(layer: Layer, work: Path) -> list[str]:
     try:
         raw = check / "disk.raw"
         tools.run(tools.qemu_img_convert_argv(layer.rootfs, layer.rootfs_format, raw, target_format="raw"))
-        try:
-            table = json.loads(tools.run(tools.sfdisk_json_argv(raw)))
-        except ToolError:
-            table = None
-        number = None if layer.root_device == "/dev/vda" else int(layer.root_device.removeprefix("/dev/vda"))
-        (root,) = [p for p in partitions(table) if p.number == number] or [Partition(None, 0)]
-        disk = _Disk(raw, check)
+        root = root_partition(raw, layer.root_device)
+        disk = DebugfsDisk(raw, check)
         names = listing_names(disk.requests(root, ["ls -p /etc/apt/sources.list.d"]))
         wanted = ["etc/apt/sources.list"] + [f"etc/apt/sources.list.d/{n}"
                                              for n in names.get("/etc/apt/sources.list.d", [])

@@ -12,36 +12,23 @@ installed them (a cloud image's).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from .. import tools
 from ..errors import ImageError, ToolError
 from ..workdir import remove_tree
-from .cloud import Partition, partitions, safe_path
+from .cloud import DebugfsDisk, Partition, root_partition, safe_path
 from .layer import Layer, guest_files
 
 # Programs every clone runs, and the package that ships each.
 PROGRAMS = {"/usr/sbin/sshd": "openssh-server", "/usr/bin/tini": "tini"}
 
 
-def _root(raw: Path, root_device: str) -> Partition:
-    if root_device == "/dev/vda":
-        return Partition(None, 0)
-    number = int(root_device.removeprefix("/dev/vda"))
-    table = json.loads(tools.run(tools.sfdisk_json_argv(raw)))
-    for part in partitions(table):
-        if part.number == number:
-            return part
-    raise ImageError(f"the template has no partition {number} (its root, {root_device})")
-
-
 def _dump(raw: Path, part: Partition, files: dict[str, str], into: Path) -> dict[str, bytes | None]:
     """Read ``files`` (path in the image -> name in ``into``) with debugfs; None for a missing one."""
     into.mkdir(parents=True, exist_ok=True)
-    requests = into / "debugfs.requests"
-    requests.write_text("".join(f"dump {safe_path(inside)} {safe_path(name)}\n" for inside, name in files.items()))
-    tools.run(tools.debugfs_argv(raw, part.offset, requests), cwd=into)
+    DebugfsDisk(raw, into).requests(part, [f"dump {safe_path(inside)} {safe_path(name)}"
+                                           for inside, name in files.items()])
     return {inside: (into / name).read_bytes() if (into / name).is_file() else None
             for inside, name in files.items()}
 
@@ -65,7 +52,7 @@ def differences(template: Path, layer: Layer, work: Path) -> list[str]:
         wanted = {path: f"f{i}" for i, path in enumerate([*expected_guest, *PROGRAMS])}
         wanted.update({f"/var/lib/dpkg/info/{package}.md5sums": f"m{i}"
                        for i, package in enumerate(PROGRAMS.values())})
-        found = _dump(raw, _root(raw, layer.root_device), wanted, check / "template")
+        found = _dump(raw, root_partition(raw, layer.root_device), wanted, check / "template")
         raw.unlink()
         reference: dict[str, bytes | None] = {}
         if layer.rootfs_format == "raw":  # a recipe's layer: a bare ext4 filesystem

@@ -170,7 +170,7 @@ def check_file(path: Path, expected: str | None, *, what: str, fix: str) -> str:
     """``path``'s sha256 if it is ``expected``, re-hashing only when the file's identity
     changed since it last matched (a cache beside it, root's like the file); else ImageError.
 
-    The file is made root's and read-only first (``_root_only``)."""
+    The file is made root's and read-only first (``root_only``)."""
     if not expected:
         raise ImageError(f"{what} has no recorded sha256, so it cannot be verified", fix)
     try:
@@ -187,7 +187,7 @@ def check_file(path: Path, expected: str | None, *, what: str, fix: str) -> str:
     return actual
 
 
-def _fix(image: Image) -> str:
+def reprovision_hint(image: Image) -> str:
     return f"it was changed; remove the image and provision it again (vmiso images rm {image.name})"
 
 
@@ -195,7 +195,7 @@ def verify(image: Image) -> str:
     """Re-hash the template, kernel and initramfs; the template's sha256, or ImageError."""
     _forget(image)
     for path, expected in boot_files(image).items():
-        check_file(path, expected, what=f"image {image.name}: {path.name}", fix=_fix(image))
+        check_file(path, expected, what=f"image {image.name}: {path.name}", fix=reprovision_hint(image))
     return verified_sha256(image)
 
 
@@ -210,7 +210,7 @@ def verified_sha256(image: Image) -> str:
     """The template's checked sha256 (the kernel and initramfs are checked as they are
     copied for each boot: ``copy_verified``)."""
     return check_file(image.template, image.manifest().get("sha256"), what=f"image {image.name}: template",
-                      fix=_fix(image))
+                      fix=reprovision_hint(image))
 
 
 def boot_files(image: Image) -> dict[Path, str]:
