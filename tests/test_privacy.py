@@ -106,7 +106,7 @@ def test_a_template_left_writable_by_qemu_is_made_root_s_again_before_it_is_trus
     assert store.check_file(template, digest, what="template", fix="") == digest
     st = template.stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o444)
-    assert f"was not root's and read-only (uid {uid}, mode 644)" in caplog.text
+    assert f"was not its owner's and read-only (uid {uid}, mode 644)" in caplog.text
 
 
 def test_files_without_a_recorded_sha256_or_missing_are_refused_unread(tmp_path, monkeypatch):

@@ -64,8 +64,8 @@ def test_kvm_problem_reads_the_host(tmp_path):
 
 def test_orphaned_warm_builds_are_found(tmp_path):
     state = tmp_path / "state"
-    (state / "images" / "x" / "warm" / ".building-slot-0-abc").mkdir(parents=True)
-    (state / "images" / "x" / "warm" / "slot-0").mkdir()
+    (state / "warm" / "x" / ".building-slot-0-abc").mkdir(parents=True)
+    (state / "warm" / "x" / "slot-0").mkdir()
     found = [(i.kind, i.name) for i in reaper.find(None, state)]
     assert found == [("warm state build", ".building-slot-0-abc")]
 

@@ -67,7 +67,7 @@ class FakeConnect:
     def __call__(self, socket_path: Path, **kwargs) -> FakeSession:
         self.calls.append(kwargs)
         assert kwargs["alive"]()  # the VM runs while vmiso connects
-        session = FakeSession(CloneDir(socket_path.parent), self.job)
+        session = FakeSession(CloneDir(socket_path.parent.parent), self.job)  # run/link/ssh.sock
         self.sessions.append(session)
         return session
 

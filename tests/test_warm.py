@@ -27,14 +27,14 @@ def make_slot(image: Image, index: int, key: warm.WarmKey = KEY) -> None:
 
 
 def test_no_warm_state_says_how_to_make_one(tmp_path):
-    image = Image("x", tmp_path)
+    image = Image("x", tmp_path / "images" / "x")
     with ExitStack() as stack:
         slot, why = warm.acquire(image, KEY, stack)
     assert slot is None and "vmiso images warm x" in why
 
 
 def test_slots_are_exclusive_and_freed(tmp_path):
-    image = Image("x", tmp_path)
+    image = Image("x", tmp_path / "images" / "x")
     make_slot(image, 0)
     make_slot(image, 1)
     with ExitStack() as first, ExitStack() as second, ExitStack() as third:
@@ -49,7 +49,7 @@ def test_slots_are_exclusive_and_freed(tmp_path):
 
 
 def test_stale_state_is_not_used_and_the_reason_is_named(tmp_path):
-    image = Image("x", tmp_path)
+    image = Image("x", tmp_path / "images" / "x")
     make_slot(image, 0, dataclasses.replace(KEY, template_sha256="b" * 64, hypervisor="libvirt 9.0, QEMU 8.0"))
     with ExitStack() as stack:
         slot, why = warm.acquire(image, KEY, stack)
@@ -58,7 +58,7 @@ def test_stale_state_is_not_used_and_the_reason_is_named(tmp_path):
 
 
 def test_other_memory_size_falls_back(tmp_path):
-    image = Image("x", tmp_path)
+    image = Image("x", tmp_path / "images" / "x")
     make_slot(image, 0)
     with ExitStack() as stack:
         slot, why = warm.acquire(image, dataclasses.replace(KEY, memory_mib=1024), stack)
@@ -68,7 +68,7 @@ def test_other_memory_size_falls_back(tmp_path):
 def test_another_cpu_model_falls_back_and_names_both(tmp_path):
     # A state saved before the CPU was chosen on purpose (no model recorded) or for
     # another one must not be restored onto this CPU.
-    image = Image("x", tmp_path)
+    image = Image("x", tmp_path / "images" / "x")
     make_slot(image, 0, dataclasses.replace(KEY, cpu="host-passthrough"))
     with ExitStack() as stack:
         slot, why = warm.acquire(image, KEY, stack)
@@ -77,7 +77,7 @@ def test_another_cpu_model_falls_back_and_names_both(tmp_path):
 
 
 def test_other_scratch_size_or_old_link_falls_back(tmp_path):
-    image = Image("x", tmp_path)
+    image = Image("x", tmp_path / "images" / "x")
     make_slot(image, 0, dataclasses.replace(KEY, link=1))
     with ExitStack() as stack:
         slot, why = warm.acquire(image, dataclasses.replace(KEY, scratch_bytes=4 * 1024**3), stack)
@@ -111,8 +111,9 @@ def test_a_warm_state_is_made_for_the_accelerator_runs_resolve(tmp_path, monkeyp
     # The manifest records the accelerator of the provisioning; 'images warm' under
     # another one must make states that runs under it can use.
 
-    image = Image("x", tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"sha256": "a" * 64, "accel": "kvm"}))
+    image = Image("x", tmp_path / "images" / "x")
+    image.path.mkdir(parents=True)
+    (image.path / "manifest.json").write_text(json.dumps({"sha256": "a" * 64, "accel": "kvm"}))
     built = []
     monkeypatch.setattr(warm, "build", lambda hv, image, key, steps, boot_timeout: built.append(key))
     warm.make_warm_state(config_mod.load(None, env={"VMISO_ACCEL": "tcg"}), VersionOnly(), image, None)
@@ -187,7 +188,7 @@ def test_the_ready_wait_ends_at_its_deadline(tmp_path):
 
 def test_an_unreadable_or_unfit_slot_is_not_used(tmp_path):
 
-    image = Image("x", tmp_path)
+    image = Image("x", tmp_path / "images" / "x")
     (warm.warm_root(image) / "slot-0").mkdir(parents=True)  # no warm.json
     with ExitStack() as stack:
         slot, why = warm.acquire(image, KEY, stack)

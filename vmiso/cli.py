@@ -563,13 +563,14 @@ def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, lay
     from . import reaper
     from .hypervisor import connected
     from .image.layer import remove_cached_layers
+    from .workdir import own_dir
 
     config = _load(ctx, config_path, state_dir=state_dir)
     with connected(config.libvirt_uri) as hv:
         cleaned = reaper.clean(hv, config.state_dir)
     for item in cleaned.removed:
         _say(f"removed {item.kind} {item.name}")
-    freed, kept = remove_cached_layers(config.state_dir) if layers else ([], [])
+    freed, kept = remove_cached_layers(own_dir(config.state_dir)) if layers else ([], [])
     for layer in freed:
         click.echo(f"removed OS layer {layer.key} ({layer.size / 1024**2:.0f} MiB)")
     for layer in kept:

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import tools
 from .domain import Disk, DomainSpec, KernelBoot, Share
 from .image.store import Image, boot_files, copy_verified, reprovision_hint
-from .workdir import bounded_share, claim, private_dir, share_dir
+from .workdir import bounded_share, claim, console_file, link_dir, private_dir, share_dir
 
 # The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
 # panic=-1: a guest whose init dies reboots at once, which on_reboot turns into its end.
@@ -57,8 +57,13 @@ class CloneDir:
         return self.path / "out"
 
     @property
+    def link(self) -> Path:
+        """What libvirt makes for the clone's SSH link (workdir.link_dir)."""
+        return self.path / "link"
+
+    @property
     def ssh_socket(self) -> Path:
-        return self.path / "ssh.sock"
+        return self.link / "ssh.sock"
 
     @property
     def console_log(self) -> Path:
@@ -81,9 +86,11 @@ def make_clone_dir(path: Path, *, output_limits: tuple[int, int] | None = None) 
     private_dir(path)
     claim(path)
     clone = CloneDir(path)
-    share_dir(clone.inputs, writable=False)
+    link_dir(clone.link)
+    console_file(clone.console_log)
+    share_dir(clone.inputs)
     if output_limits is None:
-        share_dir(clone.outputs, writable=True)
+        share_dir(clone.outputs)
     else:
         bounded_share(clone.outputs, max_bytes=output_limits[0], max_files=output_limits[1])
     return clone

@@ -114,6 +114,12 @@ def backing_store(chain: tuple[tuple[Path, str], ...]) -> ET.Element:
     return top
 
 
+# The host modes QEMU gives what the guest creates in a writable share (the guest's
+# own modes go to xattrs).  Group bits, which a POSIX ACL reads as its mask, let
+# the share's ACL (sharemount.py) give the analyst who ran vmiso read access.
+WRITABLE_SHARE_MODES = {"fmode": "0640", "dmode": "0750"}
+
+
 def _share(share: Share) -> ET.Element:
     # "mapped": the guest's owners and modes live in xattrs on the host, so guest
     # root cannot create host files owned by anyone but the QEMU user.
@@ -123,6 +129,8 @@ def _share(share: Share) -> ET.Element:
     _sub(el, "target", dir=share.tag)
     if share.readonly:
         _sub(el, "readonly")
+    else:
+        el.attrib.update(WRITABLE_SHARE_MODES)
     return el
 
 
@@ -277,6 +285,8 @@ def retarget(saved_xml: str, to: Retarget) -> str:
         if tag is None or tag not in to.shares:
             raise ValueError(f"the saved domain shares {tag!r}, which the run does not provide")
         _child(fs, "source").set("dir", str(to.shares[tag]))
+        if fs.find("readonly") is None:  # a state saved before the share had its modes
+            fs.attrib.update(WRITABLE_SHARE_MODES)
     old = root.find("metadata")
     if old is not None:
         root.remove(old)

@@ -11,6 +11,7 @@ VM is destroyed here too when one remains.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 from . import gateway
 from .errors import VmisoError
 from .tree import Failure
-from .workdir import owner_alive, remove_tree
+from .workdir import own_dir, owner_alive, remove_tree
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
     from .hypervisor import Hypervisor
@@ -34,33 +35,45 @@ class Leftover:
 
 
 def _orphan_dirs(parent: Path, pattern: str) -> list[Path]:
+    """This user's directories in ``parent`` whose vmiso is gone (the shared image store
+    holds other members' builds too: theirs are theirs to clean)."""
     if not parent.is_dir():
         return []
-    return [p for p in sorted(parent.glob(pattern)) if p.is_dir() and not owner_alive(p)]
+    uid = os.geteuid()
+    return [p for p in sorted(parent.glob(pattern))
+            if p.is_dir() and uid in (0, p.stat().st_uid) and not owner_alive(p)]
 
 
 def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
+    """What dead vmiso processes of this user left (root's: all of root's, and any VM)."""
     found = []
-    for run_dir in _orphan_dirs(state_dir / "runs", "*"):
+    home = own_dir(state_dir)
+    for run_dir in _orphan_dirs(home / "runs", "*"):
         found.append(Leftover("run directory", run_dir.name, run_dir))
     for build in _orphan_dirs(state_dir / "images", ".building-*"):
         found.append(Leftover("image build", build.name, build))
-    for build in _orphan_dirs(state_dir / "layers", ".building-*"):
+    for build in _orphan_dirs(home / "layers", ".building-*"):
         found.append(Leftover("OS layer build", build.name, build))
-    for doomed in _orphan_dirs(state_dir / "layers", ".removing-*"):  # a removal that was cut short
+    for doomed in _orphan_dirs(home / "layers", ".removing-*"):  # a removal that was cut short
         found.append(Leftover("OS layer removal", doomed.name, doomed))
-    for orphan in gateway.orphans(state_dir):  # a provisioning's squid whose vmiso is gone
+    for orphan in gateway.orphans(home):  # a provisioning's squid whose vmiso is gone
         running = " (squid still running)" if gateway.running_orphan(orphan) else ""
         found.append(Leftover("gateway", orphan.name + running, orphan))
-    for build in _orphan_dirs(state_dir / "images", "*/warm/.building-*"):
+    for build in _orphan_dirs(home / "warm", "*/.building-*"):
         found.append(Leftover("warm state build", build.name, build))
     if hv is not None:
         for dom in hv.vmiso_domains():
-            home = dom.metadata.get("run_dir") or dom.metadata.get("workdir")
-            if home and Path(home).is_dir() and owner_alive(Path(home)):
+            where = dom.metadata.get("run_dir") or dom.metadata.get("workdir")
+            if home != state_dir and not (where and _below(Path(where), home)):
+                continue  # another analyst's VM: never this user's to judge
+            if where and Path(where).is_dir() and owner_alive(Path(where)):
                 continue
             found.append(Leftover("vm", dom.name))
     return found
+
+
+def _below(path: Path, directory: Path) -> bool:
+    return os.path.normpath(path).startswith(os.path.normpath(directory) + os.sep)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from .image.store import Image, get_image, verified_sha256
 from .inputs import GUEST_IN, check_inputs, stage_inputs
 from .progress import Steps
 from .seed import RUN_USER
-from .workdir import bounded_share_size, private_dir, share_full
+from .workdir import bounded_share_size, own_dir, private_dir, share_full
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -235,7 +235,7 @@ def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, 
            cleanup: ExitStack) -> CloneDir:
     """The run's directory, removed when ``cleanup`` closes, with the inputs copied in."""
     with steps.step("stage", "run directory and inputs"):
-        runs = config.state_dir / "runs"
+        runs = own_dir(config.state_dir) / "runs"
         limits = (config.run.output_max_bytes, config.run.output_max_files)
         check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*limits))
         path = runs / run_id

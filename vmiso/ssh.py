@@ -404,6 +404,10 @@ def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, us
             sock.connect(str(socket_path))
             if hello is not None:
                 sock.sendall(hello())
+        except PermissionError as err:  # no waiting will change that
+            sock.close()
+            raise GuestError(f"cannot reach VM {name}'s SSH link {socket_path}: {err.strerror}",
+                             "vmiso doctor checks what this user may reach") from None
         except OSError as err:
             sock.close()
             last_error = str(err)

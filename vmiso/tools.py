@@ -211,23 +211,6 @@ def mkfs_scratch_argv(image: Path) -> list[str]:
             "-E", "lazy_itable_init=1,nodiscard,root_owner=0:0", str(image)]
 
 
-def mkfs_share_argv(image: Path, inodes: int, owner: tuple[int, int]) -> list[str]:
-    # A writable share's own filesystem, so that the kernel bounds what the guest can
-    # put there: its size bounds the bytes (names, directories and xattrs included),
-    # -N the files and directories.  4 KiB blocks and 256-byte inodes whatever the
-    # size (small filesystems would get 128-byte inodes, and 9p's mapped-mode xattrs
-    # would each take a block of their own).  No journal: nothing in it outlives the run.
-    return ["mkfs.ext4", "-q", "-F", "-L", "vmiso-share", "-b", "4096", "-I", "256", "-m", "0",
-            "-N", str(inodes), "-O", "^has_journal,^resize_inode",
-            "-E", f"lazy_itable_init=1,nodiscard,root_owner={owner[0]}:{owner[1]}", str(image)]
-
-
-def mount_share_argv(image: Path, mount_point: Path) -> list[str]:
-    # The host kernel is the only writer of this filesystem (QEMU reaches it through
-    # system calls, never through the image file), and nothing on it may run or be a device.
-    return ["mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noexec,noinit_itable", str(image), str(mount_point)]
-
-
 def cp_sparse_argv(source: Path, target: Path) -> list[str]:
     # Holes stay holes (coreutils finds them with SEEK_DATA): a 2 GiB scratch image
     # with a few MiB of metadata copies in milliseconds.
@@ -249,6 +232,11 @@ def sfdisk_json_argv(disk: Path) -> list[str]:
 def ldd_argv(program: Path) -> list[str]:
     # Succeeds only for a dynamically linked program.
     return ["ldd", str(program)]
+
+
+def sudo_argv(program: Path, *args: str) -> list[str]:
+    # -n: never ask for a password (setup-host's rule needs none; without it, fail at once).
+    return ["sudo", "-n", "--", str(program), *args]
 
 
 def umount_argv(mount_point: Path) -> list[str]:

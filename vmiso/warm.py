@@ -38,7 +38,7 @@ from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, re
 from .errors import GuestError, ImageError
 from .image.store import Image, check_file, remember
 from .progress import Steps
-from .workdir import OWNER_FILE, flocked, install_dir, private_dir, remove_tree
+from .workdir import OWNER_FILE, flocked, install_dir, own_dir, private_dir, remove_tree
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
     from .hypervisor import Hypervisor
@@ -105,7 +105,9 @@ class Slot:
 
 
 def warm_root(image: Image) -> Path:
-    return image.path / "warm"
+    """This user's warm states of ``image``: their own, never shared (a saved guest's memory
+    is a boot like any other; no analyst restores one that another made)."""
+    return own_dir(image.state_dir) / "warm" / image.name
 
 
 def slots(image: Image) -> list[Slot]:
@@ -150,9 +152,11 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
             log.warning("image %s: its ssh-link speaks protocol %d, this vmiso %d; runs will boot cold "
                         "until the image is provisioned again", image.name, link, key.link)
         slot = Slot(clone)
+        # Made here first, so that it is this user's: libvirt writes into it as root.
+        os.close(os.open(slot.state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         hv.save(name, slot.state)
         for made in (clone.overlay, clone.scratch, slot.state):  # libvirt gave the disks to QEMU's user
-            os.chown(made, 0, 0)
+            os.chown(made, os.geteuid(), os.getegid())
         os.chmod(clone.overlay, 0o444)  # the backing file of every run restored from this slot
         os.chmod(clone.scratch, 0o444)  # copied, byte for byte, for every run
         os.chmod(slot.state, 0o400)

@@ -13,13 +13,12 @@ import os
 import pwd
 import re
 import shutil
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import tools, tree
-from .errors import VmisoError
+from . import sharemount, tools, tree
+from .errors import ToolError, VmisoError
 
 QEMU_USER = "libvirt-qemu"
 
@@ -31,6 +30,30 @@ def qemu_ids(user: str = QEMU_USER) -> tuple[int, int]:
         raise VmisoError(f"the QEMU user {user!r} does not exist",
                          "install libvirt-daemon-system (scripts/setup-host does)") from None
     return entry.pw_uid, entry.pw_gid
+
+
+USERS_DIR = "users"
+
+
+def own_dir(state_dir: Path) -> Path:
+    """Where this user's own state lives (runs, warm states, OS layers, logs): ``state_dir``
+    itself for root; for an analyst, ``state_dir/users/NAME``, made by scripts/setup-host.
+
+    Images are the one thing shared: ``state_dir/images`` (vmiso.image.store).
+    """
+    uid = os.geteuid()
+    if uid == 0:
+        return state_dir
+    name = pwd.getpwuid(uid).pw_name
+    path = state_dir / USERS_DIR / name
+    try:
+        st = path.stat()
+    except OSError:
+        st = None
+    if st is None or st.st_uid != uid:
+        raise VmisoError(f"{path}, your directory for vmiso's state, is missing or not yours",
+                         f"as root: scripts/setup-host --user {name} (vmiso doctor says more)")
+    return private_dir(path)  # QEMU passes through it to each run's files
 
 
 def private_dir(path: Path) -> Path:
@@ -51,36 +74,50 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-# POSIX ACLs as the kernel stores them in the system.posix_acl_access xattr
-# (linux/posix_acl_xattr.h): a version, then (tag, permissions, id) entries sorted by tag.
-_ACL_VERSION = 2
-_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
-_ACL_UNDEFINED_ID = 0xFFFFFFFF
-_ACL_X = 1
+def shared_dir(path: Path) -> Path:
+    """``private_dir``, but the directory's group (vmiso's, in a shared image store) may read it too."""
+    private_dir(path)
+    set_traverse_acl(path, qemu_ids()[0], group=0o5)
+    return path
 
 
-def set_traverse_acl(path: Path, uid: int) -> None:
-    """Owner rwx, ``uid`` search (x) only, group and others nothing."""
-    entries = [(_ACL_USER_OBJ, 7, _ACL_UNDEFINED_ID), (_ACL_USER, _ACL_X, uid),
-               (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID), (_ACL_MASK, _ACL_X, _ACL_UNDEFINED_ID),
-               (_ACL_OTHER, 0, _ACL_UNDEFINED_ID)]
-    blob = struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+def set_traverse_acl(path: Path, uid: int, *, group: int = 0) -> None:
+    """Owner rwx, ``uid`` search (x) only, the group ``group``'s bits, others nothing."""
     try:
-        os.setxattr(path, "system.posix_acl_access", blob, follow_symlinks=False)
+        os.setxattr(path, "system.posix_acl_access", sharemount.acl_blob(7, {uid: 1}, group=group),
+                    follow_symlinks=False)
     except OSError as err:
         raise VmisoError(f"cannot give QEMU access to {path}: {err.strerror} (its filesystem needs POSIX ACLs)",
                          "put vmiso's state_dir on a filesystem with ACLs (ext4, xfs, btrfs, tmpfs)") from None
 
 
-def share_dir(path: Path, *, writable: bool) -> Path:
-    """A directory exported over 9p: world-readable when read-only, QEMU's own when writable."""
+def link_dir(path: Path) -> Path:
+    """A directory for what libvirt makes for this user's VM: the SSH link's socket.
+
+    libvirt makes the socket QEMU's, writable by QEMU's group; for an analyst a
+    default ACL gives them a named entry there, which that group write lets through.
+    """
     path.mkdir(mode=0o700)
-    if writable:
-        uid, gid = qemu_ids()
-        os.chown(path, uid, gid)
-        os.chmod(path, 0o700)
-    else:
-        os.chmod(path, 0o755)
+    if (uid := os.geteuid()) != 0:
+        os.setxattr(path, "system.posix_acl_default", sharemount.acl_blob(7, {uid: 7}))
+    return path
+
+
+def console_file(path: Path) -> Path:
+    """The file libvirt writes a VM's console to, made here first: this user's, and readable by
+    them (a named ACL entry) while libvirt hands it to QEMU's user for the VM's life."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    if (uid := os.geteuid()) != 0:
+        os.setxattr(path, "system.posix_acl_access", sharemount.acl_blob(6, {uid: 6}))
+    return path
+
+
+def share_dir(path: Path) -> Path:
+    """A directory exported over 9p that QEMU may read but not write: a read-only share,
+    or the writable share of a clone made to be saved as a warm state, which never
+    mounts it (a run's writable shares are bounded_share)."""
+    path.mkdir(mode=0o700)
+    os.chmod(path, 0o755)
     return path
 
 
@@ -91,7 +128,7 @@ def share_dir(path: Path, *, writable: bool) -> Path:
 # and entries (every file and directory is an inode).  The host kernel is the only
 # writer of that filesystem, so no guest-made filesystem image is ever parsed.
 
-SHARE_FS_SUFFIX = ".fs"
+SHARE_FS_SUFFIX = sharemount.FS_SUFFIX
 _INODE_BYTES = 256
 _MiB = 1024**2
 
@@ -109,29 +146,54 @@ def bounded_share(path: Path, *, max_bytes: int, max_files: int) -> Path:
     bytes or ``max_files`` files and directories; undo with ``unmount_share``.
 
     The filesystem image, ``path`` + ".fs", is root's (0600): QEMU never sees it.
+    Root makes and mounts it (vmiso.sharemount; through sudo for an analyst who is
+    not root), and its root directory is QEMU's, readable by this user.
     """
-    image = path.with_name(path.name + SHARE_FS_SUFFIX)
-    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, bounded_share_size(max_bytes, max_files))
-    finally:
-        os.close(fd)
-    # Inodes 1-10 are ext4's own and lost+found (11) is removed below: -N counts them.
-    tools.run(tools.mkfs_share_argv(image, max_files + 11, qemu_ids()))
     path.mkdir(mode=0o700)
-    tools.run(tools.mount_share_argv(image, path))
-    try:
-        os.rmdir(path / "lost+found")
-        os.chmod(path, 0o700)
-    except OSError:
-        unmount_share(path)
-        raise
+    # Inodes 1-10 are ext4's own and lost+found (11) is removed: -N counts them.
+    _share_helper("mount", str(path.parent), path.name, str(bounded_share_size(max_bytes, max_files)),
+                  str(max_files + 11))
     return path
 
 
 def unmount_share(path: Path) -> None:
     if os.path.ismount(path):
-        tools.run(tools.umount_argv(path))
+        _share_helper("umount", str(path.parent), path.name)
+
+
+SHARE_HELPER = Path("/usr/local/libexec/vmiso/share-mount")  # scripts/setup-host installs it
+
+
+def _share_helper(*args: str) -> None:
+    """sharemount.py's command ``args``: in this process as root, else through sudo."""
+    if os.geteuid() == 0:
+        try:
+            if args[0] == "mount":
+                sharemount.make(args[1], args[2], int(args[3]), int(args[4]), caller=0)
+            else:
+                sharemount.release(args[1], args[2], caller=0)
+        except (sharemount.ShareError, OSError) as err:
+            raise VmisoError(f"the share {args[1]}/{args[2]}: {err}") from None
+        return
+    check_share_helper()
+    try:
+        tools.run(tools.sudo_argv(SHARE_HELPER, *args))
+    except ToolError as err:
+        raise VmisoError(f"the share {args[1]}/{args[2]}: {err.message}",
+                         "vmiso doctor says what this host still needs") from None
+
+
+def check_share_helper() -> None:
+    """The helper sudo runs must be this vmiso's own sharemount.py."""
+    ours = Path(sharemount.__file__).read_bytes()
+    try:
+        installed = SHARE_HELPER.read_bytes()
+    except OSError:
+        raise VmisoError(f"vmiso's share helper {SHARE_HELPER} is not installed",
+                         "run scripts/setup-host as root") from None
+    if installed != ours:
+        raise VmisoError(f"vmiso's share helper {SHARE_HELPER} is not this vmiso's (an older setup?)",
+                         "run scripts/setup-host as root again") from None
 
 
 def share_full(path: Path) -> str | None:
@@ -212,7 +274,10 @@ def remove_tree(path: Path) -> list[tree.Failure]:
     if not os.path.lexists(path):
         return []
     for point in mounts_below(path):
-        tools.run(tools.umount_argv(point))
+        if os.geteuid() == 0:
+            tools.run(tools.umount_argv(point))
+        else:  # only a share vmiso mounted can be below a directory of an analyst's
+            unmount_share(point)
     parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         return tree.remove_tree(parent, path.name)

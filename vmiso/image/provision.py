@@ -29,12 +29,24 @@ from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xm
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
 from ..progress import Steps
 from ..seed import RUN_USER, SeedInputs, write_seed
-from ..workdir import OWNER_FILE, SHARE_FS_SUFFIX, bounded_share, claim, install_dir, private_dir, remove_tree
+from ..workdir import (
+    OWNER_FILE,
+    SHARE_FS_SUFFIX,
+    bounded_share,
+    claim,
+    console_file,
+    install_dir,
+    link_dir,
+    own_dir,
+    private_dir,
+    remove_tree,
+    shared_dir,
+)
 from . import sealcheck
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sources
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
-from .store import MANIFEST, Image, images_root, prepare_root, root_only, sha256_file
+from .store import MANIFEST, Image, check_owner, images_root, is_shared, prepare_root, root_only, sha256_file
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
     from ..hypervisor import Hypervisor
@@ -265,7 +277,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
         console_log=build.console_log,
         boot=KernelBoot(kernel, initrd, f"root={layer.root_device} rw console=ttyS0 ds=nocloud"),
         shares=(Share(report, "vmiso-report", readonly=False),),
-        ssh_socket=work / "ssh.sock",  # no network device: the gateway is reached over this link
+        ssh_socket=work / "link" / "ssh.sock",  # no network device: the gateway is reached over this link
         metadata={"kind": "provision", "workdir": str(work)},
     )
     # The SSH link that carries the gateway lasts while the VM runs, however its loop ends.
@@ -323,17 +335,33 @@ def _source(config: Config, layer: Layer) -> dict:
 
 
 def _ensure_source(config: Config, steps: Steps) -> Layer:
-    """The OS layer to provision from: the recipe's, or the cloud image's."""
-    state_dir, cloud = config.state_dir, config.image.cloud_image
+    """The OS layer to provision from: the recipe's, or the cloud image's.
+
+    Layers are cached in this user's own directory; an analyst also uses root's
+    cached layer, which every user of the host trusts already (root built it).
+    """
+    cloud = config.image.cloud_image
+    key = cloud_key(cloud) if cloud is not None else layer_key(load_recipe(config.image.recipe), config.image.mirror)
+    home = _layer_home(config.state_dir, key)
+    cached = (home / "layers" / key).exists()
     if cloud is not None:
-        cached = (state_dir / "layers" / cloud_key(cloud)).exists()
         # The verified copy, its raw form while it is read, then overlay and template.
         needed = SPACE_FROM_CACHED_LAYER + (0 if cached else 3 * cloud.path.stat().st_size)
-        check_free_space(state_dir, needed)
-        return ensure_cloud_layer(state_dir, cloud, steps)
-    cached = (state_dir / "layers" / layer_key(load_recipe(config.image.recipe), config.image.mirror)).exists()
-    check_free_space(state_dir, SPACE_FROM_CACHED_LAYER if cached else SPACE_WITH_LAYER)
-    return ensure_layer(state_dir, config.image.recipe, config.image.mirror, steps)
+        check_free_space(home, needed)
+        return ensure_cloud_layer(home, cloud, steps)
+    check_free_space(home, SPACE_FROM_CACHED_LAYER if cached else SPACE_WITH_LAYER)
+    return ensure_layer(home, config.image.recipe, config.image.mirror, steps)
+
+
+def _layer_home(state_dir: Path, key: str) -> Path:
+    home = own_dir(state_dir)
+    if home != state_dir and not (home / "layers" / key).exists():
+        try:
+            if (state_dir / "layers" / key).stat().st_uid == 0:
+                return state_dir
+        except OSError:
+            pass
+    return home
 
 
 def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replace: bool = False,
@@ -345,6 +373,8 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
     if final.exists() and not replace:
         raise ImageError(f"an image named {name!r} exists already",
                          "pass --replace to rebuild it, or choose another --name")
+    if final.exists():
+        check_owner(Image(name, final), "replace")
     accel_name = accel.resolve(config.accel)
     if config.image.cloud_image is None:
         load_recipe(config.image.recipe)  # a bad recipe fails before anything is built
@@ -355,15 +385,20 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                     if config.provision.requirements else None)
     load_ca_certificates(config.provision.ca_certificates)
     prepare_root(state_dir)
-    logs = private_dir(state_dir / "logs")
+    home = own_dir(state_dir)
+    logs = private_dir(home / "logs")
+    shared = is_shared(state_dir)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     console_log = logs / f"provision-{name}-{stamp}.log"
+    console_file(console_log)
 
     with ExitStack() as undo, ExitStack() as held:
         work = images_root(state_dir) / f".building-{name}-{secrets.token_hex(4)}"
-        private_dir(work)
+        # In a shared store the group reads the image (store.py); QEMU only reaches files.
+        shared_dir(work) if shared else private_dir(work)
         undo.callback(remove_tree, work)  # holds the share the provisioning guest wrote
         claim(work)
+        link_dir(work / "link")
         layer = _ensure_source(config, steps)
         if not hold_layer(layer, held):  # 'vmiso gc --layers' removed it just now: build it again
             layer = _ensure_source(config, steps)
@@ -372,11 +407,13 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                                  "do not run 'vmiso gc --layers' while provisioning")
         with steps.step("keys", "client key and pinned host key"):
             keys = _make_keys(work)
+            if shared:  # every member's runs log in with it
+                os.chmod(work / "client_key", 0o640)
         # A cloud image's apt uses its own sources: read them (without booting it) for the allow-list.
         apt_urls = read_apt_sources(layer, work) if config.image.cloud_image is not None else []
         allowed = gateway.allow_list(config, apt_urls, warn=True)
         with steps.step("proxy", "the gateway, forwarding only to " + ", ".join(map(str, allowed))):
-            gw = gateway.start(state_dir, name, allowed)
+            gw = gateway.start(home, name, allowed)
             undo.callback(gw.remove)
             undo.callback(gw.stop)
         build = _Build(config, hv, name, steps, work, console_log, accel_name, gw)
@@ -436,14 +473,15 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                 "vmiso": __version__,
             }
             shutil.copyfile(console_log, work / "provision.log")
-            for leftover in ("disk.qcow2", "seed", "report", "report" + SHARE_FS_SUFFIX, OWNER_FILE):
+            for leftover in ("disk.qcow2", "seed", "link", "report", "report" + SHARE_FS_SUFFIX, OWNER_FILE):
                 if failures := remove_tree(work / leftover):
                     raise ImageError(f"cannot remove {work / failures[0].path}: {failures[0].reason}")
             (work / "host_key.pub").write_text(keys.host_public + "\n")
             (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             os.chmod(work / MANIFEST, 0o644)
-            # The directory stays private (workdir.private_dir): the template holds the
-            # guest's SSH host key, and only QEMU needs to reach it.
+            # The directory stays private (workdir.private_dir), or the group's in a shared
+            # store: the template holds the guest's SSH host key, and only QEMU and the
+            # image's users need to reach it.
             install_dir(work, final)
         undo.pop_all()  # complete: keep it
     image = Image(name, final)

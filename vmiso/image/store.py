@@ -2,6 +2,11 @@
 
 An image directory exists under its final name only once it is complete:
 provisioning builds under ``.building-*`` and renames at the end.
+
+The store is shared: where scripts/setup-host made it (group vmiso, setgid and
+sticky), every member reads every image, and only an image's owner (its
+directory's) or root removes or replaces it.  What a member checks of another's
+image (sha256 of the template) is cached in their own directory.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import shutil
 import stat
 import time
@@ -18,6 +24,7 @@ from pathlib import Path
 
 from ..config import check_name
 from ..errors import ImageError
+from ..workdir import own_dir
 
 MANIFEST = "manifest.json"
 _SHA_CACHE = ".sha256-cache.json"
@@ -32,6 +39,11 @@ class Image:
     @property
     def template(self) -> Path:
         return self.path / "template.qcow2"
+
+    @property
+    def state_dir(self) -> Path:
+        """The state directory whose store holds the image."""
+        return self.path.parent.parent
 
     @property
     def kernel(self) -> Path:
@@ -67,11 +79,40 @@ def images_root(state_dir: Path) -> Path:
 
 
 def prepare_root(state_dir: Path) -> Path:
-    """Create the store with modes that let QEMU (another user) reach files but not list them."""
+    """The store; made, when missing, with modes that let QEMU (another user) reach files
+    but not list them.  One that exists keeps its modes (scripts/setup-host's shared store)."""
     for directory in (state_dir, images_root(state_dir)):
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o711)
+        try:
+            directory.mkdir(mode=0o711)
+            os.chmod(directory, 0o711)
+        except FileExistsError:
+            pass
     return images_root(state_dir)
+
+
+def is_shared(state_dir: Path) -> bool:
+    """Whether the store is a group's (scripts/setup-host): its images are the group's to read."""
+    try:
+        st = images_root(state_dir).stat()
+    except FileNotFoundError:
+        return False
+    return st.st_gid != 0 and bool(st.st_mode & stat.S_ISGID)
+
+
+def owner_of(image: Image) -> int:
+    return image.path.stat().st_uid
+
+
+def check_owner(image: Image, doing: str) -> None:
+    """Only an image's owner (or root) removes or replaces it."""
+    uid, owner = os.geteuid(), owner_of(image)
+    if uid not in (0, owner):
+        try:
+            who = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            who = f"uid {owner}"
+        raise ImageError(f"image {image.name} is {who}'s: only {who} or root may {doing} it",
+                         "provision one of your own under another name (vmiso provision --name NAME)")
 
 
 def list_images(state_dir: Path) -> list[Image]:
@@ -94,6 +135,7 @@ def get_image(state_dir: Path, name: str) -> Image:
 
 def remove_image(state_dir: Path, name: str) -> None:
     image = get_image(state_dir, name)
+    check_owner(image, "remove")
     trash = image.path.with_name(f".removing-{name}-{os.getpid()}")
     os.rename(image.path, trash)  # gone from the store at once, whatever happens next
     shutil.rmtree(trash)
@@ -116,6 +158,16 @@ def _identity_of(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def _cache_paths(path: Path) -> list[Path]:
+    """Where ``path``'s checked sha256 is cached: beside it, in its image's directory;
+    for a member using another's image, in their own directory too (written there)."""
+    beside = path.with_name(_SHA_CACHE)
+    if os.access(path.parent, os.W_OK):
+        return [beside]
+    image = Image(path.parent.name, path.parent)
+    return [beside, own_dir(image.state_dir) / "sha256" / f"{image.name}{_SHA_CACHE}"]
+
+
 def _read_cache(cache_path: Path) -> dict:
     try:
         cache = json.loads(cache_path.read_text())
@@ -125,17 +177,24 @@ def _read_cache(cache_path: Path) -> dict:
 
 
 def root_only(path: Path) -> None:
-    """Make a file that vmiso boots from root's and unwritable, as it was made.
+    """Check that a file vmiso boots from is its directory's owner's (root's, or the
+    analyst's who made it) and unwritable, as it was made; put it right where this user can.
 
     libvirt used to hand whole backing chains to QEMU's user and never give them
     back; such a file stays writable by any QEMU until put right here.
     """
     st = path.stat()
-    if st.st_uid != 0 or st.st_gid != 0 or st.st_mode & 0o222:
-        log.warning("%s was not root's and read-only (uid %d, mode %o): made so again",
-                    path, st.st_uid, stat.S_IMODE(st.st_mode))
-        os.chown(path, 0, 0)
-        os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o222)
+    owner = path.parent.stat().st_uid
+    if st.st_uid == owner and not st.st_mode & 0o222:
+        return
+    what = f"{path} was not its owner's and read-only (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
+    if os.geteuid() not in (0, owner):
+        raise ImageError(what, "ask the image's owner, or root, to run: vmiso images verify "
+                         f"{path.parent.name}")
+    log.warning("%s: made so again", what)
+    if st.st_uid != owner:
+        os.chown(path, owner, path.parent.stat().st_gid)
+    os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o222)
 
 
 def _hash_stable(path: Path) -> tuple[str, list[int]]:
@@ -158,7 +217,8 @@ def remember(path: Path) -> str:
 
 
 def _store(path: Path, sha256: str, identity: list[int]) -> None:
-    cache_path = path.with_name(_SHA_CACHE)
+    cache_path = _cache_paths(path)[-1]
+    cache_path.parent.mkdir(mode=0o700, exist_ok=True)
     cache = _read_cache(cache_path)
     cache[path.name] = {"identity": identity, "sha256": sha256, "checked": time.time()}
     tmp = cache_path.with_name(f"{_SHA_CACHE}.{os.getpid()}")
@@ -175,9 +235,11 @@ def check_file(path: Path, expected: str | None, *, what: str, fix: str) -> str:
         raise ImageError(f"{what} has no recorded sha256, so it cannot be verified", fix)
     try:
         root_only(path)
-        entry = _read_cache(path.with_name(_SHA_CACHE)).get(path.name)
-        if isinstance(entry, dict) and entry.get("identity") == _identity(path) and entry.get("sha256") == expected:
-            return expected
+        for cache_path in _cache_paths(path):
+            entry = _read_cache(cache_path).get(path.name)
+            if (isinstance(entry, dict) and entry.get("identity") == _identity(path)
+                    and entry.get("sha256") == expected):
+                return expected
         actual, identity = _hash_stable(path)
     except FileNotFoundError:
         raise ImageError(f"{what} is missing", fix) from None
@@ -200,10 +262,11 @@ def verify(image: Image) -> str:
 
 
 def _forget(image: Image) -> None:
-    try:
-        os.unlink(image.template.with_name(_SHA_CACHE))
-    except FileNotFoundError:
-        pass
+    for cache_path in _cache_paths(image.template):
+        try:
+            os.unlink(cache_path)
+        except (FileNotFoundError, PermissionError):  # another's cache: not ours to trust or forget
+            pass
 
 
 def verified_sha256(image: Image) -> str:
