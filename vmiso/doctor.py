@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from .errors import VmisoError
 from .hypervisor import open_hypervisor
 from .image.layer import cached_layers
 from .resources import data_dirs
-from .workdir import qemu_ids
+from .workdir import GROUP, SHARE_HELPER, check_share_helper, own_dir, qemu_ids
 
 GIB = 1024**3
 
@@ -97,14 +99,44 @@ def _layer_cache(state_dir: Path) -> Check:
     return Check("layer cache", True, detail)
 
 
-def _state_dir(state_dir: Path) -> Check:
-    if os.geteuid() != 0:
-        return Check("permissions", False, "vmiso runs as root (it manages qemu:///system and its files)",
-                     "run it as root")
+def _state_dir(state_dir: Path) -> list[Check]:
     if state_dir.exists() and state_dir.stat().st_mode & 0o001 == 0:
-        return Check("permissions", False, f"{state_dir} is not traversable by the QEMU user",
-                     f"chmod 711 {state_dir}")
-    return Check("permissions", True, f"root; {state_dir} usable")
+        return [Check("permissions", False, f"{state_dir} is not traversable by the QEMU user",
+                      f"chmod 711 {state_dir}")]
+    if os.geteuid() == 0:
+        return [Check("permissions", True, f"root; {state_dir} usable")]
+    return _analyst(state_dir)
+
+
+def _analyst(state_dir: Path, group_name: str = GROUP) -> list[Check]:
+    """What a user who is not root needs: the group, their own directory, the share helper."""
+    name = pwd.getpwuid(os.geteuid()).pw_name
+    setup = f"as root: scripts/setup-host --user {name}"
+    try:
+        group = grp.getgrnam(group_name)
+    except KeyError:
+        return [Check("group", False, f"this host has no group {group_name}, whose members run vmiso "
+                      "without root", setup)]
+    if group.gr_gid not in os.getgroups():
+        if name in group.gr_mem:
+            return [Check("group", False, f"{name} joined group {group_name} after this login session began",
+                          f"log in again (or start a shell in the group: newgrp {group_name})")]
+        return [Check("group", False, f"{name} is not a member of group {group_name}: its members run vmiso "
+                      "without root (membership grants qemu:///system, which is root-equivalent, and the "
+                      "share helper)", f"{setup}, then log in again")]
+    checks = [Check("group", True, f"{name} is a member of {group_name}")]
+    try:
+        checks.append(Check("own directory", True, str(own_dir(state_dir))))
+    except VmisoError as err:
+        checks.append(Check("own directory", False, err.message, err.hint or ""))
+    try:
+        check_share_helper()
+        tools.run(tools.sudo_argv(SHARE_HELPER, "check"))
+        checks.append(Check("share helper", True, f"sudo runs {SHARE_HELPER}: each run's /out gets a "
+                            "filesystem of its own"))
+    except VmisoError as err:
+        checks.append(Check("share helper", False, err.message, err.hint or setup))
+    return checks
 
 
 def _loop_devices(control: Path = Path("/dev/loop-control")) -> Check:
@@ -131,7 +163,7 @@ def run_checks(config: Config, connect: Callable = open_hypervisor) -> list[Chec
         checks.append(Check("libvirt", False, err.message, err.hint or ""))
     checks.append(_space(config.state_dir))
     checks.append(_layer_cache(config.state_dir))
-    checks.append(_state_dir(config.state_dir))
+    checks.extend(_state_dir(config.state_dir))
     try:
         leftovers = reaper.find(hv, config.state_dir)
     except VmisoError as err:

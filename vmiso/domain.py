@@ -141,12 +141,21 @@ def _ssh_channel(socket_path: Path) -> ET.Element:
     return el
 
 
+def _console_source(log_path: Path) -> ET.Element:
+    # The log is a file vmiso made (workdir.console_file): appended to, not replaced,
+    # and not handed to QEMU's user, libvirt passes QEMU a descriptor and the file
+    # stays the user's, for vmiso to read while the VM runs.
+    source = ET.Element("source", path=str(log_path), append="on")
+    _sub(source, "seclabel", model="dac", relabel="no")
+    return source
+
+
 def _console(log_path: Path) -> list[ET.Element]:
     serial = ET.Element("serial", type="file")
-    _sub(serial, "source", path=str(log_path))
+    serial.append(_console_source(log_path))
     _sub(serial, "target", port="0")
     console = ET.Element("console", type="file")
-    _sub(console, "source", path=str(log_path))
+    console.append(_console_source(log_path))
     _sub(console, "target", type="serial", port="0")
     return [serial, console]
 
@@ -274,8 +283,9 @@ def retarget(saved_xml: str, to: Retarget) -> str:
     _child(root, "os/initrd").text = str(to.initrd)
     for serial in root.findall("devices/serial") + root.findall("devices/console"):
         source = serial.find("source")
-        if source is not None and source.get("path"):
-            source.set("path", str(to.console_log))
+        if source is not None and source.get("path"):  # a state saved before _console_source: made so
+            serial.insert(list(serial).index(source), _console_source(to.console_log))
+            serial.remove(source)
     channel = root.find(f"devices/channel/target[@name='{SSH_CHANNEL}']/..")
     if channel is None:
         raise ValueError("the saved domain has no SSH channel")

@@ -9,6 +9,7 @@ by ``scripts/setup-host`` (``/usr/local/libexec/vmiso/share-mount``):
 
     share-mount mount DIR NAME BYTES INODES    make DIR/NAME.fs, mount it on DIR/NAME
     share-mount umount DIR NAME                unmount what "mount" mounted there
+    share-mount check                          succeed (that sudo lets the caller run it)
 
 It trusts nothing it is given.  DIR must be a directory of the calling user's
 (sudo's SUDO_UID) that no one else can write; NAME a directory of theirs in
@@ -260,7 +261,7 @@ def caller_uid() -> int:
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: share-mount mount DIR NAME BYTES INODES | share-mount umount DIR NAME"
+    usage = "usage: share-mount mount DIR NAME BYTES INODES | share-mount umount DIR NAME | share-mount check"
     try:
         if os.geteuid() != 0:
             raise ShareError("must run as root (members of group vmiso run it through sudo)")
@@ -268,6 +269,8 @@ def main(argv: list[str]) -> int:
             make(argv[1], argv[2], int(argv[3]), int(argv[4]), caller=caller_uid())
         elif len(argv) == 3 and argv[0] == "umount":
             release(argv[1], argv[2], caller=caller_uid())
+        elif argv == ["check"]:
+            pass
         else:
             raise ShareError(usage)
     except (ShareError, OSError, KeyError, ValueError) as err:

@@ -33,6 +33,7 @@ def qemu_ids(user: str = QEMU_USER) -> tuple[int, int]:
 
 
 USERS_DIR = "users"
+GROUP = "vmiso"  # its members run vmiso without root (scripts/setup-host --user NAME)
 
 
 def own_dir(state_dir: Path) -> Path:
@@ -104,11 +105,9 @@ def link_dir(path: Path) -> Path:
 
 
 def console_file(path: Path) -> Path:
-    """The file libvirt writes a VM's console to, made here first: this user's, and readable by
-    them (a named ACL entry) while libvirt hands it to QEMU's user for the VM's life."""
+    """The file libvirt writes a VM's console to, made here first so that it is this user's
+    (the domain has libvirt append to it and leave its owner: domain._console_source)."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-    if (uid := os.geteuid()) != 0:
-        os.setxattr(path, "system.posix_acl_access", sharemount.acl_blob(6, {uid: 6}))
     return path
 
 
