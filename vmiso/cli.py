@@ -254,6 +254,7 @@ def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
         packages = ", ".join(f"{p['name']}=={p['version']}" for p in row["packages"]
                              if p["name"] not in ("pip", "setuptools", "wheel"))
         _say(f"{'':<20} packages: {packages or '-'}")
+        _say(f"{'':<20} owner: {row['owner']} (who may remove or replace it, and root)")
         source = row["source"]
         if "cloud_image" in source:
             _say(f"{'':<20} source: cloud image {source['cloud_image']} (sha256 {source['sha256']})")

@@ -160,19 +160,24 @@ def run_checks(config: Config, connect: Callable = open_hypervisor) -> list[Chec
         hv = connect(config.libvirt_uri)
         checks.append(Check("libvirt", True, f"{config.libvirt_uri}: {hv.version()}"))
     except VmisoError as err:
-        checks.append(Check("libvirt", False, err.message, err.hint or ""))
+        hint = err.hint or ""
+        if os.geteuid() != 0:
+            hint = "a member of group vmiso reaches it (see 'group' below)"
+        checks.append(Check("libvirt", False, err.message, hint))
     checks.append(_space(config.state_dir))
-    checks.append(_layer_cache(config.state_dir))
     checks.extend(_state_dir(config.state_dir))
     try:
+        checks.append(_layer_cache(own_dir(config.state_dir)))
+    except VmisoError:
+        pass  # _state_dir said why this user has no directory
+    try:
         leftovers = reaper.find(hv, config.state_dir)
-    except VmisoError as err:
-        leftovers = []
-        checks.append(Check("leftovers", False, err.message))
+    except VmisoError:
+        leftovers = None  # no directory of this user's: _state_dir said why
     if leftovers:
         names = ", ".join(f"{item.kind} {item.name}" for item in leftovers)
         checks.append(Check("leftovers", False, names, "remove them with 'vmiso gc'"))
-    else:
+    elif leftovers is not None:
         checks.append(Check("leftovers", True, "none"))
     if hv is not None:
         hv.close()

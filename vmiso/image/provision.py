@@ -271,13 +271,14 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
     shutil.copyfile(layer.kernel, kernel)
     shutil.copyfile(layer.initrd, initrd)
     domain = f"{NAME_PREFIX}provision-{build.name}-{secrets.token_hex(3)}"
+    socket_path = work / "link" / "ssh.sock"  # workdir.link_dir
     spec = DomainSpec(
         name=domain, memory_mib=config.provision.memory_mib, cpus=config.vm.cpus, accel=build.accel,
         disks=(Disk(overlay, backing=((layer.rootfs, layer.rootfs_format),)), Disk(seed, format="raw", readonly=True)),
         console_log=build.console_log,
         boot=KernelBoot(kernel, initrd, f"root={layer.root_device} rw console=ttyS0 ds=nocloud"),
         shares=(Share(report, "vmiso-report", readonly=False),),
-        ssh_socket=work / "link" / "ssh.sock",  # no network device: the gateway is reached over this link
+        ssh_socket=socket_path,  # no network device: the gateway is reached over this link
         metadata={"kind": "provision", "workdir": str(work)},
     )
     # The SSH link that carries the gateway lasts while the VM runs, however its loop ends.
@@ -304,7 +305,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
                     current = step
                     steps.start(step, "inside the VM")
                     if step == "gateway":
-                        _open_gateway(build, domain, keys, work / "ssh.sock", link)
+                        _open_gateway(build, domain, keys, socket_path, link)
                     step_log, shown = ConsoleWatcher(report / f"{step}.log", STEP_LOG_READ_BYTES), None
             if step_log is not None:
                 step_log.poll()

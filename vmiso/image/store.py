@@ -103,14 +103,18 @@ def owner_of(image: Image) -> int:
     return image.path.stat().st_uid
 
 
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def check_owner(image: Image, doing: str) -> None:
     """Only an image's owner (or root) removes or replaces it."""
     uid, owner = os.geteuid(), owner_of(image)
     if uid not in (0, owner):
-        try:
-            who = pwd.getpwuid(owner).pw_name
-        except KeyError:
-            who = f"uid {owner}"
+        who = _user_name(owner)
         raise ImageError(f"image {image.name} is {who}'s: only {who} or root may {doing} it",
                          "provision one of your own under another name (vmiso provision --name NAME)")
 
@@ -311,4 +315,5 @@ def summary(image: Image) -> dict:
         "packages": manifest.get("pip", []),
         "source": manifest.get("source", {}),
         "path": str(image.path),
+        "owner": _user_name(owner_of(image)),  # who may remove or replace it (and root)
     }
