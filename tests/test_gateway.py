@@ -5,8 +5,11 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import pwd
 import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +20,7 @@ from vmiso import config as config_mod, gateway, reaper
 from vmiso.config import Config, ImageConfig, PipOptions, ProvisionConfig
 from vmiso.errors import ConfigError
 
-from vmharness import make_state_root, remove_tree
+from vmharness import make_state_root, remove_tree, wait_for
 
 
 def make(**provision) -> Config:
@@ -224,3 +227,31 @@ def test_a_vmiso_killed_with_sigkill_leaves_no_squid_and_gc_removes_its_files(st
     assert not Path(f"/proc/{pid}").exists()  # the supervisor saw the pipe close and ended squid
     assert [(item.kind, item.name) for item in reaper.find(None, state)] == [("gateway", directory.name)]
     assert reaper.clean(None, state).failed == [] and not directory.exists()
+
+
+def test_a_gateway_starts_beside_another_users_squid(tmp_path, state, local_index):
+    # Another analyst's squid (here with squid's default service name) holds shared
+    # memory segments of its own; each gateway names its own, so it neither opens
+    # theirs nor fails on them.
+    other = make_state_root()
+    conf = other / "squid.conf"
+    conf.write_text(f"http_port 127.0.0.9:{local_index + 1}\npid_filename {other}/squid.pid\n"
+                    f"cache_log {other}/cache.log\naccess_log none\ncache deny all\nhttp_access deny all\n")
+    os.chown(other, pwd.getpwnam("vmiso-test").pw_uid, -1)
+    conf.chmod(0o644)
+    theirs = subprocess.Popen(["runuser", "-u", "vmiso-test", "--", "squid", "-N", "-f", str(conf)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: any(p.name.startswith("squid-") for p in Path("/dev/shm").iterdir()), 10,
+                 "the other squid's shared memory")
+        gw = gateway.start(state, "t", (gateway.Allowed("localhost", local_index),))
+        try:
+            ok = _through(gw.address, f"GET http://localhost:{local_index}/simple/ HTTP/1.0\r\n\r\n".encode())
+            assert ok.startswith(b"HTTP/1.1 200")
+        finally:
+            gw.stop()
+            gw.remove()
+    finally:
+        os.killpg(theirs.pid, signal.SIGTERM)
+        theirs.wait(timeout=30)
+        remove_tree(other)

@@ -7,6 +7,7 @@ program and the tail of its output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -150,8 +151,11 @@ def run_while_piped(argv: Sequence[str], stop_seconds: float) -> int:
 
 
 def squid_argv(conf: str) -> list[str]:
-    # -N: in the foreground, no daemon of its own (its supervisor holds it).
-    return ["squid", "-N", "-f", conf]
+    # -N: in the foreground, no daemon of its own (its supervisor holds it).  -n: a
+    # service name of its own, which names its shared memory (/dev/shm/NAME-*): two
+    # gateways at once, another user's among them, must not open each other's.
+    service = "vmiso" + hashlib.sha256(conf.encode()).hexdigest()[:16]
+    return ["squid", "-N", "-n", service, "-f", conf]
 
 
 def gateway_argv(conf: str) -> list[str]:
