@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from vmiso.workdir import mounts_below
+
 from vmharness import TABULATE, make_state_root, remove_tree, wait_for, write_config
 
 pytestmark = pytest.mark.vm
@@ -83,6 +85,8 @@ def store(image):
     done = as_user(ANALYST, VMISO, "-q", "provision", "-c", config, timeout=2400)
     assert done.returncode == 0, done.stdout + done.stderr
     yield {"root": root, "state": state, "config": config, "inputs": inputs}
+    for point in mounts_below(root):  # what a failed test left mounted
+        subprocess.run(["umount", "--lazy", str(point)], check=False)
     remove_tree(root)
 
 
@@ -103,11 +107,11 @@ def test_an_analyst_provisions_an_image_the_group_shares_read_only(store):
     assert st.st_uid == uid(ANALYST) and st.st_gid == grp.getgrnam("vmiso").gr_gid
     template = (image / "template.qcow2").stat()
     assert template.st_uid == uid(ANALYST) and template.st_mode & 0o222 == 0
-    listed = as_user(OTHER, VMISO, "images", "--json", "-c", store["config"])
+    listed = as_user(OTHER, VMISO, "images", "-c", store["config"], "--json")
     assert listed.returncode == 0, listed.stderr
     assert [(i["name"], i["owner"]) for i in json.loads(listed.stdout)] == [("it", ANALYST)]
     # Only its owner (or root) removes or replaces it.
-    refused = as_user(OTHER, VMISO, "images", "rm", "it", "-c", store["config"])
+    refused = as_user(OTHER, VMISO, "images", "-c", store["config"], "rm", "it")
     assert refused.returncode != 0 and "only vmiso-test or root may remove it" in refused.stderr
     refused = as_user(OTHER, VMISO, "provision", "--replace", "-c", store["config"])
     assert refused.returncode != 0 and "only vmiso-test or root may replace it" in refused.stderr

@@ -157,3 +157,18 @@ def test_a_run_directory_is_removed_whatever_its_guest_left(tmp_path, deep_tree)
     (run_dir / "out" / "link").symlink_to(tmp_path / "runs")
     assert reaper.remove(run_dir)
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_a_killed_owner_not_yet_reaped_is_dead(tmp_path):
+    # A vmiso killed with SIGKILL stays a zombie until its parent (or a slow PID 1) reaps it:
+    # gc must not take that for a live owner.
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import sys, time; from vmiso import workdir; from pathlib import Path; "
+                              "workdir.claim(Path(sys.argv[1])); print('claimed', flush=True); time.sleep(60)",
+                              str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "claimed\n"
+    assert workdir.owner_alive(tmp_path)
+    child.kill()
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, and left unreaped
+    assert not workdir.owner_alive(tmp_path)
+    child.wait()

@@ -218,9 +218,13 @@ OWNER_FILE = "owner.json"
 
 
 def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot); None when it is gone, or a
+    zombie: killed, and not yet reaped (a slow reaper as PID 1 leaves it so for seconds)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):  # field 3, the state
+            return None
         return int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"
     except (OSError, IndexError, ValueError):
         return None
