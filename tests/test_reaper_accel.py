@@ -66,6 +66,8 @@ def test_orphaned_warm_builds_are_found(tmp_path):
     state = tmp_path / "state"
     (state / "warm" / "x" / ".building-slot-0-abc").mkdir(parents=True)
     (state / "warm" / "x" / "slot-0").mkdir()
+    (state / "images" / "x").mkdir(parents=True)
+    (state / "images" / "x" / "manifest.json").write_text("{}")
     found = [(i.kind, i.name) for i in reaper.find(None, state)]
     assert found == [("warm state build", ".building-slot-0-abc")]
 
@@ -172,3 +174,15 @@ def test_a_killed_owner_not_yet_reaped_is_dead(tmp_path):
     os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, and left unreaped
     assert not workdir.owner_alive(tmp_path)
     child.wait()
+
+
+def test_warm_states_of_a_removed_image_are_leftovers(tmp_path):
+    state = tmp_path / "state"
+    (state / "warm" / "gone" / "slot-0").mkdir(parents=True)
+    (state / "warm" / "kept" / "slot-0").mkdir(parents=True)
+    (state / "images" / "kept").mkdir(parents=True)
+    (state / "images" / "kept" / "manifest.json").write_text("{}")
+    found = [(i.kind, i.name) for i in reaper.find(None, state)]
+    assert found == [("warm states of removed image", "gone")]
+    reaper.clean(None, state)
+    assert sorted(p.name for p in (state / "warm").iterdir()) == ["kept"]

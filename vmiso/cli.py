@@ -267,9 +267,12 @@ def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
 @click.pass_context
 def images_rm(ctx: click.Context, name: str) -> None:
     """Remove an image."""
+    from . import reaper
     from .image.store import remove_image
 
-    remove_image(ctx.obj["config"].state_dir, name)
+    state_dir = ctx.obj["config"].state_dir
+    remove_image(state_dir, name)
+    reaper.collect(None, state_dir)  # this user's warm states of it, among what is left over
     click.echo(f"removed {name}")
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from . import gateway
 from .errors import VmisoError
+from .image.store import MANIFEST, images_root
 from .tree import Failure
 from .workdir import own_dir, owner_alive, remove_tree
 
@@ -61,6 +62,8 @@ def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
         found.append(Leftover("gateway", orphan.name + running, orphan))
     for build in _orphan_dirs(home / "warm", "*/.building-*"):
         found.append(Leftover("warm state build", build.name, build))
+    for states in _warm_states_of_removed_images(state_dir, home):
+        found.append(Leftover("warm states of removed image", states.name, states))
     if hv is not None:
         for dom in hv.vmiso_domains():
             where = dom.metadata.get("run_dir") or dom.metadata.get("workdir")
@@ -70,6 +73,16 @@ def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
                 continue
             found.append(Leftover("vm", dom.name))
     return found
+
+
+def _warm_states_of_removed_images(state_dir: Path, home: Path) -> list[Path]:
+    """This user's warm states (warm.warm_root) of images no longer in the store: removed,
+    by this user or by their owner."""
+    warm = home / "warm"
+    if not warm.is_dir():
+        return []
+    return [p for p in sorted(warm.iterdir())
+            if p.is_dir() and not (images_root(state_dir) / p.name / MANIFEST).is_file()]
 
 
 def _below(path: Path, directory: Path) -> bool:
