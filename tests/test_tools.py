@@ -51,6 +51,12 @@ def test_a_failed_tool_is_named_on_the_error(tmp_path):
     assert err.value.program == "qemu-img"
 
 
+def test_a_wrapped_program_is_named_on_the_error():
+    with pytest.raises(ToolError, match=r"^qemu-img failed with exit code 1") as err:
+        tools.run(["sh", "-c", "exit 1"], name="qemu-img")
+    assert err.value.program == "qemu-img"
+
+
 def test_only_a_failed_mmdebstrap_points_at_the_mirror(tmp_path):
     from vmiso.image.layer import Recipe, layer_failure
 

@@ -48,10 +48,13 @@ def which(program: str) -> str:
 
 
 def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | None = None,
-        input_text: str | None = None, cwd: Path | None = None) -> str:
-    """Run ``argv``; return its stdout.  Output goes to ``log_path`` when given."""
-    program = argv[0]
-    full = [which(program), *argv[1:]]
+        input_text: str | None = None, cwd: Path | None = None, name: str | None = None) -> str:
+    """Run ``argv``; return its stdout.  Output goes to ``log_path`` when given.
+
+    ``name``: the program that errors name, when ``argv[0]`` only starts it (a namespace, fakeroot).
+    """
+    program = name or argv[0]
+    full = [which(argv[0]), *argv[1:]]
     log.debug("running %s", " ".join(full))
     try:
         if log_path is not None:
