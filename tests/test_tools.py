@@ -12,12 +12,45 @@ def test_overlay_argv():
 
 
 def test_mmdebstrap_argv():
-    argv = tools.mmdebstrap_argv(suite="bookworm", mirror="http://m/debian", target=Path("/x/root"),
+    argv = tools.mmdebstrap_argv(suite="bookworm", mirror="http://m/debian", target=Path("/x/root.tar"),
                                  packages=["linux-image-amd64", "python3"])
     assert argv[0] == "mmdebstrap"
-    assert "--variant=minbase" in argv and "--mode=root" in argv
+    assert "--variant=minbase" in argv and "--mode=unshare" in argv and "--format=tar" in argv
     assert "--include=linux-image-amd64,python3" in argv
-    assert argv[-3:] == ["bookworm", "/x/root", "http://m/debian"]
+    assert argv[-3:] == ["bookworm", "/x/root.tar", "http://m/debian"]
+
+
+def test_root_builds_a_layer_in_a_mount_namespace_only():
+    argv = tools.layer_namespace_argv(["mmdebstrap", "bookworm"], sub_ids=None)
+    assert argv[:argv.index("--")] == ["unshare", "--mount", "--propagation=private"]
+    assert not [a for a in argv if a.startswith("--map")]
+    # Asked for inside the namespace, where nothing clears it any more.
+    inner = argv[argv.index("--") + 1:]
+    assert inner[:4] == ["setpriv", "--pdeathsig=TERM", "--", "sh"]
+    assert "mount -t tmpfs" in inner[inner.index("-c") + 1] and "TMPDIR=/tmp" in inner[inner.index("-c") + 1]
+    assert argv[-2:] == ["mmdebstrap", "bookworm"]
+
+
+def test_a_user_builds_a_layer_as_root_of_a_user_namespace_of_their_subordinate_ids():
+    argv = tools.layer_namespace_argv(["mmdebstrap"], sub_ids=(100000, 200000))
+    options = argv[:argv.index("--")]
+    assert options[0] == "unshare" and "--mount" in options
+    assert {"--map-user=0", "--map-group=0", f"--map-users=100000,1,{tools.LAYER_IDS}",
+            f"--map-groups=200000,1,{tools.LAYER_IDS}"} <= set(options)
+    assert tools.LAYER_IDS > 65534  # nobody and nogroup
+
+
+def test_pack_layer_argv_runs_one_fakeroot_session():
+    mkfs = tools.mkfs_ext4_argv(source_dir=Path("/w/root"), image=Path("/w/rootfs.img"), size_bytes=1 << 30,
+                                label="vmiso-root")
+    argv = tools.pack_layer_argv(tarball=Path("/w/root.tar"), root=Path("/w/root"),
+                                 files=[(Path("/g/ssh-link"), "usr/local/lib/vmiso/ssh-link", 0o755),
+                                        (Path("/g/sshd_config.vmiso"), "etc/ssh/sshd_config.vmiso", 0o644)],
+                                 mkfs=mkfs)
+    assert argv[:4] == ["fakeroot", "--", "sh", "-c"]
+    assert argv[5:] == ["sh", "/w/root.tar", "/w/root",
+                        "/g/ssh-link", "usr/local/lib/vmiso/ssh-link", "755",
+                        "/g/sshd_config.vmiso", "etc/ssh/sshd_config.vmiso", "644", "--", *mkfs]
 
 
 def test_mkfs_argv_needs_no_mount():

@@ -36,6 +36,11 @@ PACKAGES = {
     "umount": "mount",
     "cp": "coreutils",
     "squid": "squid",
+    "fakeroot": "fakeroot",
+    "newuidmap": "uidmap",
+    "newgidmap": "uidmap",
+    "unshare": "util-linux",
+    "setpriv": "util-linux",
 }
 
 
@@ -187,16 +192,86 @@ def qemu_img_info(image: Path) -> dict:
 
 
 # --- OS layer ---------------------------------------------------------------------------
+# Built the same way by root and by an analyst who is not root.  mmdebstrap makes the
+# chroot in a tmpfs that exists only in a mount namespace of the build's own, and
+# writes it out as a tarball: killed at any point, the build leaves nothing on disk
+# that its user cannot remove (files of the subordinate ids never reach the disk).
+# Then, in one fakeroot session, the tarball is unpacked (mkfs.ext4 -d of e2fsprogs
+# 1.47.0 reads only directories), vmiso's files are added, and mkfs.ext4 packs the
+# tree: it sees the owners, modes and device nodes fakeroot has on record, while
+# the files on disk are plain files of the user's.
+
+# The ids a user namespace maps besides root: every Debian system user and group,
+# up to nobody and nogroup (65534).
+LAYER_IDS = 65536
+
 
 def mmdebstrap_argv(*, suite: str, mirror: str, target: Path, packages: Sequence[str],
                     variant: str = "minbase", hooks: Sequence[str] = ()) -> list[str]:
-    argv = ["mmdebstrap", "--mode=root", f"--variant={variant}", "--verbose"]
+    # unshare: mmdebstrap makes mount, pid, uts and ipc namespaces of its own, and a
+    # user namespace only when it is not root (layer_namespace_argv runs it as root of
+    # one).  The tarball is the one root mode makes, /dev's nodes included: mmdebstrap
+    # writes those into the archive itself.
+    argv = ["mmdebstrap", "--mode=unshare", "--format=tar", f"--variant={variant}", "--verbose"]
     if packages:
         argv.append("--include=" + ",".join(packages))
     for hook in hooks:
         argv.append(f"--customize-hook={hook}")
     argv += [suite, str(target), mirror]
     return argv
+
+
+# Runs as root of the namespace.  The tmpfs is on /tmp, inside the namespace only:
+# there the chroot's path is one that apt's sandbox user (_apt) can reach, as
+# mmdebstrap requires to download as _apt rather than as root.
+_TMPFS_SCRIPT = 'mount -t tmpfs -o mode=1777 vmiso-layer /tmp && TMPDIR=/tmp && export TMPDIR && exec "$@"'
+
+
+def layer_namespace_argv(argv: Sequence[str], *, sub_ids: tuple[int, int] | None) -> list[str]:
+    """``argv`` in a mount namespace of its own, with a tmpfs of its own on /tmp as its TMPDIR.
+
+    ``sub_ids``: (first subordinate uid, first subordinate gid) of a user who is not
+    root; the namespace is then a user namespace too, where root is that user (what
+    it writes outside the tmpfs is theirs) and ids 1 to LAYER_IDS are the subordinate
+    ones.  Nothing written in the tmpfs outlives the namespace's last process, however
+    it ends.  The program gets SIGTERM when vmiso dies (set inside the namespace:
+    entering it would clear the signal), and mmdebstrap cleans up on SIGTERM.
+    """
+    namespace = ["unshare", "--mount", "--propagation=private"]
+    if sub_ids is not None:
+        uid, gid = sub_ids
+        namespace += ["--map-user=0", "--map-group=0",
+                      f"--map-users={uid},1,{LAYER_IDS}", f"--map-groups={gid},1,{LAYER_IDS}"]
+    return [*namespace, "--", "setpriv", "--pdeathsig=TERM", "--", "sh", "-c", _TMPFS_SCRIPT, "sh", *argv]
+
+
+# Runs under fakeroot: $1 the tarball, $2 the directory to fill; then (file, path in
+# the root, octal mode) triples up to "--"; then the mkfs argv.  The SSH host keys of
+# openssh-server's postinst are not unpacked: each image gets its own, made on the
+# host and pinned.
+_PACK_SCRIPT = """set -eu
+tar --extract --numeric-owner --preserve-permissions --xattrs --xattrs-include='*' \\
+    --exclude='./etc/ssh/ssh_host_*' --file "$1" --directory "$2"
+root=$2
+shift 2
+while [ "$1" != -- ]; do
+    install -D --owner=0 --group=0 --mode="$3" "$1" "$root/$2"
+    shift 3
+done
+shift
+exec "$@"
+"""
+
+
+def pack_layer_argv(*, tarball: Path, root: Path, files: Sequence[tuple[Path, str, int]],
+                    mkfs: Sequence[str]) -> list[str]:
+    """Unpack ``tarball`` into ``root``, add ``files`` (source, path in the root, mode; root's),
+    then run ``mkfs`` on the tree, all in one fakeroot session: mkfs sees the owners, modes
+    and device nodes the archive holds, and vmiso's files as root's.  One session, because
+    fakeroot keeps its records by inode: a file made outside it could take the inode, and
+    so the owner and type, of one deleted inside it."""
+    triples = [str(item) for source, inside, mode in files for item in (source, inside, f"{mode:o}")]
+    return ["fakeroot", "--", "sh", "-c", _PACK_SCRIPT, "sh", str(tarball), str(root), *triples, "--", *mkfs]
 
 
 def mkfs_ext4_argv(*, source_dir: Path, image: Path, size_bytes: int, label: str) -> list[str]:
