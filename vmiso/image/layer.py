@@ -201,7 +201,8 @@ def building_layer(layers: Path, key: str) -> Iterator[Path]:
     os.chmod(layers, 0o711)
     work = layers / f".building-{key}-{os.getpid()}"
     remove_tree(work)
-    work.mkdir()
+    # Private until published: the unpacked tree holds setuid programs, the builder's own.
+    work.mkdir(mode=0o700)
     claim(work)
     try:
         yield work
