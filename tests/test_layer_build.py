@@ -5,9 +5,12 @@ tests/test_layer_unprivileged.py builds a real layer)."""
 from __future__ import annotations
 
 import io
+import os
 import secrets
 import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,8 +70,8 @@ def test_a_tarball_is_packed_with_its_owners_devices_and_setuid_bits_and_the_gue
     root, image = tmp_path / "root", tmp_path / "rootfs.img"
     root.mkdir()
     mkfs = tools.mkfs_ext4_argv(source_dir=root, image=image, size_bytes=32 * 1024**2, label="vmiso-root")
-    tools.run(tools.pack_layer_argv(tarball=tarball, root=root, files=layer._guest_file_sources(), mkfs=mkfs),
-              name="fakeroot")
+    tools.run(tools.pack_layer_argv(tarball=tarball, root=root, files=layer._guest_file_sources(), mkfs=mkfs,
+                                    user_namespace=namespace_ids() is not None), name="fakeroot")
 
     assert owner_and_mode(image, "/dev/null") == (0, 0, 0o666, "character")
     assert "Device major/minor number: 01:03" in debugfs(image, "stat /dev/null")
@@ -95,6 +98,61 @@ def test_the_layer_namespace_has_a_tmp_of_its_own():
     out = tools.run(argv).split()
     assert out == ["tmpfs", "/tmp", "0", marker]
     assert not (Path("/tmp") / marker).exists()
+
+
+def processes(argv: list[str]) -> list[int]:
+    """Pids of the processes that run exactly ``argv``."""
+    cmdline = b"".join(arg.encode() + b"\0" for arg in argv)
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == cmdline:
+                found.append(int(entry.name))
+        except OSError:
+            pass  # it ended meanwhile
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())  # a zombie's is empty
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("step", ["mmdebstrap", "fakeroot"])
+def test_every_process_of_a_step_dies_with_vmiso_even_by_sigkill(step):
+    # Two sleeps that nothing waits for; fakeroot's own daemon leaves the session besides.
+    sleep = ["sleep", f"3000.{secrets.randbelow(10**9):09d}"]
+    work = " ".join(sleep) + " & " + " ".join(sleep)
+    if step == "mmdebstrap":
+        argv = tools.layer_namespace_argv(["sh", "-c", work], sub_ids=namespace_ids())
+    else:
+        argv = tools.pack_layer_argv(tarball=Path("/nonexistent"), root=Path("/nonexistent"), files=[],
+                                     mkfs=[], user_namespace=namespace_ids() is not None)
+        argv = [*argv[:argv.index("sh")], "sh", "-c", work]
+    # A stand-in for vmiso: it starts the step and is killed.
+    vmiso = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                              "subprocess.Popen(sys.argv[1:]); time.sleep(600)", *argv])
+    try:
+        deadline = time.monotonic() + 20
+        while len(processes(sleep)) < 2:
+            assert time.monotonic() < deadline, "the step's processes did not start"
+            time.sleep(0.1)
+        namespace = os.readlink(f"/proc/{processes(sleep)[0]}/ns/pid")
+        assert namespace != os.readlink("/proc/self/ns/pid")
+        fakeds = [pid for pid in processes(["/usr/bin/faked-sysv"]) + processes(["/usr/bin/faked-tcp"])
+                  if os.readlink(f"/proc/{pid}/ns/pid") == namespace]
+        assert len(fakeds) == (step == "fakeroot")
+        # Its System V queues are in the step's ipc namespace: they go with it, not with faked.
+        assert all(os.readlink(f"/proc/{pid}/ns/ipc") != os.readlink("/proc/self/ns/ipc") for pid in fakeds)
+    finally:
+        vmiso.kill()
+        vmiso.wait()
+    deadline = time.monotonic() + 10
+    while processes(sleep) or [pid for pid in fakeds if running(pid)]:
+        assert time.monotonic() < deadline, f"still running: {processes(sleep)} {fakeds}"
+        time.sleep(0.1)
 
 
 def test_subordinate_ranges_are_found_by_name_or_uid_and_must_be_long_enough(tmp_path):

@@ -20,37 +20,46 @@ def test_mmdebstrap_argv():
     assert argv[-3:] == ["bookworm", "/x/root.tar", "http://m/debian"]
 
 
-def test_root_builds_a_layer_in_a_mount_namespace_only():
+def namespaces(argv: list[str]) -> list[str]:
+    """unshare's options in an argv of the OS layer's, checking what comes before them."""
+    assert argv[:4] == ["setpriv", "--pdeathsig=KILL", "--", "unshare"]
+    options = argv[4:argv.index("--", 4)]
+    assert {"--pid", "--fork", "--kill-child=KILL", "--ipc"} <= set(options)  # all die with vmiso
+    return options
+
+
+def test_root_builds_a_layer_in_namespaces_with_no_user_mapping():
     argv = tools.layer_namespace_argv(["mmdebstrap", "bookworm"], sub_ids=None)
-    assert argv[:argv.index("--")] == ["unshare", "--mount", "--propagation=private"]
-    assert not [a for a in argv if a.startswith("--map")]
-    # Asked for inside the namespace, where nothing clears it any more.
-    inner = argv[argv.index("--") + 1:]
-    assert inner[:4] == ["setpriv", "--pdeathsig=TERM", "--", "sh"]
-    assert "mount -t tmpfs" in inner[inner.index("-c") + 1] and "TMPDIR=/tmp" in inner[inner.index("-c") + 1]
+    options = namespaces(argv)
+    assert "--mount" in options and not [o for o in options if o.startswith("--map")]
+    script = argv[argv.index("-c") + 1]
+    assert "mount -t tmpfs" in script and "TMPDIR=/tmp" in script
     assert argv[-2:] == ["mmdebstrap", "bookworm"]
 
 
 def test_a_user_builds_a_layer_as_root_of_a_user_namespace_of_their_subordinate_ids():
-    argv = tools.layer_namespace_argv(["mmdebstrap"], sub_ids=(100000, 200000))
-    options = argv[:argv.index("--")]
-    assert options[0] == "unshare" and "--mount" in options
-    assert {"--map-user=0", "--map-group=0", f"--map-users=100000,1,{tools.LAYER_IDS}",
+    options = namespaces(tools.layer_namespace_argv(["mmdebstrap"], sub_ids=(100000, 200000)))
+    assert {"--mount", "--map-user=0", "--map-group=0", f"--map-users=100000,1,{tools.LAYER_IDS}",
             f"--map-groups=200000,1,{tools.LAYER_IDS}"} <= set(options)
     assert tools.LAYER_IDS > 65534  # nobody and nogroup
 
 
-def test_pack_layer_argv_runs_one_fakeroot_session():
+@pytest.mark.parametrize("user_namespace", [False, True])
+def test_pack_layer_argv_runs_one_fakeroot_session(user_namespace):
     mkfs = tools.mkfs_ext4_argv(source_dir=Path("/w/root"), image=Path("/w/rootfs.img"), size_bytes=1 << 30,
                                 label="vmiso-root")
     argv = tools.pack_layer_argv(tarball=Path("/w/root.tar"), root=Path("/w/root"),
                                  files=[(Path("/g/ssh-link"), "usr/local/lib/vmiso/ssh-link", 0o755),
                                         (Path("/g/sshd_config.vmiso"), "etc/ssh/sshd_config.vmiso", 0o644)],
-                                 mkfs=mkfs)
-    assert argv[:4] == ["fakeroot", "--", "sh", "-c"]
-    assert argv[5:] == ["sh", "/w/root.tar", "/w/root",
-                        "/g/ssh-link", "usr/local/lib/vmiso/ssh-link", "755",
-                        "/g/sshd_config.vmiso", "etc/ssh/sshd_config.vmiso", "644", "--", *mkfs]
+                                 mkfs=mkfs, user_namespace=user_namespace)
+    # A user needs a user namespace for the pid namespace; it maps them as themself, nobody else.
+    assert [o for o in namespaces(argv) if o.startswith("--map")] == (["--map-current-user"] if user_namespace
+                                                                      else [])
+    session = argv[argv.index("--", 4) + 1:]
+    assert session[:6] == ["env", "FAKEROOTDONTTRYCHOWN=1", "fakeroot", "--", "sh", "-c"]
+    assert session[7:] == ["sh", "/w/root.tar", "/w/root",
+                           "/g/ssh-link", "usr/local/lib/vmiso/ssh-link", "755",
+                           "/g/sshd_config.vmiso", "etc/ssh/sshd_config.vmiso", "644", "--", *mkfs]
 
 
 def test_mkfs_argv_needs_no_mount():

@@ -244,7 +244,7 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
         steps.note("os-layer", f"reusing cached layer {key}")
         return layer
     ids = namespace_ids()
-    # Named before anything is made: inside the namespace, a missing mmdebstrap is only "not found".
+    # Named before anything is made: inside a namespace, a missing program is only "not found".
     for program in ("mmdebstrap", "fakeroot", "unshare", "setpriv"):
         tools.which(program)
     log_path = state_dir / "logs" / f"layer-{key}.log"
@@ -261,7 +261,8 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
         try:
             tools.run(tools.layer_namespace_argv(mmdebstrap, sub_ids=ids), log_path=log_path, name="mmdebstrap")
             root.mkdir()
-            tools.run(tools.pack_layer_argv(tarball=tarball, root=root, files=_guest_file_sources(), mkfs=mkfs),
+            tools.run(tools.pack_layer_argv(tarball=tarball, root=root, files=_guest_file_sources(), mkfs=mkfs,
+                                            user_namespace=ids is not None),
                       log_path=log_path, name="fakeroot")
             tarball.unlink()
             _copy_boot_files(root, work)
