@@ -9,7 +9,14 @@ from contextlib import ExitStack
 import yaml
 
 from vmiso import reaper
-from vmiso.image.layer import Layer, cached_layers, hold_layer, publish_layer, remove_cached_layers
+from vmiso.image.layer import (
+    Layer,
+    building_layer,
+    cached_layers,
+    hold_layer,
+    publish_layer,
+    remove_cached_layers,
+)
 
 
 def fake_layer(state, key, size=4096):
@@ -68,3 +75,10 @@ def test_a_concurrent_build_of_the_same_layer_keeps_the_first(tmp_path):
     publish_layer(second, final)  # rename(2) refuses a non-empty target: the first stays
     assert (final / "rootfs.img").read_text() == "first"
     assert not first.exists() and not second.exists()
+
+
+def test_a_layer_build_is_private_until_published(tmp_path):
+    with building_layer(tmp_path / "layers", "eeee") as work:
+        assert work.stat().st_mode & 0o777 == 0o700
+        (work / "rootfs.img").write_bytes(b"x")
+    assert (tmp_path / "layers/eeee").stat().st_mode & 0o777 == 0o755

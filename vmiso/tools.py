@@ -37,6 +37,11 @@ PACKAGES = {
     "umount": "mount",
     "cp": "coreutils",
     "squid": "squid",
+    "fakeroot": "fakeroot",
+    "newuidmap": "uidmap",
+    "newgidmap": "uidmap",
+    "unshare": "util-linux",
+    "setpriv": "util-linux",
 }
 
 
@@ -49,10 +54,13 @@ def which(program: str) -> str:
 
 
 def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | None = None,
-        input_text: str | None = None, cwd: Path | None = None) -> str:
-    """Run ``argv``; return its stdout.  Output goes to ``log_path`` when given."""
-    program = argv[0]
-    full = [which(program), *argv[1:]]
+        input_text: str | None = None, cwd: Path | None = None, name: str | None = None) -> str:
+    """Run ``argv``; return its stdout.  Output goes to ``log_path`` when given.
+
+    ``name``: the program that errors name, when ``argv[0]`` only starts it (a namespace, fakeroot).
+    """
+    program = name or argv[0]
+    full = [which(argv[0]), *argv[1:]]
     log.debug("running %s", " ".join(full))
     try:
         if log_path is not None:
@@ -188,16 +196,106 @@ def qemu_img_info(image: Path) -> dict:
 
 
 # --- OS layer ---------------------------------------------------------------------------
+# Built the same way by root and by an analyst who is not root.  mmdebstrap makes the
+# chroot in a tmpfs that exists only in a mount namespace of the build's own, and
+# writes it out as a tarball: killed at any point, the build leaves nothing on disk
+# that its user cannot remove (files of the subordinate ids never reach the disk).
+# Then, in one fakeroot session, the tarball is unpacked (mkfs.ext4 -d of e2fsprogs
+# 1.47.0 reads only directories), vmiso's files are added, and mkfs.ext4 packs the
+# tree: it sees the owners, modes and device nodes fakeroot has on record, while
+# the files on disk are plain files of the user's.  Each step runs in a pid
+# namespace whose processes all die with vmiso, however vmiso ends.
+
+# The ids a user namespace maps besides root: every Debian system user and group,
+# up to nobody and nogroup (65534).
+LAYER_IDS = 65536
+
 
 def mmdebstrap_argv(*, suite: str, mirror: str, target: Path, packages: Sequence[str],
                     variant: str = "minbase", hooks: Sequence[str] = ()) -> list[str]:
-    argv = ["mmdebstrap", "--mode=root", f"--variant={variant}", "--verbose"]
+    # unshare: mmdebstrap makes mount, pid, uts and ipc namespaces of its own, and a
+    # user namespace only when it is not root (layer_namespace_argv runs it as root of
+    # one).  The tarball is the one root mode makes, /dev's nodes included: mmdebstrap
+    # writes those into the archive itself.
+    argv = ["mmdebstrap", "--mode=unshare", "--format=tar", f"--variant={variant}", "--verbose"]
     if packages:
         argv.append("--include=" + ",".join(packages))
     for hook in hooks:
         argv.append(f"--customize-hook={hook}")
     argv += [suite, str(target), mirror]
     return argv
+
+
+def _dying_with_vmiso(namespaces: Sequence[str]) -> list[str]:
+    """The start of an argv run in new ``namespaces`` (unshare's options), pid and ipc ones.
+
+    When vmiso ends, even by SIGKILL, unshare gets SIGKILL (setpriv --pdeathsig); with
+    --kill-child it passes it to the first process of the pid namespace, and with that
+    one every process in the namespace dies (mmdebstrap's nested ones, fakeroot's
+    daemon, which leaves its session and would outlive a killed process group).  The
+    System V message queues and semaphores of fakeroot's daemon, which it removes only
+    when it ends by SIGTERM, go with the ipc namespace.
+    """
+    return ["setpriv", "--pdeathsig=KILL", "--", "unshare", *namespaces,
+            "--pid", "--fork", "--kill-child=KILL", "--ipc", "--"]
+
+
+# Runs as root of the namespace.  The tmpfs is on /tmp, inside the namespace only:
+# there the chroot's path is one that apt's sandbox user (_apt) can reach, as
+# mmdebstrap requires to download as _apt rather than as root.
+_TMPFS_SCRIPT = 'mount -t tmpfs -o mode=1777 vmiso-layer /tmp && TMPDIR=/tmp && export TMPDIR && exec "$@"'
+
+
+def layer_namespace_argv(argv: Sequence[str], *, sub_ids: tuple[int, int] | None) -> list[str]:
+    """``argv`` (mmdebstrap) in namespaces of its own, with a tmpfs of its own on /tmp as its TMPDIR.
+
+    ``sub_ids``: (first subordinate uid, first subordinate gid) of a user who is not
+    root; the namespaces are then in a user namespace too, where root is that user
+    (what it writes outside the tmpfs is theirs) and ids 1 to LAYER_IDS are the
+    subordinate ones.  Nothing written in the tmpfs outlives the namespace.
+    """
+    namespaces = ["--mount", "--propagation=private"]
+    if sub_ids is not None:
+        uid, gid = sub_ids
+        namespaces += ["--map-user=0", "--map-group=0",
+                       f"--map-users={uid},1,{LAYER_IDS}", f"--map-groups={gid},1,{LAYER_IDS}"]
+    return [*_dying_with_vmiso(namespaces), "sh", "-c", _TMPFS_SCRIPT, "sh", *argv]
+
+
+# Runs under fakeroot: $1 the tarball, $2 the directory to fill; then (file, path in
+# the root, octal mode) triples up to "--"; then the mkfs argv.  The SSH host keys of
+# openssh-server's postinst are not unpacked: each image gets its own, made on the
+# host and pinned.
+_PACK_SCRIPT = """set -eu
+tar --extract --numeric-owner --preserve-permissions --xattrs --xattrs-include='*' \\
+    --exclude='./etc/ssh/ssh_host_*' --file "$1" --directory "$2"
+root=$2
+shift 2
+while [ "$1" != -- ]; do
+    install -D --owner=0 --group=0 --mode="$3" "$1" "$root/$2"
+    shift 3
+done
+shift
+exec "$@"
+"""
+
+
+def pack_layer_argv(*, tarball: Path, root: Path, files: Sequence[tuple[Path, str, int]],
+                    mkfs: Sequence[str], user_namespace: bool) -> list[str]:
+    """Unpack ``tarball`` into ``root``, add ``files`` (source, path in the root, mode; root's),
+    then run ``mkfs`` on the tree, all in one fakeroot session: mkfs sees the owners, modes
+    and device nodes the archive holds, and vmiso's files as root's.  One session, because
+    fakeroot keeps its records by inode: a file made outside it could take the inode, and
+    so the owner and type, of one deleted inside it.
+
+    ``user_namespace``: for a user who is not root, who needs one for a pid namespace; it
+    maps only that user, as itself.  fakeroot never changes an owner for real
+    (FAKEROOTDONTTRYCHOWN), so every file on disk is the user's (root's, for root).
+    """
+    triples = [str(item) for source, inside, mode in files for item in (source, inside, f"{mode:o}")]
+    namespaces = ["--map-current-user"] if user_namespace else []
+    return [*_dying_with_vmiso(namespaces), "env", "FAKEROOTDONTTRYCHOWN=1",
+            "fakeroot", "--", "sh", "-c", _PACK_SCRIPT, "sh", str(tarball), str(root), *triples, "--", *mkfs]
 
 
 def mkfs_ext4_argv(*, source_dir: Path, image: Path, size_bytes: int, label: str) -> list[str]:

@@ -1,8 +1,11 @@
 """The OS layer: a Debian root filesystem built from a recipe in images/.
 
-mmdebstrap fills a directory, vmiso adds its guest files, and ``mkfs.ext4 -d``
+mmdebstrap writes a tarball of the root filesystem, which is unpacked into a
+directory under fakeroot; vmiso adds its guest files, and ``mkfs.ext4 -d``
 packs the directory into a raw ext4 image: no loop mount, no partition table,
 no bootloader (the kernel and initrd are copied out for direct kernel boot).
+Root and an analyst who is not root build it the same way (tools.py says how);
+the analyst needs subordinate ids (/etc/subuid, /etc/subgid) and newuidmap.
 A layer is cached under a hash of everything that went into it.
 """
 
@@ -13,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -118,17 +122,57 @@ def guest_files() -> tuple[tuple[str, str, int], ...]:
                  for name, (inside, mode) in GUEST_FILES.items())
 
 
-def _install_guest_files(root: Path) -> None:
+def _guest_file_sources() -> list[tuple[Path, str, int]]:
+    """(file on the host, path in the layer, mode) of each guest file."""
     guest = images_dir() / "guest"
-    for name, (inside, mode) in GUEST_FILES.items():
-        target = root / inside
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(guest / name, target)
-        os.chmod(target, mode)
-    # The OS layer must not carry host keys made by the package's postinst: each
-    # image gets its own, generated on the host and pinned.
-    for key in (root / "etc/ssh").glob("ssh_host_*"):
-        key.unlink()
+    return [(guest / name, inside, mode) for name, (inside, mode) in GUEST_FILES.items()]
+
+
+def subordinate_start(path: Path, user: str, uid: int) -> int | None:
+    """The first id of ``user``'s first range in ``path`` (/etc/subuid or /etc/subgid)
+    that is long enough for a layer's user namespace, or None."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) != 3 or fields[0] not in (user, str(uid)):
+            continue
+        try:
+            start, count = int(fields[1]), int(fields[2])
+        except ValueError:
+            continue
+        if count >= tools.LAYER_IDS:
+            return start
+    return None
+
+
+def namespace_ids(subuid: Path = Path("/etc/subuid"), subgid: Path = Path("/etc/subgid")) -> tuple[int, int] | None:
+    """None for root; for anyone else, the first subordinate uid and gid that their
+    layer builds map (ProvisionError, saying how to set them up, when there are none)."""
+    uid = os.geteuid()
+    if uid == 0:
+        return None
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    hint = f"run scripts/setup-host --user {user} as root"
+    for program in ("newuidmap", "newgidmap"):
+        try:
+            tools.which(program)
+        except ToolError:
+            raise ProvisionError("os-layer", f"{program} is not installed: building an OS layer as a user "
+                                 "other than root needs it (package uidmap)", hint=hint) from None
+    starts = []
+    for path in (subuid, subgid):
+        start = subordinate_start(path, user, uid)
+        if start is None:
+            raise ProvisionError("os-layer", f"{user} has no range of {tools.LAYER_IDS} subordinate ids in {path}: "
+                                 "building an OS layer as a user other than root needs one", hint=hint)
+        starts.append(start)
+    return starts[0], starts[1]
 
 
 def _copy_boot_files(root: Path, dest: Path) -> None:
@@ -157,7 +201,8 @@ def building_layer(layers: Path, key: str) -> Iterator[Path]:
     os.chmod(layers, 0o711)
     work = layers / f".building-{key}-{os.getpid()}"
     remove_tree(work)
-    work.mkdir()
+    # Private until published: the unpacked tree holds setuid programs, the builder's own.
+    work.mkdir(mode=0o700)
     claim(work)
     try:
         yield work
@@ -198,22 +243,29 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
     if layer.rootfs.exists():
         steps.note("os-layer", f"reusing cached layer {key}")
         return layer
+    ids = namespace_ids()
+    # Named before anything is made: inside a namespace, a missing program is only "not found".
+    for program in ("mmdebstrap", "fakeroot", "unshare", "setpriv"):
+        tools.which(program)
     log_path = state_dir / "logs" / f"layer-{key}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
     with steps.step("os-layer", f"mmdebstrap {recipe.suite} from {mirror} (log: {log_path})"), \
             building_layer(layers, key) as work:
-        root = work / "root"
+        tarball, root = work / "root.tar", work / "root"
         packages = [recipe.kernel_package, *recipe.packages]
+        mmdebstrap = tools.mmdebstrap_argv(suite=recipe.suite, mirror=mirror, target=tarball,
+                                           packages=packages, variant=recipe.variant)
+        mkfs = tools.mkfs_ext4_argv(source_dir=root, image=work / "rootfs.img",
+                                    size_bytes=recipe.filesystem_size, label="vmiso-root")
         try:
-            tools.run(tools.mmdebstrap_argv(suite=recipe.suite, mirror=mirror, target=root,
-                                            packages=packages, variant=recipe.variant),
-                      log_path=log_path)
-            _install_guest_files(root)
+            tools.run(tools.layer_namespace_argv(mmdebstrap, sub_ids=ids), log_path=log_path, name="mmdebstrap")
+            root.mkdir()
+            tools.run(tools.pack_layer_argv(tarball=tarball, root=root, files=_guest_file_sources(), mkfs=mkfs,
+                                            user_namespace=ids is not None),
+                      log_path=log_path, name="fakeroot")
+            tarball.unlink()
             _copy_boot_files(root, work)
-            tools.run(tools.mkfs_ext4_argv(source_dir=root, image=work / "rootfs.img",
-                                           size_bytes=recipe.filesystem_size, label="vmiso-root"),
-                      log_path=log_path)
         except ToolError as err:
             raise layer_failure(err, recipe, mirror, log_path) from None
         remove_tree(root)
