@@ -78,9 +78,10 @@ def finished(process: subprocess.Popen, timeout: float = 60) -> str:
 
 @pytest.fixture(scope="module")
 def python(analyst) -> str:
-    """A Python that the analyst may run and that imports vmiso from this tree."""
+    """A Python that the analyst may run and that imports vmiso: the one setup-host installs
+    for every user (/opt/vmiso), or this tree's."""
     tried = []
-    for candidate in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+    for candidate in dict.fromkeys(["/opt/vmiso/bin/python", sys.executable, "/usr/bin/python3"]):
         check = subprocess.run(["setpriv", f"--reuid={analyst.pw_uid}", f"--regid={analyst.pw_gid}",
                                 "--init-groups", candidate, "-c", "import vmiso.image.layer, vmiso.reaper"],
                                env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, cwd="/",
