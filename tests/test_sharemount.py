@@ -114,7 +114,7 @@ def test_a_symbolic_link_is_not_followed(home):
     link = home.parent / "link"
     link.symlink_to(home)
     done = helper(ANALYST, "mount", link, "out", 4 * MIB, 20)
-    assert done.returncode == 2 and "Not a directory" in done.stderr  # O_NOFOLLOW on a link
+    assert done.returncode == 2 and "is not a directory of yours" in done.stderr  # O_NOFOLLOW on a link
     assert not os.path.ismount(home / "out")
 
 
@@ -141,3 +141,20 @@ def test_only_a_share_the_helper_made_is_unmounted(home):
     os.chown(other, entry.pw_uid, entry.pw_gid)
     done = helper(OTHER, "umount", home, "out")
     assert done.returncode == 2 and os.path.ismount(home / "out")
+
+
+def test_root_tells_no_caller_what_exists_where_they_cannot_look(home):
+    # The helper resolves paths as root: every refusal reads the same, so another
+    # analyst's private directory cannot be probed for what it holds.
+    private = home.parent / "private"
+    private.mkdir(mode=0o700)
+    (private / "project").mkdir()
+    (private / "salaries.xlsx").write_text("")
+    answers = {helper(OTHER, "mount", private / name, "out", 4 * MIB, 20).stderr.split(" is ", 1)[1]
+               for name in ("project", "salaries.xlsx", "nothing-here")}
+    assert answers == {"not a directory of yours that only you can write\n"}
+
+
+def test_the_filesystem_type_comes_from_the_mount_table():
+    assert sharemount._filesystem_type(os.stat("/proc").st_dev) == "proc"
+    assert sharemount._filesystem_type(os.stat("/var/tmp").st_dev) in sharemount.LOCAL_FILESYSTEMS

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,13 +37,24 @@ class Leftover:
 
 
 def _orphan_dirs(parent: Path, pattern: str) -> list[Path]:
-    """This user's directories in ``parent`` whose vmiso is gone (the shared image store
-    holds other members' builds too: theirs are theirs to clean)."""
+    """This user's directories in ``parent`` whose vmiso is gone.
+
+    This user's own only, root included: the shared image store holds other
+    members' builds, theirs to clean, and an entry there may be a member's
+    symbolic link to anywhere, which removing (and unmounting below) must never follow.
+    """
     if not parent.is_dir():
         return []
     uid = os.geteuid()
-    return [p for p in sorted(parent.glob(pattern))
-            if p.is_dir() and uid in (0, p.stat().st_uid) and not owner_alive(p)]
+    found = []
+    for p in sorted(parent.glob(pattern)):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not owner_alive(p):
+            found.append(p)
+    return found
 
 
 def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:

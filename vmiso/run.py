@@ -282,7 +282,7 @@ def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: 
              steps: Steps, cleanup: ExitStack) -> ssh.Session:
     with steps.step("connect", "SSH over the virtio-serial link"):
         session = connect(
-            clone.ssh_socket, name=vm.name, host_key=image.host_key.read_text(), client_key=image.client_key,
+            clone.ssh_socket, name=vm.name, host_key=image.read(image.host_key.name), client_key=image.client_key,
             user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
             alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot == "warm" else None)
         cleanup.callback(session.close)

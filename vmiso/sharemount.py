@@ -95,19 +95,43 @@ def _check(result: int, what: str) -> None:
         raise ShareError(f"{what}: {os.strerror(err)}")
 
 
+# Where the image may live: filesystems whose contents only the kernel serves.  Not
+# FUSE (its server, the caller on a host that allows it, could change the image
+# under the mounted filesystem) and not network filesystems.
+LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs"})
+
+
 def _open_dir_of(caller: int, directory: str) -> int:
-    """An O_PATH descriptor of ``directory``: the caller's, writable by no one else."""
+    """An O_PATH descriptor of ``directory``: the caller's, writable by no one else, on a
+    local filesystem.  One answer for every refusal: root resolves the path, and must
+    not tell the caller what exists where they cannot look."""
     if not os.path.isabs(directory):
         raise ShareError(f"{directory!r} is not an absolute path")
+    refused = ShareError(f"{directory} is not a directory of yours that only you can write")
     try:
         fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as err:
-        raise ShareError(f"{directory}: {err.strerror}") from None
+    except OSError:
+        raise refused from None
     st = os.fstat(fd)
     if st.st_uid != caller or st.st_mode & 0o022:
         os.close(fd)
-        raise ShareError(f"{directory} is not a directory of yours that only you can write")
+        raise refused
+    kind = _filesystem_type(st.st_dev)
+    if kind not in LOCAL_FILESYSTEMS:
+        os.close(fd)
+        raise ShareError(f"{directory} is on a {kind} filesystem; vmiso's state must be on a local one "
+                         f"({', '.join(sorted(LOCAL_FILESYSTEMS))})")
     return fd
+
+
+def _filesystem_type(device: int) -> str:
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and fields[2] == wanted and "-" in fields:
+                return fields[fields.index("-") + 1]
+    return "unknown"
 
 
 def _attach_loop(image_fd: int) -> int:

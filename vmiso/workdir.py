@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -275,6 +276,9 @@ def remove_tree(path: Path) -> list[tree.Failure]:
     raises ToolError rather than leave the walk next to the host's own files.
     """
     if not os.path.lexists(path):
+        return []
+    if not stat.S_ISDIR(os.lstat(path).st_mode):  # a file, or a symbolic link: never followed
+        os.unlink(path)
         return []
     for point in mounts_below(path):
         if os.geteuid() == 0:

@@ -11,6 +11,7 @@ image (sha256 of the template) is cached in their own directory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import os
 import pwd
 import shutil
 import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +68,14 @@ class Image:
         """The clone's root filesystem: the whole disk, or a cloud image's partition."""
         return self.manifest().get("root_device", "/dev/vda")
 
+    def read(self, name: str) -> str:
+        """One of the image's own files, never through a symbolic link: another member's
+        image is theirs to shape, and root's vmiso reads it too."""
+        return read_no_link(self.path / name).decode()
+
     def manifest(self) -> dict:
         try:
-            return json.loads((self.path / MANIFEST).read_text())
+            return json.loads(self.read(MANIFEST))
         except (OSError, ValueError) as err:
             raise ImageError(f"image {self.name}: manifest unreadable ({err})",
                              f"provision it again: vmiso provision --name {self.name} --replace") from None
@@ -119,18 +126,31 @@ def check_owner(image: Image, doing: str) -> None:
                          "provision one of your own under another name (vmiso provision --name NAME)")
 
 
+def read_no_link(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _is_image_dir(path: Path) -> bool:
+    """A directory in the store, not a symbolic link to one elsewhere (a member could plant it)."""
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode) and (path / MANIFEST).is_file()
+    except OSError:
+        return False
+
+
 def list_images(state_dir: Path) -> list[Image]:
     root = images_root(state_dir)
     if not root.is_dir():
         return []
-    return [Image(p.name, p) for p in sorted(root.iterdir())
-            if not p.name.startswith(".") and (p / MANIFEST).is_file()]
+    return [Image(p.name, p) for p in sorted(root.iterdir()) if not p.name.startswith(".") and _is_image_dir(p)]
 
 
 def get_image(state_dir: Path, name: str) -> Image:
     check_name(name)
     image = Image(name, images_root(state_dir) / name)
-    if not (image.path / MANIFEST).is_file() or not image.template.is_file():
+    if not _is_image_dir(image.path) or not image.template.is_file():
         known = ", ".join(i.name for i in list_images(state_dir)) or "none"
         raise ImageError(f"no image named {name!r} in {images_root(state_dir)} (images: {known})",
                          "build it with 'vmiso provision'")
@@ -166,7 +186,7 @@ def _cache_paths(path: Path) -> list[Path]:
     """Where ``path``'s checked sha256 is cached: beside it, in its image's directory;
     for a member using another's image, in their own directory too (written there)."""
     beside = path.with_name(_SHA_CACHE)
-    if os.access(path.parent, os.W_OK):
+    if path.parent.lstat().st_uid == os.geteuid():  # never write in a directory another user shapes
         return [beside]
     image = Image(path.parent.name, path.parent)
     return [beside, own_dir(image.state_dir) / "sha256" / f"{image.name}{_SHA_CACHE}"]
@@ -174,36 +194,51 @@ def _cache_paths(path: Path) -> list[Path]:
 
 def _read_cache(cache_path: Path) -> dict:
     try:
-        cache = json.loads(cache_path.read_text())
+        cache = json.loads(read_no_link(cache_path))
     except (OSError, ValueError):
         return {}
     return cache if isinstance(cache, dict) else {}
 
 
 def root_only(path: Path) -> None:
-    """Check that a file vmiso boots from is its directory's owner's (root's, or the
-    analyst's who made it) and unwritable, as it was made; put it right where this user can.
+    """Check that a file vmiso boots from is a regular file of its directory's owner's (root's,
+    or the analyst's who made it) and unwritable, as it was made; the owner puts it right.
 
     libvirt used to hand whole backing chains to QEMU's user and never give them
-    back; such a file stays writable by any QEMU until put right here.
+    back; such a file stays writable by any QEMU until put right here.  Through
+    one descriptor, never a symbolic link, and only by the owner (root too leaves
+    another's files alone: it would otherwise chown what a member's link points at).
     """
-    st = path.stat()
-    owner = path.parent.stat().st_uid
-    if st.st_uid == owner and not st.st_mode & 0o222:
-        return
-    what = f"{path} was not its owner's and read-only (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
-    if os.geteuid() not in (0, owner):
-        raise ImageError(what, "ask the image's owner, or root, to run: vmiso images verify "
-                         f"{path.parent.name}")
-    log.warning("%s: made so again", what)
-    if st.st_uid != owner:
-        os.chown(path, owner, path.parent.stat().st_gid)
-    os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o222)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ImageError(f"{path} is a symbolic link, which vmiso never follows in an image",
+                             f"remove the image and provision it again (vmiso images rm {path.parent.name})") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        directory = path.parent.lstat()
+        owner = directory.st_uid
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{path} is not a regular file", f"vmiso images rm {path.parent.name}")
+        if st.st_uid == owner and st.st_gid == directory.st_gid and not st.st_mode & 0o222:
+            return
+        what = f"{path} was not its owner's and read-only (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o})"
+        if os.geteuid() != owner:
+            raise ImageError(what, f"ask the image's owner ({_user_name(owner)}) to run: vmiso images verify "
+                             f"{path.parent.name}")
+        log.warning("%s: made so again", what)
+        if (st.st_uid, st.st_gid) != (owner, directory.st_gid):
+            os.fchown(fd, owner, directory.st_gid)
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o222)
+    finally:
+        os.close(fd)
 
 
 def _hash_stable(path: Path) -> tuple[str, list[int]]:
     """(sha256, identity) of one open file, ImageError if it changed while being read."""
-    with open(path, "rb") as f:
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
         before = _identity_of(os.fstat(f.fileno()))
         digest = hashlib.sha256()
         while block := f.read(4 * 1024 * 1024):
@@ -225,8 +260,10 @@ def _store(path: Path, sha256: str, identity: list[int]) -> None:
     cache_path.parent.mkdir(mode=0o700, exist_ok=True)
     cache = _read_cache(cache_path)
     cache[path.name] = {"identity": identity, "sha256": sha256, "checked": time.time()}
-    tmp = cache_path.with_name(f"{_SHA_CACHE}.{os.getpid()}")
-    tmp.write_text(json.dumps(cache))
+    fd, tmp = tempfile.mkstemp(prefix=_SHA_CACHE, dir=cache_path.parent)  # O_EXCL: no link followed
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(cache))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, cache_path)
 
 
@@ -296,7 +333,8 @@ def copy_verified(source: Path, target: Path, expected: str, *, what: str, fix: 
     """Copy ``source`` to a new ``target``, hashing what is copied: the copy is exactly what
     was checked, whatever happens to ``source`` meanwhile.  ImageError (and no target) on a mismatch."""
     digest = hashlib.sha256()
-    with open(source, "rb") as src, open(target, "xb") as dst:
+    with os.fdopen(os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as src, \
+            open(target, "xb") as dst:
         while block := src.read(4 * 1024 * 1024):
             digest.update(block)
             dst.write(block)
