@@ -31,7 +31,8 @@ pytestmark = pytest.mark.vm
 ANALYST = "vmiso-test"
 RECIPE, MIRROR = ImageConfig().recipe, ImageConfig().mirror
 
-# Run by the analyst's Python: argv[1] the state directory, argv[2] what to do.
+# Run by the analyst's Python: argv[1] their own directory (state_dir/users/NAME, where
+# their layers live: workdir.own_dir), argv[2] what to do.
 ACT = """
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ elif action == "remove":
     removed, kept = remove_cached_layers(state)
     print(len(removed), len(kept))
 else:
-    cleaned = reaper.clean(None, state)
+    cleaned = reaper.clean(None, state.parent.parent)
     print(len(cleaned.removed), cleaned.failed)
 """
 
@@ -94,10 +95,16 @@ def python(analyst) -> str:
 
 @pytest.fixture
 def state(analyst):
+    """The analyst's own directory in a state directory laid out as setup-host lays it out."""
     root = Path(tempfile.mkdtemp(prefix="vmiso-layer-test-", dir="/var/tmp"))
-    os.chown(root, analyst.pw_uid, analyst.pw_gid)
-    os.chmod(root, 0o700)
-    yield root / "state"
+    os.chmod(root, 0o711)
+    home = root / "state" / "users" / ANALYST
+    home.mkdir(parents=True)
+    for directory in (root / "state", root / "state" / "users"):
+        os.chmod(directory, 0o711)
+    os.chown(home, analyst.pw_uid, analyst.pw_gid)
+    os.chmod(home, 0o700)
+    yield home
     # Root's cleanup, whatever the test found: a failed removal must not stay behind.
     shutil.rmtree(root, ignore_errors=True)
 
