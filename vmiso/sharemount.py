@@ -95,10 +95,10 @@ def _check(result: int, what: str) -> None:
         raise ShareError(f"{what}: {os.strerror(err)}")
 
 
-# Where the image may live: filesystems whose contents only the kernel serves.  Not
-# FUSE (its server, the caller on a host that allows it, could change the image
-# under the mounted filesystem) and not network filesystems.
-LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs"})
+# Where the image may live: filesystems whose contents only the kernel serves (overlay:
+# a container's root).  Not FUSE (its server, the caller on a host that allows it,
+# could change the image under the mounted filesystem) and not network filesystems.
+LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs", "overlay"})
 
 
 def _open_dir_of(caller: int, directory: str) -> int:
