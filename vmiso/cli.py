@@ -627,6 +627,137 @@ def images_warm(ctx: click.Context, name: str) -> None:
     click.echo(f"{name}: warm state ready in {steps.elapsed():.0f} s")
 
 
+@cli.group()
+def pool() -> None:
+    """Preloaded clones: restored and waiting, so that runs start at once (start, stop, status)."""
+
+
+@pool.command("start")
+@_config_option
+@_accel_option
+@_state_option
+@click.option("--image", help="image to preload (default: image.name from the config)")
+@click.option("--size", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="clones kept ready (each holds its guest's memory; see README)")
+@click.option("--foreground", is_flag=True, help="serve in this process until stopped (Ctrl-C, SIGTERM)")
+@click.pass_context
+def pool_start(ctx: click.Context, config_path: Path | None, accel: str | None, state_dir: Path | None,
+               image: str | None, size: int, foreground: bool) -> None:
+    """Keep SIZE clones of an image restored and ready: runs and shells of this user take one each.
+
+    \b
+    Each clone serves one job and is destroyed with it; the pool refills behind.
+    The pool's clones end with its process, however it ends.  Runs use a pool's
+    clone when one fits (same memory, CPUs, scratch and output limits), else a warm
+    restore, else a cold boot, and say which in --json ("boot").
+    """
+    config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
+    name = image or config.image.name
+    if foreground:
+        _serve_pool(ctx, config, name, size)
+        return
+    from .pool import pool_dir
+    from .tools import pool_argv, start_server
+    from .workdir import private_dir
+
+    argv = pool_argv("start", "--foreground", "--image", name, "--size", str(size))
+    if config_path is not None:
+        argv += ["-c", str(config_path.resolve())]
+    if accel is not None:
+        argv += ["--accel", accel]
+    if state_dir is not None:
+        argv += ["--state-dir", str(state_dir.resolve())]
+    log_path = private_dir(pool_dir(config.state_dir, name)) / "pool.log"
+    with open(log_path, "ab") as log_file:
+        child = start_server(argv, log_file)
+    assert child.stdout is not None
+    with _Progress(ctx.obj["quiet"], live=True) as printer:
+        started = time.monotonic()
+        printer("start", "pool", f"{size} clone{'s' if size != 1 else ''} of {name} (log: {log_path})", 0.0)
+        line = child.stdout.readline().decode(errors="replace").strip()
+        printer("done", "pool", "", time.monotonic() - started)
+    child.stdout.close()
+    if not line.startswith("ready"):
+        child.wait()
+        tail = log_path.read_bytes()[-2000:].decode(errors="replace").strip().splitlines()
+        errors = [t for t in tail if t.startswith("vmiso: error") or t.startswith("vmiso: ")]
+        raise VmisoError(f"the pool for {name} did not start: {errors[-1] if errors else 'see ' + str(log_path)}")
+    click.echo(f"pool of {size} for {name} ready in {time.monotonic() - started:.0f} s (pid {child.pid}); "
+               f"stop it with: vmiso pool stop --image {name}")
+
+
+def _serve_pool(ctx: click.Context, config: config_mod.Config, name: str, size: int) -> None:
+    from .hypervisor import connected
+    from .image.store import get_image
+    from .pool import serve
+
+    image = get_image(config.state_dir, name)
+    stop = threading.Event()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def ready(status: Any) -> None:
+        click.echo(f"ready: {status.size} clones of {status.image} (pid {status.pid})")
+        sys.stdout.flush()
+        # Nothing more for whoever started this: a closed pipe must not end the pool.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    with connected(config.libvirt_uri) as hv:
+        status = serve(config, hv, image, size, Steps(_progress_printer(ctx.obj["quiet"])), on_ready=ready,
+                       stop=stop)
+    click.echo(f"pool for {name} stopped: {status.served} clones served, {status.dropped} dropped"
+               + (f" ({status.problem})" if status.problem else ""), err=True)
+
+
+def _pool_targets(config: config_mod.Config, image: str | None) -> list[str]:
+    from .pool import running
+
+    return [image] if image else running(config.state_dir)
+
+
+@pool.command("stop")
+@_config_option
+@_state_option
+@click.option("--image", help="the image whose pool to stop (default: every pool of this user)")
+@click.pass_context
+def pool_stop(ctx: click.Context, config_path: Path | None, state_dir: Path | None, image: str | None) -> None:
+    """Stop a pool: its idle clones are destroyed; jobs running on its clones go on."""
+    from .pool import request
+
+    config = _load(ctx, config_path, state_dir=state_dir)
+    stopped = 0
+    for name in _pool_targets(config, image):
+        if request(config.state_dir, name, "stop") is not None:
+            click.echo(f"pool for {name} stopped")
+            stopped += 1
+    if not stopped:
+        click.echo(f"no pool for {image} is running" if image else "no pool is running")
+
+
+@pool.command("status")
+@_config_option
+@_state_option
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def pool_status(ctx: click.Context, config_path: Path | None, state_dir: Path | None, as_json: bool) -> None:
+    """This user's running pools: clones ready, served and dropped."""
+    from .pool import request
+
+    config = _load(ctx, config_path, state_dir=state_dir)
+    rows = [answer for name in _pool_targets(config, None)
+            if (answer := request(config.state_dir, name, "status")) is not None]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no pool is running; start one: vmiso pool start --image NAME")
+    for row in rows:
+        _say(f"{row['image']}: {row['ready']} of {row['size']} ready, {row['served']} served, "
+             f"{row['dropped']} dropped (pid {row['pid']})" + (f"; {row['problem']}" if row["problem"] else ""))
+
+
 @cli.command("_gateway", hidden=True)
 @click.argument("conf")
 @click.pass_context

@@ -16,11 +16,13 @@ tear the VM down, judge how the job ended, collect the outputs, clean up.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 import shlex
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import accel, outputs, reaper, ssh, warm, watchdog
+from . import accel, outputs, pool, reaper, ssh, warm, watchdog
 from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
@@ -37,7 +39,7 @@ from .image.store import Image, get_image, verified_sha256
 from .inputs import GUEST_IN, check_inputs, stage_inputs
 from .progress import Steps
 from .seed import RUN_USER
-from .workdir import bounded_share_size, own_dir, private_dir, share_full
+from .workdir import bounded_share_size, claim, own_dir, private_dir, share_full
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -107,7 +109,7 @@ class RunResult:
     sha256: str
     command: tuple[str, ...]
     exit_code: int
-    boot: str = ""  # "warm" or "cold"
+    boot: str = ""  # "preloaded", "warm" or "cold"
     memory_mib: int = 0
     scratch_bytes: int = 0
     signal: str | None = None  # "SIGKILL" when a signal ended the job
@@ -161,7 +163,8 @@ class Booted:
     """A running clone: its domain name (a warm state's is the saved one) and how it booted."""
 
     name: str
-    boot: str  # "warm" or "cold"
+    boot: str  # "preloaded", "warm" or "cold"
+    link: socket.socket | None = None  # a preloaded clone's link, its sshd waiting
 
 
 # ssh.connect, or a fake of it in tests.
@@ -192,9 +195,15 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
                                 memory_mib=request.memory_mib or config.vm.memory_mib,
                                 cpus=request.cpus or config.vm.cpus,
                                 scratch_bytes=request.scratch_bytes or config.run.scratch)
-        clone = _stage(config, request, run_id, key, steps, cleanup)
-        watch = _watchdog(config, request, clone, cleanup)
-        vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
+        taken = _take_preloaded(hv, config, request, image, key, steps, cleanup) if request.warm else None
+        if taken is not None:
+            clone, vm = taken
+            with steps.step("stage", "inputs"):
+                stage_inputs(request.inputs, clone.inputs)
+        else:
+            clone = _stage(config, request, run_id, key, steps, cleanup)
+            watch = _watchdog(config, request, clone, cleanup)
+            vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
         session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
         published = _publish(session, request.publish, on_published, cleanup)
         outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps, interruption,
@@ -278,13 +287,42 @@ def _boot(hv: Hypervisor, image: Image, clone: CloneDir, key: warm.WarmKey, name
     return Booted(_boot_cold(hv, image, clone, name, key, metadata, steps, cleanup, watch), "cold")
 
 
+def _take_preloaded(hv: Hypervisor, config: Config, request: RunRequest, image: Image, key: warm.WarmKey,
+                    steps: Steps, cleanup: ExitStack) -> tuple[CloneDir, Booted] | None:
+    """A clone from this user's pool for the image, now this run's (pool.py: its three steps);
+    None when no pool runs or it has none that fits (saying why, when one runs)."""
+    with steps.step("take", "a preloaded clone from the pool"):
+        offer = pool.ask(config.state_dir, image.name,
+                         pool.PoolKey(key, config.run.output_max_bytes, config.run.output_max_files))
+        if isinstance(offer, str):
+            if offer:
+                log.warning("no preloaded clone: %s", offer)
+            return None
+        with ExitStack() as attempt:
+            attempt.callback(os.close, offer.lock_fd)  # last: the warm slot is free once its VM is gone
+            attempt.callback(reaper.remove, offer.clone.path)
+            attempt.callback(offer.link.close)
+            claim(offer.clone.path)  # this run's from now on, for the reaper
+            dog = _watchdog(config, request, offer.clone, attempt)(offer.name)
+            attempt.callback(hv.destroy, offer.name)
+            dog.started()
+            try:
+                pool.confirm(offer)
+            except HypervisorError as err:
+                log.warning("no preloaded clone: %s", err)
+                return None
+            cleanup.push(attempt.pop_all())
+    return offer.clone, Booted(offer.name, "preloaded", offer.link)
+
+
 def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: Config, connect: Connect,
              steps: Steps, cleanup: ExitStack) -> ssh.Session:
     with steps.step("connect", "SSH over the virtio-serial link"):
         session = connect(
             clone.ssh_socket, name=vm.name, host_key=image.read(image.host_key.name), client_key=image.client_key,
             user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
-            alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot == "warm" else None)
+            alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot == "warm" else None,
+            **({"link": vm.link} if vm.link is not None else {}))
         cleanup.callback(session.close)
     return session
 

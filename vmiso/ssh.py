@@ -384,61 +384,114 @@ def _job_exit(channel: paramiko.Channel) -> JobExit:
 
 
 def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, user: str,
-            deadline: float, alive: Callable[[], bool], hello: Callable[[], bytes] | None = None) -> Session:
+            deadline: float, alive: Callable[[], bool], hello: Callable[[], bytes] | None = None,
+            link: socket.socket | None = None) -> Session:
     """Connect once the guest answers; ``alive`` says whether the VM still runs.
 
     ``hello``: bytes to send before SSH starts, as a clone restored from a warm
     state expects (see warm.hello); called at the moment of sending.
+    ``link``: a link opened already (open_link, by a pool): SSH starts on it at
+    once, and a guest that does not answer on it is an error, not a retry.
     """
     pinned = _pinned_key(host_key)
     try:
         key = paramiko.Ed25519Key.from_private_key_file(str(client_key))
     except (OSError, paramiko.SSHException) as err:
         raise GuestError(f"cannot read the image's client key {client_key}: {err}") from None
+    if link is not None:
+        try:
+            return _handshake(link, name=name, pinned=pinned, key=key, user=user, deadline=deadline)
+        except _NotReady as err:
+            raise GuestError(f"VM {name} did not answer SSH on its preloaded link ({err})") from None
     last_error = "no answer"
     while time.monotonic() < deadline:
         if not alive():
             raise GuestError(f"VM {name} stopped before it answered SSH")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(str(socket_path))
-            if hello is not None:
-                sock.sendall(hello())
-        except PermissionError as err:  # no waiting will change that
-            sock.close()
-            raise GuestError(f"cannot reach VM {name}'s SSH link {socket_path}: {err.strerror}",
-                             "vmiso doctor checks what this user may reach") from None
+            sock = _link(socket_path, name, hello)
         except OSError as err:
-            sock.close()
             last_error = str(err)
             time.sleep(0.05)
             continue
-        client = paramiko.SSHClient()
-        client.get_host_keys().add(GUEST_HOST, pinned.get_name(), pinned)
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        remaining = max(1.0, deadline - time.monotonic())
         try:
-            client.connect(GUEST_HOST, username=user, pkey=key, sock=sock, allow_agent=False,
-                           look_for_keys=False, timeout=remaining, banner_timeout=remaining,
-                           auth_timeout=30, channel_timeout=30)
-            transport = client.get_transport()
-            if transport is None:
-                raise paramiko.SSHException("the SSH transport closed at once")
-            _with_exit_signals(transport)
-            return Session(client, name)
-        except paramiko.BadHostKeyException as err:
-            client.close()
-            raise HostKeyMismatch(
-                f"VM {name} presented host key {err.key.get_fingerprint().hex()}, not the pinned one; "
-                "refusing to talk to it",
-                "the image may have been tampered with: verify or re-provision it",
-            ) from None
-        except paramiko.AuthenticationException as err:
-            client.close()
-            raise GuestError(f"VM {name} refused the image's client key: {err}") from None
-        except (paramiko.SSHException, OSError, EOFError) as err:
-            client.close()
-            last_error = str(err) or type(err).__name__
+            return _handshake(sock, name=name, pinned=pinned, key=key, user=user, deadline=deadline)
+        except _NotReady as err:
+            last_error = str(err)
             log.debug("SSH to %s not ready: %s", name, last_error)
             time.sleep(0.2)
     raise GuestError(f"VM {name} did not answer SSH in time ({last_error})")
+
+
+class _NotReady(Exception):
+    """The guest's sshd did not (yet) answer on this link."""
+
+
+def _link(socket_path: Path, name: str, hello: Callable[[], bytes] | None) -> socket.socket:
+    """A connection to the clone's SSH link, ``hello`` sent; OSError while it is not there yet."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(socket_path))
+        if hello is not None:
+            sock.sendall(hello())
+    except PermissionError as err:  # no waiting will change that
+        sock.close()
+        raise GuestError(f"cannot reach VM {name}'s SSH link {socket_path}: {err.strerror}",
+                         "vmiso doctor checks what this user may reach") from None
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def open_link(socket_path: Path, *, name: str, hello: Callable[[], bytes], deadline: float) -> socket.socket:
+    """Open a restored clone's link, send ``hello`` and wait until its sshd has greeted, reading
+    nothing: whoever gets the socket next (a run, from a pool) starts SSH on it."""
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            sock = _link(socket_path, name, hello)
+        except OSError as err:
+            last_error = str(err)
+            time.sleep(0.05)
+            continue
+        try:
+            readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+            if readable and sock.recv(4, socket.MSG_PEEK) == b"SSH-":
+                return sock
+            last_error = "the link closed without a greeting" if readable else "no greeting"
+        except OSError as err:
+            last_error = str(err)
+        sock.close()
+    raise GuestError(f"VM {name} did not greet on its SSH link in time ({last_error})")
+
+
+def _handshake(sock: socket.socket, *, name: str, pinned: paramiko.PKey, key: paramiko.PKey, user: str,
+               deadline: float) -> Session:
+    """SSH on a connected link: the pinned host key, the image's client key.  _NotReady when
+    the guest's sshd did not answer; GuestError for what no retry changes."""
+    client = paramiko.SSHClient()
+    client.get_host_keys().add(GUEST_HOST, pinned.get_name(), pinned)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    remaining = max(1.0, deadline - time.monotonic())
+    try:
+        client.connect(GUEST_HOST, username=user, pkey=key, sock=sock, allow_agent=False,
+                       look_for_keys=False, timeout=remaining, banner_timeout=remaining,
+                       auth_timeout=30, channel_timeout=30)
+        transport = client.get_transport()
+        if transport is None:
+            raise paramiko.SSHException("the SSH transport closed at once")
+        _with_exit_signals(transport)
+        return Session(client, name)
+    except paramiko.BadHostKeyException as err:
+        client.close()
+        raise HostKeyMismatch(
+            f"VM {name} presented host key {err.key.get_fingerprint().hex()}, not the pinned one; "
+            "refusing to talk to it",
+            "the image may have been tampered with: verify or re-provision it",
+        ) from None
+    except paramiko.AuthenticationException as err:
+        client.close()
+        raise GuestError(f"VM {name} refused the image's client key: {err}") from None
+    except (paramiko.SSHException, OSError, EOFError) as err:
+        client.close()
+        raise _NotReady(str(err) or type(err).__name__) from None

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import ToolError
 
@@ -103,6 +103,18 @@ def start_detached(argv: Sequence[str]) -> Detached:
     reaches it), with a pipe on its stdin and no output."""
     return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, cwd="/")
+
+
+def start_server(argv: Sequence[str], log: BinaryIO) -> Detached:
+    """Start ``argv`` in a session of its own that outlives this process: its stdout a pipe
+    (where it says once that it is ready), its stderr ``log``."""
+    return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                            start_new_session=True, close_fds=True, cwd="/")
+
+
+def pool_argv(*args: str) -> list[str]:
+    """``vmiso pool ...`` as this Python and this vmiso run it (-I, as watchdog_argv)."""
+    return [sys.executable, "-I", "-m", "vmiso", "pool", *args]
 
 
 def tell_detached(process: Detached, message: bytes) -> None:

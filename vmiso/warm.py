@@ -85,6 +85,7 @@ class WarmKey:
 @dataclass(frozen=True)
 class Slot:
     clone: CloneDir
+    lock_fd: int | None = None  # the descriptor that holds its lock, once acquired
 
     @property
     def state(self) -> Path:
@@ -208,20 +209,44 @@ def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, 
         except (OSError, ValueError):
             reasons.append(f"{slot.clone.path.name} is unreadable")
             continue
+        differs = _differs(info, key)
         wanted = dataclasses.asdict(key)
-        differs = [k for k in wanted if info.get(k) != wanted[k]]
         if differs:
             reasons.append(f"{slot.clone.path.name} was made for another {', '.join(differs)} ("
                            + ", ".join(f"{k} {_short(info.get(k))}, not {_short(wanted[k])}" for k in differs)
                            + ")")
             continue
         try:
-            stack.enter_context(flocked(slot.lock, wait=False))
+            fd = stack.enter_context(flocked(slot.lock, wait=False))
         except BlockingIOError:
             reasons.append(f"{slot.clone.path.name} is in use")
             continue
-        return slot, ""
+        return dataclasses.replace(slot, lock_fd=fd), ""
     return None, "no usable warm state: " + "; ".join(reasons)
+
+
+def _differs(info: dict, key: WarmKey) -> list[str]:
+    wanted = dataclasses.asdict(key)
+    return [k for k in wanted if info.get(k) != wanted[k]]
+
+
+def ensure(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: int, boot_timeout: int) -> int:
+    """At least ``count`` slots that fit ``key``: those missing or made for another key are
+    (re)made, each under its lock (a slot in use is waited for).  How many were made."""
+    root = private_dir(warm_root(image))
+    made = 0
+    for index in range(count):
+        slot = Slot(CloneDir(root / f"slot-{index}"))
+        try:
+            if not _differs(json.loads(slot.info.read_text()), key):
+                continue
+        except (OSError, ValueError, AttributeError):
+            pass
+        with steps.step("warm", f"boot and save warm slot {index + 1} of {count}"):
+            with flocked(slot.lock):
+                _build_slot(hv, image, key, index, boot_timeout)
+        made += 1
+    return made
 
 
 def _short(value: object) -> str:

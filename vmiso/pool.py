@@ -1,0 +1,591 @@
+"""Preloaded clones: restored, reseeded and greeted by sshd before anyone asks for one.
+
+``vmiso pool start`` runs a process that keeps SIZE clones of an image ready:
+each is a warm state restored onto a fresh overlay in a run directory of its
+own (a bounded, empty ``/out``, an empty ``/in``), its kernel RNG reseeded and
+its clock set by the host's hello, its shares mounted and its sshd waiting for
+a client on a link the pool holds open.  A run asks the pool over a Unix socket
+in the pool's private directory and gets one clone, never to be reused: its
+directory, its domain's name and two descriptors (the warm slot's lock and the
+open link), then copies its inputs into that clone's ``/in`` and starts SSH on
+the link.  The pool refills behind it.
+
+Ownership moves in three steps, so that a clone is always somebody's:
+
+1. The pool hands the clone out.  Until then it is the pool's: the directory's
+   owner record names the pool's process and a watchdog per clone destroys the
+   VM once the pool's process is gone, however it ended.
+2. The run records itself as the directory's owner, starts its own watchdog (with
+   the run's deadline) and says "taken".
+3. The pool releases its watchdog and answers "yours"; only then does the run use
+   the clone.  A pool that dies before answering destroys the clone through its
+   watchdog, and the run falls back to a warm or cold boot.
+
+A pool checks, every CHECK_SECONDS and before every hand-out, that its clones
+still fit: the same template (not re-provisioned, not removed), the same QEMU
+(version and binary) and accelerator.  Stale clones are destroyed, never handed
+out.  sshd ends a link that has not logged in within its LoginGraceTime, so the
+pool opens each idle clone's link again before that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import accel, ssh, tools, warm, watchdog
+from .clone import CloneDir, copy_boot_files, make_clone_dir, make_overlay, make_scratch
+from .config import Config
+from .errors import HypervisorError, ImageError, VmisoError
+from .image.store import MANIFEST, Image, get_image, images_root, verified_sha256
+from .progress import Steps
+from .workdir import flocked, own_dir, private_dir, remove_tree
+
+if TYPE_CHECKING:
+    from .hypervisor import Hypervisor
+
+log = logging.getLogger(__name__)
+
+POOLS = "pools"
+CHECK_SECONDS = 2.0
+LINK_SECONDS = 20.0  # a link older than this is opened again (sshd's LoginGraceTime is 30 s)
+TAKE_WAIT = 5.0  # how long a run waits for a clone the pool is restoring
+ANSWER_SECONDS = 10.0  # for either side to answer during a hand-out
+HOLD_SECONDS = 30 * 24 * 3600  # a pool clone's watchdog deadline: the pool's life, in practice
+RETRY_SECONDS = (0.5, 30.0)  # after a clone could not be made: the first wait, the longest
+MAX_MESSAGE = 65536
+CLONE_PREFIX = "pool-"
+
+
+class PoolError(VmisoError):
+    """A pool could not be started, reached or stopped."""
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """What a clone must match for a run to take it."""
+
+    warm: warm.WarmKey
+    output_max_bytes: int
+    output_max_files: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def pool_dir(state_dir: Path, image: str) -> Path:
+    return own_dir(state_dir) / POOLS / image
+
+
+def socket_path(state_dir: Path, image: str) -> Path:
+    return pool_dir(state_dir, image) / "pool.sock"
+
+
+def qemu_identity() -> str:
+    """The QEMU binary as installed now: a package update that keeps the version changes this."""
+    try:
+        st = os.stat(tools.which("qemu-system-x86_64"))
+    except (OSError, VmisoError):
+        return "unknown"
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def current_key(config: Config, hv: Hypervisor, image: Image, accel_name: str) -> PoolKey:
+    """The key a run of ``config`` would ask for now (memory, CPUs and scratch from the config)."""
+    return PoolKey(warm.WarmKey.make(template_sha256=verified_sha256(image), hypervisor=hv.version(),
+                                     accel=accel_name, memory_mib=config.vm.memory_mib, cpus=config.vm.cpus,
+                                     scratch_bytes=config.run.scratch),
+                   config.run.output_max_bytes, config.run.output_max_files)
+
+
+def stale_reason(made_for: PoolKey, now: PoolKey | None, qemu_then: str, qemu_now: str) -> str | None:
+    """Why a clone made for ``made_for`` may no longer be handed out (None: it may)."""
+    if now is None:
+        return "the image was removed"
+    if qemu_then != qemu_now:
+        return "QEMU was updated"
+    if made_for.warm.template_sha256 != now.warm.template_sha256:
+        return "the image was provisioned again"
+    differs = [k for k, v in dataclasses.asdict(now.warm).items() if dataclasses.asdict(made_for.warm)[k] != v]
+    if made_for.output_max_bytes != now.output_max_bytes or made_for.output_max_files != now.output_max_files:
+        differs.append("output limits")
+    return f"the {', '.join(differs)} changed" if differs else None
+
+
+# --- messages: one JSON object each, descriptors beside it ----------------------------
+
+
+def _send(conn: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:
+    data = json.dumps(message).encode()
+    frame = struct.pack("!I", len(data)) + data
+    if fds:
+        socket.send_fds(conn, [frame], list(fds))
+    else:
+        conn.sendall(frame)
+
+
+def _receive(conn: socket.socket, max_fds: int = 0) -> tuple[dict, list[int]]:
+    """One message; EOFError when the other side closed, ValueError for one that is not ours."""
+    data, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE + 4, max_fds)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise EOFError
+    while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
+        if len(data) > MAX_MESSAGE + 4:
+            break
+        more = conn.recv(MAX_MESSAGE + 4 - len(data))
+        if not more:
+            for fd in fds:
+                os.close(fd)
+            raise EOFError
+        data += more
+    (length,) = struct.unpack("!I", data[:4])
+    try:
+        if length > MAX_MESSAGE or len(data) != 4 + length:
+            raise ValueError("a message of the wrong length")
+        message = json.loads(data[4:])
+        if not isinstance(message, dict):
+            raise ValueError("a message that is not an object")
+    except ValueError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return message, fds
+
+
+def _same_user(conn: socket.socket) -> bool:
+    """The other end is a process of this user (the socket's directory is private already)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.geteuid()
+
+
+# --- the pool's side ------------------------------------------------------------------
+
+
+@dataclass
+class Preloaded:
+    """One idle clone: the pool's until a run takes it."""
+
+    clone: CloneDir
+    name: str
+    key: PoolKey
+    qemu: str
+    dog: watchdog.Watchdog
+    holds: ExitStack  # the warm slot's lock
+    lock_fd: int
+    link: socket.socket | None = None
+    linked_at: float = 0.0
+    made_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Status:
+    image: str
+    size: int
+    pid: int = field(default_factory=os.getpid)
+    ready: int = 0
+    served: int = 0
+    dropped: int = 0
+    problem: str = ""
+
+
+class Pool:
+    """The process that owns SIZE preloaded clones of one image (``serve`` runs it)."""
+
+    def __init__(self, config: Config, hv: Hypervisor, image: Image, size: int, accel_name: str,
+                 stop: threading.Event) -> None:
+        self.config, self.hv, self.image, self.size, self.accel = config, hv, image, size, accel_name
+        self.ready: list[Preloaded] = []
+        self.making = 0
+        self.status = Status(image.name, size)
+        self.key: PoolKey | None = current_key(config, hv, image, accel_name)
+        self.qemu = qemu_identity()
+        self.stopping = stop
+        self.changed = threading.Condition()
+        self.runs = own_dir(config.state_dir) / "runs"
+        self.stoppers: list[socket.socket] = []  # told "stopping", closed once the clones are gone
+        self.failures = 0
+
+    # -- making, checking and dropping clones
+
+    def prepare(self, steps: Steps) -> None:
+        """Enough warm slots that SIZE clones can wait while as many runs use theirs."""
+        assert self.key is not None
+        warm.ensure(self.hv, self.image, self.key.warm, steps, count=2 * self.size,
+                    boot_timeout=self.config.run.boot_timeout)
+
+    def _make(self, key: PoolKey) -> Preloaded:
+        holds = ExitStack()
+        with ExitStack() as undo:
+            undo.callback(holds.close)
+            slot, why = warm.acquire(self.image, key.warm, holds)
+            if slot is None or slot.lock_fd is None:
+                raise ImageError(f"no warm slot to restore: {why}")
+            warm.verify(slot)
+            path = private_dir(self.runs) / f"{CLONE_PREFIX}{secrets.token_hex(6)}"
+            undo.callback(remove_tree, path)
+            clone = make_clone_dir(path, output_limits=(key.output_max_bytes, key.output_max_files))
+            copy_boot_files(clone, self.image)
+            make_overlay(clone, slot.clone.overlay)
+            make_scratch(clone, 0, like=slot.scratch)
+            name, xml = warm.restore_xml(self.hv, slot, clone=clone, template=self.image.template,
+                                         metadata={"kind": "run", "run_dir": str(path), "image": self.image.name})
+            dog = watchdog.start(self.config.libvirt_uri, name, str(path), HOLD_SECONDS)
+            undo.callback(dog.release)
+            undo.callback(self.hv.destroy, name)
+            self.hv.restore(name, slot.state, xml)
+            dog.started()
+            made = Preloaded(clone, name, key, self.qemu, dog, holds, slot.lock_fd)
+            self._open_link(made)
+            undo.pop_all()
+        return made
+
+    def _open_link(self, made: Preloaded) -> None:
+        if made.link is not None:
+            made.link.close()
+            made.link = None
+        made.link = ssh.open_link(made.clone.ssh_socket, name=made.name, hello=warm.hello,
+                                  deadline=time.monotonic() + self.config.run.boot_timeout)
+        made.linked_at = time.monotonic()
+
+    def _drop(self, made: Preloaded, why: str) -> None:
+        """Destroy an idle clone and remove its directory."""
+        log.info("dropped clone %s: %s", made.clone.path.name, why)
+        with suppress(VmisoError):
+            self.hv.destroy(made.name)
+        made.dog.release()
+        if made.link is not None:
+            made.link.close()
+        made.holds.close()
+        remove_tree(made.clone.path)
+        self.status.dropped += 1
+
+    def _check(self) -> None:
+        """Drop the clones that no longer fit; stop the pool when its image is gone."""
+        if not (images_root(self.config.state_dir) / self.image.name / MANIFEST).is_file():
+            now = None
+        else:
+            try:
+                now = current_key(self.config, self.hv, get_image(self.config.state_dir, self.image.name),
+                                  self.accel)
+            except ImageError as err:
+                now, self.status.problem = None, err.message
+        qemu = qemu_identity()
+        with self.changed:
+            doomed = [(m, why) for m in self.ready if (why := stale_reason(m.key, now, m.qemu, qemu))]
+            self.ready = [m for m in self.ready if m not in [d for d, _ in doomed]]
+            self.key, self.qemu = now, qemu
+        for made, why in doomed:
+            self._drop(made, why)
+        if now is None:
+            log.warning("image %s was removed: the pool ends", self.image.name)
+            self.status.problem = f"image {self.image.name} was removed"
+            self.stopping.set()
+
+    def fill(self) -> None:
+        """The filling thread: check, refill, keep links fresh, until the pool stops."""
+        checked = 0.0
+        while not self.stopping.is_set():
+            if time.monotonic() - checked >= CHECK_SECONDS:
+                self._check()
+                checked = time.monotonic()
+                if self.stopping.is_set():
+                    break
+            self._refresh_links()
+            with self.changed:
+                key = self.key if len(self.ready) + self.making < self.size else None
+                if key is not None:
+                    self.making += 1
+            if key is None:
+                with self.changed:
+                    self.changed.wait(0.5)
+                continue
+            try:
+                if self.key is not None and warm.ensure(self.hv, self.image, key.warm, Steps(),
+                                                        count=2 * self.size,
+                                                        boot_timeout=self.config.run.boot_timeout):
+                    log.info("made warm slots for the image as it is now")
+                made = self._make(key)
+            except VmisoError as err:
+                self.status.problem = err.message
+                log.warning("could not preload a clone: %s", err)
+                with self.changed:
+                    self.making -= 1
+                    self.changed.notify_all()
+                self.failures += 1
+                self.stopping.wait(min(RETRY_SECONDS[1], RETRY_SECONDS[0] * 2 ** min(self.failures, 10)))
+                continue
+            with self.changed:
+                self.making -= 1
+                kept = self.key == key and not self.stopping.is_set()
+                if kept:
+                    self.ready.append(made)
+                    self.status.problem = ""
+                    self.failures = 0
+                self.changed.notify_all()
+            if not kept:
+                self._drop(made, "stale before it was ready")
+
+    def _refresh_links(self) -> None:
+        now = time.monotonic()
+        with self.changed:
+            old = [m for m in self.ready if now - m.linked_at > LINK_SECONDS]
+            self.ready = [m for m in self.ready if m not in old]
+        for made in old:
+            try:
+                self._open_link(made)
+            except VmisoError as err:
+                self._drop(made, str(err))
+                continue
+            with self.changed:
+                self.ready.append(made)
+                self.changed.notify_all()
+
+    def _take(self, wanted: dict) -> Preloaded | str:
+        """An idle clone for a run whose key is ``wanted``, or why there is none."""
+        deadline = time.monotonic() + TAKE_WAIT
+        with self.changed:
+            while True:
+                if self.key is None or self.key.as_dict() != wanted:
+                    return "the pool's clones were made for another image, QEMU or configuration"
+                if self.ready:
+                    return self.ready.pop(0)
+                if self.making == 0 or time.monotonic() >= deadline or self.stopping.is_set():
+                    return "no clone is ready"
+                self.changed.wait(deadline - time.monotonic())
+
+    def hand_out(self, conn: socket.socket, wanted: dict) -> None:
+        """Give one clone to the run at ``conn`` (see the module's three steps)."""
+        made = self._take(wanted)
+        if isinstance(made, str):
+            _send(conn, {"none": made})
+            return
+        if made.qemu != qemu_identity() or not self.hv.is_running(made.name):
+            self._drop(made, "QEMU was updated, or the clone stopped while it waited")
+            _send(conn, {"none": "the clone no longer fits"})
+            return
+        with self.changed:
+            self.changed.notify_all()  # the filler makes the next one meanwhile
+        assert made.link is not None
+        try:
+            _send(conn, {"clone": str(made.clone.path), "name": made.name}, (made.lock_fd, made.link.fileno()))
+            conn.settimeout(ANSWER_SECONDS)
+            answer, _ = _receive(conn)
+            taken = answer.get("taken") is True
+        except (OSError, EOFError, ValueError):
+            taken = False
+        if not taken:  # the run gave up or died: its watchdog, or this destroy, ends the VM
+            log.info("clone %s was not taken: destroyed", made.clone.path.name)
+            with suppress(VmisoError):
+                self.hv.destroy(made.name)
+            made.dog.release()
+            made.link.close()
+            made.holds.close()
+            self.status.dropped += 1
+            return
+        made.dog.release()  # the run's watchdog guards it now
+        made.link.close()
+        made.holds.close()  # the run's descriptor holds the slot's lock
+        self.status.served += 1
+        with suppress(OSError):
+            _send(conn, {"yours": True})
+
+    def shut_down(self) -> None:
+        with self.changed:
+            idle, self.ready = self.ready, []
+        for made in idle:
+            self._drop(made, "the pool stopped")
+
+    def status_dict(self) -> dict:
+        with self.changed:
+            self.status.ready = len(self.ready)
+        return {**dataclasses.asdict(self.status), "making": self.making}
+
+
+def serve(config: Config, hv: Hypervisor, image: Image, size: int, steps: Steps,
+          on_ready: Callable[[Status], None] = lambda status: None, stop: threading.Event | None = None) -> Status:
+    """Run a pool of ``size`` clones of ``image`` until asked to stop (``vmiso pool stop``, or
+    ``stop`` set: the CLI sets it on SIGTERM and SIGINT) or its image is removed; the clones
+    are destroyed before this returns.
+
+    ``on_ready`` is called once, when the pool is first full.  PoolError when a
+    pool of this user for that image runs already.
+    """
+    accel_name = accel.resolve(config.accel)
+    where = private_dir(pool_dir(config.state_dir, image.name))
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(flocked(where / "pool.lock", wait=False))
+        except BlockingIOError:
+            raise PoolError(f"a pool for image {image.name} is running already",
+                            f"vmiso pool status; vmiso pool stop --image {image.name}") from None
+        pool = Pool(config, hv, image, size, accel_name, stop or threading.Event())
+        pool.prepare(steps)
+        path = where / "pool.sock"
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stack.callback(listener.close)
+        listener.bind(str(path))
+        stack.callback(path.unlink, missing_ok=True)
+        listener.listen(8)
+        filler = threading.Thread(target=pool.fill, name="vmiso-pool-fill", daemon=True)
+        filler.start()
+        stack.callback(pool.shut_down)
+        stack.callback(filler.join)
+        stack.callback(pool.stopping.set)
+        announced = False
+        with steps.step("fill", f"restore {size} clone{'s' if size != 1 else ''} and open their links"):
+            while not pool.stopping.is_set():
+                with pool.changed:
+                    full = len(pool.ready) >= size
+                if full:
+                    break
+                if pool.status.problem and pool.failures:
+                    raise PoolError(f"could not preload a clone of image {image.name}: {pool.status.problem}")
+                _serve_one(pool, listener, 0.2)
+        while not pool.stopping.is_set():
+            if not announced:
+                on_ready(pool.status)
+                announced = True
+            _serve_one(pool, listener, 1.0)
+        stoppers = pool.stoppers
+    for conn in stoppers:  # told "stopping"; the end of the connection says "stopped"
+        conn.close()
+    return pool.status
+
+
+def _serve_one(pool: Pool, listener: socket.socket, wait: float) -> None:
+    readable, _, _ = select.select([listener], [], [], wait)
+    if not readable:
+        return
+    conn, _ = listener.accept()
+    keep = False
+    try:
+        if not _same_user(conn):
+            return
+        conn.settimeout(ANSWER_SECONDS)
+        request, _ = _receive(conn)
+        op = request.get("op")
+        if op == "take" and isinstance(request.get("key"), dict):
+            pool.hand_out(conn, request["key"])
+        elif op == "status":
+            _send(conn, pool.status_dict())
+        elif op == "stop":
+            _send(conn, {"stopping": True})
+            pool.stoppers.append(conn)
+            keep = True
+            pool.stopping.set()
+    except (OSError, EOFError, ValueError) as err:
+        log.debug("a request to the pool failed: %s", err)
+    finally:
+        if not keep:
+            conn.close()
+
+
+# --- the run's side -------------------------------------------------------------------
+
+
+@dataclass
+class Offer:
+    """A clone the pool has handed out, not yet confirmed (``confirm``)."""
+
+    conn: socket.socket
+    clone: CloneDir
+    name: str
+    lock_fd: int
+    link: socket.socket
+
+
+def ask(state_dir: Path, image: str, key: PoolKey) -> Offer | str:
+    """A clone from this user's pool for ``image``, or why there is none (no pool: "")."""
+    path = socket_path(state_dir, image)
+    if not path.exists():
+        return ""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(TAKE_WAIT + ANSWER_SECONDS)
+        conn.connect(str(path))
+        if not _same_user(conn):
+            conn.close()
+            return "the pool's socket is another user's"
+        _send(conn, {"op": "take", "key": key.as_dict()})
+        answer, fds = _receive(conn, max_fds=2)
+    except (OSError, EOFError, ValueError) as err:
+        conn.close()
+        return "" if isinstance(err, (ConnectionRefusedError, FileNotFoundError)) else f"the pool did not answer: {err}"
+    if "clone" not in answer or len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return str(answer.get("none") or "the pool gave no clone")
+    clone_dir = Path(str(answer["clone"]))
+    runs = own_dir(state_dir) / "runs"
+    name = str(answer.get("name", ""))
+    if clone_dir.parent != runs or not clone_dir.name.startswith(CLONE_PREFIX) or not name:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return "the pool offered a clone outside this user's runs"
+    link = socket.socket(fileno=fds[1])
+    return Offer(conn, CloneDir(clone_dir), name, fds[0], link)
+
+
+def confirm(offer: Offer) -> None:
+    """Say "taken" (the run owns the clone now) and wait for "yours"; HypervisorError when the
+    pool ended first (its watchdog destroys the clone)."""
+    try:
+        _send(offer.conn, {"taken": True})
+        answer, _ = _receive(offer.conn)
+    except (OSError, EOFError, ValueError) as err:
+        raise HypervisorError(f"the pool did not hand over clone {offer.clone.path.name}: {err or 'it ended'}") \
+            from None
+    finally:
+        offer.conn.close()
+    if answer.get("yours") is not True:
+        raise HypervisorError(f"the pool did not hand over clone {offer.clone.path.name}")
+
+
+def request(state_dir: Path, image: str, op: str, timeout: float = 10) -> dict | None:
+    """Ask a running pool ``op`` ("status", "stop"); None when no pool for ``image`` runs."""
+    path = socket_path(state_dir, image)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(timeout)
+        conn.connect(str(path))
+        if not _same_user(conn):
+            return None
+        _send(conn, {"op": op})
+        answer, _ = _receive(conn)
+        if op == "stop":
+            conn.settimeout(None)
+            with suppress(OSError):
+                while conn.recv(1):  # the pool closes the connection once its clones are gone
+                    pass
+        return answer
+    except (OSError, EOFError, ValueError):
+        return None
+    finally:
+        conn.close()
+
+
+def running(state_dir: Path) -> list[str]:
+    """The images this user has a pool socket for (the pool may have died: ask it)."""
+    root = own_dir(state_dir) / POOLS
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "pool.sock").exists())
