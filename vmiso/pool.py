@@ -541,7 +541,13 @@ def ask(state_dir: Path, image: str, key: PoolKey) -> Offer | str:
             os.close(fd)
         conn.close()
         return "the pool offered a clone outside this user's runs"
-    link = socket.socket(fileno=fds[1])
+    try:
+        link = socket.socket(fileno=fds[1])
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return "the pool offered a link that is not a socket"
     return Offer(conn, CloneDir(clone_dir), name, fds[0], link)
 
 
