@@ -193,6 +193,40 @@ def small_files(config: Path, image: str, work: Path, count: int) -> dict:
             "uncached_ratio": float(t_none) / float(t_mem)}
 
 
+def pool_status(config: Path, image: str) -> dict:
+    rows = json.loads(vmiso("pool", "status", "-c", str(config), "--json").stdout)
+    return next((r for r in rows if r["image"] == image), {})
+
+
+def wait_pool_full(config: Path, image: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = pool_status(config, image)
+        if status and status["ready"] >= status["size"]:
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"the pool for {image} did not fill in {timeout:.0f} s")
+
+
+def idle_clones(state_dir: Path) -> dict:
+    """QEMU's RSS and CPU share of each running clone (the pool's, idle), sampled over 5 s."""
+    pids = []
+    for pidfile in Path("/run/libvirt/qemu").glob(f"{NAME_PREFIX}*.pid"):
+        pids.append(int(pidfile.read_text().strip()))
+
+    def cpu(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    before = {pid: cpu(pid) for pid in pids}
+    time.sleep(5)
+    rss = []
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss.append(int(line.split()[1]) / 1024)
+    return {"clones": len(pids), "rss_mib": rss, "cpu_share": [(cpu(pid) - before[pid]) / 5 for pid in pids]}
+
+
 def runs_per_minute(config: Path, image: str, work: Path, parallel: int, per_worker: int) -> float:
     def worker() -> None:
         for _ in range(per_worker):
@@ -244,6 +278,33 @@ def main() -> None:
             results[f"{label}_phases_s"] = {k: statistics.median(r["phases"].get(k, 0.0) for r in runs)
                                             for k in runs[0]["phases"]}
         results["warm_boots"] = [r["boot"] for r in warms]
+        for label, runs in (("cold", colds), ("warm", warms)):
+            results[f"{label}_outside_phases_s"] = statistics.median(
+                r["total"] - sum(r["phases"].values()) for r in runs)
+        # vmiso's own start: the interpreter, click and vmiso's CLI, nothing else.
+        results["vmiso_version_s"] = statistics.median(
+            _timed(lambda: vmiso("--version")) for _ in range(max(args.runs, 5)))
+        # Preloaded: a pool of 2, full again before each run.
+        vmiso("pool", "start", "-c", str(args.config), "--image", image, "--size", "2", timeout=1800)
+        try:
+            preloads = []
+            for i in range(args.runs):
+                wait_pool_full(args.config, image)
+                preloads.append(timed_run(args.config, image, work, "python", "-c", "pass"))
+                print(f"preloaded run {i + 1}: {preloads[-1]['total']:.2f} s ({preloads[-1]['boot']})", file=sys.stderr)
+            total = statistics.median(r["total"] for r in preloads)
+            results.update(preloaded_s=total, preloaded_ratio=total / floor, preloaded_strict_ratio=total / strict,
+                           preloaded_samples_s=[r["total"] for r in preloads],
+                           preloaded_phases_s={k: statistics.median(r["phases"].get(k, 0.0) for r in preloads)
+                                               for k in preloads[0]["phases"]},
+                           preloaded_boots=[r["boot"] for r in preloads],
+                           preloaded_outside_phases_s=statistics.median(
+                               r["total"] - sum(r["phases"].values()) for r in preloads))
+            wait_pool_full(args.config, image)
+            results["idle_clones"] = idle_clones(cfg.state_dir)
+            results["pool_runs_per_minute"] = runs_per_minute(args.config, image, work, 2, args.runs * 2)
+        finally:
+            vmiso("pool", "stop", "-c", str(args.config), "--image", image)
         results.update(floor_s=floor, floor_samples_s=floors, strict_floor_s=strict, strict_floor_samples_s=stricts)
         if not args.quick:
             results["throughput_9p"] = throughput(args.config, image, work, args.size_mb)
@@ -260,6 +321,12 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _timed(action: Callable[[], object]) -> float:
+    started = time.monotonic()
+    action()
+    return time.monotonic() - started
+
+
 def _spread(samples: list[float]) -> str:
     return f"{min(samples):.2f}-{max(samples):.2f} s"
 
@@ -269,13 +336,21 @@ def report(r: dict) -> None:
           f"median of {r['runs']}: {r['strict_floor_s']:.2f} s ({_spread(r['strict_floor_samples_s'])})")
     print(f"floor (libvirt, the image's kernel and initramfs to a trivial /init): {r['floor_s']:.2f} s "
           f"({_spread(r['floor_samples_s'])})")
-    for label in ("cold", "warm"):
+    for label in ("cold", "warm", "preloaded"):
         print(f"{label} run of 'python -c pass', vmiso start to exit: {r[f'{label}_s']:.2f} s "
               f"({_spread(r[f'{label}_samples_s'])}) = {r[f'{label}_strict_ratio']:.2f} x strict floor, "
               f"{r[f'{label}_ratio']:.2f} x floor")
-        print("  phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in r[f"{label}_phases_s"].items()))
+        print("  phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in r[f"{label}_phases_s"].items())
+              + f"; outside them (vmiso's start and exit) {r[f'{label}_outside_phases_s']:.2f}s")
+    print(f"vmiso --version (the interpreter, click, the CLI): {r['vmiso_version_s']:.2f} s")
     if any(b != "warm" for b in r["warm_boots"]):
         print(f"  note: warm runs booted {r['warm_boots']}: the image has no usable warm state")
+    if any(b != "preloaded" for b in r["preloaded_boots"]):
+        print(f"  note: preloaded runs booted {r['preloaded_boots']}")
+    idle = r["idle_clones"]
+    print(f"idle pool clones: {idle['clones']}, QEMU RSS " + ", ".join(f"{m:.0f}" for m in idle["rss_mib"])
+          + " MiB, CPU " + ", ".join(f"{c * 100:.0f}%" for c in idle["cpu_share"]) + " of a core each")
+    print(f"trivial runs per minute, two at a time with a pool of 2: {r['pool_runs_per_minute']:.1f}")
     if "throughput_9p" in r:
         t = r["throughput_9p"]
         print(f"9p throughput, {t['size_mb']} MB: in {t['in_mb_s']:.0f} MB/s "
@@ -287,7 +362,7 @@ def report(r: dict) -> None:
               f"{m['uncached_9p_s']:.2f} s, {m['uncached_ratio']:.2f} x)")
         print(f"host memory per running VM (QEMU RSS): {r['qemu_rss_mib']:.0f} MiB")
         rpm = r["runs_per_minute"]
-        print(f"trivial runs per minute: {rpm['1']:.1f} one at a time, {rpm['2']:.1f} two at a time")
+        print(f"trivial runs per minute: {rpm['1']:.1f} one at a time, {rpm['2']:.1f} two at a time (warm)")
 
 
 if __name__ == "__main__":

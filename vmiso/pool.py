@@ -63,6 +63,9 @@ POOLS = "pools"
 CHECK_SECONDS = 2.0
 LINK_SECONDS = 20.0  # a link older than this is opened again (sshd's LoginGraceTime is 30 s)
 TAKE_WAIT = 5.0  # how long a run waits for a clone the pool is restoring
+# After a hand-out, while other clones are still ready, the refill waits this long: a
+# restore competes for the host's cores with the job that just started.
+REFILL_DELAY = 2.0
 ANSWER_SECONDS = 10.0  # for either side to answer during a hand-out
 HOLD_SECONDS = 30 * 24 * 3600  # a pool clone's watchdog deadline: the pool's life, in practice
 RETRY_SECONDS = (0.5, 30.0)  # after a clone could not be made: the first wait, the longest
@@ -220,6 +223,7 @@ class Pool:
         self.runs = own_dir(config.state_dir) / "runs"
         self.stoppers: list[socket.socket] = []  # told "stopping", closed once the clones are gone
         self.failures = 0
+        self.handed_at = 0.0
 
     # -- making, checking and dropping clones
 
@@ -309,6 +313,8 @@ class Pool:
             self._refresh_links()
             with self.changed:
                 key = self.key if len(self.ready) + self.making < self.size else None
+                if key is not None and self.ready and time.monotonic() - self.handed_at < REFILL_DELAY:
+                    key = None
                 if key is not None:
                     self.making += 1
             if key is None:
@@ -380,6 +386,7 @@ class Pool:
             _send(conn, {"none": "the clone no longer fits"})
             return
         with self.changed:
+            self.handed_at = time.monotonic()
             self.changed.notify_all()  # the filler makes the next one meanwhile
         assert made.link is not None
         try:
