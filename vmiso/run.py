@@ -291,6 +291,8 @@ def _take_preloaded(hv: Hypervisor, config: Config, request: RunRequest, image: 
                     steps: Steps, cleanup: ExitStack) -> tuple[CloneDir, Booted] | None:
     """A clone from this user's pool for the image, now this run's (pool.py: its three steps);
     None when no pool runs or it has none that fits (saying why, when one runs)."""
+    if not pool.socket_path(config.state_dir, image.name).exists():
+        return None
     with steps.step("take", "a preloaded clone from the pool"):
         offer = pool.ask(config.state_dir, image.name,
                          pool.PoolKey(key, config.run.output_max_bytes, config.run.output_max_files))
