@@ -20,7 +20,7 @@ from vmiso import pool, warm, workdir
 from vmharness import REPO, VMISO, vmiso, vmiso_domains, wait_for
 
 KEY = pool.PoolKey(warm.WarmKey.make(template_sha256="a" * 64, hypervisor="libvirt 9.0, QEMU 7.2", accel="tcg",
-                                     memory_mib=512, cpus=1, scratch_bytes=2 * 1024**3), 64 * 1024**2, 1000)
+                                     memory_mib=512, cpus=1, scratch_bytes=2 * 1024**3), 64 * 1024**2, 1000, "qemu:///system")
 
 
 # --- what may be handed out -----------------------------------------------------------

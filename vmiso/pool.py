@@ -24,8 +24,10 @@ Ownership moves in three steps, so that a clone is always somebody's:
 A pool checks, every CHECK_SECONDS and before every hand-out, that its clones
 still fit: the same template (not re-provisioned, not removed), the same QEMU
 (version and binary) and accelerator.  Stale clones are destroyed, never handed
-out.  sshd ends a link that has not logged in within its LoginGraceTime, so the
-pool opens each idle clone's link again before that.
+out.  sshd ends a link that has not logged in within its LoginGraceTime, so a
+link older than LINK_SECONDS is closed at hand-out, and the run opens its own
+(as a warm run does: hello, then SSH); a run also does that when the link it was
+given fails.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from .config import Config
 from .errors import HypervisorError, ImageError, VmisoError
 from .image.store import MANIFEST, Image, get_image, images_root, verified_sha256
 from .progress import Steps
-from .workdir import flocked, own_dir, private_dir, remove_tree
+from .workdir import OWNER_FILE, flocked, own_dir, private_dir, remove_tree
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -61,7 +63,7 @@ log = logging.getLogger(__name__)
 
 POOLS = "pools"
 CHECK_SECONDS = 2.0
-LINK_SECONDS = 20.0  # a link older than this is opened again (sshd's LoginGraceTime is 30 s)
+LINK_SECONDS = 20.0  # a link older than this is not handed out (sshd's LoginGraceTime is 30 s)
 TAKE_WAIT = 5.0  # how long a run waits for a clone the pool is restoring
 # After a hand-out, while other clones are still ready, the refill waits this long: a
 # restore competes for the host's cores with the job that just started.
@@ -84,6 +86,7 @@ class PoolKey:
     warm: warm.WarmKey
     output_max_bytes: int
     output_max_files: int
+    libvirt_uri: str  # a run on another connection could neither guard nor destroy the clone
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,7 +114,7 @@ def current_key(config: Config, hv: Hypervisor, image: Image, accel_name: str) -
     return PoolKey(warm.WarmKey.make(template_sha256=verified_sha256(image), hypervisor=hv.version(),
                                      accel=accel_name, memory_mib=config.vm.memory_mib, cpus=config.vm.cpus,
                                      scratch_bytes=config.run.scratch),
-                   config.run.output_max_bytes, config.run.output_max_files)
+                   config.run.output_max_bytes, config.run.output_max_files, config.libvirt_uri)
 
 
 def stale_reason(made_for: PoolKey, now: PoolKey | None, qemu_then: str, qemu_now: str) -> str | None:
@@ -125,6 +128,8 @@ def stale_reason(made_for: PoolKey, now: PoolKey | None, qemu_then: str, qemu_no
     differs = [k for k, v in dataclasses.asdict(now.warm).items() if dataclasses.asdict(made_for.warm)[k] != v]
     if made_for.output_max_bytes != now.output_max_bytes or made_for.output_max_files != now.output_max_files:
         differs.append("output limits")
+    if made_for.libvirt_uri != now.libvirt_uri:
+        differs.append("libvirt connection")
     return f"the {', '.join(differs)} changed" if differs else None
 
 
@@ -310,7 +315,6 @@ class Pool:
                 checked = time.monotonic()
                 if self.stopping.is_set():
                     break
-            self._refresh_links()
             with self.changed:
                 key = self.key if len(self.ready) + self.making < self.size else None
                 if key is not None and self.ready and time.monotonic() - self.handed_at < REFILL_DELAY:
@@ -327,9 +331,9 @@ class Pool:
                                                         boot_timeout=self.config.run.boot_timeout):
                     log.info("made warm slots for the image as it is now")
                 made = self._make(key)
-            except VmisoError as err:
-                self.status.problem = err.message
-                log.warning("could not preload a clone: %s", err)
+            except Exception as err:  # the filler must live on: say why, try again later
+                self.status.problem = err.message if isinstance(err, VmisoError) else f"{type(err).__name__}: {err}"
+                log.warning("could not preload a clone: %s", self.status.problem)
                 with self.changed:
                     self.making -= 1
                     self.changed.notify_all()
@@ -346,21 +350,6 @@ class Pool:
                 self.changed.notify_all()
             if not kept:
                 self._drop(made, "stale before it was ready")
-
-    def _refresh_links(self) -> None:
-        now = time.monotonic()
-        with self.changed:
-            old = [m for m in self.ready if now - m.linked_at > LINK_SECONDS]
-            self.ready = [m for m in self.ready if m not in old]
-        for made in old:
-            try:
-                self._open_link(made)
-            except VmisoError as err:
-                self._drop(made, str(err))
-                continue
-            with self.changed:
-                self.ready.append(made)
-                self.changed.notify_all()
 
     def _take(self, wanted: dict) -> Preloaded | str:
         """An idle clone for a run whose key is ``wanted``, or why there is none."""
@@ -388,9 +377,12 @@ class Pool:
         with self.changed:
             self.handed_at = time.monotonic()
             self.changed.notify_all()  # the filler makes the next one meanwhile
-        assert made.link is not None
+        if made.link is not None and time.monotonic() - made.linked_at > LINK_SECONDS:
+            made.link.close()  # its sshd may be gone: the run opens its own
+            made.link = None
+        fds = (made.lock_fd,) if made.link is None else (made.lock_fd, made.link.fileno())
         try:
-            _send(conn, {"clone": str(made.clone.path), "name": made.name}, (made.lock_fd, made.link.fileno()))
+            _send(conn, {"clone": str(made.clone.path), "name": made.name}, fds)
             conn.settimeout(ANSWER_SECONDS)
             answer, _ = _receive(conn)
             taken = answer.get("taken") is True
@@ -401,12 +393,16 @@ class Pool:
             with suppress(VmisoError):
                 self.hv.destroy(made.name)
             made.dog.release()
-            made.link.close()
+            if made.link is not None:
+                made.link.close()
             made.holds.close()
+            if _owner_pid(made.clone.path) == os.getpid():  # the run never claimed it: remove it now
+                remove_tree(made.clone.path)
             self.status.dropped += 1
             return
         made.dog.release()  # the run's watchdog guards it now
-        made.link.close()
+        if made.link is not None:
+            made.link.close()
         made.holds.close()  # the run's descriptor holds the slot's lock
         self.status.served += 1
         with suppress(OSError):
@@ -504,6 +500,13 @@ def _serve_one(pool: Pool, listener: socket.socket, wait: float) -> None:
             conn.close()
 
 
+def _owner_pid(path: Path) -> int | None:
+    try:
+        return int(json.loads((path / OWNER_FILE).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 # --- the run's side -------------------------------------------------------------------
 
 
@@ -515,7 +518,7 @@ class Offer:
     clone: CloneDir
     name: str
     lock_fd: int
-    link: socket.socket
+    link: socket.socket | None  # None: the run opens its own (hello, then SSH)
 
 
 def ask(state_dir: Path, image: str, key: PoolKey) -> Offer | str:
@@ -535,7 +538,9 @@ def ask(state_dir: Path, image: str, key: PoolKey) -> Offer | str:
     except (OSError, EOFError, ValueError) as err:
         conn.close()
         return "" if isinstance(err, (ConnectionRefusedError, FileNotFoundError)) else f"the pool did not answer: {err}"
-    if "clone" not in answer or len(fds) != 2:
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    if "clone" not in answer or len(fds) not in (1, 2):
         for fd in fds:
             os.close(fd)
         conn.close()
@@ -549,7 +554,7 @@ def ask(state_dir: Path, image: str, key: PoolKey) -> Offer | str:
         conn.close()
         return "the pool offered a clone outside this user's runs"
     try:
-        link = socket.socket(fileno=fds[1])
+        link = socket.socket(fileno=fds[1]) if len(fds) == 2 else None
     except OSError:
         for fd in fds:
             os.close(fd)

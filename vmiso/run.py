@@ -295,7 +295,8 @@ def _take_preloaded(hv: Hypervisor, config: Config, request: RunRequest, image: 
         return None
     with steps.step("take", "a preloaded clone from the pool"):
         offer = pool.ask(config.state_dir, image.name,
-                         pool.PoolKey(key, config.run.output_max_bytes, config.run.output_max_files))
+                         pool.PoolKey(key, config.run.output_max_bytes, config.run.output_max_files,
+                                      config.libvirt_uri))
         if isinstance(offer, str):
             if offer:
                 log.warning("no preloaded clone: %s", offer)
@@ -303,7 +304,8 @@ def _take_preloaded(hv: Hypervisor, config: Config, request: RunRequest, image: 
         with ExitStack() as attempt:
             attempt.callback(os.close, offer.lock_fd)  # last: the warm slot is free once its VM is gone
             attempt.callback(reaper.remove, offer.clone.path)
-            attempt.callback(offer.link.close)
+            if offer.link is not None:
+                attempt.callback(offer.link.close)
             claim(offer.clone.path)  # this run's from now on, for the reaper
             dog = _watchdog(config, request, offer.clone, attempt)(offer.name)
             attempt.callback(hv.destroy, offer.name)
@@ -323,7 +325,7 @@ def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: 
         session = connect(
             clone.ssh_socket, name=vm.name, host_key=image.read(image.host_key.name), client_key=image.client_key,
             user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
-            alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot == "warm" else None,
+            alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot != "cold" else None,
             **({"link": vm.link} if vm.link is not None else {}))
         cleanup.callback(session.close)
     return session

@@ -391,7 +391,8 @@ def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, us
     ``hello``: bytes to send before SSH starts, as a clone restored from a warm
     state expects (see warm.hello); called at the moment of sending.
     ``link``: a link opened already (open_link, by a pool): SSH starts on it at
-    once, and a guest that does not answer on it is an error, not a retry.
+    once; when the guest does not answer on it (its sshd gave up waiting), a new
+    link is opened as without one (``hello`` first).
     """
     pinned = _pinned_key(host_key)
     try:
@@ -402,7 +403,8 @@ def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, us
         try:
             return _handshake(link, name=name, pinned=pinned, key=key, user=user, deadline=deadline)
         except _NotReady as err:
-            raise GuestError(f"VM {name} did not answer SSH on its preloaded link ({err})") from None
+            log.debug("SSH on %s's preloaded link failed (%s): opening a new one", name, err)
+            link.close()
     last_error = "no answer"
     while time.monotonic() < deadline:
         if not alive():

@@ -14,6 +14,7 @@ import pwd
 import re
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,7 +235,11 @@ def _start_time(pid: int) -> int | None:
 def claim(directory: Path) -> None:
     """Mark ``directory`` as this process's."""
     pid = os.getpid()
-    (directory / OWNER_FILE).write_text(json.dumps({"pid": pid, "start": _start_time(pid)}))
+    # Whole or not at all: a reaper reading it meanwhile must never see a half-written record.
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{OWNER_FILE}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"pid": pid, "start": _start_time(pid)}))
+    os.replace(temporary, directory / OWNER_FILE)
 
 
 def owner_alive(directory: Path) -> bool:
