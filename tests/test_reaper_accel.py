@@ -8,6 +8,8 @@ import pytest
 from vmiso import accel, reaper, workdir
 from vmiso.errors import AccelError
 
+from fakes import FakeHypervisor
+
 
 def test_owner_alive_for_this_process_and_dead_for_an_ended_one(tmp_path):
     mine = tmp_path / "mine"
@@ -186,3 +188,30 @@ def test_warm_states_of_a_removed_image_are_leftovers(tmp_path):
     assert found == [("warm states of removed image", "gone")]
     reaper.clean(None, state)
     assert sorted(p.name for p in (state / "warm").iterdir()) == ["kept"]
+
+
+def test_a_leftover_vm_whose_name_was_reused_is_left_alone(tmp_path):
+    # A killed run's restored clone keeps its warm slot's name; the next restore of that
+    # slot (another run's, a pool's) takes the name on.  The reaper destroys only while the
+    # domain is still the dead run's (Hypervisor.destroy_run), never by name alone.
+    from vmiso.hypervisor import DomainInfo
+
+    dead = tmp_path / "runs" / "gone"
+    dead.mkdir(parents=True)
+
+    class Reused(FakeHypervisor):
+        asked: list[tuple[str, str]]
+
+        def vmiso_domains(self) -> list:
+            return [DomainInfo("vmiso-warm-x-0-abc", True, {"run_dir": str(dead)})]
+
+        def destroy_run(self, name: str, run_dir: str) -> str:
+            self.asked.append((name, run_dir))
+            return "another run's"
+
+    hv = Reused()
+    hv.asked = []
+    cleaned = reaper.clean(hv, tmp_path)
+    assert hv.asked == [("vmiso-warm-x-0-abc", str(dead))]
+    assert hv.destroyed == []
+    assert [i.kind for i in cleaned.removed] == ["run directory"]

@@ -427,3 +427,17 @@ def test_a_guest_that_never_starts_the_job_does_not_hold_vmiso(guest, monkeypatc
     with pytest.raises(GuestError, match="did not start the job"):
         run_once(guest, "mute")
     assert time.monotonic() - started < 2.5
+
+
+def test_a_preloaded_link_that_sshd_dropped_gives_way_to_a_new_one(guest):
+    # A pool's link whose sshd gave up waiting (LoginGraceTime) or whose guest sends
+    # garbage: the run opens a new link, hello first, as a warm run does.
+    mine, theirs = socket.socketpair()
+    theirs.sendall(b"not an SSH greeting\r\n")
+    theirs.close()
+    session = connect(guest, link=mine)
+    try:
+        assert guest["hellos"] == [b"hi!"]
+        assert run(session, "exit 3")[0] == ssh.JobExit(code=3)
+    finally:
+        session.close()

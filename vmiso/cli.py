@@ -694,8 +694,9 @@ def _serve_pool(ctx: click.Context, config: config_mod.Config, name: str, size: 
     image = get_image(config.state_dir, name)
     stop = threading.Event()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Set from a thread of its own: the handler may interrupt this thread inside stop.set().
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: threading.Thread(target=stop.set, daemon=True).start())
 
     def ready(status: Any) -> None:
         click.echo(f"ready: {status.size} clones of {status.image} (pid {status.pid})")

@@ -54,7 +54,7 @@ from .config import Config
 from .errors import HypervisorError, ImageError, VmisoError
 from .image.store import MANIFEST, Image, get_image, images_root, verified_sha256
 from .progress import Steps
-from .workdir import OWNER_FILE, flocked, own_dir, private_dir, remove_tree
+from .workdir import OWNER_FILE, bounded_share_size, check_room, flocked, own_dir, private_dir, remove_tree
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -165,7 +165,10 @@ def _receive(conn: socket.socket, max_fds: int = 0) -> tuple[dict, list[int]]:
     try:
         if length > MAX_MESSAGE or len(data) != 4 + length:
             raise ValueError("a message of the wrong length")
-        message = json.loads(data[4:])
+        try:
+            message = json.loads(data[4:])
+        except RecursionError:
+            raise ValueError("a message nested too deeply") from None
         if not isinstance(message, dict):
             raise ValueError("a message that is not an object")
     except ValueError:
@@ -246,9 +249,11 @@ class Pool:
             if slot is None or slot.lock_fd is None:
                 raise ImageError(f"no warm slot to restore: {why}")
             warm.verify(slot)
-            path = private_dir(self.runs) / f"{CLONE_PREFIX}{secrets.token_hex(6)}"
+            limits = (key.output_max_bytes, key.output_max_files)
+            check_room(private_dir(self.runs), key.warm.scratch_bytes, bounded_share_size(*limits))
+            path = self.runs / f"{CLONE_PREFIX}{secrets.token_hex(6)}"
             undo.callback(remove_tree, path)
-            clone = make_clone_dir(path, output_limits=(key.output_max_bytes, key.output_max_files))
+            clone = make_clone_dir(path, output_limits=limits)
             copy_boot_files(clone, self.image)
             make_overlay(clone, slot.clone.overlay)
             make_scratch(clone, 0, like=slot.scratch)
@@ -273,11 +278,14 @@ class Pool:
         made.linked_at = time.monotonic()
 
     def _drop(self, made: Preloaded, why: str) -> None:
-        """Destroy an idle clone and remove its directory."""
+        """Destroy an idle clone and remove its directory.  One that libvirt would not destroy
+        is left to its watchdog, which acts once its pipe closes (now, or with the pool)."""
         log.info("dropped clone %s: %s", made.clone.path.name, why)
-        with suppress(VmisoError):
+        try:
             self.hv.destroy(made.name)
-        made.dog.release()
+            made.dog.release()
+        except VmisoError as err:
+            log.warning("could not destroy clone %s: %s; its watchdog will", made.clone.path.name, err)
         if made.link is not None:
             made.link.close()
         made.holds.close()
@@ -326,9 +334,8 @@ class Pool:
                     self.changed.wait(0.5)
                 continue
             try:
-                if self.key is not None and warm.ensure(self.hv, self.image, key.warm, Steps(),
-                                                        count=2 * self.size,
-                                                        boot_timeout=self.config.run.boot_timeout):
+                if warm.ensure(self.hv, self.image, key.warm, Steps(), count=2 * self.size,
+                               boot_timeout=self.config.run.boot_timeout, wait=False):
                     log.info("made warm slots for the image as it is now")
                 made = self._make(key)
             except Exception as err:  # the filler must live on: say why, try again later
@@ -359,7 +366,11 @@ class Pool:
                 if self.key is None or self.key.as_dict() != wanted:
                     return "the pool's clones were made for another image, QEMU or configuration"
                 if self.ready:
-                    return self.ready.pop(0)
+                    made = self.ready.pop(0)
+                    if made.key.as_dict() == wanted:
+                        return made
+                    self.ready.insert(0, made)  # the next check drops it; never handed out
+                    return "the pool's clones were made for another image, QEMU or configuration"
                 if self.making == 0 or time.monotonic() >= deadline or self.stopping.is_set():
                     return "no clone is ready"
                 self.changed.wait(deadline - time.monotonic())
@@ -449,7 +460,7 @@ def serve(config: Config, hv: Hypervisor, image: Image, size: int, steps: Steps,
         filler = threading.Thread(target=pool.fill, name="vmiso-pool-fill", daemon=True)
         filler.start()
         stack.callback(pool.shut_down)
-        stack.callback(filler.join)
+        stack.callback(filler.join, 120)  # a restore or slot under way ends within its own limits
         stack.callback(pool.stopping.set)
         announced = False
         with steps.step("fill", f"restore {size} clone{'s' if size != 1 else ''} and open their links"):

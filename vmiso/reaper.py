@@ -83,7 +83,9 @@ def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
                 continue  # another analyst's VM: never this user's to judge
             if where and Path(where).is_dir() and owner_alive(Path(where)):
                 continue
-            found.append(Leftover("vm", dom.name))
+            # The run directory it was found with: a warm slot's name is reused by the next
+            # restore of that slot (a run's, a pool's), which is never this leftover's to destroy.
+            found.append(Leftover("vm", dom.name, Path(where) if where else None))
     return found
 
 
@@ -116,7 +118,10 @@ def clean(hv: Hypervisor | None, state_dir: Path) -> Cleaned:
     for item in sorted(find(hv, state_dir), key=lambda i: i.kind != "vm"):
         try:
             if item.kind == "vm" and hv is not None:
-                hv.destroy(item.name)
+                if item.path is None:
+                    hv.destroy(item.name)
+                elif hv.destroy_run(item.name, str(item.path)) == "another run's":
+                    continue  # its name was taken on by a live VM: not a leftover any more
             elif item.kind == "gateway" and item.path is not None:
                 gateway.end_orphan(item.path)
             elif item.path is not None and (failures := remove_tree(item.path)):

@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import shlex
-import shutil
 import signal
 import socket
 import time
@@ -39,7 +38,7 @@ from .image.store import Image, get_image, verified_sha256
 from .inputs import GUEST_IN, check_inputs, stage_inputs
 from .progress import Steps
 from .seed import RUN_USER
-from .workdir import bounded_share_size, claim, own_dir, private_dir, share_full
+from .workdir import bounded_share_size, check_room, claim, own_dir, private_dir, share_full
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -197,14 +196,15 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
                                 scratch_bytes=request.scratch_bytes or config.run.scratch)
         taken = _take_preloaded(hv, config, request, image, key, steps, cleanup) if request.warm else None
         if taken is not None:
-            clone, vm = taken
-            with steps.step("stage", "inputs"):
-                stage_inputs(request.inputs, clone.inputs)
+            clone, vm = taken  # its inputs are staged once SSH is up: sshd drops an idle link
         else:
             clone = _stage(config, request, run_id, key, steps, cleanup)
             watch = _watchdog(config, request, clone, cleanup)
             vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
         session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
+        if taken is not None:
+            with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
+                stage_inputs(request.inputs, clone.inputs)
         published = _publish(session, request.publish, on_published, cleanup)
         outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps, interruption,
                            terminal)
@@ -429,16 +429,6 @@ def job_command(command: tuple[str, ...], env: tuple[tuple[str, str], ...] = ())
     }
     assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in [*fixed.items(), *env])
     return f"cd {GUEST_IN} && exec env -i {assignments} {shlex.join(command)}"
-
-
-def check_room(directory: Path, scratch_bytes: int, output_bytes: int) -> None:
-    """/tmp and /out are sparse files the job may fill: refuse a run that could fill the host's disk."""
-    free = shutil.disk_usage(directory).free
-    if free < scratch_bytes + output_bytes:
-        raise VmisoError(f"the run's scratch space and /out need up to {scratch_bytes // 1024**2} MiB and "
-                         f"{output_bytes // 1024**2} MiB under {directory}, which has {free // 1024**2} MiB free",
-                         "free space there, or give the job less with --scratch (run.scratch) "
-                         "or run.output_max_bytes")
 
 
 def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: warm.WarmKey,

@@ -230,9 +230,11 @@ def _differs(info: dict, key: WarmKey) -> list[str]:
     return [k for k in wanted if info.get(k) != wanted[k]]
 
 
-def ensure(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: int, boot_timeout: int) -> int:
+def ensure(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: int, boot_timeout: int,
+           wait: bool = True) -> int:
     """At least ``count`` slots that fit ``key``: those missing or made for another key are
-    (re)made, each under its lock (a slot in use is waited for).  How many were made."""
+    (re)made, each under its lock (a slot in use is waited for; without ``wait``, left for
+    later).  How many were made."""
     root = private_dir(warm_root(image))
     made = 0
     for index in range(count):
@@ -242,9 +244,12 @@ def ensure(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: i
                 continue
         except (OSError, ValueError, AttributeError):
             pass
-        with steps.step("warm", f"boot and save warm slot {index + 1} of {count}"):
-            with flocked(slot.lock):
-                _build_slot(hv, image, key, index, boot_timeout)
+        try:
+            with flocked(slot.lock, wait=wait):
+                with steps.step("warm", f"boot and save warm slot {index + 1} of {count}"):
+                    _build_slot(hv, image, key, index, boot_timeout)
+        except BlockingIOError:
+            continue
         made += 1
     return made
 
