@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -405,23 +405,15 @@ def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, us
         except _NotReady as err:
             log.debug("SSH on %s's preloaded link failed (%s): opening a new one", name, err)
             link.close()
-    last_error = "no answer"
-    while time.monotonic() < deadline:
-        if not alive():
-            raise GuestError(f"VM {name} stopped before it answered SSH")
-        try:
-            sock = _link(socket_path, name, hello)
-        except OSError as err:
-            last_error = str(err)
-            time.sleep(0.05)
-            continue
+    errors = ["no answer"]
+    for sock in _links(socket_path, name, hello, deadline, errors, alive):
         try:
             return _handshake(sock, name=name, pinned=pinned, key=key, user=user, deadline=deadline)
         except _NotReady as err:
-            last_error = str(err)
-            log.debug("SSH to %s not ready: %s", name, last_error)
+            errors.append(str(err))
+            log.debug("SSH to %s not ready: %s", name, err)
             time.sleep(0.2)
-    raise GuestError(f"VM {name} did not answer SSH in time ({last_error})")
+    raise GuestError(f"VM {name} did not answer SSH in time ({errors[-1]})")
 
 
 class _NotReady(Exception):
@@ -445,26 +437,36 @@ def _link(socket_path: Path, name: str, hello: Callable[[], bytes] | None) -> so
     return sock
 
 
-def open_link(socket_path: Path, *, name: str, hello: Callable[[], bytes], deadline: float) -> socket.socket:
-    """Open a restored clone's link, send ``hello`` and wait until its sshd has greeted, reading
-    nothing: whoever gets the socket next (a run, from a pool) starts SSH on it."""
-    last_error = "no answer"
+def _links(socket_path: Path, name: str, hello: Callable[[], bytes] | None, deadline: float, errors: list[str],
+           alive: Callable[[], bool] = lambda: True) -> Iterator[socket.socket]:
+    """Connections to the link, ``hello`` sent, one per try until ``deadline``; while nothing
+    listens there yet, waits (the reason is appended to ``errors``)."""
     while time.monotonic() < deadline:
+        if not alive():
+            raise GuestError(f"VM {name} stopped before it answered SSH")
         try:
             sock = _link(socket_path, name, hello)
         except OSError as err:
-            last_error = str(err)
+            errors.append(str(err))
             time.sleep(0.05)
             continue
+        yield sock
+
+
+def open_link(socket_path: Path, *, name: str, hello: Callable[[], bytes], deadline: float) -> socket.socket:
+    """Open a restored clone's link, send ``hello`` and wait until its sshd has greeted, reading
+    nothing: whoever gets the socket next (a run, from a pool) starts SSH on it."""
+    errors = ["no answer"]
+    for sock in _links(socket_path, name, hello, deadline, errors):
         try:
             readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
             if readable and sock.recv(4, socket.MSG_PEEK) == b"SSH-":
                 return sock
-            last_error = "the link closed without a greeting" if readable else "no greeting"
+            errors.append("the link closed without a greeting" if readable else "no greeting")
         except OSError as err:
-            last_error = str(err)
+            errors.append(str(err))
         sock.close()
-    raise GuestError(f"VM {name} did not greet on its SSH link in time ({last_error})")
+    raise GuestError(f"VM {name} did not greet on its SSH link in time ({errors[-1]})")
 
 
 def _handshake(sock: socket.socket, *, name: str, pinned: paramiko.PKey, key: paramiko.PKey, user: str,
