@@ -6,7 +6,7 @@ at once: the least any start on this host can cost.  The (libvirt) floor boots
 the image's own kernel and vmiso's initramfs as a libvirt domain to such an /init.  Absolute
 times drift between machines and runs; the ratios, measured side by side, do not.
 
-    .venv/bin/python bench/bench.py -c examples/vmiso.yaml [--runs 3] [--json FILE]
+    .venv/bin/python bench/bench.py -c examples/vmiso.yaml [--runs 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, default=REPO / "examples" / "vmiso.yaml")
     parser.add_argument("--image", help="image to clone (default: image.name from the config)")
-    parser.add_argument("--runs", type=int, default=3, help="repetitions for medians (default 3)")
+    parser.add_argument("--runs", type=int, default=5, help="repetitions for medians (default 5)")
     parser.add_argument("--size-mb", type=int, default=100, help="9p throughput payload")
     parser.add_argument("--quick", action="store_true",
                         help="skip throughput, small files, memory and runs/minute")
@@ -281,9 +281,15 @@ def main() -> None:
         for label, runs in (("cold", colds), ("warm", warms)):
             results[f"{label}_outside_phases_s"] = statistics.median(
                 r["total"] - sum(r["phases"].values()) for r in runs)
-        # vmiso's own start: the interpreter, click and vmiso's CLI, nothing else.
-        results["vmiso_version_s"] = statistics.median(
-            _timed(lambda: vmiso("--version")) for _ in range(max(args.runs, 5)))
+        # vmiso's own start: the interpreter, click and vmiso's CLI, nothing else; then the
+        # modules a run loads (libvirt, paramiko and cryptography, PyYAML), against a bare interpreter.
+        rounds = range(max(args.runs, 5))
+        results["vmiso_version_s"] = statistics.median(_timed(lambda: vmiso("--version")) for _ in rounds)
+        results["python_s"] = statistics.median(
+            _timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)) for _ in rounds)
+        results["run_imports_s"] = statistics.median(_timed(lambda: subprocess.run(
+            [sys.executable, "-c", "import vmiso.cli, vmiso.run, vmiso.hypervisor, vmiso.config"],
+            check=True, cwd=REPO)) for _ in rounds) - results["python_s"]
         # Preloaded: a pool of 2, full again before each run.
         vmiso("pool", "start", "-c", str(args.config), "--image", image, "--size", "2", timeout=1800)
         try:
@@ -342,7 +348,9 @@ def report(r: dict) -> None:
               f"{r[f'{label}_ratio']:.2f} x floor")
         print("  phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in r[f"{label}_phases_s"].items())
               + f"; outside them (vmiso's start and exit) {r[f'{label}_outside_phases_s']:.2f}s")
-    print(f"vmiso --version (the interpreter, click, the CLI): {r['vmiso_version_s']:.2f} s")
+    print(f"vmiso --version (the interpreter, click, the CLI): {r['vmiso_version_s']:.2f} s; the interpreter alone "
+          f"{r['python_s']:.2f} s; the modules a run imports (libvirt, paramiko, cryptography, PyYAML, vmiso's) "
+          f"{r['run_imports_s']:.2f} s on top")
     if any(b != "warm" for b in r["warm_boots"]):
         print(f"  note: warm runs booted {r['warm_boots']}: the image has no usable warm state")
     if any(b != "preloaded" for b in r["preloaded_boots"]):

@@ -223,6 +223,26 @@ def test_two_jobs_from_one_pool_see_only_their_own(pool_of_two, tmp_path):
 
 
 @pytest.mark.vm
+def test_clones_restored_from_one_saved_state_are_reseeded(pool_of_two, tmp_path):
+    # A pool of two restores from 2 x 2 warm slots: five clones in a row include two
+    # restored from the same saved state, which without the host's fresh randomness
+    # would read the same bytes from /dev/urandom.
+    image = pool_of_two
+    seen = []
+    for i in range(5):
+        wait_for(lambda: _status(image)["ready"] == 2, 120, "the pool to be full")
+        record = tmp_path / f"r{i}.json"
+        done = vmiso("run", "-c", image["config"], "--json", record, "--",
+                     "sh", "-c", "od -An -tx1 -N16 /dev/urandom | tr -d ' \\n'")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(record.read_text())["boot"] == "preloaded"
+        seen.append(done.stdout)
+    assert len(set(seen)) == 5, seen
+    slots = list((image["state"] / "warm" / "it").glob("slot-*/warm.json"))
+    assert len(slots) == 4
+
+
+@pytest.mark.vm
 def test_a_preloaded_job_is_bounded_like_any_other(pool_of_two, tmp_path):
     image = pool_of_two
     wait_for(lambda: _status(image)["ready"] == 2, 120, "the pool to be full")
