@@ -294,14 +294,15 @@ class Pool:
 
     def _check(self) -> None:
         """Drop the clones that no longer fit; stop the pool when its image is gone."""
+        ended = f"image {self.image.name} was removed"
         if not (images_root(self.config.state_dir) / self.image.name / MANIFEST).is_file():
             now = None
         else:
             try:
                 now = current_key(self.config, self.hv, get_image(self.config.state_dir, self.image.name),
                                   self.accel)
-            except ImageError as err:
-                now, self.status.problem = None, err.message
+            except ImageError as err:  # damaged, or changed under the pool: nothing of it is handed out
+                now, ended = None, f"image {self.image.name} failed its check: {err.message}"
         qemu = qemu_identity()
         with self.changed:
             doomed = [(m, why) for m in self.ready if (why := stale_reason(m.key, now, m.qemu, qemu))]
@@ -310,16 +311,22 @@ class Pool:
         for made, why in doomed:
             self._drop(made, why)
         if now is None:
-            log.warning("image %s was removed: the pool ends", self.image.name)
-            self.status.problem = f"image {self.image.name} was removed"
+            log.warning("%s: the pool ends", ended)
+            self.status.problem = ended
             self.stopping.set()
 
     def fill(self) -> None:
-        """The filling thread: check, refill, keep links fresh, until the pool stops."""
+        """The filling thread: check the clones, refill, until the pool stops."""
         checked = 0.0
         while not self.stopping.is_set():
             if time.monotonic() - checked >= CHECK_SECONDS:
-                self._check()
+                try:
+                    self._check()
+                except Exception as err:  # libvirt gone a moment, say: nothing is handed out meanwhile
+                    self.status.problem = f"cannot check the clones: {err}"
+                    log.warning("%s", self.status.problem)
+                    with self.changed:
+                        self.key = None
                 checked = time.monotonic()
                 if self.stopping.is_set():
                     break
