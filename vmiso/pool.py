@@ -388,7 +388,11 @@ class Pool:
         if isinstance(made, str):
             _send(conn, {"none": made})
             return
-        if made.qemu != qemu_identity() or not self.hv.is_running(made.name):
+        try:
+            running = self.hv.is_running(made.name)
+        except VmisoError:
+            running = False
+        if made.qemu != qemu_identity() or not running:
             self._drop(made, "QEMU was updated, or the clone stopped while it waited")
             _send(conn, {"none": "the clone no longer fits"})
             return
@@ -566,7 +570,8 @@ def ask(state_dir: Path, image: str, key: PoolKey) -> Offer | str:
     clone_dir = Path(str(answer["clone"]))
     runs = own_dir(state_dir) / "runs"
     name = str(answer.get("name", ""))
-    if clone_dir.parent != runs or not clone_dir.name.startswith(CLONE_PREFIX) or not name:
+    if (os.path.realpath(clone_dir.parent) != os.path.realpath(runs) or not clone_dir.name.startswith(CLONE_PREFIX)
+            or not name):
         for fd in fds:
             os.close(fd)
         conn.close()
