@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import accel, ssh, tools, warm, watchdog
-from .clone import CloneDir, copy_boot_files, make_clone_dir, make_overlay, make_scratch
+from .clone import CloneDir, copy_boot_files, make_clone_dir
 from .config import Config
 from .errors import HypervisorError, ImageError, VmisoError
 from .image.store import MANIFEST, Image, get_image, images_root, verified_sha256
@@ -248,22 +248,21 @@ class Pool:
             slot, why = warm.acquire(self.image, key.warm, holds)
             if slot is None or slot.lock_fd is None:
                 raise ImageError(f"no warm slot to restore: {why}")
-            warm.verify(slot)
             limits = (key.output_max_bytes, key.output_max_files)
             check_room(private_dir(self.runs), key.warm.scratch_bytes, bounded_share_size(*limits))
             path = self.runs / f"{CLONE_PREFIX}{secrets.token_hex(6)}"
             undo.callback(remove_tree, path)
             clone = make_clone_dir(path, output_limits=limits)
             copy_boot_files(clone, self.image)
-            make_overlay(clone, slot.clone.overlay)
-            make_scratch(clone, 0, like=slot.scratch)
-            name, xml = warm.restore_xml(self.hv, slot, clone=clone, template=self.image.template,
-                                         metadata={"kind": "run", "run_dir": str(path), "image": self.image.name})
-            dog = watchdog.start(self.config.libvirt_uri, name, str(path), HOLD_SECONDS)
-            undo.callback(dog.release)
-            undo.callback(self.hv.destroy, name)
-            self.hv.restore(name, slot.state, xml)
-            dog.started()
+            warm.clone_disks(slot, clone)
+
+            def guard(name: str) -> watchdog.Watchdog:
+                dog = watchdog.start(self.config.libvirt_uri, name, str(path), HOLD_SECONDS)
+                undo.callback(dog.release)
+                return dog
+            name, dog = warm.restore(self.hv, slot, clone=clone, template=self.image.template,
+                                     metadata={"kind": "run", "run_dir": str(path), "image": self.image.name},
+                                     stack=undo, watch=guard)
             made = Preloaded(clone, name, key, self.qemu, dog, holds, slot.lock_fd)
             self._open_link(made)
             undo.pop_all()

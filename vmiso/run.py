@@ -325,8 +325,7 @@ def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: 
         session = connect(
             clone.ssh_socket, name=vm.name, host_key=image.read(image.host_key.name), client_key=image.client_key,
             user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
-            alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot != "cold" else None,
-            **({"link": vm.link} if vm.link is not None else {}))
+            alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot != "cold" else None, link=vm.link)
         cleanup.callback(session.close)
     return session
 
@@ -451,18 +450,8 @@ def _boot_warm(hv: Hypervisor, image: Image, slot: warm.Slot, clone: CloneDir, m
                steps: Steps, cleanup: ExitStack, watch: Callable[[str], watchdog.Watchdog]) -> str:
     """Restore ``slot``; the domain keeps the name it was saved with, which the caller must use."""
     with steps.step("overlay", "copy-on-write clone of the warm disk, scratch disk"):
-        warm.verify(slot)
-        make_overlay(clone, slot.clone.overlay)
-        make_scratch(clone, 0, like=slot.scratch)
+        warm.clone_disks(slot, clone)
     with steps.step("start", "restore the saved clone"):
-        name, xml = warm.restore_xml(hv, slot, clone=clone, template=image.template, metadata=metadata)
-        # Registered before the restore: one that fails half-way is destroyed too.
-        dog = watch(name)
-        cleanup.callback(hv.destroy, name)
-        try:
-            hv.restore(name, slot.state, xml)
-        except HypervisorError:
-            hv.destroy(name)
-            raise
-        dog.started()
+        name, _ = warm.restore(hv, slot, clone=clone, template=image.template, metadata=metadata, stack=cleanup,
+                               watch=watch)
     return name

@@ -25,6 +25,7 @@ import re
 import secrets
 import struct
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +36,14 @@ from .accel import host_cpu_id
 from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, retarget
-from .errors import GuestError, ImageError
+from .errors import GuestError, HypervisorError, ImageError
 from .image.store import Image, check_file, remember
 from .progress import Steps
 from .workdir import OWNER_FILE, flocked, install_dir, own_dir, private_dir, remove_tree
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
     from .hypervisor import Hypervisor
+    from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +276,31 @@ def verify(slot: Slot) -> None:
     fix = f"remake it: vmiso images warm {slot.clone.path.parent.parent.name}"
     for path in (slot.clone.overlay, slot.clone.scratch, slot.state):
         check_file(path, recorded.get(path.name), what=f"warm state {slot.clone.path.name}: {path.name}", fix=fix)
+
+
+def clone_disks(slot: Slot, clone: CloneDir) -> None:
+    """``clone``'s disks over the verified slot's: a fresh overlay over its disk, and a copy of
+    its pristine scratch image."""
+    verify(slot)
+    make_overlay(clone, slot.clone.overlay)
+    make_scratch(clone, 0, like=slot.scratch)
+
+
+def restore(hv: Hypervisor, slot: Slot, *, clone: CloneDir, template: Path, metadata: dict[str, str],
+            stack: ExitStack, watch: Callable[[str], Watchdog]) -> tuple[str, Watchdog]:
+    """Restore ``slot`` as the clone in ``clone``: (the domain's name, which is the saved one,
+    and its watchdog).  The domain is destroyed when ``stack`` closes, and at once when the
+    restore fails half-way; ``watch(name)`` starts the watchdog before the restore."""
+    name, xml = restore_xml(hv, slot, clone=clone, template=template, metadata=metadata)
+    dog = watch(name)  # released after the destroy below (an ExitStack unwinds in reverse)
+    stack.callback(hv.destroy, name)
+    try:
+        hv.restore(name, slot.state, xml)
+    except HypervisorError:
+        hv.destroy(name)
+        raise
+    dog.started()
+    return name, dog
 
 
 def restore_xml(hv: Hypervisor, slot: Slot, *, clone: CloneDir, template: Path,
