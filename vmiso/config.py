@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .domain import TCG_WITHHELD
 from .errors import ConfigError
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -109,6 +110,9 @@ class ProvisionConfig:
 class VmConfig:
     memory_mib: int = 512
     cpus: int = 2
+    # Under TCG, CPU features vmiso withholds because QEMU emulates them wrongly
+    # (domain.TCG_WITHHELD) that this config's guests are offered anyway.
+    tcg_cpu_features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,7 @@ def _validate(config: Config) -> Config:
             "write 'host', 'none', or a list of PEM files",
         )
     _check_gateway(config)
+    _check_tcg_cpu_features(config.vm.tcg_cpu_features)
     for key, value, low in (
         ("vm.memory_mib", config.vm.memory_mib, 128),
         ("vm.cpus", config.vm.cpus, 1),
@@ -270,6 +275,17 @@ def _validate(config: Config) -> Config:
         if value < low:
             raise ConfigError(f"{key}: {value} is too small (at least {low})")
     return config
+
+
+def _check_tcg_cpu_features(features: tuple[str, ...]) -> None:
+    for i, name in enumerate(features):
+        if name not in TCG_WITHHELD:
+            close = difflib.get_close_matches(name, list(TCG_WITHHELD), n=1)
+            raise ConfigError(
+                f"vm.tcg_cpu_features[{i}]: {name!r} is not a feature vmiso withholds",
+                (f"did you mean {close[0]!r}? " if close else "")
+                + "it lists only what vmiso takes from QEMU's max CPU: " + ", ".join(TCG_WITHHELD)
+                + "; every other feature TCG emulates is offered already")
 
 
 def _check_gateway(config: Config) -> None:

@@ -193,7 +193,8 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         key = warm.WarmKey.make(template_sha256=sha256, hypervisor=hv.version(), accel=accel_name,
                                 memory_mib=request.memory_mib or config.vm.memory_mib,
                                 cpus=request.cpus or config.vm.cpus,
-                                scratch_bytes=request.scratch_bytes or config.run.scratch)
+                                scratch_bytes=request.scratch_bytes or config.run.scratch,
+                                tcg_cpu_features=config.vm.tcg_cpu_features)
         taken = _take_preloaded(hv, config, request, image, key, steps, cleanup) if request.warm else None
         if taken is not None:
             clone, vm = taken  # its inputs are staged once SSH is up: sshd drops an idle link
@@ -236,7 +237,7 @@ def _check(config: Config, request: RunRequest) -> tuple[Image, str]:
     check_env(request.env)
     if request.output is not None:
         outputs.check_destination(request.output)
-    accel_name = accel.resolve(config.accel)
+    accel_name = accel.resolve(config.accel, tcg_cpu_features=config.vm.tcg_cpu_features)
     return get_image(config.state_dir, request.image), accel_name
 
 
@@ -437,7 +438,7 @@ def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: wa
         make_overlay(clone, image.template)
         make_scratch(clone, key.scratch_bytes)
     spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
-                      cpus=key.cpus, metadata=metadata)
+                      cpus=key.cpus, tcg_cpu_features=key.tcg_cpu_features, metadata=metadata)
     with steps.step("start", "transient domain, cold boot"):
         dog = watch(name)  # released after the destroy below (an ExitStack unwinds in reverse)
         cleanup.callback(hv.destroy, name)

@@ -274,6 +274,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
     socket_path = work / "link" / "ssh.sock"  # workdir.link_dir
     spec = DomainSpec(
         name=domain, memory_mib=config.provision.memory_mib, cpus=config.vm.cpus, accel=build.accel,
+        tcg_cpu_features=config.vm.tcg_cpu_features,  # what builds from source may compile for
         disks=(Disk(overlay, backing=((layer.rootfs, layer.rootfs_format),)), Disk(seed, format="raw", readonly=True)),
         console_log=build.console_log,
         boot=KernelBoot(kernel, initrd, f"root={layer.root_device} rw console=ttyS0 ds=nocloud"),
@@ -376,7 +377,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                          "pass --replace to rebuild it, or choose another --name")
     if final.exists():
         check_owner(Image(name, final), "replace")
-    accel_name = accel.resolve(config.accel)
+    accel_name = accel.resolve(config.accel, tcg_cpu_features=config.vm.tcg_cpu_features)
     if config.image.cloud_image is None:
         load_recipe(config.image.recipe)  # a bad recipe fails before anything is built
     elif not config.image.cloud_image.path.is_file():
