@@ -247,6 +247,19 @@ def test_bad_requests_are_refused_before_anything_is_made(config, image, state, 
     assert not hv.started and leftovers(state) == []
 
 
+def test_a_mistyped_image_name_gets_the_nearest_one_and_a_missing_one_how_to_build_it(config, state):
+    make_image(state, "realimg")
+    hv = FakeHypervisor()
+    with pytest.raises(VmisoError) as err:
+        do_run(config, hv, dataclasses.replace(request(), image="realimgg"), FakeConnect(exits(0)))
+    assert "no image named 'realimgg'" in str(err.value) and "(images: realimg)" in str(err.value)
+    assert "did you mean 'realimg'?" in str(err.value) and "vmiso provision" not in str(err.value)
+    with pytest.raises(VmisoError) as err:
+        do_run(config, hv, dataclasses.replace(request(), image="default"), FakeConnect(exits(0)))
+    assert "build it with 'vmiso provision' (image.name 'default' in its config)" in str(err.value)
+    assert not hv.started
+
+
 def test_too_little_room_for_the_scratch_disk_is_refused(config, image, state):
     config = config_mod.override(config, **{"run.scratch": 1024**5})  # a pebibyte
     hv = FakeHypervisor()

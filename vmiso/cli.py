@@ -323,7 +323,7 @@ _JOB_OPTIONS = [
     _config_option,
     _accel_option,
     _state_option,
-    click.option("--image", help="template to clone (default: image.name from the config)"),
+    click.option("--image", help="template to clone (default: image.name from the config, 'default' without one)"),
     click.option("-i", "--input", "inputs", multiple=True, type=click.Path(path_type=Path, exists=False),
                  help="file or directory to copy in, read-only, under /in (repeatable)"),
     click.option("-o", "--output", type=click.Path(path_type=Path),
