@@ -490,6 +490,19 @@ def test_a_job_that_needs_a_withheld_instruction_dies_of_sigill_and_offering_it_
     assert leftovers(image["state"]) == []
 
 
+def test_a_failure_that_the_vms_rules_explain_is_explained(image):
+    job = ("python -c 'import urllib.request; urllib.request.urlopen(\"https://pypi.org/simple/\", timeout=5)'; "
+           "python -c 'import matplotlib.pyplot'")
+    done = vmiso("run", "-c", image["config"], "--", "sh", "-c", job)
+    assert done.returncode == 1, done.stderr
+    assert "Temporary failure in name resolution" in done.stderr  # the job's own words, first
+    assert "ModuleNotFoundError: No module named 'matplotlib'" in done.stderr
+    assert "vmiso: this run has no network, on purpose" in done.stderr
+    assert "vmiso: image it has no module 'matplotlib': see what it holds with 'vmiso images show it'" \
+        in done.stderr
+    assert leftovers(image["state"]) == []
+
+
 def test_scratch_is_bounded_by_its_size(image, tmp_path):
     job = ("import errno, sys, time\n"
            "written = 0\n"

@@ -446,6 +446,8 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     if (killed := result.signal_message()) is not None:
         what, hint = killed
         click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
+    for line in result.hints:
+        click.echo(f"vmiso: {line}", err=True)
     ctx.exit(result.exit_code)
 
 

@@ -23,6 +23,7 @@ import shlex
 import signal
 import socket
 import time
+import typing
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     outputs: outputs.OutputReport | None = None
     published: dict[int, str] = field(default_factory=dict)  # guest port -> "127.a.b.c:port" on this host
+    hints: tuple[str, ...] = ()  # what vmiso's rules explain about a failure (failure_hints)
 
     def signal_message(self) -> tuple[str, str] | None:
         """(what happened, what to do) when a signal ended the job, for the CLI to say."""
@@ -144,6 +146,52 @@ class RunResult:
             "outputs": self.outputs.as_dict() if self.outputs else None,
             "published": {str(guest): where for guest, where in self.published.items()},
         }
+
+
+class Tail:
+    """A stream that passes every byte on unchanged and keeps the last ``size`` of them."""
+
+    def __init__(self, stream: BinaryIO, size: int = 16 * 1024) -> None:
+        self._stream = stream
+        self._size = size
+        self.kept = b""
+
+    def write(self, data: bytes) -> int:
+        written = self._stream.write(data)
+        self.kept = (self.kept + bytes(data))[-self._size:]
+        return len(data) if written is None else written
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, ...: the stream's own
+        return getattr(self._stream, name)
+
+
+_OFFLINE = re.compile(rb"Temporary failure in name resolution|Name or service not known|"
+                      rb"nodename nor servname|getaddrinfo failed|Could not resolve host|"
+                      rb"Network is unreachable|No route to host|Failed to establish a new connection")
+_NO_MODULE = re.compile(rb"ModuleNotFoundError: No module named '([A-Za-z_][A-Za-z0-9_]*)(?:\.[A-Za-z0-9_.]*)?'")
+_READ_ONLY_IN = re.compile(rb"Read-only file system: '" + re.escape(GUEST_IN.encode()) + rb"(?:/|')")
+
+
+def failure_hints(tail: bytes, image: str) -> tuple[str, ...]:
+    """What vmiso's rules explain about a failed job's last output: one line each, at most one of a kind.
+
+    ``tail`` is the guest's and hostile: only what the patterns match goes into a hint,
+    and a module name only as the identifier the pattern admits."""
+    hints = []
+    if _OFFLINE.search(tail):
+        hints.append("this run has no network, on purpose: the VM has no network device, no DNS and no "
+                     "route out; give the job what it needs with -i")
+    if found := _NO_MODULE.findall(tail):
+        module = found[-1].decode()
+        hints.append(f"image {image} has no module {module!r}: see what it holds with 'vmiso images show "
+                     f"{image}'; add the package to the requirements and provision again")
+    if _READ_ONLY_IN.search(tail):
+        hints.append(f"{GUEST_IN} is read-only: write results to {GUEST_OUT} ($VMISO_OUT) and copy them "
+                     "out with -o")
+    return tuple(hints)
 
 
 @dataclass(frozen=True)
@@ -207,8 +255,12 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
                 stage_inputs(request.inputs, clone.inputs)
         published = _publish(session, request.publish, on_published, cleanup)
-        outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps, interruption,
-                           terminal)
+        # What the job said last, on stderr (or on its terminal, where both streams are one).
+        said = Tail(stdout if terminal is not None else stderr)
+        through = typing.cast(BinaryIO, said)
+        outcome = _execute(hv, vm, session, clone, config, request,
+                           through if terminal is not None else stdout, through if terminal is None else stderr,
+                           stdin, steps, interruption, terminal)
         with steps.step("teardown", "destroy the VM"):
             for port in published:
                 port.close()
@@ -226,7 +278,8 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
     return RunResult(run_id, image.name, sha256, request.command, exit_code, boot=vm.boot,
                      memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes, signal=signal,
                      timings=dict(steps.timings), outputs=collected,
-                     published={p.guest_port: f"{p.host}:{p.host_port}" for p in published})
+                     published={p.guest_port: f"{p.host}:{p.host_port}" for p in published},
+                     hints=failure_hints(said.kept, image.name) if exit_code != 0 else ())
 
 
 def _check(config: Config, request: RunRequest) -> tuple[Image, str]:
