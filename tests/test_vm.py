@@ -88,6 +88,12 @@ def test_provision_makes_a_sealed_verified_image(image):
     assert manifest["requirements"]["hashed"] is True
     assert any(p["name"] == "openssh-server" for p in manifest["apt"])
     assert manifest["kernel"] and manifest["python"].startswith("3.")
+    # What runs at every Python start, read from the template: pip's own files match their RECORDs,
+    # NumPy's native extensions are NumPy's, and nothing could not be read.
+    startup = manifest["startup"]
+    assert startup["tampered"] == [] and startup["unreadable"] == [], startup
+    assert any(n["distribution"] == "numpy-2.4.6" for n in startup["native"])
+    assert all(n["distribution"] is not None for n in startup["native"]), startup["native"]
     assert manifest["host_key"].startswith("ssh-ed25519 ")
     template = state / "images" / "it" / "template.qcow2"
     assert stat.S_IMODE(template.stat().st_mode) == 0o444
@@ -734,6 +740,11 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     refused = {h["host"] for h in shown["gateway"]["refused"]}
     assert {"pypi.org:443", "files.pythonhosted.org:443", f"localhost:{server.server_address[1]}"} <= contacted
     assert {"blocked.invalid:443", f"{registry}:443"} <= refused
+    # The start-up inventory, read from the sealed template, names the install-time code.
+    pth = {p["path"].rsplit("/", 1)[-1]: p["executes"] for p in shown["startup"]["pth"]}
+    assert pth["vmiso_gateway_probe.pth"] == ["import vmiso_gateway_probe"]
+    assert "vmiso_gateway_probe.pth (import vmiso_gateway_probe)" in \
+        vmiso("images", "-c", config, "show", "gw", check=True).stdout
     assert all(h["bytes_to_guest"] > 0 for h in shown["gateway"]["contacted"])
     manifest = json.loads((image["state"] / "images/gw/manifest.json").read_text())
     record = image["state"] / "images/gw" / manifest["gateway"]["record"]

@@ -283,6 +283,7 @@ def images_rm(ctx: click.Context, name: str) -> None:
 def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """One image: its manifest's summary and what its provisioning's gateway let through or refused."""
     from .gateway import image_record
+    from .image.inventory import summary_lines
     from .image.store import get_image, summary
 
     image = get_image(ctx.obj["config"].state_dir, name)
@@ -292,6 +293,11 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     _say(f"{info['name']}: sha256 {info['sha256']}, created {info['created'] or '?'}")
+    if info["startup"] is None:
+        _say("start-up code: not inventoried (provisioned before vmiso read it; provision again)")
+    else:
+        for line in summary_lines(info["startup"]):
+            _say(line)
     packages = ", ".join(f"{p['name']}=={p['version']}" for p in info["packages"])
     _say(f"packages: {packages or '-'}")
     gateway = info["gateway"]

@@ -42,7 +42,7 @@ from ..workdir import (
     remove_tree,
     shared_dir,
 )
-from . import sealcheck
+from . import inventory, sealcheck
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sources
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
@@ -438,6 +438,8 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             os.chmod(template, 0o444)
         with steps.step("check", "sshd, its config, vmiso's files and tini in the template, without booting it"):
             sealcheck.check_template(template, layer, work)
+        with steps.step("inventory", "what runs at every Python start, read from the template"):
+            startup = inventory.read_template(template, layer.root_device, work).as_dict()
         with steps.step("hash", "the template's sha256, the boot files"):
             digest = sha256_file(template)
             boot_sha256 = {}
@@ -470,6 +472,8 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                     "allow_list": [str(a) for a in allowed],
                     "refused": [item["host"] for item in record["refused"]],
                 },
+                # Read from the template whose sha256 is above: 'images verify' covers it.
+                "startup": startup,
                 "host_key": keys.host_public,
                 "accel": accel_name,
                 "vmiso": __version__,

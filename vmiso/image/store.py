@@ -355,6 +355,7 @@ def summary(image: Image) -> dict:
         "created": manifest.get("created"),
         "sha256": manifest.get("sha256"),
         "packages": manifest.get("pip", []),
+        "startup": manifest.get("startup"),  # image.inventory: what runs at every Python start
         "source": manifest.get("source", {}),
         "path": str(image.path),
         "owner": _user_name(owner_of(image)),  # who may remove or replace it (and root)
