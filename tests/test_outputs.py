@@ -1,6 +1,8 @@
 import hashlib
 import os
+import pty
 import stat
+import subprocess
 import sys
 
 import pytest
@@ -246,3 +248,101 @@ def test_a_destination_directory_moved_during_a_deep_collect_is_never_written_th
     with pytest.raises(OutputError, match="moved or replaced"):
         collect(share, dest)
     assert list(dest.joinpath(*names[:5]).iterdir()) == []
+
+
+# --- what host tools would obey: repositories by what they hold, names a terminal or a shell acts on ---
+
+
+def git(cwd, *args, env=None, **kwargs):
+    """Real git, with no configuration of this host's (only what the directory holds)."""
+    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, timeout=30, **kwargs)
+
+
+@pytest.fixture
+def git_env(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    return {"PATH": os.environ["PATH"], "HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", "LANG": "C",
+            "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@a", "GIT_COMMITTER_NAME": "a",
+            "GIT_COMMITTER_EMAIL": "a@a"}
+
+
+def hostile_repository(where, marker, env):
+    """A bare repository called ``where`` (no .git anywhere) whose config makes `git status`
+    run a command (core.fsmonitor, with the work tree above it) and `git log` another (core.pager)."""
+    assert git(where.parent, "init", "-q", "--bare", where.name, env=env).returncode == 0
+    tree_id = git(where, "mktree", env=env, input=b"").stdout.decode().strip()
+    commit = git(where, "commit-tree", tree_id, "-m", "x", env=env).stdout.decode().strip()
+    assert git(where, "update-ref", "refs/heads/main", commit, env=env).returncode == 0
+    assert git(where, "symbolic-ref", "HEAD", "refs/heads/main", env=env).returncode == 0
+    for key, value in (("core.bare", "false"), ("core.worktree", ".."),
+                       ("core.fsmonitor", f"touch {marker}-status; false"),
+                       ("core.pager", f"touch {marker}-log; cat")):
+        assert git(where, "config", key, value, env=env).returncode == 0
+
+
+def git_everywhere(root, env):
+    """`git status`, and `git log` on a terminal (where git starts its pager), in every directory of ``root``."""
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        git(directory, "status", env=env)
+        primary, secondary = pty.openpty()
+        try:
+            subprocess.run(["git", "log"], cwd=directory, env=env, stdin=secondary, stdout=secondary,
+                           stderr=secondary, timeout=30)
+        finally:
+            os.close(primary)
+            os.close(secondary)
+
+
+def test_a_crafted_repository_under_another_name_makes_git_run_its_commands(tmp_path, git_env):
+    # What the refusal below stops: the tree is dangerous as it stands.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    hostile_repository(plain / "notes", tmp_path / "ran", git_env)
+    git_everywhere(plain, git_env)
+    assert (tmp_path / "ran-status").exists() and (tmp_path / "ran-log").exists()
+
+
+def test_repositories_are_refused_by_what_they_hold_at_any_depth(share, tmp_path, git_env):
+    (share / "results").mkdir()
+    hostile_repository(share / "results" / "notes", tmp_path / "ran", git_env)
+    (share / "results" / "table.csv").write_text("a,b\n")
+    (share / "settings").mkdir()  # a config that git would take as a repository's, in a plain directory
+    (share / "settings" / "config").write_text("# harmless\n" * 10_000 + "[Core]\n\tfsmonitor = sh evil\n")
+    (share / "app").mkdir()
+    (share / "app" / "config").write_text("[server]\nport = 8080\n")  # any other config is fine
+    dest = tmp_path / "dest"
+    report = collect(share, dest, max_files=1000)
+    refused = dict(report.refused)
+    assert set(refused) == {"results/notes", "settings"}
+    assert "git repository under another name" in refused["results/notes"]
+    assert "--accept-tool-files" in refused["results/notes"]
+    assert "git config" in refused["settings"]
+    assert [f.path for f in report.files] == ["app/config", "results/table.csv"]
+    git_everywhere(dest, git_env)
+    assert not (tmp_path / "ran-status").exists() and not (tmp_path / "ran-log").exists()
+    accepted = outputs.collect(share, tmp_path / "dest2", max_bytes=10**6, max_files=1000, accept_tool_files=True)
+    assert accepted.refused == [] and (tmp_path / "dest2" / "results" / "notes" / "HEAD").exists()
+
+
+def test_out_itself_laid_out_as_a_repository_loses_what_makes_it_one(tmp_path, git_env):
+    share = tmp_path / "repo"
+    hostile_repository(share, tmp_path / "ran", git_env)
+    os.rename(share / "refs", share / "kept")  # objects/ alone, a directory like any other, is copied
+    os.mkdir(share / "refs")
+    dest = tmp_path / "dest"
+    report = collect(share, dest, max_files=1000)
+    refused = dict(report.refused)
+    assert {"HEAD", "config"} <= set(refused) and "/out itself is a git repository" in refused["HEAD"]
+    assert not (dest / "HEAD").exists() and not (dest / "config").exists()
+    git_everywhere(dest, git_env)
+    assert not (tmp_path / "ran-status").exists() and not (tmp_path / "ran-log").exists()
+
+
+def test_other_tool_directories_stay_refused_whatever_their_case(share, tmp_path):
+    for name in (".hg", ".GIT", ".sl", ".jj"):
+        (share / name).mkdir()
+        (share / name / "hgrc").write_text("[hooks]\npre-status = sh evil\n")
+    report = collect(share, tmp_path / "dest")
+    assert sorted(p for p, _ in report.refused) == [".GIT", ".hg", ".jj", ".sl"]
+    assert report.files == []

@@ -4,15 +4,17 @@ The share uses 9p's "mapped" mode: the host holds only regular files and
 directories owned by the QEMU user, and the guest's idea of a file's type and
 mode lives in the ``user.virtfs.mode`` xattr.  A guest symlink, FIFO or device
 therefore lands as a regular file marked in that xattr; it is refused here, as
-are setuid/setgid bits, names with control characters and anything beyond the
-limits.  Files are copied (never moved or linked) into a destination that must
-be new or empty, with exclusive creates: nothing of the user's is overwritten.
+are setuid/setgid bits, names with control characters, what host tools run code
+from (by name; a git repository by what it holds, under any name) and anything
+beyond the limits.  Files are copied (never moved or linked) into a destination
+that must be new or empty, with exclusive creates: nothing of the user's is overwritten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ MANIFEST_NAME = "MANIFEST"
 TOOL_FILES = {
     ".git": "git runs hooks and configured commands (core.fsmonitor, aliases) from it",
     ".hg": "Mercurial runs hooks configured in it",
+    ".sl": "Sapling runs hooks configured in it",
+    ".jj": "Jujutsu runs the commands its repository config names (pager, editors)",
     ".envrc": "direnv runs it on entering the directory",
     ".vscode": "VS Code runs its tasks and settings",
     ".idea": "JetBrains IDEs run its configurations",
@@ -37,6 +41,15 @@ TOOL_FILES = {
     ".lvimrc": "vim's localvimrc runs it",
 }
 TOOL_SUFFIXES = {".desktop": "desktop file managers launch it"}
+# git takes a directory as a repository under any name, with no `.git` in sight:
+# when it holds HEAD and objects/ and refs/ (or a commondir file pointing to them),
+# `git status` or `git log` run inside it, or below it, read its config and run the
+# commands that config names (core.fsmonitor, core.pager, ...).
+GIT_LAYOUT = ("a git repository under another name: git run in it runs the commands its config names "
+              "(core.fsmonitor, core.pager)")
+GIT_CONFIG = ("a git config (a [core] or [include] section): git run here may take it as a repository's "
+              "and run the commands it names")
+_GIT_SECTION = re.compile(rb"\[[ \t]{0,8}(core|include)", re.IGNORECASE)  # includeIf too; git allows no blank
 VIRTFS_MODE = "user.virtfs.mode"
 _CHUNK = 1024 * 1024
 
@@ -97,10 +110,61 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
+def _accept_hint(reason: str) -> str:
+    return f"{reason} (accept such files with --accept-tool-files)"
+
+
 def tool_file_problem(name: str) -> str | None:
     """Why a host tool would run code from an output called ``name``, or None."""
-    reason = TOOL_FILES.get(name) or next((r for suffix, r in TOOL_SUFFIXES.items() if name.endswith(suffix)), None)
-    return f"{reason} (accept such files with --accept-tool-files)" if reason else None
+    lower = name.lower()  # .Git is .git where the outputs may be copied to (macOS, Windows)
+    reason = TOOL_FILES.get(lower) or next((r for suffix, r in TOOL_SUFFIXES.items() if lower.endswith(suffix)),
+                                           None)
+    return _accept_hint(reason) if reason else None
+
+
+def _has_git_section(dir_fd: int) -> bool:
+    """Whether ``config`` in ``dir_fd`` is a regular file with a section git acts on, read to its end."""
+    try:
+        fd = os.open("config", tree.OPEN_FILE, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        tail = b""
+        while block := os.read(fd, _CHUNK):
+            if _GIT_SECTION.search(tail + block):
+                return True
+            tail = block[-32:]
+        return False
+    finally:
+        os.close(fd)
+
+
+def repository_markers(dir_fd: int) -> set[str]:
+    """The names in ``dir_fd`` that make git take it as a repository (HEAD, config, ...), or an empty set.
+
+    Judged by what the directory holds, whatever its name: HEAD with objects/ or
+    refs/ (or a commondir file), objects/ with refs/, or a config with a [core] or
+    [include] section.  Without these names in it the directory is none.
+    """
+    names = set(os.listdir(dir_fd))
+    layout = ("HEAD" in names and bool(names & {"objects", "refs", "commondir"})) or {"objects", "refs"} <= names
+    markers = names & {"HEAD", "commondir", "config"} if layout else set()
+    if "config" in names and _has_git_section(dir_fd):
+        markers.add("config")
+    return markers
+
+
+def _directory_problem(entry: tree.Entry) -> str | None:
+    """Why a host tool would run code from the directory ``entry`` by what it holds, or None."""
+    try:
+        markers = repository_markers(entry.open())
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if not markers:
+        return None
+    return _accept_hint(GIT_LAYOUT if markers - {"config"} else GIT_CONFIG)
 
 
 def _entry_problem(entry: tree.Entry) -> str | None:
@@ -190,12 +254,19 @@ def _check(share_fd: int, report: OutputReport, *, max_bytes: int, max_files: in
     def unreadable(where: tree.DirPath, name: str | None, err: OSError) -> None:
         raise OutputError(f"cannot read {tree.shorten(where.path(name))} in /out: {err.strerror or err}")
 
+    # /out itself may be laid out as a repository: then the names that make it one are refused.
+    root_markers = set() if accept_tool_files else repository_markers(share_fd)
+    root_reason = _accept_hint(GIT_LAYOUT if root_markers - {"config"} else GIT_CONFIG)
     for entry in tree.walk(share_fd, sort=True, on_error=unreadable):
         del prefix[entry.depth:]
         path_len = prefix[-1] + len(entry.name)
         problem = _name_problem(entry.name) or _entry_problem(entry)
         if problem is None and not accept_tool_files:
             problem = tool_file_problem(entry.name)
+            if problem is None and entry.depth == 1 and entry.name in root_markers:
+                problem = f"/out itself is {root_reason}"
+            if problem is None and entry.is_dir:
+                problem = _directory_problem(entry)
         if problem is None and entry.depth == 1 and entry.name == MANIFEST_NAME:
             problem = "the name MANIFEST is vmiso's own"
         if problem:
