@@ -4,6 +4,7 @@ import pty
 import stat
 import subprocess
 import sys
+import unicodedata
 
 import pytest
 
@@ -346,3 +347,62 @@ def test_other_tool_directories_stay_refused_whatever_their_case(share, tmp_path
     report = collect(share, tmp_path / "dest")
     assert sorted(p for p, _ in report.refused) == [".GIT", ".hg", ".jj", ".sl"]
     assert report.files == []
+
+
+HOSTILE_NAMES = [
+    "\x9b31mred",  # C1 CSI
+    "\x1b]0;title\x07",  # C0
+    "invoice\u202egpj.exe",  # right-to-left override
+    "a\u2066b\u2069",  # isolates
+    "mark\u200e", "mark\u200f", "arabic\u061c",
+    "line\u2028break", "para\u2029break",
+    "--checkpoint=1", "--checkpoint-action=exec=sh x.sh",
+]
+
+
+def terminal_obeys(data: bytes) -> list[str]:
+    """The characters in ``data`` a terminal acts on or that reorder what it shows (tab and newline aside)."""
+    text = data.decode("utf-8", "surrogateescape")
+    return [c for c in text if c not in "\t\n" and (ord(c) < 32 or 0x7F <= ord(c) <= 0x9F
+                                                     or unicodedata.category(c) in ("Cf", "Zl", "Zp"))]
+
+
+def shell(command, cwd):
+    return subprocess.run(command, shell=True, cwd=cwd, capture_output=True, timeout=30,
+                          env={"PATH": os.environ["PATH"], "LC_ALL": "C.UTF-8"})
+
+
+def test_names_that_a_shell_glob_turns_into_options_run_a_guest_script(tmp_path):
+    # What the refusal below stops: `tar cf x.tar *` among these names runs x.sh.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("--checkpoint=1", "--checkpoint-action=exec=sh x.sh"):
+        (plain / name).write_text("")
+    (plain / "x.sh").write_text(f"touch {tmp_path / 'ran'}\n")
+    shell("tar cf x.tar *", plain)
+    assert (tmp_path / "ran").exists()
+
+
+def test_names_a_terminal_or_a_command_line_would_obey_are_refused(share, tmp_path):
+    for name in HOSTILE_NAMES:
+        (share / name).write_text("x")
+    (share / "sub").mkdir()
+    (share / "sub" / "-rf").write_text("x")  # at any depth
+    (share / "x.sh").write_text(f"touch {tmp_path / 'ran'}\n")
+    (share / "ok-name.txt").write_text("x")  # a '-' elsewhere is fine
+    dest = tmp_path / "dest"
+    report = collect(share, dest)
+    refused = dict(report.refused)
+    assert set(refused) == {*HOSTILE_NAMES, "sub/-rf"}
+    assert "control characters" in refused["\x9b31mred"]
+    assert "bidirectional" in refused["invoice\u202egpj.exe"]
+    assert "separator" in refused["line\u2028break"]
+    assert "begins with '-'" in refused["--checkpoint=1"]
+    assert [f.path for f in report.files] == ["ok-name.txt", "x.sh"]
+    manifest = (dest / "MANIFEST").read_bytes()
+    assert terminal_obeys(manifest) == []
+    checked = shell("sha256sum -c MANIFEST", dest)
+    assert checked.returncode == 0, checked.stderr
+    assert terminal_obeys(checked.stdout + checked.stderr) == []
+    assert shell("tar cf x.tar *", dest).returncode == 0
+    assert not (tmp_path / "ran").exists()

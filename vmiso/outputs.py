@@ -4,10 +4,11 @@ The share uses 9p's "mapped" mode: the host holds only regular files and
 directories owned by the QEMU user, and the guest's idea of a file's type and
 mode lives in the ``user.virtfs.mode`` xattr.  A guest symlink, FIFO or device
 therefore lands as a regular file marked in that xattr; it is refused here, as
-are setuid/setgid bits, names with control characters, what host tools run code
-from (by name; a git repository by what it holds, under any name) and anything
-beyond the limits.  Files are copied (never moved or linked) into a destination
-that must be new or empty, with exclusive creates: nothing of the user's is overwritten.
+are setuid/setgid bits, names that a terminal or a command line would act on
+(controls, bidirectional overrides, line separators, a leading ``-``), what host
+tools run code from (by name; a git repository by what it holds, under any name)
+and anything beyond the limits.  Files are copied (never moved or linked) into a
+destination that must be new or empty, with exclusive creates: nothing of the user's is overwritten.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ GIT_LAYOUT = ("a git repository under another name: git run in it runs the comma
 GIT_CONFIG = ("a git config (a [core] or [include] section): git run here may take it as a repository's "
               "and run the commands it names")
 _GIT_SECTION = re.compile(rb"\[[ \t]{0,8}(core|include)", re.IGNORECASE)  # includeIf too; git allows no blank
+# Characters a terminal acts on, or that reorder or break the text it shows: in a
+# name they would reach a terminal through `ls`, `sha256sum -c MANIFEST` or a shell.
+_BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C))
+_SEPARATORS = frozenset("\u2028\u2029")
 VIRTFS_MODE = "user.virtfs.mode"
 _CHUNK = 1024 * 1024
 
@@ -103,8 +108,14 @@ def _guest_mode(fd: int) -> int | None:
 def _name_problem(name: str) -> str | None:
     if any("\udc80" <= c <= "\udcff" for c in name):  # undecodable bytes (surrogateescape)
         return "name is not valid UTF-8"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in name):  # C0, DEL and C1
         return "name contains control characters"
+    if any(c in _BIDI_CONTROLS for c in name):
+        return "name contains bidirectional controls, which reorder what a terminal shows"
+    if any(c in _SEPARATORS for c in name):
+        return "name contains a line or paragraph separator"
+    if name.startswith("-"):
+        return "name begins with '-': a command given it (tar cf x.tar *, rm *) would take it as an option"
     if name in (".", "..") or "/" in name or "\\" in name:
         return "name is not a plain file name"
     return None
