@@ -129,3 +129,12 @@ def test_output_limit_minimum(write):
     assert config.load(write("a.yaml", "run:\n  output_max_bytes: 1MiB\n")).run.output_max_bytes == 1024**2
     with pytest.raises(ConfigError, match="run.output_max_bytes: 1000 is too small"):
         config.load(write("b.yaml", "run:\n  output_max_bytes: 1000\n"))
+
+
+def test_input_limits_have_defaults_and_take_sizes(write):
+    defaults = config.load(None, env={}).run
+    assert (defaults.input_max_bytes, defaults.input_max_files) == (4 * 1024**3, 100_000)
+    run = config.load(write("i.yaml", "run:\n  input_max_bytes: 10GiB\n  input_max_files: 5\n"), env={}).run
+    assert (run.input_max_bytes, run.input_max_files) == (10 * 1024**3, 5)
+    with pytest.raises(ConfigError, match="run.input_max_files: 0 is too small"):
+        config.load(write("j.yaml", "run:\n  input_max_files: 0\n"), env={})

@@ -35,7 +35,7 @@ from .config import Config
 from .domain import NAME_PREFIX, domain_xml
 from .errors import GuestError, HypervisorError, ImageError, Interrupted, RunTimeout, VmisoError
 from .image.store import Image, get_image, verified_sha256
-from .inputs import GUEST_IN, check_inputs, stage_inputs
+from .inputs import GUEST_IN, InputLimits, check_inputs, stage_inputs
 from .progress import Steps
 from .seed import RUN_USER
 from .workdir import bounded_share_size, check_room, claim, own_dir, private_dir, share_full
@@ -204,7 +204,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
         if taken is not None:
             with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
-                stage_inputs(request.inputs, clone.inputs)
+                stage_inputs(request.inputs, clone.inputs, _input_limits(config))
         published = _publish(session, request.publish, on_published, cleanup)
         outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps, interruption,
                            terminal)
@@ -232,12 +232,16 @@ def _check(config: Config, request: RunRequest) -> tuple[Image, str]:
     """Everything that can be refused before anything is made: (the image, the accelerator)."""
     if not request.command:
         raise VmisoError("no command to run", "give one after --, e.g. vmiso run -- python job.py")
-    check_inputs(request.inputs)
+    check_inputs(request.inputs, _input_limits(config))
     check_env(request.env)
     if request.output is not None:
         outputs.check_destination(request.output)
     accel_name = accel.resolve(config.accel)
     return get_image(config.state_dir, request.image), accel_name
+
+
+def _input_limits(config: Config) -> InputLimits:
+    return InputLimits(config.run.input_max_bytes, config.run.input_max_files)
 
 
 def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, steps: Steps,
@@ -250,7 +254,7 @@ def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, 
         path = runs / run_id
         cleanup.callback(reaper.remove, path)  # whatever make_clone_dir got to
         clone = make_clone_dir(path, output_limits=limits)
-        stage_inputs(request.inputs, clone.inputs)
+        stage_inputs(request.inputs, clone.inputs, _input_limits(config))
     return clone
 
 
