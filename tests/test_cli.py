@@ -143,6 +143,29 @@ def test_run_never_overwrites_the_json_record(monkeypatch, config, tmp_path):
     assert record.read_text() == "mine"
 
 
+def test_a_json_record_in_a_missing_directory_is_refused_before_the_run(monkeypatch, config, tmp_path):
+    requests = fake_run(monkeypatch, lambda request: result(0))
+    done = invoke("run", "-c", str(config), "--json", str(tmp_path / "no" / "run.json"), "--", "true")
+    assert done.exit_code == 125 and "its directory does not exist" in done.stderr
+    assert requests == []  # no run started, so no job's exit code lost
+
+
+def test_the_json_record_goes_to_the_file_opened_at_the_start(monkeypatch, config, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    record = tmp_path / "run.json"
+
+    def swap(request):  # another local user, while the job runs
+        os.rename(record, tmp_path / "moved.json")
+        record.symlink_to(victim)
+        return result(7)
+    fake_run(monkeypatch, swap)
+    done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
+    assert done.exit_code == 7
+    assert victim.read_text() == "mine"
+    assert json.loads((tmp_path / "moved.json").read_text())["exit_code"] == 7
+
+
 def test_sigterm_becomes_an_interruption():
     with pytest.raises(VmisoError) as err:
         cli._raise_interrupt(signal.SIGTERM, None)

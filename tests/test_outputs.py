@@ -406,3 +406,58 @@ def test_names_a_terminal_or_a_command_line_would_obey_are_refused(share, tmp_pa
     assert terminal_obeys(checked.stdout + checked.stderr) == []
     assert shell("tar cf x.tar *", dest).returncode == 0
     assert not (tmp_path / "ran").exists()
+
+
+# --- where outputs land: the analyst's own directory only ---
+
+
+def test_an_output_directory_others_can_write_is_refused(tmp_path):
+    for mode in (0o775, 0o757, 0o777, 0o1777):
+        dest = tmp_path / f"shared-{mode:o}"
+        dest.mkdir()
+        dest.chmod(mode)
+        with pytest.raises(OutputError, match="writable by others") as err:
+            outputs.check_destination(dest)
+        assert "only you can write" in err.value.hint
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    mine.chmod(0o755)
+    outputs.check_destination(mine)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory another user owns")
+def test_an_output_directory_of_another_user_is_refused(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)  # nobody's
+    with pytest.raises(OutputError, match="is not yours"):
+        outputs.check_destination(theirs)
+
+
+def test_an_output_directory_made_by_someone_else_while_the_job_ran_is_refused(share, tmp_path):
+    (share / "result.txt").write_text("guest")
+    dest = tmp_path / "dest"
+    outputs.check_destination(dest)  # new at the start of the run...
+    dest.mkdir()  # ...and by its end made by another local user, open to them
+    dest.chmod(0o777)
+    if os.geteuid() == 0:
+        os.chown(dest, 65534, 65534)
+    with pytest.raises(OutputError, match="made or replaced while the job ran"):
+        collect(share, dest)
+    assert list(dest.iterdir()) == []
+
+
+def test_the_record_file_is_opened_once_and_never_through_a_link(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    (tmp_path / "link.json").symlink_to(victim)
+    with pytest.raises(OutputError, match="exists already"):
+        outputs.open_record(tmp_path / "link.json")
+    with pytest.raises(OutputError, match="its directory does not exist"):
+        outputs.open_record(tmp_path / "no" / "run.json")
+    fd = outputs.open_record(tmp_path / "run.json")
+    os.rename(tmp_path / "run.json", tmp_path / "moved.json")  # swapped during the run
+    (tmp_path / "run.json").symlink_to(victim)
+    os.write(fd, b"{}")
+    os.close(fd)
+    assert victim.read_text() == "mine" and (tmp_path / "moved.json").read_text() == "{}"

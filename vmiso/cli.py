@@ -397,6 +397,7 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
              scratch: str | None, json_path: Path | None, cold: bool, accept_tool_files: bool,
              env_pairs: tuple[str, ...], env_file: Path | None, publish: tuple[int, ...], raw: bool) -> None:
     from .hypervisor import connected
+    from .outputs import open_record
     from .run import Interruption, RunRequest, run as do_run
 
     scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
@@ -406,8 +407,6 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
                          timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold, env=tuple(env),
                          accept_tool_files=accept_tool_files, publish=publish)
-    if json_path is not None and json_path.exists():
-        raise VmisoError(f"--json {json_path} exists already; vmiso never overwrites files")
     session = _Session.for_job(tty=tty, raw=raw)
     steps = Steps(session.around(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0)))
     # The first Ctrl-C or SIGTERM while the job runs is the job's (it may clean up and
@@ -421,6 +420,9 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, _raise_interrupt)  # the terminal was closed
     record: dict[str, Any] = {"command": list(command), "image": request.image}
+    # Opened once, now: a bad path is refused before a VM starts, and the record goes to
+    # this file at the end whatever is put at the path meanwhile.
+    record_fd = open_record(json_path) if json_path is not None else None
     try:
         with connected(config.libvirt_uri) as hv, session:
             result = do_run(config, hv, request, session.stdout, session.stderr, steps,
@@ -438,8 +440,9 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
                       timings=dict(steps.timings))
         raise
     finally:
-        if json_path is not None:
-            json_path.write_text(json.dumps(record, indent=2) + "\n")
+        if record_fd is not None:
+            with os.fdopen(record_fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(record, indent=2) + "\n")
     if result.outputs is not None:
         for path, reason in result.outputs.refused:
             click.echo(f"vmiso: refused output {neutralize(path)}: {neutralize(reason)}", err=True)

@@ -83,18 +83,53 @@ class OutputReport:
         }
 
 
+_OWN_DIRECTORY = "name a new directory, or an empty one of your own that only you can write"
+
+
+def _not_own(st: os.stat_result) -> str | None:
+    """Why a directory with ``st`` is not the caller's alone to write, or None."""
+    if st.st_uid != os.geteuid():
+        return "is not yours: its owner could read and replace the checked outputs"
+    if st.st_mode & 0o022:
+        return "is writable by others, who could read and replace the checked outputs"
+    return None
+
+
 def check_destination(dest: Path) -> None:
-    """Before a run: the destination must be new or an empty directory."""
-    if dest.is_symlink():
-        raise OutputError(f"--output {dest} is a symbolic link", "name a new or empty directory")
-    if dest.exists():
-        if not dest.is_dir():
-            raise OutputError(f"--output {dest} exists and is not a directory", "name a new or empty directory")
-        if any(dest.iterdir()):
-            raise OutputError(f"--output {dest} is not empty; vmiso never overwrites files",
-                              "name a new or empty directory")
-    elif not dest.parent.is_dir():
-        raise OutputError(f"--output {dest}: its parent directory does not exist")
+    """Before a run: the destination must be new, or an empty directory of the caller's that only they can write."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        if not dest.parent.is_dir():
+            raise OutputError(f"--output {dest}: its parent directory does not exist") from None
+        return
+    except OSError as err:
+        raise OutputError(f"--output {dest}: {err.strerror}", _OWN_DIRECTORY) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputError(f"--output {dest} is a symbolic link", _OWN_DIRECTORY)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"--output {dest} exists and is not a directory", _OWN_DIRECTORY)
+    if (problem := _not_own(st)) is not None:
+        raise OutputError(f"--output {dest} {problem}", _OWN_DIRECTORY)
+    if any(dest.iterdir()):
+        raise OutputError(f"--output {dest} is not empty; vmiso never overwrites files", _OWN_DIRECTORY)
+
+
+def open_record(path: Path) -> int:
+    """``--json FILE``, opened once before the run starts: a new file, never through a symbolic link.
+
+    The run's record is written to this descriptor at its end, so whatever is put
+    at ``path`` meanwhile (a link to another file, say) is never written through.
+    """
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        raise OutputError(f"--json {path} exists already; vmiso never overwrites files", "name a new file") from None
+    except FileNotFoundError:
+        raise OutputError(f"--json {path}: its directory does not exist", "name a file in an existing directory") \
+            from None
+    except OSError as err:
+        raise OutputError(f"cannot create --json {path}: {err.strerror}") from None
 
 
 def _guest_mode(fd: int) -> int | None:
@@ -302,7 +337,8 @@ def _check(share_fd: int, report: OutputReport, *, max_bytes: int, max_files: in
 
 
 def _open_destination(dest: Path) -> int:
-    """The --output directory, made if new, opened once: O_NOFOLLOW refuses a symbolic link put in its place."""
+    """The --output directory, made if new, opened once: O_NOFOLLOW refuses a symbolic link put in its place,
+    and one that another user made or opened to others meanwhile is refused too."""
     try:
         os.mkdir(dest, 0o755)
     except FileExistsError:
@@ -310,10 +346,14 @@ def _open_destination(dest: Path) -> int:
     except OSError as err:
         raise OutputError(f"cannot make --output {dest}: {err.strerror}") from None
     try:
-        return os.open(dest, tree.OPEN_DIR)
+        fd = os.open(dest, tree.OPEN_DIR)
     except OSError as err:
         raise OutputError(f"--output {dest} is no longer a directory ({err.strerror}); "
-                          "was it replaced while the job ran?", "name a new or empty directory") from None
+                          "was it replaced while the job ran?", _OWN_DIRECTORY) from None
+    if (problem := _not_own(os.fstat(fd))) is not None:  # made or swapped in by another user meanwhile
+        os.close(fd)
+        raise OutputError(f"--output {dest} {problem}; was it made or replaced while the job ran?", _OWN_DIRECTORY)
+    return fd
 
 
 def _create(name: str, dir_fd: int, shown: str, *, directory: bool = False) -> int:
