@@ -166,6 +166,31 @@ def test_the_json_record_goes_to_the_file_opened_at_the_start(monkeypatch, confi
     assert json.loads((tmp_path / "moved.json").read_text())["exit_code"] == 7
 
 
+def test_env_name_alone_takes_the_value_from_vmisos_environment(monkeypatch, config):
+    requests = fake_run(monkeypatch, lambda request: result(0))
+    monkeypatch.setenv("API_TOKEN", "s3cret value")
+    done = invoke("run", "-c", str(config), "-e", "API_TOKEN", "-e", "MODE=fast", "--", "true")
+    assert done.exit_code == 0, done.stderr
+    assert requests[0].env == (("API_TOKEN", "s3cret value"), ("MODE", "fast"))
+
+
+def test_env_name_alone_that_is_unset_is_a_clear_error(monkeypatch, config):
+    requests = fake_run(monkeypatch, lambda request: result(0))
+    monkeypatch.delenv("API_TOKEN", raising=False)
+    done = invoke("run", "-c", str(config), "-e", "API_TOKEN", "--", "true")
+    assert done.exit_code == 125 and requests == []
+    assert "-e API_TOKEN: API_TOKEN is not set in vmiso's environment" in done.stderr
+    assert "export API_TOKEN first" in done.stderr
+
+
+def test_an_env_file_line_without_a_value_is_refused(monkeypatch, config, tmp_path):
+    fake_run(monkeypatch, lambda request: result(0))
+    env_file = tmp_path / "job.env"
+    env_file.write_text("# comment\nMODE=fast\nTOKEN\n")
+    done = invoke("run", "-c", str(config), "--env-file", str(env_file), "--", "true")
+    assert done.exit_code == 125 and "line 3: 'TOKEN' has no '='" in done.stderr
+
+
 def test_sigterm_becomes_an_interruption():
     with pytest.raises(VmisoError) as err:
         cli._raise_interrupt(signal.SIGTERM, None)

@@ -338,8 +338,9 @@ _JOB_OPTIONS = [
     click.option("--cold", is_flag=True, help="boot the clone from scratch even when a warm state exists"),
     click.option("--accept-tool-files", is_flag=True,
                  help="also copy outputs that host tools run code from (.git/, .hg/, .envrc, .vscode/, ...)"),
-    click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
-                 help="set a variable for the job (repeatable); nothing else of this environment reaches it"),
+    click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY[=VALUE]",
+                 help="set a variable for the job (repeatable); KEY alone passes this environment's value "
+                      "(kept off vmiso's command line: use it for secrets); nothing else of it reaches the job"),
     click.option("--env-file", type=click.Path(path_type=Path, dir_okay=False),
                  help="variables for the job, one KEY=VALUE a line ('#' comments; values taken as written)"),
     click.option("-p", "--publish", multiple=True, type=click.IntRange(1, 65535), metavar="PORT",
@@ -403,7 +404,7 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
     config = _load(ctx, config_path, accel=accel, state_dir=state_dir, **{"run.scratch": scratch_bytes})
     env = _env_file(env_file) if env_file is not None else []
-    env += [_env_pair(pair, "-e") for pair in env_pairs]
+    env += [_env_option(pair) for pair in env_pairs]
     request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
                          timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold, env=tuple(env),
                          accept_tool_files=accept_tool_files, publish=publish)
@@ -541,9 +542,20 @@ def _terminal_size() -> tuple[int, int]:
 def _env_pair(text: str, where: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise VmisoError(f"{where}: {text!r} has no '='; nothing of this environment reaches the job "
-                         "unless given as a value", f"write -e {key}=VALUE (or -e {key}=\"${key}\" in a shell)")
+        raise VmisoError(f"{where}: {text!r} has no '='", f"write {key}=VALUE on that line")
     return key, value
+
+
+def _env_option(text: str) -> tuple[str, str]:
+    """``-e KEY=VALUE``, or ``-e KEY``: the value of KEY in vmiso's own environment (as docker run -e KEY),
+    which keeps a secret off vmiso's command line, where every local user can read it."""
+    if "=" in text:
+        return _env_pair(text, "-e")
+    value = os.environ.get(text)
+    if value is None:
+        raise VmisoError(f"-e {text}: {text} is not set in vmiso's environment, so the job cannot have its value",
+                         f"export {text} first, or write -e {text}=VALUE")
+    return text, value
 
 
 def _env_file(path: Path) -> list[tuple[str, str]]:
