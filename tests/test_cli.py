@@ -34,7 +34,7 @@ def config(tmp_path: Path) -> Path:
 def keep_process_state():
     """The CLI sets up logging and a SIGTERM handler; the test process keeps its own."""
     sigterm = signal.getsignal(signal.SIGTERM)
-    loggers = [logging.getLogger(name) for name in ("vmiso", "paramiko")]
+    loggers = [logging.getLogger(name) for name in ("vmiso", "paramiko", "vmiso.accel")]
     saved = [(lg, lg.level, lg.handlers[:]) for lg in loggers]
     yield
     signal.signal(signal.SIGTERM, sigterm)
@@ -189,6 +189,17 @@ def test_an_env_file_line_without_a_value_is_refused(monkeypatch, config, tmp_pa
     env_file.write_text("# comment\nMODE=fast\nTOKEN\n")
     done = invoke("run", "-c", str(config), "--env-file", str(env_file), "--", "true")
     assert done.exit_code == 125 and "line 3: 'TOKEN' has no '='" in done.stderr
+
+
+def test_quiet_hides_warnings_but_not_that_the_vm_runs_under_tcg(capsys):
+    from vmiso import accel
+
+    cli._setup_logging(0, True)
+    logging.getLogger("vmiso.run").warning("cold boot: no warm state")
+    assert accel.resolve("tcg") == "tcg"
+    err = capsys.readouterr().err
+    assert "cold boot" not in err
+    assert f"vmiso: WARNING: {accel.TCG_WARNING}" in err
 
 
 def test_sigterm_becomes_an_interruption():

@@ -62,6 +62,11 @@ class _SafeFormatter(logging.Formatter):
         return neutralize(super().format(record))
 
 
+# Loggers whose warnings -q does not hide: that a run's VM is less isolated than
+# KVM would keep it (TCG) is not noise.
+_ALWAYS_WARN = ("vmiso.accel",)
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
@@ -72,6 +77,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.ERROR if quiet else logging.WARNING)
     logging.getLogger("vmiso").setLevel(level)
+    for name in _ALWAYS_WARN:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
     # paramiko is chatty: at warnings unless -vv
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose > 1 else logging.NOTSET)
 
@@ -196,7 +203,7 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="more detail; tracebacks for internal errors")
-@click.option("-q", "--quiet", is_flag=True, help="only errors")
+@click.option("-q", "--quiet", is_flag=True, help="only errors (and the warning that a VM runs under TCG)")
 @click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
