@@ -344,8 +344,9 @@ def test_other_tool_directories_stay_refused_whatever_their_case(share, tmp_path
     for name in (".hg", ".GIT", ".sl", ".jj"):
         (share / name).mkdir()
         (share / name / "hgrc").write_text("[hooks]\npre-status = sh evil\n")
+    (share / ".env").write_text("LD_PRELOAD=/tmp/evil.so\n")
     report = collect(share, tmp_path / "dest")
-    assert sorted(p for p, _ in report.refused) == [".GIT", ".hg", ".jj", ".sl"]
+    assert sorted(p for p, _ in report.refused) == [".GIT", ".env", ".hg", ".jj", ".sl"]
     assert report.files == []
 
 
@@ -461,3 +462,16 @@ def test_the_record_file_is_opened_once_and_never_through_a_link(tmp_path):
     os.write(fd, b"{}")
     os.close(fd)
     assert victim.read_text() == "mine" and (tmp_path / "moved.json").read_text() == "{}"
+
+
+def test_a_repository_split_by_commondir_is_refused_in_both_halves(share, tmp_path, git_env):
+    # A linked worktree's layout: HEAD here, objects/, refs/ and config where commondir points.
+    hostile_repository(share / "common", tmp_path / "ran", git_env)
+    os.remove(share / "common" / "HEAD")
+    (share / "wt").mkdir()
+    (share / "wt" / "HEAD").write_text("ref: refs/heads/main\n")
+    (share / "wt" / "commondir").write_text("../common\n")
+    report = collect(share, tmp_path / "dest", max_files=1000)
+    refused = dict(report.refused)
+    assert set(refused) == {"common", "wt"}
+    assert "git config" in refused["common"] and "git repository" in refused["wt"]

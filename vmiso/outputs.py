@@ -33,6 +33,7 @@ TOOL_FILES = {
     ".sl": "Sapling runs hooks configured in it",
     ".jj": "Jujutsu runs the commands its repository config names (pager, editors)",
     ".envrc": "direnv runs it on entering the directory",
+    ".env": "direnv loads it on entering the directory (with load_dotenv): its variables reach every command",
     ".vscode": "VS Code runs its tasks and settings",
     ".idea": "JetBrains IDEs run its configurations",
     ".dir-locals.el": "Emacs evaluates it",
@@ -191,11 +192,12 @@ def repository_markers(dir_fd: int) -> set[str]:
     """The names in ``dir_fd`` that make git take it as a repository (HEAD, config, ...), or an empty set.
 
     Judged by what the directory holds, whatever its name: HEAD with objects/ or
-    refs/ (or a commondir file), objects/ with refs/, or a config with a [core] or
-    [include] section.  Without these names in it the directory is none.
+    refs/ or a commondir file (git needs HEAD in the directory itself, the rest
+    may be elsewhere), or a config with a [core] or [include] section.  Without
+    the names returned the directory is none.
     """
     names = set(os.listdir(dir_fd))
-    layout = ("HEAD" in names and bool(names & {"objects", "refs", "commondir"})) or {"objects", "refs"} <= names
+    layout = "HEAD" in names and bool(names & {"objects", "refs", "commondir"})
     markers = names & {"HEAD", "commondir", "config"} if layout else set()
     if "config" in names and _has_git_section(dir_fd):
         markers.add("config")
