@@ -61,8 +61,8 @@ def _name(path: Path) -> str:
     return path.resolve().name
 
 
-def check_inputs(inputs: tuple[Path, ...], limits: InputLimits) -> None:
-    """Everything about the inputs that can be refused before a run makes anything.
+def check_inputs(inputs: tuple[Path, ...], limits: InputLimits) -> int:
+    """Everything about the inputs that can be refused before a run makes anything; the bytes they hold.
 
     Walks each input directory, copying nothing: its links, special files and
     size are refused here, before a VM is started.
@@ -81,6 +81,7 @@ def check_inputs(inputs: tuple[Path, ...], limits: InputLimits) -> None:
     tally = _Tally(limits)
     for path in inputs:
         _stage_one(path, None, tally)
+    return tally.bytes
 
 
 def stage_inputs(inputs: tuple[Path, ...], staging: Path, limits: InputLimits) -> None:
