@@ -139,3 +139,12 @@ def test_tcg_cpu_features_name_only_what_vmiso_withholds(write):
         config.load(write("w.yaml", "vm:\n  tcg_cpu_features: [avx]\n"), env={})
     with pytest.raises(ConfigError, match=r"vm\.tcg_cpu_features: expected a list"):
         config.load(write("x.yaml", "vm:\n  tcg_cpu_features: avx2\n"), env={})
+
+
+def test_input_limits_have_defaults_and_take_sizes(write):
+    defaults = config.load(None, env={}).run
+    assert (defaults.input_max_bytes, defaults.input_max_files) == (4 * 1024**3, 100_000)
+    run = config.load(write("i.yaml", "run:\n  input_max_bytes: 10GiB\n  input_max_files: 5\n"), env={}).run
+    assert (run.input_max_bytes, run.input_max_files) == (10 * 1024**3, 5)
+    with pytest.raises(ConfigError, match="run.input_max_files: 0 is too small"):
+        config.load(write("j.yaml", "run:\n  input_max_files: 0\n"), env={})

@@ -268,6 +268,23 @@ def test_too_little_room_for_the_scratch_disk_is_refused(config, image, state):
     assert not hv.started and leftovers(state) == []
 
 
+def test_a_self_linking_input_and_a_shared_output_are_refused_before_anything_is_made(config, image, state,
+                                                                                       tmp_path):
+    hv = FakeHypervisor()
+    tree = tmp_path / "pkg"
+    tree.mkdir()
+    (tree / "a").symlink_to(".")
+    (tree / "b").symlink_to(".")
+    with pytest.raises(VmisoError, match="pkg/a is a symbolic link"):
+        do_run(config, hv, request(inputs=(tree,)), FakeConnect(exits(0)))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OutputError, match="writable by others"):
+        do_run(config, hv, request(output=shared), FakeConnect(exits(0)))
+    assert not hv.started and leftovers(state) == []
+
+
 def make_warm_slot(hv: FakeHypervisor, image: Image, config: config_mod.Config, index: int = 0,
                    **key_changes) -> warm.Slot:
     """A warm slot as warm.build leaves one, its saved state known to ``hv``."""

@@ -121,6 +121,9 @@ class RunConfig:
     boot_timeout: int = 300
     output_max_bytes: int = 1024**3
     output_max_files: int = 10000
+    # What the inputs (-i) may hold, all together: staged as a copy in the run's directory.
+    input_max_bytes: int = 4 * 1024**3
+    input_max_files: int = 100_000
     # The job's /tmp: an ext4 filesystem of this size on a sparse file of the run's own.
     scratch: int = 2 * 1024**3
 
@@ -137,7 +140,7 @@ class Config:
 
 
 # Keys whose values are sizes and may be written with units.
-_SIZE_KEYS = {"output_max_bytes", "filesystem_size", "scratch"}
+_SIZE_KEYS = {"output_max_bytes", "input_max_bytes", "filesystem_size", "scratch"}
 MIN_SCRATCH = 64 * 1024**2
 
 
@@ -271,6 +274,8 @@ def _validate(config: Config) -> Config:
         ("run.output_max_files", config.run.output_max_files, 1),
         ("run.output_max_bytes", config.run.output_max_bytes, 1024**2),  # /out's filesystem has 1 MiB to spare
         ("run.scratch", config.run.scratch, MIN_SCRATCH),
+        ("run.input_max_files", config.run.input_max_files, 1),
+        ("run.input_max_bytes", config.run.input_max_bytes, 0),
     ):
         if value < low:
             raise ConfigError(f"{key}: {value} is too small (at least {low})")

@@ -36,7 +36,7 @@ from .config import Config
 from .domain import NAME_PREFIX, domain_xml
 from .errors import GuestError, HypervisorError, ImageError, Interrupted, RunTimeout, VmisoError
 from .image.store import Image, get_image, verified_sha256
-from .inputs import GUEST_IN, check_inputs, stage_inputs
+from .inputs import GUEST_IN, InputLimits, check_inputs, stage_inputs
 from .progress import Steps
 from .seed import RUN_USER
 from .workdir import bounded_share_size, check_room, claim, own_dir, private_dir, share_full
@@ -232,7 +232,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
     """
     interruption = interruption or Interruption()
     steps = steps or Steps()
-    image, accel_name = _check(config, request)
+    image, accel_name, input_bytes = _check(config, request)
     reaper.collect(hv, config.state_dir)  # what a vmiso killed earlier left behind
     run_id = secrets.token_hex(6)
     with ExitStack() as cleanup:
@@ -247,13 +247,14 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         if taken is not None:
             clone, vm = taken  # its inputs are staged once SSH is up: sshd drops an idle link
         else:
-            clone = _stage(config, request, run_id, key, steps, cleanup)
+            clone = _stage(config, request, run_id, key, input_bytes, steps, cleanup)
             watch = _watchdog(config, request, clone, cleanup)
             vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
         session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
         if taken is not None:
             with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
-                stage_inputs(request.inputs, clone.inputs)
+                check_room(clone.inputs, 0, 0, input_bytes)
+                stage_inputs(request.inputs, clone.inputs, _input_limits(config))
         published = _publish(session, request.publish, on_published, cleanup)
         # What the job said last, on stderr (or on its terminal, where both streams are one).
         said = Tail(stdout if terminal is not None else stderr)
@@ -282,29 +283,33 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
                      hints=failure_hints(said.kept, image.name) if exit_code != 0 else ())
 
 
-def _check(config: Config, request: RunRequest) -> tuple[Image, str]:
-    """Everything that can be refused before anything is made: (the image, the accelerator)."""
+def _check(config: Config, request: RunRequest) -> tuple[Image, str, int]:
+    """Everything that can be refused before anything is made: (the image, the accelerator, the inputs' bytes)."""
     if not request.command:
         raise VmisoError("no command to run", "give one after --, e.g. vmiso run -- python job.py")
-    check_inputs(request.inputs)
+    input_bytes = check_inputs(request.inputs, _input_limits(config))
     check_env(request.env)
     if request.output is not None:
         outputs.check_destination(request.output)
     accel_name = accel.resolve(config.accel, tcg_cpu_features=config.vm.tcg_cpu_features)
-    return get_image(config.state_dir, request.image), accel_name
+    return get_image(config.state_dir, request.image), accel_name, input_bytes
 
 
-def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, steps: Steps,
+def _input_limits(config: Config) -> InputLimits:
+    return InputLimits(config.run.input_max_bytes, config.run.input_max_files)
+
+
+def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, input_bytes: int, steps: Steps,
            cleanup: ExitStack) -> CloneDir:
     """The run's directory, removed when ``cleanup`` closes, with the inputs copied in."""
     with steps.step("stage", "run directory and inputs"):
         runs = own_dir(config.state_dir) / "runs"
         limits = (config.run.output_max_bytes, config.run.output_max_files)
-        check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*limits))
+        check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*limits), input_bytes)
         path = runs / run_id
         cleanup.callback(reaper.remove, path)  # whatever make_clone_dir got to
         clone = make_clone_dir(path, output_limits=limits)
-        stage_inputs(request.inputs, clone.inputs)
+        stage_inputs(request.inputs, clone.inputs, _input_limits(config))
     return clone
 
 
