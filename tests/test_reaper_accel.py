@@ -53,6 +53,9 @@ def test_offering_a_withheld_cpu_feature_warns_that_results_may_be_wrong(caplog)
     assert "offers avx2 to the guest, though its gathers read the wrong memory" in caplog.text
     assert "results computed with it may be wrong" in caplog.text
     caplog.clear()
+    assert accel.resolve("tcg", kvm_check=lambda: None, tcg_cpu_features=("bmi2",)) == "tcg"
+    assert "offers bmi2 to the guest, though no real CPU has BMI2 without AVX2" in caplog.text
+    caplog.clear()
     assert accel.resolve("auto", kvm_check=lambda: None, tcg_cpu_features=("avx2",)) == "kvm"
     assert "avx2" not in caplog.text  # KVM passes the host's CPU through: nothing is withheld
 

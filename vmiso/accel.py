@@ -58,8 +58,8 @@ def resolve(requested: str, kvm_check: Callable[[], str | None] = kvm_problem, *
     if requested == "tcg":
         log.warning(TCG_WARNING)
         for name in tcg_cpu_features:
-            log.warning("vm.tcg_cpu_features offers %s to the guest, though %s: results computed "
-                        "with it may be wrong", name, TCG_WITHHELD.get(name, "vmiso withholds it"))
+            log.warning("vm.tcg_cpu_features offers %s to the guest, though %s",
+                        name, TCG_WITHHELD.get(name, "vmiso withholds it"))
         return "tcg"
     problem = kvm_check()
     if problem is None:

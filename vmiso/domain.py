@@ -206,7 +206,15 @@ TCG_WITHHELD: dict[str, str] = {
     # strided data use gathers: numpy.linalg's own TestCond gave 11.9 for 21.0, or crashed.
     # AVX, FMA3, F16C, BMI1/2, LZCNT and AVX2's other instructions gave the host's results
     # bit for bit; but a gather is AVX2, and AVX2 is offered whole or not at all.
-    "avx2": "its gathers read the wrong memory under QEMU 7.2's TCG when the index is xmm4/ymm4",
+    "avx2": "its gathers read the wrong memory under QEMU 7.2's TCG when the index is xmm4/ymm4: "
+            "results computed with it may be wrong",
+    # Withheld with AVX2 because no real CPU has BMI2 without it, and code that finds BMI2
+    # takes AVX2 as given: libgcrypt 1.10's SHA-1 for "AVX + BMI2" runs VPBROADCASTD (AVX2),
+    # so apt's http method (it hashes what it fetches) died with SIGILL in a guest offered
+    # max less AVX2.  Less both, the guest looks like a CPU that exists (AMD's Piledriver
+    # also has AVX, FMA3, F16C and BMI1 without AVX2 and BMI2).
+    "bmi2": "no real CPU has BMI2 without AVX2, and code that finds it may run AVX2 "
+            "instructions (libgcrypt's SHA-1 does): a job may die of SIGILL unless avx2 is offered too",
 }
 
 
