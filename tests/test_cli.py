@@ -34,7 +34,7 @@ def config(tmp_path: Path) -> Path:
 def keep_process_state():
     """The CLI sets up logging and a SIGTERM handler; the test process keeps its own."""
     sigterm = signal.getsignal(signal.SIGTERM)
-    loggers = [logging.getLogger(name) for name in ("vmiso", "paramiko")]
+    loggers = [logging.getLogger(name) for name in ("vmiso", "paramiko", "vmiso.accel")]
     saved = [(lg, lg.level, lg.handlers[:]) for lg in loggers]
     yield
     signal.signal(signal.SIGTERM, sigterm)
@@ -141,6 +141,65 @@ def test_run_never_overwrites_the_json_record(monkeypatch, config, tmp_path):
     done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
     assert done.exit_code == 125 and "exists already" in done.stderr
     assert record.read_text() == "mine"
+
+
+def test_a_json_record_in_a_missing_directory_is_refused_before_the_run(monkeypatch, config, tmp_path):
+    requests = fake_run(monkeypatch, lambda request: result(0))
+    done = invoke("run", "-c", str(config), "--json", str(tmp_path / "no" / "run.json"), "--", "true")
+    assert done.exit_code == 125 and "its directory does not exist" in done.stderr
+    assert requests == []  # no run started, so no job's exit code lost
+
+
+def test_the_json_record_goes_to_the_file_opened_at_the_start(monkeypatch, config, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    record = tmp_path / "run.json"
+
+    def swap(request):  # another local user, while the job runs
+        os.rename(record, tmp_path / "moved.json")
+        record.symlink_to(victim)
+        return result(7)
+    fake_run(monkeypatch, swap)
+    done = invoke("run", "-c", str(config), "--json", str(record), "--", "true")
+    assert done.exit_code == 7
+    assert victim.read_text() == "mine"
+    assert json.loads((tmp_path / "moved.json").read_text())["exit_code"] == 7
+
+
+def test_env_name_alone_takes_the_value_from_vmisos_environment(monkeypatch, config):
+    requests = fake_run(monkeypatch, lambda request: result(0))
+    monkeypatch.setenv("API_TOKEN", "s3cret value")
+    done = invoke("run", "-c", str(config), "-e", "API_TOKEN", "-e", "MODE=fast", "--", "true")
+    assert done.exit_code == 0, done.stderr
+    assert requests[0].env == (("API_TOKEN", "s3cret value"), ("MODE", "fast"))
+
+
+def test_env_name_alone_that_is_unset_is_a_clear_error(monkeypatch, config):
+    requests = fake_run(monkeypatch, lambda request: result(0))
+    monkeypatch.delenv("API_TOKEN", raising=False)
+    done = invoke("run", "-c", str(config), "-e", "API_TOKEN", "--", "true")
+    assert done.exit_code == 125 and requests == []
+    assert "-e API_TOKEN: API_TOKEN is not set in vmiso's environment" in done.stderr
+    assert "export API_TOKEN first" in done.stderr
+
+
+def test_an_env_file_line_without_a_value_is_refused(monkeypatch, config, tmp_path):
+    fake_run(monkeypatch, lambda request: result(0))
+    env_file = tmp_path / "job.env"
+    env_file.write_text("# comment\nMODE=fast\nTOKEN\n")
+    done = invoke("run", "-c", str(config), "--env-file", str(env_file), "--", "true")
+    assert done.exit_code == 125 and "line 3: 'TOKEN' has no '='" in done.stderr
+
+
+def test_quiet_hides_warnings_but_not_that_the_vm_runs_under_tcg(capsys):
+    from vmiso import accel
+
+    cli._setup_logging(0, True)
+    logging.getLogger("vmiso.run").warning("cold boot: no warm state")
+    assert accel.resolve("tcg") == "tcg"
+    err = capsys.readouterr().err
+    assert "cold boot" not in err
+    assert f"vmiso: WARNING: {accel.TCG_WARNING}" in err
 
 
 def test_sigterm_becomes_an_interruption():

@@ -129,3 +129,22 @@ def test_output_limit_minimum(write):
     assert config.load(write("a.yaml", "run:\n  output_max_bytes: 1MiB\n")).run.output_max_bytes == 1024**2
     with pytest.raises(ConfigError, match="run.output_max_bytes: 1000 is too small"):
         config.load(write("b.yaml", "run:\n  output_max_bytes: 1000\n"))
+
+
+def test_tcg_cpu_features_name_only_what_vmiso_withholds(write):
+    assert config.load(None, env={}).vm.tcg_cpu_features == ()
+    assert config.load(write("v.yaml", "vm:\n  tcg_cpu_features: [avx2]\n"), env={}).vm.tcg_cpu_features == ("avx2",)
+    with pytest.raises(ConfigError, match=r"vm\.tcg_cpu_features\[0\]: 'avx' is not a feature vmiso withholds"
+                                          r".*did you mean 'avx2'\?.*offered already"):
+        config.load(write("w.yaml", "vm:\n  tcg_cpu_features: [avx]\n"), env={})
+    with pytest.raises(ConfigError, match=r"vm\.tcg_cpu_features: expected a list"):
+        config.load(write("x.yaml", "vm:\n  tcg_cpu_features: avx2\n"), env={})
+
+
+def test_input_limits_have_defaults_and_take_sizes(write):
+    defaults = config.load(None, env={}).run
+    assert (defaults.input_max_bytes, defaults.input_max_files) == (4 * 1024**3, 100_000)
+    run = config.load(write("i.yaml", "run:\n  input_max_bytes: 10GiB\n  input_max_files: 5\n"), env={}).run
+    assert (run.input_max_bytes, run.input_max_files) == (10 * 1024**3, 5)
+    with pytest.raises(ConfigError, match="run.input_max_files: 0 is too small"):
+        config.load(write("j.yaml", "run:\n  input_max_files: 0\n"), env={})

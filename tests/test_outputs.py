@@ -1,7 +1,10 @@
 import hashlib
 import os
+import pty
 import stat
+import subprocess
 import sys
+import unicodedata
 
 import pytest
 
@@ -246,3 +249,229 @@ def test_a_destination_directory_moved_during_a_deep_collect_is_never_written_th
     with pytest.raises(OutputError, match="moved or replaced"):
         collect(share, dest)
     assert list(dest.joinpath(*names[:5]).iterdir()) == []
+
+
+# --- what host tools would obey: repositories by what they hold, names a terminal or a shell acts on ---
+
+
+def git(cwd, *args, env=None, **kwargs):
+    """Real git, with no configuration of this host's (only what the directory holds)."""
+    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, timeout=30, **kwargs)
+
+
+@pytest.fixture
+def git_env(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    return {"PATH": os.environ["PATH"], "HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", "LANG": "C",
+            "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@a", "GIT_COMMITTER_NAME": "a",
+            "GIT_COMMITTER_EMAIL": "a@a"}
+
+
+def hostile_repository(where, marker, env):
+    """A bare repository called ``where`` (no .git anywhere) whose config makes `git status`
+    run a command (core.fsmonitor, with the work tree above it) and `git log` another (core.pager)."""
+    assert git(where.parent, "init", "-q", "--bare", where.name, env=env).returncode == 0
+    tree_id = git(where, "mktree", env=env, input=b"").stdout.decode().strip()
+    commit = git(where, "commit-tree", tree_id, "-m", "x", env=env).stdout.decode().strip()
+    assert git(where, "update-ref", "refs/heads/main", commit, env=env).returncode == 0
+    assert git(where, "symbolic-ref", "HEAD", "refs/heads/main", env=env).returncode == 0
+    for key, value in (("core.bare", "false"), ("core.worktree", ".."),
+                       ("core.fsmonitor", f"touch {marker}-status; false"),
+                       ("core.pager", f"touch {marker}-log; cat")):
+        assert git(where, "config", key, value, env=env).returncode == 0
+
+
+def git_everywhere(root, env):
+    """`git status`, and `git log` on a terminal (where git starts its pager), in every directory of ``root``."""
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        git(directory, "status", env=env)
+        primary, secondary = pty.openpty()
+        try:
+            subprocess.run(["git", "log"], cwd=directory, env=env, stdin=secondary, stdout=secondary,
+                           stderr=secondary, timeout=30)
+        finally:
+            os.close(primary)
+            os.close(secondary)
+
+
+def test_a_crafted_repository_under_another_name_makes_git_run_its_commands(tmp_path, git_env):
+    # What the refusal below stops: the tree is dangerous as it stands.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    hostile_repository(plain / "notes", tmp_path / "ran", git_env)
+    git_everywhere(plain, git_env)
+    assert (tmp_path / "ran-status").exists() and (tmp_path / "ran-log").exists()
+
+
+def test_repositories_are_refused_by_what_they_hold_at_any_depth(share, tmp_path, git_env):
+    (share / "results").mkdir()
+    hostile_repository(share / "results" / "notes", tmp_path / "ran", git_env)
+    (share / "results" / "table.csv").write_text("a,b\n")
+    (share / "settings").mkdir()  # a config that git would take as a repository's, in a plain directory
+    (share / "settings" / "config").write_text("# harmless\n" * 10_000 + "[Core]\n\tfsmonitor = sh evil\n")
+    (share / "app").mkdir()
+    (share / "app" / "config").write_text("[server]\nport = 8080\n")  # any other config is fine
+    dest = tmp_path / "dest"
+    report = collect(share, dest, max_files=1000)
+    refused = dict(report.refused)
+    assert set(refused) == {"results/notes", "settings"}
+    assert "git repository under another name" in refused["results/notes"]
+    assert "--accept-tool-files" in refused["results/notes"]
+    assert "git config" in refused["settings"]
+    assert [f.path for f in report.files] == ["app/config", "results/table.csv"]
+    git_everywhere(dest, git_env)
+    assert not (tmp_path / "ran-status").exists() and not (tmp_path / "ran-log").exists()
+    accepted = outputs.collect(share, tmp_path / "dest2", max_bytes=10**6, max_files=1000, accept_tool_files=True)
+    assert accepted.refused == [] and (tmp_path / "dest2" / "results" / "notes" / "HEAD").exists()
+
+
+def test_out_itself_laid_out_as_a_repository_loses_what_makes_it_one(tmp_path, git_env):
+    share = tmp_path / "repo"
+    hostile_repository(share, tmp_path / "ran", git_env)
+    os.rename(share / "refs", share / "kept")  # objects/ alone, a directory like any other, is copied
+    os.mkdir(share / "refs")
+    dest = tmp_path / "dest"
+    report = collect(share, dest, max_files=1000)
+    refused = dict(report.refused)
+    assert {"HEAD", "config"} <= set(refused) and "/out itself is a git repository" in refused["HEAD"]
+    assert not (dest / "HEAD").exists() and not (dest / "config").exists()
+    git_everywhere(dest, git_env)
+    assert not (tmp_path / "ran-status").exists() and not (tmp_path / "ran-log").exists()
+
+
+def test_other_tool_directories_stay_refused_whatever_their_case(share, tmp_path):
+    for name in (".hg", ".GIT", ".sl", ".jj"):
+        (share / name).mkdir()
+        (share / name / "hgrc").write_text("[hooks]\npre-status = sh evil\n")
+    (share / ".env").write_text("LD_PRELOAD=/tmp/evil.so\n")
+    report = collect(share, tmp_path / "dest")
+    assert sorted(p for p, _ in report.refused) == [".GIT", ".env", ".hg", ".jj", ".sl"]
+    assert report.files == []
+
+
+HOSTILE_NAMES = [
+    "\x9b31mred",  # C1 CSI
+    "\x1b]0;title\x07",  # C0
+    "invoice\u202egpj.exe",  # right-to-left override
+    "a\u2066b\u2069",  # isolates
+    "mark\u200e", "mark\u200f", "arabic\u061c",
+    "line\u2028break", "para\u2029break",
+    "--checkpoint=1", "--checkpoint-action=exec=sh x.sh",
+]
+
+
+def terminal_obeys(data: bytes) -> list[str]:
+    """The characters in ``data`` a terminal acts on or that reorder what it shows (tab and newline aside)."""
+    text = data.decode("utf-8", "surrogateescape")
+    return [c for c in text if c not in "\t\n" and (ord(c) < 32 or 0x7F <= ord(c) <= 0x9F
+                                                     or unicodedata.category(c) in ("Cf", "Zl", "Zp"))]
+
+
+def shell(command, cwd):
+    return subprocess.run(command, shell=True, cwd=cwd, capture_output=True, timeout=30,
+                          env={"PATH": os.environ["PATH"], "LC_ALL": "C.UTF-8"})
+
+
+def test_names_that_a_shell_glob_turns_into_options_run_a_guest_script(tmp_path):
+    # What the refusal below stops: `tar cf x.tar *` among these names runs x.sh.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("--checkpoint=1", "--checkpoint-action=exec=sh x.sh"):
+        (plain / name).write_text("")
+    (plain / "x.sh").write_text(f"touch {tmp_path / 'ran'}\n")
+    shell("tar cf x.tar *", plain)
+    assert (tmp_path / "ran").exists()
+
+
+def test_names_a_terminal_or_a_command_line_would_obey_are_refused(share, tmp_path):
+    for name in HOSTILE_NAMES:
+        (share / name).write_text("x")
+    (share / "sub").mkdir()
+    (share / "sub" / "-rf").write_text("x")  # at any depth
+    (share / "x.sh").write_text(f"touch {tmp_path / 'ran'}\n")
+    (share / "ok-name.txt").write_text("x")  # a '-' elsewhere is fine
+    dest = tmp_path / "dest"
+    report = collect(share, dest)
+    refused = dict(report.refused)
+    assert set(refused) == {*HOSTILE_NAMES, "sub/-rf"}
+    assert "control characters" in refused["\x9b31mred"]
+    assert "bidirectional" in refused["invoice\u202egpj.exe"]
+    assert "separator" in refused["line\u2028break"]
+    assert "begins with '-'" in refused["--checkpoint=1"]
+    assert [f.path for f in report.files] == ["ok-name.txt", "x.sh"]
+    manifest = (dest / "MANIFEST").read_bytes()
+    assert terminal_obeys(manifest) == []
+    checked = shell("sha256sum -c MANIFEST", dest)
+    assert checked.returncode == 0, checked.stderr
+    assert terminal_obeys(checked.stdout + checked.stderr) == []
+    assert shell("tar cf x.tar *", dest).returncode == 0
+    assert not (tmp_path / "ran").exists()
+
+
+# --- where outputs land: the analyst's own directory only ---
+
+
+def test_an_output_directory_others_can_write_is_refused(tmp_path):
+    for mode in (0o775, 0o757, 0o777, 0o1777):
+        dest = tmp_path / f"shared-{mode:o}"
+        dest.mkdir()
+        dest.chmod(mode)
+        with pytest.raises(OutputError, match="writable by others") as err:
+            outputs.check_destination(dest)
+        assert "only you can write" in err.value.hint
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    mine.chmod(0o755)
+    outputs.check_destination(mine)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory another user owns")
+def test_an_output_directory_of_another_user_is_refused(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)  # nobody's
+    with pytest.raises(OutputError, match="is not yours"):
+        outputs.check_destination(theirs)
+
+
+def test_an_output_directory_made_by_someone_else_while_the_job_ran_is_refused(share, tmp_path):
+    (share / "result.txt").write_text("guest")
+    dest = tmp_path / "dest"
+    outputs.check_destination(dest)  # new at the start of the run...
+    dest.mkdir()  # ...and by its end made by another local user, open to them
+    dest.chmod(0o777)
+    if os.geteuid() == 0:
+        os.chown(dest, 65534, 65534)
+    with pytest.raises(OutputError, match="made or replaced while the job ran"):
+        collect(share, dest)
+    assert list(dest.iterdir()) == []
+
+
+def test_the_record_file_is_opened_once_and_never_through_a_link(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    (tmp_path / "link.json").symlink_to(victim)
+    with pytest.raises(OutputError, match="exists already"):
+        outputs.open_record(tmp_path / "link.json")
+    with pytest.raises(OutputError, match="its directory does not exist"):
+        outputs.open_record(tmp_path / "no" / "run.json")
+    fd = outputs.open_record(tmp_path / "run.json")
+    os.rename(tmp_path / "run.json", tmp_path / "moved.json")  # swapped during the run
+    (tmp_path / "run.json").symlink_to(victim)
+    os.write(fd, b"{}")
+    os.close(fd)
+    assert victim.read_text() == "mine" and (tmp_path / "moved.json").read_text() == "{}"
+
+
+def test_a_repository_split_by_commondir_is_refused_in_both_halves(share, tmp_path, git_env):
+    # A linked worktree's layout: HEAD here, objects/, refs/ and config where commondir points.
+    hostile_repository(share / "common", tmp_path / "ran", git_env)
+    os.remove(share / "common" / "HEAD")
+    (share / "wt").mkdir()
+    (share / "wt" / "HEAD").write_text("ref: refs/heads/main\n")
+    (share / "wt" / "commondir").write_text("../common\n")
+    report = collect(share, tmp_path / "dest", max_files=1000)
+    refused = dict(report.refused)
+    assert set(refused) == {"common", "wt"}
+    assert "git config" in refused["common"] and "git repository" in refused["wt"]

@@ -18,7 +18,7 @@ import pytest
 
 from vmiso import workdir
 from vmiso.clone import make_clone_dir
-from vmiso.inputs import stage_inputs
+from vmiso.inputs import InputLimits, stage_inputs
 
 PROBE = """
 import os, sys
@@ -57,7 +57,7 @@ def a_run(tmp_path):
     data = tmp_path / "secret.csv"
     data.write_text("the analyst's data\n")
     clone = make_clone_dir(root / "runs" / "0123456789ab", output_limits=(1024**2, 10))
-    stage_inputs((data,), clone.inputs)
+    stage_inputs((data,), clone.inputs, InputLimits(10**6, 10))
     (clone.path / "seed.iso").write_text("a private key")  # as write_seed leaves it: 0644 by umask
     yield clone
     assert workdir.remove_tree(root) == []

@@ -45,6 +45,19 @@ def test_find_and_collect_orphaned_directories_without_libvirt(tmp_path):
 def test_accel_tcg_is_explicit_and_warns(caplog):
     assert accel.resolve("tcg", kvm_check=lambda: None) == "tcg"
     assert "not treat TCG as a security boundary" in caplog.text
+    assert "avx2" not in caplog.text
+
+
+def test_offering_a_withheld_cpu_feature_warns_that_results_may_be_wrong(caplog):
+    assert accel.resolve("tcg", kvm_check=lambda: None, tcg_cpu_features=("avx2",)) == "tcg"
+    assert "offers avx2 to the guest, though its gathers read the wrong memory" in caplog.text
+    assert "results computed with it may be wrong" in caplog.text
+    caplog.clear()
+    assert accel.resolve("tcg", kvm_check=lambda: None, tcg_cpu_features=("bmi2",)) == "tcg"
+    assert "offers bmi2 to the guest, though no real CPU has BMI2 without AVX2" in caplog.text
+    caplog.clear()
+    assert accel.resolve("auto", kvm_check=lambda: None, tcg_cpu_features=("avx2",)) == "kvm"
+    assert "avx2" not in caplog.text  # KVM passes the host's CPU through: nothing is withheld
 
 
 def test_accel_auto_uses_kvm_only_when_it_works():

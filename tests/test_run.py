@@ -247,11 +247,41 @@ def test_bad_requests_are_refused_before_anything_is_made(config, image, state, 
     assert not hv.started and leftovers(state) == []
 
 
+def test_a_mistyped_image_name_gets_the_nearest_one_and_a_missing_one_how_to_build_it(config, state):
+    make_image(state, "realimg")
+    hv = FakeHypervisor()
+    with pytest.raises(VmisoError) as err:
+        do_run(config, hv, dataclasses.replace(request(), image="realimgg"), FakeConnect(exits(0)))
+    assert "no image named 'realimgg'" in str(err.value) and "(images: realimg)" in str(err.value)
+    assert "did you mean 'realimg'?" in str(err.value) and "vmiso provision" not in str(err.value)
+    with pytest.raises(VmisoError) as err:
+        do_run(config, hv, dataclasses.replace(request(), image="default"), FakeConnect(exits(0)))
+    assert "build it with 'vmiso provision' (image.name 'default' in its config)" in str(err.value)
+    assert not hv.started
+
+
 def test_too_little_room_for_the_scratch_disk_is_refused(config, image, state):
     config = config_mod.override(config, **{"run.scratch": 1024**5})  # a pebibyte
     hv = FakeHypervisor()
     with pytest.raises(VmisoError, match="scratch space and /out need up to"):
         do_run(config, hv, request(), FakeConnect(exits(0)))
+    assert not hv.started and leftovers(state) == []
+
+
+def test_a_self_linking_input_and_a_shared_output_are_refused_before_anything_is_made(config, image, state,
+                                                                                       tmp_path):
+    hv = FakeHypervisor()
+    tree = tmp_path / "pkg"
+    tree.mkdir()
+    (tree / "a").symlink_to(".")
+    (tree / "b").symlink_to(".")
+    with pytest.raises(VmisoError, match="pkg/a is a symbolic link"):
+        do_run(config, hv, request(inputs=(tree,)), FakeConnect(exits(0)))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OutputError, match="writable by others"):
+        do_run(config, hv, request(output=shared), FakeConnect(exits(0)))
     assert not hv.started and leftovers(state) == []
 
 
@@ -417,3 +447,36 @@ def test_a_job_that_outlives_its_grace_is_destroyed(config, image, state):
                 interruption=interruption)
     assert err.value.exit_code == 130
     assert not hv.running and leftovers(state) == []
+
+
+def says(code: int, err: bytes) -> Job:
+    def job(session, stdout, stderr):
+        stderr.write(err)
+        return JobExit(code=code)
+    return job
+
+
+def test_a_failure_the_vms_rules_explain_gets_one_line_each_and_the_jobs_output_is_untouched(config, image):
+    said = (b"Traceback (most recent call last):\n  File \"job.py\", line 1, in <module>\n"
+            b"ModuleNotFoundError: No module named 'matplotlib.pyplot'\n"
+            b"urllib.error.URLError: <urlopen error [Errno -3] Temporary failure in name resolution>\n"
+            b"OSError: [Errno 30] Read-only file system: '/in/result.csv'\n")
+    result, _, err = do_run(config, FakeHypervisor(), request(), FakeConnect(says(1, said)))
+    assert err == said
+    offline, module, read_only = result.hints
+    assert offline.startswith("this run has no network, on purpose")
+    assert module == ("image x has no module 'matplotlib': see what it holds with 'vmiso images show x'; "
+                      "add the package to the requirements and provision again")
+    assert read_only.startswith("/in is read-only: write results to /out")
+    # A job that succeeds, or fails for reasons of its own, gets no hint.
+    assert do_run(config, FakeHypervisor(), request(), FakeConnect(says(0, said)))[0].hints == ()
+    assert do_run(config, FakeHypervisor(), request(), FakeConnect(says(2, b"usage: job.py\n")))[0].hints == ()
+
+
+def test_failure_hints_take_nothing_from_the_guest_but_what_their_patterns_admit():
+    hostile = b"ModuleNotFoundError: No module named 'x\x1b]0;pwned\x07'\n"
+    assert run.failure_hints(hostile, "img") == ()
+    # Only the last 16 KiB are kept: a hint is about how the job ended.
+    tail = run.Tail(io.BytesIO(), size=16)
+    tail.write(b"Name or service not known" + b"." * 40)
+    assert run.failure_hints(tail.kept, "img") == ()

@@ -95,3 +95,21 @@ def test_sequences_cannot_be_smuggled_through_half_finished_ones():
             assert "\x1b[9t" not in shown and "\x1b[21t" not in shown, (attempt, shown)
             assert not any(0x80 <= ord(c) <= 0x9F for c in shown), (attempt, shown)
             assert "\x1b[3J" not in shown and not shown.startswith("\x1b[1;1;1;"), (attempt, shown)
+
+
+def test_no_spelling_of_the_scrollback_erase_or_full_reset_and_no_screen_title_passes():
+    from vmiso.terminal import InteractiveFilter
+
+    dropped = [b"\x1b[3J", b"\x1b[03J", b"\x1b[3;0J", b"\x1b[0;3J", b"\x1b[?3J", b"\x1b[003J",
+               b"\x1bc", b"\x1bkowned title\x1b\\"]
+    for sequence in dropped:
+        for pieces in ([sequence], [sequence[i:i + 1] for i in range(len(sequence))]):
+            raw = io.BytesIO()
+            screen = InteractiveFilter(raw)
+            for piece in [b"a", *pieces, b"b"]:
+                screen.write(piece)
+            assert raw.getvalue() == b"ab", (sequence, raw.getvalue())
+    raw = io.BytesIO()
+    screen = InteractiveFilter(raw)
+    screen.write(b"\x1b[J\x1b[2J\x1b[1J\x1b[?2J\x1b[13J")  # erasing the screen is the session's own
+    assert raw.getvalue() == b"\x1b[J\x1b[2J\x1b[1J\x1b[?2J\x1b[13J"

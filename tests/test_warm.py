@@ -72,8 +72,24 @@ def test_another_cpu_model_falls_back_and_names_both(tmp_path):
     make_slot(image, 0, dataclasses.replace(KEY, cpu="host-passthrough"))
     with ExitStack() as stack:
         slot, why = warm.acquire(image, KEY, stack)
-    assert slot is None and "another cpu (cpu host-passthrough, not maximum)" in why
-    assert KEY.cpu == "maximum"
+    assert slot is None and "another cpu (cpu host-passthrough, not maximum -avx2 -bmi2)" in why
+    assert KEY.cpu == "maximum -avx2 -bmi2"
+
+
+def test_a_state_saved_with_avx2_offered_is_not_restored_onto_the_cpu_without_it(tmp_path):
+    # Warm states made before AVX2 was withheld under TCG recorded plain "maximum".
+    image = Image("x", tmp_path / "images" / "x")
+    make_slot(image, 0, dataclasses.replace(KEY, cpu="maximum"))
+    with ExitStack() as stack:
+        slot, why = warm.acquire(image, KEY, stack)
+    assert slot is None and "another cpu (cpu maximum, not maximum -avx2 -bmi2)" in why
+    offered = warm.WarmKey.make(template_sha256="a" * 64, hypervisor="libvirt 9.0, QEMU 7.2", accel="tcg",
+                                memory_mib=512, cpus=2, scratch_bytes=2 * 1024**3, tcg_cpu_features=("bmi2", "avx2"))
+    assert offered.cpu == "maximum" and offered.tcg_cpu_features == ("avx2", "bmi2")
+    assert KEY.tcg_cpu_features == ()
+    with ExitStack() as stack:
+        slot, why = warm.acquire(image, offered, stack)
+    assert slot is not None, why
 
 
 def test_other_scratch_size_or_old_link_falls_back(tmp_path):
@@ -117,7 +133,7 @@ def test_a_warm_state_is_made_for_the_accelerator_runs_resolve(tmp_path, monkeyp
     built = []
     monkeypatch.setattr(warm, "build", lambda hv, image, key, steps, boot_timeout: built.append(key))
     warm.make_warm_state(config_mod.load(None, env={"VMISO_ACCEL": "tcg"}), VersionOnly(), image, None)
-    assert built[0].accel == "tcg" and built[0].cpu == "maximum"
+    assert built[0].accel == "tcg" and built[0].cpu == "maximum -avx2 -bmi2"
     assert built[0] == dataclasses.replace(KEY, memory_mib=512, cpus=2)
 
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .domain import TCG_WITHHELD
 from .errors import AccelError
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,17 @@ def kvm_problem(dev: Path = Path("/dev/kvm"), sys_module: Path = Path("/sys/modu
     return None
 
 
-def resolve(requested: str, kvm_check: Callable[[], str | None] = kvm_problem) -> str:
-    """``auto``/``kvm``/``tcg`` -> ``kvm`` or ``tcg``, or an AccelError saying what to do."""
+def resolve(requested: str, kvm_check: Callable[[], str | None] = kvm_problem, *,
+            tcg_cpu_features: tuple[str, ...] = ()) -> str:
+    """``auto``/``kvm``/``tcg`` -> ``kvm`` or ``tcg``, or an AccelError saying what to do.
+
+    ``tcg_cpu_features``: the withheld CPU features the config offers anyway (warned about).
+    """
     if requested == "tcg":
         log.warning(TCG_WARNING)
+        for name in tcg_cpu_features:
+            log.warning("vm.tcg_cpu_features offers %s to the guest, though %s",
+                        name, TCG_WITHHELD.get(name, "vmiso withholds it"))
         return "tcg"
     problem = kvm_check()
     if problem is None:

@@ -62,6 +62,11 @@ class _SafeFormatter(logging.Formatter):
         return neutralize(super().format(record))
 
 
+# Loggers whose warnings -q does not hide: that a run's VM is less isolated than
+# KVM would keep it (TCG) is not noise.
+_ALWAYS_WARN = ("vmiso.accel",)
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
@@ -72,6 +77,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.ERROR if quiet else logging.WARNING)
     logging.getLogger("vmiso").setLevel(level)
+    for name in _ALWAYS_WARN:
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
     # paramiko is chatty: at warnings unless -vv
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose > 1 else logging.NOTSET)
 
@@ -196,7 +203,7 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="more detail; tracebacks for internal errors")
-@click.option("-q", "--quiet", is_flag=True, help="only errors")
+@click.option("-q", "--quiet", is_flag=True, help="only errors (and the warning that a VM runs under TCG)")
 @click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
@@ -283,6 +290,7 @@ def images_rm(ctx: click.Context, name: str) -> None:
 def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """One image: its manifest's summary and what its provisioning's gateway let through or refused."""
     from .gateway import image_record
+    from .image.inventory import summary_lines
     from .image.store import get_image, summary
 
     image = get_image(ctx.obj["config"].state_dir, name)
@@ -292,6 +300,11 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     _say(f"{info['name']}: sha256 {info['sha256']}, created {info['created'] or '?'}")
+    if info["startup"] is None:
+        _say("start-up code: not inventoried (provisioned before vmiso read it; provision again)")
+    else:
+        for line in summary_lines(info["startup"]):
+            _say(line)
     packages = ", ".join(f"{p['name']}=={p['version']}" for p in info["packages"])
     _say(f"packages: {packages or '-'}")
     gateway = info["gateway"]
@@ -323,7 +336,7 @@ _JOB_OPTIONS = [
     _config_option,
     _accel_option,
     _state_option,
-    click.option("--image", help="template to clone (default: image.name from the config)"),
+    click.option("--image", help="template to clone (default: image.name from the config, 'default' without one)"),
     click.option("-i", "--input", "inputs", multiple=True, type=click.Path(path_type=Path, exists=False),
                  help="file or directory to copy in, read-only, under /in (repeatable)"),
     click.option("-o", "--output", type=click.Path(path_type=Path),
@@ -338,8 +351,9 @@ _JOB_OPTIONS = [
     click.option("--cold", is_flag=True, help="boot the clone from scratch even when a warm state exists"),
     click.option("--accept-tool-files", is_flag=True,
                  help="also copy outputs that host tools run code from (.git/, .hg/, .envrc, .vscode/, ...)"),
-    click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE",
-                 help="set a variable for the job (repeatable); nothing else of this environment reaches it"),
+    click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY[=VALUE]",
+                 help="set a variable for the job (repeatable); KEY alone passes this environment's value "
+                      "(kept off vmiso's command line: use it for secrets); nothing else of it reaches the job"),
     click.option("--env-file", type=click.Path(path_type=Path, dir_okay=False),
                  help="variables for the job, one KEY=VALUE a line ('#' comments; values taken as written)"),
     click.option("-p", "--publish", multiple=True, type=click.IntRange(1, 65535), metavar="PORT",
@@ -397,17 +411,16 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
              scratch: str | None, json_path: Path | None, cold: bool, accept_tool_files: bool,
              env_pairs: tuple[str, ...], env_file: Path | None, publish: tuple[int, ...], raw: bool) -> None:
     from .hypervisor import connected
+    from .outputs import open_record
     from .run import Interruption, RunRequest, run as do_run
 
     scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
     config = _load(ctx, config_path, accel=accel, state_dir=state_dir, **{"run.scratch": scratch_bytes})
     env = _env_file(env_file) if env_file is not None else []
-    env += [_env_pair(pair, "-e") for pair in env_pairs]
+    env += [_env_option(pair) for pair in env_pairs]
     request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
                          timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold, env=tuple(env),
                          accept_tool_files=accept_tool_files, publish=publish)
-    if json_path is not None and json_path.exists():
-        raise VmisoError(f"--json {json_path} exists already; vmiso never overwrites files")
     session = _Session.for_job(tty=tty, raw=raw)
     steps = Steps(session.around(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0)))
     # The first Ctrl-C or SIGTERM while the job runs is the job's (it may clean up and
@@ -421,6 +434,9 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, _raise_interrupt)  # the terminal was closed
     record: dict[str, Any] = {"command": list(command), "image": request.image}
+    # Opened once, now: a bad path is refused before a VM starts, and the record goes to
+    # this file at the end whatever is put at the path meanwhile.
+    record_fd = open_record(json_path) if json_path is not None else None
     try:
         with connected(config.libvirt_uri) as hv, session:
             result = do_run(config, hv, request, session.stdout, session.stderr, steps,
@@ -438,14 +454,17 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
                       timings=dict(steps.timings))
         raise
     finally:
-        if json_path is not None:
-            json_path.write_text(json.dumps(record, indent=2) + "\n")
+        if record_fd is not None:
+            with os.fdopen(record_fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(record, indent=2) + "\n")
     if result.outputs is not None:
         for path, reason in result.outputs.refused:
             click.echo(f"vmiso: refused output {neutralize(path)}: {neutralize(reason)}", err=True)
     if (killed := result.signal_message()) is not None:
         what, hint = killed
         click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
+    for line in result.hints:
+        click.echo(f"vmiso: {line}", err=True)
     ctx.exit(result.exit_code)
 
 
@@ -538,9 +557,20 @@ def _terminal_size() -> tuple[int, int]:
 def _env_pair(text: str, where: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise VmisoError(f"{where}: {text!r} has no '='; nothing of this environment reaches the job "
-                         "unless given as a value", f"write -e {key}=VALUE (or -e {key}=\"${key}\" in a shell)")
+        raise VmisoError(f"{where}: {text!r} has no '='", f"write {key}=VALUE on that line")
     return key, value
+
+
+def _env_option(text: str) -> tuple[str, str]:
+    """``-e KEY=VALUE``, or ``-e KEY``: the value of KEY in vmiso's own environment (as docker run -e KEY),
+    which keeps a secret off vmiso's command line, where every local user can read it."""
+    if "=" in text:
+        return _env_pair(text, "-e")
+    value = os.environ.get(text)
+    if value is None:
+        raise VmisoError(f"-e {text}: {text} is not set in vmiso's environment, so the job cannot have its value",
+                         f"export {text} first, or write -e {text}=VALUE")
+    return text, value
 
 
 def _env_file(path: Path) -> list[tuple[str, str]]:

@@ -131,7 +131,8 @@ def make_scratch(clone: CloneDir, size_bytes: int, *, like: Path | None = None) 
 
 
 def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_mib: int, cpus: int,
-               metadata: dict[str, str], prewarm: bool = False) -> DomainSpec:
+               metadata: dict[str, str], prewarm: bool = False,
+               tcg_cpu_features: tuple[str, ...] = ()) -> DomainSpec:
     cmdline = KERNEL_CMDLINE
     if image.root_device != "/dev/vda":  # a partition of a cloud image; initramfs-init reads it
         cmdline += f" vmiso.root={image.root_device}"
@@ -149,4 +150,5 @@ def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_m
         shares=(Share(clone.inputs, SHARE_IN, readonly=True), Share(clone.outputs, SHARE_OUT, readonly=False)),
         ssh_socket=clone.ssh_socket,
         metadata=metadata,
+        tcg_cpu_features=tcg_cpu_features,
     )

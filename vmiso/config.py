@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .domain import TCG_WITHHELD
 from .errors import ConfigError
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -109,6 +110,9 @@ class ProvisionConfig:
 class VmConfig:
     memory_mib: int = 512
     cpus: int = 2
+    # Under TCG, CPU features vmiso withholds because QEMU emulates them wrongly
+    # (domain.TCG_WITHHELD) that this config's guests are offered anyway.
+    tcg_cpu_features: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,9 @@ class RunConfig:
     boot_timeout: int = 300
     output_max_bytes: int = 1024**3
     output_max_files: int = 10000
+    # What the inputs (-i) may hold, all together: staged as a copy in the run's directory.
+    input_max_bytes: int = 4 * 1024**3
+    input_max_files: int = 100_000
     # The job's /tmp: an ext4 filesystem of this size on a sparse file of the run's own.
     scratch: int = 2 * 1024**3
 
@@ -133,7 +140,7 @@ class Config:
 
 
 # Keys whose values are sizes and may be written with units.
-_SIZE_KEYS = {"output_max_bytes", "filesystem_size", "scratch"}
+_SIZE_KEYS = {"output_max_bytes", "input_max_bytes", "filesystem_size", "scratch"}
 MIN_SCRATCH = 64 * 1024**2
 
 
@@ -256,6 +263,7 @@ def _validate(config: Config) -> Config:
             "write 'host', 'none', or a list of PEM files",
         )
     _check_gateway(config)
+    _check_tcg_cpu_features(config.vm.tcg_cpu_features)
     for key, value, low in (
         ("vm.memory_mib", config.vm.memory_mib, 128),
         ("vm.cpus", config.vm.cpus, 1),
@@ -266,10 +274,23 @@ def _validate(config: Config) -> Config:
         ("run.output_max_files", config.run.output_max_files, 1),
         ("run.output_max_bytes", config.run.output_max_bytes, 1024**2),  # /out's filesystem has 1 MiB to spare
         ("run.scratch", config.run.scratch, MIN_SCRATCH),
+        ("run.input_max_files", config.run.input_max_files, 1),
+        ("run.input_max_bytes", config.run.input_max_bytes, 0),
     ):
         if value < low:
             raise ConfigError(f"{key}: {value} is too small (at least {low})")
     return config
+
+
+def _check_tcg_cpu_features(features: tuple[str, ...]) -> None:
+    for i, name in enumerate(features):
+        if name not in TCG_WITHHELD:
+            close = difflib.get_close_matches(name, list(TCG_WITHHELD), n=1)
+            raise ConfigError(
+                f"vm.tcg_cpu_features[{i}]: {name!r} is not a feature vmiso withholds",
+                (f"did you mean {close[0]!r}? " if close else "")
+                + "it lists only what vmiso takes from QEMU's max CPU: " + ", ".join(TCG_WITHHELD)
+                + "; every other feature TCG emulates is offered already")
 
 
 def _check_gateway(config: Config) -> None:

@@ -60,6 +60,8 @@ class DomainSpec:
     ssh_socket: Path | None = None  # host end of the SSH link (a virtio-serial port)
     genid: bool = True
     metadata: dict[str, str] = field(default_factory=dict)
+    # Under TCG, features of TCG_WITHHELD offered anyway (vm.tcg_cpu_features).
+    tcg_cpu_features: tuple[str, ...] = ()
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -193,15 +195,60 @@ def _devices(spec: DomainSpec) -> ET.Element:
     return devices
 
 
-def cpu_mode(accel: str) -> str:
+# Features of QEMU's "max" CPU that a TCG guest is not offered, each with the measurement
+# behind it.  A wrong number with exit code 0 is worse than a crash: a program that needs
+# one of these dies with SIGILL instead (vmiso names it), and vm.tcg_cpu_features offers
+# one anyway for those who accept the risk.
+TCG_WITHHELD: dict[str, str] = {
+    # QEMU 7.2's TCG decodes a gather's vector index register 4 (xmm4/ymm4) as "no index",
+    # as plain SIB does for rsp: all eight VPGATHER*/VGATHER* forms then read every lane from
+    # the base address (the other 15 index registers are right).  NumPy's AVX2 loops for
+    # strided data use gathers: numpy.linalg's own TestCond gave 11.9 for 21.0, or crashed.
+    # AVX, FMA3, F16C, BMI1/2, LZCNT and AVX2's other instructions gave the host's results
+    # bit for bit; but a gather is AVX2, and AVX2 is offered whole or not at all.
+    "avx2": "its gathers read the wrong memory under QEMU 7.2's TCG when the index is xmm4/ymm4: "
+            "results computed with it may be wrong",
+    # Withheld with AVX2 because no real CPU has BMI2 without it, and code that finds BMI2
+    # takes AVX2 as given: libgcrypt 1.10's SHA-1 for "AVX + BMI2" runs VPBROADCASTD (AVX2),
+    # so apt's http method (it hashes what it fetches) died with SIGILL in a guest offered
+    # max less AVX2.  Less both, the guest looks like a CPU that exists (AMD's Piledriver
+    # also has AVX, FMA3, F16C and BMI1 without AVX2 and BMI2).
+    "bmi2": "no real CPU has BMI2 without AVX2, and code that finds it may run AVX2 "
+            "instructions (libgcrypt's SHA-1 does): a job may die of SIGILL unless avx2 is offered too",
+}
+
+
+@dataclass(frozen=True)
+class GuestCpu:
+    """The CPU a guest sees: a libvirt ``<cpu mode>`` and the features taken from it."""
+
+    mode: str  # "host-passthrough" (KVM) or "maximum" (TCG: QEMU's "max" model)
+    disabled: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return " ".join([self.mode, *(f"-{name}" for name in self.disabled)])
+
+
+def guest_cpu(accel: str, offered: tuple[str, ...] = ()) -> GuestCpu:
     """The guest CPU for an accelerator, chosen on purpose.
 
     KVM: the host's own CPU.  TCG: QEMU's "max" model (libvirt's ``maximum``), every
-    feature TCG emulates.  Without a <cpu> element TCG gives ``qemu64``, which lacks
-    SSSE3, SSE4.1/4.2 and POPCNT (below x86-64-v2), so NumPy 2 and the wheels built
-    on it die with SIGILL at import.
+    feature TCG emulates less those it emulates wrongly (TCG_WITHHELD) that are not in
+    ``offered``.  Without a <cpu> element TCG gives ``qemu64``, which lacks SSSE3,
+    SSE4.1/4.2 and POPCNT (below x86-64-v2), so NumPy 2 and the wheels built on it
+    die with SIGILL at import.
     """
-    return "host-passthrough" if accel == "kvm" else "maximum"
+    if accel == "kvm":
+        return GuestCpu("host-passthrough")
+    return GuestCpu("maximum", tuple(name for name in TCG_WITHHELD if name not in offered))
+
+
+def _cpu(spec: DomainSpec) -> ET.Element:
+    cpu = guest_cpu(spec.accel, spec.tcg_cpu_features)
+    el = ET.Element("cpu", mode=cpu.mode)
+    for name in cpu.disabled:
+        _sub(el, "feature", policy="disable", name=name)
+    return el
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -216,7 +263,7 @@ def domain_xml(spec: DomainSpec) -> str:
     root.append(_os(spec))
     features = _sub(root, "features")
     _sub(features, "acpi")
-    _sub(root, "cpu", mode=cpu_mode(spec.accel))
+    root.append(_cpu(spec))
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         _sub(root, event, "destroy")
     root.append(_devices(spec))

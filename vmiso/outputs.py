@@ -4,15 +4,18 @@ The share uses 9p's "mapped" mode: the host holds only regular files and
 directories owned by the QEMU user, and the guest's idea of a file's type and
 mode lives in the ``user.virtfs.mode`` xattr.  A guest symlink, FIFO or device
 therefore lands as a regular file marked in that xattr; it is refused here, as
-are setuid/setgid bits, names with control characters and anything beyond the
-limits.  Files are copied (never moved or linked) into a destination that must
-be new or empty, with exclusive creates: nothing of the user's is overwritten.
+are setuid/setgid bits, names that a terminal or a command line would act on
+(controls, bidirectional overrides, line separators, a leading ``-``), what host
+tools run code from (by name; a git repository by what it holds, under any name)
+and anything beyond the limits.  Files are copied (never moved or linked) into a
+destination that must be new or empty, with exclusive creates: nothing of the user's is overwritten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +30,10 @@ MANIFEST_NAME = "MANIFEST"
 TOOL_FILES = {
     ".git": "git runs hooks and configured commands (core.fsmonitor, aliases) from it",
     ".hg": "Mercurial runs hooks configured in it",
+    ".sl": "Sapling runs hooks configured in it",
+    ".jj": "Jujutsu runs the commands its repository config names (pager, editors)",
     ".envrc": "direnv runs it on entering the directory",
+    ".env": "direnv loads it on entering the directory (with load_dotenv): its variables reach every command",
     ".vscode": "VS Code runs its tasks and settings",
     ".idea": "JetBrains IDEs run its configurations",
     ".dir-locals.el": "Emacs evaluates it",
@@ -37,6 +43,19 @@ TOOL_FILES = {
     ".lvimrc": "vim's localvimrc runs it",
 }
 TOOL_SUFFIXES = {".desktop": "desktop file managers launch it"}
+# git takes a directory as a repository under any name, with no `.git` in sight:
+# when it holds HEAD and objects/ and refs/ (or a commondir file pointing to them),
+# `git status` or `git log` run inside it, or below it, read its config and run the
+# commands that config names (core.fsmonitor, core.pager, ...).
+GIT_LAYOUT = ("a git repository under another name: git run in it runs the commands its config names "
+              "(core.fsmonitor, core.pager)")
+GIT_CONFIG = ("a git config (a [core] or [include] section): git run here may take it as a repository's "
+              "and run the commands it names")
+_GIT_SECTION = re.compile(rb"\[[ \t]{0,8}(core|include)", re.IGNORECASE)  # includeIf too; git allows no blank
+# Characters a terminal acts on, or that reorder or break the text it shows: in a
+# name they would reach a terminal through `ls`, `sha256sum -c MANIFEST` or a shell.
+_BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C))
+_SEPARATORS = frozenset("\u2028\u2029")
 VIRTFS_MODE = "user.virtfs.mode"
 _CHUNK = 1024 * 1024
 
@@ -65,18 +84,53 @@ class OutputReport:
         }
 
 
+_OWN_DIRECTORY = "name a new directory, or an empty one of your own that only you can write"
+
+
+def _not_own(st: os.stat_result) -> str | None:
+    """Why a directory with ``st`` is not the caller's alone to write, or None."""
+    if st.st_uid != os.geteuid():
+        return "is not yours: its owner could read and replace the checked outputs"
+    if st.st_mode & 0o022:
+        return "is writable by others, who could read and replace the checked outputs"
+    return None
+
+
 def check_destination(dest: Path) -> None:
-    """Before a run: the destination must be new or an empty directory."""
-    if dest.is_symlink():
-        raise OutputError(f"--output {dest} is a symbolic link", "name a new or empty directory")
-    if dest.exists():
-        if not dest.is_dir():
-            raise OutputError(f"--output {dest} exists and is not a directory", "name a new or empty directory")
-        if any(dest.iterdir()):
-            raise OutputError(f"--output {dest} is not empty; vmiso never overwrites files",
-                              "name a new or empty directory")
-    elif not dest.parent.is_dir():
-        raise OutputError(f"--output {dest}: its parent directory does not exist")
+    """Before a run: the destination must be new, or an empty directory of the caller's that only they can write."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        if not dest.parent.is_dir():
+            raise OutputError(f"--output {dest}: its parent directory does not exist") from None
+        return
+    except OSError as err:
+        raise OutputError(f"--output {dest}: {err.strerror}", _OWN_DIRECTORY) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputError(f"--output {dest} is a symbolic link", _OWN_DIRECTORY)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"--output {dest} exists and is not a directory", _OWN_DIRECTORY)
+    if (problem := _not_own(st)) is not None:
+        raise OutputError(f"--output {dest} {problem}", _OWN_DIRECTORY)
+    if any(dest.iterdir()):
+        raise OutputError(f"--output {dest} is not empty; vmiso never overwrites files", _OWN_DIRECTORY)
+
+
+def open_record(path: Path) -> int:
+    """``--json FILE``, opened once before the run starts: a new file, never through a symbolic link.
+
+    The run's record is written to this descriptor at its end, so whatever is put
+    at ``path`` meanwhile (a link to another file, say) is never written through.
+    """
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        raise OutputError(f"--json {path} exists already; vmiso never overwrites files", "name a new file") from None
+    except FileNotFoundError:
+        raise OutputError(f"--json {path}: its directory does not exist", "name a file in an existing directory") \
+            from None
+    except OSError as err:
+        raise OutputError(f"cannot create --json {path}: {err.strerror}") from None
 
 
 def _guest_mode(fd: int) -> int | None:
@@ -90,17 +144,75 @@ def _guest_mode(fd: int) -> int | None:
 def _name_problem(name: str) -> str | None:
     if any("\udc80" <= c <= "\udcff" for c in name):  # undecodable bytes (surrogateescape)
         return "name is not valid UTF-8"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in name):  # C0, DEL and C1
         return "name contains control characters"
+    if any(c in _BIDI_CONTROLS for c in name):
+        return "name contains bidirectional controls, which reorder what a terminal shows"
+    if any(c in _SEPARATORS for c in name):
+        return "name contains a line or paragraph separator"
+    if name.startswith("-"):
+        return "name begins with '-': a command given it (tar cf x.tar *, rm *) would take it as an option"
     if name in (".", "..") or "/" in name or "\\" in name:
         return "name is not a plain file name"
     return None
 
 
+def _accept_hint(reason: str) -> str:
+    return f"{reason} (accept such files with --accept-tool-files)"
+
+
 def tool_file_problem(name: str) -> str | None:
     """Why a host tool would run code from an output called ``name``, or None."""
-    reason = TOOL_FILES.get(name) or next((r for suffix, r in TOOL_SUFFIXES.items() if name.endswith(suffix)), None)
-    return f"{reason} (accept such files with --accept-tool-files)" if reason else None
+    lower = name.lower()  # .Git is .git where the outputs may be copied to (macOS, Windows)
+    reason = TOOL_FILES.get(lower) or next((r for suffix, r in TOOL_SUFFIXES.items() if lower.endswith(suffix)),
+                                           None)
+    return _accept_hint(reason) if reason else None
+
+
+def _has_git_section(dir_fd: int) -> bool:
+    """Whether ``config`` in ``dir_fd`` is a regular file with a section git acts on, read to its end."""
+    try:
+        fd = os.open("config", tree.OPEN_FILE, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        tail = b""
+        while block := os.read(fd, _CHUNK):
+            if _GIT_SECTION.search(tail + block):
+                return True
+            tail = block[-32:]
+        return False
+    finally:
+        os.close(fd)
+
+
+def repository_markers(dir_fd: int) -> set[str]:
+    """The names in ``dir_fd`` that make git take it as a repository (HEAD, config, ...), or an empty set.
+
+    Judged by what the directory holds, whatever its name: HEAD with objects/ or
+    refs/ or a commondir file (git needs HEAD in the directory itself, the rest
+    may be elsewhere), or a config with a [core] or [include] section.  Without
+    the names returned the directory is none.
+    """
+    names = set(os.listdir(dir_fd))
+    layout = "HEAD" in names and bool(names & {"objects", "refs", "commondir"})
+    markers = names & {"HEAD", "commondir", "config"} if layout else set()
+    if "config" in names and _has_git_section(dir_fd):
+        markers.add("config")
+    return markers
+
+
+def _directory_problem(entry: tree.Entry) -> str | None:
+    """Why a host tool would run code from the directory ``entry`` by what it holds, or None."""
+    try:
+        markers = repository_markers(entry.open())
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if not markers:
+        return None
+    return _accept_hint(GIT_LAYOUT if markers - {"config"} else GIT_CONFIG)
 
 
 def _entry_problem(entry: tree.Entry) -> str | None:
@@ -190,12 +302,19 @@ def _check(share_fd: int, report: OutputReport, *, max_bytes: int, max_files: in
     def unreadable(where: tree.DirPath, name: str | None, err: OSError) -> None:
         raise OutputError(f"cannot read {tree.shorten(where.path(name))} in /out: {err.strerror or err}")
 
+    # /out itself may be laid out as a repository: then the names that make it one are refused.
+    root_markers = set() if accept_tool_files else repository_markers(share_fd)
+    root_reason = _accept_hint(GIT_LAYOUT if root_markers - {"config"} else GIT_CONFIG)
     for entry in tree.walk(share_fd, sort=True, on_error=unreadable):
         del prefix[entry.depth:]
         path_len = prefix[-1] + len(entry.name)
         problem = _name_problem(entry.name) or _entry_problem(entry)
         if problem is None and not accept_tool_files:
             problem = tool_file_problem(entry.name)
+            if problem is None and entry.depth == 1 and entry.name in root_markers:
+                problem = f"/out itself is {root_reason}"
+            if problem is None and entry.is_dir:
+                problem = _directory_problem(entry)
         if problem is None and entry.depth == 1 and entry.name == MANIFEST_NAME:
             problem = "the name MANIFEST is vmiso's own"
         if problem:
@@ -220,7 +339,8 @@ def _check(share_fd: int, report: OutputReport, *, max_bytes: int, max_files: in
 
 
 def _open_destination(dest: Path) -> int:
-    """The --output directory, made if new, opened once: O_NOFOLLOW refuses a symbolic link put in its place."""
+    """The --output directory, made if new, opened once: O_NOFOLLOW refuses a symbolic link put in its place,
+    and one that another user made or opened to others meanwhile is refused too."""
     try:
         os.mkdir(dest, 0o755)
     except FileExistsError:
@@ -228,10 +348,14 @@ def _open_destination(dest: Path) -> int:
     except OSError as err:
         raise OutputError(f"cannot make --output {dest}: {err.strerror}") from None
     try:
-        return os.open(dest, tree.OPEN_DIR)
+        fd = os.open(dest, tree.OPEN_DIR)
     except OSError as err:
         raise OutputError(f"--output {dest} is no longer a directory ({err.strerror}); "
-                          "was it replaced while the job ran?", "name a new or empty directory") from None
+                          "was it replaced while the job ran?", _OWN_DIRECTORY) from None
+    if (problem := _not_own(os.fstat(fd))) is not None:  # made or swapped in by another user meanwhile
+        os.close(fd)
+        raise OutputError(f"--output {dest} {problem}; was it made or replaced while the job ran?", _OWN_DIRECTORY)
+    return fd
 
 
 def _create(name: str, dir_fd: int, shown: str, *, directory: bool = False) -> int:

@@ -113,7 +113,8 @@ def current_key(config: Config, hv: Hypervisor, image: Image, accel_name: str) -
     """The key a run of ``config`` would ask for now (memory, CPUs and scratch from the config)."""
     return PoolKey(warm.WarmKey.make(template_sha256=verified_sha256(image), hypervisor=hv.version(),
                                      accel=accel_name, memory_mib=config.vm.memory_mib, cpus=config.vm.cpus,
-                                     scratch_bytes=config.run.scratch),
+                                     scratch_bytes=config.run.scratch,
+                                     tcg_cpu_features=config.vm.tcg_cpu_features),
                    config.run.output_max_bytes, config.run.output_max_files, config.libvirt_uri)
 
 
@@ -450,7 +451,7 @@ def serve(config: Config, hv: Hypervisor, image: Image, size: int, steps: Steps,
     ``on_ready`` is called once, when the pool is first full.  PoolError when a
     pool of this user for that image runs already.
     """
-    accel_name = accel.resolve(config.accel)
+    accel_name = accel.resolve(config.accel, tcg_cpu_features=config.vm.tcg_cpu_features)
     where = private_dir(pool_dir(config.state_dir, image.name))
     with ExitStack() as stack:
         try:

@@ -23,6 +23,7 @@ import shlex
 import signal
 import socket
 import time
+import typing
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from .config import Config
 from .domain import NAME_PREFIX, domain_xml
 from .errors import GuestError, HypervisorError, ImageError, Interrupted, RunTimeout, VmisoError
 from .image.store import Image, get_image, verified_sha256
-from .inputs import GUEST_IN, check_inputs, stage_inputs
+from .inputs import GUEST_IN, InputLimits, check_inputs, stage_inputs
 from .progress import Steps
 from .seed import RUN_USER
 from .workdir import bounded_share_size, check_room, claim, own_dir, private_dir, share_full
@@ -115,6 +116,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     outputs: outputs.OutputReport | None = None
     published: dict[int, str] = field(default_factory=dict)  # guest port -> "127.a.b.c:port" on this host
+    hints: tuple[str, ...] = ()  # what vmiso's rules explain about a failure (failure_hints)
 
     def signal_message(self) -> tuple[str, str] | None:
         """(what happened, what to do) when a signal ended the job, for the CLI to say."""
@@ -144,6 +146,52 @@ class RunResult:
             "outputs": self.outputs.as_dict() if self.outputs else None,
             "published": {str(guest): where for guest, where in self.published.items()},
         }
+
+
+class Tail:
+    """A stream that passes every byte on unchanged and keeps the last ``size`` of them."""
+
+    def __init__(self, stream: BinaryIO, size: int = 16 * 1024) -> None:
+        self._stream = stream
+        self._size = size
+        self.kept = b""
+
+    def write(self, data: bytes) -> int:
+        written = self._stream.write(data)
+        self.kept = (self.kept + bytes(data))[-self._size:]
+        return len(data) if written is None else written
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, ...: the stream's own
+        return getattr(self._stream, name)
+
+
+_OFFLINE = re.compile(rb"Temporary failure in name resolution|Name or service not known|"
+                      rb"nodename nor servname|getaddrinfo failed|Could not resolve host|"
+                      rb"Network is unreachable|No route to host|Failed to establish a new connection")
+_NO_MODULE = re.compile(rb"ModuleNotFoundError: No module named '([A-Za-z_][A-Za-z0-9_]*)(?:\.[A-Za-z0-9_.]*)?'")
+_READ_ONLY_IN = re.compile(rb"Read-only file system: '" + re.escape(GUEST_IN.encode()) + rb"(?:/|')")
+
+
+def failure_hints(tail: bytes, image: str) -> tuple[str, ...]:
+    """What vmiso's rules explain about a failed job's last output: one line each, at most one of a kind.
+
+    ``tail`` is the guest's and hostile: only what the patterns match goes into a hint,
+    and a module name only as the identifier the pattern admits."""
+    hints = []
+    if _OFFLINE.search(tail):
+        hints.append("this run has no network, on purpose: the VM has no network device, no DNS and no "
+                     "route out; give the job what it needs with -i")
+    if found := _NO_MODULE.findall(tail):
+        module = found[-1].decode()
+        hints.append(f"image {image} has no module {module!r}: see what it holds with 'vmiso images show "
+                     f"{image}'; add the package to the requirements and provision again")
+    if _READ_ONLY_IN.search(tail):
+        hints.append(f"{GUEST_IN} is read-only: write results to {GUEST_OUT} ($VMISO_OUT) and copy them "
+                     "out with -o")
+    return tuple(hints)
 
 
 @dataclass(frozen=True)
@@ -184,7 +232,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
     """
     interruption = interruption or Interruption()
     steps = steps or Steps()
-    image, accel_name = _check(config, request)
+    image, accel_name, input_bytes = _check(config, request)
     reaper.collect(hv, config.state_dir)  # what a vmiso killed earlier left behind
     run_id = secrets.token_hex(6)
     with ExitStack() as cleanup:
@@ -193,21 +241,27 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         key = warm.WarmKey.make(template_sha256=sha256, hypervisor=hv.version(), accel=accel_name,
                                 memory_mib=request.memory_mib or config.vm.memory_mib,
                                 cpus=request.cpus or config.vm.cpus,
-                                scratch_bytes=request.scratch_bytes or config.run.scratch)
+                                scratch_bytes=request.scratch_bytes or config.run.scratch,
+                                tcg_cpu_features=config.vm.tcg_cpu_features)
         taken = _take_preloaded(hv, config, request, image, key, steps, cleanup) if request.warm else None
         if taken is not None:
             clone, vm = taken  # its inputs are staged once SSH is up: sshd drops an idle link
         else:
-            clone = _stage(config, request, run_id, key, steps, cleanup)
+            clone = _stage(config, request, run_id, key, input_bytes, steps, cleanup)
             watch = _watchdog(config, request, clone, cleanup)
             vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
         session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
         if taken is not None:
             with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
-                stage_inputs(request.inputs, clone.inputs)
+                check_room(clone.inputs, 0, 0, input_bytes)
+                stage_inputs(request.inputs, clone.inputs, _input_limits(config))
         published = _publish(session, request.publish, on_published, cleanup)
-        outcome = _execute(hv, vm, session, clone, config, request, stdout, stderr, stdin, steps, interruption,
-                           terminal)
+        # What the job said last, on stderr (or on its terminal, where both streams are one).
+        said = Tail(stdout if terminal is not None else stderr)
+        through = typing.cast(BinaryIO, said)
+        outcome = _execute(hv, vm, session, clone, config, request,
+                           through if terminal is not None else stdout, through if terminal is None else stderr,
+                           stdin, steps, interruption, terminal)
         with steps.step("teardown", "destroy the VM"):
             for port in published:
                 port.close()
@@ -225,32 +279,37 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
     return RunResult(run_id, image.name, sha256, request.command, exit_code, boot=vm.boot,
                      memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes, signal=signal,
                      timings=dict(steps.timings), outputs=collected,
-                     published={p.guest_port: f"{p.host}:{p.host_port}" for p in published})
+                     published={p.guest_port: f"{p.host}:{p.host_port}" for p in published},
+                     hints=failure_hints(said.kept, image.name) if exit_code != 0 else ())
 
 
-def _check(config: Config, request: RunRequest) -> tuple[Image, str]:
-    """Everything that can be refused before anything is made: (the image, the accelerator)."""
+def _check(config: Config, request: RunRequest) -> tuple[Image, str, int]:
+    """Everything that can be refused before anything is made: (the image, the accelerator, the inputs' bytes)."""
     if not request.command:
         raise VmisoError("no command to run", "give one after --, e.g. vmiso run -- python job.py")
-    check_inputs(request.inputs)
+    input_bytes = check_inputs(request.inputs, _input_limits(config))
     check_env(request.env)
     if request.output is not None:
         outputs.check_destination(request.output)
-    accel_name = accel.resolve(config.accel)
-    return get_image(config.state_dir, request.image), accel_name
+    accel_name = accel.resolve(config.accel, tcg_cpu_features=config.vm.tcg_cpu_features)
+    return get_image(config.state_dir, request.image), accel_name, input_bytes
 
 
-def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, steps: Steps,
+def _input_limits(config: Config) -> InputLimits:
+    return InputLimits(config.run.input_max_bytes, config.run.input_max_files)
+
+
+def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, input_bytes: int, steps: Steps,
            cleanup: ExitStack) -> CloneDir:
     """The run's directory, removed when ``cleanup`` closes, with the inputs copied in."""
     with steps.step("stage", "run directory and inputs"):
         runs = own_dir(config.state_dir) / "runs"
         limits = (config.run.output_max_bytes, config.run.output_max_files)
-        check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*limits))
+        check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*limits), input_bytes)
         path = runs / run_id
         cleanup.callback(reaper.remove, path)  # whatever make_clone_dir got to
         clone = make_clone_dir(path, output_limits=limits)
-        stage_inputs(request.inputs, clone.inputs)
+        stage_inputs(request.inputs, clone.inputs, _input_limits(config))
     return clone
 
 
@@ -437,7 +496,7 @@ def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: wa
         make_overlay(clone, image.template)
         make_scratch(clone, key.scratch_bytes)
     spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
-                      cpus=key.cpus, metadata=metadata)
+                      cpus=key.cpus, tcg_cpu_features=key.tcg_cpu_features, metadata=metadata)
     with steps.step("start", "transient domain, cold boot"):
         dog = watch(name)  # released after the destroy below (an ExitStack unwinds in reverse)
         cleanup.callback(hv.destroy, name)

@@ -72,6 +72,12 @@ def for_terminal(stream: BinaryIO, *, is_terminal: bool, raw: bool) -> BinaryIO 
     return stream if raw or not is_terminal else SafeStream(stream)
 
 
+def _erases_scrollback(parameters: str) -> bool:
+    """Whether an erase (final ``J``) with these parameters reaches the scrollback: a 3 among
+    them, however written (``03``, ``3;0``, ``?3``), as terminals read them."""
+    return any(int(number) == 3 for number in re.findall(r"\d+", parameters))
+
+
 class InteractiveFilter:
     """For an interactive session on a pseudo-terminal (``vmiso shell``, ``run -t``).
 
@@ -82,14 +88,17 @@ class InteractiveFilter:
     reach beyond the screen: OSC (window title, clipboard writes with OSC 52,
     hyperlinks; ended by BEL or ST), DCS (including tmux's passthrough), SOS, PM
     and APC strings (ended by ST), C1 controls (U+0080-U+009F), CSI window
-    operations (final ``t``: moving, resizing, title reports) and the erasing of
-    the terminal's scrollback (``CSI 3 J``).  As a terminal does, ESC anywhere
+    operations (final ``t``: moving, resizing, title reports), the erasing of
+    the terminal's scrollback (``CSI 3 J`` in any spelling: ``CSI 03 J``,
+    ``CSI 3;0 J``, ``CSI ? 3 J``), the full reset (``ESC c``, which clears the
+    scrollback too) and screen's and tmux's title strings (``ESC k ... ESC \\``).  As a terminal does, ESC anywhere
     starts a new sequence and CAN or SUB cancels one, so a sequence cannot be
     smuggled through a half-finished one.  Stateful across writes.
     """
 
     _NORMAL, _ESC, _CSI, _STRING, _STRING_ESC = range(5)
-    _STRINGS = frozenset("]PX^_")  # after ESC: OSC, DCS, SOS, PM, APC
+    _STRINGS = frozenset("]PX^_k")  # after ESC: OSC, DCS, SOS, PM, APC; screen's title
+    _DROPPED_ESC = frozenset("c")  # RIS, the full reset: it erases the scrollback
     _CANCEL = frozenset("\x18\x1a")  # CAN, SUB
     _CSI_MAX = 64  # parameter and intermediate characters; a longer CSI is dropped
     # The modes a full-screen program may leave on, turned off when the session ends:
@@ -142,7 +151,8 @@ class InteractiveFilter:
             elif char == "\\":
                 self._state = self._NORMAL  # a stray ST: it ends nothing
             elif 0x20 <= code <= 0x7E:
-                out.append("\x1b" + char)
+                if char not in self._DROPPED_ESC:
+                    out.append("\x1b" + char)
                 self._state = self._NORMAL
             else:  # a control or a non-ASCII character ends the escape; it is itself handled
                 self._state = self._NORMAL
@@ -155,7 +165,7 @@ class InteractiveFilter:
                     self._state = self._NORMAL
             elif 0x40 <= code <= 0x7E:
                 self._state = self._NORMAL
-                if char != "t" and self._csi + char != "3J":
+                if char != "t" and not (char == "J" and _erases_scrollback(self._csi)):
                     out.append("\x1b[" + self._csi + char)
             else:  # not a CSI a terminal would finish: dropped, the character handled
                 self._state = self._NORMAL

@@ -35,7 +35,7 @@ from . import __version__, accel
 from .accel import host_cpu_id
 from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
 from .config import Config
-from .domain import NAME_PREFIX, Retarget, cpu_mode, domain_name, domain_xml, retarget
+from .domain import NAME_PREFIX, TCG_WITHHELD, Retarget, domain_name, domain_xml, guest_cpu, retarget
 from .errors import GuestError, HypervisorError, ImageError
 from .image.store import Image, check_file, remember
 from .progress import Steps
@@ -77,11 +77,20 @@ class WarmKey:
 
     @classmethod
     def make(cls, *, template_sha256: str, hypervisor: str, accel: str, memory_mib: int, cpus: int,
-             scratch_bytes: int) -> WarmKey:
+             scratch_bytes: int, tcg_cpu_features: tuple[str, ...] = ()) -> WarmKey:
+        offered = tuple(sorted(tcg_cpu_features)) if accel == "tcg" else ()
         return cls(template_sha256=template_sha256, hypervisor=hypervisor, accel=accel, memory_mib=memory_mib,
                    cpus=cpus, scratch_bytes=scratch_bytes,
                    # under KVM the guest sees the host's CPU: the key names which one
-                   cpu=cpu_mode(accel) + (f" {host_cpu_id()}" if accel == "kvm" else ""))
+                   cpu=guest_cpu(accel, offered).describe() + (f" {host_cpu_id()}" if accel == "kvm" else ""))
+
+    @property
+    def tcg_cpu_features(self) -> tuple[str, ...]:
+        """The withheld features this key's guests are offered: those its CPU does not take away."""
+        if self.accel != "tcg":
+            return ()
+        taken = {word[1:] for word in self.cpu.split() if word.startswith("-")}
+        return tuple(name for name in TCG_WITHHELD if name not in taken)
 
 
 @dataclass(frozen=True)
@@ -147,7 +156,8 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         copy_boot_files(clone, image)
         name = f"{NAME_PREFIX}warm-{image.name}-{index}-{secrets.token_hex(3)}"
         spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
-                          cpus=key.cpus, metadata={"kind": "warm", "run_dir": str(clone.path)}, prewarm=True)
+                          cpus=key.cpus, tcg_cpu_features=key.tcg_cpu_features,
+                          metadata={"kind": "warm", "run_dir": str(clone.path)}, prewarm=True)
         hv.start_transient(name, domain_xml(spec))
         undo.callback(hv.destroy, name)
         link = _wait_ready(clone.console_log, time.monotonic() + boot_timeout, lambda: hv.is_running(name))
@@ -195,7 +205,8 @@ def make_warm_state(config: Config, hv: Hypervisor, image: Image, steps: Steps,
     # for another accelerator would never match a run.
     key = WarmKey.make(template_sha256=image.manifest()["sha256"], hypervisor=hv.version(),
                        accel=accel_name or accel.resolve(config.accel), memory_mib=config.vm.memory_mib,
-                       cpus=config.vm.cpus, scratch_bytes=config.run.scratch)
+                       cpus=config.vm.cpus, scratch_bytes=config.run.scratch,
+                       tcg_cpu_features=config.vm.tcg_cpu_features)
     build(hv, image, key, steps, boot_timeout=config.run.boot_timeout)
 
 

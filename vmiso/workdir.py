@@ -331,11 +331,14 @@ def flocked(path: Path, *, shared: bool = False, wait: bool = True, directory: b
         os.close(fd)
 
 
-def check_room(directory: Path, scratch_bytes: int, output_bytes: int) -> None:
-    """/tmp and /out are sparse files the job may fill: refuse a run that could fill the host's disk."""
+def check_room(directory: Path, scratch_bytes: int, output_bytes: int, input_bytes: int = 0) -> None:
+    """/tmp and /out are sparse files the job may fill, and the inputs are copied in:
+    refuse a run that could fill the host's disk."""
     free = shutil.disk_usage(directory).free
-    if free < scratch_bytes + output_bytes:
+    if free < scratch_bytes + output_bytes + input_bytes:
+        inputs = f", and the copy of its inputs {input_bytes // 1024**2} MiB," if input_bytes else ""
         raise VmisoError(f"the run's scratch space and /out need up to {scratch_bytes // 1024**2} MiB and "
-                         f"{output_bytes // 1024**2} MiB under {directory}, which has {free // 1024**2} MiB free",
+                         f"{output_bytes // 1024**2} MiB{inputs} under {directory}, which has "
+                         f"{free // 1024**2} MiB free",
                          "free space there, or give the job less with --scratch (run.scratch) "
-                         "or run.output_max_bytes")
+                         "or run.output_max_bytes" + (", or smaller inputs" if input_bytes else ""))

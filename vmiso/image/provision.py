@@ -42,7 +42,7 @@ from ..workdir import (
     remove_tree,
     shared_dir,
 )
-from . import sealcheck
+from . import inventory, sealcheck
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sources
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
@@ -274,6 +274,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
     socket_path = work / "link" / "ssh.sock"  # workdir.link_dir
     spec = DomainSpec(
         name=domain, memory_mib=config.provision.memory_mib, cpus=config.vm.cpus, accel=build.accel,
+        tcg_cpu_features=config.vm.tcg_cpu_features,  # what builds from source may compile for
         disks=(Disk(overlay, backing=((layer.rootfs, layer.rootfs_format),)), Disk(seed, format="raw", readonly=True)),
         console_log=build.console_log,
         boot=KernelBoot(kernel, initrd, f"root={layer.root_device} rw console=ttyS0 ds=nocloud"),
@@ -376,7 +377,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                          "pass --replace to rebuild it, or choose another --name")
     if final.exists():
         check_owner(Image(name, final), "replace")
-    accel_name = accel.resolve(config.accel)
+    accel_name = accel.resolve(config.accel, tcg_cpu_features=config.vm.tcg_cpu_features)
     if config.image.cloud_image is None:
         load_recipe(config.image.recipe)  # a bad recipe fails before anything is built
     elif not config.image.cloud_image.path.is_file():
@@ -437,6 +438,8 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             os.chmod(template, 0o444)
         with steps.step("check", "sshd, its config, vmiso's files and tini in the template, without booting it"):
             sealcheck.check_template(template, layer, work)
+        with steps.step("inventory", "what runs at every Python start, read from the template"):
+            startup = inventory.read_template(template, layer.root_device, work).as_dict()
         with steps.step("hash", "the template's sha256, the boot files"):
             digest = sha256_file(template)
             boot_sha256 = {}
@@ -469,6 +472,8 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                     "allow_list": [str(a) for a in allowed],
                     "refused": [item["host"] for item in record["refused"]],
                 },
+                # Read from the template whose sha256 is above: 'images verify' covers it.
+                "startup": startup,
                 "host_key": keys.host_public,
                 "accel": accel_name,
                 "vmiso": __version__,

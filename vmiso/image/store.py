@@ -11,6 +11,7 @@ image (sha256 of the template) is cached in their own directory.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import hashlib
 import json
@@ -151,9 +152,12 @@ def get_image(state_dir: Path, name: str) -> Image:
     check_name(name)
     image = Image(name, images_root(state_dir) / name)
     if not _is_image_dir(image.path) or not image.template.is_file():
-        known = ", ".join(i.name for i in list_images(state_dir)) or "none"
-        raise ImageError(f"no image named {name!r} in {images_root(state_dir)} (images: {known})",
-                         "build it with 'vmiso provision'")
+        names = [i.name for i in list_images(state_dir)]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = (f"did you mean {close[0]!r}?" if close
+                else f"build it with 'vmiso provision' (image.name {name!r} in its config)")
+        raise ImageError(f"no image named {name!r} in {images_root(state_dir)} "
+                         f"(images: {', '.join(names) or 'none'})", hint)
     return image
 
 
@@ -351,6 +355,7 @@ def summary(image: Image) -> dict:
         "created": manifest.get("created"),
         "sha256": manifest.get("sha256"),
         "packages": manifest.get("pip", []),
+        "startup": manifest.get("startup"),  # image.inventory: what runs at every Python start
         "source": manifest.get("source", {}),
         "path": str(image.path),
         "owner": _user_name(owner_of(image)),  # who may remove or replace it (and root)
