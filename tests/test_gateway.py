@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import secrets
 import shutil
 import signal
 import socket
@@ -22,7 +21,7 @@ from vmiso import config as config_mod, gateway, reaper
 from vmiso.config import Config, ImageConfig, PipOptions, ProvisionConfig
 from vmiso.errors import ConfigError
 
-from vmharness import make_state_root, remove_tree, wait_for
+from vmharness import make_state_root, network_namespace, remove_tree, wait_for
 
 
 def make(**provision) -> Config:
@@ -167,16 +166,10 @@ class Lan:
         return [json.loads(line) for line in self.seen_path.read_text().splitlines()]
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
 def lan(state):
     """Origins on 10.213.77.2 (ports 80, 443, 8080) and 169.254.77.2:80 in a network namespace of
     the test's own, and a hosts file for squid: names for them, and names that lead to loopback."""
-    tag = secrets.token_hex(3)
-    ns, outside, inside = f"vmisogw{tag}", f"vgw{tag}a", f"vgw{tag}b"
     root = state.parent
     seen_path = root / "seen.jsonl"
     listeners = [socket.socket(socket.AF_INET), socket.socket(socket.AF_INET6)]
@@ -192,31 +185,13 @@ def lan(state):
                      f"{LINK_LOCAL[1]} metadata.vmiso.test\n"
                      "127.0.0.1 loop.vmiso.test localhost\n::1 loop6.vmiso.test\n0.0.0.0 zero.vmiso.test\n")
     hosts.chmod(0o644)
-    _ip("netns", "add", ns)
-    origins = []
+    origin = [sys.executable, "-I", str(Path(__file__).with_name("netns_origin.py"))]
     try:
-        _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-        _ip("link", "set", inside, "netns", ns)
-        for address in (LAN[0], LINK_LOCAL[0]):
-            _ip("addr", "add", f"{address}/24", "dev", outside)
-        _ip("link", "set", outside, "up")
-        for address in (LAN[1], LINK_LOCAL[1]):
-            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", inside)
-        _ip("-n", ns, "link", "set", inside, "up")
-        _ip("-n", ns, "link", "set", "lo", "up")
-        origin = Path(__file__).with_name("netns_origin.py")
-        for address, ports in ((LAN[1], ORIGIN_PORTS), (LINK_LOCAL[1], (80,))):
-            process = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-I", str(origin), address,
-                                        str(seen_path), *map(str, ports)], stdout=subprocess.PIPE, text=True)
-            origins.append(process)
-            assert process.stdout.readline().strip() == "ready"
-        yield Lan(hosts, seen_path, port, hits)
+        with network_namespace([LAN, LINK_LOCAL],
+                               [[*origin, LAN[1], str(seen_path), *map(str, ORIGIN_PORTS)],
+                                [*origin, LINK_LOCAL[1], str(seen_path), "80"]]):
+            yield Lan(hosts, seen_path, port, hits)
     finally:
-        for process in origins:
-            process.terminate()
-            process.wait(10)
-        subprocess.run(["ip", "link", "del", outside], capture_output=True)
-        _ip("netns", "del", ns)
         for listener in listeners:
             listener.close()
 
@@ -454,3 +429,14 @@ def test_a_gateway_starts_beside_another_users_squid(state, lan):
         os.killpg(theirs.pid, signal.SIGTERM)
         theirs.wait(timeout=30)
         remove_tree(other)
+
+
+def test_a_hosts_file_is_checked_when_the_config_is_read_and_copied_when_the_gateway_starts(write, state):
+    with pytest.raises(ConfigError, match=r"provision\.hosts_file: .*missing is not a file"):
+        config_mod.load(write("h.yaml", "provision:\n  hosts_file: missing\n"), env={})
+    names = write("names", "10.213.77.2 index.vmiso.test\n")
+    assert config_mod.load(write("g.yaml", "provision:\n  hosts_file: names\n"), env={}).provision.hosts_file == names
+    names.unlink()  # gone between reading the config and starting the gateway
+    with pytest.raises(ConfigError, match="provision.hosts_file: cannot read"):
+        gateway.start(state, "t", (gateway.Allowed("index.vmiso.test", 443),), hosts_file=names)
+    assert list(gateway.gateways_root(state).iterdir()) == []  # nothing left behind

@@ -43,6 +43,7 @@ DEFAULT_FILE_HOST = "files.pythonhosted.org"
 PROXY_USER = "proxy"  # Debian's squid drops to this user when started as root
 RECORD = "gateway.json"
 CONFIG_FILE = "squid.conf"
+HOSTS_FILE = "hosts"  # provision.hosts_file, copied
 ACCESS_LOG = "access.log"
 PID_FILE = "squid.pid"
 KEY = "provision.allow_hosts"
@@ -268,7 +269,9 @@ def start(state_dir: Path, name: str, allowed: tuple[Allowed, ...], ready_second
 
     The supervisor, and squid after it, start with an empty environment: squid parses
     what hostile install-time code sends, and must not hold the analyst's agent socket,
-    home or session bus.  ``hosts_file``: squid's names before DNS (default /etc/hosts).
+    home or session bus.  ``hosts_file``: squid's names before DNS (default /etc/hosts),
+    copied into the gateway's directory as it starts, so that squid reads the copy (as the
+    user it runs as) and a later change to the file does not reach a running gateway.
     """
     squid = tools.which("squid")
     root = gateways_root(state_dir)
@@ -287,8 +290,18 @@ def start(state_dir: Path, name: str, allowed: tuple[Allowed, ...], ready_second
         os.chown(directory, entry.pw_uid, entry.pw_gid)
         user = PROXY_USER
     address = _free_address()
+    names = None
+    if hosts_file is not None:
+        names = directory / HOSTS_FILE
+        try:
+            names.write_bytes(hosts_file.read_bytes())
+        except OSError as err:
+            remove_tree(directory)
+            raise ConfigError(f"provision.hosts_file: cannot read {hosts_file}: {err.strerror}",
+                              "name a readable file in /etc/hosts format, or leave the key out") from None
+        os.chmod(names, 0o644)
     conf = directory / CONFIG_FILE
-    conf.write_text(squid_config(directory, address, allowed, user, hosts_file=hosts_file))
+    conf.write_text(squid_config(directory, address, allowed, user, hosts_file=names))
     os.chmod(conf, 0o644)
     process = tools.start_detached(tools.gateway_argv(str(conf)), env={})
     gateway = Gateway(directory, address, allowed, process)
