@@ -18,7 +18,9 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import termios
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -36,6 +38,7 @@ from vmharness import (
     VMISO,
     Streamed,
     make_state_root,
+    network_namespace,
     on_a_terminal,
     read_terminal,
     remove_tree,
@@ -665,14 +668,14 @@ def _probe_wheel(probe: dict) -> bytes:
     return buffer.getvalue()
 
 
+INDEX_LAN = ("10.213.78.1", "10.213.78.2")
+INDEX_PORT = 8080
+
+
 def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     """One provisioning behind the gateway, with install-time code (a .pth file) that tries every
     other way out: the host's loopback and addresses, QEMU's NAT gateway, the metadata address, DNS,
     the registry by address, and through the gateway an IP literal and a host not allowed."""
-    import http.server
-    import threading
-    import urllib.parse
-
     loopback_hits = []
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -680,54 +683,35 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     loop_port = listener.getsockname()[1]
     threading.Thread(target=lambda: loopback_hits.append(listener.accept()), daemon=True).start()
 
-    reports: list[dict] = []
-    files: dict[str, bytes] = {}
-
-    class Index(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            path = urllib.parse.urlsplit(self.path)
-            if path.path == "/report":
-                reports.append(json.loads(urllib.parse.parse_qs(path.query)["results"][0]))
-                body = b"ok"
-            elif path.path == "/simple/vmiso-gateway-probe/":
-                body = "".join(f'<a href="/files/{n}#sha256={hashlib.sha256(d).hexdigest()}">{n}</a>'
-                               for n, d in files.items()).encode()
-            elif path.path.startswith("/files/") and path.path[7:] in files:
-                body = files[path.path[7:]]
-            else:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html" if path.path.startswith("/simple/")
-                             else "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    index = f"http://localhost:{server.server_address[1]}"
+    # The extra index is a server in a network namespace of the test's own, named for the
+    # gateway by provision.hosts_file: the gateway connects to no loopback address.
+    files, report_log = tmp_path / "files", tmp_path / "reports.jsonl"
+    files.mkdir()
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text(f"{INDEX_LAN[1]} index.vmiso.test\n")
+    index = f"http://index.vmiso.test:{INDEX_PORT}"
     registry = socket.getaddrinfo("pypi.org", 443, socket.AF_INET)[0][4][0]
     probe = {
         "gateway_port": 3128,
         "report": f"{index}/report",
-        "direct": [["10.0.2.2", loop_port], ["169.254.169.254", 80], [registry, 443],
+        "direct": [["10.0.2.2", loop_port], ["169.254.169.254", 80], [registry, 443], [INDEX_LAN[1], INDEX_PORT],
                    *[[a, loop_port] for a in host_addresses()]],
         "refused": [f"{registry}:443", "blocked.invalid:443"],
     }
     wheel = _probe_wheel(probe)
-    files["vmiso_gateway_probe-1.0-py3-none-any.whl"] = wheel
+    (files / "vmiso_gateway_probe-1.0-py3-none-any.whl").write_bytes(wheel)
     requirements = TABULATE + f"vmiso-gateway-probe==1.0 --hash=sha256:{hashlib.sha256(wheel).hexdigest()}\n"
     config = write_config(tmp_path, image["state"], requirements=requirements, image={"name": "gw"},
-                          provision={"pip": {"extra_index_urls": [f"{index}/simple"]}})
+                          provision={"pip": {"extra_index_urls": [f"{index}/simple"]},
+                                     "hosts_file": str(hosts_file)})
+    server = [sys.executable, "-I", str(Path(__file__).with_name("netns_index.py")), INDEX_LAN[1], str(INDEX_PORT),
+              str(files), str(report_log)]
     try:
-        done = vmiso("provision", "-c", config, timeout=2400)
+        with network_namespace([INDEX_LAN], [server]):
+            done = vmiso("provision", "-c", config, timeout=2400)
     finally:
-        server.shutdown()
         listener.close()
+    reports = [json.loads(line) for line in report_log.read_text().splitlines()] if report_log.exists() else []
     assert done.returncode == 0, done.stderr
     assert reports, "the probe never reported through the gateway"
     results = reports[-1]
@@ -743,7 +727,7 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     shown = json.loads(vmiso("images", "-c", config, "show", "gw", "--json", check=True).stdout)
     contacted = {h["host"] for h in shown["gateway"]["contacted"]}
     refused = {h["host"] for h in shown["gateway"]["refused"]}
-    assert {"pypi.org:443", "files.pythonhosted.org:443", f"localhost:{server.server_address[1]}"} <= contacted
+    assert {"pypi.org:443", "files.pythonhosted.org:443", f"index.vmiso.test:{INDEX_PORT}"} <= contacted
     assert {"blocked.invalid:443", f"{registry}:443"} <= refused
     # The start-up inventory, read from the sealed template, names the install-time code.
     pth = {p["path"].rsplit("/", 1)[-1]: p["executes"] for p in shown["startup"]["pth"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
@@ -172,3 +173,40 @@ def on_a_terminal(argv: list[str], cwd: Path, env: dict[str, str], timeout: floa
         reader.join(30)
         os.close(master)
     return process.returncode, (stdout or b"").decode(), seen.decode(errors="replace")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def network_namespace(pairs: list[tuple[str, str]], servers: list[list[str]]):
+    """A network namespace of the test's own, joined to this one by a veth pair: each
+    (outside, inside) of ``pairs`` is a /24 address on this side and one in the namespace.
+    Each of ``servers`` is run in it (an argv that prints "ready" once it listens) until
+    the block ends; yields the namespace's name."""
+    tag = secrets.token_hex(3)
+    ns, outside, inside = f"vmisons{tag}", f"vns{tag}a", f"vns{tag}b"
+    _ip("netns", "add", ns)
+    started: list[subprocess.Popen] = []
+    try:
+        _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+        _ip("link", "set", inside, "netns", ns)
+        for address, _ in pairs:
+            _ip("addr", "add", f"{address}/24", "dev", outside)
+        _ip("link", "set", outside, "up")
+        for _, address in pairs:
+            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", inside)
+        _ip("-n", ns, "link", "set", inside, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        for argv in servers:
+            process = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE, text=True)
+            started.append(process)
+            assert process.stdout is not None and process.stdout.readline().strip() == "ready", argv
+        yield ns
+    finally:
+        for process in started:
+            process.terminate()
+            process.wait(10)
+        subprocess.run(["ip", "link", "del", outside], capture_output=True)
+        _ip("netns", "del", ns)

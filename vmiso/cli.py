@@ -313,7 +313,7 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
         return
     _say(f"gateway record: {gateway['record']} (sha256 {gateway['sha256']}, checked)")
     _say("allowed: " + (", ".join(gateway["allow_list"]) or "-"))
-    for title, key in (("contacted", "contacted"), ("refused", "refused")):
+    for title, key in (("contacted", "contacted"), ("refused", "refused"), ("failed", "failed")):
         rows = gateway[key]
         _say(f"{title}: {'-' if not rows else ''}")
         for row in rows:

@@ -104,6 +104,10 @@ class ProvisionConfig:
     # Hosts (HOST or HOST:PORT; port 443 when none is given) the provisioning VM's
     # gateway may forward to besides those the index URLs and the mirror imply.
     allow_hosts: tuple[str, ...] = ()
+    # Names the gateway looks up here before DNS, in /etc/hosts format (None: /etc/hosts):
+    # for a mirror the host's resolver does not know.  Loopback and link-local addresses
+    # are refused whatever a name resolves to.
+    hosts_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,10 @@ def _check_gateway(config: Config) -> None:
     for i, url in enumerate(pip.extra_index_urls):
         check_no_credentials(url, f"provision.pip.extra_index_urls[{i}]")
     allow_list(config)  # every URL and provision.allow_hosts entry parses
+    hosts_file = config.provision.hosts_file
+    if hosts_file is not None and not hosts_file.is_file():
+        raise ConfigError(f"provision.hosts_file: {hosts_file} is not a file",
+                          "name a file in /etc/hosts format (ADDRESS NAME...), or leave the key out")
 
 
 def load(path: Path | None, env: typing.Mapping[str, str] | None = None) -> Config:

@@ -98,11 +98,13 @@ def log_tail(path: Path, lines: int = 8) -> str:
 Detached = subprocess.Popen
 
 
-def start_detached(argv: Sequence[str]) -> Detached:
+def start_detached(argv: Sequence[str], env: dict[str, str] | None = None) -> Detached:
     """Start ``argv`` in a session of its own (no signal from this process's terminal
-    reaches it), with a pipe on its stdin and no output."""
+    reaches it), with a pipe on its stdin and no output.  ``env``: its whole environment
+    (None: this process's)."""
     return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, cwd="/")
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, cwd="/",
+                            env=env)
 
 
 def start_server(argv: Sequence[str], log: BinaryIO) -> Detached:

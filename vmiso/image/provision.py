@@ -415,7 +415,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
         apt_urls = read_apt_sources(layer, work) if config.image.cloud_image is not None else []
         allowed = gateway.allow_list(config, apt_urls, warn=True)
         with steps.step("proxy", "the gateway, forwarding only to " + ", ".join(map(str, allowed))):
-            gw = gateway.start(home, name, allowed)
+            gw = gateway.start(home, name, allowed, hosts_file=config.provision.hosts_file)
             undo.callback(gw.remove)
             undo.callback(gw.stop)
         build = _Build(config, hv, name, steps, work, console_log, accel_name, gw)
