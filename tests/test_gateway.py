@@ -440,3 +440,35 @@ def test_a_hosts_file_is_checked_when_the_config_is_read_and_copied_when_the_gat
     with pytest.raises(ConfigError, match="provision.hosts_file: cannot read"):
         gateway.start(state, "t", (gateway.Allowed("index.vmiso.test", 443),), hosts_file=names)
     assert list(gateway.gateways_root(state).iterdir()) == []  # nothing left behind
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").iterdir():
+            children = [int(c) for c in (task / "children").read_text().split()]
+            found += children
+            todo += children
+    return found
+
+
+@needs_squid
+@needs_root
+def test_the_process_that_parses_guest_bytes_has_no_environment_and_is_not_the_caller(state, monkeypatch):
+    # The analyst's agent socket, home and session bus must not reach what hostile code talks to.
+    monkeypatch.setenv("SSH_AUTH_SOCK", "/run/user/1000/agent.sock")
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/run/user/1000/bus")
+    gw = gateway.start(state, "t", (gateway.Allowed("localhost", 9),))
+    try:
+        processes = [gw.process.pid, *_descendants(gw.process.pid)]
+        assert len(processes) >= 2  # the supervisor and squid (in the foreground: -N)
+        for pid in processes:  # (Python's C-locale coercion sets LC_CTYPE, and passes nothing else)
+            names = {v.split(b"=", 1)[0] for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if v}
+            assert names <= {b"LC_CTYPE"}, (pid, names)
+        proxy = pwd.getpwnam(gateway.PROXY_USER).pw_uid
+        uids = {pid: int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                             if line.startswith("Uid:")).split()[2]) for pid in processes}
+        assert uids[processes[-1]] == proxy, uids  # squid, once it reads requests: its own user
+    finally:
+        gw.stop()
+        gw.remove()
