@@ -112,20 +112,26 @@ def test_access_log_becomes_requests_and_a_summary_that_counts_only_contact():
            "1795809744.710 - - - 0 NONE_NONE 0 0 - ERR_CLIENT_GONE\n"
            "1795809744.720 GET deb.debian.org 80 503 TCP_MISS 90 3300 - ERR_CONNECT_FAIL\n"
            "1795809744.818 GET deb.debian.org 80 200 TCP_MISS 158 149469 199.232.22.132 -\n"
-           "1795809744.819 HEAD deb.debian.org 80 200 TCP_MISS 159 300 199.232.22.132 -\n")
+           "1795809744.819 HEAD deb.debian.org 80 200 TCP_MISS 159 300 199.232.22.132 -\n"
+           # Forwarded, then a 400 of the origin's own, or the guest hanging up mid-tunnel:
+           # what the guest sent reached the host, so it is contact, never "refused".
+           "1795809744.820 GET deb.debian.org 80 400 TCP_MISS 9000 200 199.232.22.132 -\n"
+           "1795809744.830 CONNECT pypi.org 443 200 TCP_TUNNEL 70000 10 151.101.0.223 ERR_CLIENT_GONE\n")
     entries = gateway.parse_access_log(log)
-    assert len(entries) == 8  # nothing vanishes, a line squid did not write in vmiso's format included
+    assert len(entries) == 10  # nothing vanishes, a line squid did not write in vmiso's format included
     assert entries[1] == {"time": 1795809744.673, "method": "CONNECT", "host": "evil.example", "port": 443,
                           "outcome": "refused", "allowed": False, "status": 403, "result": "TCP_DENIED",
                           "error": "ERR_ACCESS_DENIED", "upstream": None, "bytes_from_guest": 114,
                           "bytes_to_guest": 3386}
     assert [e["outcome"] for e in entries] == ["contacted", "refused", "malformed", "malformed", "malformed",
-                                               "failed", "contacted", "contacted"]
+                                               "failed", "contacted", "contacted", "contacted", "contacted"]
     assert entries[2]["line"] == "garbage line"
     summary = gateway.summarize(entries)
     assert [(h["host"], h["method"]) for h in summary["contacted"]] == [
         ("deb.debian.org:80", "GET"), ("deb.debian.org:80", "HEAD"), ("pypi.org:443", "CONNECT")]
     assert summary["contacted"][2]["upstream"] == ["151.101.0.223"]
+    assert [h["connections"] for h in summary["contacted"]] == [2, 1, 2]
+    assert summary["contacted"][2]["bytes_from_guest"] == 892 + 70000
     assert [(h["host"], h["method"]) for h in summary["refused"]] == [
         ("-", "-"), ("-", "garbage"), ("evil.example:443", "CONNECT")]
     assert [(h["host"], h["connections"]) for h in summary["failed"]] == [("deb.debian.org:80", 1)]

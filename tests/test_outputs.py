@@ -4,6 +4,7 @@ import pty
 import stat
 import subprocess
 import sys
+import time
 import unicodedata
 
 import pytest
@@ -475,3 +476,16 @@ def test_a_repository_split_by_commondir_is_refused_in_both_halves(share, tmp_pa
     refused = dict(report.refused)
     assert set(refused) == {"common", "wt"}
     assert "git config" in refused["common"] and "git repository" in refused["wt"]
+
+
+def test_a_huge_config_is_taken_as_a_repositorys_unread(tmp_path):
+    # A sparse 8 TiB "config" would be read to its end before any size was counted.
+    (tmp_path / "config").touch()
+    os.truncate(tmp_path / "config", 8 * 1024**4)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        started = time.monotonic()
+        assert "config" in outputs.repository_markers(fd)
+        assert time.monotonic() - started < 1
+    finally:
+        os.close(fd)

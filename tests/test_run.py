@@ -465,8 +465,9 @@ def test_a_failure_the_vms_rules_explain_gets_one_line_each_and_the_jobs_output_
     assert err == said
     offline, module, read_only = result.hints
     assert offline.startswith("this run has no network, on purpose")
-    assert module == ("image x has no module 'matplotlib': see what it holds with 'vmiso images show x'; "
-                      "add the package to the requirements and provision again")
+    assert module == ("the job's output says image x has no module 'matplotlib': see what it holds with "
+                      "'vmiso images show x'; to add a package, name it in the requirements from a source "
+                      "you trust and provision again")
     assert read_only.startswith("/in is read-only: write results to /out")
     # A job that succeeds, or fails for reasons of its own, gets no hint.
     assert do_run(config, FakeHypervisor(), request(), FakeConnect(says(0, said)))[0].hints == ()

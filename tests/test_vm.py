@@ -512,8 +512,8 @@ def test_a_failure_that_the_vms_rules_explain_is_explained(image):
     assert "Temporary failure in name resolution" in done.stderr  # the job's own words, first
     assert "ModuleNotFoundError: No module named 'matplotlib'" in done.stderr
     assert "vmiso: this run has no network, on purpose" in done.stderr
-    assert "vmiso: image it has no module 'matplotlib': see what it holds with 'vmiso images show it'" \
-        in done.stderr
+    assert ("vmiso: the job's output says image it has no module 'matplotlib': see what it holds with "
+            "'vmiso images show it'") in done.stderr
     assert leftovers(image["state"]) == []
 
 

@@ -377,10 +377,12 @@ OUTCOMES = ("contacted", "refused", "malformed", "failed")
 def _outcome(raw: dict[str, str]) -> str:
     if raw["result"] == "TCP_DENIED" or raw["error"] == "ERR_ACCESS_DENIED":
         return "refused"
-    if raw["host"] == "-" or raw["status"] == "400" or raw["error"].startswith(("ERR_INVALID", "ERR_CLIENT")):
-        return "malformed"
+    # Before any sign of a bad request: a request squid forwarded reached the host, whatever
+    # came of it (the origin's own 400, the guest hanging up mid-transfer: ERR_CLIENT_GONE).
     if raw["upstream"] != "-":
         return "contacted"
+    if raw["host"] == "-" or raw["status"] == "400" or raw["error"].startswith(("ERR_INVALID", "ERR_CLIENT")):
+        return "malformed"
     return "failed"
 
 

@@ -169,15 +169,24 @@ def tool_file_problem(name: str) -> str | None:
     return _accept_hint(reason) if reason else None
 
 
+# A git config is small: one larger than this is taken as one, unread (a sparse file of
+# terabytes would otherwise be read to its end before any size is counted).
+_CONFIG_READ_MAX = 1024 * 1024
+
+
 def _has_git_section(dir_fd: int) -> bool:
-    """Whether ``config`` in ``dir_fd`` is a regular file with a section git acts on, read to its end."""
+    """Whether ``config`` in ``dir_fd`` is a regular file with a section git acts on, read to its end
+    (or larger than _CONFIG_READ_MAX, and so taken as one without reading it)."""
     try:
         fd = os.open("config", tree.OPEN_FILE, dir_fd=dir_fd)
     except OSError:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             return False
+        if info.st_size > _CONFIG_READ_MAX:
+            return True
         tail = b""
         while block := os.read(fd, _CHUNK):
             if _GIT_SECTION.search(tail + block):

@@ -186,8 +186,10 @@ def failure_hints(tail: bytes, image: str) -> tuple[str, ...]:
                      "route out; give the job what it needs with -i")
     if found := _NO_MODULE.findall(tail):
         module = found[-1].decode()
-        hints.append(f"image {image} has no module {module!r}: see what it holds with 'vmiso images show "
-                     f"{image}'; add the package to the requirements and provision again")
+        # The name is the job's to choose: vmiso names no package to install (a typosquat's lure).
+        hints.append(f"the job's output says image {image} has no module {module!r}: see what it holds "
+                     f"with 'vmiso images show {image}'; to add a package, name it in the requirements "
+                     "from a source you trust and provision again")
     if _READ_ONLY_IN.search(tail):
         hints.append(f"{GUEST_IN} is read-only: write results to {GUEST_OUT} ($VMISO_OUT) and copy them "
                      "out with -o")
