@@ -93,7 +93,7 @@ step pip
 # system store, where cloud-init put the configured CAs.
 export PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 export PIP_PROXY="$PROXY" HTTP_PROXY="$PROXY" HTTPS_PROXY="$PROXY" http_proxy="$PROXY" https_proxy="$PROXY"
-# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL and PIP_REQUIRE_HASHES come from $CONF.
+# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_TRUSTED_HOST and PIP_REQUIRE_HASHES come from $CONF.
 if [ -s /var/lib/vmiso/requirements.txt ]; then
     run as_build "$VENV/bin/pip" install --no-input -r /var/lib/vmiso/requirements.txt
 fi

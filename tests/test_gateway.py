@@ -123,7 +123,7 @@ def test_access_log_becomes_requests_and_a_summary_that_counts_only_contact():
                           "outcome": "refused", "allowed": False, "status": 403, "result": "TCP_DENIED",
                           "error": "ERR_ACCESS_DENIED", "upstream": None, "bytes_from_guest": 114,
                           "bytes_to_guest": 3386}
-    assert [e["outcome"] for e in entries] == ["contacted", "refused", "malformed", "malformed", "malformed",
+    assert [e["outcome"] for e in entries] == ["contacted", "refused", "malformed", "malformed", "empty",
                                                "failed", "contacted", "contacted", "contacted", "contacted"]
     assert entries[2]["line"] == "garbage line"
     summary = gateway.summarize(entries)
@@ -133,8 +133,10 @@ def test_access_log_becomes_requests_and_a_summary_that_counts_only_contact():
     assert [h["connections"] for h in summary["contacted"]] == [2, 1, 2]
     assert summary["contacted"][2]["bytes_from_guest"] == 892 + 70000
     assert [(h["host"], h["method"]) for h in summary["refused"]] == [
-        ("-", "-"), ("-", "garbage"), ("evil.example:443", "CONNECT")]
+        ("-", "-"), ("-", "garbage"), ("evil.example:443", "CONNECT")]  # the unreadable line's method is "-"
     assert [(h["host"], h["connections"]) for h in summary["failed"]] == [("deb.debian.org:80", 1)]
+    # A connection that sent nothing asked for nothing: counted, never shown as a refused request.
+    assert summary["empty"] == 1
 
 
 # --- a real squid, with vmiso's config, and origins of the test's own in a network namespace ------
@@ -329,13 +331,14 @@ def test_the_record_counts_only_what_reached_an_origin(state, lan):
     allowed = (gateway.Allowed("index.vmiso.test", 443), gateway.Allowed("mirror.vmiso.test", 80, "http"))
     gw = gateway.start(state, "t", allowed, hosts_file=lan.hosts_file)
     try:
+        # First, so that squid has long read its end before it stops.
+        socket.create_connection(gw.address).close()  # asks nothing
         _ask(gw.address, _connect("index.vmiso.test:443"), then=_get("/", "index.vmiso.test"))
         _ask(gw.address, _get("http://mirror.vmiso.test/a", "mirror.vmiso.test"))
         _ask(gw.address, _get("http://mirror.vmiso.test/a", "mirror.vmiso.test", "HEAD"))
         _ask(gw.address, _connect("mirror.vmiso.test:80"), then=_get("/", "other.vmiso.test"))
         _ask(gw.address, _get("http://mirror.vmiso.test/a", "mirror.vmiso.test", "POST"))
         _ask(gw.address, b"NOT HTTP AT ALL\r\n\r\n")
-        socket.create_connection(gw.address).close()  # asks nothing
     finally:
         gw.stop()
     record_path = state.parent / "gateway.json"
@@ -351,7 +354,10 @@ def test_the_record_counts_only_what_reached_an_origin(state, lan):
     record = json.loads(record_path.read_text())
     assert record["allow_list"] == ["index.vmiso.test:443", "http://mirror.vmiso.test:80"]
     assert sum(1 for c in record["connections"] if c["outcome"] == "contacted") == 3
-    assert len(record["connections"]) >= 7  # squid started without a probe of vmiso's in the log
+    # The connection that asked nothing is kept and counted, not refused; and it is the only
+    # one: squid started without a probe of vmiso's in the log.
+    assert summary["empty"] == 1 and ("-", "-") not in refused
+    assert len(record["connections"]) == 7
 
 
 @needs_squid

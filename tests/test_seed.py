@@ -59,6 +59,14 @@ def test_provision_env_quotes_values():
     assert "export PIP_INDEX_URL='https://idx.example/simple?a=1&b='\"'\"'2'\"'\"''\n" in env
     assert "export PIP_EXTRA_INDEX_URL='https://a https://b'\n" in env
     assert "export PIP_REQUIRE_HASHES=1\n" in env
+    assert "PIP_TRUSTED_HOST" not in env  # an https index keeps its certificate check
+
+
+def test_a_plain_http_index_is_trusted_by_host_and_port_only():
+    env = provision_env(inputs(pip=PipOptions(index_url="https://pypi.example/simple",
+                                              extra_index_urls=("http://mirror.example:8080/simple",
+                                                                "http://mirror.example:8080/other"))))
+    assert "export PIP_TRUSTED_HOST=mirror.example:8080\n" in env
 
 
 def test_provision_env_refuses_bad_package_names():

@@ -369,12 +369,15 @@ def end_orphan(directory: Path) -> None:
 
 # What became of one request, from squid's log: "contacted" only when squid connected
 # to an upstream address for it; "refused" when the rules said no; "malformed" when
-# squid could not read a request at all (no host, a bad request line, a connection
-# closed before it asked); "failed" when it was allowed but squid reached nothing.
-OUTCOMES = ("contacted", "refused", "malformed", "failed")
+# squid could not read a request at all (no host, a bad request line, bytes that were
+# not HTTP); "failed" when it was allowed but squid reached nothing; "empty" when a
+# connection closed having sent nothing (the guest's own wait for the gateway makes one).
+OUTCOMES = ("contacted", "refused", "malformed", "failed", "empty")
 
 
 def _outcome(raw: dict[str, str]) -> str:
+    if raw["method"] == "-" and raw["host"] == "-" and raw["bytes_from_guest"] == "0":
+        return "empty"
     if raw["result"] == "TCP_DENIED" or raw["error"] == "ERR_ACCESS_DENIED":
         return "refused"
     # Before any sign of a bad request: a request squid forwarded reached the host, whatever
@@ -432,7 +435,8 @@ def summarize(entries: list[dict]) -> dict:
     """Per outcome, one row per host:port and method, with request counts, bytes and upstream addresses.
 
     "refused" holds the malformed requests too (host "-" when squid read none): only a
-    request squid forwarded to an upstream address counts as contact.
+    request squid forwarded to an upstream address counts as contact.  "empty" counts the
+    connections that sent nothing: they asked for nothing and reached nothing.
     """
     def rows(outcomes: tuple[str, ...]) -> list[dict]:
         seen: dict[tuple[str, str], dict] = {}
@@ -450,7 +454,7 @@ def summarize(entries: list[dict]) -> dict:
                 item["upstream"].append(e["upstream"])
         return sorted(seen.values(), key=lambda i: (i["host"], i["method"]))
     return {"contacted": rows(("contacted",)), "refused": rows(("refused", "malformed")),
-            "failed": rows(("failed",))}
+            "failed": rows(("failed",)), "empty": sum(1 for e in entries if e.get("outcome") == "empty")}
 
 
 def write_record(gateway: Gateway, target: Path) -> dict:

@@ -8,6 +8,7 @@ differ per image are added here as dicts and everything is written with
 from __future__ import annotations
 
 import shlex
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def provision_env(inputs: SeedInputs) -> str:
         values["PIP_INDEX_URL"] = inputs.pip.index_url
     if inputs.pip.extra_index_urls:
         values["PIP_EXTRA_INDEX_URL"] = " ".join(inputs.pip.extra_index_urls)
+    # pip ignores a plain-http index unless told to trust its host:port; the gateway forwards
+    # only GET and HEAD to it, and hashes in the requirements are what vouch for its files.
+    # An https index is never named here (pip would stop checking its certificate).
+    plain = [urlsplit(url).netloc.rpartition("@")[2] for url in (inputs.pip.index_url, *inputs.pip.extra_index_urls)
+             if url and urlsplit(url).scheme == "http"]
+    if plain:
+        values["PIP_TRUSTED_HOST"] = " ".join(dict.fromkeys(plain))
     if inputs.require_hashes:
         values["PIP_REQUIRE_HASHES"] = "1"
     return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items())
