@@ -8,9 +8,9 @@ differ per image are added here as dicts and everything is written with
 from __future__ import annotations
 
 import shlex
-from urllib.parse import urlsplit
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
