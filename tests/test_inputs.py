@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -128,6 +129,10 @@ def test_two_inputs_with_one_name_are_refused(tmp_path):
 def test_missing_and_special_inputs_are_refused(tmp_path):
     with pytest.raises(VmisoError, match="does not exist"):
         check_inputs((tmp_path / "missing",), LIMITS)
+    # The whole file system has no name under /in (and would be the analyst's every file).
+    with pytest.raises(VmisoError, match="input / is the root directory") as err:
+        check_inputs((Path("/"),), LIMITS)
+    assert "each with -i" in err.value.hint
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(tmp_path / "s"))
     try:

@@ -489,3 +489,38 @@ def test_a_huge_config_is_taken_as_a_repositorys_unread(tmp_path):
         assert time.monotonic() - started < 1
     finally:
         os.close(fd)
+
+
+def test_repository_names_are_matched_whatever_their_case(tmp_path):
+    # Copied to a case-insensitive file system (exFAT, APFS, a Windows share), git opens
+    # "Head", "REFS" and "Config" as HEAD, refs and config.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "Head").write_text("ref: refs/heads/main\n")
+    (repo / "REFS").mkdir()
+    (repo / "Config").write_text("[CORE]\n\tfsmonitor = sh evil\n")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "Objects").mkdir()  # no HEAD under any case: a directory like any other
+    (plain / "CONFIG").write_text("[server]\nport = 8080\n")
+    for path, expected in ((repo, {"Head", "Config"}), (plain, set())):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert outputs.repository_markers(fd) == expected
+        finally:
+            os.close(fd)
+
+
+def test_a_copy_takes_the_checked_size_and_no_more(tmp_path):
+    # The limits were counted from the first walk's sizes: a file longer than that now
+    # (or shorter) is an error, never copied to its end.
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    for planned, expected in ((100, 100), (99, None), (101, None)):
+        fd_in = os.open(tmp_path / "f", os.O_RDONLY)
+        fd_out = os.open(tmp_path / f"copy{planned}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            copied = outputs._copy(fd_in, fd_out, planned)
+        finally:
+            os.close(fd_in)
+        assert (copied[0] if copied else None) == expected
+    assert (tmp_path / "copy99").stat().st_size == 99  # it stopped at the size it was given

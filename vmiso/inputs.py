@@ -71,6 +71,9 @@ def check_inputs(inputs: tuple[Path, ...], limits: InputLimits) -> int:
     for path in inputs:
         if not path.exists():
             raise VmisoError(f"input {path} does not exist")
+        if not _name(path):
+            raise VmisoError(f"input {path} is the root directory: it has no name to appear under {GUEST_IN}",
+                             "give the files or directories the job needs, each with -i")
         if not (path.is_file() or path.is_dir()):
             raise VmisoError(f"input {path} is neither a file nor a directory")
         name = _name(path)
@@ -131,12 +134,12 @@ def _stage_one(path: Path, staging_fd: int | None, tally: _Tally) -> None:
 def _walk_directory(root_fd: int, root: Path, out_fd: int | None, tally: _Tally) -> None:
     """Every entry below ``root_fd`` checked, counted and, when ``out_fd`` is given, copied into it."""
     def unreadable(where: tree.DirPath, name: str | None, err: OSError) -> None:
-        raise VmisoError(f"cannot read input {root}/{tree.shorten(where.path(name))}: {err.strerror or err}")
+        raise VmisoError(f"cannot read input {root / tree.shorten(where.path(name))}: {err.strerror or err}")
 
     out = tree.DirPath(out_fd) if out_fd is not None else None
     try:
         for entry in tree.walk(root_fd, sort=True, on_error=unreadable):
-            shown = f"{root}/{tree.shorten(entry.path())}"
+            shown = root / tree.shorten(entry.path())
             if stat.S_ISLNK(entry.st.st_mode):
                 raise VmisoError(f"input refused: {shown} is a symbolic link; vmiso follows no link inside an input",
                                  "replace it by what it points to, or give that as an input of its own (-i)")

@@ -174,11 +174,11 @@ def tool_file_problem(name: str) -> str | None:
 _CONFIG_READ_MAX = 1024 * 1024
 
 
-def _has_git_section(dir_fd: int) -> bool:
-    """Whether ``config`` in ``dir_fd`` is a regular file with a section git acts on, read to its end
+def _has_git_section(dir_fd: int, name: str = "config") -> bool:
+    """Whether ``name`` in ``dir_fd`` is a regular file with a section git acts on, read to its end
     (or larger than _CONFIG_READ_MAX, and so taken as one without reading it)."""
     try:
-        fd = os.open("config", tree.OPEN_FILE, dir_fd=dir_fd)
+        fd = os.open(name, tree.OPEN_FILE, dir_fd=dir_fd)
     except OSError:
         return False
     try:
@@ -205,11 +205,16 @@ def repository_markers(dir_fd: int) -> set[str]:
     may be elsewhere), or a config with a [core] or [include] section.  Without
     the names returned the directory is none.
     """
-    names = set(os.listdir(dir_fd))
-    layout = "HEAD" in names and bool(names & {"objects", "refs", "commondir"})
-    markers = names & {"HEAD", "commondir", "config"} if layout else set()
-    if "config" in names and _has_git_section(dir_fd):
-        markers.add("config")
+    # Compared without case: copied to a case-insensitive file system (exFAT, a Mac's
+    # APFS, a Windows share), "Head" and "OBJECTS" are the HEAD and objects git opens.
+    names: dict[str, set[str]] = {}
+    for name in os.listdir(dir_fd):
+        names.setdefault(name.casefold(), set()).add(name)
+    layout = "head" in names and bool(names.keys() & {"objects", "refs", "commondir"})
+    markers = set().union(*(names[n] for n in names.keys() & {"head", "commondir", "config"})) if layout else set()
+    for config in sorted(names.get("config", ())):
+        if _has_git_section(dir_fd, config):
+            markers.add(config)
     return markers
 
 
@@ -244,16 +249,19 @@ def _entry_problem(entry: tree.Entry) -> str | None:
     return None
 
 
-def _copy(fd_in: int, fd_out: int) -> tuple[int, str]:
+def _copy(fd_in: int, fd_out: int, planned: int) -> tuple[int, str] | None:
+    """Copy ``planned`` bytes and check that nothing follows them; None when the file was not that size."""
     digest = hashlib.sha256()
     size = 0
     try:
-        while block := os.read(fd_in, _CHUNK):
+        while size < planned and (block := os.read(fd_in, min(_CHUNK, planned - size))):
             digest.update(block)
             size += len(block)
             view = memoryview(block)
             while view:
                 view = view[os.write(fd_out, view):]
+        if size != planned or os.read(fd_in, 1):
+            return None
     finally:
         os.close(fd_out)
     return size, digest.hexdigest()
@@ -423,7 +431,10 @@ def _copy_entry(entry: tree.Entry, out: tree.DirPath) -> OutputFile | None:
     except OSError as err:  # TreeChanged among them: a directory of --output was moved meanwhile
         raise OutputError(f"cannot copy {tree.shorten(rel)}: {err.strerror or err}") from None
     try:
-        size, digest = _copy(fd_in, _create(entry.name, out.fd, rel))
+        copied = _copy(fd_in, _create(entry.name, out.fd, rel), entry.st.st_size)
     except OSError as err:
         raise OutputError(f"cannot copy {tree.shorten(rel)}: {err.strerror or err}") from None
-    return OutputFile(rel, size, digest)
+    if copied is None:
+        raise OutputError(f"{tree.shorten(rel)} in /out changed size while it was copied",
+                          "nothing may write to it once the VM is gone; run the job again")
+    return OutputFile(rel, *copied)
