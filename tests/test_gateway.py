@@ -484,3 +484,27 @@ def test_the_process_that_parses_guest_bytes_has_no_environment_and_is_not_the_c
     finally:
         gw.stop()
         gw.remove()
+
+
+@needs_squid
+def test_the_kernel_caps_what_the_gateway_writes(state):
+    # A guest that floods the gateway with requests must not fill the host's disk: past the
+    # cap squid's write fails and squid ends, so the provisioning fails rather than goes on.
+    cap = 256 * 1024
+    gw = gateway.start(state, "t", (gateway.Allowed("localhost", 9),), file_max_bytes=cap)
+    name = b"x" * 200 + b".example"
+    request = b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (name, name)
+    try:
+        for _ in range(10 * cap // len(request)):
+            try:
+                _ask(gw.address, request)
+            except ConnectionRefusedError:
+                break
+        else:
+            pytest.fail("squid went on past the cap")
+        gw.process.wait(10)  # its supervisor ends with it
+        assert gw.access_log.stat().st_size == cap
+        assert gateway.stopped_reason(gw) == "its record reached 256 KiB, the most a gateway may write"
+    finally:
+        gw.stop()
+        gw.remove()

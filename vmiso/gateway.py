@@ -21,6 +21,7 @@ import logging
 import os
 import pwd
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -229,6 +230,7 @@ class Gateway:
     address: tuple[str, int]
     allowed: tuple[Allowed, ...]
     process: tools.Detached
+    file_max_bytes: int = 0
 
     @property
     def access_log(self) -> Path:
@@ -263,8 +265,15 @@ def _listening(directory: Path, address: tuple[str, int]) -> bool:
     return "Accepting HTTP Socket connections at conn" in text and f"local={address[0]}:{address[1]} " in text
 
 
+# The largest file squid may write, its access.log above all: install-time code could
+# otherwise fill the host's disk with requests.  The kernel holds it (RLIMIT_FSIZE): past
+# it squid's write fails and squid ends, so the provisioning fails with its record whole
+# up to that point (stopped_reason says so).  A provisioning writes a few KiB.
+FILE_MAX_BYTES = 64 * 1024 * 1024
+
+
 def start(state_dir: Path, name: str, allowed: tuple[Allowed, ...], ready_seconds: float = 30, *,
-          hosts_file: Path | None = None) -> Gateway:
+          hosts_file: Path | None = None, file_max_bytes: int = FILE_MAX_BYTES) -> Gateway:
     """Start squid for one provisioning, under a supervisor that ends it when this vmiso ends.
 
     The supervisor, and squid after it, start with an empty environment: squid parses
@@ -303,8 +312,8 @@ def start(state_dir: Path, name: str, allowed: tuple[Allowed, ...], ready_second
     conf = directory / CONFIG_FILE
     conf.write_text(squid_config(directory, address, allowed, user, hosts_file=names))
     os.chmod(conf, 0o644)
-    process = tools.start_detached(tools.gateway_argv(str(conf)), env={})
-    gateway = Gateway(directory, address, allowed, process)
+    process = tools.start_detached(tools.gateway_argv(str(conf), file_max_bytes), env={})
+    gateway = Gateway(directory, address, allowed, process, file_max_bytes)
     deadline = time.monotonic() + ready_seconds
     while time.monotonic() < deadline:
         if not gateway.running():
@@ -319,12 +328,29 @@ def start(state_dir: Path, name: str, allowed: tuple[Allowed, ...], ready_second
     raise ToolError(f"the gateway (squid) did not listen within {ready_seconds:.0f} s", program=squid)
 
 
-def supervise(conf: str) -> int:
-    """``python -m vmiso _gateway CONF``: run squid until stdin (vmiso's pipe) closes, then end it.
+def stopped_reason(gateway: Gateway) -> str | None:
+    """Why the gateway ended before its provisioning did, when it was the cap; else None."""
+    if gateway.running():
+        return None
+    try:
+        size = gateway.access_log.stat().st_size
+    except OSError:
+        return None
+    if not gateway.file_max_bytes or size < gateway.file_max_bytes:
+        return None
+    cap = gateway.file_max_bytes
+    shown = f"{cap // 2**20} MiB" if cap >= 2**20 else f"{cap // 1024} KiB"
+    return f"its record reached {shown}, the most a gateway may write"
+
+
+def supervise(conf: str, file_max_bytes: int) -> int:
+    """``python -m vmiso _gateway CONF BYTES``: run squid until stdin (vmiso's pipe) closes, then end it.
 
     vmiso holds the pipe for the length of a provisioning; however vmiso ends (even
-    by SIGKILL) the pipe closes and squid goes with it.
+    by SIGKILL) the pipe closes and squid goes with it.  squid inherits the cap on
+    the size of any file it writes (FILE_MAX_BYTES).
     """
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_max_bytes, file_max_bytes))
     return tools.run_while_piped(tools.squid_argv(conf), STOP_SECONDS)
 
 

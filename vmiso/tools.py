@@ -180,9 +180,9 @@ def squid_argv(conf: str) -> list[str]:
     return ["squid", "-N", "-n", service, "-f", conf]
 
 
-def gateway_argv(conf: str) -> list[str]:
+def gateway_argv(conf: str, file_max_bytes: int) -> list[str]:
     # The supervisor of a provisioning's squid (vmiso.gateway.supervise), as watchdog_argv.
-    return [sys.executable, "-I", "-m", "vmiso", "_gateway", conf]
+    return [sys.executable, "-I", "-m", "vmiso", "_gateway", conf, str(file_max_bytes)]
 
 
 # --- qemu-img -----------------------------------------------------------------------

@@ -422,7 +422,10 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
         try:
             report = _boot_and_provision(build, layer, requirements, keys, undo)
         except ProvisionError as err:
-            if refused := gateway.refused_hosts(gw):
+            if stopped := gateway.stopped_reason(gw):
+                err.hint = (f"the gateway stopped: {stopped}; install-time code flooded it with requests: "
+                            "look at what the requirements pull in")
+            elif refused := gateway.refused_hosts(gw):
                 err.hint = (f"the gateway refused {', '.join(refused)}: a host not in the allow-list; "
                             f"if the image needs it, add it to {gateway.KEY}")
             raise
