@@ -63,10 +63,15 @@ def test_provision_env_quotes_values():
 
 
 def test_a_plain_http_index_is_trusted_by_host_and_port_only():
-    env = provision_env(inputs(pip=PipOptions(index_url="https://pypi.example/simple",
+    # By name alone pip would also skip the certificate check of https://mirror.example.
+    env = provision_env(inputs(pip=PipOptions(index_url="http://mirror.example/simple",
                                               extra_index_urls=("http://mirror.example:8080/simple",
-                                                                "http://mirror.example:8080/other"))))
-    assert "export PIP_TRUSTED_HOST=mirror.example:8080\n" in env
+                                                                "http://mirror.example:8080/other",
+                                                                "https://mirror.example/simple"))))
+    assert "export PIP_INDEX_URL=http://mirror.example:80/simple\n" in env
+    assert ("export PIP_EXTRA_INDEX_URL='http://mirror.example:8080/simple http://mirror.example:8080/other "
+            "https://mirror.example/simple'\n") in env
+    assert "export PIP_TRUSTED_HOST='mirror.example:80 mirror.example:8080'\n" in env
 
 
 def test_provision_env_refuses_bad_package_names():

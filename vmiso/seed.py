@@ -42,20 +42,31 @@ def provision_env(inputs: SeedInputs) -> str:
     """The shell file that provision.sh sources: every value quoted by shlex."""
     values = {"APT_PACKAGES": " ".join(check_apt_packages(inputs.apt_packages)),
               "GATEWAY_PORT": str(inputs.gateway_port)}
-    if inputs.pip.index_url:
-        values["PIP_INDEX_URL"] = inputs.pip.index_url
-    if inputs.pip.extra_index_urls:
-        values["PIP_EXTRA_INDEX_URL"] = " ".join(inputs.pip.extra_index_urls)
-    # pip ignores a plain-http index unless told to trust its host:port; the gateway forwards
-    # only GET and HEAD to it, and hashes in the requirements are what vouch for its files.
-    # An https index is never named here (pip would stop checking its certificate).
-    plain = [urlsplit(url).netloc.rpartition("@")[2] for url in (inputs.pip.index_url, *inputs.pip.extra_index_urls)
-             if url and urlsplit(url).scheme == "http"]
+    # pip ignores a plain-http index unless told to trust it.  Trusted by name alone, pip
+    # would also stop checking the certificate of every https URL on that host, so each
+    # plain-http index is named with its port, which pip matches only when the URL has
+    # one: such a URL gets its default port written out.  The gateway forwards only GET
+    # and HEAD to it; hashes in the requirements are what vouch for its files.
+    index = _port_written(inputs.pip.index_url) if inputs.pip.index_url else None
+    extra = [_port_written(url) for url in inputs.pip.extra_index_urls]
+    if index:
+        values["PIP_INDEX_URL"] = index
+    if extra:
+        values["PIP_EXTRA_INDEX_URL"] = " ".join(extra)
+    plain = [urlsplit(url).netloc for url in (index, *extra) if url and urlsplit(url).scheme == "http"]
     if plain:
         values["PIP_TRUSTED_HOST"] = " ".join(dict.fromkeys(plain))
     if inputs.require_hashes:
         values["PIP_REQUIRE_HASHES"] = "1"
     return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items())
+
+
+def _port_written(url: str) -> str:
+    """A plain-http URL with its port written out (http://h/x -> http://h:80/x); others unchanged."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.port is not None or not parts.hostname:
+        return url
+    return parts._replace(netloc=f"{parts.netloc}:80").geturl()
 
 
 def _write_file(path: str, content: str, permissions: str = "0644") -> dict:
