@@ -319,7 +319,7 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
         for row in rows:
             _say(f"  {row['host']}: {row['connections']} connection(s), {row['bytes_from_guest']} bytes "
                  f"from the guest, {row['bytes_to_guest']} to it")
-    _say(f"empty: {gateway.get('empty', 0)} connection(s) that sent nothing")
+    _say(f"empty: {gateway['empty']} connection(s) that sent nothing")
 
 
 @images.command("verify")

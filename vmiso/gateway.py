@@ -230,7 +230,7 @@ class Gateway:
     address: tuple[str, int]
     allowed: tuple[Allowed, ...]
     process: tools.Detached
-    file_max_bytes: int = 0
+    file_max_bytes: int
 
     @property
     def access_log(self) -> Path:
@@ -336,7 +336,7 @@ def stopped_reason(gateway: Gateway) -> str | None:
         size = gateway.access_log.stat().st_size
     except OSError:
         return None
-    if not gateway.file_max_bytes or size < gateway.file_max_bytes:
+    if size < gateway.file_max_bytes:
         return None
     cap = gateway.file_max_bytes
     shown = f"{cap // 2**20} MiB" if cap >= 2**20 else f"{cap // 1024} KiB"

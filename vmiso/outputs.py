@@ -174,7 +174,7 @@ def tool_file_problem(name: str) -> str | None:
 _CONFIG_READ_MAX = 1024 * 1024
 
 
-def _has_git_section(dir_fd: int, name: str = "config") -> bool:
+def _has_git_section(dir_fd: int, name: str) -> bool:
     """Whether ``name`` in ``dir_fd`` is a regular file with a section git acts on, read to its end
     (or larger than _CONFIG_READ_MAX, and so taken as one without reading it)."""
     try:
