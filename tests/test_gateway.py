@@ -96,8 +96,11 @@ def test_squid_config_tunnels_only_to_tls_ports_and_fetches_only_from_plain_http
                     "visible_hostname vmiso-gateway", "request_header_access X-Forwarded-For deny all"):
         assert setting in lines
     internal = next(line for line in lines if line.startswith("acl vmiso_internal dst "))
-    for network in ("127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "::1", "fe80::/10"):
+    for network in ("127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "::1", "fe80::/10", "fd00:ec2::254/128",
+                    "100.100.100.200/32"):
         assert network in internal.split()
+    with_own = gateway.squid_config(tmp_path, ("127.1.2.3", 40000), allowed, None, own_addresses=["192.0.2.7"])
+    assert "192.0.2.7" in next(line for line in with_own.splitlines() if line.startswith("acl vmiso_internal "))
     assert "%>st %<st %<a" in text
     assert "hosts_file" not in text  # squid's default, /etc/hosts
     assert f"hosts_file {tmp_path / 'hosts'}" in gateway.squid_config(
@@ -191,7 +194,8 @@ def lan(state):
     hosts = root / "hosts"
     hosts.write_text(f"{LAN[1]} index.vmiso.test mirror.vmiso.test other.vmiso.test\n"
                      f"{LINK_LOCAL[1]} metadata.vmiso.test\n"
-                     "127.0.0.1 loop.vmiso.test localhost\n::1 loop6.vmiso.test\n0.0.0.0 zero.vmiso.test\n")
+                     "127.0.0.1 loop.vmiso.test localhost\n::1 loop6.vmiso.test\n0.0.0.0 zero.vmiso.test\n"
+                     f"{LAN[0]} self.vmiso.test\n")
     hosts.chmod(0o644)
     origin = [sys.executable, "-I", str(Path(__file__).with_name("netns_origin.py"))]
     try:
@@ -284,20 +288,23 @@ def test_allowed_names_that_lead_to_loopback_or_link_local_addresses_are_refused
     port = lan.loopback_port
     allowed = (gateway.Allowed("loop.vmiso.test", port), gateway.Allowed("loop6.vmiso.test", port),
                gateway.Allowed("zero.vmiso.test", port), gateway.Allowed("metadata.vmiso.test", 80, "http"),
-               gateway.Allowed("loop.vmiso.test", port, "http"), gateway.Allowed("localhost", port))
+               gateway.Allowed("loop.vmiso.test", port, "http"), gateway.Allowed("localhost", port),
+               gateway.Allowed("self.vmiso.test", 443))
     gw = gateway.start(state, "t", allowed, hosts_file=lan.hosts_file)
     try:
         for request in (_connect(f"loop.vmiso.test:{port}"), _connect(f"loop6.vmiso.test:{port}"),
                         _connect(f"zero.vmiso.test:{port}"), _connect(f"localhost:{port}"),
                         _get(f"http://loop.vmiso.test:{port}/", f"loop.vmiso.test:{port}"),
-                        _get("http://metadata.vmiso.test/latest/meta-data/", "metadata.vmiso.test")):
+                        _get("http://metadata.vmiso.test/latest/meta-data/", "metadata.vmiso.test"),
+                        # this host's own end of the LAN: 403, refused, not 503 (nothing listens there)
+                        _connect("self.vmiso.test:443")):
             assert _status(_ask(gw.address, request)) == 403, request
     finally:
         gw.stop()
     summary = gateway.write_record(gw, state.parent / "gateway.json")
     gw.remove()
     assert lan.loopback_hits == [] and lan.seen() == []
-    assert summary["contacted"] == [] and summary["failed"] == [] and len(summary["refused"]) == 6
+    assert summary["contacted"] == [] and summary["failed"] == [] and len(summary["refused"]) == 7
 
 
 @needs_squid

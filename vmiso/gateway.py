@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -153,12 +154,37 @@ LOG_FIELDS = ("time", "method", "host", "port", "status", "result", "bytes_from_
 _LOGFORMAT = r"%ts.%03tu %rm %>rd %>rP %>Hs %Ss %>st %<st %<a %err_code"
 
 # Where no allowed name may lead, whatever DNS or a hosts file says: the host itself,
-# "this network", link-local addresses and the cloud metadata services on them.
-INTERNAL_NETWORKS = ("127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "::1", "::", "fe80::/10")
+# "this network", link-local addresses and the cloud metadata services on them (and the
+# AWS IPv6 and Alibaba ones elsewhere), multicast and broadcast.  The host's own
+# addresses on every interface are added as a gateway starts (host_addresses).
+INTERNAL_NETWORKS = ("127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "::1", "::", "fe80::/10",
+                     "fd00:ec2::254/128", "100.100.100.200/32", "224.0.0.0/4", "255.255.255.255/32", "ff00::/8")
+
+
+def host_addresses() -> set[str]:
+    """This host's own addresses (every interface, in this network namespace), from /proc as
+    ``ip`` reads them: no allowed name may lead to a service of the host's on its LAN address."""
+    found = set()
+    try:
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+    except OSError:
+        lines = []
+    for previous, line in itertools.pairwise(lines):
+        if line.strip() == "/32 host LOCAL" and "|--" in previous:
+            found.add(previous.split("|--", 1)[1].strip())
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            digits = line.split()[0] if line.split() else ""
+            if len(digits) == 32:
+                found.add(str(ipaddress.ip_address(int(digits, 16))))
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 def squid_config(directory: Path, listen: tuple[str, int], allowed: Iterable[Allowed],
-                 effective_user: str | None, *, hosts_file: Path | None = None) -> str:
+                 effective_user: str | None, *, hosts_file: Path | None = None,
+                 own_addresses: Iterable[str] = ()) -> str:
     """squid.conf for one provisioning: listen on ``listen`` only, forward only to ``allowed``.
 
     A CONNECT tunnel only to an "https" entry's host:port; GET and HEAD of http:// URLs only
@@ -166,7 +192,7 @@ def squid_config(directory: Path, listen: tuple[str, int], allowed: Iterable[All
     guest wrote); no other method or scheme.  Every ``http_access allow`` line names the host
     and port before anything that makes squid resolve a name, so a name that is not allowed is
     never looked up (no DNS channel out), and the resolved addresses are checked against
-    INTERNAL_NETWORKS last.  ``hosts_file``: where
+    INTERNAL_NETWORKS and ``own_addresses`` (the host's) last.  ``hosts_file``: where
     squid looks names up before DNS (its default is /etc/hosts).
     """
     lines = [
@@ -199,7 +225,7 @@ def squid_config(directory: Path, listen: tuple[str, int], allowed: Iterable[All
         # A name squid could not resolve matches no dst acl: "resolved" keeps "!internal" from
         # passing it (squid could not connect anyway; this says so in the rules).
         "acl vmiso_resolved dst 0.0.0.0/0 ::/0",
-        "acl vmiso_internal dst " + " ".join(INTERNAL_NETWORKS),
+        "acl vmiso_internal dst " + " ".join([*INTERNAL_NETWORKS, *sorted(set(own_addresses))]),
     ]
     if effective_user:
         lines.append(f"cache_effective_user {effective_user}")
@@ -310,7 +336,8 @@ def start(state_dir: Path, name: str, allowed: tuple[Allowed, ...], ready_second
                               "name a readable file in /etc/hosts format, or leave the key out") from None
         os.chmod(names, 0o644)
     conf = directory / CONFIG_FILE
-    conf.write_text(squid_config(directory, address, allowed, user, hosts_file=names))
+    conf.write_text(squid_config(directory, address, allowed, user, hosts_file=names,
+                                 own_addresses=host_addresses()))
     os.chmod(conf, 0o644)
     process = tools.start_detached(tools.gateway_argv(str(conf), file_max_bytes), env={})
     gateway = Gateway(directory, address, allowed, process, file_max_bytes)
