@@ -14,7 +14,9 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import config as config_mod, run, warm
+from vmiso import config as config_mod, egress, run, warm
 from vmiso.clone import CloneDir, clone_spec, make_clone_dir
 from vmiso.domain import domain_xml
 from vmiso.errors import GuestError, ImageError, OutputError, RunTimeout, VmisoError
@@ -51,6 +53,18 @@ class FakeSession:
         self.should_stop = should_stop
         self.signals = signals
         return self.job(self, stdout, stderr)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def serve_guest_ports(self, routes):
+        """As the guest's sshd would: each route is called with a connection from the guest."""
+        self.routes = routes
+        return FakePorts()
+
+
+class FakePorts:
+    closed = False
 
     def close(self) -> None:
         self.closed = True
@@ -481,3 +495,35 @@ def test_failure_hints_take_nothing_from_the_guest_but_what_their_patterns_admit
     tail = run.Tail(io.BytesIO(), size=16)
     tail.write(b"Name or service not known" + b"." * 40)
     assert run.failure_hints(tail.kept, "img") == ()
+
+
+def test_a_networked_run_gets_its_gateway_and_proxy_and_an_offline_one_neither(config, image):
+    seen = {}
+
+    def job(session, stdout, stderr):
+        seen["routes"] = sorted(getattr(session, "routes", {}))
+        if seen["routes"]:
+            guest, host_end = socket.socketpair()  # the job asks for a place it was not given
+            threading.Thread(target=session.routes[3128], args=(host_end,), daemon=True).start()
+            guest.sendall(b"CONNECT telemetry.example.net:443 HTTP/1.1\r\n\r\n")
+            seen["answer"] = guest.recv(4096)
+            guest.close()
+            # a connection the job leaves open is cut when the run ends
+            held, held_end = socket.socketpair()
+            threading.Thread(target=session.routes[3128], args=(held_end,), daemon=True).start()
+            seen["held"] = held
+        return JobExit(code=0)
+    rules = egress.for_run((), (), None, ["api.example.org"], ["5432:db.example.org:5432"])
+    connect = FakeConnect(job)
+    result, _, _ = do_run(config, FakeHypervisor(), request(network=rules), connect)
+    assert seen["routes"] == [3128, 5432]
+    assert "HTTPS_PROXY=http://127.0.0.1:3128" in connect.sessions[0].commands[0]
+    assert seen["answer"].startswith(b"HTTP/1.1 403 ")
+    seen["held"].settimeout(10)
+    assert seen["held"].recv(16) == b""  # the gateway closed it with the run
+    assert result.network is not None and result.as_dict()["network"]["allow_tcp"] == ["5432:db.example.org:5432"]
+    assert [row["host"] for row in result.network["refused"]] == ["telemetry.example.net:443"]
+
+    offline, _, _ = do_run(config, FakeHypervisor(), request(), connect := FakeConnect(job))
+    assert seen["routes"] == [] and offline.network is None
+    assert "PROXY" not in connect.sessions[0].commands[0]

@@ -33,12 +33,15 @@ from vmiso import accel, workdir
 from diskimage import ROOT_PARTITION, make_cloud_image, remove_files
 from vmharness import (
     DELETED_SECRET,
+    OTHER_LAN,
     REPO,
+    SERVICE_LAN,
     TABULATE,
     VMISO,
     Streamed,
     make_state_root,
     network_namespace,
+    network_services,
     on_a_terminal,
     read_terminal,
     remove_tree,
@@ -745,3 +748,100 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     assert not list((image["state"] / "gateways").iterdir())  # the gateway ended with its provisioning
     assert leftovers(image["state"]) == []
     vmiso("images", "-c", config, "rm", "gw", check=True)
+
+
+# --- networked runs -----------------------------------------------------------------------------
+
+# Every way past a networked run's gateway that the job tries (tests/guest/egress_probe.py).
+API = "https://api.vmiso.test"
+ALLOW = [*(f"--allow-host={h}" for h in ("api.vmiso.test", "api.vmiso.test:80", "loop.vmiso.test", "meta.vmiso.test",
+                                        "host.vmiso.test")), "--allow-tcp", "7000:api.vmiso.test:7000"]
+EVERY_WAY = {
+    "fetch": [f"{API}/hello", "http://api.vmiso.test/plain", "https://other.vmiso.test/", f"{API}:8443/",
+              f"https://{SERVICE_LAN[1]}/", "https://loop.vmiso.test/", "https://meta.vmiso.test/",
+              "https://host.vmiso.test/"],
+    "raw": ["GET http://api.vmiso.test/ HTTP/1.1\r\nHost: other.vmiso.test\r\n\r\n",
+            "GET whois://api.vmiso.test:443/ HTTP/1.1\r\n\r\n", "GET ftp://api.vmiso.test/x HTTP/1.1\r\n\r\n",
+            "GET gopher://api.vmiso.test:70/ HTTP/1.1\r\n\r\n"],
+    "sni": [["api.vmiso.test:443", "other.vmiso.test"]],
+    "dns": ["api.vmiso.test", "pypi.org"],
+    "direct": [[SERVICE_LAN[1], 443], [SERVICE_LAN[0], 22], [OTHER_LAN[1], 80], ["10.0.2.2", 80]],
+    "echo": [7000],
+    "hold": 7000,
+}
+REFUSED_PLACES = {"other.vmiso.test:443", "api.vmiso.test:8443", f"{SERVICE_LAN[1]}:443", "loop.vmiso.test:443",
+                  "meta.vmiso.test:443", "host.vmiso.test:443", "api.vmiso.test:443", "api.vmiso.test:80"}
+
+
+def service_events(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("boot", ["warm", "cold"])
+def test_a_networked_run_reaches_its_listed_service_and_nothing_else(image, tmp_path, boot):
+    """The listed service through the proxy (HTTPS, HTTP) and a TCP route; every other way refused, from
+    inside the guest; the record matches what the services saw; a tunnel held past the job is cut."""
+    record = tmp_path / "run.json"
+    with network_services(tmp_path) as (ca, hosts, log):
+        config = write_config(tmp_path / "config", image["state"], run={"hosts_file": str(hosts)})
+        checks = EVERY_WAY if boot == "warm" else {"fetch": [f"{API}/hello", "https://other.vmiso.test/"],
+                                                   "echo": [7000], "hold": 7000}
+        done = vmiso("run", "-c", config, *(["--cold"] if boot == "cold" else []), "-i", GUEST / "egress_probe.py",
+                     "-i", ca, "--json", record, *ALLOW, "--", "python", "egress_probe.py", json.dumps(checks))
+        assert done.returncode == 0, done.stderr
+        # The holder's connection ended with the run, not with the VM's life or the service's patience.
+        wait_for(lambda: [e["event"] for e in service_events(log) if e.get("port") == 7000].count("close") == 2,
+                 10, "the held connection to end")
+        events = service_events(log)
+    results = json.loads(done.stdout.splitlines()[-1])
+    summary = json.loads(record.read_text())
+    assert summary["boot"] == boot
+    assert results["env"] == {"HTTPS_PROXY": "http://127.0.0.1:3128", "http_proxy": "http://127.0.0.1:3128",
+                              "NO_PROXY": "localhost,127.0.0.1,::1"}
+    hello = results[f"fetch {API}/hello"]
+    assert isinstance(hello, dict), hello
+    assert (hello["address"], hello["sni"], hello["host"], hello["proxy_headers"]) == \
+        (SERVICE_LAN[1], "api.vmiso.test", "api.vmiso.test", [])
+    assert results["echo 7000"] == "ping"
+    assert "403" in results["fetch https://other.vmiso.test/"]
+    # The services saw only what was allowed: nothing at all reached the other one.
+    assert not [e for e in events if e["address"] == OTHER_LAN[1]], events
+    requests = [(e["port"], e["host"], e["sni"], e["proxy_headers"]) for e in events if e["event"] == "request"]
+    network = summary["network"]
+    contacted = {row["host"] for row in network["contacted"]}
+    refused = {row["host"] for row in network["refused"]}
+    if boot == "warm":
+        assert requests == [(443, "api.vmiso.test", "api.vmiso.test", []), (80, "api.vmiso.test", None, [])]
+        assert results["fetch http://api.vmiso.test/plain"]["path"] == "/plain"
+        for key, value in results.items():
+            if key.startswith(("fetch", "raw", "sni", "dns", "tcp")) and key not in (f"fetch {API}/hello",
+                                                                                    "fetch http://api.vmiso.test/plain"):
+                assert isinstance(value, str) and not value.startswith("ALLOWED"), (key, value)
+        for request in EVERY_WAY["raw"]:
+            assert results[f"raw {request.splitlines()[0]}"].startswith("HTTP/1.1 403"), request
+        assert contacted == {"api.vmiso.test:443", "api.vmiso.test:80", "api.vmiso.test:7000"}
+        assert refused >= REFUSED_PLACES, refused
+        tricked = [e for e in network["connections"] if e["sni"] == "other.vmiso.test"]
+        assert [e["outcome"] for e in tricked] == ["refused"] and tricked[0]["upstream"] is None
+    else:
+        assert requests == [(443, "api.vmiso.test", "api.vmiso.test", [])]
+        assert contacted == {"api.vmiso.test:443", "api.vmiso.test:7000"} and refused == {"other.vmiso.test:443"}
+    assert all(row["bytes_to_guest"] > 0 for row in network["contacted"])
+    assert "vmiso: network: reached api.vmiso.test:443 (" in done.stderr
+    assert "vmiso: the job tried to reach other.vmiso.test:443, refused: not in this run's --allow-host" \
+        in done.stderr
+    assert leftovers(image["state"]) == []
+
+
+def test_an_image_without_networked_runs_says_so_and_a_run_without_rules_is_offline(image, tmp_path):
+    """A run that asks for nothing gets no gateway: the guest's sshd listens on nothing and the
+    proxy variables are unset."""
+    done = vmiso("run", "-c", image["config"], "--json", tmp_path / "r.json", "--", "python", "-c",
+                 "import os, socket\n"
+                 "print(sorted(k for k in os.environ if 'proxy' in k.lower()))\n"
+                 "s = socket.socket()\n"
+                 "print(s.connect_ex(('127.0.0.1', 3128)))\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "[]" and done.stdout.splitlines()[1] != "0"
+    assert json.loads((tmp_path / "r.json").read_text())["network"] is None
+    assert "network" not in done.stderr

@@ -210,3 +210,44 @@ def network_namespace(pairs: list[tuple[str, str]], servers: list[list[str]]):
             process.wait(10)
         subprocess.run(["ip", "link", "del", outside], capture_output=True)
         _ip("netns", "del", ns)
+
+
+# --- services for networked runs ---------------------------------------------------------------
+
+SERVICE_LAN = ("10.213.79.1", "10.213.79.2")  # this host's end, the listed service
+OTHER_LAN = ("10.213.80.1", "10.213.80.2")  # a service no run lists
+
+
+def make_test_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA of the test's own and a certificate it signed for the test hosts: (ca, cert, key)."""
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "service.pem", directory / "service.key", directory / "service.csr"
+    names = directory / "names.ext"
+    names.write_text("subjectAltName=DNS:api.vmiso.test,DNS:other.vmiso.test\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for argv in (["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=vmiso test CA"],
+                 ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=api.vmiso.test"],
+                 ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+                  "-days", "2", "-extfile", names]):
+        subprocess.run(["openssl", *map(str, argv)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+@contextlib.contextmanager
+def network_services(directory: Path):
+    """The listed service (api.vmiso.test) and another (other.vmiso.test), each in a network namespace
+    of the test's own, serving HTTPS, HTTP and a TCP echo (netns_service.py); yields (ca, hosts file,
+    log).  The hosts file also names this host's own end of the link, loopback and the metadata address."""
+    ca, cert, key = make_test_ca(directory)
+    log = directory / "service.jsonl"
+    log.touch()
+    hosts = directory / "hosts"
+    hosts.write_text(f"{SERVICE_LAN[1]} api.vmiso.test\n{OTHER_LAN[1]} other.vmiso.test\n"
+                     f"{SERVICE_LAN[0]} host.vmiso.test\n127.0.0.1 loop.vmiso.test\n"
+                     "169.254.169.254 meta.vmiso.test\n")
+    script = str(Path(__file__).with_name("netns_service.py"))
+    with network_namespace([SERVICE_LAN], [[sys.executable, "-I", script, str(log), str(cert), str(key),
+                                            SERVICE_LAN[1]]]), \
+            network_namespace([OTHER_LAN], [[sys.executable, "-I", script, str(log), str(cert), str(key),
+                                             OTHER_LAN[1]]]):
+        yield ca, hosts, log

@@ -360,6 +360,12 @@ _JOB_OPTIONS = [
     click.option("-p", "--publish", multiple=True, type=click.IntRange(1, 65535), metavar="PORT",
                  help="let this host reach the job's 127.0.0.1:PORT on a loopback port vmiso prints, "
                       "while the job runs (repeatable); e.g. a notebook server"),
+    click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST[:PORT]",
+                 help="let the job reach this service (port 443 unless given) through HTTP(S)_PROXY, and "
+                      "nothing else (repeatable; adds to run.allow_hosts); every connection is recorded"),
+    click.option("--allow-tcp", "allow_tcp", multiple=True, metavar="LOCALPORT:HOST:PORT",
+                 help="join the job's 127.0.0.1:LOCALPORT to HOST:PORT, resolved and connected on this host "
+                      "(repeatable; adds to run.allow_tcp): for a database or broker that takes no proxy"),
     click.option("--raw", is_flag=True,
                  help="pass the job's output to a terminal unchanged (by default its control characters "
                       "and escape sequences are shown, not obeyed; with a pseudo-terminal, those that "
@@ -410,7 +416,9 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
              accel: str | None, state_dir: Path | None, image: str | None, inputs: tuple[Path, ...],
              output: Path | None, timeout: int | None, memory: int | None, cpus: int | None,
              scratch: str | None, json_path: Path | None, cold: bool, accept_tool_files: bool,
-             env_pairs: tuple[str, ...], env_file: Path | None, publish: tuple[int, ...], raw: bool) -> None:
+             env_pairs: tuple[str, ...], env_file: Path | None, publish: tuple[int, ...],
+             allow_hosts: tuple[str, ...], allow_tcp: tuple[str, ...], raw: bool) -> None:
+    from .egress import for_run
     from .hypervisor import connected
     from .outputs import open_record
     from .run import Interruption, RunRequest, run as do_run
@@ -421,7 +429,9 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     env += [_env_option(pair) for pair in env_pairs]
     request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
                          timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold, env=tuple(env),
-                         accept_tool_files=accept_tool_files, publish=publish)
+                         accept_tool_files=accept_tool_files, publish=publish,
+                         network=for_run(config.run.allow_hosts, config.run.allow_tcp, config.run.hosts_file,
+                                         allow_hosts, allow_tcp))
     session = _Session.for_job(tty=tty, raw=raw)
     steps = Steps(session.around(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0)))
     # The first Ctrl-C or SIGTERM while the job runs is the job's (it may clean up and
@@ -466,7 +476,30 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
         click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
     for line in result.hints:
         click.echo(f"vmiso: {line}", err=True)
+    if result.network is not None:
+        _say_network(result.network)
     ctx.exit(result.exit_code)
+
+
+def _say_network(record: dict) -> None:
+    """One line for what the job reached, and one for each place it was refused (the guest
+    chose those names: shown neutralized)."""
+    def amount(n: int) -> str:
+        return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
+    reached = [f"{neutralize(r['host'])} ({r['connections']}x, {amount(r['bytes_from_guest'])} sent, "
+               f"{amount(r['bytes_to_guest'])} received)" for r in record["contacted"]]
+    click.echo("vmiso: network: " + ("reached " + ", ".join(reached) if reached else "the job reached nothing")
+               + (f"; {len(record['failed'])} allowed place(s) did not answer" if record["failed"] else ""), err=True)
+    reasons: dict[str, str] = {}
+    for entry in record["connections"]:
+        if entry["outcome"] in ("refused", "malformed"):
+            target = f"{entry['host']}:{entry['port']}" if entry["port"] is not None else entry["host"]
+            reasons.setdefault(target, entry["reason"] or "")
+    for target, reason in list(reasons.items())[:10]:
+        shown = "a request vmiso could not read" if target == "-" else neutralize(target)
+        click.echo(f"vmiso: the job tried to reach {shown}, refused: {neutralize(reason)}", err=True)
+    if len(reasons) > 10:
+        click.echo(f"vmiso: ... and {len(reasons) - 10} more refused places (see --json)", err=True)
 
 
 def _say_published(guest_port: int, where: str) -> None:

@@ -130,6 +130,14 @@ class RunConfig:
     input_max_files: int = 100_000
     # The job's /tmp: an ext4 filesystem of this size on a sparse file of the run's own.
     scratch: int = 2 * 1024**3
+    # A networked run (vmiso.egress): HOST or HOST:PORT (443 when none is given) that the job
+    # may reach through HTTP(S)_PROXY, and LOCALPORT:HOST:PORT joined to the job's
+    # 127.0.0.1:LOCALPORT; both empty: no network at all.  --allow-host/--allow-tcp add to them.
+    allow_hosts: tuple[str, ...] = ()
+    allow_tcp: tuple[str, ...] = ()
+    # Names the run's gateway looks up here before DNS, in /etc/hosts format (None: DNS and
+    # /etc/hosts, as this host resolves them).
+    hosts_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +275,7 @@ def _validate(config: Config) -> Config:
             "write 'host', 'none', or a list of PEM files",
         )
     _check_gateway(config)
+    _check_run_network(config)
     _check_tcg_cpu_features(config.vm.tcg_cpu_features)
     for key, value, low in (
         ("vm.memory_mib", config.vm.memory_mib, 128),
@@ -309,6 +318,16 @@ def _check_gateway(config: Config) -> None:
     hosts_file = config.provision.hosts_file
     if hosts_file is not None and not hosts_file.is_file():
         raise ConfigError(f"provision.hosts_file: {hosts_file} is not a file",
+                          "name a file in /etc/hosts format (ADDRESS NAME...), or leave the key out")
+
+
+def _check_run_network(config: Config) -> None:
+    from .egress import rules  # it reads the gateway's names, which read Config: imported only when checking
+
+    rules(config.run.allow_hosts, config.run.allow_tcp, None)
+    hosts_file = config.run.hosts_file
+    if hosts_file is not None and not hosts_file.is_file():
+        raise ConfigError(f"run.hosts_file: {hosts_file} is not a file",
                           "name a file in /etc/hosts format (ADDRESS NAME...), or leave the key out")
 
 

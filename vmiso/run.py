@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import accel, outputs, pool, reaper, ssh, warm, watchdog
+from . import accel, egress, outputs, pool, reaper, ssh, warm, watchdog
 from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
 from .config import Config
 from .domain import NAME_PREFIX, domain_xml
@@ -100,6 +100,7 @@ class RunRequest:
     env: tuple[tuple[str, str], ...] = ()  # set for the job, after vmiso's own
     accept_tool_files: bool = False  # copy outputs that host tools run code from (.git/, .envrc)
     publish: tuple[int, ...] = ()  # guest loopback ports the host may reach while the job runs
+    network: egress.Rules = field(default_factory=egress.Rules)  # empty: offline, no gateway at all
 
 
 @dataclass
@@ -116,6 +117,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     outputs: outputs.OutputReport | None = None
     published: dict[int, str] = field(default_factory=dict)  # guest port -> "127.a.b.c:port" on this host
+    network: dict | None = None  # a networked run's record (egress.Record.as_dict); None: offline
     hints: tuple[str, ...] = ()  # what vmiso's rules explain about a failure (failure_hints)
 
     def signal_message(self) -> tuple[str, str] | None:
@@ -145,6 +147,7 @@ class RunResult:
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "outputs": self.outputs.as_dict() if self.outputs else None,
             "published": {str(guest): where for guest, where in self.published.items()},
+            "network": self.network,
         }
 
 
@@ -183,7 +186,8 @@ def failure_hints(tail: bytes, image: str) -> tuple[str, ...]:
     hints = []
     if _OFFLINE.search(tail):
         hints.append("this run has no network, on purpose: the VM has no network device, no DNS and no "
-                     "route out; give the job what it needs with -i")
+                     "route out; give the job what it needs with -i, or let it reach one service with "
+                     "--allow-host HOST (README, \"Networked runs\")")
     if found := _NO_MODULE.findall(tail):
         module = found[-1].decode()
         # The name is the job's to choose: vmiso names no package to install (a typosquat's lure).
@@ -257,6 +261,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
             with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
                 check_room(clone.inputs, 0, 0, input_bytes)
                 stage_inputs(request.inputs, clone.inputs, _input_limits(config))
+        gateway = _open_network(session, request.network, image, steps, cleanup)
         published = _publish(session, request.publish, on_published, cleanup)
         # What the job said last, on stderr (or on its terminal, where both streams are one).
         said = Tail(stdout if terminal is not None else stderr)
@@ -267,6 +272,8 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         with steps.step("teardown", "destroy the VM"):
             for port in published:
                 port.close()
+            if gateway is not None:
+                gateway.close()  # every connection the job opened ends with it
             session.close()
             hv.destroy(vm.name)
         exit_code, signal = _judge(outcome)
@@ -282,6 +289,7 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
                      memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes, signal=signal,
                      timings=dict(steps.timings), outputs=collected,
                      published={p.guest_port: f"{p.host}:{p.host_port}" for p in published},
+                     network=gateway.record.as_dict(request.network) if gateway is not None else None,
                      hints=failure_hints(said.kept, image.name) if exit_code != 0 else ())
 
 
@@ -391,6 +399,24 @@ def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: 
     return session
 
 
+def _open_network(session: ssh.Session, rules: egress.Rules, image: Image, steps: Steps,
+                  cleanup: ExitStack) -> egress.Gateway | None:
+    """A networked run's gateway, in this process, and the guest ports its sshd listens on for it."""
+    if not rules:
+        return None
+    shown = ", ".join([*map(str, rules.hosts), *(f"127.0.0.1:{r.guest_port} -> {r.host}:{r.port}" for r in rules.tcp)])
+    with steps.step("network", f"the run's gateway, forwarding only to {shown}"):
+        gateway = egress.Gateway.start(rules)
+        cleanup.callback(gateway.close)
+        try:
+            ports = session.serve_guest_ports(gateway.routes())
+        except ssh.ForwardRefused as err:
+            raise GuestError(err.message, f"image {image.name} was provisioned before vmiso allowed networked runs; "
+                             f"provision it again to use --allow-host or --allow-tcp") from None
+        cleanup.callback(ports.close)
+    return gateway
+
+
 def _publish(session: ssh.Session, ports: tuple[int, ...], on_published: Callable[[int, str], None],
              cleanup: ExitStack) -> list[ssh.Published]:
     """Listen on the host's loopback for each guest port, until the job ends."""
@@ -415,7 +441,8 @@ def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, 
     timeout = request.timeout or config.run.timeout
     with steps.step("exec", shlex.join(request.command)):
         try:
-            status = session.execute(job_command(request.command, request.env), stdout, stderr, stdin=stdin,
+            env = (*request.network.guest_env().items(), *request.env)
+            status = session.execute(job_command(request.command, env), stdout, stderr, stdin=stdin,
                                      deadline=time.monotonic() + timeout,
                                      should_stop=interruption.expired,
                                      signals=lambda: _forward(interruption), terminal=terminal,

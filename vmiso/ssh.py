@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -119,13 +119,18 @@ class Session:
             raise GuestError(f"the SSH link to {self._name} is closed")
         return Published(transport, guest_port, self._name)
 
-    def forward_from_guest(self, guest_port: int, target: tuple[str, int]) -> RemoteForward:
+    def forward_from_guest(self, guest_port: int, target: tuple[str, int]) -> GuestPorts:
         """Let the guest reach ``target`` (on this host) at its own 127.0.0.1:``guest_port``, and
         nothing else: the guest's sshd listens there; each connection is joined to ``target``."""
+        return self.serve_guest_ports({guest_port: _joiner(target, self._name)})
+
+    def serve_guest_ports(self, routes: Mapping[int, Callable[[paramiko.Channel], None]]) -> GuestPorts:
+        """Connections the guest makes to its own 127.0.0.1:PORT, for each PORT of ``routes``,
+        served on this host by ``routes[PORT](channel)`` (see GuestPorts)."""
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise GuestError(f"the SSH link to {self._name} is closed")
-        return RemoteForward(transport, guest_port, target, self._name)
+        return GuestPorts(transport, routes, self._name)
 
     def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *, stdin: BinaryIO | None = None,
                 deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False,
@@ -318,36 +323,72 @@ def _copy(source: socket.socket | paramiko.Channel, sink: socket.socket | parami
             sink.shutdown_write()
 
 
-class RemoteForward:
-    """A remote ("tcpip-forward") forward: connections to a guest port become connections to a
-    host address.  The host chose the address; the guest only connects to its own loopback."""
+class ForwardRefused(GuestError):
+    """The guest's sshd would not listen for the host (its config predates networked runs)."""
 
-    def __init__(self, transport: paramiko.Transport, guest_port: int, target: tuple[str, int],
+
+class GuestPorts:
+    """Remote ("tcpip-forward") forwards: the guest's sshd listens on the guest's own 127.0.0.1
+    at each port of ``routes``, and hands each connection made there to this host, where
+    ``routes[port](channel)`` serves it in a thread of its own (at most SLOTS at once).
+
+    paramiko keeps one handler per link, and the port it is told comes from the guest's sshd:
+    a channel for any port that is not a route is closed unread."""
+
+    SLOTS = 64
+
+    def __init__(self, transport: paramiko.Transport, routes: Mapping[int, Callable[[paramiko.Channel], None]],
                  name: str) -> None:
-        self._transport, self._target, self._name = transport, target, name
-        self.guest_port = guest_port
-        try:
-            transport.request_port_forward("127.0.0.1", guest_port, handler=self._handle)
-        except paramiko.SSHException as err:
-            raise GuestError(f"{name}: the guest's sshd refused to forward port {guest_port}: {err}") from None
+        self._transport, self._routes, self._name = transport, dict(routes), name
+        self._slots = threading.BoundedSemaphore(self.SLOTS)
+        self._closed = False
+        self.guest_ports: list[int] = []
+        for port in sorted(self._routes):
+            try:
+                transport.request_port_forward("127.0.0.1", port, handler=self._handle)
+            except paramiko.SSHException as err:
+                self.close()
+                raise ForwardRefused(f"{name}: the guest's sshd refused to listen on its port {port} for the host: "
+                                 f"{err}") from None
+            self.guest_ports.append(port)
 
     def _handle(self, channel: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]) -> None:
-        # Called in paramiko's transport thread: connect and copy in threads of their own.
-        threading.Thread(target=self._serve, args=(channel,), daemon=True).start()
+        # Called in paramiko's transport thread: serve in a thread of its own.
+        serve = self._routes.get(server[1]) if not self._closed else None
+        if serve is None or not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                channel.close()
+            return
+        threading.Thread(target=self._serve, args=(serve, channel), daemon=True).start()
 
-    def _serve(self, channel: paramiko.Channel) -> None:
+    def _serve(self, serve: Callable[[paramiko.Channel], None], channel: paramiko.Channel) -> None:
         try:
-            conn = socket.create_connection(self._target, timeout=30)
+            serve(channel)
+        except Exception:  # one connection's failure is logged, never the run's
+            log.warning("%s: a connection from the guest failed", self._name, exc_info=True)
+        finally:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                channel.close()
+            self._slots.release()
+
+    def close(self) -> None:
+        self._closed = True
+        for port in self.guest_ports:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                self._transport.cancel_port_forward("127.0.0.1", port)
+
+
+def _joiner(target: tuple[str, int], name: str) -> Callable[[paramiko.Channel], None]:
+    """A route that joins each connection to ``target``, an address of this host's."""
+    def serve(channel: paramiko.Channel) -> None:
+        try:
+            conn = socket.create_connection(target, timeout=30)
         except OSError as err:
-            log.warning("%s: the gateway at %s:%d did not answer: %s", self._name, *self._target, err)
-            channel.close()
+            log.warning("%s: the gateway at %s:%d did not answer: %s", name, *target, err)
             return
         conn.settimeout(None)
         _join(conn, channel)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-            self._transport.cancel_port_forward("127.0.0.1", self.guest_port)
+    return serve
 
 
 def _send_signal(channel: paramiko.Channel, sig: signal.Signals) -> None:

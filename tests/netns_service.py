@@ -1,0 +1,94 @@
+"""Services for the networked-run tests, run inside the test's own network namespace:
+``netns_service.py LOG CERT KEY ADDRESS...`` serves, on each ADDRESS, HTTPS on 443 (the
+certificate names every test host), plain HTTP on 80 and a TCP echo on 7000.  Each
+connection's start and end, and each request with its Host and SNI, is appended to LOG as
+one JSON line; an HTTP answer is that request's JSON."""
+import http.server
+import json
+import socketserver
+import ssl
+import sys
+import threading
+
+log_path, cert, key, addresses = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+lock = threading.Lock()
+
+
+def note(**event):
+    with lock, open(log_path, "a") as log:
+        log.write(json.dumps(event) + "\n")
+
+
+class Answer(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self):
+        seen = {"event": "request", "address": self.server.server_address[0], "port": self.server.server_address[1],
+                "method": self.command, "path": self.path, "host": self.headers.get("Host"),
+                "sni": getattr(self.connection, "vmiso_sni", None),
+                "proxy_headers": [k for k in self.headers if k.lower().startswith("proxy-") or k.lower() == "via"]}
+        note(**seen)
+        body = json.dumps(seen).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def tls(server):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    names = {}
+
+    def remember(conn, name, _):
+        names[id(conn)] = name
+    context.sni_callback = remember
+
+    def get_request():
+        conn, address = server.socket.accept()
+        wrapped = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        try:
+            wrapped.do_handshake()
+        except (ssl.SSLError, OSError) as err:
+            note(event="tls-failed", address=server.server_address[0], error=str(err))
+            wrapped.close()
+            raise OSError("handshake failed") from None
+        wrapped.vmiso_sni = names.pop(id(wrapped), None) or names.pop(id(conn), None)
+        return wrapped, address
+    server.get_request = get_request
+    return server
+
+
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        where = self.server.server_address[0]
+        note(event="open", address=where, port=7000)
+        try:
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+        except OSError:
+            pass
+        note(event="close", address=where, port=7000)
+
+
+class EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+servers = []
+for address in addresses:
+    servers += [tls(Server((address, 443), Answer)), Server((address, 80), Answer), EchoServer((address, 7000), Echo)]
+for s in servers:
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()

@@ -1,0 +1,341 @@
+"""The networked run's gateway (vmiso.egress), driven as the guest drives it, with real sockets.
+
+The guest's end of each connection is one end of a socket pair (in a run it is an SSH
+channel); upstream services listen on this host's loopback, which the rules refuse
+unless a test's resolver says otherwise."""
+
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from vmiso import egress
+from vmiso.errors import ConfigError
+from vmiso.gateway import Allowed
+
+
+class Upstream:
+    """A loopback service that keeps what it received and answers with ``reply``."""
+
+    def __init__(self, reply: bytes = b"", close_after_reply: bool = True) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.reply, self.close_after_reply = reply, close_after_reply
+        self.received = b""
+        self.connections = 0
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.settimeout(2)
+            try:
+                if self.reply:
+                    data = conn.recv(65536)
+                    self.received += data
+                    conn.sendall(self.reply)
+                if not self.close_after_reply or not self.reply:
+                    while data := conn.recv(65536):
+                        self.received += data
+                        if not self.reply:
+                            conn.sendall(data)  # an echo
+            except OSError:
+                pass
+            conn.close()
+            self.done.set()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def upstream():
+    made = []
+
+    def make(*args, **kwargs) -> Upstream:
+        made.append(Upstream(*args, **kwargs))
+        return made[-1]
+    yield make
+    for u in made:
+        u.close()
+
+
+class Lookups(egress.Resolver):
+    def __init__(self, names, **kwargs):
+        super().__init__(names, **kwargs)
+        self.asked = []
+
+    def resolve(self, host, port):
+        self.asked.append(host)
+        return super().resolve(host, port)
+
+
+def gateway_for(hosts=(), tcp=(), names=None, internal=()):
+    rules = egress.Rules(tuple(Allowed(h, p) for h, p in hosts), tuple(tcp))
+    return egress.Gateway(rules, Lookups(names or {}, internal=internal, own=()))
+
+
+def connect(gateway, serve=None):
+    """The guest's end of a new connection that ``serve`` (the proxy by default) handles."""
+    guest, host_end = socket.socketpair()
+    guest.settimeout(10)
+    worker = threading.Thread(target=serve or gateway.serve_proxy, args=(host_end,), daemon=True)
+    worker.start()
+    return guest, worker
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Until the gateway closes (a reset too: it closes with the guest's bytes unread)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def client_hello(name: str) -> bytes:
+    """The first TLS record a real client sends for ``name``."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_a_tunnel_to_a_listed_host_carries_tls_that_names_it(upstream):
+    service = upstream(reply=b"server hello")
+    gw = gateway_for([("api.vmiso.test", service.port)], names={"api.vmiso.test": ["127.0.0.1"]})
+    guest, worker = connect(gw)
+    guest.sendall(f"CONNECT api.vmiso.test:{service.port} HTTP/1.1\r\nHost: api.vmiso.test\r\n\r\n".encode())
+    assert guest.recv(1024).startswith(b"HTTP/1.1 200 ")
+    hello = client_hello("api.vmiso.test")
+    guest.sendall(hello)
+    assert guest.recv(1024) == b"server hello"
+    guest.close()
+    worker.join(10)
+    assert service.received == hello
+    [entry] = gw.record.entries
+    assert entry["outcome"] == "contacted" and entry["sni"] == "api.vmiso.test"
+    assert entry["upstream"] == "127.0.0.1" and entry["bytes_to_guest"] > len(b"server hello")
+    assert entry["bytes_from_guest"] > len(hello)
+
+
+@pytest.mark.parametrize("first", [b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n", "hello for another site"])
+def test_a_tunnel_that_asks_for_another_site_is_cut_before_it_reaches_it(upstream, first):
+    service = upstream(reply=b"x")
+    gw = gateway_for([("api.vmiso.test", service.port)], names={"api.vmiso.test": ["127.0.0.1"]})
+    guest, worker = connect(gw)
+    guest.sendall(f"CONNECT api.vmiso.test:{service.port} HTTP/1.1\r\n\r\n".encode())
+    assert guest.recv(1024).startswith(b"HTTP/1.1 200 ")
+    guest.sendall(client_hello("other.example") if isinstance(first, str) else first)
+    assert read_all(guest) == b""
+    worker.join(10)
+    [entry] = gw.record.entries
+    assert entry["outcome"] == "refused" and not entry["allowed"] and entry["upstream"] is None
+    time.sleep(0.2)  # what the service's kernel accepted, its thread has seen
+    assert service.connections == 0  # not even a TCP handshake with the listed service
+    assert ("other.example" in entry["reason"]) == isinstance(first, str), entry["reason"]
+
+
+@pytest.mark.parametrize("request_line, why", [
+    ("CONNECT telemetry.example.net:443", "not in this run's --allow-host"),
+    ("CONNECT api.vmiso.test:8443", "not in this run's --allow-host"),  # another port of a listed host
+    ("CONNECT 10.1.2.3:443", "IP address"),
+    ("CONNECT [::1]:443", "IP address"),
+    ("GET whois://api.vmiso.test:443/", "whois://"),
+    ("GET ftp://api.vmiso.test:443/x", "ftp://"),
+    ("GET gopher://api.vmiso.test:443/", "gopher://"),
+    ("GET http://telemetry.example.net/", "not in this run's --allow-host"),
+])
+def test_what_is_not_listed_is_refused_without_a_lookup(request_line, why):
+    gw = gateway_for([("api.vmiso.test", 443)], names={"api.vmiso.test": ["127.0.0.1"]})
+    guest, worker = connect(gw)
+    guest.sendall(f"{request_line} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    answer = read_all(guest)
+    worker.join(10)
+    assert answer.startswith((b"HTTP/1.1 403 ", b"HTTP/1.1 405 ")), answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    # Nothing that names this host or the gateway's software: vmiso's own words only.
+    assert [line.split(b":")[0] for line in head.split(b"\r\n")[1:]] == [b"Content-Type", b"Content-Length",
+                                                                        b"Connection"]
+    assert body.startswith(b"vmiso: ")
+    [entry] = gw.record.entries
+    assert entry["outcome"] == "refused" and why in entry["reason"]
+    assert gw.resolver.asked == []  # a name that is not listed is never looked up
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "169.254.169.254", "::1", "fe80::1", "::ffff:127.0.0.1",
+                                     "192.0.2.77"])
+def test_a_listed_name_that_leads_here_or_to_metadata_is_refused(address):
+    resolver = egress.Resolver({"api.vmiso.test": [address]}, own=["192.0.2.77"])
+    gw = egress.Gateway(egress.Rules((Allowed("api.vmiso.test", 443),)), resolver)
+    guest, worker = connect(gw)
+    guest.sendall(b"CONNECT api.vmiso.test:443 HTTP/1.1\r\n\r\n")
+    assert read_all(guest).startswith(b"HTTP/1.1 403 ")
+    worker.join(10)
+    [entry] = gw.record.entries
+    assert entry["outcome"] == "refused" and address.split(":")[-1] in entry["reason"]
+
+
+def test_a_plain_request_goes_once_with_its_body_and_no_proxy_headers(upstream):
+    service = upstream(reply=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    gw = gateway_for([("api.vmiso.test", service.port)], names={"api.vmiso.test": ["127.0.0.1"]})
+    guest, worker = connect(gw)
+    guest.sendall(f"POST http://api.vmiso.test:{service.port}/v1/x?y=1 HTTP/1.1\r\nHost: api.vmiso.test:"
+                  f"{service.port}\r\nProxy-Authorization: Basic c2VjcmV0\r\nProxy-Connection: keep-alive\r\n"
+                  "Content-Length: 4\r\n\r\nbody".encode())
+    # A second request on the same connection, for another site: never sent on.
+    guest.sendall(b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n")
+    assert read_all(guest).endswith(b"\r\n\r\nok")
+    worker.join(10)
+    head, _, body = service.received.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/x?y=1 HTTP/1.1"
+    assert f"Host: api.vmiso.test:{service.port}".encode() in lines and b"Connection: close" in lines
+    assert not any(line.lower().startswith(b"proxy-") for line in lines)
+    assert body == b"body"
+    [entry] = gw.record.entries
+    assert entry["outcome"] == "contacted" and entry["method"] == "POST"
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"GET http://api.vmiso.test:{port}/ HTTP/1.1\r\nHost: other.example\r\n\r\n", b"403"),
+    (b"POST http://api.vmiso.test:{port}/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"411"),
+    (b"BREW http://api.vmiso.test:{port}/ HTTP/1.1\r\n\r\n", b"405"),
+    (b"GET /relative HTTP/1.1\r\nHost: api.vmiso.test\r\n\r\n", b"400"),
+    (b"\x16\x03\x01\x02\x00\x01\r\n\r\n", b"400"),
+    (b"GET http://api.vmiso.test:{port}/ HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 5\r\n\r\n", b"400"),
+    (b"GET http://api.vmiso.test:{port}/ HTTP/1.1\r\nX: a\nInjected: b\r\n\r\n", b"400"),
+])
+def test_a_plain_request_the_gateway_will_not_vouch_for_reaches_nothing(upstream, head, status):
+    service = upstream(reply=b"HTTP/1.1 200 OK\r\n\r\n")
+    gw = gateway_for([("api.vmiso.test", service.port)], names={"api.vmiso.test": ["127.0.0.1"]})
+    guest, worker = connect(gw)
+    guest.sendall(head.replace(b"{port}", str(service.port).encode()))
+    assert read_all(guest).startswith(b"HTTP/1.1 " + status)
+    worker.join(10)
+    assert service.connections == 0
+    [entry] = gw.record.entries
+    assert entry["outcome"] in ("refused", "malformed") and not entry["allowed"]
+
+
+def test_an_oversized_head_and_an_empty_connection_are_recorded_as_such():
+    gw = gateway_for([("api.vmiso.test", 443)])
+    guest, worker = connect(gw)
+    guest.sendall(b"GET http://api.vmiso.test/ HTTP/1.1\r\nX: " + b"a" * (egress.HEAD_MAX + 10))
+    assert read_all(guest).startswith(b"HTTP/1.1 400 ")
+    worker.join(10)
+    guest, worker = connect(gw)
+    guest.close()
+    worker.join(10)
+    record = gw.record.as_dict(gw.rules)
+    assert [e["outcome"] for e in record["connections"]] == ["malformed", "empty"]
+    assert record["empty"] == 1 and record["refused"][0]["host"] == "-"  # its head was never read
+    assert "over 16384 bytes" in record["connections"][0]["reason"]
+
+
+def test_a_tcp_route_joins_one_service_and_counts_both_ways(upstream):
+    service = upstream()  # an echo
+    route = egress.TcpRoute(5432, "db.vmiso.test", service.port)
+    gw = gateway_for(tcp=[route], names={"db.vmiso.test": ["127.0.0.1"]})
+    guest, worker = connect(gw, gw.routes()[5432])
+    guest.sendall(b"ping")
+    assert guest.recv(16) == b"ping"
+    guest.shutdown(socket.SHUT_WR)
+    assert read_all(guest) == b""
+    worker.join(10)
+    [entry] = gw.record.entries
+    assert (entry["kind"], entry["method"], entry["host"], entry["port"]) == ("tcp", "TCP", "db.vmiso.test",
+                                                                             service.port)
+    assert entry["outcome"] == "contacted" and entry["bytes_from_guest"] == entry["bytes_to_guest"] == 4
+
+
+def test_a_tcp_route_to_a_name_that_leads_here_connects_nowhere():
+    route = egress.TcpRoute(5432, "db.vmiso.test", 5432)
+    gw = egress.Gateway(egress.Rules(tcp=(route,)), egress.Resolver({"db.vmiso.test": ["127.0.0.1"]}, own=()))
+    guest, worker = connect(gw, gw.routes()[5432])
+    assert read_all(guest) == b""  # no error page on a raw connection: it just closes
+    worker.join(10)
+    assert gw.record.entries[0]["outcome"] == "refused"
+
+
+def test_closing_the_gateway_cuts_every_open_tunnel(upstream):
+    service = upstream()  # an echo that never closes by itself
+    gw = gateway_for(tcp=[egress.TcpRoute(6000, "svc.vmiso.test", service.port)],
+                     names={"svc.vmiso.test": ["127.0.0.1"]})
+    guest, worker = connect(gw, gw.routes()[6000])
+    guest.sendall(b"still here")
+    assert guest.recv(16) == b"still here"
+    gw.close()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert read_all(guest) == b""
+    service.done.wait(5)
+    assert service.done.is_set()  # the service saw the connection end too
+    late, late_worker = connect(gw, gw.routes()[6000])
+    assert read_all(late) == b""  # nothing new once the run is ending
+    late_worker.join(10)
+    assert gw.record.entries[-1]["reason"] == "the run was ending"
+
+
+def test_the_record_keeps_a_bounded_number_of_connections(monkeypatch):
+    monkeypatch.setattr(egress, "RECORD_MAX", 3)
+    record = egress.Record()
+    for _ in range(5):
+        record.open("proxy", 3128)
+    assert len(record.entries) == 3 and record.as_dict(egress.Rules())["not_kept"] == 2
+
+
+def test_the_sni_reader_takes_real_hellos_and_never_fails_on_cut_or_forged_ones():
+    hello = client_hello("Files.Example.org")
+    assert egress.client_hello_sni(hello) == "files.example.org"
+    for end in range(len(hello)):
+        assert egress.client_hello_sni(hello[:end]) in (None, "files.example.org")
+    forged = bytearray(hello)
+    for at in range(5, min(len(hello), 200)):
+        forged[at] ^= 0xFF
+        egress.client_hello_sni(bytes(forged))  # never raises
+        forged[at] ^= 0xFF
+    assert egress.client_hello_sni(b"\x16\x03\x01\x00\x00") is None
+
+
+@pytest.mark.parametrize("hosts, tcp, message", [
+    (["10.0.0.1"], [], "IP address"),
+    (["api.example.org:0"], [], "no valid port"),
+    ([], ["80:db.example.org:5432"], "cannot be the job's local port"),
+    ([], ["3128:db.example.org:5432"], "cannot be the job's local port"),
+    ([], ["5432:127.0.0.1:5432"], "IP address"),
+    ([], ["5432:db.example.org"], "LOCALPORT:HOST:PORT"),
+    ([], ["5432:a.example.org:1", "5432:b.example.org:1"], "given twice"),
+])
+def test_rules_that_cannot_hold_are_refused_when_read(hosts, tcp, message):
+    with pytest.raises(ConfigError, match=message):
+        egress.for_run((), (), None, hosts, tcp)
+
+
+def test_the_rules_of_the_config_and_the_flags_are_one():
+    rules = egress.for_run(["api.example.org"], ["5432:db.example.org:5432"], None,
+                           ["api.example.org", "other.example.org:8443"], ["6379:cache.example.org:6379"])
+    assert [str(a) for a in rules.hosts] == ["api.example.org:443", "other.example.org:8443"]
+    assert [r.guest_port for r in rules.tcp] == [5432, 6379]
+    assert rules.guest_env()["HTTPS_PROXY"] == "http://127.0.0.1:3128"
+    assert rules.guest_env()["no_proxy"] == "localhost,127.0.0.1,::1"
+    assert not egress.Rules() and egress.Rules().guest_env() == {}
+    assert egress.Rules(tcp=rules.tcp).guest_env() == {}  # a TCP route alone sets no proxy
+
+
+def test_a_hosts_file_names_a_service_for_the_run(tmp_path):
+    names = tmp_path / "hosts"
+    names.write_text("# a comment\n10.213.79.2 API.vmiso.test api2.vmiso.test. # trailing\nnot-an-address x\n")
+    read = egress.read_hosts_file(names)
+    assert read == {"api.vmiso.test": ["10.213.79.2"], "api2.vmiso.test": ["10.213.79.2"]}
+    assert egress.Resolver(read, own=()).resolve("api.vmiso.test", 443) == [(socket.AF_INET, ("10.213.79.2", 443))]

@@ -1,0 +1,661 @@
+"""A networked run's only way out: the host-side gateway of ``--allow-host`` and ``--allow-tcp``.
+
+A run that asks for nothing has no gateway at all.  A run that names services
+gets one that lives in vmiso's own process for as long as the run: the VM still
+has no network device; the host asks the guest's sshd to listen on the guest's
+own ``127.0.0.1:PROXY_PORT`` (and each ``--allow-tcp`` port) and every
+connection made there comes to this module over the run's SSH link, never over a
+socket another local user could open.
+
+The proxy port speaks just enough HTTP for a client told ``HTTPS_PROXY``:
+``CONNECT host:port`` to a listed host:port, whose first bytes must then be a
+TLS ClientHello naming that host (SNI); or an absolute-form plain request
+(``GET http://host:port/...``) to a listed host:port, whose ``Host`` must name
+it, sent on with ``Connection: close`` and exactly its declared body.  Nothing
+else: no other scheme, no IP literal, no name that is not listed (a name that is
+not listed is never looked up), and no address on this host, loopback,
+link-local or metadata networks whatever a listed name resolves to.  An
+``--allow-tcp LOCALPORT:HOST:PORT`` route joins the guest's port to one
+resolved HOST:PORT and reads nothing of what crosses it.
+
+Every connection is recorded: when, what it asked for, allowed or refused (and
+why), the address reached, the SNI, bytes each way.  The record has the shape of
+the provisioning gateway's (gateway.summarize reads both).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from .errors import ConfigError
+from .gateway import INTERNAL_NETWORKS, Allowed, host_addresses, parse_allow_host, summarize
+
+log = logging.getLogger(__name__)
+
+PROXY_PORT = 3128  # the job's HTTP(S)_PROXY: http://127.0.0.1:PROXY_PORT in the guest
+HOSTS_KEY = "run.allow_hosts"
+TCP_KEY = "run.allow_tcp"
+HEAD_MAX = 16 * 1024  # a request's line and headers
+HELLO_MAX = 16 * 1024  # one TLS record: the ClientHello must fit in it
+READ_SECONDS = 30  # for a request's head, or a tunnel's ClientHello
+CONNECT_SECONDS = 15
+RECORD_MAX = 5000  # connections kept in the record; past it they are only counted
+_PLAIN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Hop-by-hop and proxy headers: never sent on (a Connection: close of the gateway's own is).
+_DROPPED_HEADERS = frozenset({"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization",
+                              "proxy-authenticate", "te", "trailer", "upgrade"})
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_TARGET = re.compile(rb"^[\x21-\x7e]+$")
+
+
+# --- what a run may reach ---------------------------------------------------------------------
+
+@dataclass(frozen=True, order=True)
+class TcpRoute:
+    """The guest's 127.0.0.1:``guest_port`` joined to ``host``:``port``, resolved on this host."""
+    guest_port: int
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.guest_port}:{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Rules:
+    hosts: tuple[Allowed, ...] = ()
+    tcp: tuple[TcpRoute, ...] = ()
+    hosts_file: Path | None = None  # names looked up here before DNS, in /etc/hosts format
+
+    def __bool__(self) -> bool:
+        return bool(self.hosts or self.tcp)
+
+    def guest_env(self) -> dict[str, str]:
+        """What points the job's HTTP clients at the gateway (both spellings: clients differ)."""
+        if not self.hosts:
+            return {}
+        proxy = f"http://127.0.0.1:{PROXY_PORT}"
+        local = "localhost,127.0.0.1,::1"
+        return {"HTTPS_PROXY": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "http_proxy": proxy,
+                "NO_PROXY": local, "no_proxy": local}
+
+
+def parse_tcp_route(entry: str, where: str) -> TcpRoute:
+    """``LOCALPORT:HOST:PORT`` -> a route; HOST is a name, as for --allow-host."""
+    parts = entry.split(":")
+    if len(parts) != 3:
+        raise ConfigError(f"{where}: {entry!r} is not LOCALPORT:HOST:PORT",
+                          "write e.g. 5432:db.example.org:5432 (the job connects to 127.0.0.1:5432)")
+    local, host, port = parts
+    target = parse_allow_host(f"{host}:{port}", where)[0]
+    if not local.isdigit() or not 1024 <= int(local) <= 65535 or int(local) == PROXY_PORT:
+        raise ConfigError(f"{where}: {local!r} cannot be the job's local port",
+                          f"choose a port from 1024 to 65535 other than {PROXY_PORT} (the job's proxy); "
+                          "the job's unprivileged sshd session listens on it")
+    return TcpRoute(int(local), target.host, target.port)
+
+
+def rules(allow_hosts: Iterable[str], allow_tcp: Iterable[str], hosts_file: Path | None,
+          where: tuple[str, str] = (HOSTS_KEY, TCP_KEY)) -> Rules:
+    hosts: set[Allowed] = set()
+    for i, entry in enumerate(allow_hosts):
+        hosts.update(parse_allow_host(entry, f"{where[0]}[{i}]"))
+    routes: dict[int, TcpRoute] = {}
+    for i, entry in enumerate(allow_tcp):
+        route = parse_tcp_route(entry, f"{where[1]}[{i}]")
+        if route.guest_port in routes and routes[route.guest_port] != route:
+            raise ConfigError(f"{where[1]}[{i}]: local port {route.guest_port} is given twice",
+                              "give each service a local port of its own")
+        routes[route.guest_port] = route
+    return Rules(tuple(sorted(hosts)), tuple(sorted(routes.values())), hosts_file)
+
+
+def for_run(allow_hosts: Iterable[str], allow_tcp: Iterable[str], hosts_file: Path | None,
+            flag_hosts: Iterable[str] = (), flag_tcp: Iterable[str] = ()) -> Rules:
+    """The config's ``run.allow_hosts``/``run.allow_tcp`` and the command line's flags, as one set of rules."""
+    from_config = rules(allow_hosts, allow_tcp, hosts_file)
+    from_flags = rules(flag_hosts, flag_tcp, hosts_file, ("--allow-host", "--allow-tcp"))
+    routes = {r.guest_port: r for r in from_config.tcp}
+    for route in from_flags.tcp:
+        if routes.get(route.guest_port, route) != route:
+            raise ConfigError(f"--allow-tcp {route}: local port {route.guest_port} is taken by {TCP_KEY}",
+                              "give the service another local port")
+        routes[route.guest_port] = route
+    return Rules(tuple(sorted({*from_config.hosts, *from_flags.hosts})), tuple(sorted(routes.values())),
+                 hosts_file)
+
+
+# --- names and addresses ----------------------------------------------------------------------
+
+def read_hosts_file(path: Path) -> dict[str, list[str]]:
+    """``/etc/hosts`` format -> name (lower case) -> addresses, in the file's order."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        raise ConfigError(f"run.hosts_file: cannot read {path}: {err.strerror}",
+                          "name a readable file in /etc/hosts format, or leave the key out") from None
+    names: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            address = str(ipaddress.ip_address(fields[0]))
+        except ValueError:
+            continue
+        for name in fields[1:]:
+            names.setdefault(name.lower().rstrip("."), []).append(address)
+    return names
+
+
+class Resolver:
+    """Names to addresses that are not the host's or internal; None with the reason otherwise."""
+
+    def __init__(self, names: dict[str, list[str]] | None = None, internal: Iterable[str] | None = None,
+                 own: Iterable[str] | None = None) -> None:
+        self._names = names or {}
+        nets = INTERNAL_NETWORKS if internal is None else tuple(internal)
+        self._internal = [ipaddress.ip_network(n) for n in nets]
+        self._own = {ipaddress.ip_address(a) for a in (host_addresses() if own is None else own)}
+
+    def internal(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip in self._own or any(ip in net for net in self._internal)
+
+    def resolve(self, host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
+        """The addresses to try.  Raises Refused when any of them is internal (the name was
+        made to lead here: refused whole), Unreachable when the name has none."""
+        if host in self._names:
+            found: list[tuple[int, tuple[str, int]]] = [
+                (socket.AF_INET6 if ":" in a else socket.AF_INET, (a, port)) for a in self._names[host]]
+        else:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as err:
+                raise Unreachable(f"cannot be resolved ({getattr(err, 'strerror', None) or err})") from None
+            found = [(info[0], (str(info[4][0]), int(info[4][1]))) for info in infos]
+        if not found:
+            raise Unreachable("resolves to no address")
+        inside = [a[1][0] for a in found if self.internal(a[1][0])]
+        if inside:
+            raise Refused(f"resolves to {inside[0]}, an address of this host, loopback or link-local")
+        return found
+
+
+class Refused(Exception):
+    """What the rules do not allow."""
+
+
+class Unreachable(Exception):
+    """Allowed, but nothing answered there."""
+
+
+# --- the record -------------------------------------------------------------------------------
+
+class Record:
+    """Every connection of one run, thread-safe and bounded (past RECORD_MAX, only counted)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.entries: list[dict] = []
+        self.dropped = 0
+
+    def open(self, kind: str, guest_port: int) -> dict:
+        entry = {"time": round(time.time(), 3), "kind": kind, "guest_port": guest_port, "method": "-",
+                 "host": "-", "port": None, "outcome": "empty", "allowed": False, "reason": None,
+                 "upstream": None, "sni": None, "bytes_from_guest": 0, "bytes_to_guest": 0}
+        with self._lock:
+            if len(self.entries) < RECORD_MAX:
+                self.entries.append(entry)
+            else:
+                self.dropped += 1
+        return entry
+
+    def as_dict(self, rules: Rules) -> dict:
+        with self._lock:
+            entries = [dict(e) for e in self.entries]
+            dropped = self.dropped
+        return {"allow_hosts": [str(a) for a in rules.hosts], "allow_tcp": [str(r) for r in rules.tcp],
+                "connections": entries, "not_kept": dropped, **summarize(entries)}
+
+
+def _refuse(entry: dict, reason: str) -> None:
+    entry.update(outcome="refused", allowed=False, reason=reason)
+
+
+# --- one guest connection ---------------------------------------------------------------------
+
+class Stream(Protocol):
+    """The guest's end of one connection: a paramiko channel (or a socket, in tests)."""
+
+    def recv(self, size: int) -> bytes: ...
+    def sendall(self, data: bytes) -> None: ...
+    def settimeout(self, timeout: float | None) -> None: ...
+    def shutdown(self, how: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class _Bad(Exception):
+    """The guest sent something that is not a request the gateway reads."""
+
+
+def _read_head(guest: Stream, entry: dict) -> tuple[bytes, bytes]:
+    """The request's head (through the blank line) and whatever came after it."""
+    data = b""
+    deadline = time.monotonic() + READ_SECONDS
+    while b"\r\n\r\n" not in data:
+        if len(data) > HEAD_MAX:
+            raise _Bad(f"a request head over {HEAD_MAX} bytes")
+        guest.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            chunk = guest.recv(4096)
+        except TimeoutError:
+            raise _Bad(f"no whole request within {READ_SECONDS} s") from None
+        if not chunk:
+            if data:
+                raise _Bad("the connection closed in the middle of a request")
+            raise EOFError
+        data += chunk
+        entry["bytes_from_guest"] += len(chunk)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    if len(head) > HEAD_MAX:
+        raise _Bad(f"a request head over {HEAD_MAX} bytes")
+    return head, rest
+
+
+def _parse_head(head: bytes) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
+    lines = head.split(b"\r\n")
+    if any(b"\r" in line or b"\n" in line or b"\0" in line for line in lines):
+        raise _Bad("a bare CR, LF or NUL in the request head")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not _TOKEN.match(parts[0]) \
+            or not _TARGET.match(parts[1]):
+        raise _Bad("not an HTTP/1 request line")
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            raise _Bad("a malformed header line")
+        headers.append((name, value.strip(b" \t")))
+    return parts[0].decode(), parts[1], headers
+
+
+def _split_authority(authority: str, default_port: int) -> tuple[str, int] | None:
+    host, sep, port = authority.rpartition(":") if ":" in authority else (authority, "", "")
+    if sep and not (port.isdigit() and 0 < int(port) < 65536):
+        return None
+    return host.lower().rstrip("."), int(port) if sep else default_port
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return ":" in host  # an IPv6 literal with a zone, or a bracketed form
+    return True
+
+
+def client_hello_sni(record: bytes) -> str | None:
+    """The server name in one TLS record holding a ClientHello; None if it is not one or names none."""
+    if len(record) < 9 or record[0] != 0x16 or record[1] != 3 or record[5] != 1:
+        return None
+    body = record[9:5 + int.from_bytes(record[3:5], "big")]
+    length = int.from_bytes(record[6:9], "big")
+    if length > len(body):
+        return None  # a ClientHello over more than one record: not read
+    at = 2 + 32  # client version, random
+    try:
+        at += 1 + body[at]  # session id
+        at += 2 + int.from_bytes(body[at:at + 2], "big")  # cipher suites
+        at += 1 + body[at]  # compression methods
+        end = at + 2 + int.from_bytes(body[at:at + 2], "big")
+        at += 2
+        if end > length:
+            return None
+        while at + 4 <= end:
+            kind, size = int.from_bytes(body[at:at + 2], "big"), int.from_bytes(body[at + 2:at + 4], "big")
+            data = body[at + 4:at + 4 + size]
+            at += 4 + size
+            if kind == 0 and len(data) >= 5 and data[2] == 0:
+                name = data[5:5 + int.from_bytes(data[3:5], "big")]
+                text = name.decode("ascii")
+                return text.lower().rstrip(".") if text.isprintable() else None
+    except (IndexError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _read_record(guest: Stream, entry: dict) -> bytes:
+    """One TLS record from the guest (at most HELLO_MAX bytes of body), within READ_SECONDS."""
+    data = b""
+    deadline = time.monotonic() + READ_SECONDS
+    want = 5
+    while len(data) < want:
+        guest.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            chunk = guest.recv(want - len(data))
+        except TimeoutError:
+            raise _Bad(f"no TLS ClientHello within {READ_SECONDS} s") from None
+        if not chunk:
+            raise _Bad("the tunnel closed before a TLS ClientHello")
+        data += chunk
+        entry["bytes_from_guest"] += len(chunk)
+        if len(data) == 5 and want == 5:
+            if data[0] != 0x16:
+                raise _Bad("the tunnel did not start with TLS")
+            size = int.from_bytes(data[3:5], "big")
+            if size > HELLO_MAX:
+                raise _Bad("a TLS record over 16 KiB")
+            want = 5 + size
+    return data
+
+
+@dataclass
+class Gateway:
+    """The run's gateway: serves each connection the guest makes to a port the run was given."""
+
+    rules: Rules
+    resolver: Resolver
+    record: Record = field(default_factory=Record)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _ends: set = field(default_factory=set)
+    _closed: bool = False
+
+    @classmethod
+    def start(cls, rules: Rules) -> Gateway:
+        names = read_hosts_file(rules.hosts_file) if rules.hosts_file is not None else None
+        return cls(rules, Resolver(names))
+
+    def routes(self) -> dict[int, Callable[[Stream], None]]:
+        """Guest port -> what serves a connection made to it."""
+        served: dict[int, Callable[[Stream], None]] = {}
+        if self.rules.hosts:
+            served[PROXY_PORT] = self.serve_proxy
+        for route in self.rules.tcp:
+            served[route.guest_port] = functools.partial(self.serve_tcp, route=route)
+        return served
+
+    def close(self) -> None:
+        """End every connection: nothing the job opened outlives the run."""
+        with self._lock:
+            self._closed = True
+            ends = list(self._ends)
+        for end in ends:
+            _close(end)
+
+    def _hold(self, end: Stream | socket.socket) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._ends.add(end)
+            return True
+
+    def _release(self, *ends: Stream | socket.socket) -> None:
+        with self._lock:
+            self._ends.difference_update(ends)
+        for end in ends:
+            _close(end)
+
+    # -- the proxy port --
+
+    def serve_proxy(self, guest: Stream) -> None:
+        entry = self.record.open("proxy", PROXY_PORT)
+        if not self._hold(guest):
+            _refuse(entry, "the run was ending")
+            _close(guest)
+            return
+        upstream = None
+        try:
+            upstream = self._proxy(guest, entry)
+        except EOFError:
+            pass  # connected and closed, having sent nothing: outcome "empty"
+        except OSError:
+            if entry["outcome"] == "empty" and entry["bytes_from_guest"]:
+                entry.update(outcome="malformed", reason="the connection ended in the middle of a request")
+        except _Bad as err:
+            entry.update(outcome="malformed", allowed=False, reason=str(err))
+            _answer(guest, entry, 400, "vmiso's gateway could not read the request")
+        finally:
+            self._release(guest, *(() if upstream is None else (upstream,)))
+
+    def _proxy(self, guest: Stream, entry: dict) -> socket.socket | None:
+        head, rest = _read_head(guest, entry)
+        method, target, headers = _parse_head(head)
+        entry["method"] = method
+        text = target.decode("ascii")
+        if method == "CONNECT":
+            where = _split_authority(text, 443)
+            if where is None:
+                raise _Bad("a CONNECT target that is not HOST:PORT")
+        else:
+            scheme, sep, tail = text.partition("://")
+            if not sep:
+                raise _Bad("a request for a path, not through a proxy")
+            authority, _, path = tail.partition("/")
+            where = _split_authority(authority, 80) if "@" not in authority else None
+            if where is None:
+                raise _Bad("a URL whose host cannot be read")
+            entry["host"], entry["port"] = where
+            if scheme.lower() != "http":
+                _refuse(entry, f"{scheme.lower()}:// (the gateway carries http:// and https:// only)")
+                _answer(guest, entry, 403, f"vmiso: {scheme}:// is not carried")
+                return None
+            if method not in _PLAIN_METHODS:
+                _refuse(entry, f"method {method}")
+                _answer(guest, entry, 405, f"vmiso: method {method} is not carried")
+                return None
+        host, port = where
+        entry["host"], entry["port"] = host, port
+        if _is_ip(host):
+            _refuse(entry, "an IP address (the gateway forwards only to listed names)")
+            _answer(guest, entry, 403, "vmiso: IP addresses are not reached; only listed names are")
+            return None
+        if Allowed(host, port) not in self.rules.hosts:
+            _refuse(entry, "not in this run's --allow-host")
+            _answer(guest, entry, 403, f"vmiso: {host}:{port} is not in this run's --allow-host")
+            return None
+        if method == "CONNECT":
+            return self._tunnel(guest, entry, host, port, rest)
+        return self._plain(guest, entry, method, host, port, "/" + path, headers, rest)
+
+    def _resolve(self, guest: Stream, entry: dict, host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
+        """The addresses to try, or [] with the refusal or failure recorded and answered."""
+        try:
+            return self.resolver.resolve(host, port)
+        except Refused as err:
+            _refuse(entry, str(err))
+            _answer(guest, entry, 403, f"vmiso: {host}:{port} {err}")
+        except Unreachable as err:
+            _fail(entry, str(err))
+            _answer(guest, entry, 502, f"vmiso: {host}:{port} {err}")
+        return []
+
+    def _open(self, guest: Stream, entry: dict, host: str, port: int,
+              addresses: list[tuple[int, tuple[str, int]]], *, answer: bool = True) -> socket.socket | None:
+        errors = []
+        for family, address in addresses:
+            conn = socket.socket(family, socket.SOCK_STREAM)
+            conn.settimeout(CONNECT_SECONDS)
+            try:
+                conn.connect(address)
+            except OSError as err:
+                conn.close()
+                errors.append(f"{address[0]}: {err.strerror or err}")
+                continue
+            conn.settimeout(None)
+            if not self._hold(conn):
+                conn.close()
+                _refuse(entry, "the run was ending")
+                return None
+            entry.update(upstream=address[0], outcome="contacted", allowed=True)
+            return conn
+        _fail(entry, "; ".join(errors))
+        if answer:
+            _answer(guest, entry, 502, f"vmiso: {host}:{port} did not answer")
+        return None
+
+    def _connect(self, guest: Stream, entry: dict, host: str, port: int) -> socket.socket | None:
+        addresses = self._resolve(guest, entry, host, port)
+        return self._open(guest, entry, host, port, addresses) if addresses else None
+
+    def _tunnel(self, guest: Stream, entry: dict, host: str, port: int, rest: bytes) -> socket.socket | None:
+        """The service is connected to only once the tunnel's ClientHello has named it: a tunnel
+        that asks for another site reaches nothing, not even a TCP handshake."""
+        if rest:
+            raise _Bad("bytes after CONNECT before the tunnel was open")
+        addresses = self._resolve(guest, entry, host, port)
+        if not addresses:
+            return None
+        _send(guest, entry, b"HTTP/1.1 200 Connection established\r\n\r\n")
+        try:
+            hello = _read_record(guest, entry)
+        except _Bad as err:
+            _refuse(entry, f"{err} (a tunnel carries TLS to {host} only)")
+            return None
+        sni = client_hello_sni(hello)
+        entry["sni"] = sni
+        if sni != host:
+            _refuse(entry, f"the TLS ClientHello names {sni or 'no server'}, not {host}")
+            return None
+        # No error page inside an open tunnel: a failure to connect just closes it.
+        conn = self._open(guest, entry, host, port, addresses, answer=False)
+        if conn is None:
+            return None
+        guest.settimeout(None)
+        conn.sendall(hello)
+        _splice(guest, conn, entry)
+        return conn
+
+    def _plain(self, guest: Stream, entry: dict, method: str, host: str, port: int, path: str,
+               headers: list[tuple[bytes, bytes]], rest: bytes) -> socket.socket | None:
+        named = host if port == 80 else f"{host}:{port}"
+        length: int | None = None
+        kept = []
+        for name, value in headers:
+            low = name.lower()
+            if low == b"transfer-encoding":
+                _refuse(entry, "a request body in chunks (Transfer-Encoding); send a Content-Length")
+                _answer(guest, entry, 411, "vmiso: send the body with a Content-Length")
+                return None
+            if low == b"content-length":
+                if not value.isdigit() or length is not None:
+                    raise _Bad("a Content-Length that is not one number")
+                length = int(value)
+            if low == b"host" and _split_authority(value.decode("latin-1"), 80) != (host, port):
+                _refuse(entry, f"its Host header names another site than {named}")
+                _answer(guest, entry, 403, "vmiso: the Host header must name the URL's host")
+                return None
+            if low.decode() not in _DROPPED_HEADERS:
+                kept.append(name + b": " + value)
+        conn = self._connect(guest, entry, host, port)
+        if conn is None:
+            return None
+        out = [f"{method} {path} HTTP/1.1".encode(), f"Host: {named}".encode(), *kept, b"Connection: close"]
+        body = rest[:length or 0]
+        conn.sendall(b"\r\n".join(out) + b"\r\n\r\n" + body)
+        guest.settimeout(None)
+        _splice(guest, conn, entry, upload=(length or 0) - len(body))
+        return conn
+
+    # -- a TCP route --
+
+    def serve_tcp(self, guest: Stream, route: TcpRoute) -> None:
+        entry = self.record.open("tcp", route.guest_port)
+        entry.update(method="TCP", host=route.host, port=route.port)
+        if not self._hold(guest):
+            _refuse(entry, "the run was ending")
+            _close(guest)
+            return
+        conn = None
+        try:
+            conn = self._connect(guest, entry, route.host, route.port)
+            if conn is not None:
+                guest.settimeout(None)
+                _splice(guest, conn, entry)
+        finally:
+            self._release(guest, *(() if conn is None else (conn,)))
+
+
+def _fail(entry: dict, reason: str) -> None:
+    entry.update(outcome="failed", allowed=True, reason=reason)
+
+
+def _send(guest: Stream, entry: dict, data: bytes) -> None:
+    try:
+        guest.sendall(data)
+    except (OSError, EOFError):
+        return
+    entry["bytes_to_guest"] += len(data)
+
+
+def _answer(guest: Stream, entry: dict, status: int, message: str) -> None:
+    """An error page that says what vmiso refused and names nothing of this host."""
+    if entry["kind"] != "proxy":
+        return
+    body = (message + "\n").encode("ascii", "replace")
+    reason = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 411: "Length Required",
+              502: "Bad Gateway"}[status]
+    _send(guest, entry, f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: "
+                        f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+
+
+def _close(end: Stream | socket.socket) -> None:
+    """Shut down first: that wakes a thread blocked reading it."""
+    try:
+        end.shutdown(socket.SHUT_RDWR)
+    except Exception:  # see below
+        pass
+    try:
+        end.close()
+    except Exception:  # a channel of a link that is gone raises kinds of its own
+        pass
+
+
+def _splice(guest: Stream, conn: socket.socket, entry: dict, upload: int | None = None) -> None:
+    """Copy both ways, counting, until both directions end.  ``upload``: copy only that many
+    more bytes from the guest (a plain request's body), then nothing more of what it sends."""
+    def up() -> None:
+        left = upload
+        try:
+            while left is None or left > 0:
+                data = guest.recv(65536 if left is None else min(65536, left))
+                if not data:
+                    break
+                conn.sendall(data)
+                entry["bytes_from_guest"] += len(data)
+                if left is not None:
+                    left -= len(data)
+        except (OSError, EOFError):
+            pass
+        if upload is None:
+            try:
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+    sender = threading.Thread(target=up, daemon=True)
+    sender.start()
+    try:
+        while data := conn.recv(65536):
+            guest.sendall(data)
+            entry["bytes_to_guest"] += len(data)
+    except (OSError, EOFError):
+        pass
+    try:
+        guest.shutdown(socket.SHUT_WR)
+    except Exception:  # see _close
+        pass
+    if upload is not None:
+        _close(guest)  # the response is whole: a plain request's connection ends with it
+    sender.join()
