@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -193,6 +194,51 @@ def small_files(config: Path, image: str, work: Path, count: int) -> dict:
             "uncached_ratio": float(t_none) / float(t_mem)}
 
 
+def networked(config: Path, image: str, work: Path, runs: int, size_mb: int) -> dict:
+    """A warm run with one --allow-host against one without, alternating; then SIZE_MB over plain
+    HTTP from a service in a network namespace of the bench's own, through the run's gateway, against
+    the same download by this host itself."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from vmharness import SERVICE_LAN, network_services  # the VM tests' own services
+
+    cfg = config_mod.load(config)
+    service = work / "service"
+    service.mkdir()
+    with network_services(service) as (_, hosts, _):
+        # The bench's config with the service's name for the run's gateway.
+        data = config_mod.load_yaml(config) or {}
+        data.setdefault("run", {})["hosts_file"] = str(hosts)
+        data["state_dir"] = str(cfg.state_dir)
+        provision = data.get("provision") or {}
+        if provision.get("requirements"):  # as the original config names it
+            provision["requirements"] = str((config.parent / provision["requirements"]).resolve())
+        networked_config = work / "networked.yaml"
+        networked_config.write_text(json.dumps(data))
+        allow = ("--allow-host", "api.vmiso.test:80")
+        offline, online = [], []
+        for _ in range(runs):
+            offline.append(timed_run(networked_config, image, work, "python", "-c", "pass")["total"])
+            online.append(timed_run(networked_config, image, work, "python", "-c", "pass", extra=allow)["total"])
+        url = f"http://api.vmiso.test/bytes/{size_mb * MB}"
+        script = ("import time, urllib.request\n"
+                  "t = time.monotonic(); n = 0\n"
+                  f"with urllib.request.urlopen({url!r}) as r:\n"
+                  "    while b := r.read(1 << 20): n += len(b)\n"
+                  "print(n, time.monotonic() - t)\n")
+        got = timed_run(networked_config, image, work, "python", "-c", script, extra=(*allow, "--timeout", "900"))
+        size, guest_s = got["stdout"].split()
+        direct = f"http://{SERVICE_LAN[1]}/bytes/{size_mb * MB}"
+        started = time.monotonic()
+        with urllib.request.urlopen(direct) as answer:
+            while answer.read(MB):
+                pass
+        host_s = time.monotonic() - started
+    return {"offline_s": statistics.median(offline), "allow_host_s": statistics.median(online),
+            "added_s": statistics.median(online) - statistics.median(offline),
+            "download_mb": int(size) / MB, "through_gateway_mb_s": int(size) / MB / float(guest_s),
+            "host_direct_mb_s": size_mb / host_s, "ratio_to_host": host_s / float(guest_s)}
+
+
 def pool_status(config: Path, image: str) -> dict:
     rows = json.loads(vmiso("pool", "status", "-c", str(config), "--json").stdout)
     return next((r for r in rows if r["image"] == image), {})
@@ -315,6 +361,7 @@ def main() -> None:
         if not args.quick:
             results["throughput_9p"] = throughput(args.config, image, work, args.size_mb)
             results["small_files"] = small_files(args.config, image, work, args.small_files)
+            results["networked"] = networked(args.config, image, work, args.runs, args.size_mb)
             results["qemu_rss_mib"] = qemu_rss_mib(args.config, image, work)
             results["runs_per_minute"] = {
                 "1": runs_per_minute(args.config, image, work, 1, args.runs),
@@ -368,6 +415,11 @@ def report(r: dict) -> None:
         print(f"{m['files']} files of 1 KB, walked and read: /in {m['in_s']:.2f} s, the same tree on the "
               f"guest's tmpfs {m['tmpfs_s']:.2f} s: {m['ratio']:.2f} x tmpfs (uncached 9p: "
               f"{m['uncached_9p_s']:.2f} s, {m['uncached_ratio']:.2f} x)")
+        n = r["networked"]
+        print(f"networked run: warm 'python -c pass' with one --allow-host {n['allow_host_s']:.2f} s, without "
+              f"{n['offline_s']:.2f} s ({n['added_s']:+.2f} s); {n['download_mb']:.0f} MB over HTTP through the "
+              f"run's gateway {n['through_gateway_mb_s']:.1f} MB/s, by this host directly "
+              f"{n['host_direct_mb_s']:.1f} MB/s ({n['ratio_to_host']:.2f} x)")
         print(f"host memory per running VM (QEMU RSS): {r['qemu_rss_mib']:.0f} MiB")
         rpm = r["runs_per_minute"]
         print(f"trivial runs per minute: {rpm['1']:.1f} one at a time, {rpm['2']:.1f} two at a time (warm)")

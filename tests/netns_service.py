@@ -2,7 +2,7 @@
 ``netns_service.py LOG CERT KEY ADDRESS...`` serves, on each ADDRESS, HTTPS on 443 (the
 certificate names every test host), plain HTTP on 80 and a TCP echo on 7000.  Each
 connection's start and end, and each request with its Host and SNI, is appended to LOG as
-one JSON line; an HTTP answer is that request's JSON."""
+one JSON line; an HTTP answer is that request's JSON (``/bytes/N``: N bytes, not logged)."""
 import http.server
 import json
 import socketserver
@@ -23,6 +23,16 @@ class Answer(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def _answer(self):
+        if self.path.startswith("/bytes/"):  # /bytes/N: N bytes, for throughput
+            size = int(self.path.rsplit("/", 1)[1])
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            chunk = b"\0" * (1 << 20)
+            while size > 0:
+                self.wfile.write(chunk[:size])
+                size -= len(chunk)
+            return
         seen = {"event": "request", "address": self.server.server_address[0], "port": self.server.server_address[1],
                 "method": self.command, "path": self.path, "host": self.headers.get("Host"),
                 "sni": getattr(self.connection, "vmiso_sni", None),

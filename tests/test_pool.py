@@ -17,7 +17,7 @@ import pytest
 
 from vmiso import pool, warm, workdir
 
-from vmharness import REPO, VMISO, vmiso, vmiso_domains, wait_for
+from vmharness import REPO, VMISO, network_services, vmiso, vmiso_domains, wait_for, write_config
 
 KEY = pool.PoolKey(warm.WarmKey.make(template_sha256="a" * 64, hypervisor="libvirt 9.0, QEMU 7.2", accel="tcg",
                                      memory_mib=512, cpus=1, scratch_bytes=2 * 1024**3), 64 * 1024**2, 1000, "qemu:///system")
@@ -240,6 +240,36 @@ def test_clones_restored_from_one_saved_state_are_reseeded(pool_of_two, tmp_path
     assert len(set(seen)) == 5, seen
     slots = list((image["state"] / "warm" / "it").glob("slot-*/warm.json"))
     assert len(slots) == 4
+
+
+@pytest.mark.vm
+def test_a_preloaded_clone_runs_a_networked_job_and_the_next_one_is_offline(pool_of_two, tmp_path):
+    """The pool's clones were made offline: a networked run gets its gateway on the clone it takes,
+    and the clone after it has none."""
+    image = pool_of_two
+    guest = Path(__file__).parent / "guest" / "egress_probe.py"
+    with network_services(tmp_path) as (ca, hosts, log):
+        config = write_config(tmp_path / "config", image["state"], run={"hosts_file": str(hosts)})
+        checks = {"fetch": ["https://api.vmiso.test/hello", "https://other.vmiso.test/"]}
+        results = []
+        for allow in (["--allow-host", "api.vmiso.test"], []):
+            wait_for(lambda: _status(image)["ready"] == 2, 120, "the pool to be full")
+            record = tmp_path / f"r{len(results)}.json"
+            done = vmiso("run", "-c", config, "-i", guest, "-i", ca, "--json", record, *allow, "--",
+                         "python", "egress_probe.py", json.dumps(checks))
+            assert done.returncode == 0, done.stderr
+            assert json.loads(record.read_text())["boot"] == "preloaded"
+            results.append((json.loads(done.stdout.splitlines()[-1]), json.loads(record.read_text())["network"]))
+        seen = [json.loads(line) for line in log.read_text().splitlines()]
+    (networked, record), (offline, no_record) = results
+    assert networked["fetch https://api.vmiso.test/hello"]["sni"] == "api.vmiso.test"
+    assert "403" in networked["fetch https://other.vmiso.test/"]
+    assert [r["host"] for r in record["contacted"]] == ["api.vmiso.test:443"]
+    assert [r["host"] for r in record["refused"]] == ["other.vmiso.test:443"]
+    # The next clone: no proxy, no gateway, no record; the service saw one request in all.
+    assert offline["env"]["HTTPS_PROXY"] is None and no_record is None
+    assert all(isinstance(v, str) and v.startswith("REFUSED") for k, v in offline.items() if k != "env")
+    assert [e["event"] for e in seen] == ["request"]
 
 
 @pytest.mark.vm
