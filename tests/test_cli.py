@@ -17,7 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from vmiso import cli, warm
+from vmiso import cli, egress, warm
 from vmiso.errors import GuestError, Interrupted, RunTimeout, VmisoError
 from vmiso.run import RunResult
 
@@ -377,3 +377,55 @@ def test_images_show_prints_what_the_gateway_let_through_and_refused(config, tmp
     (path / "gateway.json").write_bytes(data.replace(b"evil", b"good"))  # the record no longer matches
     changed = invoke("images", "-c", str(config), "show", "gw")
     assert changed.exit_code == 125 and "does not match the sha256 in the manifest" in changed.stderr
+
+
+def _network_record(refused_host: str = "telemetry.example.net") -> dict:
+    rules = egress.for_run((), (), None, ["api.example.org"], ())
+    record = egress.Record()
+    reached = record.open("proxy", 3128)
+    reached.update(method="CONNECT", host="api.example.org", port=443, outcome="contacted", allowed=True,
+                   bytes_from_guest=2048, bytes_to_guest=3 * 2**20)
+    tried = record.open("proxy", 3128)
+    tried.update(method="CONNECT", host=refused_host, port=443, outcome="refused",
+                 reason="not in this run's --allow-host")
+    return record.as_dict(rules)
+
+
+def test_a_networked_run_says_what_it_reached_and_names_what_was_refused(monkeypatch, tmp_path):
+    seen = fake_run(monkeypatch, lambda request: result(network=_network_record("tele\x1b[2Jmetry.example.net")))
+    record = tmp_path / "run.json"
+    done = invoke("run", "--allow-host", "api.example.org", "--allow-tcp", "5432:db.example.org:5432",
+                  "--json", str(record), "--", "python", "job.py")
+    assert done.exit_code == 0
+    assert [str(a) for a in seen[0].network.hosts] == ["api.example.org:443"]
+    assert [str(r) for r in seen[0].network.tcp] == ["5432:db.example.org:5432"]
+    assert "vmiso: network: reached api.example.org:443 (1x, 2.0 KiB sent, 3.0 MiB received)\n" in done.stderr
+    # The guest chose the name: shown, not obeyed.
+    assert ("vmiso: the job tried to reach tele^[[2Jmetry.example.net:443, refused: not in this run's "
+            "--allow-host\n") in done.stderr
+    assert json.loads(record.read_text())["network"]["contacted"][0]["host"] == "api.example.org:443"
+    quiet = invoke("-q", "run", "--allow-host", "api.example.org", "--", "python", "job.py")
+    assert "network: reached" not in quiet.stderr and "the job tried to reach" in quiet.stderr
+
+
+def test_a_networked_run_that_fails_still_records_and_names_its_refusals(monkeypatch, tmp_path):
+    def timed_out(request):
+        err = RunTimeout("the job ran longer than 5 s; the VM was destroyed")
+        err.network = _network_record()
+        raise err
+    fake_run(monkeypatch, timed_out)
+    record = tmp_path / "run.json"
+    done = invoke("run", "--allow-host", "api.example.org", "--json", str(record), "--", "python", "job.py")
+    assert done.exit_code == 124
+    assert "the job tried to reach telemetry.example.net:443, refused" in done.stderr
+    assert json.loads(record.read_text())["network"]["refused"][0]["host"] == "telemetry.example.net:443"
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--allow-host", "10.0.0.1"], "--allow-host[0]: '10.0.0.1' is an IP address"),
+    (["--allow-tcp", "22:db.example.org:5432"], "--allow-tcp[0]: '22' cannot be the job's local port"),
+])
+def test_a_bad_allow_flag_is_refused_before_a_vm_starts(monkeypatch, flag, message):
+    seen = fake_run(monkeypatch, lambda request: result())
+    done = invoke("run", *flag, "--", "true")
+    assert done.exit_code == 125 and message in done.stderr and seen == []

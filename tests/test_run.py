@@ -527,3 +527,18 @@ def test_a_networked_run_gets_its_gateway_and_proxy_and_an_offline_one_neither(c
     offline, _, _ = do_run(config, FakeHypervisor(), request(), connect := FakeConnect(job))
     assert seen["routes"] == [] and offline.network is None
     assert "PROXY" not in connect.sessions[0].commands[0]
+
+
+def test_a_networked_run_that_times_out_keeps_its_record(config, image, state):
+    def job(session, stdout, stderr):
+        guest, host_end = socket.socketpair()
+        threading.Thread(target=session.routes[3128], args=(host_end,), daemon=True).start()
+        guest.sendall(b"CONNECT telemetry.example.net:443 HTTP/1.1\r\n\r\n")
+        guest.recv(4096)
+        return None  # the deadline passed
+    rules = egress.for_run((), (), None, ["api.example.org"], ())
+    with pytest.raises(RunTimeout) as err:
+        do_run(config, FakeHypervisor(), request(timeout=7, network=rules), FakeConnect(job))
+    assert err.value.network is not None
+    assert [row["host"] for row in err.value.network["refused"]] == ["telemetry.example.net:443"]
+    assert leftovers(state) == []

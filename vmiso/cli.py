@@ -456,6 +456,9 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
         record = result.as_dict()
     except VmisoError as err:
         record.update(exit_code=err.exit_code, error=str(err), timings=dict(steps.timings))
+        if err.network is not None:
+            record["network"] = err.network
+            _say_network(err.network, quiet=ctx.obj["quiet"])
         raise
     except KeyboardInterrupt:
         record.update(exit_code=EXIT_INTERRUPTED, error="interrupted", timings=dict(steps.timings))
@@ -477,19 +480,21 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     for line in result.hints:
         click.echo(f"vmiso: {line}", err=True)
     if result.network is not None:
-        _say_network(result.network)
+        _say_network(result.network, quiet=ctx.obj["quiet"])
     ctx.exit(result.exit_code)
 
 
-def _say_network(record: dict) -> None:
-    """One line for what the job reached, and one for each place it was refused (the guest
-    chose those names: shown neutralized)."""
+def _say_network(record: dict, *, quiet: bool) -> None:
+    """One line for what the job reached (not with -q), and one for each place it was refused
+    (always: something tried to phone home); the guest chose those names, shown neutralized."""
     def amount(n: int) -> str:
         return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB"
     reached = [f"{neutralize(r['host'])} ({r['connections']}x, {amount(r['bytes_from_guest'])} sent, "
                f"{amount(r['bytes_to_guest'])} received)" for r in record["contacted"]]
-    click.echo("vmiso: network: " + ("reached " + ", ".join(reached) if reached else "the job reached nothing")
-               + (f"; {len(record['failed'])} allowed place(s) did not answer" if record["failed"] else ""), err=True)
+    if not quiet:
+        click.echo("vmiso: network: " + ("reached " + ", ".join(reached) if reached else "the job reached nothing")
+                   + (f"; {len(record['failed'])} allowed place(s) did not answer" if record["failed"] else ""),
+                   err=True)
     reasons: dict[str, str] = {}
     for entry in record["connections"]:
         if entry["outcome"] in ("refused", "malformed"):

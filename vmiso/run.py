@@ -414,6 +414,11 @@ def _open_network(session: ssh.Session, rules: egress.Rules, image: Image, steps
             raise GuestError(err.message, f"image {image.name} was provisioned before vmiso allowed networked runs; "
                              f"provision it again to use --allow-host or --allow-tcp") from None
         cleanup.callback(ports.close)
+
+    def keep_record(kind: object, err: BaseException | None, tb: object) -> None:
+        if isinstance(err, VmisoError):  # a run that failed (a timeout) still says what its job reached
+            err.network = gateway.record.as_dict(rules)
+    cleanup.push(keep_record)
     return gateway
 
 
