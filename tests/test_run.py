@@ -197,6 +197,24 @@ def test_a_timeout_destroys_the_vm_and_cleans_up(config, image, state):
     assert not hv.running and leftovers(state) == []
 
 
+@pytest.mark.parametrize("wrote, said", [(["partial.txt"], "1 file it had written, checked, is in"),
+                                         (["a.txt", "b.txt"], "2 files it had written, checked, are in"),
+                                         ([], "nothing it had written to /out was kept")])
+def test_a_job_stopped_by_its_timeout_keeps_what_it_wrote(config, image, state, tmp_path, wrote, said):
+    def job(session, stdout, stderr):
+        for name in wrote:
+            (session.clone.outputs / name).write_text("so far\n")
+        (session.clone.outputs / "link").symlink_to("/etc/passwd")  # checked as any output is
+        return None  # the deadline passed
+    with pytest.raises(RunTimeout) as err:
+        do_run(config, FakeHypervisor(), request(timeout=7, output=tmp_path / "out"), FakeConnect(job))
+    assert said in str(err.value) and "longer than 7 s" in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*wrote, "MANIFEST"])
+    assert [f["path"] for f in err.value.outputs["files"]] == sorted(wrote)
+    assert [r["path"] for r in err.value.outputs["refused"]] == ["link"]
+    assert leftovers(state) == []
+
+
 def test_the_kernel_bounds_what_a_job_writes_to_out(config, image, state, tmp_path, caplog):
     """However fast it writes, a job gets "no space" once /out holds its limit; vmiso says
     so, and the collector refuses more than the limit."""

@@ -174,13 +174,16 @@ def test_run_streams_isolates_and_checks_outputs(image, tmp_path, boot):
     assert leftovers(image["state"]) == []
 
 
-def test_timeout_destroys_the_vm_and_exits_124(image, tmp_path):
-    done = vmiso("run", "-c", image["config"], "--timeout", "3", "--json", tmp_path / "r.json",
-                 "--", "sh", "-c", "echo started; sleep 600")
+def test_timeout_destroys_the_vm_and_exits_124_keeping_what_the_job_wrote(image, tmp_path):
+    done = vmiso("run", "-c", image["config"], "--timeout", "3", "--json", tmp_path / "r.json", "-o", tmp_path / "out",
+                 "--", "sh", "-c", "echo so far > /out/partial.txt; echo started; sleep 600")
     assert done.returncode == 124, done.stderr
     assert "started" in done.stdout
-    assert "longer than 3 s" in done.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 124
+    assert f"longer than 3 s; the VM was destroyed; 1 file it had written, checked, is in {tmp_path / 'out'}" \
+        in done.stderr
+    assert (tmp_path / "out" / "partial.txt").read_text() == "so far\n"
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["exit_code"] == 124 and [f["path"] for f in record["outputs"]["files"]] == ["partial.txt"]
     assert leftovers(image["state"]) == []
 
 

@@ -456,6 +456,8 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
         record = result.as_dict()
     except VmisoError as err:
         record.update(exit_code=err.exit_code, error=str(err), timings=dict(steps.timings))
+        if err.outputs is not None:
+            record["outputs"] = err.outputs
         if err.network is not None:
             record["network"] = err.network
             _say_network(err.network, quiet=ctx.obj["quiet"])

@@ -19,6 +19,7 @@ class VmisoError(Exception):
 
     exit_code = EXIT_VMISO
     network: dict | None = None  # a networked run's record up to the failure (egress.Record.as_dict)
+    outputs: dict | None = None  # what a run that failed (a timeout) had written, checked and copied
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

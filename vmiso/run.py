@@ -276,13 +276,15 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
                 gateway.close()  # every connection the job opened ends with it
             session.close()
             hv.destroy(vm.name)
-        exit_code, signal = _judge(outcome)
+        # What the job wrote is collected whatever ended it: a job stopped by its timeout
+        # keeps its partial results, under the same checks (the VM is gone: /out is still).
         collected = None
         if request.output is not None:
             with steps.step("collect", f"check and copy {GUEST_OUT}"):
                 collected = outputs.collect(clone.outputs, request.output, max_bytes=config.run.output_max_bytes,
                                             max_files=config.run.output_max_files,
                                             accept_tool_files=request.accept_tool_files)
+        exit_code, signal = _judge(outcome, collected, request.output)
         with steps.step("cleanup", "remove the overlay and staging directories"):
             cleanup.close()
     return RunResult(run_id, image.name, sha256, request.command, exit_code, boot=vm.boot,
@@ -476,11 +478,21 @@ def _forward(interruption: Interruption) -> signal.Signals | None:
     return sig
 
 
-def _judge(outcome: Outcome) -> tuple[int, str | None]:
-    """(vmiso's exit code, the signal's name) of a job that ended; an error for one that did not."""
+def _judge(outcome: Outcome, collected: outputs.OutputReport | None = None,
+           output: Path | None = None) -> tuple[int, str | None]:
+    """(vmiso's exit code, the signal's name) of a job that ended; an error for one that did not,
+    saying what of its outputs was kept."""
     if isinstance(outcome, TimedOut):
-        raise RunTimeout(f"the job ran longer than {outcome.seconds} s; the VM was destroyed",
+        kept = ""
+        if collected is not None and output is not None:
+            count = len(collected.files)
+            kept = (f"; {count} file{'s' if count != 1 else ''} it had written, checked, "
+                    f"{'are' if count != 1 else 'is'} in {output}" if count
+                    else "; nothing it had written to /out was kept")
+        err = RunTimeout(f"the job ran longer than {outcome.seconds} s; the VM was destroyed{kept}",
                          "raise --timeout if the job needs longer")
+        err.outputs = collected.as_dict() if collected is not None else None
+        raise err
     if outcome.unknown_signal:
         raise GuestError("the job was killed by a signal that vmiso does not know")
     if outcome.signal is not None:
