@@ -385,14 +385,19 @@ def _job_options(command: Any) -> Any:
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
 def run(ctx: click.Context, command: tuple[str, ...], tty: bool, **options: Any) -> None:
-    """Run COMMAND in a disposable, offline clone of an image.
+    """Run COMMAND in a disposable clone of an image: offline, unless --allow-host or
+    --allow-tcp names a service it may reach.
+
+    \b
+    Example (vmiso's options, then --, then the job's command line):
+        vmiso run -i data.csv -o results/ -- python job.py data.csv
 
     \b
     Inside the guest: inputs under /in (read-only, also the working directory),
     outputs to /out, /tmp (and TMPDIR) on a scratch disk of the run's own, the
     image's venv first on PATH.  vmiso exits with the job's exit code, or
     128 + N when signal N killed it; 124 means the timeout struck, 125 an error
-    of vmiso or the VM, 130 an interruption.
+    of vmiso or the VM, 130 an interruption, 2 a usage error (a bad flag).
     """
     _run_job(ctx, command, tty=tty, **options)
 
@@ -402,7 +407,7 @@ def run(ctx: click.Context, command: tuple[str, ...], tty: bool, **options: Any)
 @click.argument("command", nargs=-1)
 @click.pass_context
 def shell(ctx: click.Context, command: tuple[str, ...], **options: Any) -> None:
-    """An interactive shell (or COMMAND) on a pseudo-terminal in a disposable, offline clone.
+    """An interactive shell (or COMMAND) on a pseudo-terminal in a disposable clone, offline unless told.
 
     \b
     The same clone, shares, limits, timeout and cleanup as 'vmiso run'; outputs in
