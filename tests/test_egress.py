@@ -78,7 +78,8 @@ class Lookups(egress.Resolver):
 
 
 def gateway_for(hosts=(), tcp=(), names=None, internal=()):
-    rules = egress.Rules(tuple(Allowed(h, p) for h, p in hosts), tuple(tcp))
+    """A run's gateway (a tunnel and plain http to each of ``hosts``) whose resolver knows ``names``."""
+    rules = egress.Rules(tuple(Allowed(h, p, scheme) for h, p in hosts for scheme in ("https", "http")), tuple(tcp))
     return egress.Gateway(rules, Lookups(names or {}, internal=internal, own=()))
 
 
@@ -325,7 +326,7 @@ def test_rules_that_cannot_hold_are_refused_when_read(hosts, tcp, message):
 def test_the_rules_of_the_config_and_the_flags_are_one():
     rules = egress.for_run(["api.example.org"], ["5432:db.example.org:5432"], None,
                            ["api.example.org", "other.example.org:8443"], ["6379:cache.example.org:6379"])
-    assert [str(a) for a in rules.hosts] == ["api.example.org:443", "other.example.org:8443"]
+    assert rules.listed() == ["api.example.org:443", "other.example.org:8443"]
     assert [r.guest_port for r in rules.tcp] == [5432, 6379]
     assert rules.guest_env()["HTTPS_PROXY"] == "http://127.0.0.1:3128"
     assert rules.guest_env()["no_proxy"] == "localhost,127.0.0.1,::1"
@@ -336,6 +337,6 @@ def test_the_rules_of_the_config_and_the_flags_are_one():
 def test_a_hosts_file_names_a_service_for_the_run(tmp_path):
     names = tmp_path / "hosts"
     names.write_text("# a comment\n10.213.79.2 API.vmiso.test api2.vmiso.test. # trailing\nnot-an-address x\n")
-    read = egress.read_hosts_file(names)
+    read = egress.read_hosts_file(names, "run.hosts_file")
     assert read == {"api.vmiso.test": ["10.213.79.2"], "api2.vmiso.test": ["10.213.79.2"]}
     assert egress.Resolver(read, own=()).resolve("api.vmiso.test", 443) == [(socket.AF_INET, ("10.213.79.2", 443))]

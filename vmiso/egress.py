@@ -51,6 +51,7 @@ READ_SECONDS = 30  # for a request's head, or a tunnel's ClientHello
 CONNECT_SECONDS = 15
 RECORD_MAX = 5000  # connections kept in the record; past it they are only counted
 _PLAIN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+FETCH_METHODS = frozenset({"GET", "HEAD"})  # what provisioning's plain-HTTP mirrors are asked
 # Hop-by-hop and proxy headers: never sent on (a Connection: close of the gateway's own is).
 _DROPPED_HEADERS = frozenset({"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization",
                               "proxy-authenticate", "te", "trailer", "upgrade"})
@@ -73,12 +74,23 @@ class TcpRoute:
 
 @dataclass(frozen=True)
 class Rules:
+    """Where a gateway forwards.  Each of ``hosts`` allows, by its scheme, a CONNECT tunnel
+    ("https") or plain requests with ``plain_methods`` ("http") to its host:port: a run's
+    --allow-host allows both, provisioning's allow-list what each URL implies."""
+
     hosts: tuple[Allowed, ...] = ()
     tcp: tuple[TcpRoute, ...] = ()
     hosts_file: Path | None = None  # names looked up here before DNS, in /etc/hosts format
+    plain_methods: frozenset[str] = _PLAIN_METHODS
+    refusal: str = "not in this run's --allow-host"  # what a request to another place is told
+    hosts_key: str = "run.hosts_file"  # where hosts_file was named, for its errors
 
     def __bool__(self) -> bool:
         return bool(self.hosts or self.tcp)
+
+    def listed(self) -> list[str]:
+        """host:port of each place, once."""
+        return sorted({f"{a.host}:{a.port}" for a in self.hosts})
 
     def guest_env(self) -> dict[str, str]:
         """What points the job's HTTP clients at the gateway (both spellings: clients differ)."""
@@ -109,7 +121,8 @@ def rules(allow_hosts: Iterable[str], allow_tcp: Iterable[str], hosts_file: Path
           where: tuple[str, str] = (HOSTS_KEY, TCP_KEY)) -> Rules:
     hosts: set[Allowed] = set()
     for i, entry in enumerate(allow_hosts):
-        hosts.update(parse_allow_host(entry, f"{where[0]}[{i}]"))
+        for place in parse_allow_host(entry, f"{where[0]}[{i}]"):  # a tunnel, and plain http, to it
+            hosts.update((place, Allowed(place.host, place.port, "http")))
     routes: dict[int, TcpRoute] = {}
     for i, entry in enumerate(allow_tcp):
         route = parse_tcp_route(entry, f"{where[1]}[{i}]")
@@ -137,12 +150,13 @@ def for_run(allow_hosts: Iterable[str], allow_tcp: Iterable[str], hosts_file: Pa
 
 # --- names and addresses ----------------------------------------------------------------------
 
-def read_hosts_file(path: Path) -> dict[str, list[str]]:
-    """``/etc/hosts`` format -> name (lower case) -> addresses, in the file's order."""
+def read_hosts_file(path: Path, key: str) -> dict[str, list[str]]:
+    """``/etc/hosts`` format -> name (lower case) -> addresses, in the file's order.  Read once,
+    as the gateway starts: a later change to the file does not reach a running gateway."""
     try:
         text = path.read_text(errors="replace")
     except OSError as err:
-        raise ConfigError(f"run.hosts_file: cannot read {path}: {err.strerror}",
+        raise ConfigError(f"{key}: cannot read {path}: {err.strerror}",
                           "name a readable file in /etc/hosts format, or leave the key out") from None
     names: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -223,11 +237,14 @@ class Record:
                 self.dropped += 1
         return entry
 
-    def as_dict(self, rules: Rules) -> dict:
+    def connections(self) -> tuple[list[dict], int]:
+        """A copy of every connection kept, and how many more were only counted."""
         with self._lock:
-            entries = [dict(e) for e in self.entries]
-            dropped = self.dropped
-        return {"allow_hosts": [str(a) for a in rules.hosts], "allow_tcp": [str(r) for r in rules.tcp],
+            return [dict(e) for e in self.entries], self.dropped
+
+    def as_dict(self, rules: Rules) -> dict:
+        entries, dropped = self.connections()
+        return {"allow_hosts": rules.listed(), "allow_tcp": [str(r) for r in rules.tcp],
                 "connections": entries, "not_kept": dropped, **summarize(entries)}
 
 
@@ -375,7 +392,7 @@ class Gateway:
 
     @classmethod
     def start(cls, rules: Rules) -> Gateway:
-        names = read_hosts_file(rules.hosts_file) if rules.hosts_file is not None else None
+        names = read_hosts_file(rules.hosts_file, rules.hosts_key) if rules.hosts_file is not None else None
         return cls(rules, Resolver(names))
 
     def routes(self) -> dict[int, Callable[[Stream], None]]:
@@ -452,7 +469,7 @@ class Gateway:
                 _refuse(entry, f"{scheme.lower()}:// (the gateway carries http:// and https:// only)")
                 _answer(guest, entry, 403, f"vmiso: {scheme}:// is not carried")
                 return None
-            if method not in _PLAIN_METHODS:
+            if method not in self.rules.plain_methods:
                 _refuse(entry, f"method {method}")
                 _answer(guest, entry, 405, f"vmiso: method {method} is not carried")
                 return None
@@ -462,9 +479,12 @@ class Gateway:
             _refuse(entry, "an IP address (the gateway forwards only to listed names)")
             _answer(guest, entry, 403, "vmiso: IP addresses are not reached; only listed names are")
             return None
-        if Allowed(host, port) not in self.rules.hosts:
-            _refuse(entry, "not in this run's --allow-host")
-            _answer(guest, entry, 403, f"vmiso: {host}:{port} is not in this run's --allow-host")
+        if Allowed(host, port, "https" if method == "CONNECT" else "http") not in self.rules.hosts:
+            how = "a tunnel" if method == "CONNECT" else "plain http://"
+            listed = any((a.host, a.port) == (host, port) for a in self.rules.hosts)
+            _refuse(entry, f"{how} to it is not allowed" if listed else self.rules.refusal)
+            _answer(guest, entry, 403, f"vmiso: {host}:{port} is {self.rules.refusal}" if not listed
+                    else f"vmiso: {how} to {host}:{port} is not allowed")
             return None
         if method == "CONNECT":
             return self._tunnel(guest, entry, host, port, rest)
