@@ -239,7 +239,7 @@ def test_an_oversized_head_and_an_empty_connection_are_recorded_as_such():
     guest.close()
     worker.join(10)
     record = gw.record.as_dict(gw.rules)
-    assert [e["outcome"] for e in record["connections"]] == ["malformed", "empty"]
+    assert [e["outcome"] for e in record["connections"]] == ["malformed"]  # the empty one is counted
     assert record["empty"] == 1 and record["refused"][0]["host"] == "-"  # its head was never read
     assert "over 16384 bytes" in record["connections"][0]["reason"]
 
@@ -288,12 +288,85 @@ def test_closing_the_gateway_cuts_every_open_tunnel(upstream):
     assert gw.record.entries[-1]["reason"] == "the run was ending"
 
 
-def test_the_record_keeps_a_bounded_number_of_connections(monkeypatch):
+def test_a_flood_of_connections_hides_no_contact_and_holds_bounded_memory(monkeypatch, upstream):
     monkeypatch.setattr(egress, "RECORD_MAX", 3)
-    record = egress.Record()
-    for _ in range(5):
-        record.open("proxy", 3128)
-    assert len(record.entries) == 3 and record.as_dict(egress.Rules())["not_kept"] == 2
+    monkeypatch.setattr(egress, "FOLDED_MAX", 2)
+    service = upstream(reply=b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    gw = gateway_for([("api.vmiso.test", service.port)], names={"api.vmiso.test": ["127.0.0.1"]})
+    for _ in range(20):  # connections that send nothing displace nothing
+        guest, worker = connect(gw)
+        guest.close()
+        worker.join(10)
+    for target in ["a", "b", "c", "d", "e", "f"]:  # more refused places than are kept or summed by name
+        guest, worker = connect(gw)
+        guest.sendall(f"CONNECT {target * 300}.example:443 HTTP/1.1\r\n\r\n".encode())
+        read_all(guest)
+        worker.join(10)
+    guest, worker = connect(gw)
+    guest.sendall(f"GET http://api.vmiso.test:{service.port}/ HTTP/1.1\r\n\r\n".encode())
+    assert read_all(guest).startswith(b"HTTP/1.1 200")
+    worker.join(10)
+    record = gw.record.as_dict(gw.rules)
+    assert record["empty"] == 20 and len(record["connections"]) == 3 and record["not_kept"] == 4
+    assert [row["host"] for row in record["contacted"]] == [f"api.vmiso.test:{service.port}"]
+    assert sum(row["connections"] for row in record["refused"]) == 6
+    assert all(len(e["host"]) <= egress.FIELD_MAX + 3 for e in record["connections"])  # names cut short
+
+
+@pytest.mark.parametrize("head", [
+    "CONNECT evil.example:" + "9" * 5000 + " HTTP/1.1\r\n\r\n",  # past int()'s digit limit
+    "GET http://evil.example:" + "1" * 5000 + "/ HTTP/1.1\r\n\r\n",
+    "GET http://api.vmiso.test/ HTTP/1.1\r\nHost: api.vmiso.test:\xb2\r\n\r\n",  # isdigit(), not a digit
+    "POST http://api.vmiso.test/ HTTP/1.1\r\nContent-Length: " + "1" * 5000 + "\r\n\r\n",
+])
+def test_numbers_that_are_not_ports_or_lengths_are_refused_and_recorded(head):
+    gw = gateway_for([("api.vmiso.test", 80)], names={"api.vmiso.test": ["127.0.0.1"]})
+    guest, worker = connect(gw)
+    guest.sendall(head.encode("latin-1"))
+    assert read_all(guest).startswith((b"HTTP/1.1 400", b"HTTP/1.1 403"))
+    worker.join(10)
+    [entry] = gw.record.entries
+    assert entry["outcome"] in ("malformed", "refused") and not entry["allowed"]
+
+
+def test_a_trickle_of_bytes_does_not_stretch_the_deadline(monkeypatch):
+    monkeypatch.setattr(egress, "READ_SECONDS", 0.5)
+    gw = gateway_for([("api.vmiso.test", 80)], names={"api.vmiso.test": ["127.0.0.1"]})
+    guest, worker = connect(gw)
+    try:
+        for byte in b"GET http://api.vmiso.test/ HTTP/1.1\r\nX: y":
+            guest.sendall(bytes([byte]))
+            time.sleep(0.05)
+    except OSError:
+        pass
+    worker.join(10)
+    assert gw.record.entries[0]["outcome"] == "malformed" and "within" in gw.record.entries[0]["reason"]
+
+
+def _with_extension(hello: bytes, kind: int, data: bytes) -> bytes:
+    """``hello`` (one record) with one more extension, every length fixed up."""
+    body = bytearray(hello[9:])
+    at = 34
+    at += 1 + body[at]
+    at += 2 + int.from_bytes(body[at:at + 2], "big")
+    at += 1 + body[at]
+    ext_len = int.from_bytes(body[at:at + 2], "big")
+    extra = kind.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
+    body[at:at + 2] = (ext_len + len(extra)).to_bytes(2, "big")
+    body += extra
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + bytes(body)
+    return hello[:3] + len(handshake).to_bytes(2, "big") + handshake
+
+
+def test_an_sni_the_gateway_cannot_be_sure_of_is_no_sni():
+    hello = client_hello("api.vmiso.test")
+    assert egress.client_hello_sni(hello) == "api.vmiso.test"
+    name = b"other.example"
+    second = (len(name) + 3).to_bytes(2, "big") + b"\x00" + len(name).to_bytes(2, "big") + name
+    assert egress.client_hello_sni(_with_extension(hello, 0, second)) is None  # two server_name extensions
+    assert egress.client_hello_sni(_with_extension(hello, 0xFE0D, b"\x00" * 40)) is None  # ECH
+    assert egress.client_hello_sni(_with_extension(hello, 0xFFCE, b"\x00" * 40)) is None  # ESNI
+    assert egress.client_hello_sni(_with_extension(hello, 0x1234, b"")) == "api.vmiso.test"  # others are fine
 
 
 def test_the_sni_reader_takes_real_hellos_and_never_fails_on_cut_or_forged_ones():

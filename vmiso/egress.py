@@ -218,34 +218,70 @@ class Unreachable(Exception):
 
 # --- the record -------------------------------------------------------------------------------
 
+FOLDED_MAX = 1000  # distinct places the connections past RECORD_MAX are summed under
+FIELD_MAX = 255  # characters kept of a name, method, reason or SNI the guest chose
+
+
 class Record:
-    """Every connection of one run, thread-safe and bounded (past RECORD_MAX, only counted)."""
+    """Every connection of one run, thread-safe and bounded in memory, and never able to hide
+    a contact: a connection is kept whole when it ends (RECORD_MAX of them), or past that summed
+    into its place's row (FOLDED_MAX places, then one row for the rest); connections that sent
+    nothing are only counted, so a flood of them displaces nothing."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.entries: list[dict] = []
+        self._live: dict[int, dict] = {}
+        self._folded: dict[tuple, dict] = {}
         self.dropped = 0
+        self.empty = 0
 
     def open(self, kind: str, guest_port: int) -> dict:
         entry = {"time": round(time.time(), 3), "kind": kind, "guest_port": guest_port, "method": "-",
                  "host": "-", "port": None, "outcome": "empty", "allowed": False, "reason": None,
                  "upstream": None, "sni": None, "bytes_from_guest": 0, "bytes_to_guest": 0}
         with self._lock:
-            if len(self.entries) < RECORD_MAX:
+            self._live[id(entry)] = entry
+        return entry
+
+    def finish(self, entry: dict) -> None:
+        for key in ("method", "host", "reason", "sni"):
+            if isinstance(entry[key], str) and len(entry[key]) > FIELD_MAX:
+                entry[key] = entry[key][:FIELD_MAX] + "..."
+        with self._lock:
+            self._live.pop(id(entry), None)
+            if entry["outcome"] == "empty":
+                self.empty += 1
+            elif len(self.entries) < RECORD_MAX:
                 self.entries.append(entry)
             else:
                 self.dropped += 1
-        return entry
+                place = (entry["outcome"], entry["host"], entry["port"], entry["method"])
+                # Contacted and failed places are few (the allow-list's); refused ones are the guest's choice.
+                if place not in self._folded and len(self._folded) >= FOLDED_MAX and not entry["allowed"]:
+                    place = (entry["outcome"], "-", None, "-")
+                row = self._folded.setdefault(place, {
+                    "outcome": place[0], "allowed": entry["allowed"], "host": place[1], "port": place[2],
+                    "method": place[3], "upstream": entry["upstream"], "connections": 0,
+                    "bytes_from_guest": 0, "bytes_to_guest": 0})
+                row["connections"] += 1
+                row["bytes_from_guest"] += entry["bytes_from_guest"]
+                row["bytes_to_guest"] += entry["bytes_to_guest"]
 
     def connections(self) -> tuple[list[dict], int]:
-        """A copy of every connection kept, and how many more were only counted."""
+        """A copy of every connection kept (those still open included), and how many more were summed."""
         with self._lock:
-            return [dict(e) for e in self.entries], self.dropped
+            live = [dict(e) for e in self._live.values() if e["outcome"] != "empty"]
+            return [dict(e) for e in self.entries] + live, self.dropped
 
     def as_dict(self, rules: Rules) -> dict:
         entries, dropped = self.connections()
+        with self._lock:
+            folded = [dict(row) for row in self._folded.values()]
+            empty = self.empty + sum(1 for e in self._live.values() if e["outcome"] == "empty")
         return {"allow_hosts": rules.listed(), "allow_tcp": [str(r) for r in rules.tcp],
-                "connections": entries, "not_kept": dropped, **summarize(entries)}
+                "connections": entries, "not_kept": dropped, "not_kept_rows": folded,
+                **summarize(entries + folded), "empty": empty}
 
 
 def _refuse(entry: dict, reason: str) -> None:
@@ -275,6 +311,8 @@ def _read_head(guest: Stream, entry: dict) -> tuple[bytes, bytes]:
     while b"\r\n\r\n" not in data:
         if len(data) > HEAD_MAX:
             raise _Bad(f"a request head over {HEAD_MAX} bytes")
+        if time.monotonic() > deadline:  # a trickle of bytes does not stretch it
+            raise _Bad(f"no whole request within {READ_SECONDS} s")
         guest.settimeout(max(0.1, deadline - time.monotonic()))
         try:
             chunk = guest.recv(4096)
@@ -309,9 +347,13 @@ def _parse_head(head: bytes) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
     return parts[0].decode(), parts[1], headers
 
 
+_PORT = re.compile(r"[0-9]{1,5}")
+_LENGTH = re.compile(rb"[0-9]{1,18}")
+
+
 def _split_authority(authority: str, default_port: int) -> tuple[str, int] | None:
     host, sep, port = authority.rpartition(":") if ":" in authority else (authority, "", "")
-    if sep and not (port.isdigit() and 0 < int(port) < 65536):
+    if sep and not (_PORT.fullmatch(port) and 0 < int(port) < 65536):
         return None
     return host.lower().rstrip("."), int(port) if sep else default_port
 
@@ -341,17 +383,38 @@ def client_hello_sni(record: bytes) -> str | None:
         at += 2
         if end > length:
             return None
+        names = []
         while at + 4 <= end:
             kind, size = int.from_bytes(body[at:at + 2], "big"), int.from_bytes(body[at + 2:at + 4], "big")
             data = body[at + 4:at + 4 + size]
+            if len(data) != size:
+                return None
             at += 4 + size
-            if kind == 0 and len(data) >= 5 and data[2] == 0:
-                name = data[5:5 + int.from_bytes(data[3:5], "big")]
-                text = name.decode("ascii")
-                return text.lower().rstrip(".") if text.isprintable() else None
+            if kind in _HIDDEN_NAME:
+                return None  # the name that counts would be one the gateway cannot read
+            if kind == 0:
+                names.append(_host_name(data))
+        if at != end or len(names) != 1:
+            return None  # as OpenSSL: exactly one server_name extension, lengths that add up
+        return names[0]
     except (IndexError, UnicodeDecodeError):
         return None
-    return None
+
+
+# Encrypted ClientHello (ECH) and its draft predecessor (ESNI): the server behind the name read
+# here would route by another name, hidden from the gateway.
+_HIDDEN_NAME = frozenset({0xFE0D, 0xFFCE})
+
+
+def _host_name(data: bytes) -> str | None:
+    """The one host_name of a server_name extension's list, or None if it is not exactly that."""
+    if len(data) < 5 or int.from_bytes(data[:2], "big") != len(data) - 2 or data[2] != 0:
+        return None
+    size = int.from_bytes(data[3:5], "big")
+    if 5 + size != len(data):
+        return None
+    text = data[5:].decode("ascii")
+    return text.lower().rstrip(".") if text.isprintable() and text else None
 
 
 def _read_record(guest: Stream, entry: dict) -> bytes:
@@ -360,6 +423,8 @@ def _read_record(guest: Stream, entry: dict) -> bytes:
     deadline = time.monotonic() + READ_SECONDS
     want = 5
     while len(data) < want:
+        if time.monotonic() > deadline:
+            raise _Bad(f"no TLS ClientHello within {READ_SECONDS} s")
         guest.settimeout(max(0.1, deadline - time.monotonic()))
         try:
             chunk = guest.recv(want - len(data))
@@ -432,6 +497,7 @@ class Gateway:
         if not self._hold(guest):
             _refuse(entry, "the run was ending")
             _close(guest)
+            self.record.finish(entry)
             return
         upstream = None
         try:
@@ -444,8 +510,14 @@ class Gateway:
         except _Bad as err:
             entry.update(outcome="malformed", allowed=False, reason=str(err))
             _answer(guest, entry, 400, "vmiso's gateway could not read the request")
+        except Exception:  # what no rule foresaw: refused, and recorded as such, never "empty"
+            log.debug("the gateway could not read a request", exc_info=True)
+            if entry["outcome"] in ("empty", "contacted"):
+                entry.update(outcome="malformed", allowed=False, reason="a request the gateway could not read")
+            _answer(guest, entry, 400, "vmiso's gateway could not read the request")
         finally:
             self._release(guest, *(() if upstream is None else (upstream,)))
+            self.record.finish(entry)
 
     def _proxy(self, guest: Stream, entry: dict) -> socket.socket | None:
         head, rest = _read_head(guest, entry)
@@ -570,7 +642,7 @@ class Gateway:
                 _answer(guest, entry, 411, "vmiso: send the body with a Content-Length")
                 return None
             if low == b"content-length":
-                if not value.isdigit() or length is not None:
+                if not _LENGTH.fullmatch(value) or length is not None:
                     raise _Bad("a Content-Length that is not one number")
                 length = int(value)
             if low == b"host" and _split_authority(value.decode("latin-1"), 80) != (host, port):
@@ -597,6 +669,7 @@ class Gateway:
         if not self._hold(guest):
             _refuse(entry, "the run was ending")
             _close(guest)
+            self.record.finish(entry)
             return
         conn = None
         try:
@@ -606,6 +679,7 @@ class Gateway:
                 _splice(guest, conn, entry)
         finally:
             self._release(guest, *(() if conn is None else (conn,)))
+            self.record.finish(entry)
 
 
 def _fail(entry: dict, reason: str) -> None:

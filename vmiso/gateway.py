@@ -500,7 +500,7 @@ def summarize(entries: list[dict]) -> dict:
             item = seen.setdefault((_target(e), method), {
                 "host": _target(e), "method": method, "connections": 0, "bytes_from_guest": 0,
                 "bytes_to_guest": 0, "upstream": []})
-            item["connections"] += 1
+            item["connections"] += e.get("connections", 1)  # a row of connections summed (egress.Record)
             item["bytes_from_guest"] += e["bytes_from_guest"]
             item["bytes_to_guest"] += e["bytes_to_guest"]
             if e.get("upstream") and e["upstream"] not in item["upstream"]:

@@ -372,10 +372,12 @@ class GuestPorts:
             self._slots.release()
 
     def close(self) -> None:
+        """Stop serving; ask the guest's sshd to stop listening without waiting for its answer
+        (paramiko's cancel_port_forward waits with no limit, and a hostile sshd need not answer)."""
         self._closed = True
         for port in self.guest_ports:
             with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
-                self._transport.cancel_port_forward("127.0.0.1", port)
+                self._transport.global_request("cancel-tcpip-forward", ("127.0.0.1", port), wait=False)
 
 
 def _joiner(target: tuple[str, int], name: str) -> Callable[[paramiko.Channel], None]:
