@@ -685,7 +685,9 @@ INDEX_PORT = 8080
 def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     """One provisioning behind the gateway, with install-time code (a .pth file) that tries every
     other way out: the host's loopback and addresses, QEMU's NAT gateway, the metadata address, DNS,
-    the registry by address, and through the gateway an IP literal and a host not allowed."""
+    the registry by address, and through the gateway an IP literal, a host not allowed, an allowed name
+    that leads to the host's loopback, a tunnel to the index whose TLS names another site, a plain
+    request to the index naming another Host, and other schemes."""
     loopback_hits = []
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -698,7 +700,7 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     files, report_log = tmp_path / "files", tmp_path / "reports.jsonl"
     files.mkdir()
     hosts_file = tmp_path / "hosts"
-    hosts_file.write_text(f"{INDEX_LAN[1]} index.vmiso.test\n")
+    hosts_file.write_text(f"{INDEX_LAN[1]} index.vmiso.test\n127.0.0.1 loop.vmiso.test\n")
     index = f"http://index.vmiso.test:{INDEX_PORT}"
     registry = socket.getaddrinfo("pypi.org", 443, socket.AF_INET)[0][4][0]
     probe = {
@@ -706,13 +708,18 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
         "report": f"{index}/report",
         "direct": [["10.0.2.2", loop_port], ["169.254.169.254", 80], [registry, 443], [INDEX_LAN[1], INDEX_PORT],
                    *[[a, loop_port] for a in host_addresses()]],
-        "refused": [f"{registry}:443", "blocked.invalid:443"],
+        "refused": [f"{registry}:443", "blocked.invalid:443", f"loop.vmiso.test:{loop_port}"],
+        "other_sni": [["pypi.org:443", "example.org"]],
+        "plain": [[f"{index}/simple/", "other.vmiso.test"],
+                  [f"whois://index.vmiso.test:{INDEX_PORT}/", "index.vmiso.test"],
+                  [f"ftp://index.vmiso.test:{INDEX_PORT}/", "index.vmiso.test"]],
     }
     wheel = _probe_wheel(probe)
     (files / "vmiso_gateway_probe-1.0-py3-none-any.whl").write_bytes(wheel)
     requirements = TABULATE + f"vmiso-gateway-probe==1.0 --hash=sha256:{hashlib.sha256(wheel).hexdigest()}\n"
     config = write_config(tmp_path, image["state"], requirements=requirements, image={"name": "gw"},
                           provision={"pip": {"extra_index_urls": [f"{index}/simple"]},
+                                     "allow_hosts": [f"loop.vmiso.test:{loop_port}"],
                                      "hosts_file": str(hosts_file)})
     server = [sys.executable, "-I", str(Path(__file__).with_name("netns_index.py")), INDEX_LAN[1], str(INDEX_PORT),
               str(files), str(report_log)]
@@ -729,7 +736,7 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     assert results["interfaces"] == ["lo"]  # no network device at all
     assert results["dns"] != "ALLOWED"
     blocked = {k: v for k, v in results.items() if k.startswith(("tcp ", "gateway ", "write "))}
-    assert len(blocked) == len(probe["direct"]) + len(probe["refused"]) + 2
+    assert len(blocked) == sum(map(len, (probe["direct"], probe["refused"], probe["other_sni"], probe["plain"]))) + 2
     assert "ALLOWED" not in blocked.values(), blocked
     assert loopback_hits == []  # the host's loopback listener saw nothing
     # The refusals were said at the end, named; the record is bound to the manifest.
@@ -738,7 +745,8 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     contacted = {h["host"] for h in shown["gateway"]["contacted"]}
     refused = {h["host"] for h in shown["gateway"]["refused"]}
     assert {"pypi.org:443", "files.pythonhosted.org:443", f"index.vmiso.test:{INDEX_PORT}"} <= contacted
-    assert {"blocked.invalid:443", f"{registry}:443"} <= refused
+    assert {"blocked.invalid:443", f"{registry}:443", f"loop.vmiso.test:{loop_port}",
+            f"index.vmiso.test:{INDEX_PORT}"} <= refused
     # The start-up inventory, read from the sealed template, names the install-time code.
     pth = {p["path"].rsplit("/", 1)[-1]: p["executes"] for p in shown["startup"]["pth"]}
     assert pth["vmiso_gateway_probe.pth"] == ["import vmiso_gateway_probe"]
@@ -748,7 +756,8 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     manifest = json.loads((image["state"] / "images/gw/manifest.json").read_text())
     record = image["state"] / "images/gw" / manifest["gateway"]["record"]
     assert hashlib.sha256(record.read_bytes()).hexdigest() == manifest["gateway"]["sha256"]
-    assert not list((image["state"] / "gateways").iterdir())  # the gateway ended with its provisioning
+    # The gateway lived in the provisioning's vmiso process and left nothing on disk.
+    assert not (image["state"] / "gateways").exists()
     assert leftovers(image["state"]) == []
     vmiso("images", "-c", config, "rm", "gw", check=True)
 

@@ -835,17 +835,6 @@ def pool_status(ctx: click.Context, config_path: Path | None, state_dir: Path | 
              f"{row['dropped']} dropped (pid {row['pid']})" + (f"; {row['problem']}" if row["problem"] else ""))
 
 
-@cli.command("_gateway", hidden=True)
-@click.argument("conf")
-@click.argument("file_max_bytes", type=click.IntRange(min=1))
-@click.pass_context
-def gateway_command(ctx: click.Context, conf: str, file_max_bytes: int) -> None:
-    """The supervisor of a provisioning's gateway (started by vmiso provision)."""
-    from .gateway import supervise
-
-    ctx.exit(supervise(conf, file_max_bytes))
-
-
 @cli.command("_watchdog", hidden=True)
 @click.argument("uri")
 @click.argument("name")

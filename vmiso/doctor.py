@@ -34,16 +34,12 @@ def _programs() -> list[Check]:
     checks = []
     # sfdisk, debugfs and busybox serve cloud images: their partitions, kernel and the clones' initramfs.
     # mount: each run's /out is a loop-mounted filesystem of its own.
-    # squid: the gateway, the provisioning VM's only way out.
     for program in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "genisoimage", "mkfs.ext4", "ssh-keygen",
-                    "sfdisk", "debugfs", "busybox", "mount", "squid"):
+                    "sfdisk", "debugfs", "busybox", "mount"):
         try:
             checks.append(Check(program, True, tools.which(program)))
         except VmisoError as err:
             hint = err.hint or ""
-            if program == "squid":
-                hint += " (vmiso provision starts it as the provisioning VM's gateway: an allow-listing, " \
-                        "recording proxy; scripts/setup-host installs it without starting its service)"
             checks.append(Check(program, False, err.message, hint))
     return checks
 

@@ -148,6 +148,13 @@ def for_run(allow_hosts: Iterable[str], allow_tcp: Iterable[str], hosts_file: Pa
                  hosts_file)
 
 
+def for_provisioning(allowed: Iterable[Allowed], hosts_file: Path | None) -> Rules:
+    """A provisioning's rules: a tunnel to each "https" place, GET and HEAD of each "http" one
+    (a plain-HTTP mirror or index), as gateway.allow_list says, and nothing else."""
+    return Rules(tuple(sorted(set(allowed))), (), hosts_file, plain_methods=FETCH_METHODS,
+                 refusal="not in this provisioning's allow-list", hosts_key="provision.hosts_file")
+
+
 # --- names and addresses ----------------------------------------------------------------------
 
 def read_hosts_file(path: Path, key: str) -> dict[str, list[str]]:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import gateway
 from .errors import VmisoError
 from .image.store import MANIFEST, images_root
 from .tree import Failure
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Leftover:
-    kind: str  # "vm", "run directory", "image build", "gateway"
+    kind: str  # "vm", "run directory", "image build", ...
     name: str
     path: Path | None = None
 
@@ -69,9 +68,6 @@ def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
         found.append(Leftover("OS layer build", build.name, build))
     for doomed in _orphan_dirs(home / "layers", ".removing-*"):  # a removal that was cut short
         found.append(Leftover("OS layer removal", doomed.name, doomed))
-    for orphan in gateway.orphans(home):  # a provisioning's squid whose vmiso is gone
-        running = " (squid still running)" if gateway.running_orphan(orphan) else ""
-        found.append(Leftover("gateway", orphan.name + running, orphan))
     for build in _orphan_dirs(home / "warm", "*/.building-*"):
         found.append(Leftover("warm state build", build.name, build))
     for states in _warm_states_of_removed_images(state_dir, home):
@@ -122,8 +118,6 @@ def clean(hv: Hypervisor | None, state_dir: Path) -> Cleaned:
                     hv.destroy(item.name)
                 elif hv.destroy_run(item.name, str(item.path)) == "another run's":
                     continue  # its name was taken on by a live VM: not a leftover any more
-            elif item.kind == "gateway" and item.path is not None:
-                gateway.end_orphan(item.path)
             elif item.path is not None and (failures := remove_tree(item.path)):
                 failed.append((item, _failures_text(failures)))
                 continue

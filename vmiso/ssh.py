@@ -119,11 +119,6 @@ class Session:
             raise GuestError(f"the SSH link to {self._name} is closed")
         return Published(transport, guest_port, self._name)
 
-    def forward_from_guest(self, guest_port: int, target: tuple[str, int]) -> GuestPorts:
-        """Let the guest reach ``target`` (on this host) at its own 127.0.0.1:``guest_port``, and
-        nothing else: the guest's sshd listens there; each connection is joined to ``target``."""
-        return self.serve_guest_ports({guest_port: _joiner(target, self._name)})
-
     def serve_guest_ports(self, routes: Mapping[int, Callable[[paramiko.Channel], None]]) -> GuestPorts:
         """Connections the guest makes to its own 127.0.0.1:PORT, for each PORT of ``routes``,
         served on this host by ``routes[PORT](channel)`` (see GuestPorts)."""
@@ -378,19 +373,6 @@ class GuestPorts:
         for port in self.guest_ports:
             with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                 self._transport.global_request("cancel-tcpip-forward", ("127.0.0.1", port), wait=False)
-
-
-def _joiner(target: tuple[str, int], name: str) -> Callable[[paramiko.Channel], None]:
-    """A route that joins each connection to ``target``, an address of this host's."""
-    def serve(channel: paramiko.Channel) -> None:
-        try:
-            conn = socket.create_connection(target, timeout=30)
-        except OSError as err:
-            log.warning("%s: the gateway at %s:%d did not answer: %s", name, *target, err)
-            return
-        conn.settimeout(None)
-        _join(conn, channel)
-    return serve
 
 
 def _send_signal(channel: paramiko.Channel, sig: signal.Signals) -> None:

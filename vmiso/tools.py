@@ -7,11 +7,8 @@ program and the tail of its output.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import select
 import shutil
 import subprocess
 import sys
@@ -36,7 +33,6 @@ PACKAGES = {
     "ssh-keygen": "openssh-client",
     "umount": "mount",
     "cp": "coreutils",
-    "squid": "squid",
     "fakeroot": "fakeroot",
     "newuidmap": "uidmap",
     "newgidmap": "uidmap",
@@ -149,40 +145,6 @@ def watchdog_argv(uri: str, name: str, run_dir: str, seconds: float) -> list[str
     # This Python and this vmiso, whichever way it was installed; -I: not the
     # directory vmiso was started in (an untrusted checkout's click.py, say) on the path.
     return [sys.executable, "-I", "-m", "vmiso", "_watchdog", uri, name, run_dir, f"{seconds:.0f}"]
-
-
-def run_while_piped(argv: Sequence[str], stop_seconds: float) -> int:
-    """Run ``argv`` until this process's stdin closes (or it ends), then SIGTERM it (SIGKILL after
-    ``stop_seconds``).  For a supervisor whose parent holds that pipe: the child dies with the parent."""
-    child = subprocess.Popen([which(argv[0]), *argv[1:]], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while child.poll() is None:
-            readable, _, _ = select.select([0], [], [], 1)
-            if readable and not os.read(0, 1):
-                break
-    finally:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(stop_seconds)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-    return 0
-
-
-def squid_argv(conf: str) -> list[str]:
-    # -N: in the foreground, no daemon of its own (its supervisor holds it).  -n: a
-    # service name of its own, which names its shared memory (/dev/shm/NAME-*): two
-    # gateways at once, another user's among them, must not open each other's.
-    service = "vmiso" + hashlib.sha256(conf.encode()).hexdigest()[:16]
-    return ["squid", "-N", "-n", service, "-f", conf]
-
-
-def gateway_argv(conf: str, file_max_bytes: int) -> list[str]:
-    # The supervisor of a provisioning's squid (vmiso.gateway.supervise), as watchdog_argv.
-    return [sys.executable, "-I", "-m", "vmiso", "_gateway", conf, str(file_max_bytes)]
 
 
 # --- qemu-img -----------------------------------------------------------------------

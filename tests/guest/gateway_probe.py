@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import socket
+import ssl
 import urllib.parse
 import urllib.request
 
@@ -34,6 +35,37 @@ def through_gateway(target):
     return ask
 
 
+def tunnel_naming(target, name):
+    """A tunnel to an allowed host:port whose TLS then names another site: nothing may answer."""
+    def ask():
+        with socket.create_connection(("127.0.0.1", PROBE["gateway_port"]), timeout=10) as conn:
+            conn.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            status = conn.recv(200).split(b"\r\n")[0]
+            if b" 200 " not in status:
+                raise OSError(errno.EACCES, status.decode(errors="replace"))
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=name)
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            conn.sendall(outgoing.read())
+            if not conn.recv(1):  # the gateway cut it: no byte of any server came back
+                raise OSError(errno.ECONNRESET, "cut")
+    return ask
+
+
+def plain(url, host):
+    """A plain request through the gateway; refused unless it answers 200."""
+    def ask():
+        with socket.create_connection(("127.0.0.1", PROBE["gateway_port"]), timeout=10) as conn:
+            conn.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            status = conn.recv(200).split(b"\r\n")[0]
+        if b" 200 " not in status:
+            raise OSError(errno.EACCES, status.decode(errors="replace"))
+    return ask
+
+
 if not os.environ.get("VMISO_PROBED"):
     os.environ["VMISO_PROBED"] = "1"
     results["interfaces"] = sorted(name for _, name in socket.if_nameindex())
@@ -42,6 +74,10 @@ if not os.environ.get("VMISO_PROBED"):
         attempt(f"tcp {address}:{port}", tcp(address, port))
     for target in PROBE["refused"]:
         attempt(f"gateway {target}", through_gateway(target))
+    for target, name in PROBE["other_sni"]:
+        attempt(f"gateway {target} naming {name}", tunnel_naming(target, name))
+    for url, host in PROBE["plain"]:
+        attempt(f"gateway {url} Host {host}", plain(url, host))
     attempt("write /usr/sbin/sshd", lambda: open("/usr/sbin/sshd", "ab").close())
     attempt("write /etc/ssh/sshd_config.vmiso", lambda: open("/etc/ssh/sshd_config.vmiso", "ab").close())
     report = PROBE["report"] + "?" + urllib.parse.urlencode({"results": json.dumps(results)})

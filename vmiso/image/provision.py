@@ -1,8 +1,9 @@
 """``vmiso provision``: OS layer -> cloud-init boot behind the gateway -> sealed, read-only template.
 
-The only phase with a way out, and that way is vmiso's gateway (vmiso.gateway):
-the VM has no network device; over its SSH link the host forwards one guest port
-to an allow-listing, recording proxy on the host.  Nothing of the user's is present but the
+The only phase with a way out, and that way is vmiso's gateway (vmiso.egress, with
+the allow-list of vmiso.gateway): the VM has no network device; over its SSH link
+the guest's sshd listens on one port of the guest's loopback, and each connection
+made there comes to the allow-listing, recording gateway in this process.  Nothing of the user's is present but the
 requirements file.  Everything is built under a temporary name and renamed into
 the store at the end; a failure undoes what was made, in reverse order.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__, accel, gateway, ssh, tools, warm
+from .. import __version__, accel, egress, gateway, ssh, tools, warm
 from ..config import Config, check_name
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
@@ -220,17 +221,17 @@ class _Build:
     work: Path
     console_log: Path
     accel: str
-    gateway: gateway.Gateway
+    gateway: egress.Gateway
 
 
 def _open_gateway(build: _Build, domain: str, keys: _Keys, socket_path: Path, link: ExitStack) -> None:
-    """The guest waits on its gateway port: connect over the SSH link and forward it to the gateway."""
+    """The guest waits on its gateway port: connect over the SSH link and serve that port with the gateway."""
     session = ssh.connect(socket_path, name=domain, host_key=keys.host_public, client_key=keys.client_private,
                           user=RUN_USER, deadline=time.monotonic() + 120,
                           alive=lambda: build.hv.is_running(domain))
     link.callback(session.close)
-    forward = session.forward_from_guest(gateway.GUEST_PORT, build.gateway.address)
-    link.callback(forward.close)
+    served = session.serve_guest_ports(build.gateway.routes())
+    link.callback(served.close)
 
 
 def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements | None,
@@ -415,23 +416,19 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
         apt_urls = read_apt_sources(layer, work) if config.image.cloud_image is not None else []
         allowed = gateway.allow_list(config, apt_urls, warn=True)
         with steps.step("proxy", "the gateway, forwarding only to " + ", ".join(map(str, allowed))):
-            gw = gateway.start(home, name, allowed, hosts_file=config.provision.hosts_file)
-            undo.callback(gw.remove)
-            undo.callback(gw.stop)
+            rules = egress.for_provisioning(allowed, config.provision.hosts_file)
+            gw = egress.Gateway.start(rules)
+            undo.callback(gw.close)
         build = _Build(config, hv, name, steps, work, console_log, accel_name, gw)
         try:
             report = _boot_and_provision(build, layer, requirements, keys, undo)
         except ProvisionError as err:
-            if stopped := gateway.stopped_reason(gw):
-                err.hint = (f"the gateway stopped: {stopped}; install-time code flooded it with requests: "
-                            "look at what the requirements pull in")
-            elif refused := gateway.refused_hosts(gw):
+            if refused := gateway.refused_hosts(gw.record.as_dict(rules)):
                 err.hint = (f"the gateway refused {', '.join(refused)}: a host not in the allow-list; "
                             f"if the image needs it, add it to {gateway.KEY}")
             raise
-        gw.stop()  # squid writes out its log as it ends
-        record = gateway.write_record(gw, work / gateway.RECORD)
-        gw.remove()
+        gw.close()  # the VM is gone: nothing more can reach it
+        record = gateway.write_record(gw.record.as_dict(rules), allowed, work / gateway.RECORD)
         with steps.step("template", "flatten, hash, make read-only"):
             template = work / "template.qcow2"
             try:
