@@ -80,6 +80,22 @@ def test_a_message_that_is_not_ours_is_refused(raw):
             pool._receive(right)
 
 
+def test_a_pool_whose_check_failed_says_so_not_another_configuration(monkeypatch, tmp_path):
+    from vmiso.config import Config
+    from vmiso.image.store import Image
+
+    monkeypatch.setattr(pool, "current_key", lambda *args: KEY)
+    monkeypatch.setattr(pool, "qemu_identity", lambda: "q")
+    served = pool.Pool(Config(state_dir=tmp_path), None, Image("it", tmp_path / "it"), 1, "tcg",  # type: ignore[arg-type]
+                       threading.Event())
+    other = dataclasses.replace(KEY, output_max_files=1)
+    assert served._take(other.as_dict()) == "the pool's clones were made for another image, QEMU or configuration"
+    served.key, served.status.problem = None, "cannot check the clones: libvirt went away"
+    assert served._take(KEY.as_dict()) == "the pool gives no clone: cannot check the clones: libvirt went away"
+    served.status.problem = ""
+    assert served._take(KEY.as_dict()) == "the pool gives no clone: it could not check them"
+
+
 def _fake_pool(path: Path, answer: dict, fds: int = 2) -> threading.Thread:
     """A pool that answers one take with ``answer`` and ``fds`` fresh descriptors."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -370,7 +370,10 @@ class Pool:
         deadline = time.monotonic() + TAKE_WAIT
         with self.changed:
             while True:
-                if self.key is None or self.key.as_dict() != wanted:
+                if self.key is None:  # its last check failed, or found the image gone
+                    return (f"the pool gives no clone: {self.status.problem}" if self.status.problem
+                            else "the pool gives no clone: it could not check them")
+                if self.key.as_dict() != wanted:
                     return "the pool's clones were made for another image, QEMU or configuration"
                 if self.ready:
                     made = self.ready.pop(0)
