@@ -224,6 +224,13 @@ class _Build:
     gateway: egress.Gateway
 
 
+def new_console_log(logs: Path, name: str) -> Path:
+    """A new file for this provisioning's console, named for the image and the time; two
+    provisionings of one name in the same second each get their own."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return console_file(logs / f"provision-{name}-{stamp}-{secrets.token_hex(3)}.log")
+
+
 def _open_gateway(build: _Build, domain: str, keys: _Keys, socket_path: Path, link: ExitStack) -> None:
     """The guest waits on its gateway port: connect over the SSH link and serve that port with the gateway."""
     session = ssh.connect(socket_path, name=domain, host_key=keys.host_public, client_key=keys.client_private,
@@ -391,9 +398,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
     home = own_dir(state_dir)
     logs = private_dir(home / "logs")
     shared = is_shared(state_dir)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    console_log = logs / f"provision-{name}-{stamp}.log"
-    console_file(console_log)
+    console_log = new_console_log(logs, name)
 
     with ExitStack() as undo, ExitStack() as held:
         work = images_root(state_dir) / f".building-{name}-{secrets.token_hex(4)}"
