@@ -6,11 +6,12 @@ So once a run's domain exists, vmiso starts this watchdog in a session of its ow
 (a closed terminal's SIGHUP and Ctrl-C's SIGINT reach vmiso, not it), with a pipe
 on its stdin.  vmiso writes RELEASE and closes the pipe when it tears the VM down
 itself.  If the pipe closes without RELEASE (vmiso was killed, however) or the
-run's deadline passes first (vmiso hangs), the watchdog destroys the domain,
+run's time is up first (vmiso hangs), the watchdog destroys the domain,
 provided it still belongs to that run.
 
-The process is ``python -m vmiso _watchdog URI NAME RUN_DIR DEADLINE`` (a hidden
-command; DEADLINE in epoch seconds), which calls ``main``.
+The process is ``python -m vmiso _watchdog URI NAME RUN_DIR SECONDS`` (a hidden
+command; SECONDS: how long from its start it waits at most, a duration), which
+calls ``main``.
 """
 
 from __future__ import annotations
