@@ -48,7 +48,7 @@ def invoke(*args: str):
 
 
 class Seen(list):
-    """The requests a fake run saw, and the pseudo-terminal each asked for."""
+    """The plans a fake run saw, and the pseudo-terminal each asked for."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,16 +56,15 @@ class Seen(list):
 
 
 def fake_run(monkeypatch, outcome):
-    """Make 'vmiso run' call ``outcome(request)`` instead of booting a VM."""
+    """Make 'vmiso run' call ``outcome(plan)`` instead of booting a VM."""
     seen = Seen()
 
-    def run(config, hv, request, stdout, stderr, steps, stdin=None, interruption=None, terminal=None,
-            on_published=None):
-        seen.append(request)
+    def run(plan, hv, stdout, stderr, steps, stdin=None, interruption=None, terminal=None, on_published=None):
+        seen.append(plan)
         seen.terminals.append(terminal)
         with steps.step("exec", "the job"):
             stdout.write(b"job output\n")
-            return outcome(request)
+            return outcome(plan)
     monkeypatch.setattr("vmiso.run.run", run)
     return seen
 
@@ -86,6 +85,17 @@ def test_run_exits_with_the_job_code_and_records_it(monkeypatch, config, tmp_pat
     assert requests[0].memory_mib == 1024 and requests[0].inputs == (config,)
     data = json.loads(record.read_text())
     assert data["exit_code"] == 3 and data["boot"] == "warm" and data["command"] == ["python", "job.py"]
+
+
+def test_scratch_reaches_the_run_through_its_plan_as_memory_does(monkeypatch, config):
+    plans = fake_run(monkeypatch, lambda plan: result(0))
+    done = invoke("run", "-c", str(config), "--scratch", "128MiB", "--timeout", "9", "--", "true")
+    assert done.exit_code == 0
+    assert plans[0].scratch_bytes == 128 * 1024**2 and plans[0].timeout == 9
+    too_small = invoke("run", "-c", str(config), "--scratch", "1MiB", "--", "true")
+    assert too_small.exit_code == 125
+    assert "vmiso: error: run.scratch: 1048576 is too small (at least 67108864)" in too_small.stderr
+    assert len(plans) == 1  # refused before anything ran
 
 
 def test_run_says_which_signal_killed_the_job(monkeypatch, config):

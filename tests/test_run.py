@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import config as config_mod, egress, run, warm
+from vmiso import config as config_mod, run, warm
 from vmiso.clone import CloneDir, clone_spec, make_clone_dir
 from vmiso.domain import domain_xml
 from vmiso.errors import GuestError, ImageError, OutputError, RunTimeout, VmisoError
 from vmiso.image.store import Image, remember
+from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
@@ -111,13 +112,13 @@ def image(state: Path) -> Image:
     return make_image(state)
 
 
-def request(*command: str, **changes) -> run.RunRequest:
-    return run.RunRequest(command=command or ("python", "job.py"), image="x", **changes)
+def request(*command: str, **changes) -> RunRequest:
+    return RunRequest(command=command or ("python", "job.py"), image="x", **changes)
 
 
 def do_run(config, hv, req, connect, steps=None) -> tuple[run.RunResult, bytes, bytes]:
     stdout, stderr = io.BytesIO(), io.BytesIO()
-    result = run.run(config, hv, req, stdout, stderr, steps, connect=connect)
+    result = run.run(plan_run(config, req), hv, stdout, stderr, steps, connect=connect)
     return result, stdout.getvalue(), stderr.getvalue()
 
 
@@ -267,7 +268,7 @@ def test_an_interrupt_cleans_up(config, image, state):
 def test_bad_requests_are_refused_before_anything_is_made(config, image, state, tmp_path):
     hv = FakeHypervisor()
     with pytest.raises(VmisoError, match="no command"):
-        run.run(config, hv, run.RunRequest(command=(), image="x"), io.BytesIO(), io.BytesIO())
+        run.run(plan_run(config, RunRequest(command=(), image="x")), hv, io.BytesIO(), io.BytesIO())
     with pytest.raises(VmisoError, match="does not exist"):
         do_run(config, hv, request(inputs=(tmp_path / "missing",)), FakeConnect(exits(0)))
     (tmp_path / "full").mkdir()
@@ -432,7 +433,7 @@ def test_steps_are_reported_as_they_happen(config, image):
 def test_stdin_and_variables_reach_the_job(config, image):
     connect = FakeConnect(exits(0))
     stdin = io.BytesIO(b"input")
-    run.run(config, FakeHypervisor(), request(env=(("GREETING", "hello world"),)), io.BytesIO(), io.BytesIO(),
+    run.run(plan_run(config, request(env=(("GREETING", "hello world"),))), FakeHypervisor(), io.BytesIO(), io.BytesIO(),
             stdin=stdin, connect=connect)
     session = connect.sessions[0]
     assert session.stdin is stdin and "'GREETING=hello world' python job.py" in session.commands[0]
@@ -475,7 +476,7 @@ def test_a_job_that_outlives_its_grace_is_destroyed(config, image, state):
 
     hv = FakeHypervisor()
     with pytest.raises(run.Interrupted, match="did not end within 0 s of SIGINT") as err:
-        run.run(config, hv, request(), io.BytesIO(), io.BytesIO(), connect=FakeConnect(stubborn),
+        run.run(plan_run(config, request()), hv, io.BytesIO(), io.BytesIO(), connect=FakeConnect(stubborn),
                 interruption=interruption)
     assert err.value.exit_code == 130
     assert not hv.running and leftovers(state) == []
@@ -531,9 +532,9 @@ def test_a_networked_run_gets_its_gateway_and_proxy_and_an_offline_one_neither(c
             threading.Thread(target=session.routes[3128], args=(held_end,), daemon=True).start()
             seen["held"] = held
         return JobExit(code=0)
-    rules = egress.for_run((), (), None, ["api.example.org"], ["5432:db.example.org:5432"])
     connect = FakeConnect(job)
-    result, _, _ = do_run(config, FakeHypervisor(), request(network=rules), connect)
+    networked = request(allow_hosts=("api.example.org",), allow_tcp=("5432:db.example.org:5432",))
+    result, _, _ = do_run(config, FakeHypervisor(), networked, connect)
     assert seen["routes"] == [3128, 5432]
     assert "HTTPS_PROXY=http://127.0.0.1:3128" in connect.sessions[0].commands[0]
     assert seen["answer"].startswith(b"HTTP/1.1 403 ")
@@ -554,9 +555,8 @@ def test_a_networked_run_that_times_out_keeps_its_record(config, image, state):
         guest.sendall(b"CONNECT telemetry.example.net:443 HTTP/1.1\r\n\r\n")
         guest.recv(4096)
         return None  # the deadline passed
-    rules = egress.for_run((), (), None, ["api.example.org"], ())
     with pytest.raises(RunTimeout) as err:
-        do_run(config, FakeHypervisor(), request(timeout=7, network=rules), FakeConnect(job))
+        do_run(config, FakeHypervisor(), request(timeout=7, allow_hosts=("api.example.org",)), FakeConnect(job))
     assert err.value.network is not None
     assert [row["host"] for row in err.value.network["refused"]] == ["telemetry.example.net:443"]
     assert leftovers(state) == []

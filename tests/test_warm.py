@@ -11,6 +11,7 @@ from vmiso import config as config_mod, run, warm
 from vmiso.clone import CloneDir
 from vmiso.errors import GuestError, ImageError
 from vmiso.image.store import Image
+from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
@@ -167,7 +168,7 @@ def test_build_saves_slots_that_a_run_then_restores(tmp_path):
         def close(self):
             pass
     warm_exit = JobExit(code=0)
-    result = run.run(cfg, hv, run.RunRequest(command=("true",), image="x"), io.BytesIO(), io.BytesIO(),
+    result = run.run(plan_run(cfg, RunRequest(command=("true",), image="x")), hv, io.BytesIO(), io.BytesIO(),
                      connect=lambda socket_path, **kwargs: Session())
     assert result.boot == "warm" and len(hv.restored) == 1
 

@@ -423,20 +423,19 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
              scratch: str | None, json_path: Path | None, cold: bool, accept_tool_files: bool,
              env_pairs: tuple[str, ...], env_file: Path | None, publish: tuple[int, ...],
              allow_hosts: tuple[str, ...], allow_tcp: tuple[str, ...], raw: bool) -> None:
-    from .egress import for_run
     from .hypervisor import connected
     from .outputs import open_record
-    from .run import Interruption, RunRequest, run as do_run
+    from .plan import RunRequest, plan_run
+    from .run import Interruption, run as do_run
 
     scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
-    config = _load(ctx, config_path, accel=accel, state_dir=state_dir, **{"run.scratch": scratch_bytes})
+    config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
     env = _env_file(env_file) if env_file is not None else []
     env += [_env_option(pair) for pair in env_pairs]
-    request = RunRequest(command=command, image=image or config.image.name, inputs=inputs, output=output,
-                         timeout=timeout, memory_mib=memory, cpus=cpus, warm=not cold, env=tuple(env),
-                         accept_tool_files=accept_tool_files, publish=publish,
-                         network=for_run(config.run.allow_hosts, config.run.allow_tcp, config.run.hosts_file,
-                                         allow_hosts, allow_tcp))
+    plan = plan_run(config, RunRequest(
+        command=command, image=image, inputs=inputs, output=output, timeout=timeout, memory_mib=memory, cpus=cpus,
+        scratch_bytes=scratch_bytes, warm=not cold, env=tuple(env), accept_tool_files=accept_tool_files,
+        publish=publish, allow_hosts=allow_hosts, allow_tcp=allow_tcp))
     session = _Session.for_job(tty=tty, raw=raw)
     steps = Steps(session.around(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0)))
     # The first Ctrl-C or SIGTERM while the job runs is the job's (it may clean up and
@@ -449,13 +448,13 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, _raise_interrupt)  # the terminal was closed
-    record: dict[str, Any] = {"command": list(command), "image": request.image}
+    record: dict[str, Any] = {"command": list(command), "image": plan.image}
     # Opened once, now: a bad path is refused before a VM starts, and the record goes to
     # this file at the end whatever is put at the path meanwhile.
     record_fd = open_record(json_path) if json_path is not None else None
     try:
-        with connected(config.libvirt_uri) as hv, session:
-            result = do_run(config, hv, request, session.stdout, session.stderr, steps,
+        with connected(plan.libvirt_uri) as hv, session:
+            result = do_run(plan, hv, session.stdout, session.stderr, steps,
                             stdin=session.stdin, interruption=interruption, terminal=session.terminal,
                             on_published=_say_published)
         record = result.as_dict()

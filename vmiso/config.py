@@ -290,9 +290,15 @@ def _validate(config: Config) -> Config:
         ("run.input_max_files", config.run.input_max_files, 1),
         ("run.input_max_bytes", config.run.input_max_bytes, 0),
     ):
-        if value < low:
-            raise ConfigError(f"{key}: {value} is too small (at least {low})")
+        check_at_least(key, value, low)
     return config
+
+
+def check_at_least(key: str, value: int, low: int) -> int:
+    """``value``, or ConfigError naming ``key`` when it is below ``low``."""
+    if value < low:
+        raise ConfigError(f"{key}: {value} is too small (at least {low})")
+    return value
 
 
 def _check_tcg_cpu_features(features: tuple[str, ...]) -> None:

@@ -8,7 +8,7 @@ directory shared read-only; outputs come back through a second share and are
 checked before they are copied out.  Whatever happens, the domain, the overlay
 and the staging directories are removed.
 
-``run`` reads as its steps: check the request, stage the run directory, boot a
+``run`` reads as its steps: check the plan, stage the run directory, boot a
 clone (warm when a saved state fits, cold otherwise), connect, execute the job,
 tear the VM down, judge how the job ended, collect the outputs, clean up.
 """
@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from . import accel, egress, outputs, pool, reaper, ssh, warm, watchdog
 from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
-from .config import Config
 from .domain import NAME_PREFIX, domain_xml
 from .errors import GuestError, HypervisorError, ImageError, Interrupted, RunTimeout, VmisoError
 from .image.store import Image, get_image, verified_sha256
-from .inputs import GUEST_IN, InputLimits, check_inputs, stage_inputs
+from .inputs import GUEST_IN, check_inputs, stage_inputs
+from .plan import RunPlan
 from .progress import Steps
 from .seed import RUN_USER
 from .workdir import bounded_share_size, check_room, claim, own_dir, private_dir, share_full
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 GUEST_OUT = "/out"
 GUEST_VENV = "/opt/vmiso/venv"
 GUEST_TMP = "/tmp"  # the scratch disk
-WATCHDOG_GRACE = 30  # seconds past boot + job timeout before the watchdog acts on its own
 INTERRUPT_GRACE = 10  # seconds a job has to end after the first SIGINT/SIGTERM is passed to it
 
 
@@ -84,23 +83,6 @@ class Interruption:
 
     def expired(self) -> bool:
         return self.received is not None and time.monotonic() - self.at > self.grace
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    command: tuple[str, ...]
-    image: str
-    inputs: tuple[Path, ...] = ()
-    output: Path | None = None
-    timeout: int | None = None
-    memory_mib: int | None = None
-    cpus: int | None = None
-    scratch_bytes: int | None = None  # the job's /tmp; None: run.scratch from the config
-    warm: bool = True  # restore a warm state when one fits; False: always boot cold
-    env: tuple[tuple[str, str], ...] = ()  # set for the job, after vmiso's own
-    accept_tool_files: bool = False  # copy outputs that host tools run code from (.git/, .envrc)
-    publish: tuple[int, ...] = ()  # guest loopback ports the host may reach while the job runs
-    network: egress.Rules = field(default_factory=egress.Rules)  # empty: offline, no gateway at all
 
 
 @dataclass
@@ -224,51 +206,48 @@ class Booted:
 Connect = Callable[..., ssh.Session]
 
 
-def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, stderr: BinaryIO,
-        steps: Steps | None = None, stdin: BinaryIO | None = None, *, connect: Connect = ssh.connect,
-        interruption: Interruption | None = None, terminal: ssh.Terminal | None = None,
+def run(plan: RunPlan, hv: Hypervisor, stdout: BinaryIO, stderr: BinaryIO, steps: Steps | None = None,
+        stdin: BinaryIO | None = None, *, connect: Connect = ssh.connect, interruption: Interruption | None = None,
+        terminal: ssh.Terminal | None = None,
         on_published: Callable[[int, str], None] = lambda guest, where: None) -> RunResult:
-    """Run ``request.command`` in a fresh clone; the job's exit code, or an error saying why it has none.
+    """Run ``plan.command`` in a fresh clone; the job's exit code, or an error saying why it has none.
 
     ``stdin`` is streamed to the job (None: end of file); ``interruption`` passes the
     first Ctrl-C or SIGTERM while the job runs on to it (see Interruption);
     ``terminal`` gives the job a pseudo-terminal (``vmiso shell``, ``run -t``);
     ``on_published(guest_port, "127.a.b.c:port")`` is called as each of
-    ``request.publish`` opens, before the job starts.
+    ``plan.publish`` opens, before the job starts.
     """
     interruption = interruption or Interruption()
     steps = steps or Steps()
-    image, accel_name, input_bytes = _check(config, request)
-    reaper.collect(hv, config.state_dir)  # what a vmiso killed earlier left behind
+    image, accel_name, input_bytes = _check(plan)
+    reaper.collect(hv, plan.state_dir)  # what a vmiso killed earlier left behind
     run_id = secrets.token_hex(6)
     with ExitStack() as cleanup:
         with steps.step("verify", "template sha256"):
             sha256 = verified_sha256(image)
         key = warm.WarmKey.make(template_sha256=sha256, hypervisor=hv.version(), accel=accel_name,
-                                memory_mib=request.memory_mib or config.vm.memory_mib,
-                                cpus=request.cpus or config.vm.cpus,
-                                scratch_bytes=request.scratch_bytes or config.run.scratch,
-                                tcg_cpu_features=config.vm.tcg_cpu_features)
-        taken = _take_preloaded(hv, config, request, image, key, steps, cleanup) if request.warm else None
+                                memory_mib=plan.memory_mib, cpus=plan.cpus, scratch_bytes=plan.scratch_bytes,
+                                tcg_cpu_features=plan.tcg_cpu_features)
+        taken = _take_preloaded(hv, plan, image, key, steps, cleanup) if plan.warm else None
         if taken is not None:
             clone, vm = taken  # its inputs are staged once SSH is up: sshd drops an idle link
         else:
-            clone = _stage(config, request, run_id, key, input_bytes, steps, cleanup)
-            watch = _watchdog(config, request, clone, cleanup)
-            vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", request.warm, steps, cleanup, watch)
-        session = _connect(hv, vm, image, clone, config, connect, steps, cleanup)
+            clone = _stage(plan, run_id, key, input_bytes, steps, cleanup)
+            watch = _watchdog(plan, clone, cleanup)
+            vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", plan.warm, steps, cleanup, watch)
+        session = _connect(hv, vm, image, clone, plan, connect, steps, cleanup)
         if taken is not None:
             with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
                 check_room(clone.inputs, 0, 0, input_bytes)
-                stage_inputs(request.inputs, clone.inputs, _input_limits(config))
-        gateway = _open_network(session, request.network, image, steps, cleanup)
-        published = _publish(session, request.publish, on_published, cleanup)
+                stage_inputs(plan.inputs, clone.inputs, plan.input_limits)
+        gateway = _open_network(session, plan.network, image, steps, cleanup)
+        published = _publish(session, plan.publish, on_published, cleanup)
         # What the job said last, on stderr (or on its terminal, where both streams are one).
         said = Tail(stdout if terminal is not None else stderr)
         through = typing.cast(BinaryIO, said)
-        outcome = _execute(hv, vm, session, clone, config, request,
-                           through if terminal is not None else stdout, through if terminal is None else stderr,
-                           stdin, steps, interruption, terminal)
+        outcome = _execute(session, clone, plan, through if terminal is not None else stdout,
+                           through if terminal is None else stderr, stdin, steps, interruption, terminal)
         with steps.step("teardown", "destroy the VM"):
             for port in published:
                 port.close()
@@ -279,61 +258,52 @@ def run(config: Config, hv: Hypervisor, request: RunRequest, stdout: BinaryIO, s
         # What the job wrote is collected whatever ended it: a job stopped by its timeout
         # keeps its partial results, under the same checks (the VM is gone: /out is still).
         collected = None
-        if request.output is not None:
+        if plan.output is not None:
             with steps.step("collect", f"check and copy {GUEST_OUT}"):
-                collected = outputs.collect(clone.outputs, request.output, max_bytes=config.run.output_max_bytes,
-                                            max_files=config.run.output_max_files,
-                                            accept_tool_files=request.accept_tool_files)
-        exit_code, signal = _judge(outcome, collected, request.output)
+                collected = outputs.collect(clone.outputs, plan.output, max_bytes=plan.output_max_bytes,
+                                            max_files=plan.output_max_files,
+                                            accept_tool_files=plan.accept_tool_files)
+        exit_code, signal = _judge(outcome, collected, plan.output)
         with steps.step("cleanup", "remove the overlay and staging directories"):
             cleanup.close()
-    return RunResult(run_id, image.name, sha256, request.command, exit_code, boot=vm.boot,
+    return RunResult(run_id, image.name, sha256, plan.command, exit_code, boot=vm.boot,
                      memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes, signal=signal,
                      timings=dict(steps.timings), outputs=collected,
                      published={p.guest_port: f"{p.host}:{p.host_port}" for p in published},
-                     network=gateway.record.as_dict(request.network) if gateway is not None else None,
+                     network=gateway.record.as_dict(plan.network) if gateway is not None else None,
                      hints=failure_hints(said.kept, image.name) if exit_code != 0 else ())
 
 
-def _check(config: Config, request: RunRequest) -> tuple[Image, str, int]:
+def _check(plan: RunPlan) -> tuple[Image, str, int]:
     """Everything that can be refused before anything is made: (the image, the accelerator, the inputs' bytes)."""
-    if not request.command:
+    if not plan.command:
         raise VmisoError("no command to run", "give one after --, e.g. vmiso run -- python job.py")
-    input_bytes = check_inputs(request.inputs, _input_limits(config))
-    check_env(request.env)
-    if request.output is not None:
-        outputs.check_destination(request.output)
-    accel_name = accel.resolve(config.accel, tcg_cpu_features=config.vm.tcg_cpu_features)
-    return get_image(config.state_dir, request.image), accel_name, input_bytes
+    input_bytes = check_inputs(plan.inputs, plan.input_limits)
+    check_env(plan.env)
+    if plan.output is not None:
+        outputs.check_destination(plan.output)
+    accel_name = accel.resolve(plan.accel, tcg_cpu_features=plan.tcg_cpu_features)
+    return get_image(plan.state_dir, plan.image), accel_name, input_bytes
 
 
-def _input_limits(config: Config) -> InputLimits:
-    return InputLimits(config.run.input_max_bytes, config.run.input_max_files)
-
-
-def _stage(config: Config, request: RunRequest, run_id: str, key: warm.WarmKey, input_bytes: int, steps: Steps,
+def _stage(plan: RunPlan, run_id: str, key: warm.WarmKey, input_bytes: int, steps: Steps,
            cleanup: ExitStack) -> CloneDir:
     """The run's directory, removed when ``cleanup`` closes, with the inputs copied in."""
     with steps.step("stage", "run directory and inputs"):
-        runs = own_dir(config.state_dir) / "runs"
-        limits = (config.run.output_max_bytes, config.run.output_max_files)
-        check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*limits), input_bytes)
+        runs = own_dir(plan.state_dir) / "runs"
+        check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*plan.output_limits), input_bytes)
         path = runs / run_id
         cleanup.callback(reaper.remove, path)  # whatever make_clone_dir got to
-        clone = make_clone_dir(path, output_limits=limits)
-        stage_inputs(request.inputs, clone.inputs, _input_limits(config))
+        clone = make_clone_dir(path, output_limits=plan.output_limits)
+        stage_inputs(plan.inputs, clone.inputs, plan.input_limits)
     return clone
 
 
-def _watchdog(config: Config, request: RunRequest, clone: CloneDir,
-              cleanup: ExitStack) -> Callable[[str], watchdog.Watchdog]:
+def _watchdog(plan: RunPlan, clone: CloneDir, cleanup: ExitStack) -> Callable[[str], watchdog.Watchdog]:
     """What a boot calls once it knows its domain's name: from then on the VM dies with this
     process, and by the run's deadline even if this process hangs (see watchdog.py)."""
-    timeout = request.timeout or config.run.timeout
-
     def guard(domain: str) -> watchdog.Watchdog:
-        seconds = config.run.boot_timeout + timeout + WATCHDOG_GRACE
-        dog = watchdog.start(config.libvirt_uri, domain, str(clone.path), seconds)
+        dog = watchdog.start(plan.libvirt_uri, domain, str(clone.path), plan.watchdog_seconds)
         cleanup.callback(dog.release)
         return dog
     return guard
@@ -358,16 +328,15 @@ def _boot(hv: Hypervisor, image: Image, clone: CloneDir, key: warm.WarmKey, name
     return Booted(_boot_cold(hv, image, clone, name, key, metadata, steps, cleanup, watch), "cold")
 
 
-def _take_preloaded(hv: Hypervisor, config: Config, request: RunRequest, image: Image, key: warm.WarmKey,
-                    steps: Steps, cleanup: ExitStack) -> tuple[CloneDir, Booted] | None:
+def _take_preloaded(hv: Hypervisor, plan: RunPlan, image: Image, key: warm.WarmKey, steps: Steps,
+                    cleanup: ExitStack) -> tuple[CloneDir, Booted] | None:
     """A clone from this user's pool for the image, now this run's (pool.py: its three steps);
     None when no pool runs or it has none that fits (saying why, when one runs)."""
-    if not pool.socket_path(config.state_dir, image.name).exists():
+    if not pool.socket_path(plan.state_dir, image.name).exists():
         return None
     with steps.step("take", "a preloaded clone from the pool"):
-        offer = pool.ask(config.state_dir, image.name,
-                         pool.PoolKey(key, config.run.output_max_bytes, config.run.output_max_files,
-                                      config.libvirt_uri))
+        offer = pool.ask(plan.state_dir, image.name,
+                         pool.PoolKey(key, plan.output_max_bytes, plan.output_max_files, plan.libvirt_uri))
         if isinstance(offer, str):
             if offer:
                 log.warning("no preloaded clone: %s", offer)
@@ -378,7 +347,7 @@ def _take_preloaded(hv: Hypervisor, config: Config, request: RunRequest, image: 
             if offer.link is not None:
                 attempt.callback(offer.link.close)
             claim(offer.clone.path)  # this run's from now on, for the reaper
-            dog = _watchdog(config, request, offer.clone, attempt)(offer.name)
+            dog = _watchdog(plan, offer.clone, attempt)(offer.name)
             attempt.callback(hv.destroy, offer.name)
             dog.started()
             try:
@@ -390,12 +359,12 @@ def _take_preloaded(hv: Hypervisor, config: Config, request: RunRequest, image: 
     return offer.clone, Booted(offer.name, "preloaded", offer.link)
 
 
-def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, config: Config, connect: Connect,
+def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, plan: RunPlan, connect: Connect,
              steps: Steps, cleanup: ExitStack) -> ssh.Session:
     with steps.step("connect", "SSH over the virtio-serial link"):
         session = connect(
             clone.ssh_socket, name=vm.name, host_key=image.read(image.host_key.name), client_key=image.client_key,
-            user=RUN_USER, deadline=time.monotonic() + config.run.boot_timeout,
+            user=RUN_USER, deadline=time.monotonic() + plan.boot_timeout,
             alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot != "cold" else None, link=vm.link)
         cleanup.callback(session.close)
     return session
@@ -436,8 +405,8 @@ def _publish(session: ssh.Session, ports: tuple[int, ...], on_published: Callabl
     return published
 
 
-def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, config: Config,
-             request: RunRequest, stdout: BinaryIO, stderr: BinaryIO, stdin: BinaryIO | None,
+def _execute(session: ssh.Session, clone: CloneDir, plan: RunPlan, stdout: BinaryIO, stderr: BinaryIO,
+             stdin: BinaryIO | None,
              steps: Steps, interruption: Interruption, terminal: ssh.Terminal | None) -> Outcome:
     """Run the job, streaming its output, until it ends or times out.
 
@@ -445,20 +414,19 @@ def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, 
     that fills it gets "no space left on device" as on any full disk, and vmiso says
     so once the job has ended.
     """
-    timeout = request.timeout or config.run.timeout
-    with steps.step("exec", shlex.join(request.command)):
+    with steps.step("exec", shlex.join(plan.command)):
         try:
-            env = (*request.network.guest_env().items(), *request.env)
-            status = session.execute(job_command(request.command, env), stdout, stderr, stdin=stdin,
-                                     deadline=time.monotonic() + timeout,
+            env = (*plan.network.guest_env().items(), *plan.env)
+            status = session.execute(job_command(plan.command, env), stdout, stderr, stdin=stdin,
+                                     deadline=time.monotonic() + plan.timeout,
                                      should_stop=interruption.expired,
                                      signals=lambda: _forward(interruption), terminal=terminal,
                                      on_start=lambda: setattr(interruption, "job_running", True))
         finally:
             interruption.job_running = False
     if full := share_full(clone.outputs):
-        limit = (f"{config.run.output_max_files} files and directories (run.output_max_files)" if full == "files"
-                 else f"{config.run.output_max_bytes} bytes (run.output_max_bytes)")
+        limit = (f"{plan.output_max_files} files and directories (run.output_max_files)" if full == "files"
+                 else f"{plan.output_max_bytes} bytes (run.output_max_bytes)")
         log.warning("the job filled %s: it may hold %s; raise that in vmiso.yaml if the job needs more",
                     GUEST_OUT, limit)
     if status is None and interruption.expired():
@@ -466,7 +434,7 @@ def _execute(hv: Hypervisor, vm: Booted, session: ssh.Session, clone: CloneDir, 
         raise Interrupted(f"the job did not end within {interruption.grace:.0f} s of "
                           f"{interruption.received.name}; the VM was destroyed")
     if status is None:
-        return TimedOut(timeout)
+        return TimedOut(plan.timeout)
     return status
 
 
