@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vmiso import accel, config as config_mod, tools
-from vmiso.clone import KERNEL_CMDLINE
+from vmiso.clones.clone import KERNEL_CMDLINE
 from vmiso.domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, domain_xml
 from vmiso.hypervisor import connected
 from vmiso.image.initramfs import _Newc

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from vmiso import cli, egress, warm
+from vmiso import cli, egress
+from vmiso.clones import warm
 from vmiso.errors import GuestError, Interrupted, RunTimeout, VmisoError
 from vmiso.run import RunResult
 

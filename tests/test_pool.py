@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import pool, warm, workdir
+from vmiso import workdir
+from vmiso.clones import warm
+from vmiso.clones.pool import client, protocol, server
+from vmiso.errors import PoolError
 
 from vmharness import REPO, VMISO, network_services, vmiso, vmiso_domains, wait_for, write_config
 
-KEY = pool.PoolKey(warm.WarmKey.make(template_sha256="a" * 64, hypervisor="libvirt 9.0, QEMU 7.2", accel="tcg",
+KEY = protocol.PoolKey(warm.WarmKey.make(template_sha256="a" * 64, hypervisor="libvirt 9.0, QEMU 7.2", accel="tcg",
                                      memory_mib=512, cpus=1, scratch_bytes=2 * 1024**3), 64 * 1024**2, 1000, "qemu:///system")
 
 
@@ -27,7 +30,7 @@ KEY = pool.PoolKey(warm.WarmKey.make(template_sha256="a" * 64, hypervisor="libvi
 
 
 def test_a_fitting_clone_has_no_stale_reason():
-    assert pool.stale_reason(KEY, KEY, "q", "q") is None
+    assert server.stale_reason(KEY, KEY, "q", "q") is None
 
 
 @pytest.mark.parametrize("now, qemu, said", [
@@ -42,7 +45,7 @@ def test_a_fitting_clone_has_no_stale_reason():
     (dataclasses.replace(KEY, output_max_files=10), "q", "output limits changed"),
 ])
 def test_stale_clones_are_named_for_what_changed(now, qemu, said):
-    assert said in pool.stale_reason(KEY, now, "q", qemu)
+    assert said in server.stale_reason(KEY, now, "q", qemu)
 
 
 # --- the messages: framed, bounded, with descriptors ------------------------------------
@@ -52,8 +55,8 @@ def test_a_message_carries_its_descriptors():
     left, right = socket.socketpair()
     r, w = os.pipe()
     try:
-        pool._send(left, {"clone": "x"}, (r, w))
-        message, fds = pool._receive(right, max_fds=2)
+        protocol.send(left, {"clone": "x"}, (r, w))
+        message, fds = protocol.receive(right, max_fds=2)
         assert message == {"clone": "x"} and len(fds) == 2
         os.write(fds[1], b"!")
         assert os.read(r, 1) == b"!"
@@ -77,16 +80,16 @@ def test_a_message_that_is_not_ours_is_refused(raw):
         left.sendall(raw)
         left.shutdown(socket.SHUT_WR)
         with pytest.raises((ValueError, EOFError)):
-            pool._receive(right)
+            protocol.receive(right)
 
 
 def test_a_pool_whose_check_failed_says_so_not_another_configuration(monkeypatch, tmp_path):
     from vmiso.config import Config
     from vmiso.image.store import Image
 
-    monkeypatch.setattr(pool, "current_key", lambda *args: KEY)
-    monkeypatch.setattr(pool, "qemu_identity", lambda: "q")
-    served = pool.Pool(Config(state_dir=tmp_path), None, Image("it", tmp_path / "it"), 1, "tcg",  # type: ignore[arg-type]
+    monkeypatch.setattr(server, "current_key", lambda *args: KEY)
+    monkeypatch.setattr(server, "qemu_identity", lambda: "q")
+    served = server.Pool(Config(state_dir=tmp_path), None, Image("it", tmp_path / "it"), 1, "tcg",  # type: ignore[arg-type]
                        threading.Event())
     other = dataclasses.replace(KEY, output_max_files=1)
     assert served._take(other.as_dict()) == "the pool's clones were made for another image, QEMU or configuration"
@@ -105,13 +108,13 @@ def _fake_pool(path: Path, answer: dict, fds: int = 2) -> threading.Thread:
     def serve() -> None:
         conn, _ = listener.accept()
         with conn:
-            pool._receive(conn)
+            protocol.receive(conn)
             lock, link = os.pipe(), socket.socketpair()
-            pool._send(conn, answer, (lock[0], link[0].fileno())[:fds])
+            protocol.send(conn, answer, (lock[0], link[0].fileno())[:fds])
             for end in (*lock, *(s.detach() for s in link)):
                 os.close(end)
             try:
-                pool._receive(conn)
+                protocol.receive(conn)
             except (EOFError, OSError):
                 pass
         listener.close()
@@ -124,9 +127,9 @@ def test_a_run_takes_no_clone_from_outside_its_own_runs(tmp_path):
     # The pool is this user's own process, but what it names is still checked:
     # a run must never adopt (and later remove) a directory elsewhere, or use as its link
     # what is not a socket.
-    where = workdir.private_dir(pool.pool_dir(tmp_path, "x"))
+    where = workdir.private_dir(protocol.pool_dir(tmp_path, "x"))
     served = _fake_pool(where / "pool.sock", {"clone": str(tmp_path / "elsewhere"), "name": "vmiso-x"})
-    offer = pool.ask(tmp_path, "x", KEY)
+    offer = client.ask(tmp_path, "x", KEY)
     served.join(5)
     assert offer == "the pool offered a clone outside this user's runs"
     (where / "pool.sock").unlink()
@@ -138,36 +141,36 @@ def test_a_run_takes_no_clone_from_outside_its_own_runs(tmp_path):
     def serve_a_pipe() -> None:
         conn, _ = listener.accept()
         with conn:
-            pool._receive(conn)
+            protocol.receive(conn)
             r, w = os.pipe()
-            pool._send(conn, {"clone": str(runs / "pool-ab"), "name": "vmiso-x"}, (r, w))
+            protocol.send(conn, {"clone": str(runs / "pool-ab"), "name": "vmiso-x"}, (r, w))
             os.close(r)
             os.close(w)
     thread = threading.Thread(target=serve_a_pipe, daemon=True)
     thread.start()
-    assert pool.ask(tmp_path, "x", KEY) == "the pool offered a link that is not a socket"
+    assert client.ask(tmp_path, "x", KEY) == "the pool offered a link that is not a socket"
     thread.join(5)
     listener.close()
 
 
 def test_without_a_pool_a_run_goes_on_at_once(tmp_path):
-    assert pool.ask(tmp_path, "x", KEY) == ""
+    assert client.ask(tmp_path, "x", KEY) == ""
     # A pool that died left its socket: nobody listens there.
-    where = workdir.private_dir(pool.pool_dir(tmp_path, "x"))
+    where = workdir.private_dir(protocol.pool_dir(tmp_path, "x"))
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(where / "pool.sock"))
     dead.close()
-    assert pool.ask(tmp_path, "x", KEY) == ""
+    assert client.ask(tmp_path, "x", KEY) == ""
 
 
 def test_a_pool_that_ends_before_yours_gives_no_clone(tmp_path):
-    where = workdir.private_dir(pool.pool_dir(tmp_path, "x"))
+    where = workdir.private_dir(protocol.pool_dir(tmp_path, "x"))
     runs = workdir.private_dir(tmp_path / "runs")
     served = _fake_pool(where / "pool.sock", {"clone": str(runs / "pool-ab"), "name": "vmiso-x"})
-    offer = pool.ask(tmp_path, "x", KEY)
-    assert isinstance(offer, pool.Offer) and offer.clone.path == runs / "pool-ab"
-    with pytest.raises(pool.HypervisorError, match="did not hand over"):
-        pool.confirm(offer)
+    offer = client.ask(tmp_path, "x", KEY)
+    assert isinstance(offer, client.Offer) and offer.clone.path == runs / "pool-ab"
+    with pytest.raises(PoolError, match="did not hand over"):
+        client.confirm(offer)
     served.join(5)
     os.close(offer.lock_fd)
     offer.link.close()
@@ -299,7 +302,7 @@ def test_a_preloaded_job_is_bounded_like_any_other(pool_of_two, tmp_path):
     assert "take" in timings and "start" not in timings  # no restore or boot of its own: a pool's clone
     # Its clone is gone, its directory too; only the pool's idle clones remain.
     runs = sorted(p.name for p in (image["state"] / "runs").iterdir())
-    assert all(name.startswith(pool.CLONE_PREFIX) for name in runs)
+    assert all(name.startswith(protocol.CLONE_PREFIX) for name in runs)
     wait_for(lambda: len(vmiso_domains(image["state"])) == 2, 60, "the pool's two idle clones")
     # A run that asks for other memory gets no clone of the pool: it restores or boots its own.
     other = vmiso("run", "-c", image["config"], "--memory", "640", "--json", tmp_path / "m.json",

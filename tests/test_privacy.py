@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from vmiso import workdir
-from vmiso.clone import make_clone_dir
+from vmiso.clones.clone import make_clone_dir
 from vmiso.inputs import InputLimits, stage_inputs
 
 PROBE = """

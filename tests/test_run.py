@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import config as config_mod, run, warm
-from vmiso.clone import CloneDir, clone_spec, make_clone_dir
+from vmiso import config as config_mod, run
+from vmiso.clones import warm
+from vmiso.clones.clone import CloneDir, clone_spec, make_clone_dir
 from vmiso.domain import domain_xml
 from vmiso.errors import GuestError, ImageError, OutputError, RunTimeout, VmisoError
 from vmiso.image.store import Image, remember

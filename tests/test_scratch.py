@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from vmiso.clone import CloneDir, make_scratch
+from vmiso.clones.clone import CloneDir, make_scratch
 from vmiso.errors import VmisoError
 from vmiso.workdir import check_room
 

@@ -7,8 +7,9 @@ from contextlib import ExitStack
 
 import pytest
 
-from vmiso import config as config_mod, run, warm
-from vmiso.clone import CloneDir
+from vmiso import config as config_mod, run
+from vmiso.clones import warm
+from vmiso.clones.clone import CloneDir
 from vmiso.errors import GuestError, ImageError
 from vmiso.image.store import Image
 from vmiso.plan import RunRequest, plan_run

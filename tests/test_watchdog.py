@@ -8,7 +8,7 @@ import time
 
 import libvirt
 
-from vmiso import watchdog
+from vmiso.clones import watchdog
 from vmiso.domain import metadata_of
 
 DOMAIN = """<domain type='test'>
@@ -68,7 +68,7 @@ def test_destroys_only_the_run_it_watches():
 def test_it_outlives_its_parent_and_ignores_the_terminal(tmp_path):
     # A parent that starts a watchdog and is then killed: the watchdog is in a
     # session of its own, sees the pipe close, and exits after acting.
-    script = ("import sys, time; from vmiso import watchdog\n"
+    script = ("import sys, time; from vmiso.clones import watchdog\n"
               "dog = watchdog.start('test:///default', 'vmiso-run-none', '/r/none', 60); dog.started()\n"
               "print(dog.process.pid, flush=True); time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

@@ -686,10 +686,10 @@ def doctor(ctx: click.Context, config_path: Path | None, accel: str | None, stat
 @click.pass_context
 def images_warm(ctx: click.Context, name: str) -> None:
     """Boot and save clones of an image so that runs restore them instead of booting."""
+    from .clones.warm import make_warm_state
     from .errors import ImageError
     from .hypervisor import connected
     from .image.store import get_image
-    from .warm import make_warm_state
 
     config = ctx.obj["config"]
     image = get_image(config.state_dir, name)
@@ -731,7 +731,7 @@ def pool_start(ctx: click.Context, config_path: Path | None, accel: str | None, 
     if foreground:
         _serve_pool(ctx, config, name, size)
         return
-    from .pool import pool_dir
+    from .clones.pool.protocol import pool_dir
     from .tools import pool_argv, start_server
     from .workdir import private_dir
 
@@ -762,9 +762,9 @@ def pool_start(ctx: click.Context, config_path: Path | None, accel: str | None, 
 
 
 def _serve_pool(ctx: click.Context, config: config_mod.Config, name: str, size: int) -> None:
+    from .clones.pool.server import serve
     from .hypervisor import connected
     from .image.store import get_image
-    from .pool import serve
 
     image = get_image(config.state_dir, name)
     stop = threading.Event()
@@ -788,7 +788,7 @@ def _serve_pool(ctx: click.Context, config: config_mod.Config, name: str, size: 
 
 
 def _pool_targets(config: config_mod.Config, image: str | None) -> list[str]:
-    from .pool import running
+    from .clones.pool.client import running
 
     return [image] if image else running(config.state_dir)
 
@@ -800,7 +800,7 @@ def _pool_targets(config: config_mod.Config, image: str | None) -> list[str]:
 @click.pass_context
 def pool_stop(ctx: click.Context, config_path: Path | None, state_dir: Path | None, image: str | None) -> None:
     """Stop a pool: its idle clones are destroyed; jobs running on its clones go on."""
-    from .pool import request
+    from .clones.pool.client import request
 
     config = _load(ctx, config_path, state_dir=state_dir)
     stopped = 0
@@ -819,7 +819,7 @@ def pool_stop(ctx: click.Context, config_path: Path | None, state_dir: Path | No
 @click.pass_context
 def pool_status(ctx: click.Context, config_path: Path | None, state_dir: Path | None, as_json: bool) -> None:
     """This user's running pools: clones ready, served and dropped."""
-    from .pool import request
+    from .clones.pool.client import request
 
     config = _load(ctx, config_path, state_dir=state_dir)
     rows = [answer for name in _pool_targets(config, None)
@@ -842,7 +842,7 @@ def pool_status(ctx: click.Context, config_path: Path | None, state_dir: Path | 
 @click.pass_context
 def watchdog_command(ctx: click.Context, uri: str, name: str, run_dir: str, seconds: float) -> None:
     """The process that destroys a run's VM when its vmiso dies (started by vmiso run)."""
-    from .watchdog import main as watch
+    from .clones.watchdog import main as watch
 
     ctx.exit(watch(uri, name, run_dir, seconds))
 

@@ -69,6 +69,10 @@ class ProvisionError(ImageError):
         self.log_path = log_path
 
 
+class PoolError(VmisoError):
+    """A pool could not be started, reached or stopped, or did not hand a clone over."""
+
+
 class GuestError(VmisoError):
     """The guest did not come up, or the link to it broke."""
 

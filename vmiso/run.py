@@ -16,12 +16,10 @@ tear the VM down, judge how the job ended, collect the outputs, clean up.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import secrets
 import shlex
 import signal
-import socket
 import time
 import typing
 from collections.abc import Callable
@@ -30,16 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import accel, egress, outputs, pool, reaper, ssh, warm, watchdog
-from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
-from .domain import NAME_PREFIX, domain_xml
-from .errors import GuestError, HypervisorError, ImageError, Interrupted, RunTimeout, VmisoError
+from . import accel, clones, egress, outputs, reaper, ssh
+from .clones import warm
+from .clones.clone import CloneDir, make_clone_dir
+from .domain import NAME_PREFIX
+from .errors import GuestError, Interrupted, RunTimeout, VmisoError
 from .image.store import Image, get_image, verified_sha256
 from .inputs import GUEST_IN, check_inputs, stage_inputs
 from .plan import RunPlan
 from .progress import Steps
 from .seed import RUN_USER
-from .workdir import bounded_share_size, check_room, claim, own_dir, private_dir, share_full
+from .workdir import bounded_share_size, check_room, own_dir, private_dir, share_full
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor
@@ -193,15 +192,6 @@ class TimedOut:
 Outcome = ssh.JobExit | TimedOut
 
 
-@dataclass(frozen=True)
-class Booted:
-    """A running clone: its domain name (a warm state's is the saved one) and how it booted."""
-
-    name: str
-    boot: str  # "preloaded", "warm" or "cold"
-    link: socket.socket | None = None  # a preloaded clone's link, its sshd waiting
-
-
 # ssh.connect, or a fake of it in tests.
 Connect = Callable[..., ssh.Session]
 
@@ -226,18 +216,13 @@ def run(plan: RunPlan, hv: Hypervisor, stdout: BinaryIO, stderr: BinaryIO, steps
     with ExitStack() as cleanup:
         with steps.step("verify", "template sha256"):
             sha256 = verified_sha256(image)
-        key = warm.WarmKey.make(template_sha256=sha256, hypervisor=hv.version(), accel=accel_name,
-                                memory_mib=plan.memory_mib, cpus=plan.cpus, scratch_bytes=plan.scratch_bytes,
-                                tcg_cpu_features=plan.tcg_cpu_features)
-        taken = _take_preloaded(hv, plan, image, key, steps, cleanup) if plan.warm else None
-        if taken is not None:
-            clone, vm = taken  # its inputs are staged once SSH is up: sshd drops an idle link
-        else:
-            clone = _stage(plan, run_id, key, input_bytes, steps, cleanup)
-            watch = _watchdog(plan, clone, cleanup)
-            vm = _boot(hv, image, clone, key, f"{NAME_PREFIX}run-{run_id}", plan.warm, steps, cleanup, watch)
-        session = _connect(hv, vm, image, clone, plan, connect, steps, cleanup)
-        if taken is not None:
+        key = warm.key_for(plan, template_sha256=sha256, hypervisor=hv.version(), accel=accel_name)
+        vm = clones.bring_up(clones.ways_for(plan), clones.CloneJob(
+            hv, plan, image, key, f"{NAME_PREFIX}run-{run_id}", steps, cleanup,
+            stage=lambda: _stage(plan, run_id, key, input_bytes, steps, cleanup)))
+        clone = vm.clone
+        session = _connect(hv, vm, image, plan, connect, steps, cleanup)
+        if not vm.inputs_staged:
             with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
                 check_room(clone.inputs, 0, 0, input_bytes)
                 stage_inputs(plan.inputs, clone.inputs, plan.input_limits)
@@ -299,71 +284,11 @@ def _stage(plan: RunPlan, run_id: str, key: warm.WarmKey, input_bytes: int, step
     return clone
 
 
-def _watchdog(plan: RunPlan, clone: CloneDir, cleanup: ExitStack) -> Callable[[str], watchdog.Watchdog]:
-    """What a boot calls once it knows its domain's name: from then on the VM dies with this
-    process, and by the run's deadline even if this process hangs (see watchdog.py)."""
-    def guard(domain: str) -> watchdog.Watchdog:
-        dog = watchdog.start(plan.libvirt_uri, domain, str(clone.path), plan.watchdog_seconds)
-        cleanup.callback(dog.release)
-        return dog
-    return guard
-
-
-def _boot(hv: Hypervisor, image: Image, clone: CloneDir, key: warm.WarmKey, name: str, want_warm: bool,
-          steps: Steps, cleanup: ExitStack, watch: Callable[[str], watchdog.Watchdog]) -> Booted:
-    """Restore a warm state that fits; boot cold when none does or the restore fails, saying why."""
-    metadata = {"kind": "run", "run_dir": str(clone.path), "image": image.name}
-    with steps.step("kernel", "verified copies of the kernel and initramfs"):
-        copy_boot_files(clone, image)
-    slot, why_cold = warm.acquire(image, key, cleanup) if want_warm else (None, "--cold")
-    if slot is not None:
-        try:
-            return Booted(_boot_warm(hv, image, slot, clone, metadata, steps, cleanup, watch), "warm")
-        except (HypervisorError, ImageError) as err:
-            why_cold = f"the warm state {slot.clone.path.name} could not be restored: {err}"
-            clone.overlay.unlink(missing_ok=True)
-            clone.scratch.unlink(missing_ok=True)
-    if want_warm:
-        log.warning("cold boot: %s", why_cold)
-    return Booted(_boot_cold(hv, image, clone, name, key, metadata, steps, cleanup, watch), "cold")
-
-
-def _take_preloaded(hv: Hypervisor, plan: RunPlan, image: Image, key: warm.WarmKey, steps: Steps,
-                    cleanup: ExitStack) -> tuple[CloneDir, Booted] | None:
-    """A clone from this user's pool for the image, now this run's (pool.py: its three steps);
-    None when no pool runs or it has none that fits (saying why, when one runs)."""
-    if not pool.socket_path(plan.state_dir, image.name).exists():
-        return None
-    with steps.step("take", "a preloaded clone from the pool"):
-        offer = pool.ask(plan.state_dir, image.name,
-                         pool.PoolKey(key, plan.output_max_bytes, plan.output_max_files, plan.libvirt_uri))
-        if isinstance(offer, str):
-            if offer:
-                log.warning("no preloaded clone: %s", offer)
-            return None
-        with ExitStack() as attempt:
-            attempt.callback(os.close, offer.lock_fd)  # last: the warm slot is free once its VM is gone
-            attempt.callback(reaper.remove, offer.clone.path)
-            if offer.link is not None:
-                attempt.callback(offer.link.close)
-            claim(offer.clone.path)  # this run's from now on, for the reaper
-            dog = _watchdog(plan, offer.clone, attempt)(offer.name)
-            attempt.callback(hv.destroy, offer.name)
-            dog.started()
-            try:
-                pool.confirm(offer)
-            except HypervisorError as err:
-                log.warning("no preloaded clone: %s", err)
-                return None
-            cleanup.push(attempt.pop_all())
-    return offer.clone, Booted(offer.name, "preloaded", offer.link)
-
-
-def _connect(hv: Hypervisor, vm: Booted, image: Image, clone: CloneDir, plan: RunPlan, connect: Connect,
-             steps: Steps, cleanup: ExitStack) -> ssh.Session:
+def _connect(hv: Hypervisor, vm: clones.Booted, image: Image, plan: RunPlan, connect: Connect, steps: Steps,
+             cleanup: ExitStack) -> ssh.Session:
     with steps.step("connect", "SSH over the virtio-serial link"):
         session = connect(
-            clone.ssh_socket, name=vm.name, host_key=image.read(image.host_key.name), client_key=image.client_key,
+            vm.clone.ssh_socket, name=vm.name, host_key=image.read(image.host_key.name), client_key=image.client_key,
             user=RUN_USER, deadline=time.monotonic() + plan.boot_timeout,
             alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot != "cold" else None, link=vm.link)
         cleanup.callback(session.close)
@@ -501,30 +426,3 @@ def job_command(command: tuple[str, ...], env: tuple[tuple[str, str], ...] = ())
     }
     assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in [*fixed.items(), *env])
     return f"cd {GUEST_IN} && exec env -i {assignments} {shlex.join(command)}"
-
-
-def _boot_cold(hv: Hypervisor, image: Image, clone: CloneDir, name: str, key: warm.WarmKey,
-               metadata: dict[str, str], steps: Steps, cleanup: ExitStack,
-               watch: Callable[[str], watchdog.Watchdog]) -> str:
-    with steps.step("overlay", "copy-on-write clone of the template, scratch disk"):
-        make_overlay(clone, image.template)
-        make_scratch(clone, key.scratch_bytes)
-    spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
-                      cpus=key.cpus, tcg_cpu_features=key.tcg_cpu_features, metadata=metadata)
-    with steps.step("start", "transient domain, cold boot"):
-        dog = watch(name)  # released after the destroy below (an ExitStack unwinds in reverse)
-        cleanup.callback(hv.destroy, name)
-        hv.start_transient(name, domain_xml(spec))
-        dog.started()
-    return name
-
-
-def _boot_warm(hv: Hypervisor, image: Image, slot: warm.Slot, clone: CloneDir, metadata: dict[str, str],
-               steps: Steps, cleanup: ExitStack, watch: Callable[[str], watchdog.Watchdog]) -> str:
-    """Restore ``slot``; the domain keeps the name it was saved with, which the caller must use."""
-    with steps.step("overlay", "copy-on-write clone of the warm disk, scratch disk"):
-        warm.clone_disks(slot, clone)
-    with steps.step("start", "restore the saved clone"):
-        name, _ = warm.restore(hv, slot, clone=clone, template=image.template, metadata=metadata, stack=cleanup,
-                               watch=watch)
-    return name

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__, accel, egress, gateway, ssh, tools, warm
+from .. import __version__, accel, egress, gateway, ssh, tools
+from ..clones import warm
 from ..config import Config, check_name
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError

@@ -31,18 +31,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__, accel
-from .accel import host_cpu_id
+from .. import __version__, accel
+from ..accel import host_cpu_id
+from ..config import Config
+from ..domain import NAME_PREFIX, TCG_WITHHELD, Retarget, domain_name, domain_xml, guest_cpu, retarget
+from ..errors import GuestError, HypervisorError, ImageError
+from ..image.store import Image, check_file, remember
+from ..plan import RunPlan, RunRequest, plan_run
+from ..progress import Steps
+from ..workdir import OWNER_FILE, flocked, install_dir, own_dir, private_dir, remove_tree
+from .base import Booted
 from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
-from .config import Config
-from .domain import NAME_PREFIX, TCG_WITHHELD, Retarget, domain_name, domain_xml, guest_cpu, retarget
-from .errors import GuestError, HypervisorError, ImageError
-from .image.store import Image, check_file, remember
-from .progress import Steps
-from .workdir import OWNER_FILE, flocked, install_dir, own_dir, private_dir, remove_tree
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
-    from .hypervisor import Hypervisor
+    from ..hypervisor import Hypervisor
+    from .base import CloneJob
     from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,13 @@ class WarmKey:
             return ()
         taken = {word[1:] for word in self.cpu.split() if word.startswith("-")}
         return tuple(name for name in TCG_WITHHELD if name not in taken)
+
+
+def key_for(plan: RunPlan, *, template_sha256: str, hypervisor: str, accel: str) -> WarmKey:
+    """What a clone for a run of ``plan`` must match, on this hypervisor and accelerator."""
+    return WarmKey.make(template_sha256=template_sha256, hypervisor=hypervisor, accel=accel,
+                        memory_mib=plan.memory_mib, cpus=plan.cpus, scratch_bytes=plan.scratch_bytes,
+                        tcg_cpu_features=plan.tcg_cpu_features)
 
 
 @dataclass(frozen=True)
@@ -203,11 +213,10 @@ def make_warm_state(config: Config, hv: Hypervisor, image: Image, steps: Steps,
     """Save booted clones of ``image`` for runs of ``config`` to restore; raises what went wrong."""
     # The accelerator runs resolve, not the one the manifest recorded: a state made
     # for another accelerator would never match a run.
-    key = WarmKey.make(template_sha256=image.manifest()["sha256"], hypervisor=hv.version(),
-                       accel=accel_name or accel.resolve(config.accel), memory_mib=config.vm.memory_mib,
-                       cpus=config.vm.cpus, scratch_bytes=config.run.scratch,
-                       tcg_cpu_features=config.vm.tcg_cpu_features)
-    build(hv, image, key, steps, boot_timeout=config.run.boot_timeout)
+    plan = plan_run(config, RunRequest(image=image.name))  # what a run without flags asks for
+    key = key_for(plan, template_sha256=image.manifest()["sha256"], hypervisor=hv.version(),
+                  accel=accel_name or accel.resolve(config.accel))
+    build(hv, image, key, steps, boot_timeout=plan.boot_timeout)
 
 
 def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, str]:
@@ -327,3 +336,25 @@ def restore_xml(hv: Hypervisor, slot: Slot, *, clone: CloneDir, template: Path,
     except ValueError as err:
         raise ImageError(f"warm state {slot.clone.path} does not fit a run: {err}",
                          "remake it: vmiso images warm NAME") from None
+
+
+class Warm:
+    """A warm state restored onto a fresh overlay: the way of a run whose key one fits."""
+
+    def bring_up(self, job: CloneJob) -> Booted | None:
+        clone = job.own_clone()
+        slot, why_cold = acquire(job.image, job.key, job.cleanup)
+        if slot is not None:
+            try:
+                with job.steps.step("overlay", "copy-on-write clone of the warm disk, scratch disk"):
+                    clone_disks(slot, clone)
+                with job.steps.step("start", "restore the saved clone"):
+                    name, _ = restore(job.hv, slot, clone=clone, template=job.image.template,
+                                      metadata=job.metadata(clone), stack=job.cleanup, watch=job.watch(clone))
+                return Booted(clone, name, "warm")  # the domain keeps the name it was saved with
+            except (HypervisorError, ImageError) as err:
+                why_cold = f"the warm state {slot.clone.path.name} could not be restored: {err}"
+                clone.overlay.unlink(missing_ok=True)
+                clone.scratch.unlink(missing_ok=True)
+        log.warning("cold boot: %s", why_cold)  # the way after this one
+        return None

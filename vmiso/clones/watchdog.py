@@ -21,7 +21,7 @@ import select
 import time
 from dataclasses import dataclass
 
-from . import tools
+from .. import tools
 
 RELEASE = b"\x01"  # vmiso tears the VM down itself
 STARTED = b"\x02"  # the domain exists now
@@ -73,7 +73,7 @@ def main(uri: str, name: str, run_dir: str, seconds: float) -> int:
     released, started = wait_for_release(0, time.monotonic() + seconds)
     if released:
         return 0
-    from .hypervisor import connected  # only now: a released watchdog never loads libvirt
+    from ..hypervisor import connected  # only now: a released watchdog never loads libvirt
 
     give_up = time.monotonic() + (5 if started else APPEAR_SECONDS)
     while True:

@@ -1,33 +1,6 @@
-"""Preloaded clones: restored, reseeded and greeted by sshd before anyone asks for one.
+"""A pool's process: SIZE preloaded clones of one image, checked, refilled and handed out.
 
-``vmiso pool start`` runs a process that keeps SIZE clones of an image ready:
-each is a warm state restored onto a fresh overlay in a run directory of its
-own (a bounded, empty ``/out``, an empty ``/in``), its kernel RNG reseeded and
-its clock set by the host's hello, its shares mounted and its sshd waiting for
-a client on a link the pool holds open.  A run asks the pool over a Unix socket
-in the pool's private directory and gets one clone, never to be reused: its
-directory, its domain's name and two descriptors (the warm slot's lock and the
-open link), then copies its inputs into that clone's ``/in`` and starts SSH on
-the link.  The pool refills behind it.
-
-Ownership moves in three steps, so that a clone is always somebody's:
-
-1. The pool hands the clone out.  Until then it is the pool's: the directory's
-   owner record names the pool's process and a watchdog per clone destroys the
-   VM once the pool's process is gone, however it ended.
-2. The run records itself as the directory's owner, starts its own watchdog (with
-   the run's deadline) and says "taken".
-3. The pool releases its watchdog and answers "yours"; only then does the run use
-   the clone.  A pool that dies before answering destroys the clone through its
-   watchdog, and the run falls back to a warm or cold boot.
-
-A pool checks, every CHECK_SECONDS and before every hand-out, that its clones
-still fit: the same template (not re-provisioned, not removed), the same QEMU
-(version and binary) and accelerator.  Stale clones are destroyed, never handed
-out.  sshd ends a link that has not logged in within its LoginGraceTime, so a
-link older than LINK_SECONDS is closed at hand-out, and the run opens its own
-(as a warm run does: hello, then SSH); a run also does that when the link it was
-given fails.
+See vmiso.clones.pool for what a clone is and how it changes hands.
 """
 
 from __future__ import annotations
@@ -39,7 +12,6 @@ import os
 import secrets
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -48,56 +20,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import accel, ssh, tools, warm, watchdog
-from .clone import CloneDir, copy_boot_files, make_clone_dir
-from .config import Config
-from .errors import HypervisorError, ImageError, VmisoError
-from .image.store import MANIFEST, Image, get_image, images_root, verified_sha256
-from .progress import Steps
-from .workdir import OWNER_FILE, bounded_share_size, check_room, flocked, own_dir, private_dir, remove_tree
+from ... import accel, ssh, tools
+from ...config import Config
+from ...errors import ImageError, PoolError, VmisoError
+from ...image.store import MANIFEST, Image, get_image, images_root, verified_sha256
+from ...plan import RunRequest, plan_run
+from ...progress import Steps
+from ...workdir import OWNER_FILE, bounded_share_size, check_room, flocked, own_dir, private_dir, remove_tree
+from .. import warm, watchdog
+from ..clone import CloneDir, copy_boot_files, make_clone_dir
+from .protocol import ANSWER_SECONDS, CLONE_PREFIX, TAKE_WAIT, PoolKey, pool_dir, receive, same_user, send
 
 if TYPE_CHECKING:
-    from .hypervisor import Hypervisor
+    from ...hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 
-POOLS = "pools"
 CHECK_SECONDS = 2.0
 LINK_SECONDS = 20.0  # a link older than this is not handed out (sshd's LoginGraceTime is 30 s)
-TAKE_WAIT = 5.0  # how long a run waits for a clone the pool is restoring
 # After a hand-out, while other clones are still ready, the refill waits this long: a
 # restore competes for the host's cores with the job that just started.
 REFILL_DELAY = 2.0
-ANSWER_SECONDS = 10.0  # for either side to answer during a hand-out
 HOLD_SECONDS = 30 * 24 * 3600  # a pool clone's watchdog deadline: the pool's life, in practice
 RETRY_SECONDS = (0.5, 30.0)  # after a clone could not be made: the first wait, the longest
-MAX_MESSAGE = 65536
-CLONE_PREFIX = "pool-"
-
-
-class PoolError(VmisoError):
-    """A pool could not be started, reached or stopped."""
-
-
-@dataclass(frozen=True)
-class PoolKey:
-    """What a clone must match for a run to take it."""
-
-    warm: warm.WarmKey
-    output_max_bytes: int
-    output_max_files: int
-    libvirt_uri: str  # a run on another connection could neither guard nor destroy the clone
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def pool_dir(state_dir: Path, image: str) -> Path:
-    return own_dir(state_dir) / POOLS / image
-
-
-def socket_path(state_dir: Path, image: str) -> Path:
-    return pool_dir(state_dir, image) / "pool.sock"
 
 
 def qemu_identity() -> str:
@@ -110,12 +55,11 @@ def qemu_identity() -> str:
 
 
 def current_key(config: Config, hv: Hypervisor, image: Image, accel_name: str) -> PoolKey:
-    """The key a run of ``config`` would ask for now (memory, CPUs and scratch from the config)."""
-    return PoolKey(warm.WarmKey.make(template_sha256=verified_sha256(image), hypervisor=hv.version(),
-                                     accel=accel_name, memory_mib=config.vm.memory_mib, cpus=config.vm.cpus,
-                                     scratch_bytes=config.run.scratch,
-                                     tcg_cpu_features=config.vm.tcg_cpu_features),
-                   config.run.output_max_bytes, config.run.output_max_files, config.libvirt_uri)
+    """The key a run of ``config`` without flags would ask for now (memory, CPUs and scratch
+    from the config): its plan's, as the run computes it."""
+    plan = plan_run(config, RunRequest(image=image.name))
+    return PoolKey.for_plan(plan, warm.key_for(plan, template_sha256=verified_sha256(image),
+                                               hypervisor=hv.version(), accel=accel_name))
 
 
 def stale_reason(made_for: PoolKey, now: PoolKey | None, qemu_then: str, qemu_now: str) -> str | None:
@@ -132,61 +76,6 @@ def stale_reason(made_for: PoolKey, now: PoolKey | None, qemu_then: str, qemu_no
     if made_for.libvirt_uri != now.libvirt_uri:
         differs.append("libvirt connection")
     return f"the {', '.join(differs)} changed" if differs else None
-
-
-# --- messages: one JSON object each, descriptors beside it ----------------------------
-
-
-def _send(conn: socket.socket, message: dict, fds: tuple[int, ...] = ()) -> None:
-    data = json.dumps(message).encode()
-    frame = struct.pack("!I", len(data)) + data
-    if fds:
-        socket.send_fds(conn, [frame], list(fds))
-    else:
-        conn.sendall(frame)
-
-
-def _receive(conn: socket.socket, max_fds: int = 0) -> tuple[dict, list[int]]:
-    """One message; EOFError when the other side closed, ValueError for one that is not ours."""
-    data, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE + 4, max_fds)
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        raise EOFError
-    while len(data) < 4 or len(data) < 4 + struct.unpack("!I", data[:4])[0]:
-        if len(data) > MAX_MESSAGE + 4:
-            break
-        more = conn.recv(MAX_MESSAGE + 4 - len(data))
-        if not more:
-            for fd in fds:
-                os.close(fd)
-            raise EOFError
-        data += more
-    (length,) = struct.unpack("!I", data[:4])
-    try:
-        if length > MAX_MESSAGE or len(data) != 4 + length:
-            raise ValueError("a message of the wrong length")
-        try:
-            message = json.loads(data[4:])
-        except RecursionError:
-            raise ValueError("a message nested too deeply") from None
-        if not isinstance(message, dict):
-            raise ValueError("a message that is not an object")
-    except ValueError:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return message, fds
-
-
-def _same_user(conn: socket.socket) -> bool:
-    """The other end is a process of this user (the socket's directory is private already)."""
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid == os.geteuid()
-
-
-# --- the pool's side ------------------------------------------------------------------
 
 
 @dataclass
@@ -248,7 +137,7 @@ class Pool:
             undo.callback(holds.close)
             slot, why = warm.acquire(self.image, key.warm, holds)
             if slot is None or slot.lock_fd is None:
-                raise ImageError(f"no warm slot to restore: {why}")
+                raise PoolError(f"no warm slot to restore: {why}")
             limits = (key.output_max_bytes, key.output_max_files)
             check_room(private_dir(self.runs), key.warm.scratch_bytes, bounded_share_size(*limits))
             path = self.runs / f"{CLONE_PREFIX}{secrets.token_hex(6)}"
@@ -389,7 +278,7 @@ class Pool:
         """Give one clone to the run at ``conn`` (see the module's three steps)."""
         made = self._take(wanted)
         if isinstance(made, str):
-            _send(conn, {"none": made})
+            send(conn, {"none": made})
             return
         try:
             running = self.hv.is_running(made.name)
@@ -397,7 +286,7 @@ class Pool:
             running = False
         if made.qemu != qemu_identity() or not running:
             self._drop(made, "QEMU was updated, or the clone stopped while it waited")
-            _send(conn, {"none": "the clone no longer fits"})
+            send(conn, {"none": "the clone no longer fits"})
             return
         with self.changed:
             self.handed_at = time.monotonic()
@@ -407,9 +296,9 @@ class Pool:
             made.link = None
         fds = (made.lock_fd,) if made.link is None else (made.lock_fd, made.link.fileno())
         try:
-            _send(conn, {"clone": str(made.clone.path), "name": made.name}, fds)
+            send(conn, {"clone": str(made.clone.path), "name": made.name}, fds)
             conn.settimeout(ANSWER_SECONDS)
-            answer, _ = _receive(conn)
+            answer, _ = receive(conn)
             taken = answer.get("taken") is True
         except (OSError, EOFError, ValueError):
             taken = False
@@ -431,7 +320,7 @@ class Pool:
         made.holds.close()  # the run's descriptor holds the slot's lock
         self.status.served += 1
         with suppress(OSError):
-            _send(conn, {"yours": True})
+            send(conn, {"yours": True})
 
     def shut_down(self) -> None:
         with self.changed:
@@ -504,17 +393,17 @@ def _serve_one(pool: Pool, listener: socket.socket, wait: float) -> None:
     conn, _ = listener.accept()
     keep = False
     try:
-        if not _same_user(conn):
+        if not same_user(conn):
             return
         conn.settimeout(ANSWER_SECONDS)
-        request, _ = _receive(conn)
+        request, _ = receive(conn)
         op = request.get("op")
         if op == "take" and isinstance(request.get("key"), dict):
             pool.hand_out(conn, request["key"])
         elif op == "status":
-            _send(conn, pool.status_dict())
+            send(conn, pool.status_dict())
         elif op == "stop":
-            _send(conn, {"stopping": True})
+            send(conn, {"stopping": True})
             pool.stoppers.append(conn)
             keep = True
             pool.stopping.set()
@@ -530,106 +419,3 @@ def _owner_pid(path: Path) -> int | None:
         return int(json.loads((path / OWNER_FILE).read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-# --- the run's side -------------------------------------------------------------------
-
-
-@dataclass
-class Offer:
-    """A clone the pool has handed out, not yet confirmed (``confirm``)."""
-
-    conn: socket.socket
-    clone: CloneDir
-    name: str
-    lock_fd: int
-    link: socket.socket | None  # None: the run opens its own (hello, then SSH)
-
-
-def ask(state_dir: Path, image: str, key: PoolKey) -> Offer | str:
-    """A clone from this user's pool for ``image``, or why there is none (no pool: "")."""
-    path = socket_path(state_dir, image)
-    if not path.exists():
-        return ""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.settimeout(TAKE_WAIT + ANSWER_SECONDS)
-        conn.connect(str(path))
-        if not _same_user(conn):
-            conn.close()
-            return "the pool's socket is another user's"
-        _send(conn, {"op": "take", "key": key.as_dict()})
-        answer, fds = _receive(conn, max_fds=2)
-    except (OSError, EOFError, ValueError) as err:
-        conn.close()
-        return "" if isinstance(err, (ConnectionRefusedError, FileNotFoundError)) else f"the pool did not answer: {err}"
-    for fd in fds:
-        os.set_inheritable(fd, False)
-    if "clone" not in answer or len(fds) not in (1, 2):
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-        return str(answer.get("none") or "the pool gave no clone")
-    clone_dir = Path(str(answer["clone"]))
-    runs = own_dir(state_dir) / "runs"
-    name = str(answer.get("name", ""))
-    if (os.path.realpath(clone_dir.parent) != os.path.realpath(runs) or not clone_dir.name.startswith(CLONE_PREFIX)
-            or not name):
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-        return "the pool offered a clone outside this user's runs"
-    try:
-        link = socket.socket(fileno=fds[1]) if len(fds) == 2 else None
-    except OSError:
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-        return "the pool offered a link that is not a socket"
-    return Offer(conn, CloneDir(clone_dir), name, fds[0], link)
-
-
-def confirm(offer: Offer) -> None:
-    """Say "taken" (the run owns the clone now) and wait for "yours"; HypervisorError when the
-    pool ended first (its watchdog destroys the clone)."""
-    try:
-        _send(offer.conn, {"taken": True})
-        answer, _ = _receive(offer.conn)
-    except (OSError, EOFError, ValueError) as err:
-        raise HypervisorError(f"the pool did not hand over clone {offer.clone.path.name}: {err or 'it ended'}") \
-            from None
-    finally:
-        offer.conn.close()
-    if answer.get("yours") is not True:
-        raise HypervisorError(f"the pool did not hand over clone {offer.clone.path.name}")
-
-
-def request(state_dir: Path, image: str, op: str, timeout: float = 10) -> dict | None:
-    """Ask a running pool ``op`` ("status", "stop"); None when no pool for ``image`` runs."""
-    path = socket_path(state_dir, image)
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.settimeout(timeout)
-        conn.connect(str(path))
-        if not _same_user(conn):
-            return None
-        _send(conn, {"op": op})
-        answer, _ = _receive(conn)
-        if op == "stop":
-            conn.settimeout(None)
-            with suppress(OSError):
-                while conn.recv(1):  # the pool closes the connection once its clones are gone
-                    pass
-        return answer
-    except (OSError, EOFError, ValueError):
-        return None
-    finally:
-        conn.close()
-
-
-def running(state_dir: Path) -> list[str]:
-    """The images this user has a pool socket for (the pool may have died: ask it)."""
-    root = own_dir(state_dir) / POOLS
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "pool.sock").exists())
