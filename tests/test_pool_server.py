@@ -9,6 +9,7 @@ sshd, which reads the host's hello and greets.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import socket
 import threading
@@ -19,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import config as config_mod, reaper, workdir
+from vmiso import config as config_mod, reaper, run, workdir
 from vmiso.clones import warm
 from vmiso.clones.pool import client, protocol, server
 from vmiso.errors import PoolError
 from vmiso.image.store import Image
+from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
+from vmiso.ssh import JobExit
 
 from fakes import FakeHypervisor, make_image
 from vmharness import wait_for
@@ -237,4 +240,37 @@ def test_a_pool_that_cannot_make_a_clone_says_why_and_a_second_pool_is_refused(c
         assert first.ready.wait(60) and "error" not in first.outcome
         with pytest.raises(PoolError, match="a pool for image x is running already"):
             server.serve(config, hv, image, 1, Steps())
+    assert not hv.running and runs(state) == []
+
+
+def test_a_run_takes_a_preloaded_clone_and_stages_its_inputs_once_ssh_is_up(config, image, state, tmp_path):
+    hv = GreetingGuests()
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n")
+    seen: dict = {}
+
+    class Session:
+        def __init__(self, clone: Path) -> None:
+            self.clone = clone
+
+        def execute(self, command, stdout, stderr, **kwargs):
+            kwargs["on_start"]()
+            seen["in"] = (self.clone / "in" / "data.csv").read_text()  # there before the job starts
+            return JobExit(code=0)
+
+        def close(self) -> None:
+            pass
+
+    def connect(socket_path: Path, **kwargs) -> Session:
+        seen.update(kwargs)
+        return Session(socket_path.parent.parent)  # runs/pool-.../link/ssh.sock
+    with pool_of(config, hv, image) as served:
+        assert served.ready.wait(60)
+        plan = plan_run(config, RunRequest(command=("true",), image="x", inputs=(data,)))
+        result = run.run(plan, hv, io.BytesIO(), io.BytesIO(), connect=connect)
+        assert result.boot == "preloaded" and result.exit_code == 0
+        assert list(result.timings) == ["verify", "take", "connect", "stage", "exec", "teardown", "cleanup"]
+        assert seen["in"] == "a,b\n" and seen["link"] is not None and seen["hello"] is warm.hello
+        wait_for(lambda: status(state)["served"] == 1 and status(state)["ready"] == 1, 30, "the pool to refill")
+        assert [name for name in runs(state) if not name.startswith(protocol.CLONE_PREFIX)] == []
     assert not hv.running and runs(state) == []
