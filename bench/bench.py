@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 from vmiso import accel, config as config_mod, tools
 from vmiso.clones.clone import KERNEL_CMDLINE
 from vmiso.domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, domain_xml
+from vmiso.host.workdir import claim
 from vmiso.hypervisor import connected
 from vmiso.image.initramfs import _Newc
 from vmiso.image.store import Image, get_image
-from vmiso.workdir import claim
 
 VMISO = [sys.executable, "-m", "vmiso"]
 MB = 1024 * 1024

@@ -61,7 +61,7 @@ def deep_tree(tmp_path: Path):
 
     Built by descriptor, as a guest can: the path is far longer than PATH_MAX.
     ``file_every``: a file "f" (holding its depth) in every so many directories.
-    Everything in ``tmp_path`` is removed afterwards by vmiso.tree: pytest's own
+    Everything in ``tmp_path`` is removed afterwards by vmiso.host.tree: pytest's own
     cleanup (shutil.rmtree, recursive in Python 3.11) would crash on it, in this
     session or a later one."""
     def _make(root: Path, depth: int, name: str = "d", file_every: int = 0) -> list[str]:
@@ -80,7 +80,7 @@ def deep_tree(tmp_path: Path):
             os.close(fd)
         return [name] * depth
     yield _make
-    from vmiso import tree
+    from vmiso.host import tree
 
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:

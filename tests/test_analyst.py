@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from vmiso.workdir import mounts_below
+from vmiso.host.workdir import mounts_below
 
 from vmharness import TABULATE, make_state_root, remove_tree, wait_for, write_config
 

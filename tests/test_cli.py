@@ -249,7 +249,7 @@ def image_in(state: Path, name: str = "x", **manifest) -> Path:
 
 
 def test_run_reports_refused_outputs(monkeypatch, config):
-    from vmiso.outputs import OutputReport
+    from vmiso.host.outputs import OutputReport
 
     report = OutputReport(refused=[("link", "a symbolic link")])
     fake_run(monkeypatch, lambda request: result(0, outputs=report))

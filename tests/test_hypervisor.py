@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import reaper, workdir
 from vmiso.domain import METADATA_NS, NAME_PREFIX
 from vmiso.errors import HypervisorError
+from vmiso.host import reaper, workdir
 from vmiso.hypervisor import Hypervisor, connected, open_hypervisor
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vmiso.errors import VmisoError
-from vmiso.inputs import InputLimits, check_inputs, stage_inputs
+from vmiso.host.inputs import InputLimits, check_inputs, stage_inputs
 
 LIMITS = InputLimits(max_bytes=10**7, max_files=1000)
 

@@ -18,9 +18,9 @@ import pytest
 
 from vmiso import tools
 from vmiso.errors import ProvisionError, ToolError
+from vmiso.host.workdir import remove_tree
 from vmiso.image import layer
 from vmiso.image.layer import GUEST_FILES, namespace_ids, subordinate_start
-from vmiso.workdir import remove_tree
 
 
 def debugfs(image: Path, request: str) -> str:

@@ -8,7 +8,7 @@ from contextlib import ExitStack
 
 import yaml
 
-from vmiso import reaper
+from vmiso.host import reaper
 from vmiso.image.layer import (
     Layer,
     building_layer,

@@ -36,7 +36,7 @@ RECIPE, MIRROR = ImageConfig().recipe, ImageConfig().mirror
 ACT = """
 import sys
 from pathlib import Path
-from vmiso import reaper
+from vmiso.host import reaper
 from vmiso.image.layer import ensure_layer, remove_cached_layers
 from vmiso.progress import Steps
 
@@ -84,7 +84,7 @@ def python(analyst) -> str:
     tried = []
     for candidate in dict.fromkeys(["/opt/vmiso/bin/python", sys.executable, "/usr/bin/python3"]):
         check = subprocess.run(["setpriv", f"--reuid={analyst.pw_uid}", f"--regid={analyst.pw_gid}",
-                                "--init-groups", candidate, "-c", "import vmiso.image.layer, vmiso.reaper"],
+                                "--init-groups", candidate, "-c", "import vmiso.image.layer, vmiso.host.reaper"],
                                env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, cwd="/",
                                capture_output=True, text=True)
         if check.returncode == 0:

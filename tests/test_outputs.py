@@ -9,8 +9,8 @@ import unicodedata
 
 import pytest
 
-from vmiso import outputs
 from vmiso.errors import OutputError
+from vmiso.host import outputs
 
 
 def mark(path, mode):

@@ -8,7 +8,7 @@ import pytest
 
 from vmiso import config as config_mod
 from vmiso.errors import ConfigError
-from vmiso.inputs import InputLimits
+from vmiso.host.inputs import InputLimits
 from vmiso.plan import LOCAL, WATCHDOG_GRACE, RunRequest, plan_run
 
 GiB = 1024**3

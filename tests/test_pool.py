@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import workdir
 from vmiso.clones import warm
 from vmiso.clones.pool import client, protocol, server
 from vmiso.errors import PoolError
+from vmiso.host import workdir
 
 from vmharness import REPO, VMISO, network_services, vmiso, vmiso_domains, wait_for, write_config
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import config as config_mod, reaper, run, workdir
+from vmiso import config as config_mod, run
 from vmiso.clones import warm
 from vmiso.clones.pool import client, protocol, server
 from vmiso.errors import PoolError
+from vmiso.host import reaper, workdir
 from vmiso.image.store import Image
 from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps

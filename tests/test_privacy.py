@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import workdir
 from vmiso.clones.clone import make_clone_dir
-from vmiso.inputs import InputLimits, stage_inputs
+from vmiso.host import workdir
+from vmiso.host.inputs import InputLimits, stage_inputs
 
 PROBE = """
 import os, sys

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 CORE = ["vmiso.config", "vmiso.domain", "vmiso.hypervisor", "vmiso.seed", "vmiso.ssh", "vmiso.plan", "vmiso.run",
-        "vmiso.inputs", "vmiso.outputs", "vmiso.tree", "vmiso.reaper", "vmiso.workdir", "vmiso.doctor",
-        "vmiso.clones", "vmiso.clones.warm", "vmiso.clones.pool.server", "vmiso.clones.pool.client",
+        "vmiso.host.inputs", "vmiso.host.outputs", "vmiso.host.tree", "vmiso.host.reaper", "vmiso.host.workdir",
+        "vmiso.doctor", "vmiso.clones", "vmiso.clones.warm", "vmiso.clones.pool.server", "vmiso.clones.pool.client",
         "vmiso.image.provision", "vmiso.image.store", "vmiso.image.layer", "vmiso.image.initramfs",
         "vmiso.image.cloud", "vmiso.accel"]
 
@@ -86,7 +86,8 @@ def test_image_code_imports_without_libvirt():
     # Only hypervisor.py talks to libvirt; the image store, layers and provisioning are
     # handed a connection. (vmiso.image used to import the reaper, and through it libvirt.)
     modules = ["vmiso.image.store", "vmiso.image.layer", "vmiso.image.cloud", "vmiso.image.provision",
-               "vmiso.clones.warm", "vmiso.reaper", "vmiso.workdir", "vmiso.clones.clone", "vmiso.inputs"]
+               "vmiso.clones.warm", "vmiso.host.reaper", "vmiso.host.workdir", "vmiso.clones.clone",
+               "vmiso.host.inputs"]
     code = ("import sys; sys.modules['libvirt'] = None\n" + "".join(f"import {m}\n" for m in modules)
             + "assert 'vmiso.hypervisor' not in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

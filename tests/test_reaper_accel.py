@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from vmiso import accel, reaper, workdir
+from vmiso import accel
 from vmiso.errors import AccelError
+from vmiso.host import reaper, workdir
 
 from fakes import FakeHypervisor
 
@@ -88,7 +89,7 @@ def test_orphaned_warm_builds_are_found(tmp_path):
 
 
 def test_mounts_below_deepest_first(tmp_path):
-    from vmiso.workdir import mounts_below
+    from vmiso.host.workdir import mounts_below
 
     mounts = tmp_path / "mounts"
     base = tmp_path / "build"
@@ -105,7 +106,7 @@ def test_mounts_below_deepest_first(tmp_path):
 
 
 def test_install_dir_replaces_only_when_complete(tmp_path):
-    from vmiso.workdir import install_dir
+    from vmiso.host.workdir import install_dir
 
     final = tmp_path / "image"
     first = tmp_path / ".building-1"
@@ -123,7 +124,7 @@ def test_install_dir_replaces_only_when_complete(tmp_path):
 def test_mounts_below_a_non_ascii_directory(tmp_path):
     # /proc/mounts holds the path's UTF-8 bytes as they are and escapes only
     # space, tab, newline and backslash as octal.
-    from vmiso.workdir import mounts_below
+    from vmiso.host.workdir import mounts_below
 
     base = tmp_path / "état" / "build"
     mounts = tmp_path / "mounts"

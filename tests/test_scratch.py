@@ -6,7 +6,7 @@ import pytest
 
 from vmiso.clones.clone import CloneDir, make_scratch
 from vmiso.errors import VmisoError
-from vmiso.workdir import check_room
+from vmiso.host.workdir import check_room
 
 MiB = 1024**2
 

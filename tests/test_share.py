@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import outputs, workdir
 from vmiso.errors import OutputError
+from vmiso.host import outputs, workdir
 
 MiB = 1024**2
 SLACK_FILES = 16  # ext4 rounds the inode count up to fill a block of its inode table

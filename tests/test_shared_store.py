@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import reaper
 from vmiso.errors import ImageError
+from vmiso.host import reaper
 from vmiso.image import store
 
 from fakes import make_image

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import sharemount, workdir
+from vmiso.host import sharemount, workdir
 
 from vmharness import make_state_root, remove_tree
 

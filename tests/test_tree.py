@@ -1,4 +1,4 @@
-"""vmiso.tree: trees of any depth and name length, walked and removed by descriptor."""
+"""vmiso.host.tree: trees of any depth and name length, walked and removed by descriptor."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 import subprocess
 import sys
 
-from vmiso import tree
+from vmiso.host import tree
 
 DEPTH = 3000  # beyond Python's recursion limit (1000), and with 20-byte names 63,000 bytes of path
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vmiso import accel, workdir
+from vmiso import accel
+from vmiso.host import workdir
 
 from diskimage import ROOT_PARTITION, make_cloud_image, remove_files
 from vmharness import (

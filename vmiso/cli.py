@@ -274,7 +274,7 @@ def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
 @click.pass_context
 def images_rm(ctx: click.Context, name: str) -> None:
     """Remove an image."""
-    from . import reaper
+    from .host import reaper
     from .image.store import remove_image
 
     state_dir = ctx.obj["config"].state_dir
@@ -423,8 +423,8 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
              scratch: str | None, json_path: Path | None, cold: bool, accept_tool_files: bool,
              env_pairs: tuple[str, ...], env_file: Path | None, publish: tuple[int, ...],
              allow_hosts: tuple[str, ...], allow_tcp: tuple[str, ...], raw: bool) -> None:
+    from .host.outputs import open_record
     from .hypervisor import connected
-    from .outputs import open_record
     from .plan import RunRequest, plan_run
     from .run import Interruption, run as do_run
 
@@ -639,10 +639,10 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 @click.pass_context
 def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, layers: bool) -> None:
     """Remove VMs, overlays and directories that a killed vmiso left behind."""
-    from . import reaper
+    from .host import reaper
+    from .host.workdir import own_dir
     from .hypervisor import connected
     from .image.layer import remove_cached_layers
-    from .workdir import own_dir
 
     config = _load(ctx, config_path, state_dir=state_dir)
     with connected(config.libvirt_uri) as hv:
@@ -732,8 +732,8 @@ def pool_start(ctx: click.Context, config_path: Path | None, accel: str | None, 
         _serve_pool(ctx, config, name, size)
         return
     from .clones.pool.protocol import pool_dir
+    from .host.workdir import private_dir
     from .tools import pool_argv, start_server
-    from .workdir import private_dir
 
     argv = pool_argv("start", "--foreground", "--image", name, "--size", str(size))
     if config_path is not None:

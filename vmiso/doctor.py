@@ -10,13 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import accel, reaper, tools
+from . import accel, tools
 from .config import Config
 from .errors import VmisoError
+from .host import reaper
+from .host.workdir import GROUP, SHARE_HELPER, check_share_helper, own_dir, qemu_ids
 from .hypervisor import open_hypervisor
 from .image.layer import cached_layers
 from .resources import data_dirs
-from .workdir import GROUP, SHARE_HELPER, check_share_helper, own_dir, qemu_ids
 
 GIB = 1024**3
 

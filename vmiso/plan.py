@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import egress
 from .config import MIN_SCRATCH, Config, check_at_least
-from .inputs import InputLimits
+from .host.inputs import InputLimits
 
 LOCAL = "local"  # where a run executes: this host (the only place so far)
 WATCHDOG_GRACE = 30  # seconds past boot + job timeout before a run's watchdog acts on its own

@@ -28,17 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import accel, clones, egress, outputs, reaper, ssh
+from . import accel, clones, egress, ssh
 from .clones import warm
 from .clones.clone import CloneDir, make_clone_dir
 from .domain import NAME_PREFIX
 from .errors import GuestError, Interrupted, RunTimeout, VmisoError
+from .host import outputs, reaper
+from .host.inputs import GUEST_IN, check_inputs, stage_inputs
+from .host.workdir import bounded_share_size, check_room, own_dir, private_dir, share_full
 from .image.store import Image, get_image, verified_sha256
-from .inputs import GUEST_IN, check_inputs, stage_inputs
 from .plan import RunPlan
 from .progress import Steps
 from .seed import RUN_USER
-from .workdir import bounded_share_size, check_room, own_dir, private_dir, share_full
 
 if TYPE_CHECKING:
     from .hypervisor import Hypervisor

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .. import tools
 from ..domain import Disk, DomainSpec, KernelBoot, Share
+from ..host.workdir import bounded_share, claim, console_file, link_dir, private_dir, share_dir
 from ..image.store import Image, boot_files, copy_verified, reprovision_hint
-from ..workdir import bounded_share, claim, console_file, link_dir, private_dir, share_dir
 
 # The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
 # panic=-1: a guest whose init dies reboots at once, which on_reboot turns into its end.

@@ -36,10 +36,10 @@ from ..accel import host_cpu_id
 from ..config import Config
 from ..domain import NAME_PREFIX, TCG_WITHHELD, Retarget, domain_name, domain_xml, guest_cpu, retarget
 from ..errors import GuestError, HypervisorError, ImageError
+from ..host.workdir import OWNER_FILE, flocked, install_dir, own_dir, private_dir, remove_tree
 from ..image.store import Image, check_file, remember
 from ..plan import RunPlan, RunRequest, plan_run
 from ..progress import Steps
-from ..workdir import OWNER_FILE, flocked, install_dir, own_dir, private_dir, remove_tree
 from .base import Booted
 from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
 

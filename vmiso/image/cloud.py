@@ -24,9 +24,9 @@ from pathlib import Path
 from .. import tools
 from ..config import CloudImage
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError
+from ..host.workdir import remove_tree
 from ..progress import Steps
 from ..resources import images_dir
-from ..workdir import remove_tree
 from . import initramfs
 from .layer import HOST_FILES, Layer, building_layer
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from .. import tools
 from ..errors import ImageError, ToolError
-from ..tree import walk
-from ..workdir import remove_tree
+from ..host.tree import walk
+from ..host.workdir import remove_tree
 from .cloud import DebugfsDisk, root_partition, safe_path
 
 VENV = "/opt/vmiso/venv"  # cloud-init/provision.sh

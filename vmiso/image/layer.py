@@ -26,9 +26,9 @@ from pathlib import Path
 from .. import tools
 from ..config import from_mapping, load_yaml
 from ..errors import ConfigError, ProvisionError, ToolError
+from ..host.workdir import OWNER_FILE, claim, flocked, remove_tree
 from ..progress import Steps
 from ..resources import images_dir
-from ..workdir import OWNER_FILE, claim, flocked, remove_tree
 from . import initramfs
 
 log = logging.getLogger(__name__)

@@ -29,9 +29,7 @@ from ..clones import warm
 from ..config import Config, check_name
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
-from ..progress import Steps
-from ..seed import RUN_USER, SeedInputs, write_seed
-from ..workdir import (
+from ..host.workdir import (
     OWNER_FILE,
     SHARE_FS_SUFFIX,
     bounded_share,
@@ -44,6 +42,8 @@ from ..workdir import (
     remove_tree,
     shared_dir,
 )
+from ..progress import Steps
+from ..seed import RUN_USER, SeedInputs, write_seed
 from . import inventory, sealcheck
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sources
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe

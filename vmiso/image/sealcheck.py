@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import tools
 from ..errors import ImageError, ToolError
-from ..workdir import remove_tree
+from ..host.workdir import remove_tree
 from .cloud import DebugfsDisk, Partition, root_partition, safe_path
 from .layer import Layer, guest_files
 

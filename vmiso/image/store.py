@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..config import check_name
 from ..errors import ImageError
-from ..workdir import own_dir
+from ..host.workdir import own_dir
 
 MANIFEST = "manifest.json"
 _SHA_CACHE = ".sha256-cache.json"

@@ -13,9 +13,9 @@ from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from ... import reaper
 from ...errors import PoolError
-from ...workdir import claim, own_dir
+from ...host import reaper
+from ...host.workdir import claim, own_dir
 from ..base import Booted, CloneJob
 from ..clone import CloneDir
 from .protocol import ANSWER_SECONDS, CLONE_PREFIX, POOLS, TAKE_WAIT, PoolKey, receive, same_user, send, socket_path

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...host.workdir import own_dir
 from ...plan import RunPlan
-from ...workdir import own_dir
 from ..warm import WarmKey
 
 TAKE_WAIT = 5.0  # how long a run waits for a clone the pool is restoring

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 from ... import accel, ssh, tools
 from ...config import Config
 from ...errors import ImageError, PoolError, VmisoError
+from ...host.workdir import OWNER_FILE, bounded_share_size, check_room, flocked, own_dir, private_dir, remove_tree
 from ...image.store import MANIFEST, Image, get_image, images_root, verified_sha256
 from ...plan import RunRequest, plan_run
 from ...progress import Steps
-from ...workdir import OWNER_FILE, bounded_share_size, check_room, flocked, own_dir, private_dir, remove_tree
 from .. import warm, watchdog
 from ..clone import CloneDir, copy_boot_files, make_clone_dir
 from .protocol import ANSWER_SECONDS, CLONE_PREFIX, TAKE_WAIT, PoolKey, pool_dir, receive, same_user, send

@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import sharemount, tools, tree
-from .errors import ToolError, VmisoError
+from .. import tools
+from ..errors import ToolError, VmisoError
+from . import sharemount, tree
 
 QEMU_USER = "libvirt-qemu"
 

@@ -21,8 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import OutputError
 from . import tree
-from .errors import OutputError
 
 MANIFEST_NAME = "MANIFEST"
 # Names that common host tools run code from when an analyst opens or enters the

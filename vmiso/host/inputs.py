@@ -22,8 +22,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import VmisoError
 from . import tree
-from .errors import VmisoError
 
 GUEST_IN = "/in"
 _CHUNK = 1024 * 1024

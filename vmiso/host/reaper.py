@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import VmisoError
-from .image.store import MANIFEST, images_root
+from ..errors import VmisoError
+from ..image.store import MANIFEST, images_root
 from .tree import Failure
 from .workdir import own_dir, owner_alive, remove_tree
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
-    from .hypervisor import Hypervisor
+    from ..hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 
