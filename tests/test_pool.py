@@ -18,7 +18,7 @@ import pytest
 from vmiso.clones import warm
 from vmiso.clones.pool import client, protocol, server
 from vmiso.errors import PoolError
-from vmiso.host import workdir
+from vmiso.host import state, workdir
 
 from vmharness import REPO, VMISO, network_services, vmiso, vmiso_domains, wait_for, write_config
 
@@ -127,7 +127,7 @@ def test_a_run_takes_no_clone_from_outside_its_own_runs(tmp_path):
     # The pool is this user's own process, but what it names is still checked:
     # a run must never adopt (and later remove) a directory elsewhere, or use as its link
     # what is not a socket.
-    where = workdir.private_dir(protocol.pool_dir(tmp_path, "x"))
+    where = workdir.private_dir(state.home(tmp_path).pool("x"))
     served = _fake_pool(where / "pool.sock", {"clone": str(tmp_path / "elsewhere"), "name": "vmiso-x"})
     offer = client.ask(tmp_path, "x", KEY)
     served.join(5)
@@ -156,7 +156,7 @@ def test_a_run_takes_no_clone_from_outside_its_own_runs(tmp_path):
 def test_without_a_pool_a_run_goes_on_at_once(tmp_path):
     assert client.ask(tmp_path, "x", KEY) == ""
     # A pool that died left its socket: nobody listens there.
-    where = workdir.private_dir(protocol.pool_dir(tmp_path, "x"))
+    where = workdir.private_dir(state.home(tmp_path).pool("x"))
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(where / "pool.sock"))
     dead.close()
@@ -164,7 +164,7 @@ def test_without_a_pool_a_run_goes_on_at_once(tmp_path):
 
 
 def test_a_pool_that_ends_before_yours_gives_no_clone(tmp_path):
-    where = workdir.private_dir(protocol.pool_dir(tmp_path, "x"))
+    where = workdir.private_dir(state.home(tmp_path).pool("x"))
     runs = workdir.private_dir(tmp_path / "runs")
     served = _fake_pool(where / "pool.sock", {"clone": str(runs / "pool-ab"), "name": "vmiso-x"})
     offer = client.ask(tmp_path, "x", KEY)

@@ -92,3 +92,14 @@ def test_image_code_imports_without_libvirt():
             + "assert 'vmiso.hypervisor' not in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_state_directory_is_spelled_in_one_module(repo):
+    # vmiso.host.state owns every path of the state directory; the others ask it.  (resources.py
+    # names vmiso's own data files, "images/" of the source tree, not the state directory's.)
+    folder = re.compile(r'/ "(runs|warm|pools|layers|images|users|logs|sha256)"|"\.(building|removing|replaced)-')
+    for path in (repo / "vmiso").rglob("*.py"):
+        if path.relative_to(repo / "vmiso").as_posix() in ("host/state.py", "resources.py"):
+            continue
+        found = folder.search(path.read_text())
+        assert found is None, f"{path} spells {found.group(0)!r}: ask vmiso.host.state"

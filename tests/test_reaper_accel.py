@@ -106,17 +106,18 @@ def test_mounts_below_deepest_first(tmp_path):
 
 
 def test_install_dir_replaces_only_when_complete(tmp_path):
+    from vmiso.host.state import replaced
     from vmiso.host.workdir import install_dir
 
     final = tmp_path / "image"
     first = tmp_path / ".building-1"
     first.mkdir()
     (first / "v").write_text("1")
-    install_dir(first, final)
+    install_dir(first, final, replaced(final))
     second = tmp_path / ".building-2"
     second.mkdir()
     (second / "v").write_text("2")
-    install_dir(second, final)
+    install_dir(second, final, replaced(final))
     assert (final / "v").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image"]
 
@@ -229,3 +230,39 @@ def test_a_leftover_vm_whose_name_was_reused_is_left_alone(tmp_path):
     assert hv.asked == [("vmiso-warm-x-0-abc", str(dead))]
     assert hv.destroyed == []
     assert [i.kind for i in cleaned.removed] == ["run directory"]
+
+
+def test_an_interrupted_images_rm_or_replace_is_collected_by_gc_and_listed_by_doctor(tmp_path):
+    # 'images rm' renames the image out of the store, then removes it; a replacement puts the
+    # older image (or warm slot) aside, then removes it: a template's size each, if killed.
+    from vmiso import config as config_mod, doctor
+    from vmiso.errors import HypervisorError
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead, alive = int(ended.stdout), os.getpid()
+    state = tmp_path / "state"
+    images = state / "images"
+    for name in (f".removing-old-{dead}", f".replaced-new-{dead}", f".removing-busy-{alive}"):
+        (images / name).mkdir(parents=True)
+        (images / name / "template.qcow2").write_bytes(b"\0" * 4096)
+    (images / "new").mkdir()
+    (images / "new" / "manifest.json").write_text("{}")
+    (state / "warm" / "new" / f".replaced-slot-0-{dead}").mkdir(parents=True)
+    (state / "warm" / "new" / f".replaced-slot-1-{alive}").mkdir()
+    found = [(i.kind, i.name) for i in reaper.find(None, state)]
+    assert found == [("image removal", f".removing-old-{dead}"), ("replaced image", f".replaced-new-{dead}"),
+                     ("replaced warm state", f".replaced-slot-0-{dead}")]
+
+    def no_libvirt(uri: str):
+        raise HypervisorError(f"cannot connect to libvirt at {uri}")
+    config = config_mod.override(config_mod.load(None, env={}), state_dir=state)
+    (leftovers,) = [c for c in doctor.run_checks(config, connect=no_libvirt) if c.name == "leftovers"]
+    assert not leftovers.ok and leftovers.fix == "remove them with 'vmiso gc'"
+    assert leftovers.detail == (f"image removal .removing-old-{dead}, replaced image .replaced-new-{dead}, "
+                                f"replaced warm state .replaced-slot-0-{dead}")
+    cleaned = reaper.clean(None, state)
+    assert len(cleaned.removed) == 3 and cleaned.failed == []
+    # What a live vmiso is removing or replacing is its own to finish.
+    assert sorted(p.name for p in images.iterdir()) == [f".removing-busy-{alive}", "new"]
+    assert [p.name for p in (state / "warm" / "new").iterdir()] == [f".replaced-slot-1-{alive}"]

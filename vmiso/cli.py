@@ -639,8 +639,7 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
 @click.pass_context
 def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, layers: bool) -> None:
     """Remove VMs, overlays and directories that a killed vmiso left behind."""
-    from .host import reaper
-    from .host.workdir import own_dir
+    from .host import reaper, state
     from .hypervisor import connected
     from .image.layer import remove_cached_layers
 
@@ -649,7 +648,7 @@ def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, lay
         cleaned = reaper.clean(hv, config.state_dir)
     for item in cleaned.removed:
         _say(f"removed {item.kind} {item.name}")
-    freed, kept = remove_cached_layers(own_dir(config.state_dir)) if layers else ([], [])
+    freed, kept = remove_cached_layers(state.home(config.state_dir).path) if layers else ([], [])
     for layer in freed:
         click.echo(f"removed OS layer {layer.key} ({layer.size / 1024**2:.0f} MiB)")
     for layer in kept:
@@ -731,7 +730,7 @@ def pool_start(ctx: click.Context, config_path: Path | None, accel: str | None, 
     if foreground:
         _serve_pool(ctx, config, name, size)
         return
-    from .clones.pool.protocol import pool_dir
+    from .host import state
     from .host.workdir import private_dir
     from .tools import pool_argv, start_server
 
@@ -742,7 +741,9 @@ def pool_start(ctx: click.Context, config_path: Path | None, accel: str | None, 
         argv += ["--accel", accel]
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir.resolve())]
-    log_path = private_dir(pool_dir(config.state_dir, name)) / "pool.log"
+    home = state.home(config.state_dir)
+    private_dir(home.pool(name))
+    log_path = home.pool_log(name)
     with open(log_path, "ab") as log_file:
         child = start_server(argv, log_file)
     assert child.stdout is not None

@@ -13,8 +13,8 @@ from pathlib import Path
 from . import accel, tools
 from .config import Config
 from .errors import VmisoError
-from .host import reaper
-from .host.workdir import GROUP, SHARE_HELPER, check_share_helper, own_dir, qemu_ids
+from .host import reaper, state
+from .host.workdir import GROUP, SHARE_HELPER, check_share_helper, qemu_ids
 from .hypervisor import open_hypervisor
 from .image.layer import cached_layers
 from .resources import data_dirs
@@ -123,7 +123,7 @@ def _analyst(state_dir: Path, group_name: str = GROUP) -> list[Check]:
                       "share helper)", f"{setup}, then log in again")]
     checks = [Check("group", True, f"{name} is a member of {group_name}")]
     try:
-        checks.append(Check("own directory", True, str(own_dir(state_dir))))
+        checks.append(Check("own directory", True, str(state.home(state_dir).path)))
     except VmisoError as err:
         checks.append(Check("own directory", False, err.message, err.hint or ""))
     try:
@@ -164,7 +164,7 @@ def run_checks(config: Config, connect: Callable = open_hypervisor) -> list[Chec
     checks.append(_space(config.state_dir))
     checks.extend(_state_dir(config.state_dir))
     try:
-        checks.append(_layer_cache(own_dir(config.state_dir)))
+        checks.append(_layer_cache(state.home(config.state_dir).path))
     except VmisoError:
         pass  # _state_dir said why this user has no directory
     try:

@@ -33,9 +33,9 @@ from .clones import warm
 from .clones.clone import CloneDir, make_clone_dir
 from .domain import NAME_PREFIX
 from .errors import GuestError, Interrupted, RunTimeout, VmisoError
-from .host import outputs, reaper
+from .host import outputs, reaper, state
 from .host.inputs import GUEST_IN, check_inputs, stage_inputs
-from .host.workdir import bounded_share_size, check_room, own_dir, private_dir, share_full
+from .host.workdir import bounded_share_size, check_room, private_dir, share_full
 from .image.store import Image, get_image, verified_sha256
 from .plan import RunPlan
 from .progress import Steps
@@ -276,7 +276,7 @@ def _stage(plan: RunPlan, run_id: str, key: warm.WarmKey, input_bytes: int, step
            cleanup: ExitStack) -> CloneDir:
     """The run's directory, removed when ``cleanup`` closes, with the inputs copied in."""
     with steps.step("stage", "run directory and inputs"):
-        runs = own_dir(plan.state_dir) / "runs"
+        runs = state.home(plan.state_dir).runs
         check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*plan.output_limits), input_bytes)
         path = runs / run_id
         cleanup.callback(reaper.remove, path)  # whatever make_clone_dir got to

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import tools
 from ..domain import Disk, DomainSpec, KernelBoot, Share
+from ..host import reaper, state
 from ..host.workdir import bounded_share, claim, console_file, link_dir, private_dir, share_dir
 from ..image.store import Image, boot_files, copy_verified, reprovision_hint
 
@@ -22,6 +23,10 @@ KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 PREWARM = "vmiso.prewarm"
 SHARE_IN = "vmiso-in"
 SHARE_OUT = "vmiso-out"
+
+
+# A run's clone (or a pool's) whose vmiso died (vmiso.host.reaper collects it).
+reaper.register("run directory", state.RUNS, "*")
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,9 @@ from ..accel import host_cpu_id
 from ..config import Config
 from ..domain import NAME_PREFIX, TCG_WITHHELD, Retarget, domain_name, domain_xml, guest_cpu, retarget
 from ..errors import GuestError, HypervisorError, ImageError
-from ..host.workdir import OWNER_FILE, flocked, install_dir, own_dir, private_dir, remove_tree
-from ..image.store import Image, check_file, remember
+from ..host import reaper, state
+from ..host.workdir import OWNER_FILE, flocked, install_dir, private_dir, remove_tree
+from ..image.store import MANIFEST, Image, check_file, remember
 from ..plan import RunPlan, RunRequest, plan_run
 from ..progress import Steps
 from .base import Booted
@@ -62,6 +63,17 @@ CLOCK = struct.Struct("!qq")
 # Restored clones share the saved RNG state: each reseeds its kernel RNG with these
 # bytes from the host before SSH starts.  (A cold clone seeds from virtio-rng at boot.)
 SEED_BYTES = 64
+
+
+def _image_removed(path: Path, state_dir: Path) -> bool:
+    """``warm/IMAGE`` of an image no longer in the store: removed, by this user or by its owner."""
+    return not (state.image(state_dir, path.name) / MANIFEST).is_file()
+
+
+# What a killed warm build or replacement leaves, and the states of removed images (vmiso.host.reaper).
+reaper.register("warm state build", state.WARM, f"*/{state.BUILDING}*")
+reaper.register("warm states of removed image", state.WARM, "*", _image_removed)
+reaper.register("replaced warm state", state.WARM, f"*/{state.REPLACED}*", reaper.remover_gone)
 
 
 @dataclass(frozen=True)
@@ -129,7 +141,7 @@ class Slot:
 def warm_root(image: Image) -> Path:
     """This user's warm states of ``image``: their own, never shared (a saved guest's memory
     is a boot like any other; no analyst restores one that another made)."""
-    return own_dir(image.state_dir) / "warm" / image.name
+    return state.home(image.state_dir).warm_of(image.name)
 
 
 def slots(image: Image) -> list[Slot]:
@@ -159,7 +171,7 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
     root = warm_root(image)
     final = root / f"slot-{index}"
     with ExitStack() as undo:
-        clone = make_clone_dir(root / f".building-slot-{index}-{secrets.token_hex(3)}")
+        clone = make_clone_dir(state.building(root, f"slot-{index}", secrets.token_hex(3)))
         undo.callback(remove_tree, clone.path)  # the template's guest wrote in its share
         make_overlay(clone, image.template)
         make_scratch(clone, key.scratch_bytes)
@@ -195,7 +207,7 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         for share in (clone.inputs, clone.outputs):
             if failures := remove_tree(share):
                 raise ImageError(f"cannot remove {share / failures[0].path}: {failures[0].reason}")
-        install_dir(clone.path, final)
+        install_dir(clone.path, final, state.replaced(final))
 
 
 def build(hv: Hypervisor, image: Image, key: WarmKey, steps: Steps, *, count: int = SLOTS,

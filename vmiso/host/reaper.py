@@ -1,26 +1,31 @@
-"""Leftovers of vmiso processes that died: their VMs, run directories and half-built images.
+"""Leftovers of vmiso processes that died: their VMs, and what their owners say they leave on disk.
 
-Every run directory and image build directory holds an ``owner.json`` naming the
-vmiso process that made it (``workdir.claim``: pid and start time, so a reused
-pid is not mistaken for the owner).  Whatever belongs to a process that no
-longer exists is removed.  A run's VM is transient and auto-destroyed by
-libvirt when its vmiso's connection closes, so usually only files are left; a
-VM is destroyed here too when one remains.
+Every run directory and build directory holds an ``owner.json`` naming the vmiso
+process that made it (``workdir.claim``: pid and start time, so a reused pid is
+not mistaken for the owner); what is being removed or replaced carries its
+remover's pid in its name (vmiso.host.state).  The module that owns a folder of
+the state directory registers what its leftovers look like (``register``: a
+kind, a folder, a name pattern and how to tell one is abandoned); ``find`` looks
+for every registered kind, and for VMs whose run is gone.  A run's VM is
+transient and auto-destroyed by libvirt when its vmiso's connection closes, so
+usually only files are left; a VM is destroyed here too when one remains.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import VmisoError
-from ..image.store import MANIFEST, images_root
+from . import state
 from .tree import Failure
-from .workdir import own_dir, owner_alive, remove_tree
+from .workdir import owner_alive, pid_alive, remove_tree
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
     from ..hypervisor import Hypervisor
@@ -35,8 +40,48 @@ class Leftover:
     path: Path | None = None
 
 
-def _orphan_dirs(parent: Path, pattern: str) -> list[Path]:
-    """This user's directories in ``parent`` whose vmiso is gone.
+def owner_gone(path: Path, state_dir: Path) -> bool:
+    """The process its owner record names has ended (or it has no record: it never got one)."""
+    return not owner_alive(path)
+
+
+def remover_gone(path: Path, state_dir: Path) -> bool:
+    """The process whose pid its name ends with has ended (``state.removing``, ``state.replaced``)."""
+    pid = state.pid_in_name(path)
+    return pid is None or not pid_alive(pid)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What one kind of leftover looks like, as its owner describes it."""
+
+    name: str  # how it is shown: "removed {name} {entry}"
+    folder: str  # state.RUNS, state.IMAGES, ...
+    pattern: str  # a glob in that folder
+    abandoned: Callable[[Path, Path], bool] = owner_gone  # (its path, state_dir): nothing will finish it
+
+
+_KINDS: list[Kind] = []
+
+
+def register(name: str, folder: str, pattern: str, abandoned: Callable[[Path, Path], bool] = owner_gone) -> Kind:
+    """Describe a kind of leftover (an owner calls this as it is imported)."""
+    kind = Kind(name, folder, pattern, abandoned)
+    if kind not in _KINDS:
+        _KINDS.append(kind)
+    return kind
+
+
+def kinds() -> list[Kind]:
+    """Every kind the state directory's owners describe, their folders in ``state.OWNERS``' order."""
+    for module in dict.fromkeys(state.OWNERS.values()):
+        importlib.import_module(module)  # each registers its own kinds
+    order = list(state.OWNERS)
+    return sorted(_KINDS, key=lambda kind: order.index(kind.folder) if kind.folder in order else len(order))
+
+
+def _abandoned(parent: Path, kind: Kind, state_dir: Path) -> list[Path]:
+    """This user's directories of ``kind`` in ``parent`` that nothing will finish.
 
     This user's own only, root included: the shared image store holds other
     members' builds, theirs to clean, and an entry there may be a member's
@@ -46,32 +91,23 @@ def _orphan_dirs(parent: Path, pattern: str) -> list[Path]:
         return []
     uid = os.geteuid()
     found = []
-    for p in sorted(parent.glob(pattern)):
+    for p in sorted(parent.glob(kind.pattern)):
         try:
             st = p.lstat()
         except OSError:
             continue
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not owner_alive(p):
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and kind.abandoned(p, state_dir):
             found.append(p)
     return found
 
 
 def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
     """What dead vmiso processes of this user left (root's: all of root's, and any VM)."""
+    home = state.home(state_dir).path
     found = []
-    home = own_dir(state_dir)
-    for run_dir in _orphan_dirs(home / "runs", "*"):
-        found.append(Leftover("run directory", run_dir.name, run_dir))
-    for build in _orphan_dirs(state_dir / "images", ".building-*"):
-        found.append(Leftover("image build", build.name, build))
-    for build in _orphan_dirs(home / "layers", ".building-*"):
-        found.append(Leftover("OS layer build", build.name, build))
-    for doomed in _orphan_dirs(home / "layers", ".removing-*"):  # a removal that was cut short
-        found.append(Leftover("OS layer removal", doomed.name, doomed))
-    for build in _orphan_dirs(home / "warm", "*/.building-*"):
-        found.append(Leftover("warm state build", build.name, build))
-    for states in _warm_states_of_removed_images(state_dir, home):
-        found.append(Leftover("warm states of removed image", states.name, states))
+    for kind in kinds():
+        for path in _abandoned(state.folder(state_dir, kind.folder), kind, state_dir):
+            found.append(Leftover(kind.name, path.name, path))
     if hv is not None:
         for dom in hv.vmiso_domains():
             where = dom.metadata.get("run_dir") or dom.metadata.get("workdir")
@@ -83,16 +119,6 @@ def find(hv: Hypervisor | None, state_dir: Path) -> list[Leftover]:
             # restore of that slot (a run's, a pool's), which is never this leftover's to destroy.
             found.append(Leftover("vm", dom.name, Path(where) if where else None))
     return found
-
-
-def _warm_states_of_removed_images(state_dir: Path, home: Path) -> list[Path]:
-    """This user's warm states (warm.warm_root) of images no longer in the store: removed,
-    by this user or by their owner."""
-    warm = home / "warm"
-    if not warm.is_dir():
-        return []
-    return [p for p in sorted(warm.iterdir())
-            if p.is_dir() and not (images_root(state_dir) / p.name / MANIFEST).is_file()]
 
 
 def _below(path: Path, directory: Path) -> bool:

@@ -35,29 +35,7 @@ def qemu_ids(user: str = QEMU_USER) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-USERS_DIR = "users"
 GROUP = "vmiso"  # its members run vmiso without root (scripts/setup-host --user NAME)
-
-
-def own_dir(state_dir: Path) -> Path:
-    """Where this user's own state lives (runs, warm states, OS layers, logs): ``state_dir``
-    itself for root; for an analyst, ``state_dir/users/NAME``, made by scripts/setup-host.
-
-    Images are the one thing shared: ``state_dir/images`` (vmiso.image.store).
-    """
-    uid = os.geteuid()
-    if uid == 0:
-        return state_dir
-    name = pwd.getpwuid(uid).pw_name
-    path = state_dir / USERS_DIR / name
-    try:
-        st = path.stat()
-    except OSError:
-        st = None
-    if st is None or st.st_uid != uid:
-        raise VmisoError(f"{path}, your directory for vmiso's state, is missing or not yours",
-                         f"as root: scripts/setup-host --user {name} (vmiso doctor says more)")
-    return private_dir(path)  # QEMU passes through it to each run's files
 
 
 def private_dir(path: Path) -> Path:
@@ -243,6 +221,11 @@ def claim(directory: Path) -> None:
     os.replace(temporary, directory / OWNER_FILE)
 
 
+def pid_alive(pid: int) -> bool:
+    """Process ``pid`` exists and is not a zombie."""
+    return _start_time(pid) is not None
+
+
 def owner_alive(directory: Path) -> bool:
     try:
         owner = json.loads((directory / OWNER_FILE).read_text())
@@ -298,12 +281,13 @@ def remove_tree(path: Path) -> list[tree.Failure]:
         os.close(parent)
 
 
-def install_dir(new: Path, final: Path) -> None:
-    """Move a finished directory into place, replacing an older one only once the new one is there."""
+def install_dir(new: Path, final: Path, aside: Path) -> None:
+    """Move a finished directory into place, replacing an older one only once the new one is there
+    (the older one is put ``aside`` meanwhile, then removed)."""
     if not final.exists():
         os.rename(new, final)
         return
-    old = final.with_name(f".replaced-{final.name}-{os.getpid()}")
+    old = aside
     os.rename(final, old)
     try:
         os.rename(new, final)

@@ -24,6 +24,7 @@ from pathlib import Path
 from .. import tools
 from ..config import CloudImage
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError
+from ..host import state
 from ..host.workdir import remove_tree
 from ..progress import Steps
 from ..resources import images_dir
@@ -253,7 +254,7 @@ def _load(path: Path, key: str) -> Layer:
 def ensure_cloud_layer(state_dir: Path, cloud: CloudImage, steps: Steps) -> Layer:
     """Return the cached layer made from this cloud image, making it when missing."""
     key = cloud_key(cloud)
-    layers = state_dir / "layers"
+    layers = state.Home(state_dir).layers
     path = layers / key
     if (path / SOURCE_FILE).exists():
         steps.note("cloud-image", f"reusing cached layer {key} of {cloud.path}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from .. import tools
 from ..config import from_mapping, load_yaml
 from ..errors import ConfigError, ProvisionError, ToolError
+from ..host import reaper, state
 from ..host.workdir import OWNER_FILE, claim, flocked, remove_tree
 from ..progress import Steps
 from ..resources import images_dir
@@ -199,7 +200,7 @@ def building_layer(layers: Path, key: str) -> Iterator[Path]:
     """
     layers.mkdir(parents=True, exist_ok=True)
     os.chmod(layers, 0o711)
-    work = layers / f".building-{key}-{os.getpid()}"
+    work = state.building(layers, key, str(os.getpid()))
     remove_tree(work)
     # Private until published: the unpacked tree holds setuid programs, the builder's own.
     work.mkdir(mode=0o700)
@@ -238,7 +239,7 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
     """Return the cached layer for this recipe and mirror, building it when missing."""
     recipe = load_recipe(recipe_name)
     key = layer_key(recipe, mirror)
-    layers = state_dir / "layers"
+    layers = state.Home(state_dir).layers
     layer = Layer(key, layers / key)
     if layer.rootfs.exists():
         steps.note("os-layer", f"reusing cached layer {key}")
@@ -247,7 +248,7 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
     # Named before anything is made: inside a namespace, a missing program is only "not found".
     for program in ("mmdebstrap", "fakeroot", "unshare", "setpriv"):
         tools.which(program)
-    log_path = state_dir / "logs" / f"layer-{key}.log"
+    log_path = state.Home(state_dir).logs / f"layer-{key}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
     with steps.step("os-layer", f"mmdebstrap {recipe.suite} from {mirror} (log: {log_path})"), \
@@ -281,6 +282,11 @@ def ensure_layer(state_dir: Path, recipe_name: str, mirror: str, steps: Steps) -
 # exclusively, so a layer in use is never pulled from under it.
 
 
+# What a killed layer build or removal leaves (vmiso.host.reaper collects it).
+reaper.register("OS layer build", state.LAYERS, f"{state.BUILDING}*")
+reaper.register("OS layer removal", state.LAYERS, f"{state.REMOVING}*")
+
+
 @dataclass(frozen=True)
 class CachedLayer:
     key: str
@@ -289,7 +295,7 @@ class CachedLayer:
 
 
 def cached_layers(state_dir: Path) -> list[CachedLayer]:
-    layers = state_dir / "layers"
+    layers = state.Home(state_dir).layers
     if not layers.is_dir():
         return []
     found = []
@@ -318,7 +324,7 @@ def remove_cached_layers(state_dir: Path) -> tuple[list[CachedLayer], list[Cache
     """Remove every cached layer no provisioning uses; return (removed, kept because in use)."""
     removed, kept = [], []
     for layer in cached_layers(state_dir):
-        doomed = layer.path.with_name(f".removing-{layer.key}")
+        doomed = state.removing(layer.path)
         try:
             with flocked(layer.path, wait=False, directory=True):
                 # Renamed under the lock: a provisioning that waits for it then finds it gone.

@@ -29,6 +29,7 @@ from ..clones import warm
 from ..config import Config, check_name
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
+from ..host import state
 from ..host.workdir import (
     OWNER_FILE,
     SHARE_FS_SUFFIX,
@@ -37,7 +38,6 @@ from ..host.workdir import (
     console_file,
     install_dir,
     link_dir,
-    own_dir,
     private_dir,
     remove_tree,
     shared_dir,
@@ -48,7 +48,7 @@ from . import inventory, sealcheck
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sources
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
-from .store import MANIFEST, Image, check_owner, images_root, is_shared, prepare_root, root_only, sha256_file
+from .store import MANIFEST, Image, check_owner, is_shared, prepare_root, root_only, sha256_file
 
 if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
     from ..hypervisor import Hypervisor
@@ -354,7 +354,7 @@ def _ensure_source(config: Config, steps: Steps) -> Layer:
     cloud = config.image.cloud_image
     key = cloud_key(cloud) if cloud is not None else layer_key(load_recipe(config.image.recipe), config.image.mirror)
     home = _layer_home(config.state_dir, key)
-    cached = (home / "layers" / key).exists()
+    cached = (state.Home(home).layers / key).exists()
     if cloud is not None:
         # The verified copy, its raw form while it is read, then overlay and template.
         needed = SPACE_FROM_CACHED_LAYER + (0 if cached else 3 * cloud.path.stat().st_size)
@@ -365,14 +365,15 @@ def _ensure_source(config: Config, steps: Steps) -> Layer:
 
 
 def _layer_home(state_dir: Path, key: str) -> Path:
-    home = own_dir(state_dir)
-    if home != state_dir and not (home / "layers" / key).exists():
+    home = state.home(state_dir)
+    root = state.root_home(state_dir)
+    if home != root and not (home.layers / key).exists():
         try:
-            if (state_dir / "layers" / key).stat().st_uid == 0:
-                return state_dir
+            if (root.layers / key).stat().st_uid == 0:
+                return root.path
         except OSError:
             pass
-    return home
+    return home.path
 
 
 def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replace: bool = False,
@@ -380,7 +381,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
     steps = steps or Steps()
     name = check_name(name or config.image.name)
     state_dir = config.state_dir
-    final = images_root(state_dir) / name
+    final = state.image(state_dir, name)
     if final.exists() and not replace:
         raise ImageError(f"an image named {name!r} exists already",
                          "pass --replace to rebuild it, or choose another --name")
@@ -396,13 +397,12 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                     if config.provision.requirements else None)
     load_ca_certificates(config.provision.ca_certificates)
     prepare_root(state_dir)
-    home = own_dir(state_dir)
-    logs = private_dir(home / "logs")
+    logs = private_dir(state.home(state_dir).logs)
     shared = is_shared(state_dir)
     console_log = new_console_log(logs, name)
 
     with ExitStack() as undo, ExitStack() as held:
-        work = images_root(state_dir) / f".building-{name}-{secrets.token_hex(4)}"
+        work = state.building(state.images(state_dir), name, secrets.token_hex(4))
         # In a shared store the group reads the image (store.py); QEMU only reaches files.
         shared_dir(work) if shared else private_dir(work)
         undo.callback(remove_tree, work)  # holds the share the provisioning guest wrote
@@ -494,7 +494,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
             # The directory stays private (workdir.private_dir), or the group's in a shared
             # store: the template holds the guest's SSH host key, and only QEMU and the
             # image's users need to reach it.
-            install_dir(work, final)
+            install_dir(work, final, state.replaced(final))
         undo.pop_all()  # complete: keep it
     image = Image(name, final)
     if record["refused"]:

@@ -27,11 +27,18 @@ from pathlib import Path
 
 from ..config import check_name
 from ..errors import ImageError
-from ..host.workdir import own_dir
+from ..host import reaper, state
 
 MANIFEST = "manifest.json"
 _SHA_CACHE = ".sha256-cache.json"
 log = logging.getLogger(__name__)
+
+
+# What a provisioning, an 'images rm' or a --replace that was killed half-way leaves in the
+# store (vmiso.host.reaper collects it): a build, or a whole template on its way out.
+reaper.register("image build", state.IMAGES, f"{state.BUILDING}*")
+reaper.register("image removal", state.IMAGES, f"{state.REMOVING}*", reaper.remover_gone)
+reaper.register("replaced image", state.IMAGES, f"{state.REPLACED}*", reaper.remover_gone)
 
 
 @dataclass(frozen=True)
@@ -82,26 +89,22 @@ class Image:
                              f"provision it again: vmiso provision --name {self.name} --replace") from None
 
 
-def images_root(state_dir: Path) -> Path:
-    return state_dir / "images"
-
-
 def prepare_root(state_dir: Path) -> Path:
     """The store; made, when missing, with modes that let QEMU (another user) reach files
     but not list them.  One that exists keeps its modes (scripts/setup-host's shared store)."""
-    for directory in (state_dir, images_root(state_dir)):
+    for directory in (state_dir, state.images(state_dir)):
         try:
             directory.mkdir(mode=0o711)
             os.chmod(directory, 0o711)
         except FileExistsError:
             pass
-    return images_root(state_dir)
+    return state.images(state_dir)
 
 
 def is_shared(state_dir: Path) -> bool:
     """Whether the store is a group's (scripts/setup-host): its images are the group's to read."""
     try:
-        st = images_root(state_dir).stat()
+        st = state.images(state_dir).stat()
     except FileNotFoundError:
         return False
     return st.st_gid != 0 and bool(st.st_mode & stat.S_ISGID)
@@ -142,7 +145,7 @@ def _is_image_dir(path: Path) -> bool:
 
 
 def list_images(state_dir: Path) -> list[Image]:
-    root = images_root(state_dir)
+    root = state.images(state_dir)
     if not root.is_dir():
         return []
     return [Image(p.name, p) for p in sorted(root.iterdir()) if not p.name.startswith(".") and _is_image_dir(p)]
@@ -150,13 +153,13 @@ def list_images(state_dir: Path) -> list[Image]:
 
 def get_image(state_dir: Path, name: str) -> Image:
     check_name(name)
-    image = Image(name, images_root(state_dir) / name)
+    image = Image(name, state.image(state_dir, name))
     if not _is_image_dir(image.path) or not image.template.is_file():
         names = [i.name for i in list_images(state_dir)]
         close = difflib.get_close_matches(name, names, n=1)
         hint = (f"did you mean {close[0]!r}?" if close
                 else f"build it with 'vmiso provision' (image.name {name!r} in its config)")
-        raise ImageError(f"no image named {name!r} in {images_root(state_dir)} "
+        raise ImageError(f"no image named {name!r} in {state.images(state_dir)} "
                          f"(images: {', '.join(names) or 'none'})", hint)
     return image
 
@@ -164,7 +167,7 @@ def get_image(state_dir: Path, name: str) -> Image:
 def remove_image(state_dir: Path, name: str) -> None:
     image = get_image(state_dir, name)
     check_owner(image, "remove")
-    trash = image.path.with_name(f".removing-{name}-{os.getpid()}")
+    trash = state.removing(image.path, str(os.getpid()))
     os.rename(image.path, trash)  # gone from the store at once, whatever happens next
     shutil.rmtree(trash)
 
@@ -193,7 +196,7 @@ def _cache_paths(path: Path) -> list[Path]:
     if path.parent.lstat().st_uid == os.geteuid():  # never write in a directory another user shapes
         return [beside]
     image = Image(path.parent.name, path.parent)
-    return [beside, own_dir(image.state_dir) / "sha256" / f"{image.name}{_SHA_CACHE}"]
+    return [beside, state.home(image.state_dir).sha256 / f"{image.name}{_SHA_CACHE}"]
 
 
 def _read_cache(cache_path: Path) -> dict:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import PoolError
-from ...host import reaper
-from ...host.workdir import claim, own_dir
+from ...host import reaper, state
+from ...host.workdir import claim
 from ..base import Booted, CloneJob
 from ..clone import CloneDir
-from .protocol import ANSWER_SECONDS, CLONE_PREFIX, POOLS, TAKE_WAIT, PoolKey, receive, same_user, send, socket_path
+from .protocol import ANSWER_SECONDS, CLONE_PREFIX, TAKE_WAIT, PoolKey, receive, same_user, send
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Offer:
 
 def ask(state_dir: Path, image: str, key: PoolKey) -> Offer | str:
     """A clone from this user's pool for ``image``, or why there is none (no pool: "")."""
-    path = socket_path(state_dir, image)
+    path = state.home(state_dir).pool_socket(image)
     if not path.exists():
         return ""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -59,7 +59,7 @@ def ask(state_dir: Path, image: str, key: PoolKey) -> Offer | str:
         conn.close()
         return str(answer.get("none") or "the pool gave no clone")
     clone_dir = Path(str(answer["clone"]))
-    runs = own_dir(state_dir) / "runs"
+    runs = state.home(state_dir).runs
     name = str(answer.get("name", ""))
     if (os.path.realpath(clone_dir.parent) != os.path.realpath(runs) or not clone_dir.name.startswith(CLONE_PREFIX)
             or not name):
@@ -94,7 +94,7 @@ def confirm(offer: Offer) -> None:
 
 def request(state_dir: Path, image: str, op: str, timeout: float = 10) -> dict | None:
     """Ask a running pool ``op`` ("status", "stop"); None when no pool for ``image`` runs."""
-    path = socket_path(state_dir, image)
+    path = state.home(state_dir).pool_socket(image)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(timeout)
@@ -117,10 +117,10 @@ def request(state_dir: Path, image: str, op: str, timeout: float = 10) -> dict |
 
 def running(state_dir: Path) -> list[str]:
     """The images this user has a pool socket for (the pool may have died: ask it)."""
-    root = own_dir(state_dir) / POOLS
-    if not root.is_dir():
+    home = state.home(state_dir)
+    if not home.pools.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "pool.sock").exists())
+    return sorted(p.name for p in home.pools.iterdir() if home.pool_socket(p.name).exists())
 
 
 class Preloaded:
@@ -129,7 +129,7 @@ class Preloaded:
 
     def bring_up(self, job: CloneJob) -> Booted | None:
         plan, image = job.plan, job.image
-        if not socket_path(plan.state_dir, image.name).exists():
+        if not state.home(plan.state_dir).pool_socket(image.name).exists():
             return None
         with job.steps.step("take", "a preloaded clone from the pool"):
             offer = ask(plan.state_dir, image.name, PoolKey.for_plan(plan, job.key))

@@ -24,10 +24,8 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ...host.workdir import own_dir
 from ...plan import RunPlan
 from ..warm import WarmKey
 
@@ -35,7 +33,6 @@ TAKE_WAIT = 5.0  # how long a run waits for a clone the pool is restoring
 ANSWER_SECONDS = 10.0  # for either side to answer during a hand-out
 MAX_MESSAGE = 65536
 CLONE_PREFIX = "pool-"  # a pool's clone directories in the user's runs
-POOLS = "pools"
 
 
 @dataclass(frozen=True)
@@ -54,14 +51,6 @@ class PoolKey:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def pool_dir(state_dir: Path, image: str) -> Path:
-    return own_dir(state_dir) / POOLS / image
-
-
-def socket_path(state_dir: Path, image: str) -> Path:
-    return pool_dir(state_dir, image) / "pool.sock"
 
 
 def send(conn: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:

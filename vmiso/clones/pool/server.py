@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING
 from ... import accel, ssh, tools
 from ...config import Config
 from ...errors import ImageError, PoolError, VmisoError
-from ...host.workdir import OWNER_FILE, bounded_share_size, check_room, flocked, own_dir, private_dir, remove_tree
-from ...image.store import MANIFEST, Image, get_image, images_root, verified_sha256
+from ...host import state
+from ...host.workdir import OWNER_FILE, bounded_share_size, check_room, flocked, private_dir, remove_tree
+from ...image.store import MANIFEST, Image, get_image, verified_sha256
 from ...plan import RunRequest, plan_run
 from ...progress import Steps
 from .. import warm, watchdog
 from ..clone import CloneDir, copy_boot_files, make_clone_dir
-from .protocol import ANSWER_SECONDS, CLONE_PREFIX, TAKE_WAIT, PoolKey, pool_dir, receive, same_user, send
+from .protocol import ANSWER_SECONDS, CLONE_PREFIX, TAKE_WAIT, PoolKey, receive, same_user, send
 
 if TYPE_CHECKING:
     from ...hypervisor import Hypervisor
@@ -118,7 +119,7 @@ class Pool:
         self.qemu = qemu_identity()
         self.stopping = stop
         self.changed = threading.Condition()
-        self.runs = own_dir(config.state_dir) / "runs"
+        self.runs = state.home(config.state_dir).runs
         self.stoppers: list[socket.socket] = []  # told "stopping", closed once the clones are gone
         self.failures = 0
         self.handed_at = 0.0
@@ -184,7 +185,7 @@ class Pool:
     def _check(self) -> None:
         """Drop the clones that no longer fit; stop the pool when its image is gone."""
         ended = f"image {self.image.name} was removed"
-        if not (images_root(self.config.state_dir) / self.image.name / MANIFEST).is_file():
+        if not (state.image(self.config.state_dir, self.image.name) / MANIFEST).is_file():
             now = None
         else:
             try:
@@ -344,16 +345,17 @@ def serve(config: Config, hv: Hypervisor, image: Image, size: int, steps: Steps,
     pool of this user for that image runs already.
     """
     accel_name = accel.resolve(config.accel, tcg_cpu_features=config.vm.tcg_cpu_features)
-    where = private_dir(pool_dir(config.state_dir, image.name))
+    home = state.home(config.state_dir)
+    private_dir(home.pool(image.name))
     with ExitStack() as stack:
         try:
-            stack.enter_context(flocked(where / "pool.lock", wait=False))
+            stack.enter_context(flocked(home.pool_lock(image.name), wait=False))
         except BlockingIOError:
             raise PoolError(f"a pool for image {image.name} is running already",
                             f"vmiso pool status; vmiso pool stop --image {image.name}") from None
         pool = Pool(config, hv, image, size, accel_name, stop or threading.Event())
         pool.prepare(steps)
-        path = where / "pool.sock"
+        path = home.pool_socket(image.name)
         path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stack.callback(listener.close)
