@@ -17,9 +17,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from vmiso import cli, egress
+from vmiso import cli
 from vmiso.clones import warm
 from vmiso.errors import GuestError, Interrupted, RunTimeout, VmisoError
+from vmiso.network import allow, gateway as egress
 from vmiso.run import RunResult
 
 
@@ -391,7 +392,7 @@ def test_images_show_prints_what_the_gateway_let_through_and_refused(config, tmp
 
 
 def _network_record(refused_host: str = "telemetry.example.net") -> dict:
-    rules = egress.for_run((), (), None, ["api.example.org"], ())
+    rules = allow.for_run((), (), None, ["api.example.org"], ())
     record = egress.Record()
     reached = record.open("proxy", 3128)
     reached.update(method="CONNECT", host="api.example.org", port=443, outcome="contacted", allowed=True,

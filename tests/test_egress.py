@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from vmiso import egress
 from vmiso.errors import ConfigError
-from vmiso.gateway import Allowed
+from vmiso.network import allow, gateway as egress
+from vmiso.network.allow import Allowed
 
 
 class Upstream:
@@ -79,7 +79,7 @@ class Lookups(egress.Resolver):
 
 def gateway_for(hosts=(), tcp=(), names=None, internal=()):
     """A run's gateway (a tunnel and plain http to each of ``hosts``) whose resolver knows ``names``."""
-    rules = egress.Rules(tuple(Allowed(h, p, scheme) for h, p in hosts for scheme in ("https", "http")), tuple(tcp))
+    rules = allow.Rules(tuple(Allowed(h, p, scheme) for h, p in hosts for scheme in ("https", "http")), tuple(tcp))
     return egress.Gateway(rules, Lookups(names or {}, internal=internal, own=()))
 
 
@@ -178,7 +178,7 @@ def test_what_is_not_listed_is_refused_without_a_lookup(request_line, why):
                                      "192.0.2.77"])
 def test_a_listed_name_that_leads_here_or_to_metadata_is_refused(address):
     resolver = egress.Resolver({"api.vmiso.test": [address]}, own=["192.0.2.77"])
-    gw = egress.Gateway(egress.Rules((Allowed("api.vmiso.test", 443),)), resolver)
+    gw = egress.Gateway(allow.Rules((Allowed("api.vmiso.test", 443),)), resolver)
     guest, worker = connect(gw)
     guest.sendall(b"CONNECT api.vmiso.test:443 HTTP/1.1\r\n\r\n")
     assert read_all(guest).startswith(b"HTTP/1.1 403 ")
@@ -246,7 +246,7 @@ def test_an_oversized_head_and_an_empty_connection_are_recorded_as_such():
 
 def test_a_tcp_route_joins_one_service_and_counts_both_ways(upstream):
     service = upstream()  # an echo
-    route = egress.TcpRoute(5432, "db.vmiso.test", service.port)
+    route = allow.TcpRoute(5432, "db.vmiso.test", service.port)
     gw = gateway_for(tcp=[route], names={"db.vmiso.test": ["127.0.0.1"]})
     guest, worker = connect(gw, gw.routes()[5432])
     guest.sendall(b"ping")
@@ -261,8 +261,8 @@ def test_a_tcp_route_joins_one_service_and_counts_both_ways(upstream):
 
 
 def test_a_tcp_route_to_a_name_that_leads_here_connects_nowhere():
-    route = egress.TcpRoute(5432, "db.vmiso.test", 5432)
-    gw = egress.Gateway(egress.Rules(tcp=(route,)), egress.Resolver({"db.vmiso.test": ["127.0.0.1"]}, own=()))
+    route = allow.TcpRoute(5432, "db.vmiso.test", 5432)
+    gw = egress.Gateway(allow.Rules(tcp=(route,)), egress.Resolver({"db.vmiso.test": ["127.0.0.1"]}, own=()))
     guest, worker = connect(gw, gw.routes()[5432])
     assert read_all(guest) == b""  # no error page on a raw connection: it just closes
     worker.join(10)
@@ -271,7 +271,7 @@ def test_a_tcp_route_to_a_name_that_leads_here_connects_nowhere():
 
 def test_closing_the_gateway_cuts_every_open_tunnel(upstream):
     service = upstream()  # an echo that never closes by itself
-    gw = gateway_for(tcp=[egress.TcpRoute(6000, "svc.vmiso.test", service.port)],
+    gw = gateway_for(tcp=[allow.TcpRoute(6000, "svc.vmiso.test", service.port)],
                      names={"svc.vmiso.test": ["127.0.0.1"]})
     guest, worker = connect(gw, gw.routes()[6000])
     guest.sendall(b"still here")
@@ -393,18 +393,18 @@ def test_the_sni_reader_takes_real_hellos_and_never_fails_on_cut_or_forged_ones(
 ])
 def test_rules_that_cannot_hold_are_refused_when_read(hosts, tcp, message):
     with pytest.raises(ConfigError, match=message):
-        egress.for_run((), (), None, hosts, tcp)
+        allow.for_run((), (), None, hosts, tcp)
 
 
 def test_the_rules_of_the_config_and_the_flags_are_one():
-    rules = egress.for_run(["api.example.org"], ["5432:db.example.org:5432"], None,
+    rules = allow.for_run(["api.example.org"], ["5432:db.example.org:5432"], None,
                            ["api.example.org", "other.example.org:8443"], ["6379:cache.example.org:6379"])
     assert rules.listed() == ["api.example.org:443", "other.example.org:8443"]
     assert [r.guest_port for r in rules.tcp] == [5432, 6379]
     assert rules.guest_env()["HTTPS_PROXY"] == "http://127.0.0.1:3128"
     assert rules.guest_env()["no_proxy"] == "localhost,127.0.0.1,::1"
-    assert not egress.Rules() and egress.Rules().guest_env() == {}
-    assert egress.Rules(tcp=rules.tcp).guest_env() == {}  # a TCP route alone sets no proxy
+    assert not allow.Rules() and allow.Rules().guest_env() == {}
+    assert allow.Rules(tcp=rules.tcp).guest_env() == {}  # a TCP route alone sets no proxy
 
 
 def test_a_hosts_file_names_a_service_for_the_run(tmp_path):

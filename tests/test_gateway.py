@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from vmiso import config as config_mod, egress, gateway
+from vmiso import config as config_mod
 from vmiso.config import Config, ImageConfig, PipOptions, ProvisionConfig
 from vmiso.errors import ConfigError
+from vmiso.network import allow, gateway as egress, record as gateway_record
 
 from vmharness import make_state_root, network_namespace, remove_tree
 
@@ -28,7 +29,7 @@ def make(**provision) -> Config:
 
 
 def test_default_config_allows_pypi_its_file_host_and_the_mirror_only():
-    assert [str(a) for a in gateway.allow_list(make())] == [
+    assert [str(a) for a in config_mod.provisioning_allow_list(make())] == [
         "http://deb.debian.org:80", "files.pythonhosted.org:443", "pypi.org:443"]
 
 
@@ -36,14 +37,14 @@ def test_private_index_extra_indexes_and_allow_hosts():
     config = make(pip=PipOptions(index_url="https://pypi.corp.example/simple",
                                  extra_index_urls=("http://mirror.example:8080/simple",)),
                   allow_hosts=("files.corp.example", "wheels.example:8443"))
-    assert [str(a) for a in gateway.allow_list(config)] == [
+    assert [str(a) for a in config_mod.provisioning_allow_list(config)] == [
         "http://deb.debian.org:80", "files.corp.example:443", "http://mirror.example:8080",
         "pypi.corp.example:443", "wheels.example:8443"]  # no files.pythonhosted.org: the default index is not used
 
 
 def test_a_cloud_image_uses_its_own_apt_sources_not_the_mirror():
     config = Config(image=ImageConfig(cloud_image=config_mod.CloudImage(Path("/x.qcow2"), "0" * 64)))
-    hosts = [str(a) for a in gateway.allow_list(config, apt_urls=["http://ftp.example.org/debian"])]
+    hosts = [str(a) for a in config_mod.provisioning_allow_list(config, apt_urls=["http://ftp.example.org/debian"])]
     assert "http://deb.debian.org:80" not in hosts and "http://ftp.example.org:80" in hosts
 
 
@@ -195,7 +196,7 @@ def _summary_entries() -> list[dict]:
 
 
 def test_a_summary_counts_only_contact_and_keeps_what_was_refused():
-    summary = gateway.summarize(_summary_entries())
+    summary = gateway_record.summarize(_summary_entries())
     assert [(h["host"], h["method"]) for h in summary["contacted"]] == [
         ("deb.debian.org:80", "GET"), ("deb.debian.org:80", "HEAD"), ("pypi.org:443", "CONNECT")]
     assert summary["contacted"][2]["upstream"] == ["151.101.0.223"]
@@ -209,11 +210,11 @@ def test_a_summary_counts_only_contact_and_keeps_what_was_refused():
 
 
 def test_provisioning_rules_tunnel_only_to_https_places_and_fetch_only_from_http_ones():
-    rules = egress.for_provisioning((gateway.Allowed("pypi.org", 443), gateway.Allowed("deb.debian.org", 80, "http"),
-                                     gateway.Allowed("pypi.org", 443)), None)
-    assert rules.hosts == (gateway.Allowed("deb.debian.org", 80, "http"), gateway.Allowed("pypi.org", 443))
+    rules = allow.for_provisioning((allow.Allowed("pypi.org", 443), allow.Allowed("deb.debian.org", 80, "http"),
+                                     allow.Allowed("pypi.org", 443)), None)
+    assert rules.hosts == (allow.Allowed("deb.debian.org", 80, "http"), allow.Allowed("pypi.org", 443))
     assert rules.tcp == () and rules.plain_methods == {"GET", "HEAD"}
-    assert set(egress.Gateway.start(rules).routes()) == {gateway.GUEST_PORT}  # the guest's one port
+    assert set(egress.Gateway.start(rules).routes()) == {allow.GUEST_PORT}  # the guest's one port
 
 
 def _client_hello(name: str) -> bytes:
@@ -225,12 +226,12 @@ def _client_hello(name: str) -> bytes:
 
 
 def _start(allowed, hosts_file: Path) -> egress.Gateway:
-    return egress.Gateway.start(egress.for_provisioning(allowed, hosts_file))
+    return egress.Gateway.start(allow.for_provisioning(allowed, hosts_file))
 
 
 @needs_root
 def test_a_tunnel_only_to_tls_ports_and_a_mirror_only_by_get_of_its_own_urls(state, lan):
-    allowed = (gateway.Allowed("index.vmiso.test", 443), gateway.Allowed("mirror.vmiso.test", 80, "http"))
+    allowed = (allow.Allowed("index.vmiso.test", 443), allow.Allowed("mirror.vmiso.test", 80, "http"))
     gw = _start(allowed, lan.hosts_file)
     try:
         # Allowed: a tunnel to index:443 whose TLS names it (what pip's HTTPS_PROXY does: the
@@ -270,16 +271,16 @@ def test_a_tunnel_only_to_tls_ports_and_a_mirror_only_by_get_of_its_own_urls(sta
     record = gw.record.as_dict(gw.rules)
     assert [(h["host"], h["method"]) for h in record["contacted"]] == [
         ("index.vmiso.test:443", "CONNECT"), ("mirror.vmiso.test:80", "GET"), ("mirror.vmiso.test:80", "HEAD")]
-    assert len(gateway.refused_hosts(record)) >= 5
+    assert len(gateway_record.refused_hosts(record)) >= 5
 
 
 @needs_root
 def test_allowed_names_that_lead_to_loopback_or_link_local_addresses_are_refused(state, lan):
     port = lan.loopback_port
-    allowed = (gateway.Allowed("loop.vmiso.test", port), gateway.Allowed("loop6.vmiso.test", port),
-               gateway.Allowed("zero.vmiso.test", port), gateway.Allowed("metadata.vmiso.test", 80, "http"),
-               gateway.Allowed("loop.vmiso.test", port, "http"), gateway.Allowed("localhost", port),
-               gateway.Allowed("self.vmiso.test", 443))
+    allowed = (allow.Allowed("loop.vmiso.test", port), allow.Allowed("loop6.vmiso.test", port),
+               allow.Allowed("zero.vmiso.test", port), allow.Allowed("metadata.vmiso.test", 80, "http"),
+               allow.Allowed("loop.vmiso.test", port, "http"), allow.Allowed("localhost", port),
+               allow.Allowed("self.vmiso.test", 443))
     gw = _start(allowed, lan.hosts_file)
     try:
         for request in (_connect(f"loop.vmiso.test:{port}"), _connect(f"loop6.vmiso.test:{port}"),
@@ -291,14 +292,14 @@ def test_allowed_names_that_lead_to_loopback_or_link_local_addresses_are_refused
             assert _status(_ask(gw, request)) == 403, request
     finally:
         gw.close()
-    summary = gateway.write_record(gw.record.as_dict(gw.rules), allowed, state.parent / "gateway.json")
+    summary = gateway_record.write_record(gw.record.as_dict(gw.rules), allowed, state.parent / "gateway.json")
     assert lan.loopback_hits == [] and lan.seen() == []
     assert summary["contacted"] == [] and summary["failed"] == [] and len(summary["refused"]) == 7
 
 
 @needs_root
 def test_nothing_the_gateway_sends_names_this_host(state, lan):
-    gw = _start((gateway.Allowed("mirror.vmiso.test", 80, "http"),), lan.hosts_file)
+    gw = _start((allow.Allowed("mirror.vmiso.test", 80, "http"),), lan.hosts_file)
     try:
         answer = _ask(gw, _get("http://mirror.vmiso.test/", "mirror.vmiso.test")
                       .replace(b"\r\n\r\n", b"\r\nX-Forwarded-For: 192.0.2.77\r\nVia: 1.1 guest\r\n\r\n"))
@@ -319,7 +320,7 @@ def test_nothing_the_gateway_sends_names_this_host(state, lan):
 
 @needs_root
 def test_the_record_counts_only_what_reached_an_origin(state, lan):
-    allowed = (gateway.Allowed("index.vmiso.test", 443), gateway.Allowed("mirror.vmiso.test", 80, "http"))
+    allowed = (allow.Allowed("index.vmiso.test", 443), allow.Allowed("mirror.vmiso.test", 80, "http"))
     gw = _start(allowed, lan.hosts_file)
     try:
         _ask(gw, b"")  # asks nothing, as the guest's wait for the gateway does
@@ -332,7 +333,7 @@ def test_the_record_counts_only_what_reached_an_origin(state, lan):
     finally:
         gw.close()
     record_path = state.parent / "gateway.json"
-    summary = gateway.write_record(gw.record.as_dict(gw.rules), allowed, record_path)
+    summary = gateway_record.write_record(gw.record.as_dict(gw.rules), allowed, record_path)
     assert [(h["host"], h["method"], h["connections"], h["upstream"]) for h in summary["contacted"]] == [
         ("index.vmiso.test:443", "CONNECT", 1, [LAN[1]]), ("mirror.vmiso.test:80", "GET", 1, [LAN[1]]),
         ("mirror.vmiso.test:80", "HEAD", 1, [LAN[1]])]
@@ -350,7 +351,7 @@ def test_the_record_counts_only_what_reached_an_origin(state, lan):
     assert len(record["connections"]) == 6
     # What `vmiso images show` reads back, checked against the manifest's digest.
     manifest = {"gateway": {"record": record_path.name, "sha256": hashlib.sha256(record_path.read_bytes()).hexdigest()}}
-    shown = gateway.image_record(record_path.parent, manifest)
+    shown = gateway_record.image_record(record_path.parent, manifest)
     assert shown["contacted"] == summary["contacted"] and shown["empty"] == 1
 
 
@@ -359,7 +360,7 @@ def test_a_hosts_file_is_checked_when_the_config_is_read_and_read_when_the_gatew
         config_mod.load(write("h.yaml", "provision:\n  hosts_file: missing\n"), env={})
     names = write("names", "10.213.77.2 index.vmiso.test\n")
     assert config_mod.load(write("g.yaml", "provision:\n  hosts_file: names\n"), env={}).provision.hosts_file == names
-    allowed = (gateway.Allowed("index.vmiso.test", 443),)
+    allowed = (allow.Allowed("index.vmiso.test", 443),)
     gw = _start(allowed, names)
     names.unlink()  # a later change does not reach a running gateway
     assert gw.resolver.resolve("index.vmiso.test", 443) == [(socket.AF_INET, ("10.213.77.2", 443))]

@@ -103,3 +103,58 @@ def test_the_state_directory_is_spelled_in_one_module(repo):
             continue
         found = folder.search(path.read_text())
         assert found is None, f"{path} spells {found.group(0)!r}: ask vmiso.host.state"
+
+
+def _module_imports(repo) -> dict[str, set[str]]:
+    """vmiso's modules -> the vmiso modules each imports when it is imported (not inside a function,
+    not under TYPE_CHECKING)."""
+    import ast
+
+    modules = {}
+    for path in (repo / "vmiso").rglob("*.py"):
+        parts = list(path.relative_to(repo).with_suffix("").parts)
+        package = parts[:-1]
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = (path, package)
+    graph: dict[str, set[str]] = {}
+    for name, (path, package) in modules.items():
+        found = set()
+        for node in ast.parse(path.read_text()).body:  # the module's own statements only
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                for alias in node.names:
+                    target = f"{base}.{alias.name}"
+                    found.add(target if target in modules else base)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vmiso"):
+                found.add(node.module)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_no_module_imports_itself_back(repo):
+    graph = _module_imports(repo)
+
+    def cycle_from(start: str, at: str, seen: list[str]) -> list[str] | None:
+        for nxt in sorted(graph[at]):
+            if nxt == start:
+                return [*seen, nxt]
+            if nxt not in seen:
+                found = cycle_from(start, nxt, [*seen, nxt])
+                if found:
+                    return found
+        return None
+    for module in sorted(graph):
+        cycle = cycle_from(module, module, [module])
+        assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_configuration_imports_nothing_while_it_checks(repo):
+    # The allow-lists' parsing is apart from the gateway (vmiso.network.allow): config.py, a leaf
+    # that every wing reads, needs no import inside a function to check its keys.
+    import ast
+
+    tree = ast.parse((repo / "vmiso" / "config.py").read_text())
+    lazy = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+            for inner in ast.walk(node) if isinstance(inner, (ast.Import, ast.ImportFrom))]
+    assert lazy == []
+    assert "vmiso.network.gateway" not in _module_imports(repo)["vmiso.config"]

@@ -289,9 +289,9 @@ def images_rm(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """One image: its manifest's summary and what its provisioning's gateway let through or refused."""
-    from .gateway import image_record
     from .image.inventory import summary_lines
     from .image.store import get_image, summary
+    from .network.record import image_record
 
     image = get_image(ctx.obj["config"].state_dir, name)
     info = summary(image)

@@ -21,6 +21,7 @@ import yaml
 
 from .domain import TCG_WITHHELD
 from .errors import ConfigError
+from .network import allow
 
 ACCELS = ("auto", "kvm", "tcg")
 CA_MODES = ("host", "none")
@@ -313,24 +314,29 @@ def _check_tcg_cpu_features(features: tuple[str, ...]) -> None:
 
 
 def _check_gateway(config: Config) -> None:
-    from .gateway import allow_list, check_no_credentials  # it reads Config: imported only when checking
-
     pip = config.provision.pip
     if pip.index_url is not None:
-        check_no_credentials(pip.index_url, "provision.pip.index_url")
+        allow.check_no_credentials(pip.index_url, "provision.pip.index_url")
     for i, url in enumerate(pip.extra_index_urls):
-        check_no_credentials(url, f"provision.pip.extra_index_urls[{i}]")
-    allow_list(config)  # every URL and provision.allow_hosts entry parses
+        allow.check_no_credentials(url, f"provision.pip.extra_index_urls[{i}]")
+    provisioning_allow_list(config)  # every URL and provision.allow_hosts entry parses
     hosts_file = config.provision.hosts_file
     if hosts_file is not None and not hosts_file.is_file():
         raise ConfigError(f"provision.hosts_file: {hosts_file} is not a file",
                           "name a file in /etc/hosts format (ADDRESS NAME...), or leave the key out")
 
 
-def _check_run_network(config: Config) -> None:
-    from .egress import rules  # it reads the gateway's names, which read Config: imported only when checking
+def provisioning_allow_list(config: Config, apt_urls: typing.Iterable[str] = (), *,
+                            warn: bool = False) -> tuple[allow.Allowed, ...]:
+    """What ``config``'s provisioning gateway forwards to (``apt_urls``: a cloud image's own sources)."""
+    pip = config.provision.pip
+    return allow.provisioning(index_url=pip.index_url, extra_index_urls=pip.extra_index_urls,
+                              mirror=config.image.mirror if config.image.cloud_image is None else None,
+                              allow_hosts=config.provision.allow_hosts, apt_urls=apt_urls, warn=warn)
 
-    rules(config.run.allow_hosts, config.run.allow_tcp, None)
+
+def _check_run_network(config: Config) -> None:
+    allow.rules(config.run.allow_hosts, config.run.allow_tcp, None)
     hosts_file = config.run.hosts_file
     if hosts_file is not None and not hosts_file.is_file():
         raise ConfigError(f"run.hosts_file: {hosts_file} is not a file",

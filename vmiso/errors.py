@@ -18,7 +18,7 @@ class VmisoError(Exception):
     """Base class: a failure with a message meant for the user."""
 
     exit_code = EXIT_VMISO
-    network: dict | None = None  # a networked run's record up to the failure (egress.Record.as_dict)
+    network: dict | None = None  # a networked run's record up to the failure (network.gateway.Record.as_dict)
     outputs: dict | None = None  # what a run that failed (a timeout) had written, checked and copied
 
     def __init__(self, message: str, hint: str | None = None) -> None:

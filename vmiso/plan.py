@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import egress
 from .config import MIN_SCRATCH, Config, check_at_least
 from .host.inputs import InputLimits
+from .network import allow
 
 LOCAL = "local"  # where a run executes: this host (the only place so far)
 WATCHDOG_GRACE = 30  # seconds past boot + job timeout before a run's watchdog acts on its own
@@ -52,7 +52,7 @@ class RunPlan:
     env: tuple[tuple[str, str], ...]
     accept_tool_files: bool
     publish: tuple[int, ...]
-    network: egress.Rules  # empty: offline, no gateway at all
+    network: allow.Rules  # empty: offline, no gateway at all
     # The clone: what a warm state or a pool's clone must match (with the template and hypervisor).
     memory_mib: int
     cpus: int
@@ -95,7 +95,7 @@ def plan_run(config: Config, request: RunRequest) -> RunPlan:
         env=request.env,
         accept_tool_files=request.accept_tool_files,
         publish=request.publish,
-        network=egress.for_run(config.run.allow_hosts, config.run.allow_tcp, config.run.hosts_file,
+        network=allow.for_run(config.run.allow_hosts, config.run.allow_tcp, config.run.hosts_file,
                                request.allow_hosts, request.allow_tcp),
         memory_mib=request.memory_mib or config.vm.memory_mib,
         cpus=request.cpus or config.vm.cpus,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from . import accel, clones, egress, ssh
+from . import accel, clones, ssh
 from .clones import warm
 from .clones.clone import CloneDir, make_clone_dir
 from .domain import NAME_PREFIX
@@ -37,6 +37,7 @@ from .host import outputs, reaper, state
 from .host.inputs import GUEST_IN, check_inputs, stage_inputs
 from .host.workdir import bounded_share_size, check_room, private_dir, share_full
 from .image.store import Image, get_image, verified_sha256
+from .network import allow, gateway as egress
 from .plan import RunPlan
 from .progress import Steps
 from .seed import RUN_USER
@@ -99,7 +100,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     outputs: outputs.OutputReport | None = None
     published: dict[int, str] = field(default_factory=dict)  # guest port -> "127.a.b.c:port" on this host
-    network: dict | None = None  # a networked run's record (egress.Record.as_dict); None: offline
+    network: dict | None = None  # a networked run's record (network.gateway.Record.as_dict); None: offline
     hints: tuple[str, ...] = ()  # what vmiso's rules explain about a failure (failure_hints)
 
     def signal_message(self) -> tuple[str, str] | None:
@@ -296,7 +297,7 @@ def _connect(hv: Hypervisor, vm: clones.Booted, image: Image, plan: RunPlan, con
     return session
 
 
-def _open_network(session: ssh.Session, rules: egress.Rules, image: Image, steps: Steps,
+def _open_network(session: ssh.Session, rules: allow.Rules, image: Image, steps: Steps,
                   cleanup: ExitStack) -> egress.Gateway | None:
     """A networked run's gateway, in this process, and the guest ports its sshd listens on for it."""
     if not rules:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__, accel, egress, gateway, ssh, tools
+from .. import __version__, accel, ssh, tools
 from ..clones import warm
-from ..config import Config, check_name
+from ..config import Config, check_name, provisioning_allow_list
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
 from ..host import state
@@ -42,6 +42,7 @@ from ..host.workdir import (
     remove_tree,
     shared_dir,
 )
+from ..network import allow, gateway as egress, record as gateway
 from ..progress import Steps
 from ..seed import RUN_USER, SeedInputs, write_seed
 from . import inventory, sealcheck
@@ -268,7 +269,7 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
         apt_packages=apt_packages,
         guest_files=guest_files() if cloud else (),
         pip=config.provision.pip,
-        gateway_port=gateway.GUEST_PORT,
+        gateway_port=allow.GUEST_PORT,
         require_hashes=bool(config.provision.pip.require_hashes
                             or (config.provision.pip.require_hashes is None
                                 and requirements is not None and requirements.has_hashes)),
@@ -420,9 +421,9 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
                 os.chmod(work / "client_key", 0o640)
         # A cloud image's apt uses its own sources: read them (without booting it) for the allow-list.
         apt_urls = read_apt_sources(layer, work) if config.image.cloud_image is not None else []
-        allowed = gateway.allow_list(config, apt_urls, warn=True)
+        allowed = provisioning_allow_list(config, apt_urls, warn=True)
         with steps.step("proxy", "the gateway, forwarding only to " + ", ".join(map(str, allowed))):
-            rules = egress.for_provisioning(allowed, config.provision.hosts_file)
+            rules = allow.for_provisioning(allowed, config.provision.hosts_file)
             gw = egress.Gateway.start(rules)
             undo.callback(gw.close)
         build = _Build(config, hv, name, steps, work, console_log, accel_name, gw)
@@ -431,7 +432,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
         except ProvisionError as err:
             if refused := gateway.refused_hosts(gw.record.as_dict(rules)):
                 err.hint = (f"the gateway refused {', '.join(refused)}: a host not in the allow-list; "
-                            f"if the image needs it, add it to {gateway.KEY}")
+                            f"if the image needs it, add it to {allow.KEY}")
             raise
         gw.close()  # the VM is gone: nothing more can reach it
         record = gateway.write_record(gw.record.as_dict(rules), allowed, work / gateway.RECORD)
@@ -500,7 +501,7 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
     if record["refused"]:
         log.warning("the gateway refused connections to %s during provisioning: install-time code tried to "
                     "reach hosts outside the allow-list (see 'vmiso images show %s'; %s allows a host)",
-                    ", ".join(item["host"] for item in record["refused"]), name, gateway.KEY)
+                    ", ".join(item["host"] for item in record["refused"]), name, allow.KEY)
     try:
         warm.make_warm_state(config, hv, image, steps, accel_name)
     except VmisoError as err:  # runs boot cold without it: the image is still good

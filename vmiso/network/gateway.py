@@ -20,13 +20,16 @@ resolved HOST:PORT and reads nothing of what crosses it.
 
 Every connection is recorded: when, what it asked for, allowed or refused (and
 why), the address reached, the SNI, bytes each way.  The record has the shape of
-the provisioning gateway's (gateway.summarize reads both).
+the provisioning gateway's (vmiso.network.record reads both).  What the gateway may
+reach is parsed by vmiso.network.allow; provisioning and networked runs both use
+this gateway, each with its own rules.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import logging
 import re
 import socket
@@ -37,21 +40,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .errors import ConfigError
-from .gateway import INTERNAL_NETWORKS, Allowed, host_addresses, parse_allow_host, summarize
+from ..errors import ConfigError
+from .allow import PROXY_PORT, Allowed, Rules, TcpRoute
+from .record import summarize
 
 log = logging.getLogger(__name__)
 
-PROXY_PORT = 3128  # the job's HTTP(S)_PROXY: http://127.0.0.1:PROXY_PORT in the guest
-HOSTS_KEY = "run.allow_hosts"
-TCP_KEY = "run.allow_tcp"
 HEAD_MAX = 16 * 1024  # a request's line and headers
 HELLO_MAX = 16 * 1024  # one TLS record: the ClientHello must fit in it
 READ_SECONDS = 30  # for a request's head, or a tunnel's ClientHello
 CONNECT_SECONDS = 15
 RECORD_MAX = 5000  # connections kept in the record; past it they are only counted
-_PLAIN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-FETCH_METHODS = frozenset({"GET", "HEAD"})  # what provisioning's plain-HTTP mirrors are asked
 # Hop-by-hop and proxy headers: never sent on (a Connection: close of the gateway's own is).
 _DROPPED_HEADERS = frozenset({"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization",
                               "proxy-authenticate", "te", "trailer", "upgrade"})
@@ -59,100 +58,35 @@ _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _TARGET = re.compile(rb"^[\x21-\x7e]+$")
 
 
-# --- what a run may reach ---------------------------------------------------------------------
+# --- where no name may lead ---------------------------------------------------------------
 
-@dataclass(frozen=True, order=True)
-class TcpRoute:
-    """The guest's 127.0.0.1:``guest_port`` joined to ``host``:``port``, resolved on this host."""
-    guest_port: int
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.guest_port}:{self.host}:{self.port}"
+# Where no allowed name may lead, whatever DNS or a hosts file says: the host itself,
+# "this network", link-local addresses and the cloud metadata services on them (and the
+# AWS IPv6 and Alibaba ones elsewhere), multicast and broadcast.  The host's own
+# addresses on every interface are added as a gateway starts (host_addresses).
+INTERNAL_NETWORKS = ("127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "::1", "::", "fe80::/10",
+                     "fd00:ec2::254/128", "100.100.100.200/32", "224.0.0.0/4", "255.255.255.255/32", "ff00::/8")
 
 
-@dataclass(frozen=True)
-class Rules:
-    """Where a gateway forwards.  Each of ``hosts`` allows, by its scheme, a CONNECT tunnel
-    ("https") or plain requests with ``plain_methods`` ("http") to its host:port: a run's
-    --allow-host allows both, provisioning's allow-list what each URL implies."""
-
-    hosts: tuple[Allowed, ...] = ()
-    tcp: tuple[TcpRoute, ...] = ()
-    hosts_file: Path | None = None  # names looked up here before DNS, in /etc/hosts format
-    plain_methods: frozenset[str] = _PLAIN_METHODS
-    refusal: str = "not in this run's --allow-host"  # what a request to another place is told
-    hosts_key: str = "run.hosts_file"  # where hosts_file was named, for its errors
-
-    def __bool__(self) -> bool:
-        return bool(self.hosts or self.tcp)
-
-    def listed(self) -> list[str]:
-        """host:port of each place, once."""
-        return sorted({f"{a.host}:{a.port}" for a in self.hosts})
-
-    def guest_env(self) -> dict[str, str]:
-        """What points the job's HTTP clients at the gateway (both spellings: clients differ)."""
-        if not self.hosts:
-            return {}
-        proxy = f"http://127.0.0.1:{PROXY_PORT}"
-        local = "localhost,127.0.0.1,::1"
-        return {"HTTPS_PROXY": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "http_proxy": proxy,
-                "NO_PROXY": local, "no_proxy": local}
-
-
-def parse_tcp_route(entry: str, where: str) -> TcpRoute:
-    """``LOCALPORT:HOST:PORT`` -> a route; HOST is a name, as for --allow-host."""
-    parts = entry.split(":")
-    if len(parts) != 3:
-        raise ConfigError(f"{where}: {entry!r} is not LOCALPORT:HOST:PORT",
-                          "write e.g. 5432:db.example.org:5432 (the job connects to 127.0.0.1:5432)")
-    local, host, port = parts
-    target = parse_allow_host(f"{host}:{port}", where)[0]
-    if not local.isdigit() or not 1024 <= int(local) <= 65535 or int(local) == PROXY_PORT:
-        raise ConfigError(f"{where}: {local!r} cannot be the job's local port",
-                          f"choose a port from 1024 to 65535 other than {PROXY_PORT} (the job's proxy); "
-                          "the job's unprivileged sshd session listens on it")
-    return TcpRoute(int(local), target.host, target.port)
-
-
-def rules(allow_hosts: Iterable[str], allow_tcp: Iterable[str], hosts_file: Path | None,
-          where: tuple[str, str] = (HOSTS_KEY, TCP_KEY)) -> Rules:
-    hosts: set[Allowed] = set()
-    for i, entry in enumerate(allow_hosts):
-        for place in parse_allow_host(entry, f"{where[0]}[{i}]"):  # a tunnel, and plain http, to it
-            hosts.update((place, Allowed(place.host, place.port, "http")))
-    routes: dict[int, TcpRoute] = {}
-    for i, entry in enumerate(allow_tcp):
-        route = parse_tcp_route(entry, f"{where[1]}[{i}]")
-        if route.guest_port in routes and routes[route.guest_port] != route:
-            raise ConfigError(f"{where[1]}[{i}]: local port {route.guest_port} is given twice",
-                              "give each service a local port of its own")
-        routes[route.guest_port] = route
-    return Rules(tuple(sorted(hosts)), tuple(sorted(routes.values())), hosts_file)
-
-
-def for_run(allow_hosts: Iterable[str], allow_tcp: Iterable[str], hosts_file: Path | None,
-            flag_hosts: Iterable[str] = (), flag_tcp: Iterable[str] = ()) -> Rules:
-    """The config's ``run.allow_hosts``/``run.allow_tcp`` and the command line's flags, as one set of rules."""
-    from_config = rules(allow_hosts, allow_tcp, hosts_file)
-    from_flags = rules(flag_hosts, flag_tcp, hosts_file, ("--allow-host", "--allow-tcp"))
-    routes = {r.guest_port: r for r in from_config.tcp}
-    for route in from_flags.tcp:
-        if routes.get(route.guest_port, route) != route:
-            raise ConfigError(f"--allow-tcp {route}: local port {route.guest_port} is taken by {TCP_KEY}",
-                              "give the service another local port")
-        routes[route.guest_port] = route
-    return Rules(tuple(sorted({*from_config.hosts, *from_flags.hosts})), tuple(sorted(routes.values())),
-                 hosts_file)
-
-
-def for_provisioning(allowed: Iterable[Allowed], hosts_file: Path | None) -> Rules:
-    """A provisioning's rules: a tunnel to each "https" place, GET and HEAD of each "http" one
-    (a plain-HTTP mirror or index), as gateway.allow_list says, and nothing else."""
-    return Rules(tuple(sorted(set(allowed))), (), hosts_file, plain_methods=FETCH_METHODS,
-                 refusal="not in this provisioning's allow-list", hosts_key="provision.hosts_file")
+def host_addresses() -> set[str]:
+    """This host's own addresses (every interface, in this network namespace), from /proc as
+    ``ip`` reads them: no allowed name may lead to a service of the host's on its LAN address."""
+    found = set()
+    try:
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+    except OSError:
+        lines = []
+    for previous, line in itertools.pairwise(lines):
+        if line.strip() == "/32 host LOCAL" and "|--" in previous:
+            found.add(previous.split("|--", 1)[1].strip())
+    try:
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            digits = line.split()[0] if line.split() else ""
+            if len(digits) == 32:
+                found.add(str(ipaddress.ip_address(int(digits, 16))))
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 # --- names and addresses ----------------------------------------------------------------------
