@@ -37,6 +37,7 @@ from ..config import Config
 from ..domain import NAME_PREFIX, TCG_WITHHELD, Retarget, domain_name, domain_xml, guest_cpu, retarget
 from ..errors import GuestError, HypervisorError, ImageError
 from ..host import reaper, state
+from ..host.console import GuestLog
 from ..host.workdir import OWNER_FILE, flocked, install_dir, private_dir, remove_tree
 from ..image.store import MANIFEST, Image, check_file, remember
 from ..plan import RunPlan, RunRequest, plan_run
@@ -151,16 +152,14 @@ def slots(image: Image) -> list[Slot]:
     return [Slot(CloneDir(p)) for p in sorted(root.glob("slot-*")) if p.is_dir()]
 
 
-def _wait_ready(console_log: Path, deadline: float, alive) -> int:
-    """Wait for ssh-link's ready line; the link protocol it announces (1 if none)."""
+def _wait_ready(console_log: Path, deadline: float, alive: Callable[[], bool]) -> int:
+    """Wait for ssh-link's ready line on the console; the link protocol it announces (1 if none)."""
+    console = GuestLog(console_log)
     while time.monotonic() < deadline:
-        try:
-            text = console_log.read_bytes()
-        except FileNotFoundError:
-            text = b""
-        if READY in text:
-            found = _PROTOCOL_RE.search(text)
-            return int(found.group(1)) if found else 1
+        for line in (*console.lines(), console.partial):
+            if READY in line:
+                found = _PROTOCOL_RE.search(line)
+                return int(found.group(1)) if found else 1
         if not alive():
             raise GuestError("the clone stopped before it was ready to be saved")
         time.sleep(0.1)

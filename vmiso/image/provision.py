@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from ..config import Config, check_name, provisioning_allow_list
 from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
 from ..host import state
+from ..host.console import GuestLog
 from ..host.workdir import (
     OWNER_FILE,
     SHARE_FS_SUFFIX,
@@ -84,7 +84,6 @@ _ACTIVITY = tuple((re.compile(pattern), template) for pattern, template in (
 ))
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STEP_LOG_READ_BYTES = 1024 * 1024  # per poll: a step log only feeds the live status
-LINE_MAX_BYTES = 64 * 1024  # a longer line is cut: markers and activities are short
 
 
 def load_ca_certificates(setting: str | tuple[Path, ...], host_dir: Path = HOST_CA_DIR) -> tuple[str, ...]:
@@ -132,34 +131,15 @@ def guest_activity(line: str) -> str | None:
 
 
 class ConsoleWatcher:
-    """Reads new output of a guest log: vmiso's step markers, and the guest's latest activity."""
+    """Follows a guest log (the console, a step's log): vmiso's step markers, and the guest's latest activity."""
 
     def __init__(self, path: Path, read_max: int = -1) -> None:
-        self.path = path
-        self.read_max = read_max  # bytes per poll; -1: all there is (the console's markers must all be seen)
+        self._log = GuestLog(path, read_max)  # -1: all there is (the console's markers must all be seen)
         self.activity: str | None = None
-        self._offset = 0
-        self._partial = b""
-
-    def _read(self) -> bytes:
-        # The guest may write the file (the report share): no links, nothing but a regular file.
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return b""
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return b""
-            f.seek(self._offset)
-            return f.read(self.read_max)
 
     def poll(self) -> list[tuple[str, str]]:
-        data = self._read()
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()[-LINE_MAX_BYTES:]
         markers = []
-        for line in lines:
+        for line in self._log.lines():
             marker = _MARKER.search(line)
             if marker:
                 markers.append((marker.group(1).decode(), marker.group(2).decode()))
