@@ -1,11 +1,19 @@
 """``vmiso provision``: OS layer -> cloud-init boot behind the gateway -> sealed, read-only template.
 
-The only phase with a way out, and that way is vmiso's gateway (vmiso.egress, with
-the allow-list of vmiso.gateway): the VM has no network device; over its SSH link
-the guest's sshd listens on one port of the guest's loopback, and each connection
-made there comes to the allow-listing, recording gateway in this process.  Nothing of the user's is present but the
-requirements file.  Everything is built under a temporary name and renamed into
-the store at the end; a failure undoes what was made, in reverse order.
+``provision`` reads as its steps, named as its progress shows them: check what can
+be refused, start the build directory, hold the OS layer, make the keys, open the
+way out (the gateway), provision the guest (boot, then the guest's own steps,
+followed on its console), keep the gateway's record, flatten the template, check
+it and read what runs at every Python start, seal it (hash, manifest, into the
+store), then save warm states.
+
+The only phase with a way out, and that way is vmiso's gateway (vmiso.network:
+the allow-list, the gateway, its record): the VM has no network device; over its
+SSH link the guest's sshd listens on one port of the guest's loopback, and each
+connection made there comes to the allow-listing, recording gateway in this
+process.  Nothing of the user's is present but the requirements file.
+Everything is built under a temporary name and renamed into the store at the
+end; a failure undoes what was made, in reverse order.
 """
 
 from __future__ import annotations
@@ -18,10 +26,11 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__, accel, ssh, tools
 from ..clones import warm
@@ -42,7 +51,7 @@ from ..host.workdir import (
     remove_tree,
     shared_dir,
 )
-from ..network import allow, gateway as egress, record as gateway
+from ..network import allow, gateway as egress, record as gateway_record
 from ..progress import Steps
 from ..seed import RUN_USER, SeedInputs, write_seed
 from . import inventory, sealcheck
@@ -194,18 +203,6 @@ def _pairs(text: str, separator: str) -> list[dict[str, str]]:
     return found
 
 
-@dataclass
-class _Build:
-    config: Config
-    hv: Hypervisor
-    name: str
-    steps: Steps
-    work: Path
-    console_log: Path
-    accel: str
-    gateway: egress.Gateway
-
-
 def new_console_log(logs: Path, name: str) -> Path:
     """A new file for this provisioning's console, named for the image and the time; two
     provisionings of one name in the same second each get their own."""
@@ -213,31 +210,278 @@ def new_console_log(logs: Path, name: str) -> Path:
     return console_file(logs / f"provision-{name}-{stamp}-{secrets.token_hex(3)}.log")
 
 
-def _open_gateway(build: _Build, domain: str, keys: _Keys, socket_path: Path, link: ExitStack) -> None:
-    """The guest waits on its gateway port: connect over the SSH link and serve that port with the gateway."""
-    session = ssh.connect(socket_path, name=domain, host_key=keys.host_public, client_key=keys.client_private,
-                          user=RUN_USER, deadline=time.monotonic() + 120,
-                          alive=lambda: build.hv.is_running(domain))
-    link.callback(session.close)
-    served = session.serve_guest_ports(build.gateway.routes())
-    link.callback(served.close)
+@dataclass
+class _Build:
+    """One provisioning under way: what its steps share."""
+
+    config: Config
+    hv: Hypervisor
+    name: str
+    final: Path  # where the image goes in the store once complete
+    steps: Steps
+    accel: str
+    requirements: Requirements | None
+    shared: bool  # a group's store: the group reads the image
+    console_log: Path
+    work: Path = Path()  # the build directory (``_start``)
 
 
-def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements | None,
-                        keys: _Keys, undo: ExitStack) -> Path:
+@dataclass(frozen=True)
+class _Way:
+    """The provisioning's one way out: its gateway, the rules it was given and the allow-list they came from."""
+
+    gateway: egress.Gateway
+    rules: allow.Rules
+    allowed: tuple[allow.Allowed, ...]
+
+
+# --- the line of steps ------------------------------------------------------------------
+
+
+def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replace: bool = False,
+              steps: Steps | None = None) -> Image:
+    """Build image ``name`` (default: image.name) and put it in the store; the image, or an error
+    naming the step that failed.  What a step made is undone, in reverse order, when a later one fails."""
+    build = _prepare(config, hv, check_name(name or config.image.name), replace, steps or Steps())
+    with ExitStack() as undo, ExitStack() as held:
+        _start(build, undo)
+        layer = _hold_source(build, held)
+        keys = _keys(build)
+        way = _open_way(build, layer, undo)
+        report = _provision_guest(build, layer, keys, way, undo)
+        record = _keep_record(build, way)
+        template = _flatten(build)
+        _check_sealed(build, template, layer)
+        startup = _read_startup(build, template, layer)
+        _seal(build, layer, keys, template, report, way, record, startup)
+        undo.pop_all()  # complete: keep it
+    image = Image(build.name, build.final)
+    if record["refused"]:
+        log.warning("the gateway refused connections to %s during provisioning: install-time code tried to "
+                    "reach hosts outside the allow-list (see 'vmiso images show %s'; %s allows a host)",
+                    ", ".join(item["host"] for item in record["refused"]), build.name, allow.KEY)
+    try:
+        warm.make_warm_state(config, hv, image, build.steps, build.accel)
+    except VmisoError as err:  # runs boot cold without it: the image is still good
+        log.warning("image %s: no warm state (%s); runs will boot cold", image.name, err)
+    return image
+
+
+def _prepare(config: Config, hv: Hypervisor, name: str, replace: bool, steps: Steps) -> _Build:
+    """Everything that can be refused before anything is made; the console log's file."""
+    state_dir = config.state_dir
+    final = state.image(state_dir, name)
+    if final.exists() and not replace:
+        raise ImageError(f"an image named {name!r} exists already",
+                         "pass --replace to rebuild it, or choose another --name")
+    if final.exists():
+        check_owner(Image(name, final), "replace")
+    accel_name = accel.resolve(config.accel, tcg_cpu_features=config.vm.tcg_cpu_features)
+    if config.image.cloud_image is None:
+        load_recipe(config.image.recipe)  # a bad recipe fails before anything is built
+    elif not config.image.cloud_image.path.is_file():
+        raise ConfigError(f"image.cloud_image.path: {config.image.cloud_image.path} is not a file",
+                          "give the path of a qcow2 cloud image")
+    requirements = (load_requirements(config.provision.requirements, config.provision.pip.require_hashes)
+                    if config.provision.requirements else None)
+    load_ca_certificates(config.provision.ca_certificates)
+    prepare_root(state_dir)
+    logs = private_dir(state.home(state_dir).logs)
+    return _Build(config, hv, name, final, steps, accel_name, requirements, is_shared(state_dir),
+                  new_console_log(logs, name))
+
+
+def _start(build: _Build, undo: ExitStack) -> None:
+    """The build directory, this process's, removed if the provisioning fails."""
+    work = state.building(state.images(build.config.state_dir), build.name, secrets.token_hex(4))
+    # In a shared store the group reads the image (store.py); QEMU only reaches files.
+    shared_dir(work) if build.shared else private_dir(work)
+    undo.callback(remove_tree, work)  # holds the share the provisioning guest wrote
+    claim(work)
+    link_dir(work / "link")
+    build.work = work
+
+
+def _hold_source(build: _Build, held: ExitStack) -> Layer:
+    """The OS layer, built when missing, share-locked until ``held`` closes."""
+    layer = _ensure_source(build.config, build.steps)
+    if not hold_layer(layer, held):  # 'vmiso gc --layers' removed it just now: build it again
+        layer = _ensure_source(build.config, build.steps)
+        if not hold_layer(layer, held):
+            raise ImageError(f"the OS layer {layer.key} keeps disappearing",
+                             "do not run 'vmiso gc --layers' while provisioning")
+    return layer
+
+
+def _keys(build: _Build) -> _Keys:
+    with build.steps.step("keys", "client key and pinned host key"):
+        keys = _make_keys(build.work)
+        if build.shared:  # every member's runs log in with it
+            os.chmod(build.work / "client_key", 0o640)
+    return keys
+
+
+def _open_way(build: _Build, layer: Layer, undo: ExitStack) -> _Way:
+    """The gateway, forwarding only to what the configuration implies and allows."""
+    # A cloud image's apt uses its own sources: read them (without booting it) for the allow-list.
+    apt_urls = read_apt_sources(layer, build.work) if build.config.image.cloud_image is not None else []
+    allowed = provisioning_allow_list(build.config, apt_urls, warn=True)
+    with build.steps.step("proxy", "the gateway, forwarding only to " + ", ".join(map(str, allowed))):
+        rules = allow.for_provisioning(allowed, build.config.provision.hosts_file)
+        gateway = egress.Gateway.start(rules)
+        undo.callback(gateway.close)
+    return _Way(gateway, rules, allowed)
+
+
+def _provision_guest(build: _Build, layer: Layer, keys: _Keys, way: _Way, undo: ExitStack) -> Path:
+    """The guest's part (``boot``, then its own steps); the report share it wrote.  A failure
+    names the hosts the gateway refused meanwhile."""
+    try:
+        return _boot_and_provision(build, layer, keys, way, undo)
+    except ProvisionError as err:
+        if refused := gateway_record.refused_hosts(way.gateway.record.as_dict(way.rules)):
+            err.hint = (f"the gateway refused {', '.join(refused)}: a host not in the allow-list; "
+                        f"if the image needs it, add it to {allow.KEY}")
+        raise
+
+
+def _keep_record(build: _Build, way: _Way) -> dict[str, Any]:
+    """The gateway's record as the image's (its summary): the VM is gone, nothing more can reach it."""
+    way.gateway.close()
+    return gateway_record.write_record(way.gateway.record.as_dict(way.rules), way.allowed,
+                                       build.work / gateway_record.RECORD)
+
+
+def _flatten(build: _Build) -> Path:
+    with build.steps.step("template", "flatten, hash, make read-only"):
+        template = build.work / "template.qcow2"
+        try:
+            tools.run(tools.qemu_img_convert_argv(build.work / "disk.qcow2", "qcow2", template))
+        except ToolError as err:
+            raise ProvisionError("template", err.message) from None
+        os.chmod(template, 0o444)
+    return template
+
+
+def _check_sealed(build: _Build, template: Path, layer: Layer) -> None:
+    with build.steps.step("check", "sshd, its config, vmiso's files and tini in the template, without booting it"):
+        sealcheck.check_template(template, layer, build.work)
+
+
+def _read_startup(build: _Build, template: Path, layer: Layer) -> dict[str, Any]:
+    with build.steps.step("inventory", "what runs at every Python start, read from the template"):
+        return inventory.read_template(template, layer.root_device, build.work).as_dict()
+
+
+def _seal(build: _Build, layer: Layer, keys: _Keys, template: Path, report: Path, way: _Way,
+          record: dict[str, Any], startup: dict[str, Any]) -> None:
+    """The boot files and the manifest beside the template; what only the build needed removed;
+    the image moved into the store."""
+    work = build.work
+    with build.steps.step("hash", "the template's sha256, the boot files"):
+        digest = sha256_file(template)
+        boot_sha256 = {}
+        for source, target in ((layer.kernel, "vmlinuz"), (layer.initramfs, "initramfs.img")):
+            shutil.copyfile(source, work / target)
+            os.chmod(work / target, 0o444)
+            boot_sha256[target] = sha256_file(work / target)
+        manifest = _manifest(build, layer, keys, template, digest, boot_sha256, report, way, record, startup)
+        shutil.copyfile(build.console_log, work / "provision.log")
+        for leftover in ("disk.qcow2", "seed", "link", "report", "report" + SHARE_FS_SUFFIX, OWNER_FILE):
+            if failures := remove_tree(work / leftover):
+                raise ImageError(f"cannot remove {work / failures[0].path}: {failures[0].reason}")
+        (work / "host_key.pub").write_text(keys.host_public + "\n")
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.chmod(work / MANIFEST, 0o644)
+        # The directory stays private (workdir.private_dir), or the group's in a shared
+        # store: the template holds the guest's SSH host key, and only QEMU and the
+        # image's users need to reach it.
+        install_dir(work, build.final, state.replaced(build.final))
+
+
+def _manifest(build: _Build, layer: Layer, keys: _Keys, template: Path, digest: str, boot_sha256: dict[str, str],
+              report: Path, way: _Way, record: dict[str, Any], startup: dict[str, Any]) -> dict[str, Any]:
+    requirements = build.requirements
+    return {
+        "name": build.name,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "sha256": digest,
+        "template": template.name,
+        # What boots is checked like the template (store.boot_files).
+        "kernel_sha256": boot_sha256["vmlinuz"],
+        "initramfs_sha256": boot_sha256["initramfs.img"],
+        "source": _source(build.config, layer),
+        "root_device": layer.root_device,
+        "kernel": (layer.path / "kernel-release").read_text().strip(),
+        "python": _read_report(report, "python.txt").strip(),
+        "pip": _pairs(_read_report(report, "pip-freeze.txt"), "=="),
+        "apt": _pairs(_read_report(report, "dpkg.txt"), "\t"),
+        "requirements": {
+            "file": str(requirements.path) if requirements else None,
+            "sha256": sha256_file(requirements.path) if requirements else None,
+            "hashed": requirements.has_hashes if requirements else False,
+        },
+        "gateway": {
+            "record": gateway_record.RECORD,
+            "sha256": sha256_file(build.work / gateway_record.RECORD),
+            "allow_list": [str(a) for a in way.allowed],
+            "refused": [item["host"] for item in record["refused"]],
+        },
+        # Read from the template whose sha256 is above: 'images verify' covers it.
+        "startup": startup,
+        "host_key": keys.host_public,
+        "accel": build.accel,
+        "vmiso": __version__,
+    }
+
+
+# --- the guest's part -------------------------------------------------------------------
+
+
+def _boot_and_provision(build: _Build, layer: Layer, keys: _Keys, way: _Way, undo: ExitStack) -> Path:
     """Run cloud-init and provision.sh in a VM whose only way out is the gateway; return the report."""
-    config, work, steps = build.config, build.work, build.steps
-    overlay = work / "disk.qcow2"
+    overlay = _overlay(build, layer)
+    # What install-time code can write to the host: bounded by the kernel like a run's /out.
+    report = bounded_share(build.work / "report", max_bytes=REPORT_SHARE_BYTES, max_files=REPORT_SHARE_FILES)
+    seed, kernel, initrd = _seed(build, layer, keys)
+    domain = f"{NAME_PREFIX}provision-{build.name}-{secrets.token_hex(3)}"
+    spec = DomainSpec(
+        name=domain, memory_mib=build.config.provision.memory_mib, cpus=build.config.vm.cpus, accel=build.accel,
+        tcg_cpu_features=build.config.vm.tcg_cpu_features,  # what builds from source may compile for
+        disks=(Disk(overlay, backing=((layer.rootfs, layer.rootfs_format),)), Disk(seed, format="raw", readonly=True)),
+        console_log=build.console_log,
+        boot=KernelBoot(kernel, initrd, f"root={layer.root_device} rw console=ttyS0 ds=nocloud"),
+        shares=(Share(report, "vmiso-report", readonly=False),),
+        ssh_socket=build.work / "link" / "ssh.sock",  # no network device: the gateway is reached over this link
+        metadata={"kind": "provision", "workdir": str(build.work)},
+    )
+    # The SSH link that carries the gateway lasts while the VM runs, however its loop ends.
+    with build.steps.step("boot", "provisioning VM (no network device), cloud-init"), ExitStack() as link:
+        build.hv.start_transient(domain, domain_xml(spec))
+        undo.callback(build.hv.destroy, domain)
+        last = _follow_guest(build, domain, report, lambda: _serve_way(build, domain, keys, way, link))
+    if _read_report(report, "status").strip() != "ok":
+        failed = _read_report(report, "failed-step").strip() or last or "boot"
+        raise ProvisionError(failed, "the VM stopped before provisioning finished", str(build.console_log))
+    return report
+
+
+def _overlay(build: _Build, layer: Layer) -> Path:
+    overlay = build.work / "disk.qcow2"
     # 4 KiB clusters, the guest filesystem's block: a discard of any free block then
     # reaches the overlay, and what provisioning deleted reads as zeros (see provision.sh).
     tools.run(tools.qemu_img_overlay_argv(layer.rootfs, overlay, backing_format=layer.rootfs_format,
                                           cluster_size=4096))
+    return overlay
+
+
+def _seed(build: _Build, layer: Layer, keys: _Keys) -> tuple[Path, Path, Path]:
+    """(the seed image, the kernel, the initrd) the provisioning VM boots with."""
+    config, requirements = build.config, build.requirements
     cloud = config.image.cloud_image is not None
     # A recipe's layer has vmiso's guest files and packages already; a cloud image gets them now.
     apt_packages = (*CLOUD_PACKAGES, *config.provision.apt_packages) if cloud else config.provision.apt_packages
-    # What install-time code can write to the host: bounded by the kernel like a run's /out.
-    report = bounded_share(work / "report", max_bytes=REPORT_SHARE_BYTES, max_files=REPORT_SHARE_FILES)
-    seed_dir = private_dir(work / "seed")  # QEMU must reach seed.iso; the rest is 0600
+    seed_dir = private_dir(build.work / "seed")  # QEMU must reach seed.iso; the rest is 0600
     inputs = SeedInputs(
         instance_id=f"vmiso-{build.name}-{secrets.token_hex(4)}",
         hostname="vmiso",
@@ -260,63 +504,60 @@ def _boot_and_provision(build: _Build, layer: Layer, requirements: Requirements 
     kernel, initrd = seed_dir / "vmlinuz", seed_dir / "initrd.img"
     shutil.copyfile(layer.kernel, kernel)
     shutil.copyfile(layer.initrd, initrd)
-    domain = f"{NAME_PREFIX}provision-{build.name}-{secrets.token_hex(3)}"
-    socket_path = work / "link" / "ssh.sock"  # workdir.link_dir
-    spec = DomainSpec(
-        name=domain, memory_mib=config.provision.memory_mib, cpus=config.vm.cpus, accel=build.accel,
-        tcg_cpu_features=config.vm.tcg_cpu_features,  # what builds from source may compile for
-        disks=(Disk(overlay, backing=((layer.rootfs, layer.rootfs_format),)), Disk(seed, format="raw", readonly=True)),
-        console_log=build.console_log,
-        boot=KernelBoot(kernel, initrd, f"root={layer.root_device} rw console=ttyS0 ds=nocloud"),
-        shares=(Share(report, "vmiso-report", readonly=False),),
-        ssh_socket=socket_path,  # no network device: the gateway is reached over this link
-        metadata={"kind": "provision", "workdir": str(work)},
-    )
-    # The SSH link that carries the gateway lasts while the VM runs, however its loop ends.
-    with steps.step("boot", "provisioning VM (no network device), cloud-init"), ExitStack() as link:
-        build.hv.start_transient(domain, domain_xml(spec))
-        undo.callback(build.hv.destroy, domain)
-        watcher = ConsoleWatcher(build.console_log)
-        step_log: ConsoleWatcher | None = None  # the current guest step's log, for its activity
-        shown = None
-        deadline = time.monotonic() + config.provision.timeout
-        current = None
-        while True:
-            running = build.hv.is_running(domain)
-            for kind, step in watcher.poll():
-                if kind == "FAIL":
-                    tail = tools.log_tail(report / f"{step}.log", 12) or tools.log_tail(build.console_log, 12)
-                    raise ProvisionError(step, f"the guest reported a failure: {tail}",
-                                         str(build.console_log))
-                if step in GUEST_STEPS and step != current:
-                    if current is None:
-                        steps.finish("boot")
-                    else:
-                        steps.finish(current)
-                    current = step
-                    steps.start(step, "inside the VM")
-                    if step == "gateway":
-                        _open_gateway(build, domain, keys, socket_path, link)
-                    step_log, shown = ConsoleWatcher(report / f"{step}.log", STEP_LOG_READ_BYTES), None
-            if step_log is not None:
-                step_log.poll()
-            activity = watcher.activity if step_log is None else step_log.activity
-            if activity and activity != shown:
-                steps.status(current or "boot", activity)
-                shown = activity
-            if not running:
-                break
-            if time.monotonic() > deadline:
-                raise ProvisionError(current or "boot",
-                                     f"not finished within provision.timeout ({config.provision.timeout} s)",
-                                     str(build.console_log))
-            time.sleep(0.5)
-        if current is not None:
-            steps.finish(current)
-    if _read_report(report, "status").strip() != "ok":
-        failed = _read_report(report, "failed-step").strip() or current or "boot"
-        raise ProvisionError(failed, "the VM stopped before provisioning finished", str(build.console_log))
-    return report
+    return seed, kernel, initrd
+
+
+def _serve_way(build: _Build, domain: str, keys: _Keys, way: _Way, link: ExitStack) -> None:
+    """The guest waits on its gateway port: connect over the SSH link and serve that port with the gateway."""
+    session = ssh.connect(build.work / "link" / "ssh.sock", name=domain, host_key=keys.host_public,
+                          client_key=keys.client_private, user=RUN_USER, deadline=time.monotonic() + 120,
+                          alive=lambda: build.hv.is_running(domain))
+    link.callback(session.close)
+    served = session.serve_guest_ports(way.gateway.routes())
+    link.callback(served.close)
+
+
+def _follow_guest(build: _Build, domain: str, report: Path, open_way: Callable[[], None]) -> str | None:
+    """Follow the guest's steps on its console until the VM stops: each becomes a step of ours, with
+    what the guest does as its status; ``open_way`` is called when the guest waits for its gateway.
+    The last step the guest began (None: it began none)."""
+    steps, timeout = build.steps, build.config.provision.timeout
+    console = ConsoleWatcher(build.console_log)
+    step_log: ConsoleWatcher | None = None  # the current guest step's log, for its activity
+    shown = None
+    deadline = time.monotonic() + timeout
+    current = None
+    while True:
+        running = build.hv.is_running(domain)
+        for kind, step in console.poll():
+            if kind == "FAIL":
+                tail = tools.log_tail(report / f"{step}.log", 12) or tools.log_tail(build.console_log, 12)
+                raise ProvisionError(step, f"the guest reported a failure: {tail}", str(build.console_log))
+            if step in GUEST_STEPS and step != current:
+                steps.finish("boot" if current is None else current)
+                current = step
+                steps.start(step, "inside the VM")
+                if step == "gateway":
+                    open_way()
+                step_log, shown = ConsoleWatcher(report / f"{step}.log", STEP_LOG_READ_BYTES), None
+        if step_log is not None:
+            step_log.poll()
+        activity = console.activity if step_log is None else step_log.activity
+        if activity and activity != shown:
+            steps.status(current or "boot", activity)
+            shown = activity
+        if not running:
+            break
+        if time.monotonic() > deadline:
+            raise ProvisionError(current or "boot", f"not finished within provision.timeout ({timeout} s)",
+                                 str(build.console_log))
+        time.sleep(0.5)
+    if current is not None:
+        steps.finish(current)
+    return current
+
+
+# --- the OS layer ---------------------------------------------------------------------------
 
 
 def _source(config: Config, layer: Layer) -> dict:
@@ -357,133 +598,3 @@ def _layer_home(state_dir: Path, key: str) -> Path:
     return home.path
 
 
-def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replace: bool = False,
-              steps: Steps | None = None) -> Image:
-    steps = steps or Steps()
-    name = check_name(name or config.image.name)
-    state_dir = config.state_dir
-    final = state.image(state_dir, name)
-    if final.exists() and not replace:
-        raise ImageError(f"an image named {name!r} exists already",
-                         "pass --replace to rebuild it, or choose another --name")
-    if final.exists():
-        check_owner(Image(name, final), "replace")
-    accel_name = accel.resolve(config.accel, tcg_cpu_features=config.vm.tcg_cpu_features)
-    if config.image.cloud_image is None:
-        load_recipe(config.image.recipe)  # a bad recipe fails before anything is built
-    elif not config.image.cloud_image.path.is_file():
-        raise ConfigError(f"image.cloud_image.path: {config.image.cloud_image.path} is not a file",
-                          "give the path of a qcow2 cloud image")
-    requirements = (load_requirements(config.provision.requirements, config.provision.pip.require_hashes)
-                    if config.provision.requirements else None)
-    load_ca_certificates(config.provision.ca_certificates)
-    prepare_root(state_dir)
-    logs = private_dir(state.home(state_dir).logs)
-    shared = is_shared(state_dir)
-    console_log = new_console_log(logs, name)
-
-    with ExitStack() as undo, ExitStack() as held:
-        work = state.building(state.images(state_dir), name, secrets.token_hex(4))
-        # In a shared store the group reads the image (store.py); QEMU only reaches files.
-        shared_dir(work) if shared else private_dir(work)
-        undo.callback(remove_tree, work)  # holds the share the provisioning guest wrote
-        claim(work)
-        link_dir(work / "link")
-        layer = _ensure_source(config, steps)
-        if not hold_layer(layer, held):  # 'vmiso gc --layers' removed it just now: build it again
-            layer = _ensure_source(config, steps)
-            if not hold_layer(layer, held):
-                raise ImageError(f"the OS layer {layer.key} keeps disappearing",
-                                 "do not run 'vmiso gc --layers' while provisioning")
-        with steps.step("keys", "client key and pinned host key"):
-            keys = _make_keys(work)
-            if shared:  # every member's runs log in with it
-                os.chmod(work / "client_key", 0o640)
-        # A cloud image's apt uses its own sources: read them (without booting it) for the allow-list.
-        apt_urls = read_apt_sources(layer, work) if config.image.cloud_image is not None else []
-        allowed = provisioning_allow_list(config, apt_urls, warn=True)
-        with steps.step("proxy", "the gateway, forwarding only to " + ", ".join(map(str, allowed))):
-            rules = allow.for_provisioning(allowed, config.provision.hosts_file)
-            gw = egress.Gateway.start(rules)
-            undo.callback(gw.close)
-        build = _Build(config, hv, name, steps, work, console_log, accel_name, gw)
-        try:
-            report = _boot_and_provision(build, layer, requirements, keys, undo)
-        except ProvisionError as err:
-            if refused := gateway.refused_hosts(gw.record.as_dict(rules)):
-                err.hint = (f"the gateway refused {', '.join(refused)}: a host not in the allow-list; "
-                            f"if the image needs it, add it to {allow.KEY}")
-            raise
-        gw.close()  # the VM is gone: nothing more can reach it
-        record = gateway.write_record(gw.record.as_dict(rules), allowed, work / gateway.RECORD)
-        with steps.step("template", "flatten, hash, make read-only"):
-            template = work / "template.qcow2"
-            try:
-                tools.run(tools.qemu_img_convert_argv(work / "disk.qcow2", "qcow2", template))
-            except ToolError as err:
-                raise ProvisionError("template", err.message) from None
-            os.chmod(template, 0o444)
-        with steps.step("check", "sshd, its config, vmiso's files and tini in the template, without booting it"):
-            sealcheck.check_template(template, layer, work)
-        with steps.step("inventory", "what runs at every Python start, read from the template"):
-            startup = inventory.read_template(template, layer.root_device, work).as_dict()
-        with steps.step("hash", "the template's sha256, the boot files"):
-            digest = sha256_file(template)
-            boot_sha256 = {}
-            for source, target in ((layer.kernel, "vmlinuz"), (layer.initramfs, "initramfs.img")):
-                shutil.copyfile(source, work / target)
-                os.chmod(work / target, 0o444)
-                boot_sha256[target] = sha256_file(work / target)
-            manifest = {
-                "name": name,
-                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "sha256": digest,
-                "template": template.name,
-                # What boots is checked like the template (store.boot_files).
-                "kernel_sha256": boot_sha256["vmlinuz"],
-                "initramfs_sha256": boot_sha256["initramfs.img"],
-                "source": _source(config, layer),
-                "root_device": layer.root_device,
-                "kernel": (layer.path / "kernel-release").read_text().strip(),
-                "python": _read_report(report, "python.txt").strip(),
-                "pip": _pairs(_read_report(report, "pip-freeze.txt"), "=="),
-                "apt": _pairs(_read_report(report, "dpkg.txt"), "\t"),
-                "requirements": {
-                    "file": str(requirements.path) if requirements else None,
-                    "sha256": sha256_file(requirements.path) if requirements else None,
-                    "hashed": requirements.has_hashes if requirements else False,
-                },
-                "gateway": {
-                    "record": gateway.RECORD,
-                    "sha256": sha256_file(work / gateway.RECORD),
-                    "allow_list": [str(a) for a in allowed],
-                    "refused": [item["host"] for item in record["refused"]],
-                },
-                # Read from the template whose sha256 is above: 'images verify' covers it.
-                "startup": startup,
-                "host_key": keys.host_public,
-                "accel": accel_name,
-                "vmiso": __version__,
-            }
-            shutil.copyfile(console_log, work / "provision.log")
-            for leftover in ("disk.qcow2", "seed", "link", "report", "report" + SHARE_FS_SUFFIX, OWNER_FILE):
-                if failures := remove_tree(work / leftover):
-                    raise ImageError(f"cannot remove {work / failures[0].path}: {failures[0].reason}")
-            (work / "host_key.pub").write_text(keys.host_public + "\n")
-            (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            os.chmod(work / MANIFEST, 0o644)
-            # The directory stays private (workdir.private_dir), or the group's in a shared
-            # store: the template holds the guest's SSH host key, and only QEMU and the
-            # image's users need to reach it.
-            install_dir(work, final, state.replaced(final))
-        undo.pop_all()  # complete: keep it
-    image = Image(name, final)
-    if record["refused"]:
-        log.warning("the gateway refused connections to %s during provisioning: install-time code tried to "
-                    "reach hosts outside the allow-list (see 'vmiso images show %s'; %s allows a host)",
-                    ", ".join(item["host"] for item in record["refused"]), name, allow.KEY)
-    try:
-        warm.make_warm_state(config, hv, image, steps, accel_name)
-    except VmisoError as err:  # runs boot cold without it: the image is still good
-        log.warning("image %s: no warm state (%s); runs will boot cold", image.name, err)
-    return image
