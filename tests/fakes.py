@@ -1,20 +1,30 @@
-"""Small hand-written fakes shared by the fast tests."""
+"""Small hand-written fakes shared by the fast tests, declared as what they stand in for.
+
+``FakeHypervisor`` is a vmiso.domain.Hypervisor and ``FakeSession`` a vmiso.ssh.Session:
+mypy checks both against those Protocols (pyproject's mypy files list this module), so
+a fake cannot drift from the seam it fakes.
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, BinaryIO, Literal
 
+from vmiso.clones.clone import CloneDir
+from vmiso.domain import DomainInfo, Hypervisor
 from vmiso.errors import HypervisorError
 from vmiso.image.store import Image, sha256_file
+from vmiso.ssh import JobExit, Session, Terminal
 
 VERSION = "libvirt 9.0, QEMU 7.2"
 
 
-class FakeHypervisor:
-    """The few Hypervisor methods a run uses; domains are names in a set."""
+class FakeHypervisor(Hypervisor):
+    """The hypervisor a run, a pool or a provisioning uses; domains are names in a set."""
 
     def __init__(self) -> None:
         self.running: set[str] = set()
@@ -28,7 +38,7 @@ class FakeHypervisor:
     def version(self) -> str:
         return VERSION
 
-    def vmiso_domains(self) -> list:
+    def vmiso_domains(self) -> list[DomainInfo]:
         return []
 
     def start_transient(self, name: str, xml: str, *, autodestroy: bool = True) -> None:
@@ -64,6 +74,86 @@ class FakeHypervisor:
             return False
         self.running.discard(name)
         return True
+
+    def destroy_run(self, name: str, run_dir: str) -> Literal["destroyed", "absent", "another run's"]:
+        return "destroyed" if self.destroy(name) else "absent"
+
+
+# A job as a fake session runs it: (the session, its stdout, its stderr) -> how it ended.
+Job = Callable[["FakeSession", BinaryIO, BinaryIO], "JobExit | None"]
+
+
+class FakePorts:
+    """Guest ports a fake session serves (or a port it published), until closed."""
+
+    closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakePublished(FakePorts):
+    def __init__(self, guest_port: int) -> None:
+        self.guest_port, self.host, self.host_port = guest_port, "127.0.0.2", 40000 + guest_port
+
+
+class FakeSession(Session):
+    """The guest's sshd, played by ``job``: it runs when the run executes its command."""
+
+    def __init__(self, clone: CloneDir, job: Job) -> None:
+        self.clone, self.job = clone, job
+        self.commands: list[str] = []
+        self.closed = False
+        self.stdin: BinaryIO | None = None
+        self.should_stop: Callable[[], bool] = lambda: False
+        self.signals: Callable[[], Any] = lambda: None
+        self.routes: Mapping[int, Callable[[Any], None]] = {}
+
+    def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *, stdin: BinaryIO | None = None,
+                deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False,
+                signals: Callable[[], Any] = lambda: None, terminal: Terminal | None = None,
+                on_start: Callable[[], None] = lambda: None) -> JobExit | None:
+        on_start()
+        self.commands.append(command)
+        self.stdin = stdin
+        self.should_stop = should_stop
+        self.signals = signals
+        return self.job(self, stdout, stderr)
+
+    def publish(self, guest_port: int) -> FakePublished:
+        return FakePublished(guest_port)
+
+    def serve_guest_ports(self, routes: Mapping[int, Callable[[Any], None]]) -> FakePorts:
+        """As the guest's sshd would: each route is called with a connection from the guest."""
+        self.routes = routes
+        return FakePorts()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeConnect:
+    """Stands in for ssh.connect: the guest "answers" with a FakeSession running ``job``."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.calls: list[dict[str, Any]] = []
+        self.sessions: list[FakeSession] = []
+
+    def __call__(self, socket_path: Path, **kwargs: Any) -> FakeSession:
+        self.calls.append(kwargs)
+        assert kwargs["alive"]()  # the VM runs while vmiso connects
+        session = FakeSession(CloneDir(socket_path.parent.parent), self.job)  # run/link/ssh.sock
+        self.sessions.append(session)
+        return session
+
+
+def exits(code: int, out: bytes = b"") -> Job:
+    """A job that writes ``out`` and exits with ``code``."""
+    def job(session: FakeSession, stdout: BinaryIO, stderr: BinaryIO) -> JobExit:
+        stdout.write(out)
+        return JobExit(code=code)
+    return job
 
 
 def make_image(state: Path, name: str = "x") -> Image:

@@ -15,7 +15,7 @@ import pytest
 from vmiso.domain import METADATA_NS, NAME_PREFIX
 from vmiso.errors import HypervisorError
 from vmiso.host import reaper, workdir
-from vmiso.hypervisor import Hypervisor, connected, open_hypervisor
+from vmiso.hypervisor import Libvirt, connected, open_hypervisor
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def new_name() -> str:
     return f"{NAME_PREFIX}test-{secrets.token_hex(4)}"
 
 
-def test_start_query_and_destroy(hv: Hypervisor):
+def test_start_query_and_destroy(hv: Libvirt):
     name = new_name()
     assert not hv.is_running(name)
     hv.start_transient(name, fake_domain_xml(name), autodestroy=False)
@@ -52,7 +52,7 @@ def test_start_query_and_destroy(hv: Hypervisor):
     assert not hv.destroy(name)  # gone already: not an error
 
 
-def test_shutdown_and_wait_stopped(hv: Hypervisor):
+def test_shutdown_and_wait_stopped(hv: Libvirt):
     name = new_name()
     hv.shutdown(name)  # nothing to shut down: not an error
     hv.start_transient(name, fake_domain_xml(name), autodestroy=False)
@@ -61,7 +61,7 @@ def test_shutdown_and_wait_stopped(hv: Hypervisor):
     hv.destroy(name)
 
 
-def test_wait_stopped_gives_up_after_its_timeout(hv: Hypervisor):
+def test_wait_stopped_gives_up_after_its_timeout(hv: Libvirt):
     name = new_name()
     hv.start_transient(name, fake_domain_xml(name), autodestroy=False)
     try:
@@ -70,7 +70,7 @@ def test_wait_stopped_gives_up_after_its_timeout(hv: Hypervisor):
         hv.destroy(name)
 
 
-def test_libvirt_errors_become_hypervisor_errors_that_name_the_vm(hv: Hypervisor, tmp_path: Path):
+def test_libvirt_errors_become_hypervisor_errors_that_name_the_vm(hv: Libvirt, tmp_path: Path):
     name = new_name()
     with pytest.raises(HypervisorError, match=f"libvirt could not start VM {name}: ") as err:
         hv.start_transient(name, "<domain/>")
@@ -83,7 +83,7 @@ def test_libvirt_errors_become_hypervisor_errors_that_name_the_vm(hv: Hypervisor
         hv.restore(name, tmp_path / "missing", fake_domain_xml(name))
 
 
-def test_save_stops_the_domain_and_keeps_its_xml(hv: Hypervisor, tmp_path: Path):
+def test_save_stops_the_domain_and_keeps_its_xml(hv: Libvirt, tmp_path: Path):
     name = new_name()
     hv.start_transient(name, fake_domain_xml(name), autodestroy=False)
     hv.save(name, tmp_path / "state.save")
@@ -91,7 +91,7 @@ def test_save_stops_the_domain_and_keeps_its_xml(hv: Hypervisor, tmp_path: Path)
     assert f"<name>{name}</name>" in hv.saved_xml(tmp_path / "state.save")
 
 
-def test_version_names_libvirt_and_the_hypervisor(hv: Hypervisor):
+def test_version_names_libvirt_and_the_hypervisor(hv: Libvirt):
     assert hv.version().startswith("libvirt ") and ", QEMU " in hv.version()
 
 
@@ -101,7 +101,7 @@ def test_a_bad_uri_says_how_to_fix_it():
     assert "libvirt_uri" in (err.value.hint or "")
 
 
-def test_vmiso_domains_only_and_with_their_metadata(hv: Hypervisor):
+def test_vmiso_domains_only_and_with_their_metadata(hv: Libvirt):
     mine, other = new_name(), f"other-{secrets.token_hex(4)}"
     hv.start_transient(mine, fake_domain_xml(mine, {"kind": "run", "run_dir": "/nowhere"}), autodestroy=False)
     hv.start_transient(other, fake_domain_xml(other), autodestroy=False)
@@ -114,7 +114,7 @@ def test_vmiso_domains_only_and_with_their_metadata(hv: Hypervisor):
         hv.destroy(other)
 
 
-def test_the_reaper_destroys_vms_whose_owner_is_gone_and_keeps_live_ones(hv: Hypervisor, tmp_path: Path):
+def test_the_reaper_destroys_vms_whose_owner_is_gone_and_keeps_live_ones(hv: Libvirt, tmp_path: Path):
     live_dir = tmp_path / "state" / "runs" / "live"
     live_dir.mkdir(parents=True)
     workdir.claim(live_dir)

@@ -31,7 +31,7 @@ from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
-from fakes import FakeHypervisor, make_image
+from fakes import FakeConnect, FakeHypervisor, make_image
 from vmharness import wait_for
 
 GREETING = b"SSH-2.0-OpenSSH_fake\r\n"
@@ -251,28 +251,18 @@ def test_a_run_takes_a_preloaded_clone_and_stages_its_inputs_once_ssh_is_up(conf
     data.write_text("a,b\n")
     seen: dict = {}
 
-    class Session:
-        def __init__(self, clone: Path) -> None:
-            self.clone = clone
-
-        def execute(self, command, stdout, stderr, **kwargs):
-            kwargs["on_start"]()
-            seen["in"] = (self.clone / "in" / "data.csv").read_text()  # there before the job starts
-            return JobExit(code=0)
-
-        def close(self) -> None:
-            pass
-
-    def connect(socket_path: Path, **kwargs) -> Session:
-        seen.update(kwargs)
-        return Session(socket_path.parent.parent)  # runs/pool-.../link/ssh.sock
+    def job(session, stdout, stderr):
+        seen["in"] = (session.clone.inputs / "data.csv").read_text()  # there before the job starts
+        return JobExit(code=0)
+    connect = FakeConnect(job)
     with pool_of(config, hv, image) as served:
         assert served.ready.wait(60)
         plan = plan_run(config, RunRequest(command=("true",), image="x", inputs=(data,)))
         result = run.run(plan, hv, io.BytesIO(), io.BytesIO(), connect=connect)
         assert result.boot == "preloaded" and result.exit_code == 0
         assert list(result.timings) == ["verify", "take", "connect", "stage", "exec", "teardown", "cleanup"]
-        assert seen["in"] == "a,b\n" and seen["link"] is not None and seen["hello"] is warm.hello
+        assert seen["in"] == "a,b\n" and connect.calls[0]["link"] is not None
+        assert connect.calls[0]["hello"] is warm.hello and connect.sessions[0].clone.path.name.startswith("pool-")
         wait_for(lambda: status(state)["served"] == 1 and status(state)["ready"] == 1, 30, "the pool to refill")
         assert [name for name in runs(state) if not name.startswith(protocol.CLONE_PREFIX)] == []
     assert not hv.running and runs(state) == []

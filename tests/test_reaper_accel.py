@@ -209,7 +209,7 @@ def test_a_leftover_vm_whose_name_was_reused_is_left_alone(tmp_path):
     # A killed run's restored clone keeps its warm slot's name; the next restore of that
     # slot (another run's, a pool's) takes the name on.  The reaper destroys only while the
     # domain is still the dead run's (Hypervisor.destroy_run), never by name alone.
-    from vmiso.hypervisor import DomainInfo
+    from vmiso.domain import DomainInfo
 
     dead = tmp_path / "runs" / "gone"
     dead.mkdir(parents=True)

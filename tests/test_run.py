@@ -19,14 +19,13 @@ import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from vmiso import config as config_mod, run
 from vmiso.clones import warm
-from vmiso.clones.clone import CloneDir, clone_spec, make_clone_dir
+from vmiso.clones.clone import clone_spec, make_clone_dir
 from vmiso.domain import domain_xml
 from vmiso.errors import GuestError, ImageError, OutputError, RunTimeout, VmisoError
 from vmiso.image.store import Image, remember
@@ -34,66 +33,9 @@ from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
-from fakes import VERSION, FakeHypervisor, make_image
+from fakes import VERSION, FakeConnect, FakeHypervisor, Job, exits, make_image
 
 MiB = 1024**2
-
-Job = Callable[[CloneDir, io.BytesIO, io.BytesIO], "JobExit | None"]
-
-
-class FakeSession:
-    def __init__(self, clone: CloneDir, job: Job) -> None:
-        self.clone, self.job = clone, job
-        self.commands: list[str] = []
-        self.closed = False
-
-    def execute(self, command, stdout, stderr, *, stdin=None, deadline=None, should_stop=lambda: False,
-                signals=lambda: None, terminal=None, on_start=lambda: None):
-        on_start()
-        self.commands.append(command)
-        self.stdin = stdin
-        self.should_stop = should_stop
-        self.signals = signals
-        return self.job(self, stdout, stderr)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def serve_guest_ports(self, routes):
-        """As the guest's sshd would: each route is called with a connection from the guest."""
-        self.routes = routes
-        return FakePorts()
-
-
-class FakePorts:
-    closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class FakeConnect:
-    """Stands in for ssh.connect: the guest "answers" with a FakeSession running ``job``."""
-
-    def __init__(self, job: Job) -> None:
-        self.job = job
-        self.calls: list[dict] = []
-        self.sessions: list[FakeSession] = []
-
-    def __call__(self, socket_path: Path, **kwargs) -> FakeSession:
-        self.calls.append(kwargs)
-        assert kwargs["alive"]()  # the VM runs while vmiso connects
-        session = FakeSession(CloneDir(socket_path.parent.parent), self.job)  # run/link/ssh.sock
-        self.sessions.append(session)
-        return session
-
-
-def exits(code: int, out: bytes = b"") -> Job:
-    def job(session, stdout, stderr):
-        stdout.write(out)
-        return JobExit(code=code)
-    return job
-
 
 @pytest.fixture
 def state(tmp_path: Path) -> Path:

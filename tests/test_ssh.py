@@ -375,7 +375,7 @@ class FakeClient:
 def test_a_link_that_breaks_while_the_job_runs_is_an_error():
     channel = FakeChannel()
     transport = FakeTransport(channel)
-    session = ssh.Session(FakeClient(transport), "vmiso-run-x")
+    session = ssh.SshSession(FakeClient(transport), "vmiso-run-x")
 
     def breaks() -> bool:
         channel.closed, transport.active = True, False
@@ -387,12 +387,12 @@ def test_a_link_that_breaks_while_the_job_runs_is_an_error():
 def test_a_channel_closed_without_a_status_reports_none():
     channel = FakeChannel()
     channel.closed = True
-    session = ssh.Session(FakeClient(FakeTransport(channel)), "vmiso-run-x")
+    session = ssh.SshSession(FakeClient(FakeTransport(channel)), "vmiso-run-x")
     assert session.execute("job", io.BytesIO(), io.BytesIO()) == ssh.JobExit()
 
 
 def test_a_job_that_cannot_start_is_a_guest_error():
-    session = ssh.Session(FakeClient(FakeTransport(None)), "vmiso-run-x")
+    session = ssh.SshSession(FakeClient(FakeTransport(None)), "vmiso-run-x")
     with pytest.raises(GuestError, match="cannot start the job in vmiso-run-x: administratively prohibited"):
         session.execute("job", io.BytesIO(), io.BytesIO())
 

@@ -14,9 +14,8 @@ from vmiso.errors import GuestError, ImageError
 from vmiso.image.store import Image
 from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
-from vmiso.ssh import JobExit
 
-from fakes import FakeHypervisor, make_image
+from fakes import FakeConnect, FakeHypervisor, exits, make_image
 
 KEY = warm.WarmKey.make(template_sha256="a" * 64, hypervisor="libvirt 9.0, QEMU 7.2", accel="tcg",
                         memory_mib=512, cpus=2, scratch_bytes=2 * 1024**3)
@@ -162,15 +161,8 @@ def test_build_saves_slots_that_a_run_then_restores(tmp_path):
     assert not hv.running and len(hv.destroyed) == 2
     assert not list(warm.warm_root(image).glob(".building-*"))
 
-    class Session:
-        def execute(self, command, stdout, stderr, **kwargs):
-            return warm_exit
-
-        def close(self):
-            pass
-    warm_exit = JobExit(code=0)
     result = run.run(plan_run(cfg, RunRequest(command=("true",), image="x")), hv, io.BytesIO(), io.BytesIO(),
-                     connect=lambda socket_path, **kwargs: Session())
+                     connect=FakeConnect(exits(0)))
     assert result.boot == "warm" and len(hv.restored) == 1
 
 

@@ -1,4 +1,6 @@
-"""A VM described as data, turned into libvirt domain XML with ElementTree.
+"""A VM described as data, turned into libvirt domain XML with ElementTree; and what vmiso asks of
+the hypervisor that runs it (``Hypervisor``, a Protocol: vmiso.hypervisor's libvirt connection is
+the real one, tests/fakes.py's the fake).
 
 No libvirt import here: the XML is a pure function of the spec, so it is tested
 against golden files that a reviewer can read.
@@ -9,10 +11,61 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Protocol
 
 METADATA_NS = "urn:vmiso:domain:1"
 NAME_PREFIX = "vmiso-"
 SSH_CHANNEL = "org.vmiso.ssh"
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """A domain the hypervisor runs (or holds), as vmiso's reaper sees it."""
+
+    name: str
+    active: bool
+    metadata: dict[str, str]
+
+
+class Hypervisor(Protocol):
+    """What vmiso asks of the hypervisor: the seam between its core and libvirt.
+
+    Every domain is named, its XML built here; a failure raises HypervisorError
+    saying what failed, with the VM's name.
+    """
+
+    def version(self) -> str:
+        """The hypervisor's and QEMU's versions, as a warm state's key records them."""
+        ...
+
+    def start_transient(self, name: str, xml: str, *, autodestroy: bool = True) -> None:
+        """Create and start a domain that exists only while it runs (and, with ``autodestroy``,
+        only while this connection is open)."""
+        ...
+
+    def is_running(self, name: str) -> bool: ...
+
+    def destroy(self, name: str) -> bool:
+        """Stop ``name`` at once and forget it; False when it did not exist."""
+        ...
+
+    def destroy_run(self, name: str, run_dir: str) -> Literal["destroyed", "absent", "another run's"]:
+        """Destroy ``name`` only while it is still the VM of ``run_dir`` (its metadata says so)."""
+        ...
+
+    def save(self, name: str, path: Path) -> None:
+        """Save a running domain's memory and device state to ``path``; the domain stops."""
+        ...
+
+    def saved_xml(self, path: Path) -> str: ...
+
+    def restore(self, name: str, path: Path, xml: str) -> None:
+        """Start ``name`` from a saved state, with ``xml`` (the saved one retargeted)."""
+        ...
+
+    def vmiso_domains(self) -> list[DomainInfo]:
+        """Every domain whose name marks it as vmiso's, with its metadata."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The libvirt connection: the one module that imports libvirt.
 
-Callers get a ``Hypervisor`` made from an open connection (``open_hypervisor``
-for a real URI, or any object with the same few methods in tests).  Every
-``libvirt.libvirtError`` is converted here, with the VM's name added.
+``Libvirt`` is the real vmiso.domain.Hypervisor (the Protocol the core asks for;
+tests hand in a fake), made from an open connection by ``open_hypervisor`` or
+``connected``.  Every ``libvirt.libvirtError`` is converted here, with the VM's
+name added.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import libvirt
 
-from .domain import NAME_PREFIX, metadata_of
+from .domain import NAME_PREFIX, DomainInfo, Hypervisor, metadata_of
 from .errors import HypervisorError
 
 log = logging.getLogger(__name__)
@@ -28,13 +28,6 @@ def _quiet(_ctx: object, _err: object) -> None:
 
 
 libvirt.registerErrorHandler(_quiet, None)
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    name: str
-    active: bool
-    metadata: dict[str, str]
 
 
 # Errors that mean the domain is gone, or was never running: not failures for the
@@ -58,7 +51,9 @@ def _libvirt(action: str, *, hint: str | None = None, tolerate: tuple[int, ...] 
         raise HypervisorError(f"{action}: {err.get_error_message()}", hint) from None
 
 
-class Hypervisor:
+class Libvirt(Hypervisor):
+    """A libvirt connection, as vmiso uses it."""
+
     def __init__(self, conn: libvirt.virConnect, uri: str) -> None:
         self.conn = conn
         self.uri = uri
@@ -181,15 +176,15 @@ class Hypervisor:
         return f"libvirt {lib // 1000000}.{lib // 1000 % 1000}, QEMU {qemu // 1000000}.{qemu // 1000 % 1000}"
 
 
-def open_hypervisor(uri: str) -> Hypervisor:
+def open_hypervisor(uri: str) -> Libvirt:
     with _libvirt(f"cannot connect to libvirt at {uri}",
                   hint="start the daemons (scripts/setup-host does) or set libvirt_uri in vmiso.yaml"):
         conn = libvirt.open(uri)
-    return Hypervisor(conn, uri)
+    return Libvirt(conn, uri)
 
 
 @contextmanager
-def connected(uri: str) -> Iterator[Hypervisor]:
+def connected(uri: str) -> Iterator[Libvirt]:
     hv = open_hypervisor(uri)
     try:
         yield hv

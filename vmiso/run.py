@@ -26,12 +26,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from . import accel, clones, ssh
 from .clones import warm
 from .clones.clone import CloneDir, make_clone_dir
-from .domain import NAME_PREFIX
+from .domain import NAME_PREFIX, Hypervisor
 from .errors import GuestError, Interrupted, RunTimeout, VmisoError
 from .host import outputs, reaper, state
 from .host.inputs import GUEST_IN, check_inputs, stage_inputs
@@ -41,9 +41,6 @@ from .network import allow, gateway as egress
 from .plan import RunPlan
 from .progress import Steps
 from .seed import RUN_USER
-
-if TYPE_CHECKING:
-    from .hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +318,7 @@ def _open_network(session: ssh.Session, rules: allow.Rules, image: Image, steps:
 
 
 def _publish(session: ssh.Session, ports: tuple[int, ...], on_published: Callable[[int, str], None],
-             cleanup: ExitStack) -> list[ssh.Published]:
+             cleanup: ExitStack) -> list[ssh.PublishedPort]:
     """Listen on the host's loopback for each guest port, until the job ends."""
     published = []
     for port in ports:

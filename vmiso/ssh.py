@@ -1,8 +1,10 @@
 """SSH to a guest over its virtio-serial link: the one module that imports paramiko.
 
-The host key is pinned (the public half recorded when the image was sealed);
-an unknown or different key is refused, never added.  No agent, no keys from
-``~/.ssh``: only the image's own client key.  Output is streamed as it arrives.
+``Session`` is what the core does over the link (a Protocol: ``connect`` makes the
+real one, an ``SshSession``; tests/fakes.py has a fake).  The host key is pinned
+(the public half recorded when the image was sealed); an unknown or different key
+is refused, never added.  No agent, no keys from ``~/.ssh``: only the image's own
+client key.  Output is streamed as it arrives.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 # paramiko's ssh_config reader imports invoke, when it can, for "Match exec" lines; vmiso
 # reads no ssh_config, and invoke (with unittest.mock and asyncio) cost 35 ms of every
@@ -104,7 +106,44 @@ def _pinned_key(line: str) -> paramiko.PKey:
         raise GuestError(f"the image's recorded host key is unreadable: {err}") from None
 
 
-class Session:
+class Closable(Protocol):
+    """What stays open until closed: a guest port served, a port published."""
+
+    def close(self) -> None: ...
+
+
+class PublishedPort(Closable, Protocol):
+    """A guest port reachable at ``host``:``host_port`` on this host's loopback (``Published``)."""
+
+    guest_port: int
+    host: str
+    host_port: int
+
+
+class Session(Protocol):
+    """What vmiso does over its SSH link to a guest: the seam between the core and paramiko."""
+
+    def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *, stdin: BinaryIO | None = None,
+                deadline: float | None = None, should_stop: Callable[[], bool] = ...,
+                signals: Callable[[], signal.Signals | None] = ..., terminal: Terminal | None = None,
+                on_start: Callable[[], None] = ...) -> JobExit | None:
+        """Run ``command``, streaming its output; how it ended, or None when stopped (``SshSession.execute``)."""
+        ...
+
+    def publish(self, guest_port: int) -> PublishedPort:
+        """Make 127.0.0.1:``guest_port`` in the guest reachable on a port of the host's loopback."""
+        ...
+
+    def serve_guest_ports(self, routes: Mapping[int, Callable[[paramiko.Channel], None]]) -> Closable:
+        """Connections the guest makes to its own 127.0.0.1:PORT served on this host by ``routes[PORT]``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SshSession(Session):
+    """A logged-in SSH connection to a guest (made by ``connect``)."""
+
     def __init__(self, client: paramiko.SSHClient, name: str) -> None:
         self._client = client
         self._name = name
@@ -522,7 +561,7 @@ def _handshake(sock: socket.socket, *, name: str, pinned: paramiko.PKey, key: pa
         if transport is None:
             raise paramiko.SSHException("the SSH transport closed at once")
         _with_exit_signals(transport)
-        return Session(client, name)
+        return SshSession(client, name)
     except paramiko.BadHostKeyException as err:
         client.close()
         raise HostKeyMismatch(

@@ -15,11 +15,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from ..domain import Hypervisor
 from . import watchdog
 from .clone import CloneDir, copy_boot_files
 
 if TYPE_CHECKING:
-    from ..hypervisor import Hypervisor
     from ..image.store import Image
     from ..plan import RunPlan
     from ..progress import Steps

@@ -29,12 +29,11 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import __version__, accel
 from ..accel import host_cpu_id
 from ..config import Config
-from ..domain import NAME_PREFIX, TCG_WITHHELD, Retarget, domain_name, domain_xml, guest_cpu, retarget
+from ..domain import NAME_PREFIX, TCG_WITHHELD, Hypervisor, Retarget, domain_name, domain_xml, guest_cpu, retarget
 from ..errors import GuestError, HypervisorError, ImageError
 from ..host import reaper, state
 from ..host.console import GuestLog
@@ -42,13 +41,9 @@ from ..host.workdir import OWNER_FILE, flocked, install_dir, private_dir, remove
 from ..image.store import MANIFEST, Image, check_file, remember
 from ..plan import RunPlan, RunRequest, plan_run
 from ..progress import Steps
-from .base import Booted
+from .base import Booted, CloneJob
 from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
-
-if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
-    from ..hypervisor import Hypervisor
-    from .base import CloneJob
-    from .watchdog import Watchdog
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 

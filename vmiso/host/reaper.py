@@ -20,15 +20,12 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ..domain import Hypervisor
 from ..errors import VmisoError
 from . import state
 from .tree import Failure
 from .workdir import owner_alive, pid_alive, remove_tree
-
-if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
-    from ..hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import __version__, accel, ssh, tools
 from ..clones import warm
 from ..config import Config, check_name, provisioning_allow_list
-from ..domain import NAME_PREFIX, Disk, DomainSpec, KernelBoot, Share, domain_xml
+from ..domain import NAME_PREFIX, Disk, DomainSpec, Hypervisor, KernelBoot, Share, domain_xml
 from ..errors import ConfigError, ImageError, ProvisionError, ToolError, VmisoError
 from ..host import state
 from ..host.console import GuestLog
@@ -59,9 +59,6 @@ from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sourc
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
 from .store import MANIFEST, Image, check_owner, is_shared, prepare_root, root_only, sha256_file
-
-if TYPE_CHECKING:  # the connection is passed in: importing this module needs no libvirt
-    from ..hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 

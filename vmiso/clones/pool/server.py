@@ -18,10 +18,10 @@ from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ... import accel, ssh, tools
 from ...config import Config
+from ...domain import Hypervisor
 from ...errors import ImageError, PoolError, VmisoError
 from ...host import state
 from ...host.workdir import OWNER_FILE, bounded_share_size, check_room, flocked, private_dir, remove_tree
@@ -31,9 +31,6 @@ from ...progress import Steps
 from .. import warm, watchdog
 from ..clone import CloneDir, copy_boot_files, make_clone_dir
 from .protocol import ANSWER_SECONDS, CLONE_PREFIX, TAKE_WAIT, PoolKey, receive, same_user, send
-
-if TYPE_CHECKING:
-    from ...hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 
