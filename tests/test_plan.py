@@ -49,3 +49,13 @@ def test_a_plan_is_frozen():
     plan = plan_run(config_mod.load(None, env={}), RunRequest(command=("true",)))
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.timeout = 1  # type: ignore[misc]
+
+
+def test_a_plan_executes_on_this_host_and_nowhere_vmiso_does_not_know():
+    from vmiso.execution import ThisHost, execution_for
+
+    plan = plan_run(config_mod.load(None, env={}), RunRequest(command=("true",)))
+    assert isinstance(execution_for(plan), ThisHost)
+    with pytest.raises(ConfigError, match="a run cannot execute on 'node-1'") as err:
+        execution_for(dataclasses.replace(plan, where="node-1"))
+    assert "runs execute on this host ('local')" in str(err.value)

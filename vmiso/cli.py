@@ -423,10 +423,10 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
              scratch: str | None, json_path: Path | None, cold: bool, accept_tool_files: bool,
              env_pairs: tuple[str, ...], env_file: Path | None, publish: tuple[int, ...],
              allow_hosts: tuple[str, ...], allow_tcp: tuple[str, ...], raw: bool) -> None:
+    from .execution import JobIO, execution_for
     from .host.outputs import open_record
-    from .hypervisor import connected
     from .plan import RunRequest, plan_run
-    from .run import Interruption, run as do_run
+    from .run import Interruption
 
     scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
     config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
@@ -453,10 +453,9 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     # this file at the end whatever is put at the path meanwhile.
     record_fd = open_record(json_path) if json_path is not None else None
     try:
-        with connected(plan.libvirt_uri) as hv, session:
-            result = do_run(plan, hv, session.stdout, session.stderr, steps,
-                            stdin=session.stdin, interruption=interruption, terminal=session.terminal,
-                            on_published=_say_published)
+        with session:
+            io = JobIO(session.stdout, session.stderr, session.stdin, session.terminal, _say_published)
+            result = execution_for(plan).execute(plan, io, steps, interruption)
         record = result.as_dict()
     except VmisoError as err:
         record.update(exit_code=err.exit_code, error=str(err), timings=dict(steps.timings))
