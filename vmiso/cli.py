@@ -384,7 +384,7 @@ def _job_options(command: Any) -> Any:
 @click.option("-t", "--tty", is_flag=True, help="give the job a pseudo-terminal (for interactive programs)")
 @click.argument("command", nargs=-1, required=True)
 @click.pass_context
-def run(ctx: click.Context, command: tuple[str, ...], tty: bool, **options: Any) -> None:
+def run(ctx: click.Context, /, command: tuple[str, ...], tty: bool, **options: Any) -> None:
     """Run COMMAND in a disposable clone of an image: offline, unless --allow-host or
     --allow-tcp names a service it may reach.
 
@@ -406,7 +406,7 @@ def run(ctx: click.Context, command: tuple[str, ...], tty: bool, **options: Any)
 @_job_options
 @click.argument("command", nargs=-1)
 @click.pass_context
-def shell(ctx: click.Context, command: tuple[str, ...], **options: Any) -> None:
+def shell(ctx: click.Context, /, command: tuple[str, ...], **options: Any) -> None:
     """An interactive shell (or COMMAND) on a pseudo-terminal in a disposable clone, offline unless told.
 
     \b
@@ -489,7 +489,7 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     ctx.exit(result.exit_code)
 
 
-def _say_network(record: dict, *, quiet: bool) -> None:
+def _say_network(record: dict[str, Any], *, quiet: bool) -> None:
     """One line for what the job reached (not with -q), and one for each place it was refused
     (always: something tried to phone home); the guest chose those names, shown neutralized."""
     def amount(n: int) -> str:
@@ -529,7 +529,7 @@ class _Session:
 
     def __init__(self, stdout: Any, stderr: Any, stdin: Any, terminal: Any) -> None:
         self.stdout, self.stderr, self.stdin, self.terminal = stdout, stderr, stdin, terminal
-        self._saved_mode: list | None = None
+        self._saved_mode: list[Any] | None = None
         self._finished = False
 
     @classmethod

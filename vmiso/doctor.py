@@ -15,7 +15,7 @@ from .config import Config
 from .errors import VmisoError
 from .host import reaper, state
 from .host.workdir import GROUP, SHARE_HELPER, check_share_helper, qemu_ids
-from .hypervisor import open_hypervisor
+from .hypervisor import Libvirt, open_hypervisor
 from .image.layer import cached_layers
 from .resources import data_dirs
 
@@ -144,7 +144,7 @@ def _loop_devices(control: Path = Path("/dev/loop-control")) -> Check:
                  "load the loop module (modprobe loop), or give the container loop devices")
 
 
-def run_checks(config: Config, connect: Callable = open_hypervisor) -> list[Check]:
+def run_checks(config: Config, connect: Callable[[str], Libvirt] = open_hypervisor) -> list[Check]:
     checks = _programs()
     checks.append(_loop_devices())
     checks.append(_data())

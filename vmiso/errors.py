@@ -7,6 +7,8 @@ nothing else in the library prints or exits.
 
 from __future__ import annotations
 
+from typing import Any
+
 # Exit codes of vmiso's own outcomes, chosen as timeout(1) and docker-run(1) do so
 # that scripts can tell them apart from the job's own exit code.
 EXIT_TIMEOUT = 124
@@ -18,8 +20,8 @@ class VmisoError(Exception):
     """Base class: a failure with a message meant for the user."""
 
     exit_code = EXIT_VMISO
-    network: dict | None = None  # a networked run's record up to the failure (network.gateway.Record.as_dict)
-    outputs: dict | None = None  # what a run that failed (a timeout) had written, checked and copied
+    network: dict[str, Any] | None = None  # a networked run's record up to the failure (network.gateway.Record.as_dict)
+    outputs: dict[str, Any] | None = None  # what a run that failed (a timeout) had written, checked and copied
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from . import accel, clones, ssh
 from .clones import warm
@@ -97,7 +97,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     outputs: outputs.OutputReport | None = None
     published: dict[int, str] = field(default_factory=dict)  # guest port -> "127.a.b.c:port" on this host
-    network: dict | None = None  # a networked run's record (network.gateway.Record.as_dict); None: offline
+    network: dict[str, Any] | None = None  # a networked run's record (network.gateway.Record.as_dict); None: offline
     hints: tuple[str, ...] = ()  # what vmiso's rules explain about a failure (failure_hints)
 
     def signal_message(self) -> tuple[str, str] | None:
@@ -113,7 +113,7 @@ class RunResult:
         }.get(self.signal, "")
         return f"the job was killed by {self.signal}", hint
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "image": self.image,
@@ -147,7 +147,7 @@ class Tail:
     def flush(self) -> None:
         self._stream.flush()
 
-    def __getattr__(self, name: str):  # fileno, isatty, ...: the stream's own
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, ...: the stream's own
         return getattr(self._stream, name)
 
 

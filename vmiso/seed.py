@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -69,13 +70,13 @@ def _port_written(url: str) -> str:
     return parts._replace(netloc=f"{parts.netloc}:80").geturl()
 
 
-def _write_file(path: str, content: str, permissions: str = "0644") -> dict:
+def _write_file(path: str, content: str, permissions: str = "0644") -> dict[str, Any]:
     return {"path": path, "content": content, "owner": "root:root", "permissions": permissions}
 
 
-def user_data(inputs: SeedInputs) -> dict:
+def user_data(inputs: SeedInputs) -> dict[str, Any]:
     template = cloud_init_dir() / "user-data.yaml"
-    data = yaml.safe_load(template.read_text(encoding="utf-8"))
+    data: dict[str, Any] = yaml.safe_load(template.read_text(encoding="utf-8"))
     script = (cloud_init_dir() / "provision.sh").read_text(encoding="utf-8")
     for user in data["users"]:
         if user["name"] == RUN_USER:

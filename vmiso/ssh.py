@@ -446,7 +446,7 @@ def _pump(source: BinaryIO, channel: paramiko.Channel) -> None:
 
 
 def _job_exit(channel: paramiko.Channel) -> JobExit:
-    by_signal = getattr(channel, "vmiso_exit", None)
+    by_signal: JobExit | None = getattr(channel, "vmiso_exit", None)
     if by_signal is not None:
         return by_signal
     status = channel.recv_exit_status()

@@ -91,7 +91,7 @@ def log_tail(path: Path, lines: int = 8) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
-Detached = subprocess.Popen
+Detached = subprocess.Popen[bytes]
 
 
 def start_detached(argv: Sequence[str], env: dict[str, str] | None = None) -> Detached:
@@ -167,8 +167,9 @@ def qemu_img_info_argv(image: Path) -> list[str]:
     return ["qemu-img", "info", "--output=json", "-U", str(image)]
 
 
-def qemu_img_info(image: Path) -> dict:
-    return json.loads(run(qemu_img_info_argv(image)))
+def qemu_img_info(image: Path) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(run(qemu_img_info_argv(image)))
+    return info
 
 
 # --- OS layer ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import __version__, accel
 from ..accel import host_cpu_id
@@ -253,7 +254,7 @@ def acquire(image: Image, key: WarmKey, stack: ExitStack) -> tuple[Slot | None, 
     return None, "no usable warm state: " + "; ".join(reasons)
 
 
-def _differs(info: dict, key: WarmKey) -> list[str]:
+def _differs(info: dict[str, Any], key: WarmKey) -> list[str]:
     wanted = dataclasses.asdict(key)
     return [k for k in wanted if info.get(k) != wanted[k]]
 

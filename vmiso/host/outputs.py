@@ -20,6 +20,7 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import OutputError
 from . import tree
@@ -76,7 +77,7 @@ class OutputReport:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in self.files],
             "refused": [{"path": p, "reason": r} for p, r in self.refused],

@@ -20,6 +20,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import tools
 from ..config import CloudImage
@@ -59,7 +60,7 @@ class Partition:
         return "/dev/vda" if self.number is None else f"/dev/vda{self.number}"
 
 
-def partitions(table: dict | None) -> list[Partition]:
+def partitions(table: dict[str, Any] | None) -> list[Partition]:
     """The partitions of ``sfdisk --json`` output; a disk without a table is one filesystem."""
     if table is None:
         return [Partition(None, 0)]

@@ -21,12 +21,14 @@ import hashlib
 import io
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import tools
 from ..errors import ImageError, ToolError
-from ..host.tree import walk
+from ..host.tree import DirPath, walk
 from ..host.workdir import remove_tree
 from .cloud import DebugfsDisk, root_partition, safe_path
 
@@ -44,15 +46,17 @@ SHOWN_LINE = 200  # characters of a .pth line kept in the record
 
 @dataclass
 class Inventory:
-    pth: list[dict] = field(default_factory=list)  # {"path", "sha256", "executes": [lines]}
-    startup_modules: list[dict] = field(default_factory=list)  # sitecustomize/usercustomize: {"path", "sha256"}
-    native: list[dict] = field(default_factory=list)  # {"path", "sha256", "size", "distribution"}
+    pth: list[dict[str, Any]] = field(default_factory=list)  # {"path", "sha256", "executes": [lines]}
+    # sitecustomize/usercustomize: {"path", "sha256"}
+    startup_modules: list[dict[str, Any]] = field(default_factory=list)
+    native: list[dict[str, Any]] = field(default_factory=list)  # {"path", "sha256", "size", "distribution"}
     unlisted: list[str] = field(default_factory=list)  # venv files no RECORD lists
-    tampered: list[dict] = field(default_factory=list)  # {"path", "distribution", "why"}
-    entry_points: list[dict] = field(default_factory=list)  # console scripts: {"name", "target", "distribution"}
+    tampered: list[dict[str, Any]] = field(default_factory=list)  # {"path", "distribution", "why"}
+    # console scripts: {"name", "target", "distribution"}
+    entry_points: list[dict[str, Any]] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # what could not be read from the copy
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"pth": self.pth, "startup_modules": self.startup_modules, "native": self.native,
                 "unlisted": self.unlisted, "tampered": self.tampered, "entry_points": self.entry_points,
                 "unreadable": self.unreadable}
@@ -103,7 +107,7 @@ class _File:
     data: bytes | None  # kept for small files that matter (.pth, RECORD, entry_points.txt)
 
 
-def _files(root: Path, keep) -> tuple[dict[str, _File], list[str], list[str]]:
+def _files(root: Path, keep: Callable[[str], int | None]) -> tuple[dict[str, _File], list[str], list[str]]:
     """Every regular file below ``root`` by descriptor; (files, symbolic links, unreadable)."""
     files: dict[str, _File] = {}
     links: list[str] = []
@@ -111,7 +115,7 @@ def _files(root: Path, keep) -> tuple[dict[str, _File], list[str], list[str]]:
     if not root.is_dir():
         return files, links, unreadable
 
-    def failed(where, name, err):
+    def failed(where: DirPath, name: str | None, err: OSError) -> None:
         unreadable.append(where.path(name) if name is not None else (where.path() or "."))
 
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -299,7 +303,7 @@ def read_template(template: Path, root_device: str, work: Path) -> Inventory:
         remove_tree(check)
 
 
-def summary_lines(inventory: dict) -> list[str]:
+def summary_lines(inventory: dict[str, Any]) -> list[str]:
     """What an analyst reads first about a template, one line each."""
     lines = []
     running = [p for p in inventory.get("pth", []) if p["executes"]]

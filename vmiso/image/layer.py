@@ -99,7 +99,8 @@ def recipe_path(recipe: str) -> Path:
 def load_recipe(recipe: str) -> Recipe:
     path = recipe_path(recipe)
     try:
-        return from_mapping(Recipe, load_yaml(path), "recipe", path.parent)
+        recipe_: Recipe = from_mapping(Recipe, load_yaml(path), "recipe", path.parent)
+        return recipe_
     except ConfigError as err:
         if err.message.startswith(str(path)):
             raise

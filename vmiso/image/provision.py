@@ -557,7 +557,7 @@ def _follow_guest(build: _Build, domain: str, report: Path, open_way: Callable[[
 # --- the OS layer ---------------------------------------------------------------------------
 
 
-def _source(config: Config, layer: Layer) -> dict:
+def _source(config: Config, layer: Layer) -> dict[str, Any]:
     cloud = config.image.cloud_image
     if cloud is not None:
         return {"cloud_image": str(cloud.path), "sha256": cloud.sha256, "layer": layer.key}

@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import check_name
 from ..errors import ImageError
@@ -74,16 +75,17 @@ class Image:
     @property
     def root_device(self) -> str:
         """The clone's root filesystem: the whole disk, or a cloud image's partition."""
-        return self.manifest().get("root_device", "/dev/vda")
+        return str(self.manifest().get("root_device", "/dev/vda"))
 
     def read(self, name: str) -> str:
         """One of the image's own files, never through a symbolic link: another member's
         image is theirs to shape, and root's vmiso reads it too."""
         return read_no_link(self.path / name).decode()
 
-    def manifest(self) -> dict:
+    def manifest(self) -> dict[str, Any]:
         try:
-            return json.loads(self.read(MANIFEST))
+            manifest: dict[str, Any] = json.loads(self.read(MANIFEST))
+            return manifest
         except (OSError, ValueError) as err:
             raise ImageError(f"image {self.name}: manifest unreadable ({err})",
                              f"provision it again: vmiso provision --name {self.name} --replace") from None
@@ -199,7 +201,7 @@ def _cache_paths(path: Path) -> list[Path]:
     return [beside, state.home(image.state_dir).sha256 / f"{image.name}{_SHA_CACHE}"]
 
 
-def _read_cache(cache_path: Path) -> dict:
+def _read_cache(cache_path: Path) -> dict[str, Any]:
     try:
         cache = json.loads(read_no_link(cache_path))
     except (OSError, ValueError):
@@ -350,7 +352,7 @@ def copy_verified(source: Path, target: Path, expected: str, *, what: str, fix: 
         raise ImageError(f"{what} was changed: its sha256 is {digest.hexdigest()}, not the recorded {expected}", fix)
 
 
-def summary(image: Image) -> dict:
+def summary(image: Image) -> dict[str, Any]:
     manifest = image.manifest()
     return {
         "name": image.name,

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import ConfigError
 from .allow import PROXY_PORT, Allowed, Rules, TcpRoute
@@ -171,13 +171,13 @@ class Record:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.entries: list[dict] = []
-        self._live: dict[int, dict] = {}
-        self._folded: dict[tuple, dict] = {}
+        self.entries: list[dict[str, Any]] = []
+        self._live: dict[int, dict[str, Any]] = {}
+        self._folded: dict[tuple[Any, ...], dict[str, Any]] = {}
         self.dropped = 0
         self.empty = 0
 
-    def open(self, kind: str, guest_port: int) -> dict:
+    def open(self, kind: str, guest_port: int) -> dict[str, Any]:
         entry = {"time": round(time.time(), 3), "kind": kind, "guest_port": guest_port, "method": "-",
                  "host": "-", "port": None, "outcome": "empty", "allowed": False, "reason": None,
                  "upstream": None, "sni": None, "bytes_from_guest": 0, "bytes_to_guest": 0}
@@ -185,7 +185,7 @@ class Record:
             self._live[id(entry)] = entry
         return entry
 
-    def finish(self, entry: dict) -> None:
+    def finish(self, entry: dict[str, Any]) -> None:
         for key in ("method", "host", "reason", "sni"):
             if isinstance(entry[key], str) and len(entry[key]) > FIELD_MAX:
                 entry[key] = entry[key][:FIELD_MAX] + "..."
@@ -209,13 +209,13 @@ class Record:
                 row["bytes_from_guest"] += entry["bytes_from_guest"]
                 row["bytes_to_guest"] += entry["bytes_to_guest"]
 
-    def connections(self) -> tuple[list[dict], int]:
+    def connections(self) -> tuple[list[dict[str, Any]], int]:
         """A copy of every connection kept (those still open included), and how many more were summed."""
         with self._lock:
             live = [dict(e) for e in self._live.values() if e["outcome"] != "empty"]
             return [dict(e) for e in self.entries] + live, self.dropped
 
-    def as_dict(self, rules: Rules) -> dict:
+    def as_dict(self, rules: Rules) -> dict[str, Any]:
         entries, dropped = self.connections()
         with self._lock:
             folded = [dict(row) for row in self._folded.values()]
@@ -225,7 +225,7 @@ class Record:
                 **summarize(entries + folded), "empty": empty}
 
 
-def _refuse(entry: dict, reason: str) -> None:
+def _refuse(entry: dict[str, Any], reason: str) -> None:
     entry.update(outcome="refused", allowed=False, reason=reason)
 
 
@@ -245,7 +245,7 @@ class _Bad(Exception):
     """The guest sent something that is not a request the gateway reads."""
 
 
-def _read_head(guest: Stream, entry: dict) -> tuple[bytes, bytes]:
+def _read_head(guest: Stream, entry: dict[str, Any]) -> tuple[bytes, bytes]:
     """The request's head (through the blank line) and whatever came after it."""
     data = b""
     deadline = time.monotonic() + READ_SECONDS
@@ -358,7 +358,7 @@ def _host_name(data: bytes) -> str | None:
     return text.lower().rstrip(".") if text.isprintable() and text else None
 
 
-def _read_record(guest: Stream, entry: dict) -> bytes:
+def _read_record(guest: Stream, entry: dict[str, Any]) -> bytes:
     """One TLS record from the guest (at most HELLO_MAX bytes of body), within READ_SECONDS."""
     data = b""
     deadline = time.monotonic() + READ_SECONDS
@@ -393,7 +393,7 @@ class Gateway:
     resolver: Resolver
     record: Record = field(default_factory=Record)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _ends: set = field(default_factory=set)
+    _ends: set[Any] = field(default_factory=set[Any])
     _closed: bool = False
 
     @classmethod
@@ -460,7 +460,7 @@ class Gateway:
             self._release(guest, *(() if upstream is None else (upstream,)))
             self.record.finish(entry)
 
-    def _proxy(self, guest: Stream, entry: dict) -> socket.socket | None:
+    def _proxy(self, guest: Stream, entry: dict[str, Any]) -> socket.socket | None:
         head, rest = _read_head(guest, entry)
         method, target, headers = _parse_head(head)
         entry["method"] = method
@@ -503,7 +503,7 @@ class Gateway:
             return self._tunnel(guest, entry, host, port, rest)
         return self._plain(guest, entry, method, host, port, "/" + path, headers, rest)
 
-    def _resolve(self, guest: Stream, entry: dict, host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
+    def _resolve(self, guest: Stream, entry: dict[str, Any], host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
         """The addresses to try, or [] with the refusal or failure recorded and answered."""
         try:
             return self.resolver.resolve(host, port)
@@ -515,7 +515,7 @@ class Gateway:
             _answer(guest, entry, 502, f"vmiso: {host}:{port} {err}")
         return []
 
-    def _open(self, guest: Stream, entry: dict, host: str, port: int,
+    def _open(self, guest: Stream, entry: dict[str, Any], host: str, port: int,
               addresses: list[tuple[int, tuple[str, int]]], *, answer: bool = True) -> socket.socket | None:
         errors = []
         for family, address in addresses:
@@ -539,11 +539,11 @@ class Gateway:
             _answer(guest, entry, 502, f"vmiso: {host}:{port} did not answer")
         return None
 
-    def _connect(self, guest: Stream, entry: dict, host: str, port: int) -> socket.socket | None:
+    def _connect(self, guest: Stream, entry: dict[str, Any], host: str, port: int) -> socket.socket | None:
         addresses = self._resolve(guest, entry, host, port)
         return self._open(guest, entry, host, port, addresses) if addresses else None
 
-    def _tunnel(self, guest: Stream, entry: dict, host: str, port: int, rest: bytes) -> socket.socket | None:
+    def _tunnel(self, guest: Stream, entry: dict[str, Any], host: str, port: int, rest: bytes) -> socket.socket | None:
         """The service is connected to only once the tunnel's ClientHello has named it: a tunnel
         that asks for another site reaches nothing, not even a TCP handshake."""
         if rest:
@@ -571,7 +571,7 @@ class Gateway:
         _splice(guest, conn, entry)
         return conn
 
-    def _plain(self, guest: Stream, entry: dict, method: str, host: str, port: int, path: str,
+    def _plain(self, guest: Stream, entry: dict[str, Any], method: str, host: str, port: int, path: str,
                headers: list[tuple[bytes, bytes]], rest: bytes) -> socket.socket | None:
         named = host if port == 80 else f"{host}:{port}"
         length: int | None = None
@@ -623,11 +623,11 @@ class Gateway:
             self.record.finish(entry)
 
 
-def _fail(entry: dict, reason: str) -> None:
+def _fail(entry: dict[str, Any], reason: str) -> None:
     entry.update(outcome="failed", allowed=True, reason=reason)
 
 
-def _send(guest: Stream, entry: dict, data: bytes) -> None:
+def _send(guest: Stream, entry: dict[str, Any], data: bytes) -> None:
     try:
         guest.sendall(data)
     except (OSError, EOFError):
@@ -635,7 +635,7 @@ def _send(guest: Stream, entry: dict, data: bytes) -> None:
     entry["bytes_to_guest"] += len(data)
 
 
-def _answer(guest: Stream, entry: dict, status: int, message: str) -> None:
+def _answer(guest: Stream, entry: dict[str, Any], status: int, message: str) -> None:
     """An error page that says what vmiso refused and names nothing of this host."""
     if entry["kind"] != "proxy":
         return
@@ -658,7 +658,7 @@ def _close(end: Stream | socket.socket) -> None:
         pass
 
 
-def _splice(guest: Stream, conn: socket.socket, entry: dict, upload: int | None = None) -> None:
+def _splice(guest: Stream, conn: socket.socket, entry: dict[str, Any], upload: int | None = None) -> None:
     """Copy both ways, counting, until both directions end.  ``upload``: copy only that many
     more bytes from the guest (a plain request's body), then nothing more of what it sends."""
     def up() -> None:

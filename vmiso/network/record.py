@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from ..errors import ImageError
 from .allow import Allowed
@@ -25,19 +26,19 @@ RECORD = "gateway.json"
 OUTCOMES = ("contacted", "refused", "malformed", "failed", "empty")
 
 
-def _target(entry: dict) -> str:
+def _target(entry: dict[str, Any]) -> str:
     return f"{entry['host']}:{entry['port']}" if entry["port"] is not None else entry["host"]
 
 
-def summarize(entries: list[dict]) -> dict:
+def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
     """Per outcome, one row per host:port and method, with request counts, bytes and upstream addresses.
 
     "refused" holds the malformed requests too (host "-" when the gateway read none): only a
     request the gateway forwarded to an upstream address counts as contact.  "empty" counts the
     connections that sent nothing: they asked for nothing and reached nothing.
     """
-    def rows(outcomes: tuple[str, ...]) -> list[dict]:
-        seen: dict[tuple[str, str], dict] = {}
+    def rows(outcomes: tuple[str, ...]) -> list[dict[str, Any]]:
+        seen: dict[tuple[str, str], dict[str, Any]] = {}
         for e in entries:
             if e.get("outcome", "contacted" if e.get("allowed") else "refused") not in outcomes:
                 continue
@@ -55,7 +56,7 @@ def summarize(entries: list[dict]) -> dict:
             "failed": rows(("failed",)), "empty": sum(1 for e in entries if e.get("outcome") == "empty")}
 
 
-def write_record(record: dict, allowed: Iterable[Allowed], target: Path) -> dict:
+def write_record(record: dict[str, Any], allowed: Iterable[Allowed], target: Path) -> dict[str, Any]:
     """A gateway's record (egress.Record.as_dict) as the image's record (JSON): every connection,
     the rows of those past the kept count, how many sent nothing, and the allow-list; its summary."""
     connections = record["connections"] + record["not_kept_rows"]
@@ -66,7 +67,7 @@ def write_record(record: dict, allowed: Iterable[Allowed], target: Path) -> dict
     return {**summarize(connections), "empty": record["empty"]}
 
 
-def refused_hosts(record: dict) -> list[str]:
+def refused_hosts(record: dict[str, Any]) -> list[str]:
     """The places a gateway refused, by name, once each (egress.Record.as_dict's summary)."""
     shown: list[str] = []
     for item in record["refused"]:
@@ -76,7 +77,7 @@ def refused_hosts(record: dict) -> list[str]:
     return shown
 
 
-def image_record(image_dir: Path, manifest: dict) -> dict | None:
+def image_record(image_dir: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The record's summary from the manifest, after checking the file against its digest there."""
     entry = manifest.get("gateway")
     if not entry:

@@ -12,6 +12,7 @@ import socket
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ...errors import PoolError
 from ...host import reaper, state
@@ -92,7 +93,7 @@ def confirm(offer: Offer) -> None:
         raise PoolError(f"the pool did not hand over clone {offer.clone.path.name}")
 
 
-def request(state_dir: Path, image: str, op: str, timeout: float = 10) -> dict | None:
+def request(state_dir: Path, image: str, op: str, timeout: float = 10) -> dict[str, Any] | None:
     """Ask a running pool ``op`` ("status", "stop"); None when no pool for ``image`` runs."""
     path = state.home(state_dir).pool_socket(image)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

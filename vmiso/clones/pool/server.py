@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ... import accel, ssh, tools
 from ...config import Config
@@ -252,7 +253,7 @@ class Pool:
             if not kept:
                 self._drop(made, "stale before it was ready")
 
-    def _take(self, wanted: dict) -> Preloaded | str:
+    def _take(self, wanted: dict[str, Any]) -> Preloaded | str:
         """An idle clone for a run whose key is ``wanted``, or why there is none."""
         deadline = time.monotonic() + TAKE_WAIT
         with self.changed:
@@ -272,7 +273,7 @@ class Pool:
                     return "no clone is ready"
                 self.changed.wait(deadline - time.monotonic())
 
-    def hand_out(self, conn: socket.socket, wanted: dict) -> None:
+    def hand_out(self, conn: socket.socket, wanted: dict[str, Any]) -> None:
         """Give one clone to the run at ``conn`` (see the module's three steps)."""
         made = self._take(wanted)
         if isinstance(made, str):
@@ -326,7 +327,7 @@ class Pool:
         for made in idle:
             self._drop(made, "the pool stopped")
 
-    def status_dict(self) -> dict:
+    def status_dict(self) -> dict[str, Any]:
         with self.changed:
             self.status.ready = len(self.ready)
         return {**dataclasses.asdict(self.status), "making": self.making}
