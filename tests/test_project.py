@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-CORE = ["vmiso.config", "vmiso.domain", "vmiso.hypervisor", "vmiso.seed", "vmiso.ssh", "vmiso.plan", "vmiso.run",
+CORE = ["vmiso.config", "vmiso.domain", "vmiso.hypervisor", "vmiso.image.seed", "vmiso.ssh", "vmiso.plan", "vmiso.run",
         "vmiso.host.inputs", "vmiso.host.outputs", "vmiso.host.tree", "vmiso.host.reaper", "vmiso.host.workdir",
         "vmiso.doctor", "vmiso.clones", "vmiso.clones.warm", "vmiso.clones.pool.server", "vmiso.clones.pool.client",
         "vmiso.image.provision", "vmiso.image.store", "vmiso.image.layer", "vmiso.image.initramfs",

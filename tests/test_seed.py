@@ -3,7 +3,7 @@ import yaml
 
 from vmiso.config import PipOptions
 from vmiso.errors import ConfigError
-from vmiso.seed import SeedInputs, provision_env, render_meta_data, render_user_data
+from vmiso.image.seed import SeedInputs, provision_env, render_meta_data, render_user_data
 
 
 def inputs(**changes) -> SeedInputs:

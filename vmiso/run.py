@@ -36,11 +36,11 @@ from .errors import GuestError, Interrupted, RunTimeout, VmisoError
 from .host import outputs, reaper, state
 from .host.inputs import GUEST_IN, check_inputs, stage_inputs
 from .host.workdir import bounded_share_size, check_room, private_dir, share_full
+from .image.seed import RUN_USER
 from .image.store import Image, get_image, verified_sha256
 from .network import allow, gateway as egress
 from .plan import RunPlan
 from .progress import Steps
-from .seed import RUN_USER
 
 log = logging.getLogger(__name__)
 

@@ -53,11 +53,11 @@ from ..host.workdir import (
 )
 from ..network import allow, gateway as egress, record as gateway_record
 from ..progress import Steps
-from ..seed import RUN_USER, SeedInputs, write_seed
 from . import inventory, sealcheck
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sources
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
+from .seed import RUN_USER, SeedInputs, write_seed
 from .store import MANIFEST, Image, check_owner, is_shared, prepare_root, root_only, sha256_file
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from . import tools
-from .config import PipOptions, check_apt_packages
-from .resources import cloud_init_dir
+from .. import tools
+from ..config import PipOptions, check_apt_packages
+from ..resources import cloud_init_dir
 
 RUN_USER = "vmiso"
 
