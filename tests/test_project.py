@@ -22,7 +22,7 @@ def test_core_imports_without_click():
 
 
 def test_one_module_per_outside_dependency(repo):
-    owners = {"libvirt": {"hypervisor.py"}, "paramiko": {"ssh.py"}, "click": {"cli.py"},
+    owners = {"libvirt": {"hypervisor.py"}, "paramiko": {"ssh.py"}, "click": {"cli.py"}, "yaml": {"config.py"},
               "subprocess": {"tools.py", "sharemount.py"}}  # sharemount.py is a program of its own
     for path in (repo / "vmiso").rglob("*.py"):
         text = path.read_text()
@@ -158,3 +158,25 @@ def test_the_configuration_imports_nothing_while_it_checks(repo):
             for inner in ast.walk(node) if isinstance(inner, (ast.Import, ast.ImportFrom))]
     assert lazy == []
     assert "vmiso.network.gateway" not in _module_imports(repo)["vmiso.config"]
+
+
+# The wings (packages) and the modules at the top of vmiso/: what README's "How vmiso is built"
+# describes.  A new module goes into a wing, or is a leaf for one more outside dependency.
+WINGS = {"clones", "host", "image", "network"}
+TOP = {"__init__", "__main__", "cli", "terminal", "doctor", "plan", "run", "execution",  # commands, run
+       "config", "hypervisor", "ssh", "tools", "domain", "accel", "resources",  # leaves
+       "errors", "progress"}  # shared by every wing
+
+
+def test_the_layout_shows_the_wings(repo):
+    root = repo / "vmiso"
+    wings = {p.name for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    top = {p.stem for p in root.glob("*.py")}
+    assert (wings, top) == (WINGS, TOP)
+    readme = (repo / "README.md").read_text()
+    built = readme[readme.index("## How vmiso is built"):]
+    built = built[:built.index("\n## ", 1)]
+    for name in sorted(WINGS):
+        assert f"{name}/" in built, name
+    for name in sorted(TOP - {"__init__", "__main__"}):
+        assert f"{name}.py" in built, name

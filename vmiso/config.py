@@ -247,6 +247,12 @@ def from_mapping(cls: type, data: Any, where: str, base_dir: Path) -> Any:
     return _build(cls, data, where, base_dir)
 
 
+def dump_yaml(data: Any, **options: Any) -> str:
+    """``yaml.safe_dump`` of ``data`` (built as dicts and lists, never assembled from strings)."""
+    text: str = yaml.safe_dump(data, **options)
+    return text
+
+
 def load_yaml(path: Path) -> Any:
     """``yaml.safe_load`` of ``path``, with errors that name the file and line."""
     try:

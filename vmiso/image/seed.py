@@ -2,7 +2,8 @@
 
 The static part of the user-data is ``cloud-init/user-data.yaml``; the parts that
 differ per image are added here as dicts and everything is written with
-``yaml.safe_dump``.  No YAML is ever assembled from strings.
+``yaml.safe_dump`` (through vmiso.config, the one module that imports yaml).  No
+YAML is ever assembled from strings.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from .. import tools
-from ..config import PipOptions, check_apt_packages
+from ..config import PipOptions, check_apt_packages, dump_yaml, load_yaml
 from ..resources import cloud_init_dir
 
 RUN_USER = "vmiso"
@@ -76,7 +75,7 @@ def _write_file(path: str, content: str, permissions: str = "0644") -> dict[str,
 
 def user_data(inputs: SeedInputs) -> dict[str, Any]:
     template = cloud_init_dir() / "user-data.yaml"
-    data: dict[str, Any] = yaml.safe_load(template.read_text(encoding="utf-8"))
+    data: dict[str, Any] = load_yaml(template)
     script = (cloud_init_dir() / "provision.sh").read_text(encoding="utf-8")
     for user in data["users"]:
         if user["name"] == RUN_USER:
@@ -97,11 +96,11 @@ def user_data(inputs: SeedInputs) -> dict[str, Any]:
 
 
 def render_user_data(inputs: SeedInputs) -> str:
-    return "#cloud-config\n" + yaml.safe_dump(user_data(inputs), sort_keys=False, width=1000)
+    return "#cloud-config\n" + dump_yaml(user_data(inputs), sort_keys=False, width=1000)
 
 
 def render_meta_data(inputs: SeedInputs) -> str:
-    return yaml.safe_dump({"instance-id": inputs.instance_id, "local-hostname": inputs.hostname})
+    return dump_yaml({"instance-id": inputs.instance_id, "local-hostname": inputs.hostname})
 
 
 def write_seed(inputs: SeedInputs, directory: Path) -> Path:
