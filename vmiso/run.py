@@ -219,34 +219,18 @@ def run(plan: RunPlan, hv: Hypervisor, stdout: BinaryIO, stderr: BinaryIO, steps
         vm = clones.bring_up(clones.ways_for(plan), clones.CloneJob(
             hv, plan, image, key, f"{NAME_PREFIX}run-{run_id}", steps, cleanup,
             stage=lambda: _stage(plan, run_id, key, input_bytes, steps, cleanup)))
-        clone = vm.clone
         session = _connect(hv, vm, image, plan, connect, steps, cleanup)
         if not vm.inputs_staged:
-            with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
-                check_room(clone.inputs, 0, 0, input_bytes)
-                stage_inputs(plan.inputs, clone.inputs, plan.input_limits)
+            _stage_inputs(plan, vm.clone, input_bytes, steps)
         gateway = _open_network(session, plan.network, image, steps, cleanup)
         published = _publish(session, plan.publish, on_published, cleanup)
         # What the job said last, on stderr (or on its terminal, where both streams are one).
         said = Tail(stdout if terminal is not None else stderr)
         through = typing.cast(BinaryIO, said)
-        outcome = _execute(session, clone, plan, through if terminal is not None else stdout,
+        outcome = _execute(session, vm.clone, plan, through if terminal is not None else stdout,
                            through if terminal is None else stderr, stdin, steps, interruption, terminal)
-        with steps.step("teardown", "destroy the VM"):
-            for port in published:
-                port.close()
-            if gateway is not None:
-                gateway.close()  # every connection the job opened ends with it
-            session.close()
-            hv.destroy(vm.name)
-        # What the job wrote is collected whatever ended it: a job stopped by its timeout
-        # keeps its partial results, under the same checks (the VM is gone: /out is still).
-        collected = None
-        if plan.output is not None:
-            with steps.step("collect", f"check and copy {GUEST_OUT}"):
-                collected = outputs.collect(clone.outputs, plan.output, max_bytes=plan.output_max_bytes,
-                                            max_files=plan.output_max_files,
-                                            accept_tool_files=plan.accept_tool_files)
+        _teardown(hv, vm, session, gateway, published, steps)
+        collected = _collect(plan, vm.clone, steps)
         exit_code, signal = _judge(outcome, collected, plan.output)
         with steps.step("cleanup", "remove the overlay and staging directories"):
             cleanup.close()
@@ -256,6 +240,34 @@ def run(plan: RunPlan, hv: Hypervisor, stdout: BinaryIO, stderr: BinaryIO, steps
                      published={p.guest_port: f"{p.host}:{p.host_port}" for p in published},
                      network=gateway.record.as_dict(plan.network) if gateway is not None else None,
                      hints=failure_hints(said.kept, image.name) if exit_code != 0 else ())
+
+
+def _stage_inputs(plan: RunPlan, clone: CloneDir, input_bytes: int, steps: Steps) -> None:
+    """A preloaded clone's inputs, copied in once SSH is up (sshd drops a link that stays idle)."""
+    with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
+        check_room(clone.inputs, 0, 0, input_bytes)
+        stage_inputs(plan.inputs, clone.inputs, plan.input_limits)
+
+
+def _teardown(hv: Hypervisor, vm: clones.Booted, session: ssh.Session, gateway: egress.Gateway | None,
+              published: list[ssh.PublishedPort], steps: Steps) -> None:
+    with steps.step("teardown", "destroy the VM"):
+        for port in published:
+            port.close()
+        if gateway is not None:
+            gateway.close()  # every connection the job opened ends with it
+        session.close()
+        hv.destroy(vm.name)
+
+
+def _collect(plan: RunPlan, clone: CloneDir, steps: Steps) -> outputs.OutputReport | None:
+    """What the job wrote, collected whatever ended it: a job stopped by its timeout keeps its
+    partial results, under the same checks (the VM is gone: /out is still)."""
+    if plan.output is None:
+        return None
+    with steps.step("collect", f"check and copy {GUEST_OUT}"):
+        return outputs.collect(clone.outputs, plan.output, max_bytes=plan.output_max_bytes,
+                               max_files=plan.output_max_files, accept_tool_files=plan.accept_tool_files)
 
 
 def _check(plan: RunPlan) -> tuple[Image, str, int]:
