@@ -1,4 +1,4 @@
-"""The networked run's gateway (vmiso.egress), driven as the guest drives it, with real sockets.
+"""The networked run's gateway (vmiso.network.gateway), driven as the guest drives it, with real sockets.
 
 The guest's end of each connection is one end of a socket pair (in a run it is an SSH
 channel); upstream services listen on this host's loopback, which the rules refuse

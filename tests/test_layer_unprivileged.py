@@ -32,7 +32,7 @@ ANALYST = "vmiso-test"
 RECIPE, MIRROR = ImageConfig().recipe, ImageConfig().mirror
 
 # Run by the analyst's Python: argv[1] their own directory (state_dir/users/NAME, where
-# their layers live: workdir.own_dir), argv[2] what to do.
+# their layers live: host.state.home), argv[2] what to do.
 ACT = """
 import sys
 from pathlib import Path

@@ -197,7 +197,7 @@ def test_sigkill_leaves_nothing_after_gc(image):
     # While the VM runs, nothing below its overlay was handed to QEMU's user, and
     # nobody else can enter the run's directory.
     it = image["state"] / "images" / "it"
-    slot = image["state"] / "warm" / "it" / "slot-0"  # the image's warm states: root's own (workdir.own_dir)
+    slot = image["state"] / "warm" / "it" / "slot-0"  # the image's warm states: root's own (host.state.home)
     for below in (it / "template.qcow2", it / "vmlinuz", it / "initramfs.img", slot / "overlay.qcow2"):
         st = below.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o444), below

@@ -131,7 +131,7 @@ class RunConfig:
     input_max_files: int = 100_000
     # The job's /tmp: an ext4 filesystem of this size on a sparse file of the run's own.
     scratch: int = 2 * 1024**3
-    # A networked run (vmiso.egress): HOST or HOST:PORT (443 when none is given) that the job
+    # A networked run (vmiso.network.gateway): HOST or HOST:PORT (443 when none is given) that the job
     # may reach through HTTP(S)_PROXY, and LOCALPORT:HOST:PORT joined to the job's
     # 127.0.0.1:LOCALPORT; both empty: no network at all.  --allow-host/--allow-tcp add to them.
     allow_hosts: tuple[str, ...] = ()

@@ -242,7 +242,7 @@ def _devices(spec: DomainSpec) -> ET.Element:
     devices.append(_rng())
     # Nothing the job could use to reach out or be reached: no USB, no balloon,
     # no graphics or sound (none are added), and no NIC at all: not even provisioning
-    # has one (its gateway is reached over the SSH link; see vmiso.gateway).
+    # has one (its gateway is reached over the SSH link; see vmiso.network).
     _sub(devices, "controller", type="usb", model="none")
     _sub(devices, "memballoon", model="none")
     return devices

@@ -6,7 +6,7 @@ share can reach the originals.
 
 An input is what the user named (a link given as ``-i`` is followed, as ``cp -r``
 follows its arguments); what an input directory holds is walked by directory
-descriptor (vmiso.tree: each name opened relative to its directory with
+descriptor (vmiso.host.tree: each name opened relative to its directory with
 O_NOFOLLOW, an explicit stack), never by path.  A symbolic link inside it is
 refused, never followed: two links back into the directory (``a -> .``,
 ``b -> .``) would otherwise copy it without end.  What is staged is bounded in

@@ -279,7 +279,7 @@ def collect(share: Path, dest: Path, *, max_bytes: int, max_files: int,
 
     ``accept_tool_files``: also copy what TOOL_FILES names (.git/, .envrc, ...).
 
-    Two walks of the share, both by descriptor (vmiso.tree): the first checks
+    Two walks of the share, both by descriptor (vmiso.host.tree): the first checks
     every entry and the limits and copies nothing; the second copies what the
     first accepted, checking each entry is the one the first saw.  The
     destination is written relative to descriptors only: the --output directory

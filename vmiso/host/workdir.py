@@ -126,7 +126,7 @@ def bounded_share(path: Path, *, max_bytes: int, max_files: int) -> Path:
     bytes or ``max_files`` files and directories; undo with ``unmount_share``.
 
     The filesystem image, ``path`` + ".fs", is root's (0600): QEMU never sees it.
-    Root makes and mounts it (vmiso.sharemount; through sudo for an analyst who is
+    Root makes and mounts it (vmiso.host.sharemount; through sudo for an analyst who is
     not root), and its root directory is QEMU's, readable by this user.
     """
     path.mkdir(mode=0o700)
@@ -258,7 +258,7 @@ def mounts_below(path: Path, mounts_file: Path = Path("/proc/self/mounts")) -> l
 def remove_tree(path: Path) -> list[tree.Failure]:
     """Remove ``path`` and everything below it; what could not be removed, or [].
 
-    By descriptor (vmiso.tree): any depth and name length, no symbolic link
+    By descriptor (vmiso.host.tree): any depth and name length, no symbolic link
     followed, no other filesystem entered, and nothing that a tree holds raises.
     What a killed build left mounted below ``path`` is detached first (mmdebstrap
     mounts /proc, /sys and device nodes inside its target); an unmount that fails

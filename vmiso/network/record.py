@@ -46,7 +46,7 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
             item = seen.setdefault((_target(e), method), {
                 "host": _target(e), "method": method, "connections": 0, "bytes_from_guest": 0,
                 "bytes_to_guest": 0, "upstream": []})
-            item["connections"] += e.get("connections", 1)  # a row of connections summed (egress.Record)
+            item["connections"] += e.get("connections", 1)  # a row of connections summed (gateway.Record)
             item["bytes_from_guest"] += e["bytes_from_guest"]
             item["bytes_to_guest"] += e["bytes_to_guest"]
             if e.get("upstream") and e["upstream"] not in item["upstream"]:
@@ -57,7 +57,7 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_record(record: dict[str, Any], allowed: Iterable[Allowed], target: Path) -> dict[str, Any]:
-    """A gateway's record (egress.Record.as_dict) as the image's record (JSON): every connection,
+    """A gateway's record (gateway.Record.as_dict) as the image's record (JSON): every connection,
     the rows of those past the kept count, how many sent nothing, and the allow-list; its summary."""
     connections = record["connections"] + record["not_kept_rows"]
     data = {"allow_list": [str(a) for a in sorted(set(allowed))], "connections": connections,
@@ -68,7 +68,7 @@ def write_record(record: dict[str, Any], allowed: Iterable[Allowed], target: Pat
 
 
 def refused_hosts(record: dict[str, Any]) -> list[str]:
-    """The places a gateway refused, by name, once each (egress.Record.as_dict's summary)."""
+    """The places a gateway refused, by name, once each (gateway.Record.as_dict's summary)."""
     shown: list[str] = []
     for item in record["refused"]:
         name = "a malformed request" if item["host"] == "-" else item["host"]
