@@ -38,7 +38,8 @@ from .host.inputs import GUEST_IN, check_inputs, stage_inputs
 from .host.workdir import bounded_share_size, check_room, private_dir, share_full
 from .image.seed import RUN_USER
 from .image.store import Image, get_image, verified_sha256
-from .network import allow, gateway as egress
+from .network import allow
+from .network.gateway import Gateway
 from .plan import RunPlan
 from .progress import Steps
 
@@ -249,7 +250,7 @@ def _stage_inputs(plan: RunPlan, clone: CloneDir, input_bytes: int, steps: Steps
         stage_inputs(plan.inputs, clone.inputs, plan.input_limits)
 
 
-def _teardown(hv: Hypervisor, vm: clones.Booted, session: ssh.Session, gateway: egress.Gateway | None,
+def _teardown(hv: Hypervisor, vm: clones.Booted, session: ssh.Session, gateway: Gateway | None,
               published: list[ssh.PublishedPort], steps: Steps) -> None:
     with steps.step("teardown", "destroy the VM"):
         for port in published:
@@ -307,13 +308,13 @@ def _connect(hv: Hypervisor, vm: clones.Booted, image: Image, plan: RunPlan, con
 
 
 def _open_network(session: ssh.Session, rules: allow.Rules, image: Image, steps: Steps,
-                  cleanup: ExitStack) -> egress.Gateway | None:
+                  cleanup: ExitStack) -> Gateway | None:
     """A networked run's gateway, in this process, and the guest ports its sshd listens on for it."""
     if not rules:
         return None
     shown = ", ".join([*map(str, rules.hosts), *(f"127.0.0.1:{r.guest_port} -> {r.host}:{r.port}" for r in rules.tcp)])
     with steps.step("network", f"the run's gateway, forwarding only to {shown}"):
-        gateway = egress.Gateway.start(rules)
+        gateway = Gateway.start(rules)
         cleanup.callback(gateway.close)
         try:
             ports = session.serve_guest_ports(gateway.routes())

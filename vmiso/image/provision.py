@@ -51,7 +51,8 @@ from ..host.workdir import (
     remove_tree,
     shared_dir,
 )
-from ..network import allow, gateway as egress, record as gateway_record
+from ..network import allow, record as gateway_record
+from ..network.gateway import Gateway
 from ..progress import Steps
 from . import inventory, sealcheck
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sources
@@ -227,7 +228,7 @@ class _Build:
 class _Way:
     """The provisioning's one way out: its gateway, the rules it was given and the allow-list they came from."""
 
-    gateway: egress.Gateway
+    gateway: Gateway
     rules: allow.Rules
     allowed: tuple[allow.Allowed, ...]
 
@@ -325,7 +326,7 @@ def _open_way(build: _Build, layer: Layer, undo: ExitStack) -> _Way:
     allowed = provisioning_allow_list(build.config, apt_urls, warn=True)
     with build.steps.step("proxy", "the gateway, forwarding only to " + ", ".join(map(str, allowed))):
         rules = allow.for_provisioning(allowed, build.config.provision.hosts_file)
-        gateway = egress.Gateway.start(rules)
+        gateway = Gateway.start(rules)
         undo.callback(gateway.close)
     return _Way(gateway, rules, allowed)
 
