@@ -198,3 +198,40 @@ def test_third_party_log_lines_are_escaped_too(monkeypatch):
     _setup_logging(0, False)
     logging.getLogger("paramiko.transport").error('Indecipherable protocol version "\x1b]0;OWNED\x07"')
     assert "^[]0;OWNED^G" in stream.getvalue() and "\x1b" not in stream.getvalue()
+
+
+def _job_events(printer: _Progress) -> None:
+    printer("start", "verify", "template sha256", 0.1)
+    printer("done", "verify", "", 0.2)
+    printer("start", "connect", "SSH over the virtio-serial link", 0.2)
+
+
+def test_a_job_shows_one_status_line_until_it_starts_and_nothing_after(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    stream = FakeStream(tty=True)
+    with _Progress(quiet=False, live=True, stream=stream, interval=0.05, lines=False, last=("exec",)) as printer:
+        _job_events(printer)
+        time.sleep(0.2)
+        before = stream.getvalue()
+        printer.message("vmiso: the job's port 8888 is at 127.0.0.2:4000")
+        printer("done", "connect", "", 1.0)
+        printer("start", "exec", "python job.py", 1.0)
+        started = stream.getvalue()
+        time.sleep(0.3)  # the job runs: the ticker draws nothing over its output
+        printer("done", "exec", "", 2.0)
+        printer("start", "teardown", "destroy the VM", 2.0)
+        time.sleep(0.2)
+    assert before.endswith("  connect 0:00") and "\n" not in before  # no step lines without -v
+    assert "\r\x1b[Kvmiso: the job's port 8888 is at 127.0.0.2:4000\n  connect 0:00" in started
+    assert started.endswith("\r\x1b[K")  # erased as the job starts
+    assert stream.getvalue() == started  # and never drawn again
+
+
+def test_a_job_on_a_pipe_shows_no_progress_unless_asked(monkeypatch):
+    for lines, expected in ((False, ""), (True, "[    0.1s] verify: template sha256\n"
+                                                "[    0.2s] connect: SSH over the virtio-serial link\n")):
+        stream = FakeStream(tty=False)
+        with _Progress(quiet=False, live=True, stream=stream, interval=0.01, lines=lines, last=("exec",)) as printer:
+            _job_events(printer)
+            time.sleep(0.05)
+        assert stream.getvalue() == expected

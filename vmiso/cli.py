@@ -43,7 +43,7 @@ class _Group(click.Group):
             raise
         except Exception as err:  # anything unexpected is a bug: say so, briefly
             click.echo(f"vmiso: internal error: {type(err).__name__}: {neutralize(str(err))}", err=True)
-            if log.isEnabledFor(logging.DEBUG):
+            if log.isEnabledFor(logging.INFO):  # -v
                 click.echo(neutralize(traceback.format_exc()), err=True, nl=False)
             else:
                 click.echo("vmiso: run with -v for the traceback", err=True)
@@ -68,7 +68,9 @@ _ALWAYS_WARN = ("vmiso.accel",)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    # -v: what vmiso does, step by step (INFO); -vv: debugging detail (the programs it runs).
+    level = (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.ERROR if quiet
+             else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_SafeFormatter("vmiso: %(levelname)s: %(message)s"))
     # On the root logger: paramiko's messages quote what the guest's sshd sent
@@ -79,24 +81,30 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("vmiso").setLevel(level)
     for name in _ALWAYS_WARN:
         logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.NOTSET)
-    # paramiko is chatty: at warnings unless -vv
-    logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose > 1 else logging.NOTSET)
+    # paramiko is chatty: at warnings unless -vvv
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose > 2 else logging.NOTSET)
 
 
 class _Progress:
     """Prints the core's step events on stderr (see vmiso.progress).
 
     A step's start, its notes and its failure are one timestamped line each, on a
-    pipe, a file or a terminal alike.  When ``live`` and stderr is a terminal (only
-    then), a status line under them shows the open step's elapsed time and what it
-    is doing right now (the guest's phase, the package pip installs), redrawn
-    every ``interval`` seconds with a carriage return and erase-line, and erased
-    before anything else is written.  Use it as a context manager when live.
+    pipe, a file or a terminal alike (unless not ``lines``).  When ``live`` and
+    stderr is a terminal (only then), a status line under them shows the open
+    step's elapsed time and what it is doing right now (the guest's phase, the
+    package pip installs), redrawn every ``interval`` seconds with a carriage
+    return and erase-line, and erased before anything else is written.  Once a
+    step of ``last`` starts (a job's "exec": its own output comes next), the status
+    line is erased for good: nothing is drawn over or after the job's output.  Use
+    it as a context manager when live.
     """
 
     def __init__(self, quiet: bool, live: bool = False, stream: TextIO | None = None,
-                 interval: float = 0.5) -> None:
+                 interval: float = 0.5, *, lines: bool = True, last: tuple[str, ...] = ()) -> None:
         self._quiet = quiet
+        self._lines = lines
+        self._last = last
+        self._done_drawing = False
         self._stream = stream if stream is not None else sys.stderr
         # A dumb terminal (Emacs' shell, some CI consoles) knows no erase-line.
         self._live = live and not quiet and self._stream.isatty() and os.environ.get("TERM") != "dumb"
@@ -114,6 +122,8 @@ class _Progress:
         with self._lock:
             self._erase()
             if event == "start":
+                if step in self._last:
+                    self._done_drawing = True
                 self._line(f"[{elapsed:7.1f}s] {step}" + (f": {detail}" if detail else ""))
                 self._open[step] = time.monotonic()
                 self._status.pop(step, None)
@@ -156,7 +166,16 @@ class _Progress:
             self._erase()
         return True
 
+    def message(self, text: str) -> None:
+        """One of vmiso's own lines, written under the status line (which is drawn again after)."""
+        with self._lock:
+            self._erase()
+            click.echo(neutralize(text), file=self._stream)
+            self._draw()
+
     def _line(self, text: str) -> None:
+        if not self._lines:
+            return
         # Details may quote what an image or a guest holds (a cloud image's kernel release).
         click.echo(neutralize(text), file=self._stream)
 
@@ -167,7 +186,7 @@ class _Progress:
             self._shown = False
 
     def _draw(self) -> None:
-        if not self._live or not self._open or self._stop.is_set():
+        if not self._live or not self._open or self._stop.is_set() or self._done_drawing:
             return
         step = next(reversed(self._open))
         seconds = int(time.monotonic() - self._open[step])
@@ -184,8 +203,16 @@ class _Progress:
 
 
 def _progress_printer(quiet: bool) -> _Progress:
-    """Plain timestamped lines (commands that stream a job's output use this)."""
+    """Plain timestamped lines."""
     return _Progress(quiet)
+
+
+def _job_progress(ctx: click.Context) -> _Progress:
+    """A job's progress (run, shell): on a terminal, one live status line (the step and its
+    elapsed time) until the job starts, then nothing of vmiso's between the job's bytes;
+    the step lines with -v; nothing at all with -q, or on a pipe without -v."""
+    quiet, verbose = ctx.obj["quiet"], ctx.obj.get("verbose", 0)
+    return _Progress(quiet, live=True, lines=verbose >= 1, last=("exec",))
 
 
 def _load(ctx: click.Context, config_path: Path | None, **overrides: Any) -> config_mod.Config:
@@ -202,7 +229,8 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="more detail; tracebacks for internal errors")
+@click.option("-v", "--verbose", count=True,
+              help="-v: a line per step, tracebacks for internal errors; -vv: debugging detail")
 @click.option("-q", "--quiet", is_flag=True, help="only errors (and the warning that a VM runs under TCG)")
 @click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
 @click.pass_context
@@ -437,7 +465,8 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
         scratch_bytes=scratch_bytes, warm=not cold, env=tuple(env), accept_tool_files=accept_tool_files,
         publish=publish, allow_hosts=allow_hosts, allow_tcp=allow_tcp))
     session = _Session.for_job(tty=tty, raw=raw)
-    steps = Steps(session.around(_progress_printer(ctx.obj["quiet"] or ctx.obj.get("verbose", 0) == 0)))
+    printer = _job_progress(ctx)
+    steps = Steps(session.around(printer))
     # The first Ctrl-C or SIGTERM while the job runs is the job's (it may clean up and
     # write its results); the second, or one before the job runs, stops vmiso at once.
     interruption = Interruption()
@@ -453,8 +482,9 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     # this file at the end whatever is put at the path meanwhile.
     record_fd = open_record(json_path) if json_path is not None else None
     try:
-        with session:
-            io = JobIO(session.stdout, session.stderr, session.stdin, session.terminal, _say_published)
+        with session, printer:
+            io = JobIO(session.stdout, session.stderr, session.stdin, session.terminal,
+                       lambda guest, where: printer.message(_published_text(guest, where)))
             result = execution_for(plan).execute(plan, io, steps, interruption)
         record = result.as_dict()
     except VmisoError as err:
@@ -512,9 +542,9 @@ def _say_network(record: dict[str, Any], *, quiet: bool) -> None:
         click.echo(f"vmiso: ... and {len(reasons) - 10} more refused places (see --json)", err=True)
 
 
-def _say_published(guest_port: int, where: str) -> None:
-    click.echo(f"vmiso: the job's port {guest_port} is at {where} (http://{where}/) while it runs; "
-               "what it serves is the guest's, and a browser can send on what it shows", err=True)
+def _published_text(guest_port: int, where: str) -> str:
+    return (f"vmiso: the job's port {guest_port} is at {where} (http://{where}/) while it runs; "
+            "what it serves is the guest's, and a browser can send on what it shows")
 
 
 class _Session:
