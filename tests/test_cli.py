@@ -423,7 +423,7 @@ def test_a_networked_run_says_what_it_reached_and_names_what_was_refused(monkeyp
 def test_a_networked_run_that_fails_still_records_and_names_its_refusals(monkeypatch, tmp_path):
     def timed_out(request):
         err = RunTimeout("the job ran longer than 5 s; the VM was destroyed")
-        err.network = _network_record()
+        err.record = result(network=_network_record()).failed(err, err.exit_code)  # as run.run attaches it
         raise err
     fake_run(monkeypatch, timed_out)
     record = tmp_path / "run.json"
@@ -441,3 +441,15 @@ def test_a_bad_allow_flag_is_refused_before_a_vm_starts(monkeypatch, flag, messa
     seen = fake_run(monkeypatch, lambda request: result())
     done = invoke("run", *flag, "--", "true")
     assert done.exit_code == 125 and message in done.stderr and seen == []
+
+
+def test_a_run_refused_before_its_config_is_read_keeps_the_record_shape(tmp_path, write):
+    from vmiso.run import RECORD_KEYS
+
+    bad = write("bad.yaml", "run:\n  timout: 5\n")
+    record = tmp_path / "run.json"
+    done = invoke("run", "-c", str(bad), "--json", str(record), "--", "python", "job.py")
+    assert done.exit_code == 125 and "timout" in done.stderr
+    data = json.loads(record.read_text())
+    assert set(data) == set(RECORD_KEYS) and data["schema"] == 1 and data["exit_code"] == 125
+    assert "timout" in data["error"] and data["command"] == ["python", "job.py"] and data["image"] is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from vmiso import config as config_mod, run
 from vmiso.clones import warm
 from vmiso.clones.clone import clone_spec, make_clone_dir
 from vmiso.domain import domain_xml
-from vmiso.errors import GuestError, ImageError, OutputError, RunTimeout, VmisoError
+from vmiso.errors import GuestError, HypervisorError, ImageError, OutputError, RunTimeout, VmisoError
 from vmiso.image.store import Image, remember
 from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
@@ -154,8 +155,8 @@ def test_a_job_stopped_by_its_timeout_keeps_what_it_wrote(config, image, state, 
         do_run(config, FakeHypervisor(), request(timeout=7, output=tmp_path / "out"), FakeConnect(job))
     assert said in str(err.value) and "longer than 7 s" in str(err.value)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*wrote, "MANIFEST"])
-    assert [f["path"] for f in err.value.outputs["files"]] == sorted(wrote)
-    assert [r["path"] for r in err.value.outputs["refused"]] == ["link"]
+    assert [f["path"] for f in err.value.record["outputs"]["files"]] == sorted(wrote)
+    assert [r["path"] for r in err.value.record["outputs"]["refused"]] == ["link"]
     assert leftovers(state) == []
 
 
@@ -500,6 +501,78 @@ def test_a_networked_run_that_times_out_keeps_its_record(config, image, state):
         return None  # the deadline passed
     with pytest.raises(RunTimeout) as err:
         do_run(config, FakeHypervisor(), request(timeout=7, allow_hosts=("api.example.org",)), FakeConnect(job))
-    assert err.value.network is not None
-    assert [row["host"] for row in err.value.network["refused"]] == ["telemetry.example.net:443"]
+    assert err.value.record is not None and err.value.record["network"] is not None
+    assert [row["host"] for row in err.value.record["network"]["refused"]] == ["telemetry.example.net:443"]
     assert leftovers(state) == []
+
+
+def _check_schema(record: dict) -> None:
+    assert set(record) == set(run.RECORD_KEYS), set(record) ^ set(run.RECORD_KEYS)
+    for key, types in run.RECORD_KEYS.items():
+        assert isinstance(record[key], types), (key, record[key])
+    assert record["schema"] == run.RECORD_SCHEMA
+    assert all(round(v, 3) == v for v in record["timings"].values())
+    json.dumps(record)  # what --json writes
+
+
+class RefusingHypervisor(FakeHypervisor):
+    def start_transient(self, name: str, xml: str, *, autodestroy: bool = True) -> None:
+        raise HypervisorError("the hypervisor would not start it")
+
+
+def _outcome(config, tmp_path, how: str) -> dict:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "b.csv").write_text("b\n")
+    (data / "a.csv").write_text("a\n")
+    jobs = {"exit 0": exits(0), "exit 3": exits(3), "timeout": lambda s, o, e: None}
+    req = request(inputs=(data, data / "a.csv") if how != "refused input" else (tmp_path / "missing",),
+                  output=tmp_path / "out", timeout=5)
+    hv = RefusingHypervisor() if how == "vmiso's error" else FakeHypervisor()
+    try:
+        result, _, _ = do_run(config, hv, req, FakeConnect(jobs.get(how, exits(0))))
+    except VmisoError as err:
+        assert err.record is not None
+        return err.record
+    return result.as_dict()
+
+
+@pytest.mark.parametrize("how", ["exit 0", "exit 3", "timeout", "vmiso's error", "refused input"])
+def test_every_outcome_has_one_record_shape(config, image, state, tmp_path, how):
+    record = _outcome(config, tmp_path, how)
+    _check_schema(record)
+    assert record["command"] == ["python", "job.py"] and record["image"] == "x" and record["run_id"]
+    if how == "refused input":  # refused before anything was made
+        assert record["exit_code"] == 125 and "does not exist" in record["error"] and record["sha256"] is None
+        assert record["inputs"] == [] and record["boot"] is None
+        return
+    assert record["sha256"] == image.manifest()["sha256"] and record["accel"] == "tcg"
+    # The inputs as staged, each with its digest: a file's content, a directory's sha256sum lines.
+    data, a = record["inputs"]
+    assert a == {"name": "a.csv", "kind": "file", "bytes": 2, "files": 1,
+                 "sha256": hashlib.sha256(b"a\n").hexdigest()}
+    lines = "".join(f"{hashlib.sha256(text).hexdigest()}  {path}\n"
+                    for path, text in (("a.csv", b"a\n"), ("sub/b.csv", b"b\n")))
+    assert data == {"name": "data", "kind": "directory", "bytes": 4, "files": 2,
+                    "sha256": hashlib.sha256(lines.encode()).hexdigest()}
+    expected = {"exit 0": (0, None), "exit 3": (3, None), "timeout": (124, "the job ran longer than 5 s"),
+                "vmiso's error": (125, "the hypervisor would not start it")}[how]
+    assert record["exit_code"] == expected[0]
+    assert (record["error"] is None) if expected[1] is None else expected[1] in record["error"]
+    if how != "vmiso's error":
+        assert record["boot"] == "cold" and record["outputs"] is not None
+
+
+def test_a_directorys_digest_is_what_sha256sum_over_its_sorted_files_gives(tmp_path):
+    from vmiso.host.inputs import InputLimits, stage_inputs
+
+    tree = tmp_path / "in"
+    for rel, text in (("b", "1"), ("a-b/x", "2"), ("a/b", "3"), ("a/c d", "4")):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+    staging = tmp_path / "staged"
+    staging.mkdir()
+    [staged] = stage_inputs((tree,), staging, InputLimits(1 << 20, 100))
+    listed = subprocess.run("find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0r sha256sum | sha256sum",
+                            shell=True, cwd=tree, capture_output=True, text=True, check=True).stdout.split()[0]
+    assert staged.sha256 == listed and staged.files == 4 and staged.bytes == 4

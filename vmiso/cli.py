@@ -454,53 +454,55 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     from .execution import JobIO, execution_for
     from .host.outputs import open_record
     from .plan import RunRequest, plan_run
-    from .run import Interruption
+    from .run import Interruption, RunResult
 
-    scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
-    config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
-    env = _env_file(env_file) if env_file is not None else []
-    env += [_env_option(pair) for pair in env_pairs]
-    plan = plan_run(config, RunRequest(
-        command=command, image=image, inputs=inputs, output=output, timeout=timeout, memory_mib=memory, cpus=cpus,
-        scratch_bytes=scratch_bytes, warm=not cold, env=tuple(env), accept_tool_files=accept_tool_files,
-        publish=publish, allow_hosts=allow_hosts, allow_tcp=allow_tcp))
-    session = _Session.for_job(tty=tty, raw=raw)
-    printer = _job_progress(ctx)
-    steps = Steps(session.around(printer))
-    # The first Ctrl-C or SIGTERM while the job runs is the job's (it may clean up and
-    # write its results); the second, or one before the job runs, stops vmiso at once.
-    interruption = Interruption()
-
-    def on_signal(signum: int, frame: object) -> None:
-        if not interruption.request(signal.Signals(signum)):
-            _raise_interrupt(signum, frame)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, _raise_interrupt)  # the terminal was closed
-    record: dict[str, Any] = {"command": list(command), "image": plan.image}
+    # The record (--json) has one shape whatever happens; what is known before the config is read.
+    before = RunResult(None, image, None, command, EXIT_VMISO)
     # Opened once, now: a bad path is refused before a VM starts, and the record goes to
     # this file at the end whatever is put at the path meanwhile.
     record_fd = open_record(json_path) if json_path is not None else None
+    steps = Steps()
     try:
+        scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
+        config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
+        env = _env_file(env_file) if env_file is not None else []
+        env += [_env_option(pair) for pair in env_pairs]
+        plan = plan_run(config, RunRequest(
+            command=command, image=image, inputs=inputs, output=output, timeout=timeout, memory_mib=memory,
+            cpus=cpus, scratch_bytes=scratch_bytes, warm=not cold, env=tuple(env),
+            accept_tool_files=accept_tool_files, publish=publish, allow_hosts=allow_hosts, allow_tcp=allow_tcp))
+        before = RunResult.before_run(plan)
+        session = _Session.for_job(tty=tty, raw=raw)
+        printer = _job_progress(ctx)
+        steps = Steps(session.around(printer))
+        # The first Ctrl-C or SIGTERM while the job runs is the job's (it may clean up and
+        # write its results); the second, or one before the job runs, stops vmiso at once.
+        interruption = Interruption()
+
+        def on_signal(signum: int, frame: object) -> None:
+            if not interruption.request(signal.Signals(signum)):
+                _raise_interrupt(signum, frame)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGHUP, _raise_interrupt)  # the terminal was closed
         with session, printer:
             io = JobIO(session.stdout, session.stderr, session.stdin, session.terminal,
                        lambda guest, where: printer.message(_published_text(guest, where)))
             result = execution_for(plan).execute(plan, io, steps, interruption)
         record = result.as_dict()
     except VmisoError as err:
-        record.update(exit_code=err.exit_code, error=str(err), timings=dict(steps.timings))
-        if err.outputs is not None:
-            record["outputs"] = err.outputs
-        if err.network is not None:
-            record["network"] = err.network
-            _say_network(err.network, quiet=ctx.obj["quiet"])
+        before.timings = dict(steps.timings)
+        record = err.record or before.failed(err, err.exit_code)
+        if record["network"] is not None:
+            _say_network(record["network"], quiet=ctx.obj["quiet"])
         raise
     except KeyboardInterrupt:
-        record.update(exit_code=EXIT_INTERRUPTED, error="interrupted", timings=dict(steps.timings))
+        before.timings = dict(steps.timings)
+        record = before.failed(KeyboardInterrupt("interrupted"), EXIT_INTERRUPTED)
         raise
     except Exception as err:
-        record.update(exit_code=EXIT_VMISO, error=f"internal error: {type(err).__name__}: {err}",
-                      timings=dict(steps.timings))
+        before.timings = dict(steps.timings)
+        record = before.failed(RuntimeError(f"internal error: {type(err).__name__}: {err}"), EXIT_VMISO)
         raise
     finally:
         if record_fd is not None:

@@ -20,8 +20,9 @@ class VmisoError(Exception):
     """Base class: a failure with a message meant for the user."""
 
     exit_code = EXIT_VMISO
-    network: dict[str, Any] | None = None  # a networked run's record up to the failure (network.gateway.Record.as_dict)
-    outputs: dict[str, Any] | None = None  # what a run that failed (a timeout) had written, checked and copied
+    # A run's record (vmiso.run.RECORD_KEYS) up to the failure, when a run failed: what it had
+    # learnt (its template, inputs, network), what it had written (a timeout's outputs).
+    record: dict[str, Any] | None = None
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import accel, clones, ssh
+from . import __version__, accel, clones, ssh
 from .clones import warm
 from .clones.clone import CloneDir, make_clone_dir
 from .domain import NAME_PREFIX, Hypervisor
-from .errors import GuestError, Interrupted, RunTimeout, VmisoError
+from .errors import EXIT_VMISO, GuestError, Interrupted, RunTimeout, VmisoError
 from .host import outputs, reaper, state
-from .host.inputs import GUEST_IN, check_inputs, stage_inputs
+from .host.inputs import GUEST_IN, StagedInput, check_inputs, stage_inputs
 from .host.workdir import bounded_share_size, check_room, private_dir, share_full
 from .image.seed import RUN_USER
 from .image.store import Image, get_image, verified_sha256
@@ -84,14 +84,31 @@ class Interruption:
         return self.received is not None and time.monotonic() - self.at > self.grace
 
 
+# The run record's shape (--json), the same for every outcome: a job that ended (whatever its
+# code), one stopped by its timeout or an interruption, vmiso's own error, a refusal before any
+# VM started.  What was not known when the run ended is null (or empty).  Bump RECORD_SCHEMA
+# when a key changes meaning or goes; a key added keeps it.
+RECORD_SCHEMA = 1
+RECORD_KEYS: dict[str, tuple[type, ...]] = {
+    "schema": (int,), "vmiso": (str,), "run_id": (str, type(None)), "command": (list,), "image": (str, type(None)),
+    "sha256": (str, type(None)), "accel": (str, type(None)), "boot": (str, type(None)), "inputs": (list,),
+    "memory_mib": (int,), "scratch_bytes": (int,), "exit_code": (int,), "signal": (str, type(None)),
+    "error": (str, type(None)), "hints": (list,), "timings": (dict,), "outputs": (dict, type(None)),
+    "published": (dict,), "network": (dict, type(None)),
+}
+
+
 @dataclass
 class RunResult:
-    run_id: str
-    image: str
-    sha256: str
+    """One run as its record tells it (RECORD_KEYS), filled in as the run goes: complete for a
+    job that ended, up to the failure for one that did not (VmisoError.record)."""
+
+    run_id: str | None
+    image: str | None  # None: the configuration was not read
+    sha256: str | None  # the template's
     command: tuple[str, ...]
     exit_code: int
-    boot: str = ""  # "preloaded", "warm" or "cold"
+    boot: str | None = None  # "preloaded", "warm" or "cold"
     memory_mib: int = 0
     scratch_bytes: int = 0
     signal: str | None = None  # "SIGKILL" when a signal ended the job
@@ -100,6 +117,20 @@ class RunResult:
     published: dict[int, str] = field(default_factory=dict)  # guest port -> "127.a.b.c:port" on this host
     network: dict[str, Any] | None = None  # a networked run's record (network.gateway.Record.as_dict); None: offline
     hints: tuple[str, ...] = ()  # what vmiso's rules explain about a failure (failure_hints)
+    accel: str | None = None  # what the clone ran under: "kvm" or "tcg"
+    inputs: tuple[StagedInput, ...] = ()
+    error: str | None = None  # why the run has no exit code of the job's (vmiso's own code then)
+
+    @classmethod
+    def before_run(cls, plan: RunPlan) -> RunResult:
+        """What a run's record says before anything of the run is known."""
+        return cls(None, plan.image, None, plan.command, EXIT_VMISO, memory_mib=plan.memory_mib,
+                   scratch_bytes=plan.scratch_bytes)
+
+    def failed(self, err: BaseException, exit_code: int) -> dict[str, Any]:
+        """The record of a run that ``err`` ended, with vmiso's ``exit_code``."""
+        self.exit_code, self.error = exit_code, str(err) or type(err).__name__
+        return self.as_dict()
 
     def signal_message(self) -> tuple[str, str] | None:
         """(what happened, what to do) when a signal ended the job, for the CLI to say."""
@@ -116,15 +147,21 @@ class RunResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "schema": RECORD_SCHEMA,
+            "vmiso": __version__,
             "run_id": self.run_id,
+            "command": list(self.command),
             "image": self.image,
             "sha256": self.sha256,
-            "command": list(self.command),
-            "exit_code": self.exit_code,
+            "accel": self.accel,
             "boot": self.boot,
-            "signal": self.signal,
+            "inputs": [i.as_dict() for i in self.inputs],
             "memory_mib": self.memory_mib,
             "scratch_bytes": self.scratch_bytes,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "error": self.error,
+            "hints": list(self.hints),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "outputs": self.outputs.as_dict() if self.outputs else None,
             "published": {str(guest): where for guest, where in self.published.items()},
@@ -210,44 +247,61 @@ def run(plan: RunPlan, hv: Hypervisor, stdout: BinaryIO, stderr: BinaryIO, steps
     """
     interruption = interruption or Interruption()
     steps = steps or Steps()
-    image, accel_name, input_bytes = _check(plan)
+    result = RunResult.before_run(plan)
+    result.run_id = secrets.token_hex(6)
+    try:
+        _run(plan, hv, result, stdout, stderr, steps, stdin, connect, interruption, terminal, on_published)
+    except VmisoError as err:  # the record up to the failure goes with the error
+        result.timings = dict(steps.timings)
+        err.record = result.failed(err, err.exit_code)
+        raise
+    return result
+
+
+def _run(plan: RunPlan, hv: Hypervisor, result: RunResult, stdout: BinaryIO, stderr: BinaryIO, steps: Steps,
+         stdin: BinaryIO | None, connect: Connect, interruption: Interruption, terminal: ssh.Terminal | None,
+         on_published: Callable[[int, str], None]) -> None:
+    """The steps of ``run``, each writing what it learnt into ``result``."""
+    assert result.run_id is not None
+    image, result.accel, input_bytes = _check(plan)
     reaper.collect(hv, plan.state_dir)  # what a vmiso killed earlier left behind
-    run_id = secrets.token_hex(6)
     with ExitStack() as cleanup:
         with steps.step("verify", "template sha256"):
-            sha256 = verified_sha256(image)
-        key = warm.key_for(plan, template_sha256=sha256, hypervisor=hv.version(), accel=accel_name)
+            result.sha256 = verified_sha256(image)
+        key = warm.key_for(plan, template_sha256=result.sha256, hypervisor=hv.version(), accel=result.accel)
         vm = clones.bring_up(clones.ways_for(plan), clones.CloneJob(
-            hv, plan, image, key, f"{NAME_PREFIX}run-{run_id}", steps, cleanup,
-            stage=lambda: _stage(plan, run_id, key, input_bytes, steps, cleanup)))
+            hv, plan, image, key, f"{NAME_PREFIX}run-{result.run_id}", steps, cleanup,
+            stage=lambda: _stage(plan, result, key, input_bytes, steps, cleanup)))
+        result.boot = vm.boot
         session = _connect(hv, vm, image, plan, connect, steps, cleanup)
         if not vm.inputs_staged:
-            _stage_inputs(plan, vm.clone, input_bytes, steps)
-        gateway = _open_network(session, plan.network, image, steps, cleanup)
+            result.inputs = _stage_inputs(plan, vm.clone, input_bytes, steps)
+        gateway = _open_network(session, plan.network, image, result, steps, cleanup)
         published = _publish(session, plan.publish, on_published, cleanup)
+        result.published = {p.guest_port: f"{p.host}:{p.host_port}" for p in published}
         # What the job said last, on stderr (or on its terminal, where both streams are one).
         said = Tail(stdout if terminal is not None else stderr)
         through = typing.cast(BinaryIO, said)
         outcome = _execute(session, vm.clone, plan, through if terminal is not None else stdout,
                            through if terminal is None else stderr, stdin, steps, interruption, terminal)
         _teardown(hv, vm, session, gateway, published, steps)
-        collected = _collect(plan, vm.clone, steps)
-        exit_code, signal = _judge(outcome, collected, plan.output)
+        if gateway is not None:
+            result.network = gateway.record.as_dict(plan.network)
+        result.outputs = _collect(plan, vm.clone, steps)
+        result.exit_code, result.signal = _judge(outcome, result.outputs, plan.output)
         with steps.step("cleanup", "remove the overlay and staging directories"):
             cleanup.close()
-    return RunResult(run_id, image.name, sha256, plan.command, exit_code, boot=vm.boot,
-                     memory_mib=key.memory_mib, scratch_bytes=key.scratch_bytes, signal=signal,
-                     timings=dict(steps.timings), outputs=collected,
-                     published={p.guest_port: f"{p.host}:{p.host_port}" for p in published},
-                     network=gateway.record.as_dict(plan.network) if gateway is not None else None,
-                     hints=failure_hints(said.kept, image.name) if exit_code != 0 else ())
+    result.memory_mib, result.scratch_bytes = key.memory_mib, key.scratch_bytes
+    result.timings = dict(steps.timings)
+    if result.exit_code != 0:
+        result.hints = failure_hints(said.kept, image.name)
 
 
-def _stage_inputs(plan: RunPlan, clone: CloneDir, input_bytes: int, steps: Steps) -> None:
+def _stage_inputs(plan: RunPlan, clone: CloneDir, input_bytes: int, steps: Steps) -> tuple[StagedInput, ...]:
     """A preloaded clone's inputs, copied in once SSH is up (sshd drops a link that stays idle)."""
     with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
         check_room(clone.inputs, 0, 0, input_bytes)
-        stage_inputs(plan.inputs, clone.inputs, plan.input_limits)
+        return tuple(stage_inputs(plan.inputs, clone.inputs, plan.input_limits))
 
 
 def _teardown(hv: Hypervisor, vm: clones.Booted, session: ssh.Session, gateway: Gateway | None,
@@ -283,16 +337,17 @@ def _check(plan: RunPlan) -> tuple[Image, str, int]:
     return get_image(plan.state_dir, plan.image), accel_name, input_bytes
 
 
-def _stage(plan: RunPlan, run_id: str, key: warm.WarmKey, input_bytes: int, steps: Steps,
+def _stage(plan: RunPlan, result: RunResult, key: warm.WarmKey, input_bytes: int, steps: Steps,
            cleanup: ExitStack) -> CloneDir:
     """The run's directory, removed when ``cleanup`` closes, with the inputs copied in."""
     with steps.step("stage", "run directory and inputs"):
         runs = state.home(plan.state_dir).runs
         check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*plan.output_limits), input_bytes)
-        path = runs / run_id
+        assert result.run_id is not None
+        path = runs / result.run_id
         cleanup.callback(reaper.remove, path)  # whatever make_clone_dir got to
         clone = make_clone_dir(path, output_limits=plan.output_limits)
-        stage_inputs(plan.inputs, clone.inputs, plan.input_limits)
+        result.inputs = tuple(stage_inputs(plan.inputs, clone.inputs, plan.input_limits))
     return clone
 
 
@@ -307,7 +362,7 @@ def _connect(hv: Hypervisor, vm: clones.Booted, image: Image, plan: RunPlan, con
     return session
 
 
-def _open_network(session: ssh.Session, rules: allow.Rules, image: Image, steps: Steps,
+def _open_network(session: ssh.Session, rules: allow.Rules, image: Image, result: RunResult, steps: Steps,
                   cleanup: ExitStack) -> Gateway | None:
     """A networked run's gateway, in this process, and the guest ports its sshd listens on for it."""
     if not rules:
@@ -324,8 +379,8 @@ def _open_network(session: ssh.Session, rules: allow.Rules, image: Image, steps:
         cleanup.callback(ports.close)
 
     def keep_record(kind: object, err: BaseException | None, tb: object) -> None:
-        if isinstance(err, VmisoError):  # a run that failed (a timeout) still says what its job reached
-            err.network = gateway.record.as_dict(rules)
+        if err is not None:  # a run that failed (a timeout) still says what its job reached
+            result.network = gateway.record.as_dict(rules)
     cleanup.push(keep_record)
     return gateway
 
@@ -394,10 +449,8 @@ def _judge(outcome: Outcome, collected: outputs.OutputReport | None = None,
             kept = (f"; {count} file{'s' if count != 1 else ''} it had written, checked, "
                     f"{'are' if count != 1 else 'is'} in {output}" if count
                     else "; nothing it had written to /out was kept")
-        err = RunTimeout(f"the job ran longer than {outcome.seconds} s; the VM was destroyed{kept}",
+        raise RunTimeout(f"the job ran longer than {outcome.seconds} s; the VM was destroyed{kept}",
                          "raise --timeout if the job needs longer")
-        err.outputs = collected.as_dict() if collected is not None else None
-        raise err
     if outcome.unknown_signal:
         raise GuestError("the job was killed by a signal that vmiso does not know")
     if outcome.signal is not None:

@@ -13,14 +13,20 @@ refused, never followed: two links back into the directory (``a -> .``,
 bytes and in files and directories (``run.input_max_bytes``,
 ``run.input_max_files``), counted as the inputs are checked and again as they are
 copied, so an input that grows meanwhile is stopped at the bound too.
+
+Each input is hashed as it is copied (what the run record lists): a file's
+sha256 is its content's; a directory's is the sha256 of its files' ``sha256sum``
+lines (``<sha256>  <path below it>``), sorted by path bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import VmisoError
 from . import tree
@@ -34,6 +40,32 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 class InputLimits:
     max_bytes: int
     max_files: int  # files and directories, the inputs themselves included
+
+
+@dataclass(frozen=True)
+class StagedInput:
+    """One input as the run staged it: what the job sees as /in/NAME, and its digest."""
+
+    name: str
+    kind: str  # "file" or "directory"
+    bytes: int
+    files: int  # regular files (1 for a file)
+    sha256: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "bytes": self.bytes, "files": self.files,
+                "sha256": self.sha256}
+
+
+def tree_digest(files: list[tuple[bytes, str]]) -> str:
+    """A directory's sha256 from its files' (path below it, sha256): of their ``sha256sum``
+    lines sorted by path bytes, which ``find . -type f -printf '%P\\0' | LC_ALL=C sort -z |
+    xargs -0r sha256sum | sha256sum`` run in it prints too (for names without a newline or
+    a backslash, which sha256sum escapes)."""
+    digest = hashlib.sha256()
+    for path, file_sha256 in sorted(files):
+        digest.update(file_sha256.encode() + b"  " + path + b"\n")
+    return digest.hexdigest()
 
 
 @dataclass
@@ -87,19 +119,24 @@ def check_inputs(inputs: tuple[Path, ...], limits: InputLimits) -> int:
     return tally.bytes
 
 
-def stage_inputs(inputs: tuple[Path, ...], staging: Path, limits: InputLimits) -> None:
-    """Copy inputs into the run's read-only share: the user's files are never shared directly."""
+def stage_inputs(inputs: tuple[Path, ...], staging: Path, limits: InputLimits) -> list[StagedInput]:
+    """Copy inputs into the run's read-only share (the user's files are never shared directly);
+    what was staged, with the digest of what was copied."""
     staging_fd = os.open(staging, tree.OPEN_DIR)
     try:
         tally = _Tally(limits)
+        staged = []
         for path in inputs:
-            _stage_one(path, staging_fd, tally)
+            done = _stage_one(path, staging_fd, tally)
+            assert done is not None
+            staged.append(done)
+        return staged
     finally:
         os.close(staging_fd)
 
 
-def _stage_one(path: Path, staging_fd: int | None, tally: _Tally) -> None:
-    """Check (``staging_fd`` None) or copy one input, counting it in ``tally``."""
+def _stage_one(path: Path, staging_fd: int | None, tally: _Tally) -> StagedInput | None:
+    """Check (``staging_fd`` None) or copy one input, counting it in ``tally``; what was copied."""
     name = _name(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -108,35 +145,40 @@ def _stage_one(path: Path, staging_fd: int | None, tally: _Tally) -> None:
     try:
         st = os.fstat(fd)
         tally.add_entry()
+        before = tally.bytes
         if stat.S_ISREG(st.st_mode):
             if staging_fd is None:
                 tally.add_bytes(st.st_size)
-            else:
-                _copy_file(fd, staging_fd, name, path, tally)
-        elif not stat.S_ISDIR(st.st_mode):
+                return None
+            digest = _copy_file(fd, staging_fd, name, path, tally)
+            return StagedInput(name, "file", tally.bytes - before, 1, digest)
+        if not stat.S_ISDIR(st.st_mode):
             raise VmisoError(f"input {path} is neither a file nor a directory")
-        elif staging_fd is None:
+        if staging_fd is None:
             _walk_directory(fd, path, None, tally)
-        else:
-            os.mkdir(name, 0o755, dir_fd=staging_fd)
-            out_fd = os.open(name, tree.OPEN_DIR, dir_fd=staging_fd)
-            try:
-                os.fchmod(out_fd, 0o755)
-                _walk_directory(fd, path, out_fd, tally)
-            finally:
-                os.close(out_fd)
+            return None
+        os.mkdir(name, 0o755, dir_fd=staging_fd)
+        out_fd = os.open(name, tree.OPEN_DIR, dir_fd=staging_fd)
+        try:
+            os.fchmod(out_fd, 0o755)
+            files = _walk_directory(fd, path, out_fd, tally)
+        finally:
+            os.close(out_fd)
+        return StagedInput(name, "directory", tally.bytes - before, len(files), tree_digest(files))
     except FileExistsError:
         raise VmisoError(f"inputs would both appear as {GUEST_IN}/{name}", "rename one of them") from None
     finally:
         os.close(fd)
 
 
-def _walk_directory(root_fd: int, root: Path, out_fd: int | None, tally: _Tally) -> None:
-    """Every entry below ``root_fd`` checked, counted and, when ``out_fd`` is given, copied into it."""
+def _walk_directory(root_fd: int, root: Path, out_fd: int | None, tally: _Tally) -> list[tuple[bytes, str]]:
+    """Every entry below ``root_fd`` checked, counted and, when ``out_fd`` is given, copied into it;
+    each file copied, as (its path below ``root``, its sha256)."""
     def unreadable(where: tree.DirPath, name: str | None, err: OSError) -> None:
         raise VmisoError(f"cannot read input {root / tree.shorten(where.path(name))}: {err.strerror or err}")
 
     out = tree.DirPath(out_fd) if out_fd is not None else None
+    files: list[tuple[bytes, str]] = []
     try:
         for entry in tree.walk(root_fd, sort=True, on_error=unreadable):
             shown = root / tree.shorten(entry.path())
@@ -159,21 +201,26 @@ def _walk_directory(root_fd: int, root: Path, out_fd: int | None, tally: _Tally)
                     os.mkdir(entry.name, 0o755, dir_fd=out.fd)
                     os.fchmod(out.enter(entry.name), 0o755)
                 else:
-                    _copy_file(source, out.fd, entry.name, Path(shown), tally)
+                    digest = _copy_file(source, out.fd, entry.name, Path(shown), tally)
+                    files.append((os.fsencode(entry.path()), digest))
             except OSError as err:  # TreeChanged among them: the input changed while it was copied
                 raise VmisoError(f"cannot copy input {shown}: {err.strerror or err}") from None
     finally:
         if out is not None:
             out.close()
+    return files
 
 
-def _copy_file(fd_in: int, dir_fd: int, name: str, shown: Path, tally: _Tally) -> None:
-    """``fd_in`` copied to a new file ``name`` in ``dir_fd``, mode 0644; its bytes counted as they are read."""
+def _copy_file(fd_in: int, dir_fd: int, name: str, shown: Path, tally: _Tally) -> str:
+    """``fd_in`` copied to a new file ``name`` in ``dir_fd``, mode 0644; its bytes counted as they
+    are read; the sha256 of what was copied."""
     fd_out = os.open(name, _CREATE, 0o644, dir_fd=dir_fd)
+    digest = hashlib.sha256()
     try:
         os.fchmod(fd_out, 0o644)
         while block := os.read(fd_in, _CHUNK):
             tally.add_bytes(len(block))
+            digest.update(block)
             view = memoryview(block)
             while view:
                 view = view[os.write(fd_out, view):]
@@ -181,3 +228,4 @@ def _copy_file(fd_in: int, dir_fd: int, name: str, shown: Path, tally: _Tally) -
         raise VmisoError(f"cannot copy input {shown}: {err.strerror or err}") from None
     finally:
         os.close(fd_out)
+    return digest.hexdigest()
