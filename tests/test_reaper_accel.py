@@ -182,7 +182,7 @@ def test_a_killed_owner_not_yet_reaped_is_dead(tmp_path):
     # A vmiso killed with SIGKILL stays a zombie until its parent (or a slow PID 1) reaps it:
     # gc must not take that for a live owner.
     child = subprocess.Popen([sys.executable, "-c",
-                              "import sys, time; from vmiso import workdir; from pathlib import Path; "
+                              "import sys, time; from vmiso.host import workdir; from pathlib import Path; "
                               "workdir.claim(Path(sys.argv[1])); print('claimed', flush=True); time.sleep(60)",
                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline() == "claimed\n"

@@ -1,4 +1,4 @@
-"""The share helper (vmiso/sharemount.py): what it does for an analyst, and what it refuses.
+"""The share helper (vmiso/host/sharemount.py): what it does for an analyst, and what it refuses.
 
 It runs as root for members of group vmiso (sudo), so each test here is a caller
 trying to make it mount, unmount or create something that is not theirs.  The
