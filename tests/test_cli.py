@@ -453,3 +453,17 @@ def test_a_run_refused_before_its_config_is_read_keeps_the_record_shape(tmp_path
     data = json.loads(record.read_text())
     assert set(data) == set(RECORD_KEYS) and data["schema"] == 1 and data["exit_code"] == 125
     assert "timout" in data["error"] and data["command"] == ["python", "job.py"] and data["image"] is None
+
+
+def test_images_summarises_long_package_lists_and_show_says_whether_they_were_pinned(config, tmp_path):
+    state = tmp_path / "state"
+    many = [{"name": f"package-{i:02}", "version": "1.0"} for i in range(40)]
+    image_in(state, "big", pip=many, requirements={"file": "/r.txt", "sha256": "r" * 64, "hashed": False})
+    image_in(state, "pinned", pip=many[:2], requirements={"file": "/r.txt", "sha256": "r" * 64, "hashed": True})
+    listing = invoke("images", "-c", str(config)).stdout
+    line = [text for text in listing.splitlines() if "packages: " in text][0]  # big's, listed first
+    assert len(line) < 160 and "more ('vmiso images show big')" in line
+    assert "owner: " in listing and "who may remove" not in listing
+    assert "package-39==1.0" in invoke("images", "-c", str(config), "show", "big").stdout  # all of them there
+    assert "requirements: not hash-pinned" in invoke("images", "-c", str(config), "show", "big").stdout
+    assert "requirements: hash-pinned" in invoke("images", "-c", str(config), "show", "pinned").stdout

@@ -286,15 +286,26 @@ def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
     _say(f"{'NAME':<20} {'SIZE':>9} {'CREATED':<26} SHA256")
     for row in rows:
         _say(f"{row['name']:<20} {row['size'] / 1024**2:>7.0f}MB {row['created'] or '?':<26} {row['sha256']}")
-        packages = ", ".join(f"{p['name']}=={p['version']}" for p in row["packages"]
-                             if p["name"] not in ("pip", "setuptools", "wheel"))
-        _say(f"{'':<20} packages: {packages or '-'}")
-        _say(f"{'':<20} owner: {row['owner']} (who may remove or replace it, and root)")
+        _say(f"{'':<20} packages: {_packages_line(row['packages'], row['name'])}")
+        _say(f"{'':<20} owner: {row['owner']}")
         source = row["source"]
         if "cloud_image" in source:
             _say(f"{'':<20} source: cloud image {source['cloud_image']} (sha256 {source['sha256']})")
         elif "recipe" in source:
             _say(f"{'':<20} source: recipe {source['recipe']} from {source['mirror']}")
+
+
+def _packages_line(packages: list[dict[str, str]], image: str, width: int = 90) -> str:
+    """The image's distributions (pip's own left out) in one line of about ``width`` characters:
+    as many as fit, then how many more and where to see them all."""
+    names = [f"{p['name']}=={p['version']}" for p in packages if p["name"] not in ("pip", "setuptools", "wheel")]
+    shown: list[str] = []
+    for name in names:
+        if shown and len(", ".join([*shown, name])) > width:
+            break
+        shown.append(name)
+    more = len(names) - len(shown)
+    return (", ".join(shown) or "-") + (f" and {more} more ('vmiso images show {image}')" if more else "")
 
 
 @images.command("rm")
@@ -335,6 +346,11 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
             _say(line)
     packages = ", ".join(f"{p['name']}=={p['version']}" for p in info["packages"])
     _say(f"packages: {packages or '-'}")
+    if info["hashed"] is not None:
+        _say("requirements: " + ("hash-pinned: pip checked every file it installed against them" if info["hashed"]
+                                 else "not hash-pinned: pip installed whatever the index served then; a "
+                                      "hash-pinned file (pip-compile --generate-hashes, uv pip compile "
+                                      "--generate-hashes) makes the template reproducible"))
     gateway = info["gateway"]
     if gateway is None:
         _say("gateway: no record (provisioned before vmiso kept one)")

@@ -258,6 +258,10 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
         log.warning("the gateway refused connections to %s during provisioning: install-time code tried to "
                     "reach hosts outside the allow-list (see 'vmiso images show %s'; %s allows a host)",
                     ", ".join(item["host"] for item in record["refused"]), build.name, allow.KEY)
+    if build.requirements is not None and not build.requirements.has_hashes:
+        log.warning("image %s: its requirements are not hash-pinned, so pip installed whatever the index served "
+                    "today; a hash-pinned file (pip-compile --generate-hashes, uv pip compile --generate-hashes) "
+                    "makes the template reproducible", build.name)
     try:
         warm.make_warm_state(config, hv, image, build.steps, build.accel)
     except VmisoError as err:  # runs boot cold without it: the image is still good

@@ -360,6 +360,9 @@ def summary(image: Image) -> dict[str, Any]:
         "created": manifest.get("created"),
         "sha256": manifest.get("sha256"),
         "packages": manifest.get("pip", []),
+        # Whether the requirements were hash-pinned (None: none given, or provisioned before vmiso said).
+        "hashed": (manifest.get("requirements") or {}).get("hashed") if (manifest.get("requirements") or {}).get("file")
+        else None,
         "startup": manifest.get("startup"),  # image.inventory: what runs at every Python start
         "source": manifest.get("source", {}),
         "path": str(image.path),
