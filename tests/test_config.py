@@ -148,3 +148,13 @@ def test_input_limits_have_defaults_and_take_sizes(write):
     assert (run.input_max_bytes, run.input_max_files) == (10 * 1024**3, 5)
     with pytest.raises(ConfigError, match="run.input_max_files: 0 is too small"):
         config.load(write("j.yaml", "run:\n  input_max_files: 0\n"), env={})
+
+
+def test_every_problem_of_a_file_is_said_at_once(write):
+    path = write("v.yaml", "run:\n  timout: 5\n  scratch: lots\nvm:\n  memory_mib: many\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path, env={})
+    message = err.value.message
+    assert message.startswith("3 problems: ")
+    assert "unknown key 'run.timout' (did you mean 'timeout'?)" in message
+    assert "run.scratch: 'lots' is not a size" in message and "vm.memory_mib: expected an integer" in message

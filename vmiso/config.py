@@ -220,6 +220,15 @@ def _convert(tp: Any, value: Any, where: str, base_dir: Path) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {where}")  # a bug in this module
 
 
+class ConfigProblems(ConfigError):
+    """Several problems in one file, all said at once (one try, not one per problem)."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        self.problems = problems
+        super().__init__(f"{len(problems)} problems: " + "; ".join(
+            p.message + (f" ({p.hint})" if p.hint else "") for p in problems))
+
+
 def _build(cls: type, data: Any, where: str, base_dir: Path) -> Any:
     if data is None:
         data = {}
@@ -228,17 +237,28 @@ def _build(cls: type, data: Any, where: str, base_dir: Path) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}
+    problems: list[ConfigError] = []
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(names)
-            raise ConfigError(f"unknown key '{path}'", hint)
-        values[key] = _convert(hints[key], value, path, base_dir)
+            problems.append(ConfigError(f"unknown key '{path}'", hint))
+            continue
+        try:
+            values[key] = _convert(hints[key], value, path, base_dir)
+        except ConfigProblems as err:
+            problems.extend(err.problems)
+        except ConfigError as err:
+            problems.append(err)
     for f in dataclasses.fields(cls):
-        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             path = f"{where}.{f.name}" if where else f.name
-            raise ConfigError(f"missing key '{path}'", f"{where or 'the file'} needs it")
+            problems.append(ConfigError(f"missing key '{path}'", f"{where or 'the file'} needs it"))
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigProblems(problems)
     return cls(**values)
 
 
