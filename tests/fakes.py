@@ -123,7 +123,8 @@ class FakeSession(Session):
     def publish(self, guest_port: int) -> FakePublished:
         return FakePublished(guest_port)
 
-    def serve_guest_ports(self, routes: Mapping[int, Callable[[Any], None]]) -> FakePorts:
+    def serve_guest_ports(self, routes: Mapping[int, Callable[[Any], None]],
+                          on_busy: Callable[[int], None] = lambda port: None) -> FakePorts:
         """As the guest's sshd would: each route is called with a connection from the guest."""
         self.routes = routes
         return FakePorts()

@@ -461,7 +461,7 @@ def test_images_summarises_long_package_lists_and_show_says_whether_they_were_pi
     image_in(state, "big", pip=many, requirements={"file": "/r.txt", "sha256": "r" * 64, "hashed": False})
     image_in(state, "pinned", pip=many[:2], requirements={"file": "/r.txt", "sha256": "r" * 64, "hashed": True})
     listing = invoke("images", "-c", str(config)).stdout
-    line = [text for text in listing.splitlines() if "packages: " in text][0]  # big's, listed first
+    line = next(text for text in listing.splitlines() if "packages: " in text)  # big's, listed first
     assert len(line) < 160 and "more ('vmiso images show big')" in line
     assert "owner: " in listing and "who may remove" not in listing
     assert "package-39==1.0" in invoke("images", "-c", str(config), "show", "big").stdout  # all of them there

@@ -181,10 +181,12 @@ def test_a_listed_name_that_leads_here_or_to_metadata_is_refused(address):
     gw = egress.Gateway(allow.Rules((Allowed("api.vmiso.test", 443),)), resolver)
     guest, worker = connect(gw)
     guest.sendall(b"CONNECT api.vmiso.test:443 HTTP/1.1\r\n\r\n")
-    assert read_all(guest).startswith(b"HTTP/1.1 403 ")
+    answer = read_all(guest)
+    assert answer.startswith(b"HTTP/1.1 403 ")
+    assert address.split(":")[-1].encode() not in answer.split(b"\r\n\r\n", 1)[1]  # the guest learns nothing
     worker.join(10)
     [entry] = gw.record.entries
-    assert entry["outcome"] == "refused" and address.split(":")[-1] in entry["reason"]
+    assert entry["outcome"] == "refused" and address.split(":")[-1] in entry["reason"]  # the record keeps it
 
 
 def test_a_plain_request_goes_once_with_its_body_and_no_proxy_headers(upstream):
@@ -216,6 +218,7 @@ def test_a_plain_request_goes_once_with_its_body_and_no_proxy_headers(upstream):
     (b"\x16\x03\x01\x02\x00\x01\r\n\r\n", b"400"),
     (b"GET http://api.vmiso.test:{port}/ HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 5\r\n\r\n", b"400"),
     (b"GET http://api.vmiso.test:{port}/ HTTP/1.1\r\nX: a\nInjected: b\r\n\r\n", b"400"),
+    (b"GET http://api.vmiso.test:{port}/ HTTP/1.1\r\nX: a\x01\x0bb\r\n\r\n", b"400"),  # controls in a value
 ])
 def test_a_plain_request_the_gateway_will_not_vouch_for_reaches_nothing(upstream, head, status):
     service = upstream(reply=b"HTTP/1.1 200 OK\r\n\r\n")
@@ -413,3 +416,75 @@ def test_a_hosts_file_names_a_service_for_the_run(tmp_path):
     read = egress.read_hosts_file(names, "run.hosts_file")
     assert read == {"api.vmiso.test": ["10.213.79.2"], "api2.vmiso.test": ["10.213.79.2"]}
     assert egress.Resolver(read, own=()).resolve("api.vmiso.test", 443) == [(socket.AF_INET, ("10.213.79.2", 443))]
+
+
+def _mirror(upstream_port: int) -> egress.Gateway:
+    """A provisioning's gateway to one plain-HTTP mirror on this host's loopback."""
+    rules = allow.for_provisioning([Allowed("mirror.vmiso.test", upstream_port, "http")], None)
+    return egress.Gateway(rules, Lookups({"mirror.vmiso.test": ["127.0.0.1"]}, internal=(), own=()))
+
+
+def test_a_fetch_from_a_mirror_carries_only_what_a_fetch_needs(upstream):
+    service = upstream(reply=b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    gw = _mirror(service.port)
+    guest, worker = connect(gw)
+    guest.sendall(f"GET http://mirror.vmiso.test:{service.port}/dists/InRelease HTTP/1.1\r\n"
+                  f"Host: mirror.vmiso.test:{service.port}\r\nUser-Agent: Debian APT-HTTP/1.3\r\n"
+                  "Range: bytes=0-9\r\nX-Forwarded-Host: other.example\r\nX-HTTP-Method-Override: DELETE\r\n"
+                  "Forwarded: host=other.example\r\n\r\n".encode())
+    assert read_all(guest).endswith(b"ok")
+    worker.join(10)
+    lines = service.received.split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert lines[0] == b"GET /dists/InRelease HTTP/1.1"
+    assert sorted(line.split(b":")[0].lower() for line in lines[1:]) == [b"connection", b"host", b"range",
+                                                                         b"user-agent"]
+
+
+def test_a_fetch_with_a_body_reaches_nothing(upstream):
+    service = upstream(reply=b"HTTP/1.1 200 OK\r\n\r\n")
+    gw = _mirror(service.port)
+    guest, worker = connect(gw)
+    # A body on a GET that a front end in the mirror's path might read as a second request.
+    guest.sendall(f"GET http://mirror.vmiso.test:{service.port}/ HTTP/1.1\r\nContent-Length: 38\r\n\r\n"
+                  "GET /x HTTP/1.1\r\nHost: evil.example\r\n\r\n".encode())
+    assert read_all(guest).startswith(b"HTTP/1.1 403 ")
+    worker.join(10)
+    assert service.connections == 0
+    [entry] = gw.record.entries
+    assert entry["outcome"] == "refused" and entry["reason"] == "a GET with a body"
+
+
+def test_connections_refused_for_want_of_slots_are_recorded_and_named():
+    gw = gateway_for([("api.vmiso.test", 443)])
+    gw.busy(allow.PROXY_PORT)
+    gw.busy(allow.PROXY_PORT)
+    record = gw.record.as_dict(gw.rules)
+    assert [(row["method"], row["connections"]) for row in record["refused"]] == [("BUSY", 2)]
+    from vmiso.network.record import refused_hosts
+    assert refused_hosts(record) == ["connections past the gateway's limit"]
+
+
+def test_connections_summed_past_the_kept_ones_keep_every_address_and_sni(monkeypatch):
+    monkeypatch.setattr(egress, "RECORD_MAX", 0)
+    record = egress.Record()
+    for upstream_address, sni, outcome in (("10.9.9.9", "api.vmiso.test", "contacted"),
+                                           ("10.9.9.10", "api.vmiso.test", "contacted"),
+                                           (None, "c2.attacker.example", "refused")):
+        entry = record.open("proxy", allow.PROXY_PORT)
+        entry.update(method="CONNECT", host="api.vmiso.test", port=443, outcome=outcome, sni=sni,
+                     upstream=upstream_address, allowed=outcome == "contacted")
+        record.finish(entry)
+    summary = record.as_dict(allow.Rules())
+    assert summary["contacted"][0]["upstream"] == ["10.9.9.9", "10.9.9.10"]
+    assert [row["sni"] for row in summary["not_kept_rows"] if row["outcome"] == "refused"] == ["c2.attacker.example"]
+
+
+def test_this_hosts_ipv6_addresses_are_read_as_ipv6():
+    from pathlib import Path
+
+    listed = Path("/proc/net/if_inet6")
+    inet6 = listed.read_text() if listed.exists() else ""  # a host without IPv6 lists none
+    found = egress.host_addresses()
+    if "0" * 31 + "1" in inet6:
+        assert "::1" in found
+    assert "0.0.0.1" not in found

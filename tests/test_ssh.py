@@ -80,6 +80,12 @@ class FakeGuest(paramiko.ServerInterface):
         self.forwarded: dict[int, tuple] = {}  # channel id -> (host, port) asked for
         self.signals: list[str] = []  # what "signal" requests named, as sshd would deliver them
         self.signalled = threading.Event()
+        self.listening: list[int] = []  # guest ports the host asked this sshd to listen on
+        self.transport: paramiko.Transport | None = None
+
+    def check_port_forward_request(self, address: str, port: int) -> int:
+        self.listening.append(port)
+        return port
 
     def hear_signals(self, transport: paramiko.Transport) -> None:
         """paramiko's server ignores "signal" requests; sshd delivers them to the command."""
@@ -138,6 +144,7 @@ def guest(tmp_path):
         transport = paramiko.Transport(conn)
         transport.add_server_key(paramiko.Ed25519Key.from_private_key_file(str(host_key_path)))
         transport.start_server(server=server)
+        server.transport = transport
         server.hear_signals(transport)
         while transport.is_active():
             channel = transport.accept(1)
@@ -318,6 +325,8 @@ def test_a_guest_that_hangs_up_is_tried_again(tmp_path):
 class FakeChannel:
     """Just enough of paramiko.Channel for Session.execute: a job whose link goes away."""
 
+    in_window_size = 2 * 1024**2
+
     def __init__(self) -> None:
         self._read, self._write = os.pipe()  # select() needs a descriptor; nothing arrives
         self.closed = False
@@ -441,3 +450,69 @@ def test_a_preloaded_link_that_sshd_dropped_gives_way_to_a_new_one(guest):
         assert run(session, "exit 3")[0] == ssh.JobExit(code=3)
     finally:
         session.close()
+
+
+def _guest_connects(server: FakeGuest, port: int) -> paramiko.Channel:
+    """A connection made in the guest to its own 127.0.0.1:``port``, as sshd hands it to the host."""
+    deadline = time.monotonic() + 10
+    while port not in server.listening:
+        assert time.monotonic() < deadline, "the host never asked the guest to listen"
+        time.sleep(0.01)
+    assert server.transport is not None
+    return server.transport.open_forwarded_tcpip_channel(("127.0.0.1", 40000), ("127.0.0.1", port))
+
+
+def test_a_guest_that_ignores_the_window_cannot_grow_the_hosts_memory(guest):
+    """A hostile sshd sends 8 MiB into a connection the host is not reading, never waiting for
+    the window (paramiko would buffer it all): the host keeps at most the window, then the
+    connection ends."""
+    session = connect(guest)
+    seen: dict[str, int] = {}
+    release, done = threading.Event(), threading.Event()
+
+    def route(channel: paramiko.Channel) -> None:
+        release.wait(10)  # the gateway busy resolving or connecting: nothing is read meanwhile
+        seen["held"] = len(channel.in_buffer)
+        seen["window"] = channel.in_window_size
+        total = 0
+        while chunk := channel.recv(65536):
+            total += len(chunk)
+        seen["read"] = total
+        done.set()
+    try:
+        ports = session.serve_guest_ports({4000: route})
+        channel = _guest_connects(guest["server"], 4000)
+        for _ in range(256):  # 32 KiB a message
+            message = paramiko.Message()
+            message.add_byte(paramiko.common.cMSG_CHANNEL_DATA)
+            message.add_int(channel.remote_chanid)
+            message.add_string(b"x" * 32768)
+            guest["server"].transport._send_user_message(message)
+        time.sleep(0.5)  # the host's transport has taken in what it was sent
+        release.set()
+        assert done.wait(10)
+        ports.close()
+    finally:
+        session.close()
+    cap = seen["window"] + ssh.WINDOW_SLACK
+    assert seen["held"] <= cap and 0 < seen["read"] <= cap < 8 * 1024**2
+
+
+def test_connections_past_the_slots_are_refused_and_told(guest, monkeypatch):
+    monkeypatch.setattr(ssh.GuestPorts, "SLOTS", 2)
+    session = connect(guest)
+    busy: list[int] = []
+    hold = threading.Event()
+    try:
+        ports = session.serve_guest_ports({4001: lambda channel: hold.wait(10)}, busy.append)
+        for _ in range(3):
+            with contextlib.suppress(paramiko.SSHException):  # the third is closed as it opens
+                _guest_connects(guest["server"], 4001)
+        deadline = time.monotonic() + 10
+        while not busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        hold.set()
+        ports.close()
+    finally:
+        session.close()
+    assert busy == [4001]

@@ -549,13 +549,19 @@ def _say_network(record: dict[str, Any], *, quiet: bool) -> None:
                    + (f"; {len(record['failed'])} allowed place(s) did not answer" if record["failed"] else ""),
                    err=True)
     reasons: dict[str, str] = {}
+    busy = 0
     for entry in record["connections"]:
-        if entry["outcome"] in ("refused", "malformed"):
+        if entry["method"] == "BUSY":  # refused unread: the gateway served all it may at once
+            busy += 1
+        elif entry["outcome"] in ("refused", "malformed"):
             target = f"{entry['host']}:{entry['port']}" if entry["port"] is not None else entry["host"]
             reasons.setdefault(target, entry["reason"] or "")
     for target, reason in list(reasons.items())[:10]:
         shown = "a request vmiso could not read" if target == "-" else neutralize(target)
         click.echo(f"vmiso: the job tried to reach {shown}, refused: {neutralize(reason)}", err=True)
+    if busy:
+        click.echo(f"vmiso: the job opened more connections at once than the gateway serves; {busy} of them "
+                   "were refused unread", err=True)
     if len(reasons) > 10:
         click.echo(f"vmiso: ... and {len(reasons) - 10} more refused places (see --json)", err=True)
 

@@ -372,7 +372,7 @@ def _open_network(session: ssh.Session, rules: allow.Rules, image: Image, result
         gateway = Gateway.start(rules)
         cleanup.callback(gateway.close)
         try:
-            ports = session.serve_guest_ports(gateway.routes())
+            ports = session.serve_guest_ports(gateway.routes(), gateway.busy)
         except ssh.ForwardRefused as err:
             raise GuestError(err.message, f"image {image.name} was provisioned before vmiso allowed networked runs; "
                              f"provision it again to use --allow-host or --allow-tcp") from None

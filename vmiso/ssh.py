@@ -32,6 +32,7 @@ from typing import BinaryIO, Protocol
 if "invoke" not in sys.modules:
     sys.modules["invoke"] = None  # type: ignore[assignment]
 import paramiko
+from paramiko.buffered_pipe import BufferedPipe
 
 from .errors import GuestError
 
@@ -134,8 +135,10 @@ class Session(Protocol):
         """Make 127.0.0.1:``guest_port`` in the guest reachable on a port of the host's loopback."""
         ...
 
-    def serve_guest_ports(self, routes: Mapping[int, Callable[[paramiko.Channel], None]]) -> Closable:
-        """Connections the guest makes to its own 127.0.0.1:PORT served on this host by ``routes[PORT]``."""
+    def serve_guest_ports(self, routes: Mapping[int, Callable[[paramiko.Channel], None]],
+                          on_busy: Callable[[int], None] = ...) -> Closable:
+        """Connections the guest makes to its own 127.0.0.1:PORT served on this host by ``routes[PORT]``;
+        ``on_busy(PORT)`` for one refused unread, all slots taken."""
         ...
 
     def close(self) -> None: ...
@@ -158,13 +161,14 @@ class SshSession(Session):
             raise GuestError(f"the SSH link to {self._name} is closed")
         return Published(transport, guest_port, self._name)
 
-    def serve_guest_ports(self, routes: Mapping[int, Callable[[paramiko.Channel], None]]) -> GuestPorts:
+    def serve_guest_ports(self, routes: Mapping[int, Callable[[paramiko.Channel], None]],
+                          on_busy: Callable[[int], None] = lambda port: None) -> GuestPorts:
         """Connections the guest makes to its own 127.0.0.1:PORT, for each PORT of ``routes``,
         served on this host by ``routes[PORT](channel)`` (see GuestPorts)."""
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
             raise GuestError(f"the SSH link to {self._name} is closed")
-        return GuestPorts(transport, routes, self._name)
+        return GuestPorts(transport, routes, self._name, on_busy)
 
     def execute(self, command: str, stdout: BinaryIO, stderr: BinaryIO, *, stdin: BinaryIO | None = None,
                 deadline: float | None = None, should_stop: Callable[[], bool] = lambda: False,
@@ -196,6 +200,7 @@ class SshSession(Session):
             channel = transport.open_session(timeout=30)
         except (paramiko.SSHException, OSError) as err:
             raise GuestError(f"cannot start the job in {self._name}: {err}") from None
+        bound_input(channel)
         # paramiko waits for the answers to pty-req and exec without a time limit.
         left = START_SECONDS if deadline is None else max(0.0, min(START_SECONDS, deadline - time.monotonic()))
         gave_up = threading.Event()
@@ -300,6 +305,7 @@ class Published:
             try:
                 channel = self._transport.open_channel("direct-tcpip", ("127.0.0.1", self.guest_port), peer,
                                                        timeout=30)
+                bound_input(channel)
             except (paramiko.SSHException, OSError, EOFError) as err:
                 log.debug("%s: no connection to guest port %d: %s", self._name, self.guest_port, err)
                 conn.close()
@@ -372,8 +378,8 @@ class GuestPorts:
     SLOTS = 64
 
     def __init__(self, transport: paramiko.Transport, routes: Mapping[int, Callable[[paramiko.Channel], None]],
-                 name: str) -> None:
-        self._transport, self._routes, self._name = transport, dict(routes), name
+                 name: str, on_busy: Callable[[int], None] = lambda port: None) -> None:
+        self._transport, self._routes, self._name, self._on_busy = transport, dict(routes), name, on_busy
         self._slots = threading.BoundedSemaphore(self.SLOTS)
         self._closed = False
         self.guest_ports: list[int] = []
@@ -387,11 +393,15 @@ class GuestPorts:
             self.guest_ports.append(port)
 
     def _handle(self, channel: paramiko.Channel, origin: tuple[str, int], server: tuple[str, int]) -> None:
-        # Called in paramiko's transport thread: serve in a thread of its own.
+        # Called in paramiko's transport thread, before any of the channel's data: serve in a thread of its own.
+        bound_input(channel)
         serve = self._routes.get(server[1]) if not self._closed else None
-        if serve is None or not self._slots.acquire(blocking=False):
+        busy = serve is not None and not self._slots.acquire(blocking=False)
+        if serve is None or busy:
             with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                 channel.close()
+            if busy:
+                self._on_busy(server[1])
             return
         threading.Thread(target=self._serve, args=(serve, channel), daemon=True).start()
 
@@ -412,6 +422,40 @@ class GuestPorts:
         for port in self.guest_ports:
             with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
                 self._transport.global_request("cancel-tcpip-forward", ("127.0.0.1", port), wait=False)
+
+
+# What a channel may hold unread beyond its window: a peer that keeps to SSH's flow control
+# never sends past the window vmiso advertised.
+WINDOW_SLACK = 64 * 1024
+
+
+class _BoundedPipe(BufferedPipe):  # type: ignore[type-arg]
+    """A channel's input buffer that holds at most ``cap`` bytes.  paramiko buffers whatever the
+    peer sends, window or not; a guest's sshd that ignores the window (only a hostile one does)
+    would grow vmiso's memory without end.  Past the cap its bytes are dropped and the buffer
+    ends: the reader sees end of file and closes the channel."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self._cap = cap
+        self.overrun = False
+
+    def feed(self, data: bytes) -> None:
+        if self.overrun:
+            return
+        if len(self) + len(data) > self._cap:
+            self.overrun = True
+            log.warning("the guest sent past an SSH channel's window: that channel is cut off")
+            self.close()
+            return
+        super().feed(data)
+
+
+def bound_input(channel: paramiko.Channel) -> None:
+    """Give ``channel`` input buffers bounded by its window (see _BoundedPipe); before its data flows."""
+    cap = channel.in_window_size + WINDOW_SLACK
+    channel.in_buffer = _BoundedPipe(cap)
+    channel.in_stderr_buffer = _BoundedPipe(cap)
 
 
 def _send_signal(channel: paramiko.Channel, sig: signal.Signals) -> None:

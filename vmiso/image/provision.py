@@ -254,10 +254,10 @@ def provision(config: Config, hv: Hypervisor, *, name: str | None = None, replac
         _seal(build, layer, keys, template, report, way, record, startup)
         undo.pop_all()  # complete: keep it
     image = Image(build.name, build.final)
-    if record["refused"]:
+    if refused := gateway_record.refused_hosts(record):
         log.warning("the gateway refused connections to %s during provisioning: install-time code tried to "
                     "reach hosts outside the allow-list (see 'vmiso images show %s'; %s allows a host)",
-                    ", ".join(item["host"] for item in record["refused"]), build.name, allow.KEY)
+                    gateway_record.named(refused), build.name, allow.KEY)
     if build.requirements is not None and not build.requirements.has_hashes:
         log.warning("image %s: its requirements are not hash-pinned, so pip installed whatever the index served "
                     "today; a hash-pinned file (pip-compile --generate-hashes, uv pip compile --generate-hashes) "
@@ -342,7 +342,7 @@ def _provision_guest(build: _Build, layer: Layer, keys: _Keys, way: _Way, undo: 
         return _boot_and_provision(build, layer, keys, way, undo)
     except ProvisionError as err:
         if refused := gateway_record.refused_hosts(way.gateway.record.as_dict(way.rules)):
-            err.hint = (f"the gateway refused {', '.join(refused)}: a host not in the allow-list; "
+            err.hint = (f"the gateway refused {gateway_record.named(refused)}: a host not in the allow-list; "
                         f"if the image needs it, add it to {allow.KEY}")
         raise
 
@@ -515,7 +515,7 @@ def _serve_way(build: _Build, domain: str, keys: _Keys, way: _Way, link: ExitSta
                           client_key=keys.client_private, user=RUN_USER, deadline=time.monotonic() + 120,
                           alive=lambda: build.hv.is_running(domain))
     link.callback(session.close)
-    served = session.serve_guest_ports(way.gateway.routes())
+    served = session.serve_guest_ports(way.gateway.routes(), way.gateway.busy)
     link.callback(served.close)
 
 

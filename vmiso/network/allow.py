@@ -121,6 +121,10 @@ class Rules:
     plain_methods: frozenset[str] = _PLAIN_METHODS
     refusal: str = "not in this run's --allow-host"  # what a request to another place is told
     hosts_key: str = "run.hosts_file"  # where hosts_file was named, for its errors
+    # Headers a plain request may carry on (None: any but hop-by-hop and proxy ones).  A fetch
+    # from a mirror needs a few; none of the others (X-Forwarded-Host, X-HTTP-Method-Override,
+    # Forwarded) can then bend what the mirror, or a framework before it, does.
+    plain_headers: frozenset[str] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.hosts or self.tcp)
@@ -185,11 +189,18 @@ def for_run(allow_hosts: Iterable[str], allow_tcp: Iterable[str], hosts_file: Pa
                  hosts_file)
 
 
+# What apt and pip send to a mirror (a fetch has no body and needs no other header).
+FETCH_HEADERS = frozenset({"user-agent", "accept", "accept-encoding", "accept-language", "range", "if-range",
+                           "if-modified-since", "if-unmodified-since", "if-none-match", "if-match",
+                           "cache-control", "pragma"})
+
+
 def for_provisioning(allowed: Iterable[Allowed], hosts_file: Path | None) -> Rules:
     """A provisioning's rules: a tunnel to each "https" place, GET and HEAD of each "http" one
     (a plain-HTTP mirror or index), as ``provisioning`` says, and nothing else."""
     return Rules(tuple(sorted(set(allowed))), (), hosts_file, plain_methods=FETCH_METHODS,
-                 refusal="not in this provisioning's allow-list", hosts_key="provision.hosts_file")
+                 refusal="not in this provisioning's allow-list", hosts_key="provision.hosts_file",
+                 plain_headers=FETCH_HEADERS)
 
 
 # --- a provisioning's allow-list ------------------------------------------------------------

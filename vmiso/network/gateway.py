@@ -83,7 +83,7 @@ def host_addresses() -> set[str]:
         for line in Path("/proc/net/if_inet6").read_text().splitlines():
             digits = line.split()[0] if line.split() else ""
             if len(digits) == 32:
-                found.add(str(ipaddress.ip_address(int(digits, 16))))
+                found.add(str(ipaddress.IPv6Address(int(digits, 16))))  # ip_address(1) would be 0.0.0.1
     except (OSError, ValueError):
         pass
     return found
@@ -160,6 +160,8 @@ class Unreachable(Exception):
 # --- the record -------------------------------------------------------------------------------
 
 FOLDED_MAX = 1000  # distinct places the connections past RECORD_MAX are summed under
+FOLDED_ADDRESSES = 16  # upstream addresses kept per summed place
+BUSY = "BUSY"  # the method of a connection refused unread: the gateway was serving all it may
 FIELD_MAX = 255  # characters kept of a name, method, reason or SNI the guest chose
 
 
@@ -197,17 +199,28 @@ class Record:
                 self.entries.append(entry)
             else:
                 self.dropped += 1
-                place = (entry["outcome"], entry["host"], entry["port"], entry["method"])
+                # The SNI too: a tunnel refused for naming another site says which.
+                place = (entry["outcome"], entry["host"], entry["port"], entry["method"], entry["sni"])
                 # Contacted and failed places are few (the allow-list's); refused ones are the guest's choice.
                 if place not in self._folded and len(self._folded) >= FOLDED_MAX and not entry["allowed"]:
-                    place = (entry["outcome"], "-", None, "-")
+                    place = (entry["outcome"], "-", None, "-", None)
                 row = self._folded.setdefault(place, {
                     "outcome": place[0], "allowed": entry["allowed"], "host": place[1], "port": place[2],
-                    "method": place[3], "upstream": entry["upstream"], "connections": 0,
-                    "bytes_from_guest": 0, "bytes_to_guest": 0})
+                    "method": place[3], "sni": place[4], "upstream": entry["upstream"], "upstreams": [],
+                    "connections": 0, "bytes_from_guest": 0, "bytes_to_guest": 0, "reason": entry["reason"]})
+                if entry["upstream"] and entry["upstream"] not in row["upstreams"] \
+                        and len(row["upstreams"]) < FOLDED_ADDRESSES:
+                    row["upstreams"].append(entry["upstream"])  # every address contacted, not the first only
                 row["connections"] += 1
                 row["bytes_from_guest"] += entry["bytes_from_guest"]
                 row["bytes_to_guest"] += entry["bytes_to_guest"]
+
+    def busy(self, guest_port: int) -> None:
+        """A connection refused unread because the gateway was serving all it may at once."""
+        entry = self.open("proxy" if guest_port == PROXY_PORT else "tcp", guest_port)
+        entry["method"] = BUSY
+        _refuse(entry, "the gateway was serving as many connections as it may at once")
+        self.finish(entry)
 
     def connections(self) -> tuple[list[dict[str, Any]], int]:
         """A copy of every connection kept (those still open included), and how many more were summed."""
@@ -284,12 +297,15 @@ def _parse_head(head: bytes) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.match(name):
             raise _Bad("a malformed header line")
+        if _CONTROL.search(value):  # RFC 9110: no control character in a field value but HTAB
+            raise _Bad("a control character in a header value")
         headers.append((name, value.strip(b" \t")))
     return parts[0].decode(), parts[1], headers
 
 
 _PORT = re.compile(r"[0-9]{1,5}")
 _LENGTH = re.compile(rb"[0-9]{1,18}")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _split_authority(authority: str, default_port: int) -> tuple[str, int] | None:
@@ -401,6 +417,10 @@ class Gateway:
         names = read_hosts_file(rules.hosts_file, rules.hosts_key) if rules.hosts_file is not None else None
         return cls(rules, Resolver(names))
 
+    def busy(self, guest_port: int) -> None:
+        """What the link calls for a connection it refused unread (all slots taken): recorded."""
+        self.record.busy(guest_port)
+
     def routes(self) -> dict[int, Callable[[Stream], None]]:
         """Guest port -> what serves a connection made to it."""
         served: dict[int, Callable[[Stream], None]] = {}
@@ -453,7 +473,7 @@ class Gateway:
             _answer(guest, entry, 400, "vmiso's gateway could not read the request")
         except Exception:  # what no rule foresaw: refused, and recorded as such, never "empty"
             log.debug("the gateway could not read a request", exc_info=True)
-            if entry["outcome"] in ("empty", "contacted"):
+            if entry["outcome"] == "empty":  # a contact made stays one: it reached the host
                 entry.update(outcome="malformed", allowed=False, reason="a request the gateway could not read")
             _answer(guest, entry, 400, "vmiso's gateway could not read the request")
         finally:
@@ -507,9 +527,9 @@ class Gateway:
         """The addresses to try, or [] with the refusal or failure recorded and answered."""
         try:
             return self.resolver.resolve(host, port)
-        except Refused as err:
+        except Refused as err:  # the address stays in the record: the guest learns nothing of this host
             _refuse(entry, str(err))
-            _answer(guest, entry, 403, f"vmiso: {host}:{port} {err}")
+            _answer(guest, entry, 403, f"vmiso: {host}:{port} leads to an address the gateway never reaches")
         except Unreachable as err:
             _fail(entry, str(err))
             _answer(guest, entry, 502, f"vmiso: {host}:{port} {err}")
@@ -590,8 +610,13 @@ class Gateway:
                 _refuse(entry, f"its Host header names another site than {named}")
                 _answer(guest, entry, 403, "vmiso: the Host header must name the URL's host")
                 return None
-            if low.decode() not in _DROPPED_HEADERS:
+            allowed = self.rules.plain_headers
+            if low.decode() not in _DROPPED_HEADERS and (allowed is None or low.decode() in allowed):
                 kept.append(name + b": " + value)
+        if length and self.rules.plain_headers is not None:  # a fetch (provisioning) carries no body
+            _refuse(entry, f"a {method} with a body")
+            _answer(guest, entry, 403, f"vmiso: a {method} to a mirror carries no body")
+            return None
         conn = self._connect(guest, entry, host, port)
         if conn is None:
             return None

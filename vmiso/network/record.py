@@ -49,8 +49,9 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
             item["connections"] += e.get("connections", 1)  # a row of connections summed (gateway.Record)
             item["bytes_from_guest"] += e["bytes_from_guest"]
             item["bytes_to_guest"] += e["bytes_to_guest"]
-            if e.get("upstream") and e["upstream"] not in item["upstream"]:
-                item["upstream"].append(e["upstream"])
+            for address in (e.get("upstream"), *e.get("upstreams", ())):  # a summed row keeps several
+                if address and address not in item["upstream"]:
+                    item["upstream"].append(address)
         return sorted(seen.values(), key=lambda i: (i["host"], i["method"]))
     return {"contacted": rows(("contacted",)), "refused": rows(("refused", "malformed")),
             "failed": rows(("failed",)), "empty": sum(1 for e in entries if e.get("outcome") == "empty")}
@@ -67,11 +68,19 @@ def write_record(record: dict[str, Any], allowed: Iterable[Allowed], target: Pat
     return {**summarize(connections), "empty": record["empty"]}
 
 
+def named(places: list[str], most: int = 10) -> str:
+    """Places for one line: the first ``most`` by name, then how many more (the guest chose them, and
+    how many: a flood of names must not flood the analyst's terminal)."""
+    shown = ", ".join(places[:most])
+    return shown + (f" and {len(places) - most} more" if len(places) > most else "")
+
+
 def refused_hosts(record: dict[str, Any]) -> list[str]:
     """The places a gateway refused, by name, once each (gateway.Record.as_dict's summary)."""
     shown: list[str] = []
     for item in record["refused"]:
-        name = "a malformed request" if item["host"] == "-" else item["host"]
+        name = ("connections past the gateway's limit" if item["method"] == "BUSY"
+                else "a malformed request" if item["host"] == "-" else item["host"])
         if name not in shown:
             shown.append(name)
     return shown
