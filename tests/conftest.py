@@ -1,8 +1,18 @@
-"""Shared fixtures.  VM tests (marked ``vm``) boot real guests through libvirt."""
+"""Shared fixtures, and what each test needs of the host.
+
+VM tests (marked ``vm``) boot real guests through libvirt.  A test marked ``root`` needs
+root; one marked ``hostsetup`` needs what ``scripts/setup-host --test`` sets up; a VM test
+needs both.  Anyone else gets them skipped, with the reason; in CI (``CI=true``, where
+``.ci/run`` runs the suite as root after setup-host) they fail instead, as any skip does:
+a test skipped there would prove nothing.
+"""
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +20,87 @@ import pytest
 from vmharness import DELETED_SECRET, NUMPY, TABULATE, make_state_root, remove_tree, vmiso, write_config
 
 REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI") == "true"
+ANALYSTS = ("vmiso-test", "vmiso-test2")  # scripts/setup-host --test makes them
+SHARE_HELPER = Path("/usr/local/libexec/vmiso/share-mount")
+SUDO_RULE = Path("/etc/sudoers.d/vmiso")
 
+
+# --- what a test needs of the host: markers root and hostsetup ------------------------------------
+
+def _missing_host_setup() -> str | None:
+    """What this host lacks of scripts/setup-host --test, or None."""
+    try:
+        members = grp.getgrnam("vmiso").gr_mem
+    except KeyError:
+        return "no group vmiso"
+    for user in ANALYSTS:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            return f"no user {user}"
+        if user not in members:
+            return f"{user} is not a member of vmiso"
+    if not SHARE_HELPER.is_file():
+        return f"no share helper {SHARE_HELPER}"
+    if not SUDO_RULE.is_file():
+        return f"no sudo rule {SUDO_RULE} (or it cannot be seen without root)"
+    try:
+        done = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"virsh -c qemu:///system: {err}"
+    if done.returncode != 0:
+        said = done.stderr.strip().splitlines()
+        return f"libvirtd does not answer on qemu:///system ({said[-1] if said else done.returncode})"
+    return None
+
+
+_host_setup: list[str | None] = []  # _missing_host_setup(), asked once, when a test first needs it
+
+
+def _lacks(item: pytest.Item) -> list[str]:
+    """What ``item`` needs that this process or host lacks, each with its reason."""
+    def why(mark: pytest.Mark | None) -> str:
+        reason = mark.kwargs.get("reason") if mark else "boots real guests"  # no mark: a VM test
+        return f" ({reason})" if reason else ""
+
+    lacks = []
+    vm = item.get_closest_marker("vm") is not None
+    root = item.get_closest_marker("root")
+    if (root or vm) and os.geteuid() != 0:
+        lacks.append(f"needs root{why(root)}")
+    setup = item.get_closest_marker("hostsetup")
+    if setup or vm:
+        if not _host_setup:
+            _host_setup.append(_missing_host_setup())
+        if _host_setup[0]:
+            lacks.append(f"needs scripts/setup-host --test{why(setup)}: {_host_setup[0]}")
+    return lacks
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what will not run
+def pytest_collection_modifyitems(config, items):
+    # VM tests last: the fast ones report first.
+    items.sort(key=lambda item: item.get_closest_marker("vm") is not None)
+    for item in items:
+        if lacks := _lacks(item):
+            item.add_marker(pytest.mark.skip(reason="; ".join(lacks)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        # Whatever skipped it (a marker above, or the test itself): in CI, as root after
+        # scripts/setup-host --test, nothing may be skipped.
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every test must run (as root, after setup-host --test): {reason}"
+
+
+# --- fixtures -------------------------------------------------------------------------------------
 
 @pytest.fixture
 def write(tmp_path: Path):
@@ -21,11 +111,6 @@ def write(tmp_path: Path):
         path.write_text(text)
         return path
     return _write
-
-
-def pytest_collection_modifyitems(config, items):
-    # VM tests last: the fast ones report first.
-    items.sort(key=lambda item: item.get_closest_marker("vm") is not None)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ from fakes import make_image
 from vmharness import make_state_root, remove_tree
 
 MEMBER = "vmiso-test"
+pytestmark = [pytest.mark.root(reason="gives files to a member, mounts"),
+              pytest.mark.hostsetup(reason="the group vmiso and its member vmiso-test")]
 
 
 @pytest.fixture
