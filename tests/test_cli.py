@@ -344,16 +344,16 @@ def test_main_exits_130_when_interrupted_outside_a_command(monkeypatch):
     assert done.value.code == 130
 
 
-def test_shell_and_run_t_give_the_job_a_pseudo_terminal(monkeypatch):
+def test_shell_and_run_t_give_the_job_a_pseudo_terminal(monkeypatch, config):
     seen = fake_run(monkeypatch, lambda request: result(exit_code=7))
     monkeypatch.setenv("TERM", "screen-256color")
-    done = invoke("shell")
+    done = invoke("shell", "-c", str(config))
     assert done.exit_code == 7
     assert seen[-1].command == ("bash",)
     assert seen.terminals[-1].term == "screen-256color" and len(seen.terminals[-1].size()) == 2
-    done = invoke("run", "-t", "--", "python", "-i")
+    done = invoke("run", "-c", str(config), "-t", "--", "python", "-i")
     assert seen[-1].command == ("python", "-i") and seen.terminals[-1] is not None
-    invoke("run", "--", "true")
+    invoke("run", "-c", str(config), "--", "true")
     assert seen.terminals[-1] is None
 
 
@@ -391,11 +391,11 @@ def _network_record(refused_host: str = "telemetry.example.net") -> dict:
     return record.as_dict(rules)
 
 
-def test_a_networked_run_says_what_it_reached_and_names_what_was_refused(monkeypatch, tmp_path):
+def test_a_networked_run_says_what_it_reached_and_names_what_was_refused(monkeypatch, config, tmp_path):
     seen = fake_run(monkeypatch, lambda request: result(network=_network_record("tele\x1b[2Jmetry.example.net")))
     record = tmp_path / "run.json"
-    done = invoke("run", "--allow-host", "api.example.org", "--allow-tcp", "5432:db.example.org:5432",
-                  "--json", str(record), "--", "python", "job.py")
+    done = invoke("run", "-c", str(config), "--allow-host", "api.example.org",
+                  "--allow-tcp", "5432:db.example.org:5432", "--json", str(record), "--", "python", "job.py")
     assert done.exit_code == 0
     assert seen[0].network.listed() == ["api.example.org:443"]
     assert [str(r) for r in seen[0].network.tcp] == ["5432:db.example.org:5432"]
@@ -404,18 +404,19 @@ def test_a_networked_run_says_what_it_reached_and_names_what_was_refused(monkeyp
     assert ("vmiso: the job tried to reach tele^[[2Jmetry.example.net:443, refused: not in this run's "
             "--allow-host\n") in done.stderr
     assert json.loads(record.read_text())["network"]["contacted"][0]["host"] == "api.example.org:443"
-    quiet = invoke("-q", "run", "--allow-host", "api.example.org", "--", "python", "job.py")
+    quiet = invoke("-q", "run", "-c", str(config), "--allow-host", "api.example.org", "--", "python", "job.py")
     assert "network: reached" not in quiet.stderr and "the job tried to reach" in quiet.stderr
 
 
-def test_a_networked_run_that_fails_still_records_and_names_its_refusals(monkeypatch, tmp_path):
+def test_a_networked_run_that_fails_still_records_and_names_its_refusals(monkeypatch, config, tmp_path):
     def timed_out(request):
         err = RunTimeout("the job ran longer than 5 s; the VM was destroyed")
         err.network = _network_record()
         raise err
     fake_run(monkeypatch, timed_out)
     record = tmp_path / "run.json"
-    done = invoke("run", "--allow-host", "api.example.org", "--json", str(record), "--", "python", "job.py")
+    done = invoke("run", "-c", str(config), "--allow-host", "api.example.org", "--json", str(record), "--",
+                  "python", "job.py")
     assert done.exit_code == 124
     assert "the job tried to reach telemetry.example.net:443, refused" in done.stderr
     assert json.loads(record.read_text())["network"]["refused"][0]["host"] == "telemetry.example.net:443"
