@@ -13,6 +13,7 @@ import grp
 import os
 import pwd
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,43 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where every test must run (as root, after setup-host --test): {reason}"
+
+
+# --- without root: stand-ins for what only root or scripts/setup-host gives -----------------------
+
+def _replace(monkeypatch: pytest.MonkeyPatch, function, by) -> None:
+    """``function`` of vmiso's replaced by ``by`` in its module and in every vmiso module that
+    imported it by name, wherever the modules live."""
+    for name, module in list(sys.modules.items()):
+        if (name == "vmiso" or name.startswith("vmiso.")) and getattr(module, function.__name__, None) is function:
+            monkeypatch.setattr(module, function.__name__, by)
+
+
+@pytest.fixture(autouse=True)
+def stand_ins_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For anyone but root, stand-ins for the two things vmiso has only from root or from
+    scripts/setup-host, so that the fast tests of runs, warm states, pools and gc run as anyone:
+
+    - the user's own state directory: an analyst's is ``state_dir/users/NAME``, made by
+      setup-host; here it is ``state_dir`` itself, as root's is, so a test's own temporary
+      state directory serves (vmiso's own check of it is tested by the VM tests, as analysts);
+    - a run's bounded /out: a plain directory, not the filesystem of its own that root (or
+      setup-host's share helper, through sudo) makes and mounts; the tests of those bounds
+      are marked ``root`` and run as root, without stand-ins.
+    """
+    if os.geteuid() == 0:
+        return
+    from vmiso import workdir
+
+    def own_dir(state_dir: Path) -> Path:
+        return workdir.private_dir(state_dir)
+
+    def bounded_share(path: Path, *, max_bytes: int, max_files: int) -> Path:
+        path.mkdir(mode=0o700)
+        return path
+
+    _replace(monkeypatch, workdir.own_dir, own_dir)
+    _replace(monkeypatch, workdir.bounded_share, bounded_share)
 
 
 # --- fixtures -------------------------------------------------------------------------------------

@@ -261,6 +261,13 @@ def test_provision_prints_the_new_image_and_its_progress(monkeypatch, config, tm
     assert "keys: client key" in done.stderr and "keys: made" in done.stderr
 
 
+def overwrite(path: Path, content: bytes) -> None:
+    """As the owner of an image's file would: verifying made it read-only, which stops
+    anyone but root from writing it as it is."""
+    path.chmod(0o644)
+    path.write_bytes(content)
+
+
 def test_images_lists_verifies_and_removes(config, tmp_path):
     state = tmp_path / "state"
     assert "no images; build one with 'vmiso provision'" in invoke("images", "-c", str(config)).stdout
@@ -275,12 +282,12 @@ def test_images_lists_verifies_and_removes(config, tmp_path):
     assert [row["name"] for row in rows] == ["cloud", "recipe"]
     assert "cloud: OK sha256" in invoke("images", "-c", str(config), "verify", "cloud").stdout
     kernel = state / "images" / "cloud" / "vmlinuz"
-    kernel.write_bytes(b"kernal")  # same size, and its old mtime put back: only ctime tells
+    overwrite(kernel, b"kernal")  # same size, and its old mtime put back: only ctime tells
     os.utime(kernel, ns=(0, 0))
     changed = invoke("images", "-c", str(config), "verify", "cloud")
     assert changed.exit_code == 125 and "image cloud: vmlinuz was changed" in changed.stderr
-    kernel.write_bytes(b"kernel")
-    (state / "images" / "cloud" / "template.qcow2").write_bytes(b"changed")
+    overwrite(kernel, b"kernel")
+    overwrite(state / "images" / "cloud" / "template.qcow2", b"changed")
     changed = invoke("images", "-c", str(config), "verify", "cloud")
     assert changed.exit_code == 125 and "image cloud: template was changed" in changed.stderr
     assert invoke("images", "-c", str(config), "rm", "cloud").stdout == "removed cloud\n"
