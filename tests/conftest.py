@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from vmharness import DELETED_SECRET, NUMPY, TABULATE, make_state_root, remove_tree, vmiso, write_config
+from vmharness import (
+    DELETED_SECRET,
+    NUMPY,
+    TABULATE,
+    make_state_root,
+    remove_made_roots,
+    remove_tree,
+    vmiso,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
@@ -136,6 +145,22 @@ def stand_ins_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
     _replace(monkeypatch, workdir.own_dir, own_dir)
     _replace(monkeypatch, workdir.bounded_share, bounded_share)
+
+
+# --- leaving nothing behind, passed, failed or interrupted ----------------------------------------
+
+@pytest.hookimpl(trylast=True)  # once every fixture is torn down
+def pytest_sessionfinish(session):
+    # What a fixture that failed half-way, or an interrupted session, left of the state roots
+    # it made in /var/tmp: removed, and named; what cannot be removed fails the session.
+    removed, stuck = remove_made_roots()
+    if removed:
+        print(f"\nconftest: removed {len(removed)} state root(s) their fixtures left: "
+              + " ".join(map(str, removed)), file=sys.stderr)
+    for why in stuck:
+        print(f"\nconftest: {why}", file=sys.stderr)
+    if stuck and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # --- fixtures -------------------------------------------------------------------------------------

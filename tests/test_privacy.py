@@ -53,14 +53,16 @@ def a_run(tmp_path):
     """A run directory as vmiso makes one, with an input staged, below a traversable root
     (pytest's own is its user's alone)."""
     root = Path(tempfile.mkdtemp(prefix="vmiso-privacy-", dir="/var/tmp"))
-    root.chmod(0o711)
-    data = tmp_path / "secret.csv"
-    data.write_text("the analyst's data\n")
-    clone = make_clone_dir(root / "runs" / "0123456789ab", output_limits=(1024**2, 10))
-    stage_inputs((data,), clone.inputs, InputLimits(10**6, 10))
-    (clone.path / "seed.iso").write_text("a private key")  # as write_seed leaves it: 0644 by umask
-    yield clone
-    assert workdir.remove_tree(root) == []
+    try:
+        root.chmod(0o711)
+        data = tmp_path / "secret.csv"
+        data.write_text("the analyst's data\n")
+        clone = make_clone_dir(root / "runs" / "0123456789ab", output_limits=(1024**2, 10))
+        stage_inputs((data,), clone.inputs, InputLimits(10**6, 10))
+        (clone.path / "seed.iso").write_text("a private key")  # as write_seed leaves it: 0644 by umask
+        yield clone
+    finally:  # a setup that failed half-way too
+        assert workdir.remove_tree(root) == []
 
 
 @pytest.mark.root(reason="reads as other users (setpriv)")

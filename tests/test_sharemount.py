@@ -37,17 +37,19 @@ def helper(user: str, *args: str | Path) -> subprocess.CompletedProcess:
 def home():
     """A run directory of the analyst's, that QEMU may traverse (pytest's own are root's 0700)."""
     base = make_state_root()
-    path = base / "run"
-    path.mkdir(mode=0o700)
-    entry = pwd.getpwnam(ANALYST)
-    os.chown(path, entry.pw_uid, entry.pw_gid)
-    workdir.set_traverse_acl(path, workdir.qemu_ids()[0])
-    (path / "out").mkdir()
-    os.chown(path / "out", entry.pw_uid, entry.pw_gid)
-    yield path
-    for point in workdir.mounts_below(base):
-        subprocess.run(["umount", "--lazy", str(point)], check=False)
-    remove_tree(base)
+    try:
+        path = base / "run"
+        path.mkdir(mode=0o700)
+        entry = pwd.getpwnam(ANALYST)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        workdir.set_traverse_acl(path, workdir.qemu_ids()[0])
+        (path / "out").mkdir()
+        os.chown(path / "out", entry.pw_uid, entry.pw_gid)
+        yield path
+    finally:  # a setup that failed half-way too
+        for point in workdir.mounts_below(base):
+            subprocess.run(["umount", "--lazy", str(point)], check=False)
+        remove_tree(base)
 
 
 @pytest.mark.root(reason="runs the share helper as the test analysts")
@@ -83,8 +85,6 @@ def test_an_analyst_gets_a_bounded_share_that_qemu_writes_and_they_read(home):
     assert not os.path.ismount(home / "out")
 
 
-@pytest.mark.root(reason="runs the share helper as the test analysts")
-@pytest.mark.hostsetup(reason="the test analysts, the share helper and its sudo rule")
 @pytest.mark.parametrize("args, said", [
     (["mount", "{home}", "out", "-1", "20"], "usage"),
     (["mount", "{home}", "../out", str(4 * MIB), "20"], "is not a share name"),
@@ -93,6 +93,8 @@ def test_an_analyst_gets_a_bounded_share_that_qemu_writes_and_they_read(home):
     (["mount", "relative", "out", str(4 * MIB), "20"], "is not an absolute path"),
     (["mount", "/", "out", str(4 * MIB), "20"], "is not a directory of yours"),
 ])
+@pytest.mark.root(reason="runs the share helper as the test analysts")
+@pytest.mark.hostsetup(reason="the test analysts, the share helper and its sudo rule")
 def test_bad_requests_are_refused_with_their_reason(home, args, said):
     done = helper(ANALYST, *[a.format(home=home) for a in args])
     assert done.returncode == 2 and said in done.stderr
