@@ -32,12 +32,14 @@ def config(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def keep_process_state():
-    """The CLI sets up logging and a SIGTERM handler; the test process keeps its own."""
-    sigterm = signal.getsignal(signal.SIGTERM)
+    """The CLI sets up logging and handlers for SIGINT, SIGTERM and SIGHUP; the test process
+    keeps its own (pytest's Ctrl-C must still stop the session, not one test)."""
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     loggers = [logging.getLogger(name) for name in ("vmiso", "paramiko", "vmiso.accel")]
     saved = [(lg, lg.level, lg.handlers[:]) for lg in loggers]
     yield
-    signal.signal(signal.SIGTERM, sigterm)
+    for sig, handler in signals.items():
+        signal.signal(sig, handler)
     for lg, level, handlers in saved:
         lg.setLevel(level)
         lg.handlers[:] = handlers
