@@ -12,6 +12,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from vmharness import (
     NUMPY,
     TABULATE,
     make_state_root,
+    mounts_below,
     remove_made_roots,
     remove_tree,
     vmiso,
@@ -149,10 +151,65 @@ def stand_ins_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- leaving nothing behind, passed, failed or interrupted ----------------------------------------
 
-@pytest.hookimpl(trylast=True)  # once every fixture is torn down
+def pytest_configure(config):
+    # Stopped by SIGTERM (a cancelled CI job, runuser passing on a Ctrl-C) as by Ctrl-C:
+    # the fixtures still remove what they made.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    outcome = yield
+    if outcome.excinfo and issubclass(outcome.excinfo[0], KeyboardInterrupt):
+        # Interrupted: pytest would tear down this test's fixtures only after removing its
+        # temporary directories, which what they hold (a mounted share, a tree deeper than
+        # shutil.rmtree can walk) would stop.  Torn down now; the interruption goes on.
+        try:
+            item.ihook.pytest_runtest_teardown(item=item, nextitem=None)
+        except Exception as err:  # the interruption is what the session reports
+            print(f"\nconftest: tearing down {item.nodeid} after the interruption: {err!r}", file=sys.stderr)
+
+
+_basetemp: list[Path] = []  # pytest's temporary directory of this session, where every tmp_path is
+_deep: list[Path] = []  # the tmp_path of each deep_tree until its teardown has emptied it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def basetemp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _basetemp.append(tmp_path_factory.getbasetemp())
+    return _basetemp[-1]
+
+
+def _empty(directory: Path) -> None:
+    """Remove everything in ``directory``, at any depth (vmiso.tree, by descriptor)."""
+    from vmiso import tree
+
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in os.listdir(fd):
+            assert tree.remove_tree(fd, name) == []
+    finally:
+        os.close(fd)
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_sessionfinish(session):
-    # What a fixture that failed half-way, or an interrupted session, left of the state roots
-    # it made in /var/tmp: removed, and named; what cannot be removed fails the session.
+    # First, before pytest removes its temporary directories: what a teardown cut short by
+    # Ctrl-C left there that would stop it (shutil.rmtree cannot walk a deep tree, nor remove
+    # a mount point, and would empty the share mounted on it).
+    for directory in filter(Path.is_dir, _deep):
+        try:
+            _empty(directory)
+        except (OSError, AssertionError) as err:
+            print(f"\nconftest: cannot empty {directory}: {err!r}", file=sys.stderr)
+    _deep.clear()
+    if os.geteuid() == 0:
+        for point in (mounts_below(_basetemp[0]) if _basetemp else []):
+            subprocess.run(["umount", "--lazy", point], capture_output=True)
+    yield
+    # Then, once every fixture is torn down: what a fixture that failed half-way, or an
+    # interrupted session, left of the state roots it made in /var/tmp: removed, and named;
+    # what cannot be removed fails the session.
     removed, stuck = remove_made_roots()
     if removed:
         print(f"\nconftest: removed {len(removed)} state root(s) their fixtures left: "
@@ -227,12 +284,7 @@ def deep_tree(tmp_path: Path):
         finally:
             os.close(fd)
         return [name] * depth
+    _deep.append(tmp_path)
     yield _make
-    from vmiso import tree
-
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for name in os.listdir(fd):
-            assert tree.remove_tree(fd, name) == []
-    finally:
-        os.close(fd)
+    _empty(tmp_path)
+    _deep.remove(tmp_path)
