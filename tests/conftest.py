@@ -1,16 +1,226 @@
-"""Shared fixtures.  VM tests (marked ``vm``) boot real guests through libvirt."""
+"""Shared fixtures, and what each test needs of the host.
+
+VM tests (marked ``vm``) boot real guests through libvirt.  A test marked ``root`` needs
+root; one marked ``hostsetup`` needs what ``scripts/setup-host --test`` sets up; a VM test
+needs both.  Anyone else gets them skipped, with the reason; in CI (``CI=true``, where
+``.ci/run`` runs the suite as root after setup-host) they fail instead, as any skip does:
+a test skipped there would prove nothing.
+"""
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from vmharness import DELETED_SECRET, NUMPY, TABULATE, make_state_root, remove_tree, vmiso, write_config
+from vmharness import (
+    DELETED_SECRET,
+    NUMPY,
+    TABULATE,
+    make_state_root,
+    mounts_below,
+    remove_made_roots,
+    remove_tree,
+    vmiso,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI") == "true"
+ANALYSTS = ("vmiso-test", "vmiso-test2")  # scripts/setup-host --test makes them
+SHARE_HELPER = Path("/usr/local/libexec/vmiso/share-mount")
+SUDO_RULE = Path("/etc/sudoers.d/vmiso")
 
+
+# --- what a test needs of the host: markers root and hostsetup ------------------------------------
+
+def _missing_host_setup() -> str | None:
+    """What this host lacks of scripts/setup-host --test, or None."""
+    try:
+        members = grp.getgrnam("vmiso").gr_mem
+    except KeyError:
+        return "no group vmiso"
+    for user in ANALYSTS:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            return f"no user {user}"
+        if user not in members:
+            return f"{user} is not a member of vmiso"
+    if not SHARE_HELPER.is_file():
+        return f"no share helper {SHARE_HELPER}"
+    if not SUDO_RULE.is_file():
+        return f"no sudo rule {SUDO_RULE} (or it cannot be seen without root)"
+    try:
+        done = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"virsh -c qemu:///system: {err}"
+    if done.returncode != 0:
+        said = done.stderr.strip().splitlines()
+        return f"libvirtd does not answer on qemu:///system ({said[-1] if said else done.returncode})"
+    return None
+
+
+_host_setup: list[str | None] = []  # _missing_host_setup(), asked once, when a test first needs it
+
+
+def _lacks(item: pytest.Item) -> list[str]:
+    """What ``item`` needs that this process or host lacks, each with its reason."""
+    def why(mark: pytest.Mark | None) -> str:
+        reason = mark.kwargs.get("reason") if mark else "boots real guests"  # no mark: a VM test
+        return f" ({reason})" if reason else ""
+
+    lacks = []
+    vm = item.get_closest_marker("vm") is not None
+    root = item.get_closest_marker("root")
+    if (root or vm) and os.geteuid() != 0:
+        lacks.append(f"needs root{why(root)}")
+    setup = item.get_closest_marker("hostsetup")
+    if setup or vm:
+        if not _host_setup:
+            _host_setup.append(_missing_host_setup())
+        if _host_setup[0]:
+            lacks.append(f"needs scripts/setup-host --test{why(setup)}: {_host_setup[0]}")
+    return lacks
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what will not run
+def pytest_collection_modifyitems(config, items):
+    # VM tests last: the fast ones report first.
+    items.sort(key=lambda item: item.get_closest_marker("vm") is not None)
+    for item in items:
+        if lacks := _lacks(item):
+            item.add_marker(pytest.mark.skip(reason="; ".join(lacks)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        # Whatever skipped it (a marker above, or the test itself): in CI, as root after
+        # scripts/setup-host --test, nothing may be skipped.
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every test must run (as root, after setup-host --test): {reason}"
+
+
+# --- without root: stand-ins for what only root or scripts/setup-host gives -----------------------
+
+def _replace(monkeypatch: pytest.MonkeyPatch, function, by) -> None:
+    """``function`` of vmiso's replaced by ``by`` in its module and in every vmiso module that
+    imported it by name, wherever the modules live."""
+    for name, module in list(sys.modules.items()):
+        if (name == "vmiso" or name.startswith("vmiso.")) and getattr(module, function.__name__, None) is function:
+            monkeypatch.setattr(module, function.__name__, by)
+
+
+@pytest.fixture(autouse=True)
+def stand_ins_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For anyone but root, stand-ins for the two things vmiso has only from root or from
+    scripts/setup-host, so that the fast tests of runs, warm states, pools and gc run as anyone:
+
+    - the user's own state directory: an analyst's is ``state_dir/users/NAME``, made by
+      setup-host; here it is ``state_dir`` itself, as root's is, so a test's own temporary
+      state directory serves (vmiso's own check of it is tested by the VM tests, as analysts);
+    - a run's bounded /out: a plain directory, not the filesystem of its own that root (or
+      setup-host's share helper, through sudo) makes and mounts; the tests of those bounds
+      are marked ``root`` and run as root, without stand-ins.
+    """
+    if os.geteuid() == 0:
+        return
+    from vmiso.host import state, workdir
+
+    def home(state_dir: Path) -> state.Home:
+        return state.Home(workdir.private_dir(state_dir))
+
+    def bounded_share(path: Path, *, max_bytes: int, max_files: int) -> Path:
+        path.mkdir(mode=0o700)
+        return path
+
+    _replace(monkeypatch, state.home, home)
+    _replace(monkeypatch, workdir.bounded_share, bounded_share)
+
+
+# --- leaving nothing behind, passed, failed or interrupted ----------------------------------------
+
+def pytest_configure(config):
+    # Stopped by SIGTERM (a cancelled CI job, runuser passing on a Ctrl-C) as by Ctrl-C:
+    # the fixtures still remove what they made.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    outcome = yield
+    if outcome.excinfo and issubclass(outcome.excinfo[0], KeyboardInterrupt):
+        # Interrupted: pytest would tear down this test's fixtures only after removing its
+        # temporary directories, which what they hold (a mounted share, a tree deeper than
+        # shutil.rmtree can walk) would stop.  Torn down now; the interruption goes on.
+        try:
+            item.ihook.pytest_runtest_teardown(item=item, nextitem=None)
+        except Exception as err:  # the interruption is what the session reports
+            print(f"\nconftest: tearing down {item.nodeid} after the interruption: {err!r}", file=sys.stderr)
+
+
+_basetemp: list[Path] = []  # pytest's temporary directory of this session, where every tmp_path is
+_deep: list[Path] = []  # the tmp_path of each deep_tree until its teardown has emptied it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def basetemp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _basetemp.append(tmp_path_factory.getbasetemp())
+    return _basetemp[-1]
+
+
+def _empty(directory: Path) -> None:
+    """Remove everything in ``directory``, at any depth (vmiso.host.tree, by descriptor)."""
+    from vmiso.host import tree
+
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in os.listdir(fd):
+            assert tree.remove_tree(fd, name) == []
+    finally:
+        os.close(fd)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_sessionfinish(session):
+    # First, before pytest removes its temporary directories: what a teardown cut short by
+    # Ctrl-C left there that would stop it (shutil.rmtree cannot walk a deep tree, nor remove
+    # a mount point, and would empty the share mounted on it).
+    for directory in filter(Path.is_dir, _deep):
+        try:
+            _empty(directory)
+        except (OSError, AssertionError) as err:
+            print(f"\nconftest: cannot empty {directory}: {err!r}", file=sys.stderr)
+    _deep.clear()
+    if os.geteuid() == 0:
+        for point in (mounts_below(_basetemp[0]) if _basetemp else []):
+            subprocess.run(["umount", "--lazy", point], capture_output=True)
+    yield
+    # Then, once every fixture is torn down: what a fixture that failed half-way, or an
+    # interrupted session, left of the state roots it made in /var/tmp: removed, and named;
+    # what cannot be removed fails the session.
+    removed, stuck = remove_made_roots()
+    if removed:
+        print(f"\nconftest: removed {len(removed)} state root(s) their fixtures left: "
+              + " ".join(map(str, removed)), file=sys.stderr)
+    for why in stuck:
+        print(f"\nconftest: {why}", file=sys.stderr)
+    if stuck and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- fixtures -------------------------------------------------------------------------------------
 
 @pytest.fixture
 def write(tmp_path: Path):
@@ -21,11 +231,6 @@ def write(tmp_path: Path):
         path.write_text(text)
         return path
     return _write
-
-
-def pytest_collection_modifyitems(config, items):
-    # VM tests last: the fast ones report first.
-    items.sort(key=lambda item: item.get_closest_marker("vm") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -79,12 +284,7 @@ def deep_tree(tmp_path: Path):
         finally:
             os.close(fd)
         return [name] * depth
+    _deep.append(tmp_path)
     yield _make
-    from vmiso.host import tree
-
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for name in os.listdir(fd):
-            assert tree.remove_tree(fd, name) == []
-    finally:
-        os.close(fd)
+    _empty(tmp_path)
+    _deep.remove(tmp_path)

@@ -34,12 +34,14 @@ def config(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def keep_process_state():
-    """The CLI sets up logging and a SIGTERM handler; the test process keeps its own."""
-    sigterm = signal.getsignal(signal.SIGTERM)
+    """The CLI sets up logging and handlers for SIGINT, SIGTERM and SIGHUP; the test process
+    keeps its own (pytest's Ctrl-C must still stop the session, not one test)."""
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     loggers = [logging.getLogger(name) for name in ("vmiso", "paramiko", "vmiso.accel")]
     saved = [(lg, lg.level, lg.handlers[:]) for lg in loggers]
     yield
-    signal.signal(signal.SIGTERM, sigterm)
+    for sig, handler in signals.items():
+        signal.signal(sig, handler)
     for lg, level, handlers in saved:
         lg.setLevel(level)
         lg.handlers[:] = handlers
@@ -273,6 +275,13 @@ def test_provision_prints_the_new_image_and_its_progress(monkeypatch, config, tm
     assert "keys: client key" in done.stderr and "keys: made" in done.stderr
 
 
+def overwrite(path: Path, content: bytes) -> None:
+    """As the owner of an image's file would: verifying made it read-only, which stops
+    anyone but root from writing it as it is."""
+    path.chmod(0o644)
+    path.write_bytes(content)
+
+
 def test_images_lists_verifies_and_removes(config, tmp_path):
     state = tmp_path / "state"
     assert "no images; build one with 'vmiso provision'" in invoke("images", "-c", str(config)).stdout
@@ -287,12 +296,12 @@ def test_images_lists_verifies_and_removes(config, tmp_path):
     assert [row["name"] for row in rows] == ["cloud", "recipe"]
     assert "cloud: OK sha256" in invoke("images", "-c", str(config), "verify", "cloud").stdout
     kernel = state / "images" / "cloud" / "vmlinuz"
-    kernel.write_bytes(b"kernal")  # same size, and its old mtime put back: only ctime tells
+    overwrite(kernel, b"kernal")  # same size, and its old mtime put back: only ctime tells
     os.utime(kernel, ns=(0, 0))
     changed = invoke("images", "-c", str(config), "verify", "cloud")
     assert changed.exit_code == 125 and "image cloud: vmlinuz was changed" in changed.stderr
-    kernel.write_bytes(b"kernel")
-    (state / "images" / "cloud" / "template.qcow2").write_bytes(b"changed")
+    overwrite(kernel, b"kernel")
+    overwrite(state / "images" / "cloud" / "template.qcow2", b"changed")
     changed = invoke("images", "-c", str(config), "verify", "cloud")
     assert changed.exit_code == 125 and "image cloud: template was changed" in changed.stderr
     assert invoke("images", "-c", str(config), "rm", "cloud").stdout == "removed cloud\n"
@@ -356,16 +365,16 @@ def test_main_exits_130_when_interrupted_outside_a_command(monkeypatch):
     assert done.value.code == 130
 
 
-def test_shell_and_run_t_give_the_job_a_pseudo_terminal(monkeypatch):
+def test_shell_and_run_t_give_the_job_a_pseudo_terminal(monkeypatch, config):
     seen = fake_run(monkeypatch, lambda request: result(exit_code=7))
     monkeypatch.setenv("TERM", "screen-256color")
-    done = invoke("shell")
+    done = invoke("shell", "-c", str(config))
     assert done.exit_code == 7
     assert seen[-1].command == ("bash",)
     assert seen.terminals[-1].term == "screen-256color" and len(seen.terminals[-1].size()) == 2
-    done = invoke("run", "-t", "--", "python", "-i")
+    done = invoke("run", "-c", str(config), "-t", "--", "python", "-i")
     assert seen[-1].command == ("python", "-i") and seen.terminals[-1] is not None
-    invoke("run", "--", "true")
+    invoke("run", "-c", str(config), "--", "true")
     assert seen.terminals[-1] is None
 
 
@@ -403,11 +412,11 @@ def _network_record(refused_host: str = "telemetry.example.net") -> dict:
     return record.as_dict(rules)
 
 
-def test_a_networked_run_says_what_it_reached_and_names_what_was_refused(monkeypatch, tmp_path):
+def test_a_networked_run_says_what_it_reached_and_names_what_was_refused(monkeypatch, config, tmp_path):
     seen = fake_run(monkeypatch, lambda request: result(network=_network_record("tele\x1b[2Jmetry.example.net")))
     record = tmp_path / "run.json"
-    done = invoke("run", "--allow-host", "api.example.org", "--allow-tcp", "5432:db.example.org:5432",
-                  "--json", str(record), "--", "python", "job.py")
+    done = invoke("run", "-c", str(config), "--allow-host", "api.example.org",
+                  "--allow-tcp", "5432:db.example.org:5432", "--json", str(record), "--", "python", "job.py")
     assert done.exit_code == 0
     assert seen[0].network.listed() == ["api.example.org:443"]
     assert [str(r) for r in seen[0].network.tcp] == ["5432:db.example.org:5432"]
@@ -416,18 +425,19 @@ def test_a_networked_run_says_what_it_reached_and_names_what_was_refused(monkeyp
     assert ("vmiso: the job tried to reach tele^[[2Jmetry.example.net:443, refused: not in this run's "
             "--allow-host\n") in done.stderr
     assert json.loads(record.read_text())["network"]["contacted"][0]["host"] == "api.example.org:443"
-    quiet = invoke("-q", "run", "--allow-host", "api.example.org", "--", "python", "job.py")
+    quiet = invoke("-q", "run", "-c", str(config), "--allow-host", "api.example.org", "--", "python", "job.py")
     assert "network: reached" not in quiet.stderr and "the job tried to reach" in quiet.stderr
 
 
-def test_a_networked_run_that_fails_still_records_and_names_its_refusals(monkeypatch, tmp_path):
+def test_a_networked_run_that_fails_still_records_and_names_its_refusals(monkeypatch, config, tmp_path):
     def timed_out(request):
         err = RunTimeout("the job ran longer than 5 s; the VM was destroyed")
         err.record = result(network=_network_record()).failed(err, err.exit_code)  # as run.run attaches it
         raise err
     fake_run(monkeypatch, timed_out)
     record = tmp_path / "run.json"
-    done = invoke("run", "--allow-host", "api.example.org", "--json", str(record), "--", "python", "job.py")
+    done = invoke("run", "-c", str(config), "--allow-host", "api.example.org", "--json", str(record), "--",
+                  "python", "job.py")
     assert done.exit_code == 124
     assert "the job tried to reach telemetry.example.net:443, refused" in done.stderr
     assert json.loads(record.read_text())["network"]["refused"][0]["host"] == "telemetry.example.net:443"

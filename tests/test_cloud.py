@@ -146,6 +146,8 @@ def test_listing_parser_and_path_guard():
             cloud.safe_path(bad)
 
 
+@pytest.mark.root(reason="vmiso provision, in a process of its own, keeps its state as root's")
+@pytest.mark.hostsetup(reason="vmiso provision connects to libvirtd")
 def test_provision_with_a_wrong_sha256_stops_before_anything_is_built(tmp_path, image):
     state = tmp_path / "state"
     config = tmp_path / "vmiso.yaml"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import ssl
 import sys
@@ -77,7 +76,7 @@ def test_index_credentials_are_refused_with_the_safe_alternative(write, key, val
 
 # --- the provisioning's gateway, with origins of the test's own in a network namespace -------------
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and other users need root")
+needs_root = pytest.mark.root(reason="network namespaces")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from contextlib import ExitStack
 
+import pytest
 import yaml
 
 from vmiso.host import reaper
@@ -51,6 +52,8 @@ def test_a_cut_short_removal_is_a_leftover(tmp_path):
     assert not doomed.exists()
 
 
+@pytest.mark.root(reason="vmiso, in processes of its own, keeps its state as root's")
+@pytest.mark.hostsetup(reason="vmiso gc connects to libvirtd")
 def test_cli_gc_layers(tmp_path):
     fake_layer(tmp_path / "state", "dddd", 3 * 1024**2)
     config = tmp_path / "vmiso.yaml"

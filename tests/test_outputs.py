@@ -427,7 +427,7 @@ def test_an_output_directory_others_can_write_is_refused(tmp_path):
     outputs.check_destination(mine)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory another user owns")
+@pytest.mark.root(reason="makes a directory another user owns")
 def test_an_output_directory_of_another_user_is_refused(tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()

@@ -53,16 +53,19 @@ def a_run(tmp_path):
     """A run directory as vmiso makes one, with an input staged, below a traversable root
     (pytest's own is its user's alone)."""
     root = Path(tempfile.mkdtemp(prefix="vmiso-privacy-", dir="/var/tmp"))
-    root.chmod(0o711)
-    data = tmp_path / "secret.csv"
-    data.write_text("the analyst's data\n")
-    clone = make_clone_dir(root / "runs" / "0123456789ab", output_limits=(1024**2, 10))
-    stage_inputs((data,), clone.inputs, InputLimits(10**6, 10))
-    (clone.path / "seed.iso").write_text("a private key")  # as write_seed leaves it: 0644 by umask
-    yield clone
-    assert workdir.remove_tree(root) == []
+    try:
+        root.chmod(0o711)
+        data = tmp_path / "secret.csv"
+        data.write_text("the analyst's data\n")
+        clone = make_clone_dir(root / "runs" / "0123456789ab", output_limits=(1024**2, 10))
+        stage_inputs((data,), clone.inputs, InputLimits(10**6, 10))
+        (clone.path / "seed.iso").write_text("a private key")  # as write_seed leaves it: 0644 by umask
+        yield clone
+    finally:  # a setup that failed half-way too
+        assert workdir.remove_tree(root) == []
 
 
+@pytest.mark.root(reason="reads as other users (setpriv)")
 def test_another_user_cannot_reach_staged_inputs_or_anything_in_a_run(a_run):
     nobody = as_user("nobody", PROBE, a_run.inputs / "secret.csv", a_run.path / "seed.iso",
                      a_run.path / "owner.json")
@@ -71,6 +74,7 @@ def test_another_user_cannot_reach_staged_inputs_or_anything_in_a_run(a_run):
     assert as_user("nobody", LIST, a_run.outputs) == "PermissionError"
 
 
+@pytest.mark.root(reason="reads as other users (setpriv)")
 def test_qemu_reaches_what_it_serves_but_cannot_list_the_run(a_run):
     qemu = workdir.QEMU_USER
     assert as_user(qemu, PROBE, a_run.inputs / "secret.csv") == "read"
@@ -79,6 +83,7 @@ def test_qemu_reaches_what_it_serves_but_cannot_list_the_run(a_run):
     assert as_user(qemu, LIST, a_run.outputs) == "listed"  # the writable share is QEMU's own
 
 
+@pytest.mark.root(reason="reads as other users (setpriv)")
 def test_an_older_store_s_open_directory_becomes_private_without_locking_qemu_out(tmp_path):
     root = Path(tempfile.mkdtemp(prefix="vmiso-privacy-", dir="/var/tmp"))
     try:
@@ -94,6 +99,7 @@ def test_an_older_store_s_open_directory_becomes_private_without_locking_qemu_ou
         assert workdir.remove_tree(root) == []
 
 
+@pytest.mark.root(reason="gives a file to QEMU's user")
 def test_a_template_left_writable_by_qemu_is_made_root_s_again_before_it_is_trusted(tmp_path, caplog):
     from vmiso.image import store
 

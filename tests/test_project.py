@@ -39,6 +39,7 @@ def test_core_never_prints_or_exits(repo):
         assert not re.search(r"(?<![\w.])print\(", text) and "sys.exit" not in text, path
 
 
+@pytest.mark.hostsetup(reason="vagrant, which it installs")
 def test_vagrantfile_validates(repo):
     done = subprocess.run(["vagrant", "validate"], cwd=repo, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, VAGRANT_CHECKPOINT_DISABLE="1"))

@@ -160,6 +160,7 @@ def test_a_job_stopped_by_its_timeout_keeps_what_it_wrote(config, image, state, 
     assert leftovers(state) == []
 
 
+@pytest.mark.root(reason="mounts a run's bounded /out")
 def test_the_kernel_bounds_what_a_job_writes_to_out(config, image, state, tmp_path, caplog):
     """However fast it writes, a job gets "no space" once /out holds its limit; vmiso says
     so, and the collector refuses more than the limit."""

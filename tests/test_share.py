@@ -55,6 +55,7 @@ def mounted_options(path: Path) -> set[str]:
     raise AssertionError(f"{path} is not mounted")
 
 
+@pytest.mark.root(reason="mounts a bounded share")
 @pytest.mark.parametrize(("max_bytes", "max_files"), [(1 * MiB, 3), (48 * MiB, 500)])
 def test_a_share_holds_its_limits_and_no_more(bounded, max_bytes, max_files):
     share = bounded(max_bytes, max_files)
@@ -69,6 +70,7 @@ def test_a_share_holds_its_limits_and_no_more(bounded, max_bytes, max_files):
     assert workdir.share_full(share) == "bytes"
 
 
+@pytest.mark.root(reason="mounts a bounded share")
 def test_deep_trees_empty_directories_and_long_names_all_count(bounded):
     share = bounded(8 * MiB, 200)
     fd = os.open(share, os.O_RDONLY | os.O_DIRECTORY)
@@ -84,6 +86,7 @@ def test_deep_trees_empty_directories_and_long_names_all_count(bounded):
     assert workdir.share_full(share) == "files"
 
 
+@pytest.mark.root(reason="mounts a bounded share")
 def test_directory_blocks_count_as_bytes(bounded):
     """Names cost directory blocks: many long names run out of bytes before entries."""
     share = bounded(1 * MiB, 100_000)
@@ -92,6 +95,7 @@ def test_directory_blocks_count_as_bytes(bounded):
     assert workdir.share_full(share) == "bytes"
 
 
+@pytest.mark.root(reason="mounts a bounded share")
 def test_a_sparse_file_passes_the_kernel_and_is_refused_by_the_collector(bounded, tmp_path):
     share = bounded(1 * MiB, 10)
     with open(share / "sparse", "wb") as f:
@@ -104,6 +108,7 @@ def test_a_sparse_file_passes_the_kernel_and_is_refused_by_the_collector(bounded
     assert not (tmp_path / "dest" / "sparse").exists()
 
 
+@pytest.mark.root(reason="mounts a bounded share")
 def test_the_share_is_qemus_private_directory_on_a_filesystem_nothing_runs_from(bounded):
     share = bounded(1 * MiB, 10)
     st = share.stat()
@@ -115,6 +120,7 @@ def test_the_share_is_qemus_private_directory_on_a_filesystem_nothing_runs_from(
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)  # QEMU cannot write the image itself
 
 
+@pytest.mark.root(reason="mounts a bounded share")
 def test_removing_the_run_unmounts_the_share_and_frees_its_loop_device(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

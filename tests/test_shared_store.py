@@ -26,19 +26,23 @@ from fakes import make_image
 from vmharness import make_state_root, remove_tree
 
 MEMBER = "vmiso-test"
+pytestmark = [pytest.mark.root(reason="gives files to a member, mounts"),
+              pytest.mark.hostsetup(reason="the group vmiso and its member vmiso-test")]
 
 
 @pytest.fixture
 def state():
     root = make_state_root()
-    state = root / "state"
-    (state / "images").mkdir(parents=True)
-    os.chown(state / "images", 0, grp.getgrnam("vmiso").gr_gid)
-    os.chmod(state / "images", 0o3775)
-    yield state
-    for point in reversed(sorted(p for p in _mounts() if p.startswith(str(root)))):
-        subprocess.run(["umount", "--lazy", point], check=False)
-    remove_tree(root)
+    try:
+        state = root / "state"
+        (state / "images").mkdir(parents=True)
+        os.chown(state / "images", 0, grp.getgrnam("vmiso").gr_gid)
+        os.chmod(state / "images", 0o3775)
+        yield state
+    finally:  # a setup that failed half-way too
+        for point in reversed(sorted(p for p in _mounts() if p.startswith(str(root)))):
+            subprocess.run(["umount", "--lazy", point], check=False)
+        remove_tree(root)
 
 
 def _mounts() -> list[str]:

@@ -37,24 +37,30 @@ def helper(user: str, *args: str | Path) -> subprocess.CompletedProcess:
 def home():
     """A run directory of the analyst's, that QEMU may traverse (pytest's own are root's 0700)."""
     base = make_state_root()
-    path = base / "run"
-    path.mkdir(mode=0o700)
-    entry = pwd.getpwnam(ANALYST)
-    os.chown(path, entry.pw_uid, entry.pw_gid)
-    workdir.set_traverse_acl(path, workdir.qemu_ids()[0])
-    (path / "out").mkdir()
-    os.chown(path / "out", entry.pw_uid, entry.pw_gid)
-    yield path
-    for point in workdir.mounts_below(base):
-        subprocess.run(["umount", "--lazy", str(point)], check=False)
-    remove_tree(base)
+    try:
+        path = base / "run"
+        path.mkdir(mode=0o700)
+        entry = pwd.getpwnam(ANALYST)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        workdir.set_traverse_acl(path, workdir.qemu_ids()[0])
+        (path / "out").mkdir()
+        os.chown(path / "out", entry.pw_uid, entry.pw_gid)
+        yield path
+    finally:  # a setup that failed half-way too
+        for point in workdir.mounts_below(base):
+            subprocess.run(["umount", "--lazy", str(point)], check=False)
+        remove_tree(base)
 
 
+@pytest.mark.root(reason="runs the share helper as the test analysts")
+@pytest.mark.hostsetup(reason="the test analysts, the share helper and its sudo rule")
 def test_the_installed_helper_is_this_one():
     assert workdir.SHARE_HELPER.read_bytes() == Path(sharemount.__file__).read_bytes()
     assert helper(ANALYST, "check").returncode == 0
 
 
+@pytest.mark.root(reason="runs the share helper as the test analysts")
+@pytest.mark.hostsetup(reason="the test analysts, the share helper and its sudo rule")
 def test_an_analyst_gets_a_bounded_share_that_qemu_writes_and_they_read(home):
     done = helper(ANALYST, "mount", home, "out", 4 * MIB, 20)
     assert done.returncode == 0, done.stderr
@@ -87,18 +93,24 @@ def test_an_analyst_gets_a_bounded_share_that_qemu_writes_and_they_read(home):
     (["mount", "relative", "out", str(4 * MIB), "20"], "is not an absolute path"),
     (["mount", "/", "out", str(4 * MIB), "20"], "is not a directory of yours"),
 ])
+@pytest.mark.root(reason="runs the share helper as the test analysts")
+@pytest.mark.hostsetup(reason="the test analysts, the share helper and its sudo rule")
 def test_bad_requests_are_refused_with_their_reason(home, args, said):
     done = helper(ANALYST, *[a.format(home=home) for a in args])
     assert done.returncode == 2 and said in done.stderr
     assert not os.path.ismount(home / "out") and not (home / "out.fs").exists()
 
 
+@pytest.mark.root(reason="runs the share helper as the test analysts")
+@pytest.mark.hostsetup(reason="the test analysts, the share helper and its sudo rule")
 def test_another_analysts_directory_is_refused(home):
     done = helper(OTHER, "mount", home, "out", 4 * MIB, 20)
     assert done.returncode == 2 and "is not a directory of yours" in done.stderr
     assert not os.path.ismount(home / "out")
 
 
+@pytest.mark.root(reason="runs the share helper as the test analysts")
+@pytest.mark.hostsetup(reason="the test analysts, the share helper and its sudo rule")
 def test_a_symbolic_link_is_not_followed(home):
     # The analyst points "out" at a directory of root's: nothing is mounted over it.
     target = home.parent / "roots"
@@ -118,6 +130,8 @@ def test_a_symbolic_link_is_not_followed(home):
     assert not os.path.ismount(home / "out")
 
 
+@pytest.mark.root(reason="runs the share helper as the test analysts")
+@pytest.mark.hostsetup(reason="the test analysts, the share helper and its sudo rule")
 def test_a_prepared_image_is_never_mounted(home):
     # A filesystem image of the analyst's own making in place of out.fs: the helper
     # makes the image itself (O_EXCL) and refuses to reuse one.
@@ -128,6 +142,8 @@ def test_a_prepared_image_is_never_mounted(home):
     assert not os.path.ismount(home / "out")
 
 
+@pytest.mark.root(reason="runs the share helper as the test analysts")
+@pytest.mark.hostsetup(reason="the test analysts, the share helper and its sudo rule")
 def test_only_a_share_the_helper_made_is_unmounted(home):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(home / "out")], check=True)
     done = helper(ANALYST, "umount", home, "out")
@@ -143,6 +159,8 @@ def test_only_a_share_the_helper_made_is_unmounted(home):
     assert done.returncode == 2 and os.path.ismount(home / "out")
 
 
+@pytest.mark.root(reason="runs the share helper as the test analysts")
+@pytest.mark.hostsetup(reason="the test analysts, the share helper and its sudo rule")
 def test_root_tells_no_caller_what_exists_where_they_cannot_look(home):
     # The helper resolves paths as root: every refusal reads the same, so another
     # analyst's private directory cannot be probed for what it holds.

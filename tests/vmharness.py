@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import secrets
-import shutil
 import struct
 import subprocess
 import sys
@@ -29,11 +29,32 @@ TABULATE = "tabulate==0.9.0 --hash=sha256:024ca478df22e9340661486f85298cff5f6dcd
 NUMPY = "numpy==2.4.6 --hash=sha256:89cd468399cfd2504718f0ba50e410dca55a170b61a02ad92bb18c8a65186e93\n"
 
 
-def make_state_root() -> Path:
-    """pytest's tmp dirs are 0700: QEMU, another user, could not reach images there."""
-    root = Path(tempfile.mkdtemp(prefix="vmiso-test-", dir="/var/tmp"))
+_made_roots: list[Path] = []  # every state root this test process made, for remove_made_roots
+
+
+def make_state_root(prefix: str = "vmiso-test-") -> Path:
+    """pytest's tmp dirs are 0700: QEMU, another user, could not reach images there.
+
+    Whoever makes one removes it (remove_tree); what a fixture that failed half-way
+    left, the session removes as it ends (conftest.py: remove_made_roots)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    _made_roots.append(root)
     os.chmod(root, 0o711)
     return root
+
+
+def remove_made_roots() -> tuple[list[Path], list[str]]:
+    """Remove every state root of this process still there: (those removed, why others stay)."""
+    removed, stuck = [], []
+    for root in _made_roots:
+        if os.path.lexists(root):
+            try:
+                remove_tree(root)
+                removed.append(root)
+            except AssertionError as err:
+                stuck.append(str(err))
+    _made_roots.clear()
+    return removed, stuck
 
 
 # A requirements comment that provisioning copies into the guest and deletes before
@@ -134,8 +155,28 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def mounts_below(path: Path) -> list[str]:
+    """Mount points at or below ``path``, deepest first (the kernel escapes space, tab, newline and
+    backslash in them as octal)."""
+    base = os.path.realpath(path)
+    points = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
+        if point == base or point.startswith(base + "/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
 def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove ``path`` and what a test mounted below it (as root), whatever it holds: a tree
+    deeper than Python's recursion limit too.  AssertionError if anything is left."""
+    if os.geteuid() == 0:
+        for point in mounts_below(path):
+            subprocess.run(["umount", "--lazy", point], capture_output=True)
+    # rm, not shutil.rmtree: it walks any depth (shutil.rmtree recurses in Python).
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], capture_output=True)
+    if os.path.lexists(path):
+        raise AssertionError(f"{path} could not be removed: remove it by hand")
 
 
 def read_terminal(master: int, seen: bytearray) -> threading.Thread:
