@@ -24,8 +24,7 @@ from vmiso import config as config_mod, run
 from vmiso.clones import warm
 from vmiso.clones.pool import client, protocol, server
 from vmiso.errors import PoolError
-from vmiso.host import reaper, workdir
-from vmiso.host.state import home
+from vmiso.host import reaper, state as layout, workdir
 from vmiso.image.store import Image
 from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
@@ -169,7 +168,7 @@ def test_a_pool_hands_a_clone_over_in_three_steps_and_refills_behind_it(config, 
         final = served.outcome["status"]
     assert (final.served, final.dropped, final.problem) == (1, 1, "")  # the idle clone was dropped at the stop
     assert not hv.running and runs(state) == []
-    assert not home(state).pool_socket("x").exists()
+    assert not layout.home(state).pool_socket("x").exists()
     assert client.request(state, "x", "status") is None and client.running(state) == []
 
 
