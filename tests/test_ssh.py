@@ -433,9 +433,10 @@ def test_a_published_port_reaches_the_guests_loopback_only_while_open(guest):
 def test_a_guest_that_never_starts_the_job_does_not_hold_vmiso(guest, monkeypatch):
     monkeypatch.setattr(ssh, "START_SECONDS", 0.5)
     started = time.monotonic()
-    with pytest.raises(GuestError, match="did not start the job"):
+    # The error says whether the guest's sshd still answers (this one does, once its 3 s are up).
+    with pytest.raises(GuestError, match=r"did not start the job .* \(its sshd still answers\)"):
         run_once(guest, "mute")
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 0.5 + 5 + 2  # START_SECONDS, then at most 5 s for the keepalive
 
 
 def test_a_preloaded_link_that_sshd_dropped_gives_way_to_a_new_one(guest):

@@ -220,7 +220,9 @@ class SshSession(Session):
                 channel.shutdown_write()  # the job reads EOF on stdin
         except (paramiko.SSHException, OSError, EOFError) as err:
             if gave_up.is_set():
-                raise GuestError(f"the guest did not start the job in {self._name} within {left:.0f} s") from None
+                state = "its sshd still answers" if _answers(transport) else "its sshd no longer answers"
+                raise GuestError(f"the guest did not start the job in {self._name} within {left:.0f} s ({state})") \
+                    from None
             raise GuestError(f"cannot start the job in {self._name}: {err}") from None
         finally:
             give_up.cancel()
@@ -456,6 +458,19 @@ def bound_input(channel: paramiko.Channel) -> None:
     cap = channel.in_window_size + WINDOW_SLACK
     channel.in_buffer = _BoundedPipe(cap)
     channel.in_stderr_buffer = _BoundedPipe(cap)
+
+
+def _answers(transport: paramiko.Transport, seconds: float = 5.0) -> bool:
+    """Whether the guest's sshd answers a keepalive request within ``seconds`` (any answer: sshd
+    refuses what it does not know).  paramiko waits for the answer with no limit: in a thread."""
+    answered = threading.Event()
+
+    def ask() -> None:
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            transport.global_request("keepalive@openssh.com", wait=True)
+            answered.set()
+    threading.Thread(target=ask, name="vmiso-keepalive", daemon=True).start()
+    return answered.wait(seconds) and transport.is_active()
 
 
 def _send_signal(channel: paramiko.Channel, sig: signal.Signals) -> None:
