@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from vmiso import config as config_mod
 from vmiso.clones.clone import CloneDir
 from vmiso.domain import DomainInfo, Hypervisor
 from vmiso.errors import HypervisorError
@@ -155,6 +156,15 @@ def exits(code: int, out: bytes = b"") -> Job:
         stdout.write(out)
         return JobExit(code=code)
     return job
+
+
+def fake_host_config(state: Path, **changes: Any) -> config_mod.Config:
+    """The configuration of a test that drives vmiso against these fakes: TCG, the test's own state
+    directory, test:///default (a watchdog looks there and finds nothing to destroy), the smallest
+    scratch disk; ``changes`` as config_mod.override takes them."""
+    cfg = config_mod.load(None, env={"VMISO_ACCEL": "tcg"})
+    return config_mod.override(cfg, state_dir=state, libvirt_uri="test:///default",
+                               **{"run.scratch": config_mod.MIN_SCRATCH, **changes})
 
 
 def make_image(state: Path, name: str = "x") -> Image:

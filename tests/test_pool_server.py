@@ -30,7 +30,7 @@ from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
-from fakes import FakeConnect, FakeHypervisor, make_image
+from fakes import FakeConnect, FakeHypervisor, fake_host_config, make_image
 from vmharness import wait_for
 
 GREETING = b"SSH-2.0-OpenSSH_fake\r\n"
@@ -87,9 +87,7 @@ def state(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def config(state: Path) -> config_mod.Config:
-    cfg = config_mod.load(None, env={"VMISO_ACCEL": "tcg"})
-    return config_mod.override(cfg, state_dir=state, libvirt_uri="test:///default",
-                               **{"run.scratch": config_mod.MIN_SCRATCH})
+    return fake_host_config(state)
 
 
 @pytest.fixture

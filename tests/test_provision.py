@@ -30,7 +30,7 @@ from vmiso.image.provision import GUEST_STEPS, new_console_log
 from vmiso.image.store import get_image, verify
 from vmiso.progress import Steps
 
-from fakes import FakeHypervisor
+from fakes import FakeHypervisor, fake_host_config
 
 
 def test_two_provisionings_of_one_name_in_one_second_get_a_console_log_each(tmp_path):
@@ -87,9 +87,7 @@ def state(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def config(state: Path) -> config_mod.Config:
-    cfg = config_mod.load(None, env={"VMISO_ACCEL": "tcg"})
-    return config_mod.override(cfg, state_dir=state, libvirt_uri="test:///default",
-                               **{"run.scratch": config_mod.MIN_SCRATCH, "provision.ca_certificates": "none"})
+    return fake_host_config(state, **{"provision.ca_certificates": "none"})
 
 
 @pytest.fixture

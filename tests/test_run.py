@@ -34,7 +34,7 @@ from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
-from fakes import VERSION, FakeConnect, FakeHypervisor, Job, exits, make_image
+from fakes import VERSION, FakeConnect, FakeHypervisor, Job, exits, fake_host_config, make_image
 
 MiB = 1024**2
 
@@ -45,10 +45,7 @@ def state(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def config(state: Path) -> config_mod.Config:
-    cfg = config_mod.load(None, env={"VMISO_ACCEL": "tcg"})
-    # test:///default: the run's watchdog process would look there, and find nothing to destroy.
-    return config_mod.override(cfg, state_dir=state, libvirt_uri="test:///default",
-                               **{"run.scratch": config_mod.MIN_SCRATCH})
+    return fake_host_config(state)
 
 
 @pytest.fixture

@@ -25,24 +25,25 @@ def tcp(address, port):
     return lambda: socket.create_connection((address, port), timeout=5).close()
 
 
+def _through(request):
+    """A connection to the gateway that sent ``request`` and was answered 200; refused otherwise."""
+    conn = socket.create_connection(("127.0.0.1", PROBE["gateway_port"]), timeout=10)
+    conn.sendall(request.encode())
+    status = conn.recv(200).split(b"\r\n")[0]
+    if b" 200 " not in status:
+        conn.close()
+        raise OSError(errno.EACCES, status.decode(errors="replace"))
+    return conn
+
+
 def through_gateway(target):
-    def ask():
-        with socket.create_connection(("127.0.0.1", PROBE["gateway_port"]), timeout=10) as conn:
-            conn.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-            status = conn.recv(200).split(b"\r\n")[0]
-        if b" 200 " not in status:
-            raise OSError(errno.EACCES, status.decode(errors="replace"))
-    return ask
+    return lambda: _through(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").close()
 
 
 def tunnel_naming(target, name):
     """A tunnel to an allowed host:port whose TLS then names another site: nothing may answer."""
     def ask():
-        with socket.create_connection(("127.0.0.1", PROBE["gateway_port"]), timeout=10) as conn:
-            conn.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-            status = conn.recv(200).split(b"\r\n")[0]
-            if b" 200 " not in status:
-                raise OSError(errno.EACCES, status.decode(errors="replace"))
+        with _through(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n") as conn:
             incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
             tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=name)
             try:
@@ -57,13 +58,7 @@ def tunnel_naming(target, name):
 
 def plain(url, host):
     """A plain request through the gateway; refused unless it answers 200."""
-    def ask():
-        with socket.create_connection(("127.0.0.1", PROBE["gateway_port"]), timeout=10) as conn:
-            conn.sendall(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            status = conn.recv(200).split(b"\r\n")[0]
-        if b" 200 " not in status:
-            raise OSError(errno.EACCES, status.decode(errors="replace"))
-    return ask
+    return lambda: _through(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").close()
 
 
 if not os.environ.get("VMISO_PROBED"):
