@@ -5,7 +5,6 @@ channel); upstream services listen on this host's loopback, which the rules refu
 unless a test's resolver says otherwise."""
 
 import socket
-import ssl
 import threading
 import time
 
@@ -14,6 +13,8 @@ import pytest
 from vmiso.errors import ConfigError
 from vmiso.network import allow, gateway as egress
 from vmiso.network.allow import Allowed
+
+from vmharness import client_hello
 
 
 class Upstream:
@@ -101,15 +102,6 @@ def read_all(sock: socket.socket) -> bytes:
     except ConnectionResetError:
         pass
     return data
-
-
-def client_hello(name: str) -> bytes:
-    """The first TLS record a real client sends for ``name``."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def test_a_tunnel_to_a_listed_host_carries_tls_that_names_it(upstream):

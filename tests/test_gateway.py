@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import ssl
 import sys
 import threading
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from vmiso.config import Config, ImageConfig, PipOptions, ProvisionConfig
 from vmiso.errors import ConfigError
 from vmiso.network import allow, gateway as egress, record as gateway_record
 
-from vmharness import make_state_root, network_namespace, remove_tree
+from vmharness import client_hello, make_state_root, network_namespace, remove_tree
 
 
 def make(**provision) -> Config:
@@ -216,14 +215,6 @@ def test_provisioning_rules_tunnel_only_to_https_places_and_fetch_only_from_http
     assert set(egress.Gateway.start(rules).routes()) == {allow.GUEST_PORT}  # the guest's one port
 
 
-def _client_hello(name: str) -> bytes:
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
-
-
 def _start(allowed, hosts_file: Path) -> egress.Gateway:
     return egress.Gateway.start(allow.for_provisioning(allowed, hosts_file))
 
@@ -236,7 +227,7 @@ def test_a_tunnel_only_to_tls_ports_and_a_mirror_only_by_get_of_its_own_urls(sta
         # Allowed: a tunnel to index:443 whose TLS names it (what pip's HTTPS_PROXY does: the
         # origin here speaks plain HTTP, so it sees the ClientHello as a bad request), and
         # GET/HEAD of the mirror.
-        tunnel = _ask(gw, _connect("index.vmiso.test:443"), then=_client_hello("index.vmiso.test"))
+        tunnel = _ask(gw, _connect("index.vmiso.test:443"), then=client_hello("index.vmiso.test"))
         assert _status(tunnel) == 200 and b"Bad request" in tunnel  # the origin's own answer
         fetched = _ask(gw, _get("http://mirror.vmiso.test/dists/InRelease", "mirror.vmiso.test"))
         assert _status(fetched) == 200 and fetched.endswith(b"x" * 1000)
@@ -262,7 +253,7 @@ def test_a_tunnel_only_to_tls_ports_and_a_mirror_only_by_get_of_its_own_urls(sta
             answer = _ask(gw, request, then=b"GET / HTTP/1.1\r\nHost: other.vmiso.test\r\n\r\n")
             assert _status(answer) in (400, 403, 405), what
         # A tunnel to the TLS index whose ClientHello names another site: cut before any connection.
-        cut = _ask(gw, _connect("index.vmiso.test:443"), then=_client_hello("other.vmiso.test"))
+        cut = _ask(gw, _connect("index.vmiso.test:443"), then=client_hello("other.vmiso.test"))
         assert b"Bad request" not in cut
     finally:
         gw.close()
@@ -323,7 +314,7 @@ def test_the_record_counts_only_what_reached_an_origin(state, lan):
     gw = _start(allowed, lan.hosts_file)
     try:
         _ask(gw, b"")  # asks nothing, as the guest's wait for the gateway does
-        _ask(gw, _connect("index.vmiso.test:443"), then=_client_hello("index.vmiso.test"))
+        _ask(gw, _connect("index.vmiso.test:443"), then=client_hello("index.vmiso.test"))
         _ask(gw, _get("http://mirror.vmiso.test/a", "mirror.vmiso.test"))
         _ask(gw, _get("http://mirror.vmiso.test/a", "mirror.vmiso.test", "HEAD"))
         _ask(gw, _connect("mirror.vmiso.test:80"), then=_get("/", "other.vmiso.test"))

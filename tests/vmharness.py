@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import secrets
+import ssl
 import struct
 import subprocess
 import sys
@@ -292,3 +293,14 @@ def network_services(directory: Path):
             network_namespace([OTHER_LAN], [[sys.executable, "-I", script, str(log), str(cert), str(key),
                                              OTHER_LAN[1]]]):
         yield ca, hosts, log
+
+
+def client_hello(name: str) -> bytes:
+    """The first TLS record a real client sends for ``name`` (its ClientHello, naming it by SNI)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return outgoing.read()
+    raise AssertionError("a TLS handshake cannot finish without an answer")
