@@ -175,9 +175,11 @@ def test_run_streams_isolates_and_checks_outputs(image, tmp_path, boot):
     assert leftovers(image["state"]) == []
 
 
-def test_timeout_destroys_the_vm_and_exits_124_keeping_what_the_job_wrote(image, tmp_path):
-    done = vmiso("run", "-c", image["config"], "--timeout", "3", "--json", tmp_path / "r.json", "-o", tmp_path / "out",
-                 "--", "sh", "-c", "echo so far > /out/partial.txt; echo started; sleep 600")
+@pytest.mark.parametrize("boot", ["warm", "cold"])
+def test_timeout_destroys_the_vm_and_exits_124_keeping_what_the_job_wrote(image, tmp_path, boot):
+    flags = ["--cold"] if boot == "cold" else []
+    done = vmiso("run", "-c", image["config"], *flags, "--timeout", "3", "--json", tmp_path / "r.json",
+                 "-o", tmp_path / "out", "--", "sh", "-c", "echo so far > /out/partial.txt; echo started; sleep 600")
     assert done.returncode == 124, done.stderr
     assert "started" in done.stdout
     assert f"longer than 3 s; the VM was destroyed; 1 file it had written, checked, is in {tmp_path / 'out'}" \
@@ -185,6 +187,7 @@ def test_timeout_destroys_the_vm_and_exits_124_keeping_what_the_job_wrote(image,
     assert (tmp_path / "out" / "partial.txt").read_text() == "so far\n"
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["exit_code"] == 124 and [f["path"] for f in record["outputs"]["files"]] == ["partial.txt"]
+    assert record["boot"] == boot
     assert leftovers(image["state"]) == []
 
 
@@ -624,6 +627,38 @@ def test_a_shell_on_a_pseudo_terminal(image, tmp_path):
     assert "40 120" in text  # the host terminal's size
     assert "title-end" in text and "\x1b]0;x" not in text  # the window title stays the analyst's
     assert (tmp_path / "out" / "said").read_text() == "hi-42\n"  # outputs collected when the shell exits
+    assert leftovers(image["state"]) == []
+
+
+def test_a_terminal_shows_where_the_run_is_until_the_job_speaks_and_a_pipe_shows_nothing(image):
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    job = ["--", "sh", "-c", "echo job-begins; sleep 2; echo job-ends"]
+    process = subprocess.Popen([*VMISO, "run", "-c", str(image["config"]), *job],
+                               stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=REPO,
+                               start_new_session=True, env=dict(os.environ, VMISO_ACCEL="tcg", TERM="xterm"))
+    os.close(slave)
+    seen = bytearray()
+    reader = read_terminal(master, seen)
+    try:
+        assert process.wait(300) == 0, bytes(seen)
+    finally:
+        process.kill()
+        reader.join(10)
+        os.close(master)
+    before, _, after = bytes(seen).partition(b"job-begins")
+    assert after, bytes(seen)
+    # Before the job: a status line (a step and its elapsed time), redrawn in place and erased.
+    assert re.search(rb"  (overlay|start|connect|exec) \d+:\d\d", before), before
+    assert before.rstrip(b"\r\n").endswith(b"\r\x1b[K"), before  # erased before the job's first byte
+    assert b"\n[" not in before and not before.startswith(b"[")  # no step lines without -v
+    # After it: the job's bytes and nothing of vmiso's drawn over them.
+    assert b"\x1b" not in after and b"job-ends" in after, after
+    # On a pipe: the job's output, and on stderr nothing but the warning that the VM runs under TCG.
+    piped = vmiso("run", "-c", image["config"], *job)
+    assert piped.returncode == 0 and piped.stdout == "job-begins\njob-ends\n", piped
+    assert "\x1b" not in piped.stderr and "\r" not in piped.stderr
+    assert all("TCG" in line for line in piped.stderr.splitlines()), piped.stderr
     assert leftovers(image["state"]) == []
 
 
