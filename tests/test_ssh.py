@@ -72,6 +72,17 @@ def trap(channel: paramiko.Channel, server: FakeGuest) -> None:
     channel.send_exit_status(3 if server.signalled.wait(5) else 1)
 
 
+def follow_resize(channel: paramiko.Channel, server: FakeGuest) -> None:
+    """A job on a pseudo-terminal that waits for SIGWINCH: it ends with 3 once its terminal was resized."""
+    deadline = time.monotonic() + 5
+    while not server.resized and time.monotonic() < deadline:
+        time.sleep(0.01)
+    channel.send_exit_status(3 if server.resized else 1)
+
+
+WITH_SERVER = {"trap": trap, "resize": follow_resize}  # scripts that need what the guest's sshd saw
+
+
 class FakeGuest(paramiko.ServerInterface):
     def __init__(self, client_public: str) -> None:
         self.client_public = client_public
@@ -81,11 +92,21 @@ class FakeGuest(paramiko.ServerInterface):
         self.signals: list[str] = []  # what "signal" requests named, as sshd would deliver them
         self.signalled = threading.Event()
         self.listening: list[int] = []  # guest ports the host asked this sshd to listen on
+        self.pty: tuple[str, int, int] | None = None  # the pseudo-terminal asked for: type, columns, rows
+        self.resized: list[tuple[int, int]] = []
         self.transport: paramiko.Transport | None = None
 
     def check_port_forward_request(self, address: str, port: int) -> int:
         self.listening.append(port)
         return port
+
+    def check_channel_pty_request(self, channel, term, width, height, pixelwidth, pixelheight, modes) -> bool:
+        self.pty = (term.decode(), width, height)
+        return True
+
+    def check_channel_window_change_request(self, channel, width, height, pixelwidth, pixelheight) -> bool:
+        self.resized.append((width, height))
+        return True
 
     def hear_signals(self, transport: paramiko.Transport) -> None:
         """paramiko's server ignores "signal" requests; sshd delivers them to the command."""
@@ -155,8 +176,8 @@ def guest(tmp_path):
                 continue
             server.ran.wait(5)
             try:
-                if server.commands[-1] == "trap":
-                    trap(channel, server)
+                if server.commands[-1] in WITH_SERVER:
+                    WITH_SERVER[server.commands[-1]](channel, server)
                 else:
                     SCRIPTS[server.commands[-1]](channel)
                 channel.close()
@@ -517,3 +538,14 @@ def test_connections_past_the_slots_are_refused_and_told(guest, monkeypatch):
     finally:
         session.close()
     assert busy == [4001]
+
+
+def test_a_pseudo_terminal_starts_at_the_hosts_size_and_follows_it(guest):
+    size = [(80, 24)]
+    terminal = ssh.Terminal("xterm-256color", lambda: size[0])
+    # The host's terminal is resized once the job runs: the job's follows, once, though the job's
+    # stdin ended at the start (paramiko's resize_pty refuses a channel whose end of file was sent).
+    status, _, _ = run_once(guest, "resize", terminal=terminal, on_start=lambda: size.__setitem__(0, (120, 40)))
+    assert status == ssh.JobExit(code=3)
+    assert guest["server"].pty == ("xterm-256color", 80, 24)
+    assert guest["server"].resized == [(120, 40)]
