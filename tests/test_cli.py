@@ -477,3 +477,12 @@ def test_images_summarises_long_package_lists_and_show_says_whether_they_were_pi
     assert "package-39==1.0" in invoke("images", "-c", str(config), "show", "big").stdout  # all of them there
     assert "requirements: not hash-pinned" in invoke("images", "-c", str(config), "show", "big").stdout
     assert "requirements: hash-pinned" in invoke("images", "-c", str(config), "show", "pinned").stdout
+
+
+def test_a_pool_that_cannot_start_says_why(config, tmp_path):
+    # The pool's process (vmiso pool start --foreground, started by this one) finds no image and ends.
+    done = invoke("pool", "start", "-c", str(config), "--image", "missing")
+    assert done.exit_code == 125
+    # Its error, said once ("vmiso: error: " used to be said twice).
+    assert "\nvmiso: error: the pool for missing did not start: no image named 'missing' in " in done.stderr
+    assert "ready" not in done.stdout
