@@ -477,3 +477,96 @@ def test_images_summarises_long_package_lists_and_show_says_whether_they_were_pi
     assert "package-39==1.0" in invoke("images", "-c", str(config), "show", "big").stdout  # all of them there
     assert "requirements: not hash-pinned" in invoke("images", "-c", str(config), "show", "big").stdout
     assert "requirements: hash-pinned" in invoke("images", "-c", str(config), "show", "pinned").stdout
+
+
+def test_a_run_says_where_it_was_refused_at_most_ten_times_and_how_many_were_refused_unread(monkeypatch, config):
+    rules = allow.for_run((), (), None, ["api.example.org"], ())
+    record = egress.Record()
+    for n in range(12):
+        tried = record.open("proxy", 3128)
+        tried.update(method="CONNECT", host=f"host{n:02}.example.net", port=443, outcome="refused",
+                     reason="not in this run's --allow-host")
+    garbled = record.open("proxy", 3128)
+    garbled.update(outcome="malformed", reason="not an HTTP request")
+    record.busy(3128)
+    record.busy(3128)
+    fake_run(monkeypatch, lambda request: result(network=record.as_dict(rules)))
+    done = invoke("run", "-c", str(config), "--allow-host", "api.example.org", "--", "python", "job.py")
+    assert done.exit_code == 0
+    tried = [line for line in done.stderr.splitlines() if line.startswith("vmiso: the job tried to reach")]
+    assert tried[:2] == ["vmiso: the job tried to reach host00.example.net:443, refused: not in this run's "
+                         "--allow-host", "vmiso: the job tried to reach host01.example.net:443, refused: not in "
+                         "this run's --allow-host"]
+    assert len(tried) == 10  # the guest chose how many: the analyst's terminal is not flooded
+    assert "vmiso: ... and 3 more refused places (see --json)\n" in done.stderr  # 12 hosts and the garbled one
+    assert ("vmiso: the job opened more connections at once than the gateway serves; 2 of them were refused "
+            "unread\n") in done.stderr
+
+
+def test_a_run_that_failed_explains_what_vmiso_knows_about_it(monkeypatch, config):
+    fake_run(monkeypatch, lambda request: result(1, hints=("the job ran out of room in /tmp: raise --scratch",)))
+    done = invoke("run", "-c", str(config), "--", "python", "job.py")
+    assert done.exit_code == 1 and "vmiso: the job ran out of room in /tmp: raise --scratch\n" in done.stderr
+
+
+def test_an_env_file_that_cannot_be_read_is_named_before_a_run(monkeypatch, config, tmp_path):
+    plans = fake_run(monkeypatch, lambda request: result(0))
+    done = invoke("run", "-c", str(config), "--env-file", str(tmp_path / "missing.env"), "--", "true")
+    assert done.exit_code == 125 and f"vmiso: error: cannot read --env-file {tmp_path / 'missing.env'}: " in done.stderr
+    (tmp_path / "latin1.env").write_bytes(b"NAME=caf\xe9\n")
+    done = invoke("run", "-c", str(config), "--env-file", str(tmp_path / "latin1.env"), "--", "true")
+    assert done.exit_code == 125 and "cannot read --env-file" in done.stderr and "can't decode byte 0xe9" in done.stderr
+    assert plans == []
+
+
+def test_images_show_lists_the_code_that_runs_at_every_python_start_shown_not_obeyed(config, tmp_path):
+    startup = {"pth": [{"path": "/opt/vmiso/venv/lib/python3.11/site-packages/ev\x1b[2Jil.pth",
+                        "executes": ["import os"]}],
+               "startup_modules": [{"path": "/opt/vmiso/venv/lib/python3.11/site-packages/sitecustomize.py"}],
+               "native": [], "unlisted": [], "tampered": []}
+    image_in(tmp_path / "state", "inv", startup=startup)
+    shown = invoke("images", "-c", str(config), "show", "inv")
+    assert shown.exit_code == 0, shown.stderr
+    assert "1 .pth file(s) run code at every Python start: ev^[[2Jil.pth (import os)" in shown.stdout
+    assert "\x1b" not in shown.stdout
+    assert "start-up modules: /opt/vmiso/venv/lib/python3.11/site-packages/sitecustomize.py" in shown.stdout
+    image_in(tmp_path / "state", "old")  # provisioned before vmiso read the template
+    assert "start-up code: not inventoried" in invoke("images", "-c", str(config), "show", "old").stdout
+
+
+def test_gc_layers_removes_the_cached_os_layers_that_no_provisioning_holds(config, tmp_path):
+    from contextlib import ExitStack
+
+    from vmiso.host import state as layout
+    from vmiso.image.layer import Layer, hold_layer
+
+    layers = layout.home(tmp_path / "state").layers
+    for key in ("a" * 16, "b" * 16):
+        layer = Layer(key, layers / key)
+        layer.path.mkdir(parents=True)
+        layer.rootfs.write_bytes(os.urandom(2 * 1024**2))
+    with ExitStack() as held:
+        assert hold_layer(layer, held)  # b's: a provisioning uses it
+        done = invoke("gc", "-c", str(config), "--layers")
+    assert done.exit_code == 0, done.stderr
+    assert f"removed OS layer {'a' * 16} (2 MiB)\n" in done.stdout
+    assert f"kept OS layer {'b' * 16}: a provisioning is using it\n" in done.stdout
+    assert sorted(p.name for p in layers.iterdir()) == ["b" * 16]
+    assert invoke("gc", "-c", str(config)).stdout == "nothing to remove\n"  # the layers only with --layers
+
+
+def test_pool_status_and_stop_say_when_no_pool_runs(config):
+    assert invoke("pool", "status", "-c", str(config)).stdout == (
+        "no pool is running; start one: vmiso pool start --image NAME\n")
+    assert json.loads(invoke("pool", "status", "-c", str(config), "--json").stdout) == []
+    assert invoke("pool", "stop", "-c", str(config)).stdout == "no pool is running\n"
+    assert invoke("pool", "stop", "-c", str(config), "--image", "x").stdout == "no pool for x is running\n"
+
+
+def test_a_pool_that_cannot_start_says_why(config, tmp_path):
+    # The pool's process (vmiso pool start --foreground, started by this one) finds no image and ends.
+    done = invoke("pool", "start", "-c", str(config), "--image", "missing")
+    assert done.exit_code == 125
+    # Its error, said once ("vmiso: error: " used to be said twice).
+    assert "\nvmiso: error: the pool for missing did not start: no image named 'missing' in " in done.stderr
+    assert "ready" not in done.stdout

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import os
+import pty
 import re
+import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
-from vmiso.cli import _Progress, _setup_logging
+from vmiso.cli import _Progress, _Session, _setup_logging
 from vmiso.image.provision import ConsoleWatcher, guest_activity
 from vmiso.progress import Steps
+from vmiso.terminal import InteractiveFilter
 
 VMISO_BIN = Path(sys.executable).parent / "vmiso"
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # anything but printable text and newlines
@@ -235,3 +241,34 @@ def test_a_job_on_a_pipe_shows_no_progress_unless_asked(monkeypatch):
             _job_events(printer)
             time.sleep(0.05)
         assert stream.getvalue() == expected
+
+
+def test_a_job_on_a_terminal_has_it_raw_while_it_runs_and_gives_it_back_as_it_was(monkeypatch):
+    """vmiso shell on a real pseudo-terminal: raw while the job runs (Ctrl-C is the job's), then
+    the terminal's own modes back, and what was typed for the job but not read discarded."""
+    master, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    own_modes = termios.tcgetattr(secondary)
+    events: list[tuple] = []
+    with open(secondary, closefd=False) as stdin, open(secondary, "w", closefd=False) as stdout:
+        monkeypatch.setattr(sys, "stdin", stdin)
+        monkeypatch.setattr(sys, "stdout", stdout)
+        session = _Session.for_job(tty=True, raw=False)
+        assert isinstance(session.stdout, InteractiveFilter) and session.stderr is session.stdout
+        assert session.terminal is not None and session.terminal.size() == (100, 30)
+        listen = session.around(lambda *event: events.append(event))
+        with session:
+            listen("start", "connect", "SSH", 0.5)
+            assert termios.tcgetattr(secondary) == own_modes  # not before the job runs
+            listen("start", "exec", "bash", 1.0)
+            modes = termios.tcgetattr(secondary)
+            assert not modes[3] & (termios.ICANON | termios.ECHO | termios.ISIG)  # raw: Ctrl-C is a byte
+            os.write(master, b"typed ahead, never read\n")
+            listen("done", "exec", "", 2.0)
+            assert termios.tcgetattr(secondary) == own_modes
+        monkeypatch.undo()
+    readable, _, _ = select.select([secondary], [], [], 0.3)
+    assert readable == []  # discarded: it never reaches the shell
+    assert [event[:2] for event in events] == [("start", "connect"), ("start", "exec"), ("done", "exec")]
+    os.close(master)
+    os.close(secondary)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import socket
 import threading
@@ -240,6 +241,42 @@ def test_a_pool_that_cannot_make_a_clone_says_why_and_a_second_pool_is_refused(c
         with pytest.raises(PoolError, match="a pool for image x is running already"):
             server.serve(config, hv, image, 1, Steps())
     assert not hv.running and runs(state) == []
+
+
+@contextmanager
+def cli_logging() -> Iterator[None]:
+    """The CLI sets up logging for its process (the root logger's handler among it): given back after."""
+    import logging
+
+    root = logging.getLogger()
+    saved = [(lg, lg.level, lg.handlers[:]) for lg in (root, *map(logging.getLogger, ("vmiso", "paramiko",
+                                                                                       "vmiso.accel")))]
+    try:
+        yield
+    finally:
+        for lg, level, handlers in saved:
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+
+
+def test_vmiso_pool_status_and_stop_reach_a_running_pool(config, image, state):
+    from click.testing import CliRunner
+
+    from vmiso import cli
+
+    def vmiso(*args: str):
+        return CliRunner().invoke(cli.cli, [*args, "--state-dir", str(state)], catch_exceptions=False)
+    hv = GreetingGuests()
+    with cli_logging(), pool_of(config, hv, image) as served:
+        assert served.ready.wait(60) and "error" not in served.outcome
+        assert vmiso("pool", "status").stdout == f"x: 1 of 1 ready, 0 served, 0 dropped (pid {os.getpid()})\n"
+        (row,) = json.loads(vmiso("pool", "status", "--json").stdout)
+        assert (row["image"], row["size"], row["ready"], row["pid"]) == ("x", 1, 1, os.getpid())
+        assert vmiso("pool", "stop").stdout == "pool for x stopped\n"  # once its idle clone is gone
+        assert not hv.running
+        served.thread.join(30)
+        assert served.outcome["status"].dropped == 1
+    assert runs(state) == [] and vmiso("pool", "stop").stdout == "no pool is running\n"
 
 
 def test_a_run_takes_a_preloaded_clone_and_stages_its_inputs_once_ssh_is_up(config, image, state, tmp_path):

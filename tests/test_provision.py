@@ -10,7 +10,11 @@ template's filesystem (sealcheck and inventory have tests of their own).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
+import socket
 import stat
 import subprocess
 import threading
@@ -22,12 +26,14 @@ import pytest
 
 from vmiso import config as config_mod
 from vmiso.clones import warm
-from vmiso.errors import ImageError, ProvisionError
+from vmiso.config import CloudImage
+from vmiso.errors import ConfigError, ImageError, ProvisionError
 from vmiso.host import reaper
 from vmiso.image import inventory, provision, sealcheck
 from vmiso.image.layer import Layer
 from vmiso.image.provision import GUEST_STEPS, new_console_log
-from vmiso.image.store import get_image, verify
+from vmiso.image.store import get_image, sha256_file, verify
+from vmiso.network import allow
 from vmiso.progress import Steps
 
 from fakes import FakeHypervisor, fake_host_config
@@ -43,9 +49,12 @@ class ProvisioningGuest(FakeHypervisor):
     """A provisioning VM that goes through provision.sh's steps on its console, each step's log in the
     report share, and writes its report; clones booted to be saved as warm states say they are ready."""
 
-    def __init__(self, fail: str | None = None) -> None:
+    def __init__(self, fail: str | None = None, stop: str | None = None,
+                 report: dict[str, bytes | Path] | None = None) -> None:
         super().__init__()
-        self.fail = fail
+        self.fail = fail  # the step it reports failed
+        self.stop = stop  # the step in which it powers off, reporting nothing
+        self.report = report or {}  # what it writes in its report besides (a Path: a link to it)
 
     def start_transient(self, name: str, xml: str, *, autodestroy: bool = True) -> None:
         if "-provision-" not in name:
@@ -64,6 +73,9 @@ class ProvisioningGuest(FakeHypervisor):
         with open(console, "ab", buffering=0) as out:
             out.write(b"[  OK  ] Starting \x1b[0;1;39mcloud-init.service\x1b[0m...\n")
             time.sleep(0.7)  # a poll of the host's sees it
+            if self.stop == "boot":  # it never got as far as provision.sh
+                self.running.discard(name)
+                return
             for step in GUEST_STEPS:
                 (report / f"{step}.log").write_text(f"Collecting {step}-package\n")
                 out.write(f"VMISO-STEP {step}\n".encode())
@@ -71,11 +83,20 @@ class ProvisioningGuest(FakeHypervisor):
                     (report / f"{step}.log").write_text("ERROR: No matching distribution found for nothing\n")
                     out.write(f"VMISO-FAIL {step}\n".encode())
                     break
+                if step == self.stop:
+                    self.running.discard(name)
+                    return
                 time.sleep(0.7 if step == "pip" else 0.05)
         if self.fail is None:
             (report / "python.txt").write_text("Python 3.11.2\n")
             (report / "pip-freeze.txt").write_text("tabulate==0.9.0\n")
             (report / "dpkg.txt").write_text("python3\t3.11.2-1+b1\n")
+            for file, content in self.report.items():
+                (report / file).unlink(missing_ok=True)
+                if isinstance(content, Path):
+                    (report / file).symlink_to(content)
+                else:
+                    (report / file).write_bytes(content)
             (report / "status").write_text("ok\n")
             self.running.discard(name)  # it powers off
 
@@ -106,6 +127,15 @@ def fake_world(tmp_path, monkeypatch) -> dict:
     def serve_way(build, domain, keys, way, link):
         seen["gateway"] += 1
         seen["routes"] = sorted(way.gateway.routes())
+        for request in seen.get("requests", ()):  # what install-time code asks the gateway for
+            guest, host_end = socket.socketpair()
+            with guest:
+                guest.settimeout(10)
+                worker = threading.Thread(target=way.gateway.routes()[allow.GUEST_PORT], args=(host_end,))
+                worker.start()
+                guest.sendall(request)
+                seen.setdefault("answers", []).append(guest.recv(65536))
+                worker.join(10)
     monkeypatch.setattr(provision, "_serve_way", serve_way)
     monkeypatch.setattr(sealcheck, "check_template", lambda template, layer, work: seen.setdefault("checked", template))
 
@@ -159,3 +189,178 @@ def test_a_step_the_guest_fails_is_named_and_nothing_is_left(config, state, fake
     assert hv.destroyed and not hv.running  # the VM, destroyed by the undoing
     assert list((state / "images").iterdir()) == [] and reaper.find(None, state) == []
     assert "VMISO-FAIL pip" in Path(err.value.log_path).read_text()  # the console's log is kept
+
+
+def nothing_left(state: Path, hv: FakeHypervisor) -> bool:
+    """No image, no build directory, no VM running, nothing a collector would find."""
+    images = state / "images"
+    return not hv.running and reaper.find(None, state) == [] and (not images.exists() or not any(images.iterdir()))
+
+
+@pytest.mark.parametrize("stop", ["boot", "venv"])
+def test_a_guest_that_powers_off_half_way_names_the_step_it_was_in(config, state, fake_world, stop):
+    hv = ProvisioningGuest(stop=stop)
+    with pytest.raises(ProvisionError) as err:
+        provision.provision(config, hv, name="it")
+    assert err.value.step == stop
+    assert "the VM stopped before provisioning finished" in err.value.message
+    assert err.value.log_path is not None and Path(err.value.log_path).is_file()  # kept, and named
+    assert nothing_left(state, hv)
+
+
+def test_ca_certificates_come_from_the_host_or_a_list_and_what_is_not_one_is_named(tmp_path):
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
+    host = tmp_path / "host"
+    (host / "corp").mkdir(parents=True)
+    (host / "corp" / "b.crt").write_text(pem.replace("MIIB", "B") + "\n\n")
+    (host / "a.crt").write_text(pem.replace("MIIB", "A"))
+    (host / "README").write_text("not a certificate, not read")
+    assert provision.load_ca_certificates("none", host) == ()
+    assert provision.load_ca_certificates("host", host) == (pem.replace("MIIB", "A") + "\n",
+                                                            pem.replace("MIIB", "B") + "\n")
+    assert provision.load_ca_certificates("host", tmp_path / "no such directory") == ()
+    assert provision.load_ca_certificates((host / "corp" / "b.crt",), host) == (pem.replace("MIIB", "B") + "\n",)
+    with pytest.raises(ConfigError, match=f"provision.ca_certificates: cannot read {tmp_path}/missing.pem"):
+        provision.load_ca_certificates((tmp_path / "missing.pem",))
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match=f"provision.ca_certificates: {tmp_path}/key.pem holds no PEM certificate"):
+        provision.load_ca_certificates((tmp_path / "key.pem",))
+    (tmp_path / "latin1.crt").write_bytes(pem.encode() + b"\xe9")
+    with pytest.raises(ConfigError, match="cannot read .*latin1.crt: 'ascii' codec can't decode"):
+        provision.load_ca_certificates((tmp_path / "latin1.crt",))
+
+
+def test_too_little_space_for_an_os_layer_is_refused_before_one_is_built(state, monkeypatch):
+    config = fake_host_config(state, **{"provision.ca_certificates": "none"})
+    state.mkdir()
+    monkeypatch.setattr(provision, "SPACE_WITH_LAYER", shutil.disk_usage(state).free + 64 * provision.GIB)
+    monkeypatch.setattr(provision, "ensure_layer", lambda *args: pytest.fail("an OS layer was built"))
+    hv = FakeHypervisor()
+    with pytest.raises(ImageError) as err:
+        provision.provision(config, hv, name="it")
+    assert re.search(r"too little disk space in \S+: [0-9.]+ GiB free, provisioning needs about [0-9]+ GiB",
+                     err.value.message)
+    assert err.value.hint == "free some space, remove unused images (vmiso images rm), or set state_dir elsewhere"
+    assert not hv.started and nothing_left(state, hv)
+
+
+def test_a_cloud_image_that_is_not_there_is_refused_before_anything_is_made(state, tmp_path):
+    missing = tmp_path / "debian-12-genericcloud.qcow2"
+    config = fake_host_config(state, **{"image.cloud_image": CloudImage(missing, "0" * 64)})
+    hv = FakeHypervisor()
+    with pytest.raises(ConfigError) as err:
+        provision.provision(config, hv, name="it")
+    assert err.value.message == f"image.cloud_image.path: {missing} is not a file"
+    assert err.value.hint == "give the path of a qcow2 cloud image"
+    assert not hv.started and not (state / "images").exists()
+
+
+def test_what_the_guest_reports_is_never_read_through_a_link(config, state, fake_world, tmp_path):
+    secret = tmp_path / "host-secret"
+    secret.write_text("root:$6$secret-hash\n")
+    hv = ProvisioningGuest(report={"python.txt": secret, "pip-freeze.txt": secret})
+    image = provision.provision(config, hv, name="it")
+    manifest = image.manifest()
+    assert manifest["python"] == "" and manifest["pip"] == []
+    assert "secret-hash" not in (image.path / "manifest.json").read_text()
+
+
+def test_a_report_larger_than_its_bound_fails_the_manifest_step_and_leaves_nothing(config, state, fake_world):
+    hv = ProvisioningGuest(report={"pip-freeze.txt": b"x==1\n" * (provision.REPORT_MAX_BYTES // 5 + 1)})
+    with pytest.raises(ProvisionError) as err:
+        provision.provision(config, hv, name="it")
+    assert err.value.step == "manifest"
+    assert f"the guest's pip-freeze.txt is larger than {provision.REPORT_MAX_BYTES} bytes" in err.value.message
+    assert nothing_left(state, hv)
+
+
+def test_replace_rebuilds_an_image_and_keeps_only_the_new_one(config, state, fake_world):
+    hv = ProvisioningGuest()
+    old = provision.provision(config, hv, name="it").manifest()
+    image = provision.provision(config, hv, name="it", replace=True)
+    new = image.manifest()
+    assert new["host_key"] != old["host_key"]  # new keys: the old image's went with it
+    assert (image.path / "host_key.pub").read_text() == new["host_key"] + "\n"
+    assert verify(get_image(state, "it")) == new["sha256"]
+    assert [p.name for p in (state / "images").iterdir()] == ["it"]
+    assert not hv.running and reaper.find(None, state) == []
+
+
+REFUSED = b"CONNECT telemetry.example.net:443 HTTP/1.1\r\nHost: telemetry.example.net:443\r\n\r\n"
+
+
+def test_a_host_the_gateway_refused_is_named_after_provisioning(config, state, fake_world, caplog):
+    caplog.set_level(logging.WARNING, logger="vmiso")
+    fake_world["requests"] = [REFUSED]  # install-time code that phones home
+    image = provision.provision(config, ProvisioningGuest(), name="it")
+    assert fake_world["answers"][0].startswith(b"HTTP/1.1 403 ")
+    assert image.manifest()["gateway"]["refused"] == ["telemetry.example.net:443"]
+    assert ("the gateway refused connections to telemetry.example.net:443 during provisioning: install-time code "
+            "tried to reach hosts outside the allow-list (see 'vmiso images show it'; provision.allow_hosts allows "
+            "a host)") in caplog.text
+
+
+def test_a_failed_provisioning_names_the_hosts_the_gateway_refused(config, state, fake_world):
+    fake_world["requests"] = [REFUSED]
+    hv = ProvisioningGuest(fail="pip")
+    with pytest.raises(ProvisionError) as err:
+        provision.provision(config, hv, name="it")
+    assert err.value.step == "pip"
+    assert err.value.hint == ("the gateway refused telemetry.example.net:443: a host not in the allow-list; "
+                              "if the image needs it, add it to provision.allow_hosts")
+    assert nothing_left(state, hv)
+
+
+def test_requirements_that_are_not_hash_pinned_are_recorded_so_and_warned_about(state, fake_world, tmp_path,
+                                                                                   caplog):
+    caplog.set_level(logging.WARNING, logger="vmiso")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("tabulate==0.9.0\n")
+    config = fake_host_config(state, **{"provision.ca_certificates": "none", "provision.requirements": requirements})
+    image = provision.provision(config, ProvisioningGuest(), name="it")
+    assert image.manifest()["requirements"] == {"file": str(requirements), "sha256": sha256_file(requirements),
+                                                "hashed": False}
+    assert "image it: its requirements are not hash-pinned" in caplog.text
+
+
+class ClonesThatStop(ProvisioningGuest):
+    """Provisions as ProvisioningGuest does; the clones booted to be saved as warm states stop at once."""
+
+    def start_transient(self, name: str, xml: str, *, autodestroy: bool = True) -> None:
+        if "-provision-" in name:
+            super().start_transient(name, xml, autodestroy=autodestroy)
+        else:
+            self.started[name] = xml  # and never running
+
+
+def test_an_image_without_a_warm_state_is_still_an_image_and_says_runs_boot_cold(config, state, fake_world,
+                                                                                   caplog):
+    caplog.set_level(logging.WARNING, logger="vmiso")
+    hv = ClonesThatStop()
+    image = provision.provision(config, hv, name="it")
+    assert verify(get_image(state, "it")) == image.manifest()["sha256"]
+    assert warm.slots(image) == []
+    assert ("image it: no warm state (the clone stopped before it was ready to be saved); runs will boot cold"
+            in caplog.text)
+    assert not hv.running and reaper.find(None, state) == []
+
+
+def test_a_layer_removed_under_the_provisioning_is_made_again_once(config, state, fake_world, tmp_path, monkeypatch):
+    layer = provision._ensure_source(config, Steps())  # the fake world's
+    gone = Layer("g" * 16, tmp_path / "gone")  # renamed away by 'vmiso gc --layers' just now
+    handed: list[Layer] = []
+
+    def ensure_source(config, steps):
+        handed.append(gone if not handed else layer)
+        return handed[-1]
+    monkeypatch.setattr(provision, "_ensure_source", ensure_source)
+    image = provision.provision(config, ProvisioningGuest(), name="it")
+    assert handed == [gone, layer] and image.manifest()["source"]["layer"] == layer.key
+
+    monkeypatch.setattr(provision, "_ensure_source", lambda config, steps: gone)
+    hv = ProvisioningGuest()
+    with pytest.raises(ImageError) as err:
+        provision.provision(config, hv, name="other")
+    assert err.value.message == f"the OS layer {'g' * 16} keeps disappearing"
+    assert err.value.hint == "do not run 'vmiso gc --layers' while provisioning"
+    assert not hv.started and [p.name for p in (state / "images").iterdir()] == ["it"]

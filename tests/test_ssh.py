@@ -7,6 +7,7 @@ small script table, and reports their end as sshd does (exit-status or exit-sign
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import signal
@@ -72,6 +73,27 @@ def trap(channel: paramiko.Channel, server: FakeGuest) -> None:
     channel.send_exit_status(3 if server.signalled.wait(5) else 1)
 
 
+def follow_resize(channel: paramiko.Channel, server: FakeGuest) -> None:
+    """A job on a pseudo-terminal that waits for SIGWINCH: it ends with 3 once its terminal was resized."""
+    deadline = time.monotonic() + 5
+    while not server.resized and time.monotonic() < deadline:
+        time.sleep(0.01)
+    channel.send_exit_status(3 if server.resized else 1)
+
+
+def checksum(channel: paramiko.Channel) -> None:
+    """``sha256sum``: reads its stdin to the end, prints the digest, exits 0."""
+    digest = hashlib.sha256()
+    while data := channel.recv(65536):
+        digest.update(data)
+    channel.sendall(digest.hexdigest().encode() + b"\n")
+    channel.send_exit_status(0)
+
+
+SCRIPTS["sha256sum"] = checksum
+WITH_SERVER = {"trap": trap, "resize": follow_resize}  # scripts that need what the guest's sshd saw
+
+
 class FakeGuest(paramiko.ServerInterface):
     def __init__(self, client_public: str) -> None:
         self.client_public = client_public
@@ -81,11 +103,29 @@ class FakeGuest(paramiko.ServerInterface):
         self.signals: list[str] = []  # what "signal" requests named, as sshd would deliver them
         self.signalled = threading.Event()
         self.listening: list[int] = []  # guest ports the host asked this sshd to listen on
+        self.refuse_listening: set[int] = set()  # guest ports this sshd will not listen on
+        self.cancelled: list[int] = []  # guest ports the host asked this sshd to stop listening on
+        self.refuse_connections = 0  # how many connections to the guest's loopback fail next
+        self.pty: tuple[str, int, int] | None = None  # the pseudo-terminal asked for: type, columns, rows
+        self.resized: list[tuple[int, int]] = []
         self.transport: paramiko.Transport | None = None
 
-    def check_port_forward_request(self, address: str, port: int) -> int:
+    def check_port_forward_request(self, address: str, port: int) -> int | bool:
+        if port in self.refuse_listening:
+            return False
         self.listening.append(port)
         return port
+
+    def cancel_port_forward_request(self, address: str, port: int) -> None:
+        self.cancelled.append(port)
+
+    def check_channel_pty_request(self, channel, term, width, height, pixelwidth, pixelheight, modes) -> bool:
+        self.pty = (term.decode(), width, height)
+        return True
+
+    def check_channel_window_change_request(self, channel, width, height, pixelwidth, pixelheight) -> bool:
+        self.resized.append((width, height))
+        return True
 
     def hear_signals(self, transport: paramiko.Transport) -> None:
         """paramiko's server ignores "signal" requests; sshd delivers them to the command."""
@@ -114,7 +154,11 @@ class FakeGuest(paramiko.ServerInterface):
         return paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def check_channel_direct_tcpip_request(self, chanid: int, origin: tuple, destination: tuple) -> int:
-        """A connection to a port on the guest's loopback (vmiso run --publish): an upper-casing echo."""
+        """A connection to a port on the guest's loopback (vmiso run --publish): an upper-casing echo,
+        or refused (nothing listens there) while ``refuse_connections`` counts down."""
+        if self.refuse_connections:
+            self.refuse_connections -= 1
+            return paramiko.OPEN_FAILED_CONNECT_FAILED
         self.forwarded[chanid] = destination
         return paramiko.OPEN_SUCCEEDED
 
@@ -143,9 +187,13 @@ def guest(tmp_path):
         hellos.append(conn.recv(3))
         transport = paramiko.Transport(conn)
         transport.add_server_key(paramiko.Ed25519Key.from_private_key_file(str(host_key_path)))
-        transport.start_server(server=server)
+        # Before it starts: on a loaded host the client can be done with the link before start_server returns.
         server.transport = transport
         server.hear_signals(transport)
+        try:
+            transport.start_server(server=server)
+        except (OSError, EOFError, paramiko.SSHException):
+            return  # the client has gone already
         while transport.is_active():
             channel = transport.accept(1)
             if channel is None:
@@ -155,8 +203,8 @@ def guest(tmp_path):
                 continue
             server.ran.wait(5)
             try:
-                if server.commands[-1] == "trap":
-                    trap(channel, server)
+                if server.commands[-1] in WITH_SERVER:
+                    WITH_SERVER[server.commands[-1]](channel, server)
                 else:
                     SCRIPTS[server.commands[-1]](channel)
                 channel.close()
@@ -273,6 +321,10 @@ def test_a_closed_session_runs_nothing(guest):
     session.close()
     with pytest.raises(GuestError, match="the SSH link to vmiso-run-test is closed"):
         run(session, "exit 3")
+    with pytest.raises(GuestError, match="the SSH link to vmiso-run-test is closed"):
+        session.publish(8888)
+    with pytest.raises(GuestError, match="the SSH link to vmiso-run-test is closed"):
+        session.serve_guest_ports({4000: lambda channel: None})
 
 
 def test_a_client_key_the_guest_does_not_know_is_refused(guest, tmp_path):
@@ -517,3 +569,167 @@ def test_connections_past_the_slots_are_refused_and_told(guest, monkeypatch):
     finally:
         session.close()
     assert busy == [4001]
+
+
+def test_a_pseudo_terminal_starts_at_the_hosts_size_and_follows_it(guest):
+    size = [(80, 24)]
+    terminal = ssh.Terminal("xterm-256color", lambda: size[0])
+    # The host's terminal is resized once the job runs: the job's follows, once, though the job's
+    # stdin ended at the start (paramiko's resize_pty refuses a channel whose end of file was sent).
+    status, _, _ = run_once(guest, "resize", terminal=terminal, on_start=lambda: size.__setitem__(0, (120, 40)))
+    assert status == ssh.JobExit(code=3)
+    assert guest["server"].pty == ("xterm-256color", 80, 24)
+    assert guest["server"].resized == [(120, 40)]
+
+
+@pytest.mark.parametrize("source", ["file", "memory"])
+def test_stdin_reaches_the_job_whole_past_the_window_then_ends(guest, tmp_path, source):
+    data = os.urandom(3 * 1024**2)  # more than a channel's window: SSH's flow control paces it
+    (tmp_path / "input").write_bytes(data)
+    with open(tmp_path / "input", "rb") if source == "file" else io.BytesIO(data) as stdin:
+        # A file is read from its descriptor; a BytesIO has none.
+        status, out, _ = run_once(guest, "sha256sum", stdin=stdin, deadline=time.monotonic() + 30)
+    # The job saw every byte, then end of file (without it, it would still be reading at the deadline).
+    assert status == ssh.JobExit(code=0)
+    assert out == hashlib.sha256(data).hexdigest().encode() + b"\n"
+
+
+def _exchange(address: tuple[str, int], data: bytes) -> bytes:
+    """Send ``data`` on a new connection, half-close, and read the answer to its end."""
+    with socket.create_connection(address, timeout=10) as conn:
+        if data:
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_a_connection_the_guest_refuses_is_closed_and_frees_its_slot(guest, monkeypatch):
+    monkeypatch.setattr(ssh.Published, "MAX_CONNECTIONS", 1)
+    guest["server"].refuse_connections = 2  # nothing listens on the guest's port yet
+    session = connect(guest)
+    try:
+        published = session.publish(8888)
+        try:
+            address = (published.host, published.host_port)
+            assert _exchange(address, b"") == b"" and _exchange(address, b"") == b""  # closed, nothing sent
+            # Its one slot came back each time: a third connection is served.
+            assert _exchange(address, b"now") == b"NOW"
+        finally:
+            published.close()
+    finally:
+        session.close()
+    assert guest["server"].refuse_connections == 0
+
+
+def test_a_port_the_guests_sshd_will_not_listen_on_is_named_and_the_others_are_given_up(guest):
+    guest["server"].refuse_listening = {4001}
+    session = connect(guest)
+    try:
+        with pytest.raises(ssh.ForwardRefused,
+                           match="vmiso-run-test: the guest's sshd refused to listen on its port 4001 for the host"):
+            session.serve_guest_ports({4000: lambda channel: None, 4001: lambda channel: None})
+        deadline = time.monotonic() + 10
+        while not guest["server"].cancelled and time.monotonic() < deadline:  # asked without waiting
+            time.sleep(0.01)
+    finally:
+        session.close()
+    assert guest["server"].listening == [4000] and guest["server"].cancelled == [4000]
+
+
+def test_a_connection_that_fails_on_the_host_is_logged_closed_and_frees_its_slot(guest, monkeypatch, caplog):
+    monkeypatch.setattr(ssh.GuestPorts, "SLOTS", 1)
+    served: list[bytes] = []
+
+    def route(channel: paramiko.Channel) -> None:
+        if not served:
+            served.append(b"")
+            raise RuntimeError("the gateway tripped")
+        data = channel.recv(100)
+        served.append(data)
+        channel.sendall(data.upper())
+    session = connect(guest)
+
+    def guest_sends(data: bytes) -> bytes:
+        """What the host answers a connection from the guest that sends ``data``; b"" when closed unanswered."""
+        try:
+            channel = _guest_connects(guest["server"], 4002)
+        except paramiko.SSHException:  # closed before paramiko's open_channel returned it
+            return b""
+        channel.settimeout(10)
+        channel.sendall(data)
+        return channel.recv(100)
+    try:
+        ports = session.serve_guest_ports({4002: route})
+        assert guest_sends(b"first") == b""  # the host closed it
+        for _ in range(50):  # the slot is given back just after the close: soon, not at once
+            if answer := guest_sends(b"again"):
+                break
+            time.sleep(0.05)
+        ports.close()
+    finally:
+        session.close()
+    assert answer == b"AGAIN" and served[-1] == b"again"
+    assert "vmiso-run-test: a connection from the guest failed" in caplog.text
+    assert "RuntimeError: the gateway tripped" in caplog.text
+
+
+def test_open_link_waits_for_the_greeting_and_hands_the_link_on_unread(guest):
+    link = ssh.open_link(guest["socket"], name="vmiso-run-test", hello=lambda: b"hi!",
+                         deadline=time.monotonic() + 10)
+    assert link.recv(4, socket.MSG_PEEK) == b"SSH-"  # peeked at, left for SSH
+    session = connect(guest, link=link)
+    try:
+        assert run(session, "exit 3")[0] == ssh.JobExit(code=3)
+    finally:
+        session.close()
+    assert guest["hellos"] == [b"hi!"]  # the one link, opened once
+
+
+def test_open_link_gives_up_on_a_link_that_never_greets(tmp_path):
+    path = tmp_path / "ssh.sock"
+    listener = listen(path)
+    held: list[socket.socket] = []
+
+    def silent() -> None:  # accepts, reads the hello, says nothing
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+    threading.Thread(target=silent, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(GuestError, match=r"VM vmiso-run-x did not greet on its SSH link in time \(no greeting\)"):
+            ssh.open_link(path, name="vmiso-run-x", hello=lambda: b"hi!", deadline=time.monotonic() + 0.5)
+        assert time.monotonic() - started < 2
+        assert held and held[0].recv(3) == b"hi!"
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def test_open_link_tries_again_after_a_link_that_closes_without_a_greeting(tmp_path):
+    path = tmp_path / "ssh.sock"
+    listener = listen(path)
+    accepted: list[bytes] = []
+
+    def hang_up() -> None:  # a restored sshd that reads the hello and drops the link
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn.recv(3))
+            conn.close()
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        with pytest.raises(GuestError, match="VM vmiso-run-x did not greet on its SSH link in time"):
+            ssh.open_link(path, name="vmiso-run-x", hello=lambda: b"hi!", deadline=time.monotonic() + 1)
+    finally:
+        listener.close()
+    assert len(accepted) >= 2 and set(accepted) == {b"hi!"}

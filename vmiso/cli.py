@@ -809,7 +809,7 @@ def pool_start(ctx: click.Context, config_path: Path | None, accel: str | None, 
     if not line.startswith("ready"):
         child.wait()
         tail = log_path.read_bytes()[-2000:].decode(errors="replace").strip().splitlines()
-        errors = [t for t in tail if t.startswith("vmiso: error")]
+        errors = [t.removeprefix("vmiso: error: ") for t in tail if t.startswith("vmiso: error: ")]
         raise VmisoError(f"the pool for {name} did not start: {errors[-1] if errors else 'see ' + str(log_path)}")
     click.echo(f"pool of {size} for {name} ready in {time.monotonic() - started:.0f} s (pid {child.pid}); "
                f"stop it with: vmiso pool stop --image {name}")

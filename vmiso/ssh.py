@@ -239,7 +239,7 @@ class SshSession(Session):
                     _send_signal(channel, forward)
                 if terminal is not None and (now := terminal.size()) != size:
                     size = now
-                    channel.resize_pty(width=size[0], height=size[1])
+                    _resize(channel, size)
                 select.select([channel], [], [], 0.2)
                 # At most DRAIN_CHUNKS a stream per pass: a job that prints faster than
                 # the host writes cannot keep this loop from checking the deadline.
@@ -473,18 +473,36 @@ def _answers(transport: paramiko.Transport, seconds: float = 5.0) -> bool:
     return answered.wait(seconds) and transport.is_active()
 
 
-def _send_signal(channel: paramiko.Channel, sig: signal.Signals) -> None:
-    """RFC 4254, 6.9: the "signal" request, which paramiko's client API lacks."""
+def _request(channel: paramiko.Channel, kind: str, *fields: str | int) -> None:
+    """A channel request that wants no reply, sent while the job runs, whether or not its stdin
+    has ended (paramiko's own methods refuse once end of file was sent, as it is at once without stdin)."""
     message = paramiko.Message()
     message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
     message.add_int(channel.remote_chanid)
-    message.add_string("signal")
+    message.add_string(kind)
     message.add_boolean(False)
-    message.add_string(sig.name.removeprefix("SIG"))
+    for value in fields:
+        if isinstance(value, str):
+            message.add_string(value)
+        else:
+            message.add_int(value)
+    channel.get_transport()._send_user_message(message)  # type: ignore[attr-defined]
+
+
+def _send_signal(channel: paramiko.Channel, sig: signal.Signals) -> None:
+    """RFC 4254, 6.9: the "signal" request, which paramiko's client API lacks."""
     try:
-        channel.get_transport()._send_user_message(message)  # type: ignore[attr-defined]
+        _request(channel, "signal", sig.name.removeprefix("SIG"))
     except (OSError, EOFError, AttributeError, paramiko.SSHException) as err:
         log.debug("could not send %s to the job: %s", sig.name, err)
+
+
+def _resize(channel: paramiko.Channel, size: tuple[int, int]) -> None:
+    """RFC 4254, 6.7: the "window-change" request, the job's terminal resized to ``size`` (columns, rows)."""
+    try:
+        _request(channel, "window-change", size[0], size[1], 0, 0)
+    except (OSError, EOFError, AttributeError, paramiko.SSHException) as err:
+        log.debug("could not resize the job's terminal: %s", err)
 
 
 def _pump(source: BinaryIO, channel: paramiko.Channel) -> None:
