@@ -60,7 +60,7 @@ def _missing_host_setup() -> str | None:
     if not SUDO_RULE.is_file():
         return f"no sudo rule {SUDO_RULE} (or it cannot be seen without root)"
     for program in ("munged", "slurmctld", "slurmd", "sbatch"):
-        if shutil.which(program) is None:
+        if shutil.which(program, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") is None:
             return f"no {program} (packages munge and slurm-wlm)"
     try:
         done = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True,
