@@ -12,6 +12,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from slurmharness import LocalSlurm, SlurmStartError
 from vmharness import (
     DELETED_SECRET,
     NUMPY,
@@ -57,6 +59,9 @@ def _missing_host_setup() -> str | None:
         return f"no share helper {SHARE_HELPER}"
     if not SUDO_RULE.is_file():
         return f"no sudo rule {SUDO_RULE} (or it cannot be seen without root)"
+    for program in ("munged", "slurmctld", "slurmd", "sbatch"):
+        if shutil.which(program, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") is None:
+            return f"no {program} (packages munge and slurm-wlm)"
     try:
         done = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True,
                               timeout=30)
@@ -258,6 +263,20 @@ def image(vm_root):
 
 
 os.environ.setdefault("VMISO_ACCEL", "tcg")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A private one-node Slurm for the session (tests/slurmharness.py): its own munged,
+    slurmctld and slurmd under /tmp/vmiso-slurm-*, stopped and removed at the end.  Its tests
+    carry the markers root and hostsetup.  If it cannot start, the test fails with the
+    daemons' log tails."""
+    try:
+        cluster = LocalSlurm.start()
+    except SlurmStartError as err:
+        pytest.fail(f"the private Slurm did not start: {err}", pytrace=False)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
