@@ -52,6 +52,7 @@ def main(argv: list[str]) -> int:
     if output.exists() and any(output.iterdir()):
         return _finish(record_fd, command, inputs, 125, error=f"--output {output} is not empty")
     directive = inputs[-1].read_text().split("\n")[0].split() if inputs[-1].is_file() else []
+    print(f"argv {json.dumps(argv)}", flush=True)
     print(f"job {' '.join(command)} starts", flush=True)
     print("on stderr", file=sys.stderr, flush=True)
     code, sig, error = 0, None, None

@@ -348,6 +348,40 @@ def test_the_cli_refuses_clashing_names_before_anything_is_made(tmp_path):
     assert not out.exists()
 
 
+def test_the_cli_runs_a_batch_says_each_task_and_sums_up(tmp_path, monkeypatch):
+    from vmiso import tools
+    from vmiso.image import store
+
+    monkeypatch.setattr(tools, "vmiso_argv", lambda *args: [*FAKE, *args])
+    monkeypatch.setattr(store, "get_image", lambda state_dir, name: store.Image(name, tmp_path))
+    monkeypatch.setattr(store, "verified_sha256", lambda image: TEMPLATE)
+    a, b, c = inputs(tmp_path / "data", a="ok", b="exit 3", c="ok")
+    out = tmp_path / "out"
+    argv = ["batch", "--state-dir", str(tmp_path / "state"), "-o", str(out), "-j", "2", "--memory", "256",
+            "--each", str(a), str(b), "-e", "X=1", "--each", str(c), "--", "job", "{}"]
+    done = CliRunner().invoke(cli, argv)
+    assert done.exit_code == EXIT_SOME_FAILED, done.output
+    assert f"vmiso: batch of 3 tasks into {out}: 3 to run, 2 at a time" in done.output
+    assert "b: failed, exit 3 [warm," in done.output  # a line per finished task (not a terminal)
+    table = done.output[done.output.index("TASK"):].splitlines()
+    row = table[2].split()  # TASK STATUS EXIT BOOT TIME TRIES LOG
+    assert row[:4] == ["b", "failed", "3", "warm"] and row[5] == "1"
+    assert table[2].endswith(str(out / ".batch" / "b.log"))
+    assert "vmiso: 3 tasks: 2 ok, 1 failed; record: " in done.output
+    run = json.loads((out / ".batch" / "a.json").read_text())
+    assert run["command"] == ["job", "a"]
+    log = (out / ".batch" / "a.log").read_text()
+    given = json.loads(log[log.index("argv ") + 5:].splitlines()[0])
+    assert given[:4] == ["run", "--image", "default", "--json"]
+    assert given[given.index("--state-dir") + 1] == str(tmp_path / "state")
+    assert given[given.index("--memory") + 1] == "256" and given[given.index("-e") + 1] == "X=1"
+    (tmp_path / "data" / "b").write_text("ok\n")
+    done = CliRunner().invoke(cli, argv)
+    assert done.exit_code == 0, done.output
+    assert "2 done before, skipped; 1 to run" in done.output
+    assert "vmiso: 3 tasks: 3 ok (2 done before); record: " in done.output
+
+
 # --- a real batch -----------------------------------------------------------------------------------
 
 

@@ -805,11 +805,15 @@ def batch(ctx: click.Context, /, command: tuple[str, ...], config_path: Path | N
 
     def on_signal(_signum: int, _frame: object) -> None:
         stop.request()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    with _BatchProgress(sys.stderr, stop, quiet=ctx.obj["quiet"], output=batch_plan.layout.root,
-                        jobs=jobs) as progress:
-        result = run_batch(batch_plan, runner, progress, stop)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = [signal.signal(sig, on_signal) for sig in signals]
+    try:
+        with _BatchProgress(sys.stderr, stop, quiet=ctx.obj["quiet"], output=batch_plan.layout.root,
+                            jobs=jobs) as progress:
+            result = run_batch(batch_plan, runner, progress, stop)
+    finally:
+        for sig, handler in zip(signals, before, strict=True):
+            signal.signal(sig, handler)
     _batch_summary(result, batch_plan.layout.root, quiet=ctx.obj["quiet"])
     ctx.exit(result.exit_code)
 
