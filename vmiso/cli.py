@@ -721,7 +721,7 @@ class _BatchCommand(click.Command):
 @click.option("--retry", type=click.IntRange(min=0), default=0, show_default=True,
               help="run a task again up to N times when vmiso itself failed it (exit 125); never for the "
                    "job's own exit code")
-@click.option("--on", "engine", default="local", show_default=True, help="where the tasks run")
+@click.option("--on", "engine", default="local", show_default=True, help="where the tasks run: local (this host, -j at a time)")
 @click.option("--timeout", type=click.IntRange(min=1), help="seconds each job may run (wall clock)")
 @click.option("--memory", type=click.IntRange(min=128), help="each guest's memory in MiB")
 @click.option("--cpus", type=click.IntRange(min=1), help="each guest's vCPUs")
@@ -921,7 +921,7 @@ class _BatchProgress:
             left = max(self._total - self._done - self._failed, 0) / rate * 60
             text += f", {rate:.1f}/min, about {int(left) // 60}:{int(left) % 60:02d} left"
         try:
-            width = os.get_terminal_size(self._stream.fileno()).columns
+            width = os.get_terminal_size(self._stream.fileno()).columns or 80  # 0: a terminal that says none
         except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
             width = 80
         self._stream.write(text[:max(width - 1, 10)])
@@ -940,7 +940,7 @@ def _batch_summary(result: Any, output: Path, *, quiet: bool) -> None:
             status = "skipped" if e.name in skipped else e.status
             exit_code = "-" if e.exit_code is None else str(e.exit_code)
             seconds = "-" if e.seconds is None else f"{e.seconds:.1f}s"
-            log_path = "" if e.status == "ok" else str(output / e.log)
+            log_path = "" if e.status == "ok" or not e.attempts else str(output / e.log)
             click.echo(neutralize(f"{e.name:<{width}}  {status:<11} {exit_code:>4}  {e.boot or '-':<9} "
                                   f"{seconds:>8}  {e.attempts:>5}  {log_path}").rstrip(), err=True)
     else:
