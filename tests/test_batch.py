@@ -109,6 +109,8 @@ def test_the_tasks_run_this_vmiso():
     (lambda d: ([d / "x" / ".batch"], ()), "is the batch's own", "rename it"),
     (lambda d: ([d / "x" / "a.csv"], (d / "y" / "a.csv",)), "would both appear as /in/a.csv", "rename one"),
     (lambda d: ([], ()), "--each names no input", "--each data/"),
+    (lambda d: ([d / "x" / "a.csv", d], ()), "holds the batch's own directory", "outside the inputs"),
+    (lambda d: ([d / "x" / "a.csv"], (d / "out",)), "holds the batch's own directory", "outside the inputs"),
 ])
 def test_inputs_whose_names_clash_are_refused_with_the_fix(tmp_path, make, said, fix):
     each, shared = make(tmp_path)

@@ -721,7 +721,8 @@ class _BatchCommand(click.Command):
 @click.option("--retry", type=click.IntRange(min=0), default=0, show_default=True,
               help="run a task again up to N times when vmiso itself failed it (exit 125); never for the "
                    "job's own exit code")
-@click.option("--on", "engine", default="local", show_default=True, help="where the tasks run: local (this host, -j at a time)")
+@click.option("--on", "engine", default="local", show_default=True,
+              help="where the tasks run: local (this host, -j at a time)")
 @click.option("--timeout", type=click.IntRange(min=1), help="seconds each job may run (wall clock)")
 @click.option("--memory", type=click.IntRange(min=128), help="each guest's memory in MiB")
 @click.option("--cpus", type=click.IntRange(min=1), help="each guest's vCPUs")

@@ -137,6 +137,11 @@ def _check_names(each: tuple[Path, ...], shared: tuple[Path, ...], output: Path)
             raise ConfigError(f"--each {path}: its name {name!r} is the batch's own ({output / name})",
                               f"rename it, or copy it under another name; {' and '.join(RESERVED)} are reserved")
         seen[name] = path
+    where = output.resolve()
+    for path in (*each, *shared):
+        if path.resolve() == where or path.resolve() in where.parents:
+            raise ConfigError(f"input {path} holds the batch's own directory {output}: its tasks would read "
+                              "the batch's outputs", "name an --output directory outside the inputs")
     for path in shared:
         name = input_name(path)
         if name in seen:
