@@ -72,10 +72,20 @@ class Layout:
         return self.root / name
 
     def log(self, name: str) -> Path:
-        return self.work / f"{name}.log"
+        return self.work / log_name(name)
 
     def run_record(self, name: str) -> Path:
-        return self.work / f"{name}.json"
+        return self.work / run_record_name(name)
+
+
+def log_name(task: str) -> str:
+    """A task's log, in DIR/.batch."""
+    return f"{task}.log"
+
+
+def run_record_name(task: str) -> str:
+    """A task's run record, in DIR/.batch (and what attempt N left, in DIR/.batch/previous)."""
+    return f"{task}.json"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 from .. import __version__
 from ..errors import EXIT_TIMEOUT, EXIT_VMISO, VmisoError
 from ..host import tree
-from .plan import RECORD_NAME, WORK, BatchPlan
+from .plan import RECORD_NAME, WORK, BatchPlan, log_name, run_record_name
 
 BATCH_SCHEMA = 1
 
@@ -90,11 +90,11 @@ class TaskEntry:
 
     @property
     def log(self) -> str:
-        return f"{WORK}/{self.name}.log"
+        return f"{WORK}/{log_name(self.name)}"
 
     @property
     def record(self) -> str:
-        return f"{WORK}/{self.name}.json"
+        return f"{WORK}/{run_record_name(self.name)}"
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "input": self.input, "input_sha256": self.input_sha256,

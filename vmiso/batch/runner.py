@@ -31,7 +31,7 @@ from ..host.outputs import MANIFEST_NAME, not_own
 from ..host.workdir import flocked
 from . import record
 from .engines import Ended, Engine, Stop
-from .plan import PREVIOUS, RECORD_NAME, WORK, BatchPlan, Task, input_name
+from .plan import PREVIOUS, RECORD_NAME, WORK, BatchPlan, Task, input_name, run_record_name
 from .record import ERROR, OK, PENDING, RUNNING, BatchRecord, TaskEntry
 
 # vmiso batch's exit status when the batch ran but a task did not exit 0 (as xargs: 123 when an
@@ -162,10 +162,10 @@ def _move_aside(root_fd: int, work_fd: int, task: Task, attempt: int) -> None:
     previous_fd = os.open(PREVIOUS, tree.OPEN_DIR, dir_fd=work_fd)
     try:
         number = attempt
-        while _exists(f"{task.name}.{number}", previous_fd) or _exists(f"{task.name}.{number}.json", previous_fd):
+        while any(_exists(n, previous_fd) for n in (f"{task.name}.{number}", run_record_name(f"{task.name}.{number}"))):
             number += 1
         for name, from_fd, to in ((task.name, root_fd, f"{task.name}.{number}"),
-                                  (f"{task.name}.json", work_fd, f"{task.name}.{number}.json")):
+                                  (run_record_name(task.name), work_fd, run_record_name(f"{task.name}.{number}"))):
             if _exists(name, from_fd):
                 os.rename(name, to, src_dir_fd=from_fd, dst_dir_fd=previous_fd)
     except OSError as err:
@@ -212,7 +212,7 @@ class _Batch:
 
     def ended(self, ended: Ended) -> None:
         entry = self.rec.tasks[ended.task.name]
-        run = _read_json(self.work_fd, f"{ended.task.name}.json")
+        run = _read_json(self.work_fd, run_record_name(ended.task.name))
         entry.ended(run, exit_code=ended.exit_code, host=ended.host, start=ended.start, end=ended.end,
                     manifest_sha256=manifest_digest(self.root_fd, ended.task.name),
                     interrupted=self.stop.requested)
