@@ -11,7 +11,8 @@ CORE = ["vmiso.config", "vmiso.domain", "vmiso.hypervisor", "vmiso.image.seed", 
         "vmiso.host.inputs", "vmiso.host.outputs", "vmiso.host.tree", "vmiso.host.reaper", "vmiso.host.workdir",
         "vmiso.doctor", "vmiso.clones", "vmiso.clones.warm", "vmiso.clones.pool.server", "vmiso.clones.pool.client",
         "vmiso.image.provision", "vmiso.image.store", "vmiso.image.layer", "vmiso.image.initramfs",
-        "vmiso.image.cloud", "vmiso.accel"]
+        "vmiso.image.cloud", "vmiso.accel", "vmiso.batch.plan", "vmiso.batch.record", "vmiso.batch.engines",
+        "vmiso.batch.runner"]
 
 
 def test_core_imports_without_click():
@@ -163,7 +164,7 @@ def test_the_configuration_imports_nothing_while_it_checks(repo):
 
 # The wings (packages) and the modules at the top of vmiso/: what README's "How vmiso is built"
 # describes.  A new module goes into a wing, or is a leaf for one more outside dependency.
-WINGS = {"clones", "host", "image", "network"}
+WINGS = {"batch", "clones", "host", "image", "network"}
 TOP = {"__init__", "__main__", "cli", "terminal", "doctor", "plan", "run", "execution",  # commands, run
        "config", "hypervisor", "ssh", "tools", "domain", "accel", "resources",  # leaves
        "errors", "progress"}  # shared by every wing

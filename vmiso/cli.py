@@ -684,6 +684,280 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
     raise Interrupted(f"vmiso was asked to stop ({signal.Signals(signum).name})")
 
 
+class _BatchCommand(click.Command):
+    """``--each`` takes every path after it, as a shell's glob gives them (``--each data/*.csv``), up to
+    the next option or ``--``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        spread, each = [], False
+        for index, arg in enumerate(args):
+            if arg == "--":
+                spread += args[index:]
+                break
+            if arg == "--each":
+                each = True
+                continue
+            if each and not arg.startswith("-"):
+                spread += ["--each", arg]
+                continue
+            each = False
+            spread.append(arg)
+        return super().parse_args(ctx, spread)
+
+
+@cli.command(cls=_BatchCommand, context_settings={"allow_interspersed_args": False})
+@_config_option
+@_accel_option
+@_state_option
+@click.option("--image", help="template to clone (default: image.name from the config)")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="the batch's directory: new, or an earlier batch's to resume it")
+@click.option("--each", "each", multiple=True, type=click.Path(path_type=Path), metavar="PATH...",
+              help="the inputs, one task each, under /in (every path up to the next option or --)")
+@click.option("-i", "--input", "inputs", multiple=True, type=click.Path(path_type=Path),
+              help="a file or directory every task gets under /in too (repeatable)")
+@click.option("-j", "--jobs", type=click.IntRange(min=1),
+              help="tasks at once (default: what the cores and the available memory hold; see README)")
+@click.option("--retry", type=click.IntRange(min=0), default=0, show_default=True,
+              help="run a task again up to N times when vmiso itself failed it (exit 125); never for the "
+                   "job's own exit code")
+@click.option("--on", "engine", default="local", show_default=True,
+              help="where the tasks run: local (this host, -j at a time)")
+@click.option("--timeout", type=click.IntRange(min=1), help="seconds each job may run (wall clock)")
+@click.option("--memory", type=click.IntRange(min=128), help="each guest's memory in MiB")
+@click.option("--cpus", type=click.IntRange(min=1), help="each guest's vCPUs")
+@click.option("--scratch", metavar="SIZE", help="room for each job's /tmp on disk, e.g. 8GiB")
+@click.option("--cold", is_flag=True, help="boot every clone from scratch")
+@click.option("--accept-tool-files", is_flag=True,
+              help="also copy outputs that host tools run code from (.git/, .envrc, ...)")
+@click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY[=VALUE]",
+              help="set a variable for every job (repeatable); KEY alone passes this environment's value")
+@click.option("--env-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="variables for every job, one KEY=VALUE a line")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST[:PORT]",
+              help="let every job reach this service, and nothing else (as vmiso run's)")
+@click.option("--allow-tcp", "allow_tcp", multiple=True, metavar="LOCALPORT:HOST:PORT",
+              help="join every job's 127.0.0.1:LOCALPORT to HOST:PORT (as vmiso run's)")
+@click.argument("command", nargs=-1, required=True)
+@click.pass_context
+def batch(ctx: click.Context, /, command: tuple[str, ...], config_path: Path | None, accel: str | None,
+          state_dir: Path | None, image: str | None, output: Path, each: tuple[Path, ...],
+          inputs: tuple[Path, ...], jobs: int | None, retry: int, engine: str, timeout: int | None,
+          memory: int | None, cpus: int | None, scratch: str | None, cold: bool, accept_tool_files: bool,
+          env_pairs: tuple[str, ...], env_file: Path | None, allow_hosts: tuple[str, ...],
+          allow_tcp: tuple[str, ...]) -> None:
+    """Run COMMAND once per input, each in a disposable clone of its own, {} in COMMAND being its name.
+
+    \b
+    Example: report.py over every CSV, two VMs at a time, results in results/NAME/:
+        vmiso batch -i report.py --each data/*.csv -o results/ -j 2 -- python report.py {}
+
+    \b
+    Each task is a 'vmiso run' of its own: its input (and every -i) under /in,
+    its /out checked and copied to OUTPUT/NAME/, its output in
+    OUTPUT/.batch/NAME.log, its run record in OUTPUT/.batch/NAME.json, and
+    every task's in OUTPUT/batch.json.  The same command again resumes: tasks
+    that exited 0 on the same template and inputs are skipped.  Exit status: 0
+    when every task exited 0, 123 when one did not, 130 when interrupted
+    (Ctrl-C or SIGTERM stop the running tasks; run again to resume), 125 when
+    the batch could not run, 2 for a usage error.
+    """
+    from .batch.engines import Stop, engine_for
+    from .batch.plan import BatchRequest, available_memory_mib, check_request, default_jobs, plan_batch
+    from .batch.runner import run_batch
+    from .host.inputs import check_inputs
+    from .image.store import get_image, verified_sha256
+    from .plan import RunRequest, plan_run
+
+    config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
+    scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
+    env = _env_file(env_file) if env_file is not None else []
+    env += [_env_option(pair) for pair in env_pairs]  # checked here: a task would fail on each
+    # What every task's run will be, checked once before anything is made.
+    plan = plan_run(config, RunRequest(
+        command=command, image=image, inputs=inputs, timeout=timeout, memory_mib=memory, cpus=cpus,
+        scratch_bytes=scratch_bytes, warm=not cold, env=tuple(env), accept_tool_files=accept_tool_files,
+        allow_hosts=allow_hosts, allow_tcp=allow_tcp))
+    options: list[str] = []
+    for flag, path in (("-c", config_path), ("--state-dir", state_dir), ("--env-file", env_file)):
+        if path is not None:
+            options += [flag, str(path.absolute())]
+    given: tuple[tuple[str, object], ...] = (("--accel", accel), ("--timeout", timeout), ("--memory", memory),
+                                            ("--cpus", cpus), ("--scratch", scratch))
+    for flag, value in given:
+        if value is not None:
+            options += [flag, str(value)]
+    options += ["--cold"] * cold + ["--accept-tool-files"] * accept_tool_files
+    for flag, values in (("-e", env_pairs), ("--allow-host", allow_hosts), ("--allow-tcp", allow_tcp)):
+        for value in values:
+            options += [flag, value]
+    request = BatchRequest(command=command, each=each, shared=inputs, output=output, run_options=tuple(options),
+                           jobs=jobs, retry=retry, engine=engine)
+    check_request(request)
+    template = get_image(plan.state_dir, plan.image)
+    if jobs is None:
+        jobs = default_jobs(cores=os.cpu_count() or 1, available_mib=available_memory_mib(),
+                            memory_mib=plan.memory_mib, cpus=plan.cpus)
+    batch_plan = plan_batch(request, image=plan.image, template_sha256=verified_sha256(template), jobs=jobs)
+    for task in batch_plan.tasks:  # what a run would refuse before it starts, refused for all now
+        check_inputs((*batch_plan.shared, task.input), plan.input_limits)
+    runner = engine_for(engine, jobs)
+    stop = Stop()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.request()
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = [signal.signal(sig, on_signal) for sig in signals]
+    try:
+        with _BatchProgress(sys.stderr, stop, quiet=ctx.obj["quiet"], output=batch_plan.layout.root,
+                            jobs=jobs) as progress:
+            result = run_batch(batch_plan, runner, progress, stop)
+    finally:
+        for sig, handler in zip(signals, before, strict=True):
+            signal.signal(sig, handler)
+    _batch_summary(result, batch_plan.layout.root, quiet=ctx.obj["quiet"])
+    ctx.exit(result.exit_code)
+
+
+def _task_line(entry: Any) -> str:
+    """One finished task, in vmiso's words: its name (the input's, neutralized), what became of it."""
+    what = entry.status
+    if entry.exit_code is not None:
+        what += f", exit {entry.exit_code}"
+    if entry.signal:
+        what += f" ({entry.signal})"
+    details = [d for d in (entry.boot, f"{entry.seconds:.1f} s" if entry.seconds is not None else None) if d]
+    return f"{entry.name}: {what}" + (f" [{', '.join(details)}]" if details else "")
+
+
+class _BatchProgress:
+    """A batch's progress on stderr: on a terminal a live line (done, running, failed, rate, time left)
+    under a line for each task that did not end well; elsewhere one line per finished task."""
+
+    def __init__(self, stream: TextIO, stop: Any, *, quiet: bool, output: Path, jobs: int,
+                 interval: float = 0.5) -> None:
+        self._stream, self._stop, self._quiet = stream, stop, quiet
+        self._output, self._jobs, self._interval = output, jobs, interval
+        self._live = not quiet and stream.isatty() and os.environ.get("TERM") != "dumb"
+        self._lock = threading.RLock()
+        self._shown = False
+        self._total = self._done = self._ran = self._failed = 0
+        self._running: set[str] = set()
+        self._started = time.monotonic()
+        self._stops_said = 0
+        self._end = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def __enter__(self) -> _BatchProgress:
+        self._ticker = threading.Thread(target=self._tick, name="vmiso-batch-progress", daemon=True)
+        self._ticker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        with self._lock:
+            self._say_stops()
+            self._erase()
+
+    def _tick(self) -> None:
+        while not self._end.wait(self._interval):
+            with self._lock:
+                self._say_stops()
+                self._draw()
+
+    def _say_stops(self) -> None:
+        requests = self._stop.requests
+        if requests > self._stops_said:
+            self._stops_said = requests
+            self._line("vmiso: stopping the batch: its running tasks are stopped and clean up; the same command "
+                       "resumes it" if requests == 1 else "vmiso: stopping the running tasks at once")
+
+    def _line(self, text: str) -> None:
+        self._erase()
+        click.echo(neutralize(text), file=self._stream)
+        self._draw()
+
+    def planned(self, total: int, skipped: list[str], to_run: list[str]) -> None:
+        with self._lock:
+            self._total, self._done = total, len(skipped)
+            if not self._quiet:
+                self._line(f"vmiso: batch of {total} task{'s' * (total != 1)} into {self._output}: "
+                           + (f"{len(skipped)} done before, skipped; " if skipped else "")
+                           + f"{len(to_run)} to run, {min(self._jobs, max(len(to_run), 1))} at a time")
+
+    def started(self, entry: Any) -> None:
+        with self._lock:
+            self._running.add(entry.name)
+            self._draw()
+
+    def ended(self, entry: Any) -> None:
+        with self._lock:
+            self._running.discard(entry.name)
+            self._ran += 1
+            if entry.status == "ok":
+                self._done += 1
+            else:
+                self._failed += 1
+            if not self._quiet and (not self._live or entry.status != "ok"):
+                self._line(f"vmiso: [{self._done + self._failed}/{self._total}] {_task_line(entry)}")
+            else:
+                self._draw()
+
+    def _erase(self) -> None:
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._shown = False
+
+    def _draw(self) -> None:
+        if not self._live or self._end.is_set():
+            return
+        self._erase()
+        minutes = (time.monotonic() - self._started) / 60
+        text = f"  batch: {self._done}/{self._total} done, {len(self._running)} running, {self._failed} failed"
+        if self._ran and minutes > 0:
+            rate = self._ran / minutes
+            left = max(self._total - self._done - self._failed, 0) / rate * 60
+            text += f", {rate:.1f}/min, about {int(left) // 60}:{int(left) % 60:02d} left"
+        try:
+            width = os.get_terminal_size(self._stream.fileno()).columns or 80  # 0: a terminal that says none
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            width = 80
+        self._stream.write(text[:max(width - 1, 10)])
+        self._stream.flush()
+        self._shown = True
+
+
+def _batch_summary(result: Any, output: Path, *, quiet: bool) -> None:
+    """The table of this batch's tasks on stderr, then what to do next."""
+    entries = [result.record.tasks[name] for name in result.names]
+    skipped = set(result.skipped)
+    if not quiet:
+        width = min(max([len(e.name) for e in entries] + [4]), 40)
+        click.echo(f"{'TASK':<{width}}  {'STATUS':<11} {'EXIT':>4}  {'BOOT':<9} {'TIME':>8}  TRIES  LOG", err=True)
+        for e in entries:
+            status = "skipped" if e.name in skipped else e.status
+            exit_code = "-" if e.exit_code is None else str(e.exit_code)
+            seconds = "-" if e.seconds is None else f"{e.seconds:.1f}s"
+            log_path = "" if e.status == "ok" or not e.attempts else str(output / e.log)
+            click.echo(neutralize(f"{e.name:<{width}}  {status:<11} {exit_code:>4}  {e.boot or '-':<9} "
+                                  f"{seconds:>8}  {e.attempts:>5}  {log_path}").rstrip(), err=True)
+    else:
+        for e in entries:
+            if e.status != "ok":
+                click.echo(neutralize(f"vmiso: {_task_line(e)} (log: {output / e.log})"), err=True)
+    counts = result.record.counts(result.names)
+    said = [f"{counts['ok']} ok" + (f" ({len(skipped)} done before)" if skipped else "")]
+    said += [f"{n} {status}" for status, n in counts.items() if n and status != "ok"]
+    click.echo(f"vmiso: {len(entries)} tasks: {', '.join(said)}; record: {output / 'batch.json'}", err=True)
+    if result.interrupted:
+        click.echo("vmiso: the batch was interrupted; run the same command again to resume it", err=True)
+    elif result.exit_code != 0:
+        click.echo("vmiso: run the same command again to run the tasks that did not exit 0 again", err=True)
+
+
 @cli.command()
 @_config_option
 @_state_option

@@ -115,6 +115,22 @@ def pool_argv(*args: str) -> list[str]:
     return [sys.executable, "-I", "-m", "vmiso", "pool", *args]
 
 
+def vmiso_argv(*args: str) -> list[str]:
+    """``vmiso ARGS`` as this Python and this vmiso run it, for a batch's tasks.  -P, not -I: the
+    directory vmiso was started in stays off the path (an untrusted checkout's click.py, say), and
+    PYTHONPATH, which chose this vmiso, still chooses the tasks' (-I would drop it)."""
+    return [sys.executable, "-P", "-m", "vmiso", *args]
+
+
+def start_task(argv: Sequence[str], log: int, env: dict[str, str] | None = None) -> Detached:
+    """Start a batch's task: ``argv`` in a session of its own (the terminal's Ctrl-C reaches the
+    batch, which stops its tasks itself), stdin empty, stdout and stderr to the descriptor ``log``.
+    When the batch ends, even by SIGKILL, the task gets SIGTERM (setpriv --pdeathsig), which a
+    vmiso run answers by stopping its job and cleaning up: no task outlives its batch."""
+    return subprocess.Popen([which("setpriv"), "--pdeathsig=TERM", "--", *argv], stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=log, start_new_session=True, close_fds=True, env=env)
+
+
 def tell_detached(process: Detached, message: bytes) -> None:
     """Write ``message`` to its stdin now (it may have ended: then nothing happens)."""
     if process.stdin is not None:

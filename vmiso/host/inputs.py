@@ -229,3 +229,41 @@ def _copy_file(fd_in: int, dir_fd: int, name: str, shown: Path, tally: _Tally) -
     finally:
         os.close(fd_out)
     return digest.hexdigest()
+
+
+def _hash_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    while block := os.read(fd, _CHUNK):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def input_digest(path: Path) -> str:
+    """The sha256 a run would record for input ``path`` (``StagedInput.sha256``), read without copying
+    it: a file's content's; a directory's, its files' (``tree_digest``).  A batch compares it with a
+    finished task's record to know whether the input changed.  VmisoError for what a run would refuse."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as err:
+        raise VmisoError(f"cannot read input {path}: {err.strerror}") from None
+
+    def unreadable(where: tree.DirPath, name: str | None, err: OSError) -> None:
+        raise VmisoError(f"cannot read input {path / tree.shorten(where.path(name))}: {err.strerror or err}")
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return _hash_fd(fd)
+        if not stat.S_ISDIR(st.st_mode):
+            raise VmisoError(f"input {path} is neither a file nor a directory")
+        files: list[tuple[bytes, str]] = []
+        for entry in tree.walk(fd, sort=True, on_error=unreadable):
+            if not (entry.is_dir or stat.S_ISREG(entry.st.st_mode)):
+                raise VmisoError(f"input refused: {path / tree.shorten(entry.path())} is not a regular file "
+                                 "or directory")
+            if not entry.is_dir:
+                files.append((os.fsencode(entry.path()), _hash_fd(entry.open())))
+        return tree_digest(files)
+    except OSError as err:
+        raise VmisoError(f"cannot read input {path}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)

@@ -88,7 +88,7 @@ class OutputReport:
 _OWN_DIRECTORY = "name a new directory, or an empty one of your own that only you can write"
 
 
-def _not_own(st: os.stat_result) -> str | None:
+def not_own(st: os.stat_result) -> str | None:
     """Why a directory with ``st`` is not the caller's alone to write, or None."""
     if st.st_uid != os.geteuid():
         return "is not yours: its owner could read and replace the checked outputs"
@@ -111,7 +111,7 @@ def check_destination(dest: Path) -> None:
         raise OutputError(f"--output {dest} is a symbolic link", _OWN_DIRECTORY)
     if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"--output {dest} exists and is not a directory", _OWN_DIRECTORY)
-    if (problem := _not_own(st)) is not None:
+    if (problem := not_own(st)) is not None:
         raise OutputError(f"--output {dest} {problem}", _OWN_DIRECTORY)
     if any(dest.iterdir()):
         raise OutputError(f"--output {dest} is not empty; vmiso never overwrites files", _OWN_DIRECTORY)
@@ -370,7 +370,7 @@ def _open_destination(dest: Path) -> int:
     except OSError as err:
         raise OutputError(f"--output {dest} is no longer a directory ({err.strerror}); "
                           "was it replaced while the job ran?", _OWN_DIRECTORY) from None
-    if (problem := _not_own(os.fstat(fd))) is not None:  # made or swapped in by another user meanwhile
+    if (problem := not_own(os.fstat(fd))) is not None:  # made or swapped in by another user meanwhile
         os.close(fd)
         raise OutputError(f"--output {dest} {problem}; was it made or replaced while the job ran?", _OWN_DIRECTORY)
     return fd
