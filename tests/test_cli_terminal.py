@@ -264,6 +264,8 @@ def test_a_job_on_a_terminal_has_it_raw_while_it_runs_and_gives_it_back_as_it_wa
             modes = termios.tcgetattr(secondary)
             assert not modes[3] & (termios.ICANON | termios.ECHO | termios.ISIG)  # raw: Ctrl-C is a byte
             os.write(master, b"typed ahead, never read\n")
+            # The pty hands the bytes to its line discipline asynchronously: wait until they are there.
+            assert select.select([secondary], [], [], 5)[0] == [secondary]
             listen("done", "exec", "", 2.0)
             assert termios.tcgetattr(secondary) == own_modes
         monkeypatch.undo()
