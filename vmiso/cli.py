@@ -85,6 +85,32 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("paramiko").setLevel(logging.DEBUG if verbose > 2 else logging.NOTSET)
 
 
+class _LiveLine:
+    """One line at the bottom of a terminal, drawn in place with a carriage return and erased with
+    erase-line before anything else is written; cut to the terminal's width, since a line that
+    wrapped could not be gone back over."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._shown = False
+
+    def erase(self) -> None:
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._shown = False
+
+    def show(self, text: str) -> None:
+        self.erase()
+        try:
+            width = os.get_terminal_size(self._stream.fileno()).columns or 80  # 0: a terminal that says none
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            width = 80
+        self._stream.write(text[:max(width - 1, 10)])
+        self._stream.flush()
+        self._shown = True
+
+
 class _Progress:
     """Prints the core's step events on stderr (see vmiso.progress).
 
@@ -112,7 +138,7 @@ class _Progress:
         self._lock = threading.RLock()
         self._open: dict[str, float] = {}  # open steps in start order -> monotonic start
         self._status: dict[str, str] = {}
-        self._shown = False
+        self._live_line = _LiveLine(self._stream)
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
 
@@ -180,10 +206,7 @@ class _Progress:
         click.echo(neutralize(text), file=self._stream)
 
     def _erase(self) -> None:
-        if self._shown:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
-            self._shown = False
+        self._live_line.erase()
 
     def _draw(self) -> None:
         if not self._live or not self._open or self._stop.is_set() or self._done_drawing:
@@ -193,13 +216,7 @@ class _Progress:
         text = f"  {step} {seconds // 60}:{seconds % 60:02d}"
         if self._status.get(step):
             text += f"  {neutralize(self._status[step])}"
-        try:
-            width = os.get_terminal_size(self._stream.fileno()).columns
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-            width = 80
-        self._stream.write(text[:max(width - 1, 10)])  # never wrap: \r could not go back up
-        self._stream.flush()
-        self._shown = True
+        self._live_line.show(text)
 
 
 def _progress_printer(quiet: bool) -> _Progress:
@@ -840,7 +857,7 @@ class _BatchProgress:
         self._output, self._jobs, self._interval = output, jobs, interval
         self._live = not quiet and stream.isatty() and os.environ.get("TERM") != "dumb"
         self._lock = threading.RLock()
-        self._shown = False
+        self._live_line = _LiveLine(self._stream)
         self._total = self._done = self._ran = self._failed = 0
         self._running: set[str] = set()
         self._started = time.monotonic()
@@ -906,28 +923,18 @@ class _BatchProgress:
                 self._draw()
 
     def _erase(self) -> None:
-        if self._shown:
-            self._stream.write("\r\x1b[K")
-            self._stream.flush()
-            self._shown = False
+        self._live_line.erase()
 
     def _draw(self) -> None:
         if not self._live or self._end.is_set():
             return
-        self._erase()
         minutes = (time.monotonic() - self._started) / 60
         text = f"  batch: {self._done}/{self._total} done, {len(self._running)} running, {self._failed} failed"
         if self._ran and minutes > 0:
             rate = self._ran / minutes
             left = max(self._total - self._done - self._failed, 0) / rate * 60
             text += f", {rate:.1f}/min, about {int(left) // 60}:{int(left) % 60:02d} left"
-        try:
-            width = os.get_terminal_size(self._stream.fileno()).columns or 80  # 0: a terminal that says none
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-            width = 80
-        self._stream.write(text[:max(width - 1, 10)])
-        self._stream.flush()
-        self._shown = True
+        self._live_line.show(text)
 
 
 def _batch_summary(result: Any, output: Path, *, quiet: bool) -> None:
