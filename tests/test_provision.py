@@ -45,6 +45,9 @@ def test_two_provisionings_of_one_name_in_one_second_get_a_console_log_each(tmp_
     assert [stat.S_IMODE(p.stat().st_mode) for p in (first, second)] == [0o600, 0o600]
 
 
+GUEST_PAUSE = 0.2  # four of the host's polls (FOLLOW_POLL, as the tests set it)
+
+
 class ProvisioningGuest(FakeHypervisor):
     """A provisioning VM that goes through provision.sh's steps on its console, each step's log in the
     report share, and writes its report; clones booted to be saved as warm states say they are ready."""
@@ -72,7 +75,7 @@ class ProvisioningGuest(FakeHypervisor):
     def _guest(self, name: str, console: Path, report: Path) -> None:
         with open(console, "ab", buffering=0) as out:
             out.write(b"[  OK  ] Starting \x1b[0;1;39mcloud-init.service\x1b[0m...\n")
-            time.sleep(0.7)  # a poll of the host's sees it
+            time.sleep(GUEST_PAUSE)  # a poll of the host's sees it
             if self.stop == "boot":  # it never got as far as provision.sh
                 self.running.discard(name)
                 return
@@ -86,7 +89,7 @@ class ProvisioningGuest(FakeHypervisor):
                 if step == self.stop:
                     self.running.discard(name)
                     return
-                time.sleep(0.7 if step == "pip" else 0.05)
+                time.sleep(GUEST_PAUSE if step == "pip" else 0.01)
         if self.fail is None:
             (report / "python.txt").write_text("Python 3.11.2\n")
             (report / "pip-freeze.txt").write_text("tabulate==0.9.0\n")
@@ -123,6 +126,7 @@ def fake_world(tmp_path, monkeypatch) -> dict:
     (layer.path / "kernel-release").write_text("6.1.0-test-amd64\n")
     seen: dict = {"gateway": 0}
     monkeypatch.setattr(provision, "_ensure_source", lambda config, steps: layer)
+    monkeypatch.setattr(provision, "FOLLOW_POLL", 0.05)  # the fake guest's pauses are a few of these
 
     def serve_way(build, domain, keys, way, link):
         seen["gateway"] += 1

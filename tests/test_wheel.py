@@ -47,9 +47,11 @@ def dist(tmp_path_factory) -> Path:
 def wheel_venv(dist, tmp_path_factory) -> Path:
     """A fresh venv, outside the checkout, with the wheel and its dependencies installed."""
     venv = tmp_path_factory.mktemp("wheel-venv") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # Without a pip of its own (ensurepip's copy takes seconds to install); this pip fills it.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     wheel = next(dist.glob("vmiso-*.whl"))
-    done = subprocess.run([str(venv / "bin/pip"), "install", "-q", str(wheel)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "-q",
+                           "--disable-pip-version-check", str(wheel)], capture_output=True,
                           text=True, timeout=900, cwd=venv.parent, env=_clean_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return venv

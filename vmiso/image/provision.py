@@ -91,6 +91,7 @@ _ACTIVITY = tuple((re.compile(pattern), template) for pattern, template in (
 ))
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 STEP_LOG_READ_BYTES = 1024 * 1024  # per poll: a step log only feeds the live status
+FOLLOW_POLL = 0.5  # seconds between two looks at the provisioning guest's console and step log
 
 
 def load_ca_certificates(setting: str | tuple[Path, ...], host_dir: Path = HOST_CA_DIR) -> tuple[str, ...]:
@@ -553,7 +554,7 @@ def _follow_guest(build: _Build, domain: str, report: Path, open_way: Callable[[
         if time.monotonic() > deadline:
             raise ProvisionError(current or "boot", f"not finished within provision.timeout ({timeout} s)",
                                  str(build.console_log))
-        time.sleep(0.5)
+        time.sleep(FOLLOW_POLL)
     if current is not None:
         steps.finish(current)
     return current

@@ -226,7 +226,7 @@ class Pool:
                     self.making += 1
             if key is None:
                 with self.changed:
-                    self.changed.wait(0.5)
+                    self.changed.wait(min(0.5, CHECK_SECONDS))  # a handover or a stop wakes it sooner
                 continue
             try:
                 if warm.ensure(self.hv, self.image, key.warm, Steps(), count=2 * self.size,
