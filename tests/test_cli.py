@@ -570,3 +570,82 @@ def test_a_pool_that_cannot_start_says_why(config, tmp_path):
     # Its error, said once ("vmiso: error: " used to be said twice).
     assert "\nvmiso: error: the pool for missing did not start: no image named 'missing' in " in done.stderr
     assert "ready" not in done.stdout
+
+
+def _startup(**changes) -> dict:
+    site = "/opt/vmiso/venv/lib/python3.11/site-packages"
+    startup = {"pth": [{"path": f"{site}/distutils-precedence.pth", "sha256": "1" * 64,
+                        "executes": ["import os; ..."]}],
+               "startup_modules": [],
+               "native": [{"path": f"{site}/numpy/core/_multiarray_umath.so", "sha256": "2" * 64, "size": 9,
+                           "distribution": "numpy-1.26.4"},
+                          {"path": f"{site}/yaml/_yaml.so", "sha256": "3" * 64, "size": 9,
+                           "distribution": "PyYAML-6.0.1"}],
+               "unlisted": [], "tampered": [], "entry_points": [], "unreadable": []}
+    for key, value in changes.items():
+        startup[key] = value
+    return startup
+
+
+def _record(*hosts: str) -> tuple[dict, bytes]:
+    data = json.dumps({"allow_list": ["pypi.org:443", "files.pythonhosted.org:443"], "connections": [
+        {"time": 1.0, "method": "CONNECT", "host": h, "port": 443, "allowed": True, "status": 200,
+         "bytes_from_guest": 9, "bytes_to_guest": 99} for h in hosts]}).encode()
+    return {"record": "gateway.json", "sha256": hashlib.sha256(data).hexdigest()}, data
+
+
+def test_images_diff_names_what_an_upgrade_adds_changes_and_runs_at_start(config, tmp_path):
+    state, site = tmp_path / "state", "/opt/vmiso/venv/lib/python3.11/site-packages"
+    old_gateway, old_data = _record("pypi.org")
+    old = image_in(state, "old", sha256="a" * 64, created="2026-11-01T00:00:00+00:00", python="Python 3.11.2",
+                   pip=[{"name": "numpy", "version": "1.26.4"}, {"name": "PyYAML", "version": "6.0.1"},
+                        {"name": "six", "version": "1.16.0"}],
+                   apt=[{"name": "python3", "version": "3.11.2-1+b1"}], startup=_startup(), gateway=old_gateway)
+    (old / "gateway.json").write_bytes(old_data)
+    new_gateway, new_data = _record("pypi.org", "files.pythonhosted.org", "evil\x1b[2J.example")
+    new = image_in(state, "new", created="2026-12-01T00:00:00+00:00", python="Python 3.11.2",
+                   # pip reports a name as its metadata spells it: pyyaml is PyYAML
+                   pip=[{"name": "numpy", "version": "2.1.0"}, {"name": "pyyaml", "version": "6.0.1"},
+                        {"name": "requests", "version": "2.32.3"}],
+                   apt=[{"name": "python3", "version": "3.11.2-1+b1"}],
+                   startup=_startup(
+                       pth=[*_startup()["pth"], {"path": f"{site}/probe.pth", "sha256": "4" * 64,
+                                                 "executes": ["import probe_probe"]}],
+                       native=[{"path": f"{site}/numpy/core/_multiarray_umath.so", "sha256": "5" * 64, "size": 9,
+                                "distribution": "numpy-2.1.0"},
+                               {"path": f"{site}/yaml/_yaml.so", "sha256": "6" * 64, "size": 9,
+                                "distribution": "PyYAML-6.0.1"}],
+                       unlisted=[f"{site}/planted.py"],
+                       tampered=[{"path": f"{site}/requests/api.py", "distribution": "requests-2.32.3",
+                                  "why": "its sha256 differs from RECORD's"}]),
+                   gateway=new_gateway)
+    (new / "gateway.json").write_bytes(new_data)
+
+    shown = invoke("images", "-c", str(config), "diff", "old", "new")
+    assert shown.exit_code == 1, shown.stderr  # they differ, as diff(1) says it
+    out = shown.stdout
+    assert "python packages: 1 added, 1 removed, 1 changed\n  + requests==2.32.3\n  - six==1.16.0\n" \
+           "  ~ numpy 1.26.4 -> 2.1.0\n" in out
+    assert "debian packages" not in out  # the same on both sides
+    assert f"  + .pth file {site}/probe.pth (runs import probe_probe at every Python start)" in out
+    assert "  ~ 1 native extension(s) changed with their package's version" in out
+    assert f"  ~ native extension {site}/yaml/_yaml.so changed within the same PyYAML-6.0.1" in out
+    assert f"  + file in no package {site}/planted.py" in out
+    assert f"  + file that differs from its RECORD {site}/requests/api.py" in out
+    assert "provisioning new only reached: evil^[[2J.example:443, files.pythonhosted.org:443" in out
+    assert "\x1b" not in out
+
+    as_json = json.loads(invoke("images", "-c", str(config), "diff", "old", "new", "--json").stdout)
+    assert as_json["differ"] and not as_json["same_template"]
+    assert as_json["pip"]["changed"] == [{"name": "numpy", "from": "1.26.4", "to": "2.1.0"}]
+    assert [e["path"] for e in as_json["startup"]["pth"]["added"]] == [f"{site}/probe.pth"]
+    assert as_json["gateway"]["contacted"] == {"only_a": [], "only_b": ["evil\x1b[2J.example:443",
+                                                                        "files.pythonhosted.org:443"]}
+
+    same = invoke("images", "-c", str(config), "diff", "new", "new")
+    assert same.exit_code == 0 and "no differences in packages, start-up code or hosts reached (the same " \
+                                   "template)" in same.stdout
+    image_in(state, "unread", pip=[{"name": "numpy", "version": "2.1.0"}])  # before vmiso read templates
+    assert "start-up code: not compared" in invoke("images", "-c", str(config), "diff", "new", "unread").stdout
+    missing = invoke("images", "-c", str(config), "diff", "new", "nothere")
+    assert missing.exit_code == 125 and "nothere" in missing.stderr
