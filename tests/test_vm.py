@@ -789,6 +789,15 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     assert "vmiso_gateway_probe.pth (import vmiso_gateway_probe)" in \
         vmiso("images", "-c", config, "show", "gw", check=True).stdout
     assert all(h["bytes_to_guest"] > 0 for h in shown["gateway"]["contacted"])
+    # Against the shared image (tabulate and numpy, no index of its own), the diff names the probe.
+    diff = vmiso("images", "-c", config, "diff", "it", "gw")
+    assert diff.returncode == 1, diff.stderr
+    assert "  + vmiso-gateway-probe==1.0\n" in diff.stdout and "  - numpy==" in diff.stdout
+    assert "vmiso_gateway_probe.pth (runs import vmiso_gateway_probe at every Python start)" in diff.stdout
+    said = {line.split(": ", 1)[0]: line.split(": ", 1)[1].split(", ") for line in diff.stdout.splitlines()
+            if line.startswith("provisioning ")}
+    assert f"index.vmiso.test:{INDEX_PORT}" in said["provisioning gw only reached"]
+    assert "blocked.invalid:443" in said["provisioning gw only was refused"]
     manifest = json.loads((image["state"] / "images/gw/manifest.json").read_text())
     record = image["state"] / "images/gw" / manifest["gateway"]["record"]
     assert hashlib.sha256(record.read_bytes()).hexdigest() == manifest["gateway"]["sha256"]
