@@ -649,3 +649,15 @@ def test_images_diff_names_what_an_upgrade_adds_changes_and_runs_at_start(config
     assert "start-up code: not compared" in invoke("images", "-c", str(config), "diff", "new", "unread").stdout
     missing = invoke("images", "-c", str(config), "diff", "new", "nothere")
     assert missing.exit_code == 125 and "nothere" in missing.stderr
+
+
+def test_images_sbom_prints_the_templates_cyclonedx_document(config, tmp_path):
+    image_in(tmp_path / "state", "s", created="2026-12-01T00:00:00+00:00",
+             pip=[{"name": "tabulate", "version": "0.9.0"}], apt=[{"name": "python3", "version": "3.11.2-1+b1"}])
+    shown = invoke("images", "-c", str(config), "sbom", "s")
+    assert shown.exit_code == 0, shown.stderr
+    bom = json.loads(shown.stdout)
+    assert bom["bomFormat"] == "CycloneDX" and bom["specVersion"] == "1.6"
+    assert {c["purl"] for c in bom["components"]} == {"pkg:pypi/tabulate@0.9.0", "pkg:deb/debian/python3@3.11.2-1%2Bb1"}
+    missing = invoke("images", "-c", str(config), "sbom", "nothere")
+    assert missing.exit_code == 125 and "nothere" in missing.stderr

@@ -32,10 +32,11 @@ def _venv(root: Path) -> Path:
         f"{SITE}/sitecustomize.py": b"import telemetry\n",
         "bin/tool": b"#!/opt/vmiso/venv/bin/python\nfrom good import main\n",
         f"{SITE}/good-1.0.dist-info/entry_points.txt": b"[console_scripts]\ntool = good:main\n",
+        f"{SITE}/good-1.0.dist-info/sboms/good.cdx.json": b'{"bomFormat": "CycloneDX"}',  # PEP 770
     }
     record = "".join(f"{path[len(SITE) + 1:]},{_hash(files[path])},{len(files[path])}\n" for path in (
         f"{SITE}/good/__init__.py", f"{SITE}/good/_fast.cpython-311-x86_64-linux-gnu.so",
-        f"{SITE}/good-1.0.dist-info/entry_points.txt"))
+        f"{SITE}/good-1.0.dist-info/entry_points.txt", f"{SITE}/good-1.0.dist-info/sboms/good.cdx.json"))
     record += f"good/helper.py,{_hash(b'the original helper')},19\n"
     record += f"good/gone.py,{_hash(b'x')},1\n"
     record += f"../../../bin/tool,{_hash(files['bin/tool'])},{len(files['bin/tool'])}\n"
@@ -78,6 +79,9 @@ def test_the_inventory_names_start_up_code_unlisted_files_and_tampering(tmp_path
     assert native == {"_fast.cpython-311-x86_64-linux-gnu.so": "good-1.0",
                       "planted.cpython-311-x86_64-linux-gnu.so": None}
     assert found.entry_points == [{"name": "tool", "target": "good:main", "distribution": "good-1.0"}]
+    assert found.sboms == [{"path": f"/opt/vmiso/venv/{SITE}/good-1.0.dist-info/sboms/good.cdx.json",
+                            "sha256": hashlib.sha256(b'{"bomFormat": "CycloneDX"}').hexdigest(), "size": 26,
+                            "distribution": "good-1.0"}]
     lines = inventory.summary_lines(found.as_dict())
     assert lines[0].startswith("3 .pth file(s) run code at every Python start: evil.pth (import os;")
     assert "linked.pth ((a symbolic link: not read))" in lines[0] and "debian.pth (import sys)" in lines[0]

@@ -798,6 +798,13 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
             if line.startswith("provisioning ")}
     assert f"index.vmiso.test:{INDEX_PORT}" in said["provisioning gw only reached"]
     assert "blocked.invalid:443" in said["provisioning gw only was refused"]
+    # Its SBOM names the probe by purl and validates against CycloneDX's schema.
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    sbom = vmiso("images", "-c", config, "sbom", "gw", check=True).stdout
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(sbom) is None
+    assert "pkg:pypi/vmiso-gateway-probe@1.0" in {c.get("purl") for c in json.loads(sbom)["components"]}
     manifest = json.loads((image["state"] / "images/gw/manifest.json").read_text())
     record = image["state"] / "images/gw" / manifest["gateway"]["record"]
     assert hashlib.sha256(record.read_bytes()).hexdigest() == manifest["gateway"]["sha256"]

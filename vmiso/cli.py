@@ -416,6 +416,18 @@ def images_diff(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
     ctx.exit(1 if found["differ"] else 0)
 
 
+@images.command("sbom")
+@click.argument("name")
+@click.pass_context
+def images_sbom(ctx: click.Context, name: str) -> None:
+    """The image's SBOM as CycloneDX 1.6 JSON: its Python distributions (with their native extensions and
+    the SBOMs their wheels carried), its Debian packages, native extensions in no package."""
+    from .image.sbom import sbom_json
+    from .image.store import get_image
+
+    click.echo(sbom_json(get_image(ctx.obj["config"].state_dir, name).manifest()))
+
+
 @images.command("verify")
 @click.argument("name")
 @click.pass_context

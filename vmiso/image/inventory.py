@@ -55,11 +55,13 @@ class Inventory:
     # console scripts: {"name", "target", "distribution"}
     entry_points: list[dict[str, Any]] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # what could not be read from the copy
+    # SBOMs the wheels carried (PEP 770, .dist-info/sboms/): {"path", "sha256", "size", "distribution"}
+    sboms: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"pth": self.pth, "startup_modules": self.startup_modules, "native": self.native,
                 "unlisted": self.unlisted, "tampered": self.tampered, "entry_points": self.entry_points,
-                "unreadable": self.unreadable}
+                "unreadable": self.unreadable, "sboms": self.sboms}
 
 
 def _sha256_fd(fd: int, limit: int | None = None) -> tuple[str, bytes | None, int]:
@@ -250,6 +252,15 @@ def _entry_points(files: dict[str, _File], site: str, inventory: Inventory) -> N
                                                "distribution": distribution})
 
 
+def _carried_sboms(files: dict[str, _File], site: str, inventory: Inventory) -> None:
+    """The SBOM files a distribution carries in its .dist-info/sboms/ (PEP 770), by digest."""
+    for path, found in sorted(files.items()):
+        parts = path[len(site) + 1:].split("/") if path.startswith(site + "/") else []
+        if len(parts) == 3 and parts[0].endswith(".dist-info") and parts[1] == "sboms":
+            inventory.sboms.append({"path": f"{VENV}/{path}", "sha256": found.sha256, "size": found.size,
+                                    "distribution": parts[0].removesuffix(".dist-info")})
+
+
 def inventory_of(venv: Path, system: dict[str, Path]) -> Inventory:
     """The inventory of a venv copied to ``venv`` and system site directories (guest path -> copy)."""
     inventory = Inventory()
@@ -261,6 +272,7 @@ def inventory_of(venv: Path, system: dict[str, Path]) -> Inventory:
         _startup_in(files, links, site, VENV + "/", inventory)
         owner = _records(files, site, inventory)
         _entry_points(files, site, inventory)
+        _carried_sboms(files, site, inventory)
     for path, found in sorted(files.items()):
         if _is_native(path):
             inventory.native.append({"path": f"{VENV}/{path}", "sha256": found.sha256, "size": found.size,
