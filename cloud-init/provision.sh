@@ -98,11 +98,16 @@ export PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK
 export PIP_PROXY="$PROXY" HTTP_PROXY="$PROXY" HTTPS_PROXY="$PROXY" http_proxy="$PROXY" https_proxy="$PROXY"
 # PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_TRUSTED_HOST and PIP_REQUIRE_HASHES come from $CONF.
 if [ -s /var/lib/vmiso/requirements.txt ]; then
-    run as_build "$VENV/bin/pip" install --no-input -r /var/lib/vmiso/requirements.txt
+    # --report: what it downloaded for each distribution (URL, sha256), for the host's lock.
+    run as_build "$VENV/bin/pip" install --no-input --report /var/lib/vmiso-build/pip-report.json \
+        -r /var/lib/vmiso/requirements.txt
 fi
 
 step manifest
 as_build "$VENV/bin/pip" freeze --all > "$REPORT/pip-freeze.txt" 2>> "$REPORT/manifest.log" || fail
+if [ -s /var/lib/vmiso/requirements.txt ]; then  # read as the build user: it wrote the file
+    as_build cat /var/lib/vmiso-build/pip-report.json > "$REPORT/pip-report.json" 2>> "$REPORT/manifest.log" || fail
+fi
 dpkg-query -W -f '${Package}\t${Version}\n' > "$REPORT/dpkg.txt" 2>> "$REPORT/manifest.log" || fail
 as_build "$VENV/bin/python" -c 'import platform; print(platform.python_version())' > "$REPORT/python.txt" || fail
 # The build user ends here: its processes, its files, itself.  The venv becomes root's.

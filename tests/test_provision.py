@@ -368,3 +368,37 @@ def test_a_layer_removed_under_the_provisioning_is_made_again_once(config, state
     assert err.value.message == f"the OS layer {'g' * 16} keeps disappearing"
     assert err.value.hint == "do not run 'vmiso gc --layers' while provisioning"
     assert not hv.started and [p.name for p in (state / "images").iterdir()] == ["it"]
+
+
+def test_the_image_carries_a_lock_of_what_pip_downloaded_matched_with_the_gateways_record(state, fake_world,
+                                                                                          tmp_path, caplog):
+    import tomllib
+
+    from test_lock import WHEEL, _archive, _install, report
+
+    caplog.set_level(logging.WARNING, logger="vmiso")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("tabulate==0.9.0\n")
+    config = fake_host_config(state, **{"provision.ca_certificates": "none", "provision.requirements": requirements})
+    pip_report = report(_install("tabulate", "0.9.0", _archive(WHEEL, "a" * 64)),
+                        _install("mine", "1.0", {"url": "file:///src/mine", "dir_info": {}}))
+    image = provision.provision(config, ProvisioningGuest(report={"pip-report.json": pip_report.encode()}), name="it")
+    entry = image.manifest()["lock"]
+    assert entry["sha256"] == sha256_file(image.path / "pylock.toml")
+    assert (entry["distributions"], entry["sdists"]) == (1, [])
+    assert entry["not_locked"] == ["mine==1.0: a local directory, which a lock cannot pin"]
+    locked = tomllib.loads((image.path / "pylock.toml").read_text())
+    assert locked["packages"] == [{"name": "tabulate", "version": "0.9.0",
+                                   "wheels": [{"url": WHEEL, "hashes": {"sha256": "a" * 64}}]}]
+    # This gateway forwarded nothing: pip's account of a download is not the host's, and it says so.
+    assert entry["unexplained_downloads"] == [WHEEL]
+    assert f"pip reports a download from {WHEEL}, a host the gateway never connected to" in caplog.text
+    from click.testing import CliRunner
+
+    from vmiso import cli
+
+    shown = CliRunner().invoke(cli.cli, ["images", "--state-dir", str(state), "show", "it"], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    assert "lock: pylock.toml, 1 distribution(s) pinned by sha256 (0 built in the VM from sdists)" in shown.stdout
+    assert "not locked: mine==1.0: a local directory" in shown.stdout
+    assert f"downloads the gateway never saw: {WHEEL}" in shown.stdout

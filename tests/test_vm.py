@@ -798,6 +798,14 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
             if line.startswith("provisioning ")}
     assert f"index.vmiso.test:{INDEX_PORT}" in said["provisioning gw only reached"]
     assert "blocked.invalid:443" in said["provisioning gw only was refused"]
+    # The lock pins the probe's wheel to the file the index served, fetched through the gateway.
+    import tomllib
+
+    entry = shown["lock"]
+    assert entry["unexplained_downloads"] == [] and entry["unexplained_hosts"] == [], entry
+    locked = {p["name"]: p for p in tomllib.loads((image["state"] / "images/gw/pylock.toml").read_text())["packages"]}
+    assert locked["vmiso-gateway-probe"]["wheels"][0]["hashes"]["sha256"] == hashlib.sha256(wheel).hexdigest()
+    assert locked["tabulate"]["wheels"][0]["url"].startswith("https://files.pythonhosted.org/")
     # Its SBOM names the probe by purl and validates against CycloneDX's schema.
     from cyclonedx.schema import SchemaVersion
     from cyclonedx.validation.json import JsonStrictValidator

@@ -368,6 +368,7 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
                                  else "not hash-pinned: pip installed whatever the index served then; a "
                                       "hash-pinned file (pip-compile --generate-hashes, uv pip compile "
                                       "--generate-hashes) makes the template reproducible"))
+    _say_lock(info["lock"], requirements=info["hashed"] is not None)
     gateway = info["gateway"]
     if gateway is None:
         _say("gateway: no record (provisioned before vmiso kept one)")
@@ -381,6 +382,22 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
             _say(f"  {row['host']}: {row['connections']} connection(s), {row['bytes_from_guest']} bytes "
                  f"from the guest, {row['bytes_to_guest']} to it")
     _say(f"empty: {gateway['empty']} connection(s) that sent nothing")
+
+
+def _say_lock(lock: dict[str, Any] | None, *, requirements: bool) -> None:
+    if lock is None:
+        if requirements:
+            _say("lock: none (provisioned before vmiso made one; provision again for pylock.toml)")
+        return
+    sdists = lock["sdists"]
+    _say(f"lock: {lock['file']}, {lock['distributions']} distribution(s) pinned by sha256 ({len(sdists)} built in "
+         f"the VM from sdists{': ' + ', '.join(sdists) if sdists else ''})")
+    for problem in lock["not_locked"]:
+        _say(f"not locked: {problem}")
+    if lock["unexplained_downloads"]:
+        _say("downloads the gateway never saw: " + ", ".join(lock["unexplained_downloads"]))
+    if lock["unexplained_hosts"]:
+        _say("reached, and explained by no download, index or apt source: " + ", ".join(lock["unexplained_hosts"]))
 
 
 @images.command("diff")

@@ -54,7 +54,7 @@ from ..host.workdir import (
 from ..network import allow, record as gateway_record
 from ..network.gateway import Gateway
 from ..progress import Steps
-from . import inventory, sealcheck
+from . import inventory, lock, sealcheck
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sources
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
@@ -180,16 +180,16 @@ def _make_keys(work: Path) -> _Keys:
     return keys
 
 
-def _read_report(report: Path, name: str) -> str:
+def _read_report(report: Path, name: str, limit: int = REPORT_MAX_BYTES) -> str:
     """A file the guest wrote: read with a size limit, never following links."""
     try:
         fd = os.open(report / name, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return ""
     with os.fdopen(fd, "rb") as f:
-        data = f.read(REPORT_MAX_BYTES + 1)
-    if len(data) > REPORT_MAX_BYTES:
-        raise ProvisionError("manifest", f"the guest's {name} is larger than {REPORT_MAX_BYTES} bytes")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ProvisionError("manifest", f"the guest's {name} is larger than {limit} bytes")
     return data.decode("utf-8", errors="replace")
 
 
@@ -232,6 +232,7 @@ class _Way:
     gateway: Gateway
     rules: allow.Rules
     allowed: tuple[allow.Allowed, ...]
+    apt_sources: tuple[str, ...] = ()  # the URLs apt fetched from (the mirror, or the cloud image's sources)
 
 
 # --- the line of steps ------------------------------------------------------------------
@@ -333,7 +334,8 @@ def _open_way(build: _Build, layer: Layer, undo: ExitStack) -> _Way:
         rules = allow.for_provisioning(allowed, build.config.provision.hosts_file)
         gateway = Gateway.start(rules)
         undo.callback(gateway.close)
-    return _Way(gateway, rules, allowed)
+    apt_sources = tuple(apt_urls) if build.config.image.cloud_image is not None else (build.config.image.mirror,)
+    return _Way(gateway, rules, allowed, apt_sources)
 
 
 def _provision_guest(build: _Build, layer: Layer, keys: _Keys, way: _Way, undo: ExitStack) -> Path:
@@ -388,7 +390,9 @@ def _seal(build: _Build, layer: Layer, keys: _Keys, template: Path, report: Path
             shutil.copyfile(source, work / target)
             os.chmod(work / target, 0o444)
             boot_sha256[target] = sha256_file(work / target)
+        locked = _lock(build, report, way, record, digest)
         manifest = _manifest(build, layer, keys, template, digest, boot_sha256, report, way, record, startup)
+        manifest["lock"] = locked
         shutil.copyfile(build.console_log, work / "provision.log")
         for leftover in ("disk.qcow2", "seed", "link", "report", "report" + SHARE_FS_SUFFIX, OWNER_FILE):
             if failures := remove_tree(work / leftover):
@@ -400,6 +404,32 @@ def _seal(build: _Build, layer: Layer, keys: _Keys, template: Path, report: Path
         # store: the template holds the guest's SSH host key, and only QEMU and the
         # image's users need to reach it.
         install_dir(work, build.final, state.replaced(build.final))
+
+
+def _lock(build: _Build, report: Path, way: _Way, record: dict[str, Any], digest: str) -> dict[str, Any] | None:
+    """pylock.toml beside the template, from pip's report, its downloads matched with the gateway's
+    record; the manifest's entry for it (None: no requirements, nothing installed)."""
+    text = _read_report(report, lock.REPORT_FILE, lock.REPORT_MAX_BYTES)
+    if not text:
+        if build.requirements is not None:
+            log.warning("the guest wrote no pip report: the image has no lock of what pip installed")
+        return None
+    downloads, problems = lock.read_report(text)
+    pip = build.config.provision.pip
+    explained = lock.explain(downloads, [row["host"] for row in record["contacted"]],
+                             [pip.index_url or allow.DEFAULT_INDEX, *pip.extra_index_urls], [
+                                 f"{a.host}:{a.port}" for url in way.apt_sources
+                                 if (a := allow.url_host(url, "an apt source"))])
+    (build.work / lock.LOCK_FILE).write_text(lock.lock_text(downloads, image=build.name, template_sha256=digest))
+    os.chmod(build.work / lock.LOCK_FILE, 0o444)
+    for url in explained["unexplained_downloads"]:
+        log.warning("pip reports a download from %s, a host the gateway never connected to", url)
+    for host in explained["unexplained_hosts"]:
+        log.warning("the gateway connected to %s, which no pip download, package index or apt source "
+                    "explains: install-time code reached it (see 'vmiso images show %s')", host, build.name)
+    return {"file": lock.LOCK_FILE, "sha256": sha256_file(build.work / lock.LOCK_FILE),
+            "distributions": len(downloads), "sdists": sorted(d.name for d in downloads if d.kind == "sdist"),
+            "not_locked": problems, **explained}
 
 
 def _manifest(build: _Build, layer: Layer, keys: _Keys, template: Path, digest: str, boot_sha256: dict[str, str],

@@ -364,6 +364,7 @@ def summary(image: Image) -> dict[str, Any]:
         "hashed": (manifest.get("requirements") or {}).get("hashed") if (manifest.get("requirements") or {}).get("file")
         else None,
         "startup": manifest.get("startup"),  # image.inventory: what runs at every Python start
+        "lock": manifest.get("lock"),  # image.lock: pylock.toml, what pip downloaded, matched with the gateway
         "source": manifest.get("source", {}),
         "path": str(image.path),
         "owner": _user_name(owner_of(image)),  # who may remove or replace it (and root)
