@@ -163,8 +163,8 @@ def fake_host_config(state: Path, **changes: Any) -> config_mod.Config:
     directory, test:///default (a watchdog looks there and finds nothing to destroy), the smallest
     scratch disk; ``changes`` as config_mod.override takes them."""
     cfg = config_mod.load(None, env={"VMISO_ACCEL": "tcg"})
-    return config_mod.override(cfg, state_dir=state, libvirt_uri="test:///default",
-                               **{"run.scratch": config_mod.MIN_SCRATCH, **changes})
+    return config_mod.override(cfg, state_dir=state, libvirt_uri="test:///default",  # and no audit: no network
+                               **{"run.scratch": config_mod.MIN_SCRATCH, "provision.audit": "none", **changes})
 
 
 def make_image(state: Path, name: str = "x") -> Image:

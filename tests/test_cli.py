@@ -661,3 +661,26 @@ def test_images_sbom_prints_the_templates_cyclonedx_document(config, tmp_path):
     assert {c["purl"] for c in bom["components"]} == {"pkg:pypi/tabulate@0.9.0", "pkg:deb/debian/python3@3.11.2-1%2Bb1"}
     missing = invoke("images", "-c", str(config), "sbom", "nothere")
     assert missing.exit_code == 125 and "nothere" in missing.stderr
+
+
+def test_images_audit_checks_against_osv_advisories_on_disk_and_show_prints_the_provisionings(config, tmp_path):
+    from test_audit import ADVISORIES
+
+    osv = tmp_path / "osv"
+    osv.mkdir()
+    for i, record in enumerate(ADVISORIES):
+        (osv / f"{i}.json").write_text(json.dumps(record))
+    recorded = {"source": "pip-audit (pypi)", "checked": "2026-12-01T10:00:00+00:00", "vulnerable": [],
+                "not_checked": [], "unavailable": "no network: ConnectionError"}
+    image_in(tmp_path / "state", "a", pip=[{"name": "requests", "version": "2.19.0"},
+                                           {"name": "tabulate", "version": "0.9.0"}], audit=recorded)
+    found = invoke("images", "-c", str(config), "audit", "a", "--osv", str(osv))
+    assert found.exit_code == 1, found.stderr  # something known
+    assert "known vulnerabilities: 1 (OSV advisories in" in found.stdout
+    assert "  requests==2.19.0: PYSEC-2018-28 (CVE-2018-18074), fixed in 2.20.0" in found.stdout
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    assert invoke("images", "-c", str(config), "audit", "a", "--osv", str(clean)).exit_code == 0
+    shown = invoke("images", "-c", str(config), "show", "a").stdout
+    assert ("known vulnerabilities: not checked (no network: ConnectionError; pip-audit (pypi), checked "
+            "2026-12-01T10:00:00+00:00)") in shown

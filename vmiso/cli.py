@@ -369,6 +369,12 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
                                       "hash-pinned file (pip-compile --generate-hashes, uv pip compile "
                                       "--generate-hashes) makes the template reproducible"))
     _say_lock(info["lock"], requirements=info["hashed"] is not None)
+    if info["audit"] is not None:
+        from .image.audit import lines as audit_lines
+
+        for line in audit_lines(info["audit"]):
+            _say(line)
+        _say(f"  ('vmiso images audit {name}' checks again now)")
     gateway = info["gateway"]
     if gateway is None:
         _say("gateway: no record (provisioned before vmiso kept one)")
@@ -443,6 +449,31 @@ def images_sbom(ctx: click.Context, name: str) -> None:
     from .image.store import get_image
 
     click.echo(sbom_json(get_image(ctx.obj["config"].state_dir, name).manifest()))
+
+
+@images.command("audit")
+@click.argument("name")
+@click.option("--osv", "osv_path", type=click.Path(path_type=Path, exists=True),
+              help="OSV advisories on disk (a directory of OSV JSON files, or OSV's PyPI all.zip): no network")
+@click.option("--service", type=click.Choice(["pypi", "osv"]), default="pypi", show_default=True,
+              help="what pip-audit asks, without --osv")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+def images_audit(ctx: click.Context, name: str, osv_path: Path | None, service: str, as_json: bool) -> None:
+    """Check the image's Python distributions for known vulnerabilities and malicious releases, now, on this
+    host.  Exit status 0: none known; 1: some found; 3: not everything could be checked."""
+    from .image import audit
+    from .image.store import get_image
+
+    packages = get_image(ctx.obj["config"].state_dir, name).manifest().get("pip", [])
+    found = (audit.with_osv_files(packages, osv_path) if osv_path is not None
+             else audit.with_pip_audit(packages, service)).as_dict()
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+    else:
+        for line in audit.lines(found):
+            _say(line)
+    ctx.exit(1 if found["vulnerable"] else 3 if found["unavailable"] or found["not_checked"] else 0)
 
 
 @images.command("verify")

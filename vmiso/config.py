@@ -27,6 +27,7 @@ ACCELS = ("auto", "kvm", "tcg")
 CA_MODES = ("host", "none")
 DEFAULT_STATE_DIR = Path("/var/lib/vmiso")
 DEFAULT_URI = "qemu:///system"
+AUDIT_SERVICES = ("pypi", "osv", "none")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -109,6 +110,9 @@ class ProvisionConfig:
     # for a mirror the host's resolver does not know.  Loopback and link-local addresses
     # are refused whatever a name resolves to.
     hosts_file: Path | None = None
+    # Where the installed versions are checked for known vulnerabilities and malicious releases at the
+    # end of provisioning, from the host, through pip-audit: "pypi", "osv" or "none".
+    audit: str = "pypi"
 
 
 @dataclass(frozen=True)
@@ -301,6 +305,9 @@ def _validate(config: Config) -> Config:
             f"provision.ca_certificates: {ca!r} is not valid",
             "write 'host', 'none', or a list of PEM files",
         )
+    if config.provision.audit not in AUDIT_SERVICES:
+        raise ConfigError(f"provision.audit: {config.provision.audit!r} is not valid",
+                          "write " + ", ".join(f"'{s}'" for s in AUDIT_SERVICES))
     _check_gateway(config)
     _check_run_network(config)
     _check_tcg_cpu_features(config.vm.tcg_cpu_features)

@@ -82,6 +82,24 @@ def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | N
     return output
 
 
+def run_for_status(argv: Sequence[str], *, timeout: float, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run ``argv`` (found on PATH, or a path) for what it says: (exit status, stdout, stderr), whatever
+    the status; ToolError only when it cannot start or does not finish within ``timeout``."""
+    program = argv[0]
+    try:
+        done = subprocess.run([which(program), *argv[1:]], capture_output=True, text=True, timeout=timeout, env=env,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"{program} did not finish within {timeout:.0f} s", program=program) from None
+    return done.returncode, done.stdout, done.stderr
+
+
+def pip_audit_argv(requirements: Path, service: str) -> list[str]:
+    """pip-audit (this Python's) on pinned ``name==version`` lines, no resolving, no pip run: JSON out."""
+    return [sys.executable, "-m", "pip_audit", "--requirement", str(requirements), "--no-deps", "--disable-pip",
+            "--format", "json", "--vulnerability-service", service, "--progress-spinner", "off"]
+
+
 def log_tail(path: Path, lines: int = 8) -> str:
     """The last ``lines`` lines of a log, on one line, for an error message."""
     try:

@@ -54,7 +54,7 @@ from ..host.workdir import (
 from ..network import allow, record as gateway_record
 from ..network.gateway import Gateway
 from ..progress import Steps
-from . import inventory, lock, sealcheck
+from . import audit, inventory, lock, sealcheck
 from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sources
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
@@ -393,6 +393,7 @@ def _seal(build: _Build, layer: Layer, keys: _Keys, template: Path, report: Path
         locked = _lock(build, report, way, record, digest)
         manifest = _manifest(build, layer, keys, template, digest, boot_sha256, report, way, record, startup)
         manifest["lock"] = locked
+        manifest["audit"] = _audit(build, manifest["pip"])
         shutil.copyfile(build.console_log, work / "provision.log")
         for leftover in ("disk.qcow2", "seed", "link", "report", "report" + SHARE_FS_SUFFIX, OWNER_FILE):
             if failures := remove_tree(work / leftover):
@@ -404,6 +405,21 @@ def _seal(build: _Build, layer: Layer, keys: _Keys, template: Path, report: Path
         # store: the template holds the guest's SSH host key, and only QEMU and the
         # image's users need to reach it.
         install_dir(work, build.final, state.replaced(build.final))
+
+
+def _audit(build: _Build, packages: list[dict[str, str]]) -> dict[str, Any] | None:
+    """The installed versions checked on the host for known vulnerabilities (None: provision.audit is none);
+    what it found, or that it could not check, is said at the end like the refused hosts."""
+    service = build.config.provision.audit
+    if service == "none":
+        return None
+    with build.steps.step("audit", f"{len(packages)} distribution(s) against known vulnerabilities ({service}, "
+                                   "from the host)"):
+        found = audit.with_pip_audit(packages, service).as_dict()
+    if found["unavailable"] or found["vulnerable"] or found["not_checked"]:
+        for line in audit.lines(found):
+            log.warning("image %s: %s", build.name, line.strip())
+    return found
 
 
 def _lock(build: _Build, report: Path, way: _Way, record: dict[str, Any], digest: str) -> dict[str, Any] | None:

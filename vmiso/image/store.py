@@ -365,6 +365,7 @@ def summary(image: Image) -> dict[str, Any]:
         else None,
         "startup": manifest.get("startup"),  # image.inventory: what runs at every Python start
         "lock": manifest.get("lock"),  # image.lock: pylock.toml, what pip downloaded, matched with the gateway
+        "audit": manifest.get("audit"),  # image.audit at provisioning: what was known then, and when
         "source": manifest.get("source", {}),
         "path": str(image.path),
         "owner": _user_name(owner_of(image)),  # who may remove or replace it (and root)
