@@ -402,3 +402,10 @@ def test_the_image_carries_a_lock_of_what_pip_downloaded_matched_with_the_gatewa
     assert "lock: pylock.toml, 1 distribution(s) pinned by sha256 (0 built in the VM from sdists)" in shown.stdout
     assert "not locked: mine==1.0: a local directory" in shown.stdout
     assert f"downloads the gateway never saw: {WHEEL}" in shown.stdout
+    # images verify covers the lock and the gateway's record beside the template, as it covers the template.
+    assert verify(image) == image.manifest()["sha256"]
+    lock_file = image.path / "pylock.toml"
+    os.chmod(lock_file, 0o644)
+    lock_file.write_text(lock_file.read_text().replace("a" * 64, "b" * 64))
+    with pytest.raises(ImageError, match="pylock.toml"):
+        verify(image)

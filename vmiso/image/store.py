@@ -306,9 +306,23 @@ def reprovision_hint(image: Image) -> str:
 def verify(image: Image) -> str:
     """Re-hash the template, kernel and initramfs; the template's sha256, or ImageError."""
     _forget(image)
-    for path, expected in boot_files(image).items():
+    for path, expected in {**boot_files(image), **pinned_files(image)}.items():
         check_file(path, expected, what=f"image {image.name}: {path.name}", fix=reprovision_hint(image))
     return verified_sha256(image)
+
+
+def pinned_files(image: Image) -> dict[Path, str]:
+    """The records beside the template that the manifest pins by sha256: the gateway's record of the
+    provisioning's connections and the lock of what pip installed (an older image has fewer)."""
+    manifest = image.manifest()
+    pinned = {}
+    for key in ("gateway", "lock"):
+        entry = manifest.get(key) or {}
+        name, digest = entry.get("record") or entry.get("file"), entry.get("sha256")
+        plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+        if plain and isinstance(digest, str):
+            pinned[image.path / str(name)] = digest
+    return pinned
 
 
 def _forget(image: Image) -> None:
