@@ -684,3 +684,15 @@ def test_images_audit_checks_against_osv_advisories_on_disk_and_show_prints_the_
     shown = invoke("images", "-c", str(config), "show", "a").stdout
     assert ("known vulnerabilities: not checked (no network: ConnectionError; pip-audit (pypi), checked "
             "2026-12-01T10:00:00+00:00)") in shown
+
+
+def test_images_diff_counts_a_packages_native_extensions_and_names_one_in_no_package(config, tmp_path):
+    site = "/opt/vmiso/venv/lib/python3.11/site-packages"
+    natives = [{"path": f"{site}/numpy/_{i}.so", "sha256": str(i) * 64, "size": 1, "distribution": "numpy-2.1.0"}
+               for i in range(3)]
+    image_in(tmp_path / "state", "with", sha256="a" * 64, startup=_startup(native=[
+        *natives, {"path": f"{site}/planted.so", "sha256": "9" * 64, "size": 1, "distribution": None}]))
+    image_in(tmp_path / "state", "without", startup=_startup(native=[]))
+    out = invoke("images", "-c", str(config), "diff", "with", "without").stdout
+    assert "  - 3 native extension(s) of numpy-2.1.0\n" in out
+    assert f"  - native extension {site}/planted.so (in no package's RECORD)\n" in out

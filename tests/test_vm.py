@@ -697,6 +697,7 @@ def _probe_wheel(probe: dict) -> bytes:
     files = {
         "vmiso_gateway_probe.py": code,
         "vmiso_gateway_probe.pth": "import vmiso_gateway_probe\n",
+        "vmiso_gateway_probe_data.txt": "as the wheel has it\n",  # the probe changes it after install
         "vmiso_gateway_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: vmiso-gateway-probe\n"
                                                      "Version: 1.0\n",
         "vmiso_gateway_probe-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
@@ -788,12 +789,19 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     assert pth["vmiso_gateway_probe.pth"] == ["import vmiso_gateway_probe"]
     assert "vmiso_gateway_probe.pth (import vmiso_gateway_probe)" in \
         vmiso("images", "-c", config, "show", "gw", check=True).stdout
+    # ... and what that code did to the venv: a file no package lists, a listed file changed.
+    assert [p for p in shown["startup"]["unlisted"] if p.endswith("/site-packages/vmiso_planted.py")]
+    assert [t["why"] for t in shown["startup"]["tampered"]
+            if t["path"].endswith("/vmiso_gateway_probe_data.txt")] == ["its sha256 differs from RECORD's"]
     assert all(h["bytes_to_guest"] > 0 for h in shown["gateway"]["contacted"])
     # Against the shared image (tabulate and numpy, no index of its own), the diff names the probe.
     diff = vmiso("images", "-c", config, "diff", "it", "gw")
     assert diff.returncode == 1, diff.stderr
     assert "  + vmiso-gateway-probe==1.0\n" in diff.stdout and "  - numpy==" in diff.stdout
     assert "vmiso_gateway_probe.pth (runs import vmiso_gateway_probe at every Python start)" in diff.stdout
+    assert [line for line in diff.stdout.splitlines()
+            if line.startswith("  + file in no package ") and line.endswith("/site-packages/vmiso_planted.py")]
+    assert "vmiso_gateway_probe_data.txt (its sha256 differs from RECORD's)" in diff.stdout
     said = {line.split(": ", 1)[0]: line.split(": ", 1)[1].split(", ") for line in diff.stdout.splitlines()
             if line.startswith("provisioning ")}
     assert f"index.vmiso.test:{INDEX_PORT}" in said["provisioning gw only reached"]

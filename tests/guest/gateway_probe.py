@@ -61,6 +61,18 @@ def plain(url, host):
     return lambda: _through(f"GET {url} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").close()
 
 
+# What install-time code can do to the venv while it is the build user's: plant a file no package
+# lists, and change one that its package's RECORD lists (the start-up inventory names both).
+_here = os.path.dirname(os.path.abspath(__file__))
+try:
+    if not os.path.exists(os.path.join(_here, "vmiso_planted.py")):
+        with open(os.path.join(_here, "vmiso_planted.py"), "w") as planted:
+            planted.write("# planted by install-time code; in no package's RECORD\n")
+        with open(os.path.join(_here, "vmiso_gateway_probe_data.txt"), "a") as data:
+            data.write("changed after pip installed it\n")
+except OSError:
+    pass
+
 if not os.environ.get("VMISO_PROBED"):
     os.environ["VMISO_PROBED"] = "1"
     results["interfaces"] = sorted(name for _, name in socket.if_nameindex())

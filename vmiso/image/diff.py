@@ -150,9 +150,13 @@ def _startup_lines(startup: dict[str, Any]) -> list[str]:
         out.append(f"  ~ .pth file {change['to']['path']} changed (now runs {runs})")
     for sign, kind in (("+", "added"), ("-", "removed")):
         out.extend(f"  {sign} start-up module {e['path']}" for e in startup["startup_modules"][kind])
-        out.extend(f"  {sign} native extension {e['path']}"
-                   + ("" if sign == "-" or e.get("distribution") else " (in no package's RECORD)")
-                   for e in startup["native"][kind])
+        owned: dict[str, int] = {}
+        for e in startup["native"][kind]:
+            if e.get("distribution"):
+                owned[e["distribution"]] = owned.get(e["distribution"], 0) + 1
+            else:
+                out.append(f"  {sign} native extension {e['path']} (in no package's RECORD)")
+        out.extend(f"  {sign} {n} native extension(s) of {owner}" for owner, n in sorted(owned.items()))
         out.extend(f"  {sign} file in no package {path}" for path in startup["unlisted"][kind])
         out.extend(f"  {sign} file that differs from its RECORD {e['path']} ({e['why']})"
                    for e in startup["tampered"][kind])
