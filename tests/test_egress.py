@@ -167,7 +167,10 @@ def test_what_is_not_listed_is_refused_without_a_lookup(request_line, why):
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "169.254.169.254", "::1", "fe80::1", "::ffff:127.0.0.1",
-                                     "192.0.2.77"])
+                                     "192.0.2.77",
+                                     # IPv4 dressed as IPv6: NAT64, SIIT, IPv4-compatible, 6to4, a local NAT64
+                                     "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "::ffff:0:7f00:1", "::7f00:1",
+                                     "2002:a9fe:a9fe::1", "64:ff9b:1::c000:24d"])
 def test_a_listed_name_that_leads_here_or_to_metadata_is_refused(address):
     resolver = egress.Resolver({"api.vmiso.test": [address]}, own=["192.0.2.77"])
     gw = egress.Gateway(allow.Rules((Allowed("api.vmiso.test", 443),)), resolver)
@@ -480,3 +483,11 @@ def test_this_hosts_ipv6_addresses_are_read_as_ipv6():
     if "0" * 31 + "1" in inet6:
         assert "::1" in found
     assert "0.0.0.1" not in found
+
+
+def test_ipv6_that_carries_a_public_ipv4_or_none_is_not_internal():
+    resolver = egress.Resolver({}, own=["192.0.2.77"])
+    assert [a for a in ("2001:db8::1", "64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111", "93.184.216.34")
+            if resolver.internal(a)] == []
+    assert [a for a in ("64:ff9b::c000:24d", "::ffff:192.0.2.77") if resolver.internal(a)] == [
+        "64:ff9b::c000:24d", "::ffff:192.0.2.77"]  # this host's own address, through NAT64 or mapped

@@ -65,7 +65,9 @@ _TARGET = re.compile(rb"^[\x21-\x7e]+$")
 # AWS IPv6 and Alibaba ones elsewhere), multicast and broadcast.  The host's own
 # addresses on every interface are added as a gateway starts (host_addresses).
 INTERNAL_NETWORKS = ("127.0.0.0/8", "0.0.0.0/8", "169.254.0.0/16", "::1", "::", "fe80::/10",
-                     "fd00:ec2::254/128", "100.100.100.200/32", "224.0.0.0/4", "255.255.255.255/32", "ff00::/8")
+                     "fd00:ec2::254/128", "100.100.100.200/32", "224.0.0.0/4", "255.255.255.255/32", "ff00::/8",
+                     # a network's own NAT64 prefix (RFC 8215): where it leads is the local network's choice
+                     "64:ff9b:1::/48")
 
 
 def host_addresses() -> set[str]:
@@ -113,6 +115,25 @@ def read_hosts_file(path: Path, key: str) -> dict[str, list[str]]:
     return names
 
 
+# IPv6 forms that carry an IPv4 address a translator or tunnel delivers to: each is checked as
+# that IPv4 address too, so a name cannot reach 127.0.0.1 or 169.254.169.254 dressed as IPv6.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052's well-known prefix
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT's IPv4-translated form (RFC 2765)
+_COMPATIBLE = ipaddress.ip_network("::/96")  # IPv4-compatible (deprecated, still parsed)
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address that ``ip`` carries: IPv4-mapped, NAT64 (well-known prefix), SIIT's
+    translated form, IPv4-compatible or 6to4; None when it carries none."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in net for net in (_NAT64, _TRANSLATED, _COMPATIBLE)) and int(ip) & 0xFFFFFFFF > 1:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 class Resolver:
     """Names to addresses that are not the host's or internal; None with the reason otherwise."""
 
@@ -125,9 +146,8 @@ class Resolver:
 
     def internal(self, address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return ip in self._own or any(ip in net for net in self._internal)
+        seen = [ip, *([v4] if isinstance(ip, ipaddress.IPv6Address) and (v4 := embedded_ipv4(ip)) else [])]
+        return any(a in self._own or any(a in net for net in self._internal) for a in seen)
 
     def resolve(self, host: str, port: int) -> list[tuple[int, tuple[str, int]]]:
         """The addresses to try.  Raises Refused when any of them is internal (the name was
