@@ -51,7 +51,7 @@ def test_bash_completion_completes_commands_in_a_real_bash():
     done = subprocess.run(["bash", "-c", bash], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PATH=f"{VMISO_BIN.parent}:{os.environ['PATH']}"))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["rm", "show", "verify", "warm"]
+    assert done.stdout.split() == ["audit", "diff", "rm", "sbom", "show", "verify", "warm"]
     assert _complete("bash_complete", COMP_WORDS="vmiso pro", COMP_CWORD="1").split() == ["plain,provision"]
 
 
