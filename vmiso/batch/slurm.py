@@ -148,7 +148,7 @@ def node_name() -> str:
 def check_image(element: Element, node: str) -> None:
     """ImageError when this node's image of that name is missing or is not the template the batch planned."""
     fix = (f"provision image {element.image} on {node} from the same config (or copy the submitting host's "
-           f"image there), check it with 'vmiso image verify {element.image}', then run the batch again")
+           f"image there), check it with 'vmiso images verify {element.image}', then run the batch again")
     config = config_mod.override(config_mod.load(Path(element.config) if element.config else None),
                                  state_dir=Path(element.state_dir) if element.state_dir else None)
     try:
@@ -218,6 +218,9 @@ def check_slurm() -> None:
     """ConfigError when this host cannot submit: no sbatch, or no Slurm controller answers."""
     fix = ("run vmiso batch --on slurm on a host that can submit to your cluster (sbatch and 'scontrol ping' "
            "work there: the Slurm client and the cluster's slurm.conf, SLURM_CONF), or use --on local")
+    conf = os.environ.get("SLURM_CONF")
+    if conf is not None and not Path(conf).is_file():  # Slurm's clients would retry for a minute
+        raise ConfigError(f"--on slurm: SLURM_CONF names {conf}, which is not a file", fix)
     try:
         code, out, err = tools.slurm_query(["scontrol", "ping"], timeout=30)
     except ToolError as error:
