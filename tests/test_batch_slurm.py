@@ -245,12 +245,34 @@ def test_a_batch_through_slurm_records_each_outcome_then_a_cancelled_one_resumes
     assert "slurm ended element" in cancelled["t3"]["error"] and "CANCELLED" in cancelled["t3"]["error"]
     no_vm_left(image["state"])
 
+    # Resumed, then stopped as Ctrl-C stops it (SIGTERM to vmiso batch) while its second task runs: the
+    # batch cancels its array, the running task's VM goes, and the same command resumes again.
+    batch = subprocess.Popen([*VMISO, *map(str, argv2)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out2 / ".batch/slurm/2/1.started.json").exists():
+            time.sleep(0.2)
+            assert time.monotonic() < deadline and batch.poll() is None, batch.poll()
+        time.sleep(2)
+        batch.send_signal(signal.SIGTERM)
+        _, stderr = batch.communicate(timeout=120)
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+    assert batch.returncode == 130, stderr
+    stopped = json.loads((out2 / "batch.json").read_text())
+    assert stopped["interrupted"] and stopped["tasks"][2]["status"] == "ok", stopped
+    assert stopped["tasks"][3]["status"] == "interrupted", stopped
+    assert slurm.squeue((out2 / ".batch/slurm/2/job").read_text().strip()) == []
+    no_vm_left(image["state"])
+
     done = vmiso(*argv2, timeout=600, SLURM_CONF=str(slurm.conf))
     assert done.returncode == 0, done.stderr
-    assert "2 done before, skipped; 4 to run" in done.stderr
+    assert "3 done before, skipped; 3 to run" in done.stderr
     resumed = {t["name"]: t for t in json.loads((out2 / "batch.json").read_text())["tasks"]}
     assert {n: (t["status"], t["attempts"]) for n, t in resumed.items()} == {
-        "t0": ("ok", 1), "t1": ("ok", 1), "t2": ("ok", 2), "t3": ("ok", 2), "t4": ("ok", 2), "t5": ("ok", 2)}
+        "t0": ("ok", 1), "t1": ("ok", 1), "t2": ("ok", 2), "t3": ("ok", 3), "t4": ("ok", 3), "t5": ("ok", 3)}
     for index in range(6):
         assert (out2 / f"t{index}" / "copy").read_text() == f"task {index}\n"
     no_vm_left(image["state"])

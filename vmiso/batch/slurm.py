@@ -299,7 +299,7 @@ class Slurm:
         root = self.plan.layout.slurm
         for job_file in root.glob(f"*/{JOB_FILE}") if root.is_dir() else []:
             job = job_file.read_text().strip()
-            if job.isdigit() and self._queued(job) != {}:
+            if job.isdigit() and self._queued(job):  # (None: squeue did not answer; sbatch will say why)
                 raise VmisoError(f"Slurm job array {job} of an earlier vmiso batch into {self.plan.layout.root} "
                                  "is still queued or running", f"wait for it to end, or cancel it: scancel {job}")
 
