@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import pytest
 
 from vmiso import tools
 from vmiso.batch import slurm as batch_slurm
+from vmiso.batch.engines import Stop
 from vmiso.batch.plan import BatchRequest, Resources, plan_batch
+from vmiso.batch.runner import run_batch
 from vmiso.errors import ConfigError
 
 from vmharness import VMISO, vmiso, vmiso_domains
@@ -161,6 +164,61 @@ def test_a_slurm_controller_that_does_not_answer_is_refused_with_the_fix(slurm, 
     assert "no Slurm controller answers" in str(caught.value), caught.value
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     batch_slurm.check_slurm()  # the live one does
+
+
+@pytest.mark.root(reason="the private Slurm's daemons")
+@pytest.mark.hostsetup(reason="Slurm and munge")
+def test_the_submitter_follows_a_real_array_and_records_an_element_slurm_cancelled(slurm, tmp_path, monkeypatch):
+    # The real Slurm, with batchfake.py standing in for vmiso run (no VM): each element runs on the
+    # node, reports its start, node and exit; one is cancelled while it runs, one before it starts.
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))  # the element's vmiso: this one
+    digest = fake_image(tmp_path / "state")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, text in (("a", "fine"), ("b", "exit 3"), ("c", "sleep 60"), ("d", "fine")):
+        (data / name).write_text(text + "\n")
+    request = BatchRequest(command=("job", "{}"), each=tuple(sorted(data.iterdir())), output=tmp_path / "out",
+                           state_dir=tmp_path / "state", engine="slurm")
+    plan = plan_batch(request, image="it", template_sha256=digest, jobs=1, vmiso=FAKE,
+                      resources=Resources(memory_mib=32, cpus=1, timeout=60))
+    engine = batch_slurm.Slurm(plan, poll=0.1, queue_every=0.5)
+
+    def cancel_when_c_runs() -> None:
+        started = tmp_path / "out/.batch/slurm/1/2.started.json"
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        slurm.scancel((tmp_path / "out/.batch/slurm/1/job").read_text().strip())
+
+    canceller = threading.Thread(target=cancel_when_c_runs)
+    canceller.start()
+    result = run_batch(plan, engine, _Watcher(), Stop())
+    canceller.join()
+
+    tasks = result.record.tasks
+    assert {n: (e.status, e.exit_code) for n, e in tasks.items()} == {
+        "a": ("ok", 0), "b": ("failed", 3), "c": ("failed", 143), "d": ("error", 125)}
+    assert [tasks[n].host for n in "abc"] == [slurm.node] * 3
+    assert tasks["d"].error.startswith(f"slurm ended element {engine.job}_3 before it started: CANCELLED")
+    assert json.loads((tmp_path / "out/.batch/d.json").read_text())["error"] == tasks["d"].error
+    assert result.record.engine == "slurm" and result.exit_code == 123
+    # The fixed script, and the element's task in its file.
+    array = tmp_path / "out/.batch/slurm/1"
+    assert (array / "element.sh").read_text() == batch_slurm.SCRIPT
+    assert [json.loads((array / f"{i}.json").read_text())["name"] for i in range(4)] == list("abcd")
+
+
+class _Watcher:
+    def planned(self, total, skipped, to_run):
+        pass
+
+    def started(self, entry):
+        pass
+
+    def ended(self, entry):
+        pass
 
 
 def no_vm_left(state: Path) -> None:
