@@ -7,6 +7,11 @@ the image's own kernel and vmiso's initramfs as a libvirt domain to such an /ini
 times drift between machines and runs; the ratios, measured side by side, do not.
 
     .venv/bin/python bench/bench.py -c examples/vmiso.yaml [--runs 5] [--json FILE]
+
+``--batch-only`` measures only issue 26's batch items, side by side in one invocation: the
+same BATCH_INPUTS small inputs as a shell loop of ``vmiso run``, as ``vmiso batch --on local
+-j 2`` and as ``vmiso batch --on slurm -j 2`` through a private one-node Slurm (started as
+tests/slurmharness.py starts it, as root; or the cluster SLURM_CONF names, with ``--slurm-conf``).
 """
 
 from __future__ import annotations
@@ -296,6 +301,10 @@ def main() -> None:
                         help="skip throughput, small files, memory and runs/minute")
     parser.add_argument("--small-files", type=int, default=5000, help="files of 1 KB for the small-file walk")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--batch-only", action="store_true",
+                        help="only the batch items: a loop of vmiso run, --on local, --on slurm")
+    parser.add_argument("--batch-inputs", type=int, default=BATCH_INPUTS)
+    parser.add_argument("--slurm-conf", type=Path, help="submit to this cluster instead of a private one")
     args = parser.parse_args()
     cfg = config_mod.load(args.config)
     image = args.image or cfg.image.name
@@ -304,6 +313,12 @@ def main() -> None:
     claim(work)
     try:
         results: dict = {"image": image, "runs": args.runs}
+        if args.batch_only:
+            results["batch"] = batch_compare(args.config, image, work, args.batch_inputs, args.slurm_conf)
+            report_batch(results["batch"])
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2) + "\n")
+            return
         stricts, floors, colds, warms = [], [], [], []
         for i in range(args.runs):
             stricts.append(strict_floor_boot(cfg, image, work))
@@ -367,11 +382,83 @@ def main() -> None:
                 "1": runs_per_minute(args.config, image, work, 1, args.runs),
                 "2": runs_per_minute(args.config, image, work, 2, args.runs),
             }
+            results["batch"] = batch_compare(args.config, image, work, args.batch_inputs, args.slurm_conf)
         report(results)
+        if "batch" in results:
+            report_batch(results["batch"])
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+BATCH_INPUTS = 20
+BATCH_JOB = "tr a-z A-Z < /in/{} > /out/upper"
+
+
+def batch_inputs(work: Path, count: int) -> list[Path]:
+    data = work / "batch-inputs"
+    data.mkdir()
+    paths = []
+    for index in range(count):
+        path = data / f"in{index:02d}.txt"
+        path.write_text(f"input {index}\n")
+        paths.append(path)
+    return paths
+
+
+def batch_compare(config: Path, image: str, work: Path, count: int, slurm_conf: Path | None) -> dict:
+    """The same ``count`` small inputs: a shell loop of vmiso run, vmiso batch --on local -j 2, and
+    vmiso batch --on slurm -j 2 on one node; wall time of each and the per-task cost against local."""
+    inputs = batch_inputs(work, count)
+    loop_out = work / "loop"
+    loop_out.mkdir()
+
+    def loop() -> None:
+        for path in inputs:
+            done = vmiso("run", "-c", str(config), "--image", image, "-i", str(path), "-o", str(loop_out / path.name),
+                         "--", "sh", "-c", BATCH_JOB.replace("{}", path.name))
+            assert done.returncode == 0, done.stderr
+
+    def batch(engine: str, env: dict[str, str] | None = None) -> None:
+        argv = [*VMISO, "batch", "-c", str(config), "--image", image, "--on", engine, "-j", "2", "-o",
+                str(work / f"batch-{engine}"), "--each", *map(str, inputs), "--", "sh", "-c", BATCH_JOB]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env, cwd=REPO,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        record = json.loads((work / f"batch-{engine}" / "batch.json").read_text())
+        assert record["counts"]["ok"] == count, record["counts"]
+
+    slurm = None
+    if slurm_conf is None:
+        sys.path.insert(0, str(REPO / "tests"))
+        from slurmharness import LocalSlurm
+
+        slurm = LocalSlurm.start(memory_mib=4096)
+        slurm_conf = slurm.conf
+    try:
+        results = {"inputs": count, "loop_s": _timed(loop), "local_s": _timed(lambda: batch("local"))}
+        results["slurm_s"] = _timed(lambda: batch("slurm", dict(os.environ, SLURM_CONF=str(slurm_conf))))
+    finally:
+        if slurm is not None:
+            slurm.stop()
+    boots = {engine: json.loads((work / f"batch-{engine}" / "batch.json").read_text()) for engine in ("local", "slurm")}
+    for engine, record in boots.items():
+        results[f"{engine}_boots"] = sorted({t["boot"] for t in record["tasks"]})
+        results[f"{engine}_task_s"] = statistics.median(t["seconds"] for t in record["tasks"])
+    results["local_vs_loop"] = results["loop_s"] / results["local_s"]
+    results["slurm_vs_local"] = results["slurm_s"] / results["local_s"]
+    results["slurm_overhead_per_task_s"] = (results["slurm_s"] - results["local_s"]) / count
+    return results
+
+
+def report_batch(b: dict) -> None:
+    print(f"batch of {b['inputs']} small inputs ('{BATCH_JOB}'), wall time from start to exit: "
+          f"shell loop of vmiso run {b['loop_s']:.1f} s, vmiso batch --on local -j 2 {b['local_s']:.1f} s "
+          f"({b['local_vs_loop']:.2f} x the loop's runs per minute), --on slurm -j 2 (one node) {b['slurm_s']:.1f} s "
+          f"= {b['slurm_vs_local']:.2f} x local, {b['slurm_overhead_per_task_s']:+.2f} s per task")
+    print(f"  median task (its vmiso run, as batch.json times it): local {b['local_task_s']:.2f} s "
+          f"({', '.join(b['local_boots'])}), slurm {b['slurm_task_s']:.2f} s ({', '.join(b['slurm_boots'])})")
 
 
 def _timed(action: Callable[[], object]) -> float:

@@ -272,7 +272,7 @@ def slurm():
     carry the markers root and hostsetup.  If it cannot start, the test fails with the
     daemons' log tails."""
     try:
-        cluster = LocalSlurm.start()
+        cluster = LocalSlurm.start(memory_mib=4096)  # room for two runs of 512 MiB with QEMU's share
     except SlurmStartError as err:
         pytest.fail(f"the private Slurm did not start: {err}", pytrace=False)
     yield cluster

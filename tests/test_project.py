@@ -12,7 +12,7 @@ CORE = ["vmiso.config", "vmiso.domain", "vmiso.hypervisor", "vmiso.image.seed", 
         "vmiso.doctor", "vmiso.clones", "vmiso.clones.warm", "vmiso.clones.pool.server", "vmiso.clones.pool.client",
         "vmiso.image.provision", "vmiso.image.store", "vmiso.image.layer", "vmiso.image.initramfs",
         "vmiso.image.cloud", "vmiso.accel", "vmiso.batch.plan", "vmiso.batch.record", "vmiso.batch.engines",
-        "vmiso.batch.runner"]
+        "vmiso.batch.runner", "vmiso.batch.slurm"]
 
 
 def test_core_imports_without_click():

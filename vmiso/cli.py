@@ -832,7 +832,8 @@ class _BatchCommand(click.Command):
               help="run a task again up to N times when vmiso itself failed it (exit 125); never for the "
                    "job's own exit code")
 @click.option("--on", "engine", default="local", show_default=True,
-              help="where the tasks run: local (this host, -j at a time)")
+              help="where the tasks run: local (this host, -j at a time) or slurm (one job array, -j "
+                   "elements at a time; OUTPUT and the inputs on a filesystem the nodes share)")
 @click.option("--timeout", type=click.IntRange(min=1), help="seconds each job may run (wall clock)")
 @click.option("--memory", type=click.IntRange(min=128), help="each guest's memory in MiB")
 @click.option("--cpus", type=click.IntRange(min=1), help="each guest's vCPUs")
@@ -873,7 +874,14 @@ def batch(ctx: click.Context, /, command: tuple[str, ...], config_path: Path | N
     the batch could not run, 2 for a usage error.
     """
     from .batch.engines import Stop, engine_for
-    from .batch.plan import BatchRequest, available_memory_mib, check_request, default_jobs, plan_batch
+    from .batch.plan import (
+        BatchRequest,
+        Resources,
+        available_memory_mib,
+        check_request,
+        default_jobs,
+        plan_batch,
+    )
     from .batch.runner import run_batch
     from .host.inputs import check_inputs
     from .image.store import get_image, verified_sha256
@@ -902,16 +910,20 @@ def batch(ctx: click.Context, /, command: tuple[str, ...], config_path: Path | N
         for value in values:
             options += [flag, value]
     request = BatchRequest(command=command, each=each, shared=inputs, output=output, run_options=tuple(options),
-                           jobs=jobs, retry=retry, engine=engine)
+                           jobs=jobs, retry=retry, engine=engine, config=config_path, state_dir=state_dir)
     check_request(request)
     template = get_image(plan.state_dir, plan.image)
-    if jobs is None:
+    if jobs is None and engine == "slurm":
+        jobs = len(each)  # Slurm places them as its nodes have room
+    elif jobs is None:
         jobs = default_jobs(cores=os.cpu_count() or 1, available_mib=available_memory_mib(),
                             memory_mib=plan.memory_mib, cpus=plan.cpus)
-    batch_plan = plan_batch(request, image=plan.image, template_sha256=verified_sha256(template), jobs=jobs)
+    batch_plan = plan_batch(request, image=plan.image, template_sha256=verified_sha256(template), jobs=jobs,
+                            resources=Resources(memory_mib=plan.memory_mib, cpus=plan.cpus, timeout=plan.timeout,
+                                                boot_timeout=plan.boot_timeout))
     for task in batch_plan.tasks:  # what a run would refuse before it starts, refused for all now
         check_inputs((*batch_plan.shared, task.input), plan.input_limits)
-    runner = engine_for(engine, jobs)
+    runner = engine_for(engine, batch_plan)
     stop = Stop()
 
     def on_signal(_signum: int, _frame: object) -> None:
@@ -1273,6 +1285,16 @@ def watchdog_command(ctx: click.Context, uri: str, name: str, run_dir: str, seco
     from .clones.watchdog import main as watch
 
     ctx.exit(watch(uri, name, run_dir, seconds))
+
+
+@cli.command("_slurm_element", hidden=True)
+@click.argument("element_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.pass_context
+def slurm_element_command(ctx: click.Context, element_file: Path) -> None:
+    """One element of a batch's Slurm job array: its task's vmiso run on this node (vmiso.batch.slurm)."""
+    from .batch.slurm import element
+
+    ctx.exit(element(element_file))
 
 
 def main() -> None:

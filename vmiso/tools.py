@@ -38,6 +38,10 @@ PACKAGES = {
     "newgidmap": "uidmap",
     "unshare": "util-linux",
     "setpriv": "util-linux",
+    "sbatch": "slurm-client",
+    "squeue": "slurm-client",
+    "scontrol": "slurm-client",
+    "scancel": "slurm-client",
 }
 
 
@@ -173,6 +177,47 @@ def finish_detached(process: Detached, message: bytes, timeout: float = 5) -> No
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+# --- Slurm: a submit host's clients ------------------------------------------------
+
+def slurm_query(argv: Sequence[str], timeout: float = 60) -> tuple[int, str, str]:
+    """Run a Slurm client (sbatch, squeue, scontrol, scancel): its exit status, stdout and stderr.
+    ToolError when it is not installed or does not answer within ``timeout`` (the controller is down)."""
+    full = [which(argv[0]), *argv[1:]]
+    log.debug("running %s", " ".join(full))
+    try:
+        done = subprocess.run(full, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise ToolError(f"{argv[0]} did not answer within {timeout:.0f} s", program=argv[0]) from None
+    return done.returncode, done.stdout, done.stderr
+
+
+def sbatch_argv(script: Path, *args: str, array: str, cpus: int, memory_mib: int, minutes: int | None,
+                workdir: Path, name: str) -> list[str]:
+    """Submit ``script ARGS`` as a job array (``array``: ``0-N%J``), each element with ``cpus`` CPUs and
+    ``memory_mib`` MiB, at most ``minutes`` (None: the partition's limit), run in ``workdir`` (where its
+    own output goes, as INDEX.out), never requeued (an element is a task: the batch runs it again)."""
+    time = [f"--time={minutes}"] if minutes is not None else []
+    return ["sbatch", "--parsable", f"--array={array}", f"--job-name={name}", f"--cpus-per-task={cpus}",
+            f"--mem={memory_mib}M", *time, f"--chdir={workdir}", "--output=%a.out", "--no-requeue",
+            str(script), *args]
+
+
+def squeue_array_argv(job: str) -> list[str]:
+    """One line per element of the array ``job`` that is pending, running or completing: its index,
+    state and node."""
+    return ["squeue", "-h", "-r", "-j", job, "-o", "%K %T %N"]
+
+
+def scontrol_job_argv(job: str) -> list[str]:
+    return ["scontrol", "show", "job", job]
+
+
+def scancel_argv(job: str, signal_name: str | None = None) -> list[str]:
+    """Cancel the array ``job`` (its running elements get SIGTERM, then SIGKILL after KillWait; its pending
+    ones never start); with ``signal_name``: send that signal to every process of its running elements."""
+    return ["scancel", *(["--full", f"--signal={signal_name}"] if signal_name else []), job]
 
 
 def watchdog_argv(uri: str, name: str, run_dir: str, seconds: float) -> list[str]:

@@ -1,11 +1,11 @@
-"""Where a batch's tasks run: the seam, and the one engine so far, this host.
+"""Where a batch's tasks run: the seam, and its engines.
 
 An ``Engine`` is handed tasks (each the argv of one ``vmiso run``, vmiso.batch.plan)
 and runs every one, telling its listener when each starts and ends; the batch
 (vmiso.batch.runner) decides what to run, reads what each run recorded and
 keeps the batch's record.  ``Local`` runs up to N of them at once as processes
-of this host.  A Slurm engine will be another ``Engine`` beside it: the same
-argv as the elements of a job array, each on its node.
+of this host; ``Slurm`` (vmiso.batch.slurm) submits the same argv as the elements
+of one job array, each on its node.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Protocol
 
 from .. import tools
 from ..errors import ConfigError
-from .plan import Task
+from .plan import BatchPlan, Task
 
 # After a stop request, the running tasks get SIGTERM (a vmiso run passes the first to its job, which may
 # end as it chooses within vmiso run's own grace); a second request, or ESCALATE seconds, sends another
@@ -66,8 +66,14 @@ class Ended:
 
 
 class Listener(Protocol):
+    def prepare(self, task: Task) -> bool:
+        """``task`` is about to be handed to the engine (which starts it later, as a queue does): its
+        place made ready, as ``starting`` would.  False when it must not run (the listener says why)."""
+        ...
+
     def starting(self, task: Task, host: str) -> bool:
-        """``task`` is about to start on ``host``: False when it must not (the listener says why)."""
+        """``task`` is about to start on ``host`` (or, once prepared, has started there): False when it
+        must not (the listener says why)."""
         ...
 
     def ended(self, ended: Ended) -> None:
@@ -143,12 +149,19 @@ class Local(Engine):
                 pass
 
 
-ENGINES: dict[str, Callable[[int], Engine]] = {"local": Local}
+def _slurm(plan: BatchPlan) -> Engine:
+    from .slurm import Slurm  # which imports this module's seam
+
+    return Slurm.connect(plan)
 
 
-def engine_for(name: str, jobs: int) -> Engine:
-    """The engine called ``name``; ConfigError for one vmiso does not have."""
+ENGINES: dict[str, Callable[[BatchPlan], Engine]] = {"local": lambda plan: Local(plan.jobs), "slurm": _slurm}
+
+
+def engine_for(name: str, plan: BatchPlan) -> Engine:
+    """The engine called ``name`` for ``plan``, once it can run; ConfigError for one vmiso does not
+    have, or one that cannot run from here (no Slurm controller answers)."""
     make = ENGINES.get(name)
     if make is None:
         raise ConfigError(f"--on {name}: vmiso has no such engine", "engines: " + ", ".join(sorted(ENGINES)))
-    return make(jobs)
+    return make(plan)

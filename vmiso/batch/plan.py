@@ -6,6 +6,8 @@
     DIR/.batch/NAME.json    the task's last run record (its ``vmiso run --json``)
     DIR/.batch/previous/    a task's earlier outputs and record, moved aside before it runs again
     DIR/.batch/lock         held by the one batch that writes DIR
+    DIR/.batch/slurm/N/     the Nth job array that ran tasks of DIR (vmiso.batch.slurm): its
+                            script, one file per element (its task), what each element reported
 
 NAME is the input's name, as the job sees it under /in.  Every task is the argv of
 one ``vmiso run`` of this vmiso: whatever runs it (an engine of vmiso.batch.engines)
@@ -25,6 +27,7 @@ PLACEHOLDER = "{}"  # in the command: the task's input name (as xargs -I {} and 
 RECORD_NAME = "batch.json"
 WORK = ".batch"
 PREVIOUS = "previous"
+SLURM = "slurm"
 RESERVED = (RECORD_NAME, WORK)  # names an input cannot have: they are the batch's own
 # The -j rule: a task takes --cpus cores, and --memory plus what QEMU and vmiso run add
 # (QEMU's own RSS beyond the guest's, vmiso's Python); the host keeps HOST_RESERVE_MIB.
@@ -44,6 +47,18 @@ class BatchRequest:
     jobs: int | None = None  # tasks at once; None: default_jobs
     retry: int = 0  # more attempts for a task that failed for vmiso's own reasons (exit 125)
     engine: str = "local"
+    config: Path | None = None  # -c and --state-dir as given: where a Slurm element finds the image on its node
+    state_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each task's run takes, as its plan resolved it: what a Slurm element asks its node for."""
+
+    memory_mib: int = 512
+    cpus: int = 1
+    timeout: int | None = None  # seconds the job may run; None: no limit
+    boot_timeout: int = 0  # seconds the clone may take to come up
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,10 @@ class Layout:
     @property
     def lock(self) -> Path:
         return self.work / "lock"
+
+    @property
+    def slurm(self) -> Path:
+        return self.work / SLURM
 
     def output(self, name: str) -> Path:
         return self.root / name
@@ -113,6 +132,9 @@ class BatchPlan:
     jobs: int
     retry: int
     engine: str
+    resources: Resources = Resources()
+    config: Path | None = None  # absolute, as BatchRequest's
+    state_dir: Path | None = None
 
 
 def input_name(path: Path) -> str:
@@ -169,9 +191,9 @@ def check_request(request: BatchRequest) -> None:
 
 
 def plan_batch(request: BatchRequest, *, image: str, template_sha256: str, jobs: int,
-               vmiso: tuple[str, ...] | None = None) -> BatchPlan:
+               vmiso: tuple[str, ...] | None = None, resources: Resources = Resources()) -> BatchPlan:
     """``request`` as tasks (check_request first).  ``vmiso``: the argv that starts vmiso (default:
-    this Python's, tools.vmiso_argv)."""
+    this Python's, tools.vmiso_argv); ``resources``: each run's, as its plan resolved them."""
     check_request(request)
     start = vmiso if vmiso is not None else tuple(tools.vmiso_argv())
     layout = Layout(request.output.absolute())
@@ -186,7 +208,9 @@ def plan_batch(request: BatchRequest, *, image: str, template_sha256: str, jobs:
         argv += ["--", *substitute(request.command, name)]
         tasks.append(Task(name, path.absolute(), tuple(argv), output, record, layout.log(name)))
     return BatchPlan(command=request.command, image=image, template_sha256=template_sha256, shared=shared,
-                     layout=layout, tasks=tuple(tasks), jobs=jobs, retry=request.retry, engine=request.engine)
+                     layout=layout, tasks=tuple(tasks), jobs=jobs, retry=request.retry, engine=request.engine,
+                     resources=resources, config=request.config.absolute() if request.config else None,
+                     state_dir=request.state_dir.absolute() if request.state_dir else None)
 
 
 def default_jobs(*, cores: int, available_mib: int, memory_mib: int, cpus: int) -> int:

@@ -190,11 +190,12 @@ class _Batch:
                  watcher: Watcher, clock: Callable[[], float]) -> None:
         self.plan, self.rec, self.root_fd, self.work_fd = plan, rec, root_fd, work_fd
         self.stop, self.watcher, self.clock = stop, watcher, clock
+        self.prepared: set[str] = set()  # handed to the engine, not started yet
 
     def save(self) -> None:
         record.write(self.root_fd, self.rec, self.clock())
 
-    def starting(self, task: Task, host: str) -> bool:
+    def prepare(self, task: Task) -> bool:
         entry = self.rec.tasks[task.name]
         try:
             _move_aside(self.root_fd, self.work_fd, task, entry.attempts)
@@ -205,6 +206,14 @@ class _Batch:
             return False
         entry.attempts += 1
         _write_header(task, entry.attempts, self.clock())
+        self.prepared.add(task.name)
+        return True
+
+    def starting(self, task: Task, host: str) -> bool:
+        if task.name not in self.prepared and not self.prepare(task):
+            return False
+        self.prepared.discard(task.name)
+        entry = self.rec.tasks[task.name]
         entry.status, entry.host, entry.start, entry.end = RUNNING, host, record.utc(self.clock()), None
         self.save()
         self.watcher.started(entry)
