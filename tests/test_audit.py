@@ -45,7 +45,7 @@ def test_osv_advisories_on_disk_name_what_is_affected_and_nothing_else(tmp_path)
     assert found["vulnerable"][1]["fix"] == ["2.20.0"] and found["vulnerable"][1]["aliases"] == ["CVE-2018-18074"]
     assert found["unavailable"] is None and found["checked"]
     said = audit.lines(found)
-    assert said[0].startswith("known vulnerabilities: 2 (OSV advisories in ")
+    assert said[0].startswith("known vulnerabilities: 2 in 4 package(s) checked (OSV advisories in ")
     assert "  ctx==0.2.6: MAL-2022-1, no fixed version -- a MALICIOUS package report" in said
     # The same records as OSV publishes them, one zip per ecosystem.
     archive = tmp_path / "all.zip"
@@ -81,4 +81,9 @@ def test_pip_audits_answers_become_rows_and_a_package_it_does_not_know_is_not_ch
                                     "aliases": ["CVE-2018-18074"], "fix": ["2.20.0"]}]
     assert [n["name"] for n in found["not_checked"]] == ["tabulate"]
     assert found["not_checked"][0]["version"] == "0.9.0"  # pip-audit leaves it out; vmiso knows it
+    assert audit.lines(found)[0].startswith("known vulnerabilities: 1 in 3 package(s) checked (pip-audit (pypi)")
+    # A service that knows none of them checked nothing: that is not "0 known".
+    answer["dependencies"] = [{"name": p["name"], "skip_reason": "Dependency not found on PyPI"} for p in PACKAGES]
+    nothing = audit.with_pip_audit(PACKAGES, "pypi").as_dict()
+    assert audit.lines(nothing)[0].startswith("known vulnerabilities: not checked (the service knows none of the 4 ")
     assert audit.lines(found)[-1] == "  not checked: 1 package(s) the service does not know: tabulate==0.9.0"

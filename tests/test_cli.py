@@ -676,7 +676,7 @@ def test_images_audit_checks_against_osv_advisories_on_disk_and_show_prints_the_
                                            {"name": "tabulate", "version": "0.9.0"}], audit=recorded)
     found = invoke("images", "-c", str(config), "audit", "a", "--osv", str(osv))
     assert found.exit_code == 1, found.stderr  # something known
-    assert "known vulnerabilities: 1 (OSV advisories in" in found.stdout
+    assert "known vulnerabilities: 1 in 2 package(s) checked (OSV advisories in" in found.stdout
     assert "  requests==2.19.0: PYSEC-2018-28 (CVE-2018-18074), fixed in 2.20.0" in found.stdout
     clean = tmp_path / "clean"
     clean.mkdir()

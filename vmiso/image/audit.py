@@ -47,10 +47,11 @@ class Audit:
     vulnerable: list[dict[str, Any]] = field(default_factory=list)  # {"name", "version", "id", "aliases", "fix"}
     not_checked: list[dict[str, str]] = field(default_factory=list)  # {"name", "version", "why"}
     unavailable: str | None = None
+    packages: int = 0  # how many distributions were asked about
 
     def as_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "checked": self.checked, "vulnerable": self.vulnerable,
-                "not_checked": self.not_checked, "unavailable": self.unavailable}
+        return {"source": self.source, "checked": self.checked, "packages": self.packages,
+                "vulnerable": self.vulnerable, "not_checked": self.not_checked, "unavailable": self.unavailable}
 
 
 def _pinned(packages: Iterable[dict[str, str]]) -> list[tuple[str, str]]:
@@ -67,8 +68,8 @@ def has_pip_audit() -> bool:
 def with_pip_audit(packages: Iterable[dict[str, str]], service: str = "pypi",
                    env: dict[str, str] | None = None) -> Audit:
     """Ask ``service`` (pypi or osv) through pip-audit about each distribution."""
-    audit = Audit(source=f"pip-audit ({service})")
     pinned = _pinned(packages)
+    audit = Audit(source=f"pip-audit ({service})", packages=len(pinned))
     if not has_pip_audit():
         audit.unavailable = "pip-audit is not installed (pip install 'vmiso[audit]'), and no --osv advisories given"
         return audit
@@ -184,8 +185,8 @@ def _affects(record: dict[str, Any], name: str, version: str) -> bool:
 
 def with_osv_files(packages: Iterable[dict[str, str]], path: Path) -> Audit:
     """Check each distribution against the OSV records at ``path``."""
-    audit = Audit(source=f"OSV advisories in {path}")
     pinned = _pinned(packages)
+    audit = Audit(source=f"OSV advisories in {path}", packages=len(pinned))
     wanted = {name for name, _ in pinned}
     for record in _osv_records(path):
         names = {canonical_name(str(a.get("package", {}).get("name", ""))) for a in record.get("affected", [])
@@ -206,7 +207,12 @@ def lines(audit: dict[str, Any]) -> list[str]:
     when = f"{audit['source']}, checked {audit['checked']}"
     if audit["unavailable"]:
         return [f"known vulnerabilities: not checked ({audit['unavailable']}; {when})"]
-    out = [f"known vulnerabilities: {len(audit['vulnerable'])} ({when})"]
+    checked = audit.get("packages", 0) - len(audit["not_checked"])
+    if checked <= 0 and audit["not_checked"]:
+        out = [f"known vulnerabilities: not checked (the service knows none of the {len(audit['not_checked'])} "
+               f"package(s); {when})"]
+    else:
+        out = [f"known vulnerabilities: {len(audit['vulnerable'])} in {checked} package(s) checked ({when})"]
     out += [f"  {v['name']}=={v['version']}: {v['id']}" + (f" ({', '.join(v['aliases'])})" if v["aliases"] else "")
             + (f", fixed in {', '.join(v['fix'])}" if v["fix"] else ", no fixed version")
             + (" -- a MALICIOUS package report" if v["id"].startswith("MAL-") else "") for v in audit["vulnerable"]]
