@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -435,3 +436,73 @@ def test_a_batch_of_real_runs_records_each_and_resumes_only_the_failed_one(image
     assert (out / ".batch" / "previous" / "c.txt.1" / "upper").read_text() == "FAIL\n"
     assert vmiso_domains(image["state"]) == []
     print(f"first batch of 4 at -j 2: {first:.1f} s", file=sys.stderr)
+
+
+@pytest.mark.vm
+def test_a_batch_with_a_pool_records_a_signal_and_a_timeout_and_an_interrupted_one_resumes(image, tmp_path):
+    """The local engine as the Slurm one is tested: 8 inputs, one exits 3, one is killed by SIGKILL
+    inside its guest (137), one runs past --timeout; with a pool of the image running, so tasks take
+    preloaded clones. Then a second batch interrupted half-way (SIGINT, as Ctrl-C) leaves no run's VM
+    and resumes to the end."""
+    import signal
+    import subprocess
+
+    from vmharness import VMISO, wait_for
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        (data / f"in{i}").write_text({2: "fail\n", 4: "kill\n", 6: "slow\n"}.get(i, f"n{i}\n"))
+    job = ("cp /in/{} /out/copy; grep -q fail /in/{} && exit 3; grep -q kill /in/{} && kill -9 $$; "
+           "grep -q slow /in/{} && sleep 60; exit 0")
+    started = vmiso("pool", "start", "-c", image["config"], "--size", "2", timeout=600)
+    assert started.returncode == 0, started.stderr
+    try:
+        out = tmp_path / "out"
+        done = vmiso("batch", "-c", image["config"], "-o", out, "-j", "2", "--timeout", "10",
+                     "--each", *sorted(data.iterdir()), "--", "sh", "-c", job, timeout=900)
+        assert done.returncode == EXIT_SOME_FAILED, done.stderr
+        tasks = {t["name"]: t for t in json.loads((out / "batch.json").read_text())["tasks"]}
+        assert {n: (t["status"], t["exit_code"]) for n, t in tasks.items()} == {
+            **{f"in{i}": ("ok", 0) for i in (0, 1, 3, 5, 7)},
+            "in2": ("failed", 3), "in4": ("failed", 137), "in6": ("timeout", 124)}
+        assert "preloaded" in {t["boot"] for t in tasks.values()}  # the pool's clones were taken
+        for i in (0, 1, 3, 5, 7):
+            assert (out / f"in{i}" / "copy").read_text() == f"n{i}\n"
+        run = json.loads((out / tasks["in4"]["record"]).read_text())
+        assert run["signal"] == "SIGKILL", run
+
+        # A second batch, interrupted once two tasks are done; then resumed.
+        again = tmp_path / "again"
+        argv = [*VMISO, "batch", "-c", str(image["config"]), "-o", str(again), "-j", "1",
+                "--each", *map(str, sorted(data.iterdir())[:6:2]), *map(str, sorted(data.iterdir())[1:6:2]),
+                "--", "sh", "-c", "cp /in/{} /out/copy; sleep 2"]
+        batch = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, VMISO_ACCEL="tcg"))
+
+        def ok_count() -> int:
+            try:
+                return sum(t["status"] == "ok" for t in json.loads((again / "batch.json").read_text())["tasks"])
+            except (OSError, ValueError, KeyError):
+                return 0
+        wait_for(lambda: ok_count() >= 2, 600, "two tasks of the second batch")
+        batch.send_signal(signal.SIGINT)
+        _, err = batch.communicate(timeout=120)
+        assert batch.returncode == 130, err
+        # No run's VM is left: once the pool is full again, its two clones are all there is.
+        def pool_ready() -> int:
+            rows = json.loads(vmiso("pool", "status", "-c", image["config"], "--json", check=True).stdout)
+            return rows[0]["ready"] if rows else -1
+        wait_for(lambda: pool_ready() == 2, 300, "the pool to refill")
+        assert len(vmiso_domains(image["state"])) == 2, vmiso_domains(image["state"])
+        resumed = vmiso("batch", "-c", image["config"], "-o", again, "-j", "1",
+                        "--each", *sorted(data.iterdir())[:6:2], *sorted(data.iterdir())[1:6:2],
+                        "--", "sh", "-c", "cp /in/{} /out/copy; sleep 2", timeout=900)
+        assert resumed.returncode == 0, resumed.stderr
+        skipped = re.search(r"(\d+) done before, skipped; (\d+) to run", resumed.stderr)
+        assert skipped and int(skipped[1]) >= 2 and int(skipped[1]) + int(skipped[2]) == 6, resumed.stderr
+        final = {t["name"]: t for t in json.loads((again / "batch.json").read_text())["tasks"]}
+        assert all(t["status"] == "ok" for t in final.values()) and len(final) == 6
+    finally:
+        vmiso("pool", "stop", "-c", image["config"])
+        wait_for(lambda: vmiso_domains(image["state"]) == [], 60, "the pool's clones to go")
