@@ -249,12 +249,28 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 @click.option("-v", "--verbose", count=True,
               help="-v: a line per step, tracebacks for internal errors; -vv: debugging detail")
 @click.option("-q", "--quiet", is_flag=True, help="only errors (and the warning that a VM runs under TCG)")
+@click.option("--host", envvar="VMISO_HOST", metavar="ssh://[USER@]NODE[:PORT]",
+              help="act on NODE, reached with your own ssh (also VMISO_HOST; default: this machine); "
+                   "so far 'run' only")
+@click.option("--remote-vmiso", envvar="VMISO_REMOTE_VMISO", metavar="COMMAND",
+              help="the node's vmiso, e.g. /opt/vmiso/venv/bin/vmiso (also VMISO_REMOTE_VMISO; default: vmiso)")
 @click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+def cli(ctx: click.Context, verbose: int, quiet: bool, host: str | None, remote_vmiso: str | None) -> None:
     """Run Python programs you cannot audit in disposable, offline VMs."""
     _setup_logging(verbose, quiet)
-    ctx.obj = {"quiet": quiet, "verbose": verbose}
+    host = host or None  # VMISO_HOST= (empty): this machine
+    if host is not None and ctx.invoked_subcommand not in _ON_NODES:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--host is not supported for 'vmiso {ctx.invoked_subcommand}' yet (only for "
+                          f"{', '.join(sorted(c for c in _ON_NODES if not c.startswith('_')))}); nothing was done",
+                          "run it on the node itself, or without --host (and VMISO_HOST) for this machine")
+    ctx.obj = {"quiet": quiet, "verbose": verbose, "host": host, "remote_vmiso": remote_vmiso}
+
+
+# The commands --host takes to a node (the hidden ones run on the node itself and ignore it).
+_ON_NODES = frozenset({"run", "_node", "_watchdog"})
 
 
 @cli.command()
@@ -536,7 +552,8 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
         plan = plan_run(config, RunRequest(
             command=command, image=image, inputs=inputs, output=output, timeout=timeout, memory_mib=memory,
             cpus=cpus, scratch_bytes=scratch_bytes, warm=not cold, env=tuple(env),
-            accept_tool_files=accept_tool_files, publish=publish, allow_hosts=allow_hosts, allow_tcp=allow_tcp))
+            accept_tool_files=accept_tool_files, publish=publish, allow_hosts=allow_hosts, allow_tcp=allow_tcp,
+            host=ctx.obj.get("host"), remote_vmiso=ctx.obj.get("remote_vmiso")))
         before = RunResult.before_run(plan)
         session = _Session.for_job(tty=tty, raw=raw)
         printer = _job_progress(ctx)
@@ -1213,6 +1230,34 @@ def watchdog_command(ctx: click.Context, uri: str, name: str, run_dir: str, seco
     from .clones.watchdog import main as watch
 
     ctx.exit(watch(uri, name, run_dir, seconds))
+
+
+@cli.command("_node", hidden=True)
+@click.option("-c", "--config", "config_path", envvar="VMISO_CONFIG", type=click.Path(path_type=Path, dir_okay=False),
+              help="this node's vmiso.yaml (also VMISO_CONFIG)")
+@click.pass_context
+def node_command(ctx: click.Context, config_path: Path | None) -> None:
+    """The node's side of 'vmiso --host ssh://NODE run': the protocol on stdin and stdout (vmiso.node.server)."""
+    import threading
+
+    from .node.server import serve
+
+    # The protocol keeps stdin and stdout to itself: what anything else writes to fd 1 (a child
+    # that inherits it) goes to stderr, and nothing else reads the client's frames.
+    in_fd, out_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    config = _load(ctx, config_path)
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+
+    def stop() -> None:
+        signal.pthread_kill(main_thread, signal.SIGHUP)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    ctx.exit(serve(config, in_fd, out_fd, stop))
 
 
 def main() -> None:
