@@ -52,7 +52,8 @@ def write_node_files(directory: Path, address: str, port: int, *, known: bool = 
         "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nLogLevel VERBOSE\n"
         f"AcceptEnv none\nSubsystem sftp internal-sftp\n")
     known_hosts = directory / "known_hosts"
-    known_hosts.write_text(f"[{address}]:{port} {host_pub}\n" if known else "")
+    pinned = address if port == 22 else f"[{address}]:{port}"  # how ssh names it in known_hosts
+    known_hosts.write_text(f"{pinned} {host_pub}\n" if known else "")
     (directory / "ssh_config").write_text(
         f"Host node\n  HostName {address}\n  Port {port}\n  User root\n  IdentityFile {client_key}\n"
         f"  IdentitiesOnly yes\n  UserKnownHostsFile {known_hosts}\n  GlobalKnownHostsFile /dev/null\n"
