@@ -105,6 +105,15 @@ def main() -> int:
         w.send_json(protocol.RESULT, {"record": record(300), "error": None, "outputs": False})
     elif scenario == "exit-3":
         w.send_json(protocol.RESULT, {"record": record(3), "error": None, "outputs": False})
+    elif scenario == "signal":  # the job ends on the first signal the client passes on
+        while True:
+            kind, payload = r.expect(protocol.STDIN, protocol.STDIN_END, protocol.SIGNAL)
+            if kind == protocol.SIGNAL:
+                break
+        name = protocol.header(payload, "the client", "signal")["signal"]
+        w.send(protocol.STDOUT, f"got {name}\n".encode())
+        w.send_json(protocol.STEP, {"event": "done", "step": "exec", "detail": ""})
+        w.send_json(protocol.RESULT, {"record": record(143, signal="SIGTERM"), "error": None, "outputs": False})
     elif scenario == "drop":
         return 255  # the link ends in the middle of the run
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,19 @@ def test_the_jobs_exit_code_comes_back(place):
     done, _ = run_against(place, "exit-3", "--json", str(work / "run.json"))
     assert done.returncode == 3, done.stderr
     assert json.loads((work / "run.json").read_text())["host"] == "ssh://node"
+
+
+def test_the_first_sigterm_while_the_job_runs_is_passed_to_the_node(place):
+    env, _, _ = place
+    process = subprocess.Popen([sys.executable, "-m", "vmiso", "--host", "ssh://node", "run", "--", "python", "job.py"],
+                               env=dict(env, VMISO_FAKE_NODE="signal"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, cwd=REPO)
+    assert process.stdout is not None and process.stdout.readline() == b"job output\n"
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=30)
+    assert stdout == b"got SIGTERM\n", stderr
+    assert process.returncode == 143 and b"SIGTERM passed to the job" in stderr
+    assert b"killed by SIGTERM" in stderr
 
 
 def test_another_protocol_version_is_refused_naming_both(place):
