@@ -57,6 +57,12 @@ def main() -> int:
         return 127
     w.send_json(protocol.HELLO, protocol.hello())
     r.expect(protocol.REQUEST)
+    if scenario.startswith("images"):
+        digest = "a" * 64 if scenario == "images" else "not a digest"
+        w.send_json(protocol.RESULT, {"images": [
+            {"name": "it", "size": 2**30, "created": "2026-01-01T00:00:00", "sha256": digest},
+            {"name": f"evil{ESC}", "size": 1, "created": None, "sha256": None}]})
+        return 0
     while r.expect(protocol.ENTRY, protocol.DATA, protocol.ENTRY_END, protocol.TREE_END)[0] != protocol.TREE_END:
         pass
     w.send_json(protocol.STEP, {"event": "start", "step": "exec", "detail": "job"})

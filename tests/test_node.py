@@ -149,11 +149,25 @@ def test_a_dropped_link_ends_the_run_with_125(place):
 
 def test_other_commands_refuse_host_rather_than_act_here(place):
     env, _, _ = place
-    for args in (["images"], ["gc"], ["shell"], ["pool", "status"], ["doctor"]):
+    for args in (["images", "rm", "it"], ["gc"], ["shell"], ["pool", "status"], ["doctor"], ["provision"]):
         done = subprocess.run([sys.executable, "-m", "vmiso", *args], env=dict(env, VMISO_HOST="ssh://node"),
                               capture_output=True, text=True, timeout=60, cwd=REPO)
         assert done.returncode == 125, args
-        assert f"--host is not supported for 'vmiso {args[0]}' yet" in done.stderr
+        assert f"--host is not supported for 'vmiso {' '.join(args[:2]) if args[0] == 'images' else args[0]}' yet" \
+            in done.stderr, done.stderr
+
+
+def test_the_nodes_images_are_listed_with_their_digests(place):
+    env, _, _ = place
+    done = subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", "images"],
+                          env=dict(env, VMISO_FAKE_NODE="images"), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "a" * 64 in done.stdout and "(on ssh://node)" in done.stdout
+    assert "\x1b" not in done.stdout and "evil" in done.stdout
+    lying = subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", "images"],
+                           env=dict(env, VMISO_FAKE_NODE="images-lying"), capture_output=True, text=True, timeout=60,
+                           cwd=REPO)
+    assert lying.returncode == 125 and "name, size, date or sha256 is not one" in lying.stderr
 
 
 @pytest.mark.parametrize("text", ["node", "http://node", "ssh://-oProxyCommand=x", "ssh://node/path",

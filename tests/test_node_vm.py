@@ -72,6 +72,11 @@ def test_a_run_on_a_node_streams_exits_and_brings_checked_outputs_back(node, tmp
     assert kept["inputs"][0]["name"] == "data.txt"
     assert left_on(node) == []
     print(f"\nrun through --host: {took:.1f} s, boot {kept['boot']}")
+    # The node's images, with the digest of the template the run used.
+    listed = client(node, "images", "--json")
+    shown, said = listed.communicate(timeout=120)
+    assert listed.returncode == 0, said.decode()
+    assert [(row["name"], row["sha256"]) for row in json.loads(shown)] == [("it", kept["sha256"])]
 
 
 def test_a_client_killed_mid_run_leaves_no_vm_on_the_node(node):

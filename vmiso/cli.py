@@ -270,7 +270,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, host: str | None, remote_
 
 
 # The commands --host takes to a node (the hidden ones run on the node itself and ignore it).
-_ON_NODES = frozenset({"run", "_node", "_watchdog"})
+_ON_NODES = frozenset({"run", "images", "_node", "_watchdog"})
 
 
 @cli.command()
@@ -302,6 +302,9 @@ def provision(ctx: click.Context, config_path: Path | None, accel: str | None, s
 @click.pass_context
 def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None, as_json: bool) -> None:
     """List templates (subcommands: rm, show, verify, warm)."""
+    if ctx.obj.get("host") is not None:
+        _node_images(ctx, ctx.obj["host"], as_json)
+        return
     ctx.obj["config"] = _load(ctx, config_path, state_dir=state_dir)
     if ctx.invoked_subcommand is not None:
         return
@@ -326,6 +329,27 @@ def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
             _say(f"{'':<20} source: cloud image {source['cloud_image']} (sha256 {source['sha256']})")
         elif "recipe" in source:
             _say(f"{'':<20} source: recipe {source['recipe']} from {source['mirror']}")
+
+
+def _node_images(ctx: click.Context, host: str, as_json: bool) -> None:
+    """``vmiso --host NODE images``: the node's images and their digests (the list only, so far)."""
+    from .errors import ConfigError
+    from .node.client import SshNode
+    from .node.openssh import parse_target
+
+    if ctx.invoked_subcommand is not None:
+        raise ConfigError(f"--host is not supported for 'vmiso images {ctx.invoked_subcommand}' yet (only for the "
+                          "list); nothing was done", "run it on the node itself")
+    rows = SshNode(parse_target(host), ctx.obj.get("remote_vmiso") or "vmiso").images()
+    if as_json:
+        click.echo(json.dumps([dict(row, host=host) for row in rows], indent=2))
+        return
+    if not rows:
+        _say(f"no images on {host}")
+        return
+    _say(f"{'NAME':<20} {'SIZE':>9} {'CREATED':<26} SHA256  (on {host})")
+    for row in rows:
+        _say(f"{row['name']:<20} {row['size'] / 1024**2:>7.0f}MB {row['created'] or '?':<26} {row['sha256'] or '?'}")
 
 
 def _packages_line(packages: list[dict[str, str]], image: str, width: int = 90) -> str:

@@ -88,14 +88,9 @@ class SshNode:
         check_env(plan.env)
         if plan.output is not None:
             outputs.check_destination(plan.output)
-        peer = f"node {self.target.node}"
-        remote = openssh.remote_command(self.remote_vmiso, NODE_COMMAND)
         with steps.step("connect", f"ssh to {self.target.url}"):
-            link = Link(self.argv_for(self.target, remote), on_line=lambda line: log.warning("%s: %s", peer, line))
+            link, reader, writer = self._open()
         try:
-            reader, writer = Reader(link.from_fd, peer), Writer(link.to_fd, peer)
-            with steps.step("connect", f"vmiso on {self.target.node}"):
-                self._hello(link, reader, writer)
             try:
                 writer.send_json(protocol.REQUEST, _request(plan, io.stdin is not None))
                 with steps.step("send", "inputs"):
@@ -120,6 +115,35 @@ class SshNode:
             self._finish(link, reader, plan, steps, reply, result)
         finally:
             link.close()
+
+    def images(self) -> list[dict[str, Any]]:
+        """The node's images: name, size, created, sha256 (each checked; the CLI shows them neutralized)."""
+        link, reader, writer = self._open()
+        try:
+            try:
+                writer.send_json(protocol.REQUEST, {"op": "images"})
+                _, payload = reader.expect(protocol.RESULT)
+            except protocol.LinkLost:
+                _raise_why(link, reader, self.target)
+            rows = protocol.header(payload, reader.peer, "result").get("images")
+            if not isinstance(rows, list):
+                raise protocol.ProtocolError(f"{reader.peer} sent a list of images that is not one")
+            return [_image_row(row, reader.peer) for row in rows]
+        finally:
+            link.close()
+
+    def _open(self) -> tuple[Link, Reader, Writer]:
+        """The link to the node's vmiso, the versions agreed."""
+        peer = f"node {self.target.node}"
+        remote = openssh.remote_command(self.remote_vmiso, NODE_COMMAND)
+        link = Link(self.argv_for(self.target, remote), on_line=lambda line: log.warning("%s: %s", peer, line))
+        reader, writer = Reader(link.from_fd, peer), Writer(link.to_fd, peer)
+        try:
+            self._hello(link, reader, writer)
+        except BaseException:
+            link.close(wait=5)
+            raise
+        return link, reader, writer
 
     def _hello(self, link: Link, reader: Reader, writer: Writer) -> None:
         try:
@@ -194,6 +218,17 @@ class SshNode:
         result.exit_code, result.signal = code, name
 
 
+def _image_row(row: Any, peer: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise protocol.ProtocolError(f"{peer} sent an image that is not an object")
+    name, size, created, sha256 = row.get("name"), row.get("size"), row.get("created"), row.get("sha256")
+    if (not isinstance(name, str) or not 0 < len(name) <= 200 or not isinstance(size, int) or isinstance(size, bool)
+            or not (created is None or (isinstance(created, str) and len(created) <= 64))
+            or not (sha256 is None or (isinstance(sha256, str) and _HEX64.fullmatch(sha256)))):
+        raise protocol.ProtocolError(f"{peer} sent an image whose name, size, date or sha256 is not one")
+    return {"name": name, "size": size, "created": created, "sha256": sha256}
+
+
 def _refuse_unsupported(plan: RunPlan, io: JobIO) -> None:
     unsupported = [what for what, given in (
         ("-t (a pseudo-terminal)", io.terminal is not None), ("-p/--publish", bool(plan.publish)),
@@ -209,7 +244,7 @@ def _request(plan: RunPlan, stdin: bool) -> dict[str, Any]:
         "command": list(plan.command), "image": plan.image, "env": [list(pair) for pair in plan.env],
         "timeout": plan.timeout, "memory_mib": plan.memory_mib, "cpus": plan.cpus,
         "scratch_bytes": plan.scratch_bytes, "warm": plan.warm, "accept_tool_files": plan.accept_tool_files,
-        "output": plan.output is not None, "stdin": stdin,
+        "output": plan.output is not None, "stdin": stdin, "op": "run",
     }
 
 

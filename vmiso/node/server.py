@@ -28,6 +28,7 @@ from ..config import Config
 from ..errors import VmisoError
 from ..execution import JobIO, ThisHost
 from ..host import outputs, tree, workdir
+from ..image.store import list_images, summary
 from ..plan import RunRequest, plan_run
 from ..progress import Steps
 from ..run import Interruption, RunResult
@@ -89,6 +90,12 @@ def serve(config: Config, in_fd: int, out_fd: int, stop: Callable[[], None]) -> 
         writer.send_json(protocol.HELLO, protocol.hello())
         protocol.check_hello(payload, PEER)
         _, request = reader.expect(protocol.REQUEST)
+        op = protocol.header(request, PEER, "request").get("op")
+        if op == "images":
+            writer.send_json(protocol.RESULT, {"images": _images(config)})
+            return 0
+        if op != "run":
+            raise protocol.ProtocolError(f"{PEER} asked for {str(op)[:40]!r}, which this node does not do")
     except VmisoError as err:
         _send_error(writer, err)
         return err.exit_code
@@ -98,6 +105,12 @@ def serve(config: Config, in_fd: int, out_fd: int, stop: Callable[[], None]) -> 
     finally:
         if failures := workdir.remove_tree(work):
             log.warning("could not remove %s: %s", work, failures[0])
+
+
+def _images(config: Config) -> list[dict[str, Any]]:
+    """What ``vmiso images`` lists, the fields a client shows: name, size, created, sha256."""
+    rows = [summary(image) for image in list_images(config.state_dir)]
+    return [{key: row[key] for key in ("name", "size", "created", "sha256")} for row in rows]
 
 
 def _send_error(writer: Writer, err: VmisoError) -> None:
