@@ -110,7 +110,7 @@ def main() -> int:
     elif scenario == "bad-exit":
         w.send_json(protocol.RESULT, {"record": record(300), "error": None, "outputs": False})
     elif scenario == "exit-3":
-        w.send_json(protocol.RESULT, {"record": record(3), "error": None, "outputs": False})
+        w.send_json(protocol.RESULT, {"record": record(3, hints=[f"a hint {ESC}"]), "error": None, "outputs": False})
     elif scenario == "signal":  # the job ends on the first signal the client passes on
         while True:
             kind, payload = r.expect(protocol.STDIN, protocol.STDIN_END, protocol.SIGNAL)

@@ -112,6 +112,7 @@ def test_the_jobs_exit_code_comes_back(place):
     _, work, _ = place
     done, _ = run_against(place, "exit-3", "--json", str(work / "run.json"))
     assert done.returncode == 3, done.stderr
+    assert "vmiso: a hint" in done.stderr and "\x1b" not in done.stderr
     assert json.loads((work / "run.json").read_text())["host"] == "ssh://node"
 
 

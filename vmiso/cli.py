@@ -621,8 +621,8 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     if (killed := result.signal_message()) is not None:
         what, hint = killed
         click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
-    for line in result.hints:
-        click.echo(f"vmiso: {line}", err=True)
+    for line in result.hints:  # vmiso's own words here; a node's (--host) are its to choose
+        click.echo(f"vmiso: {neutralize(line)}", err=True)
     if result.network is not None:
         _say_network(result.network, quiet=ctx.obj["quiet"])
     ctx.exit(result.exit_code)
