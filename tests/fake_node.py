@@ -120,6 +120,9 @@ def main() -> int:
         w.send(protocol.STDOUT, f"got {name}\n".encode())
         w.send_json(protocol.STEP, {"event": "done", "step": "exec", "detail": ""})
         w.send_json(protocol.RESULT, {"record": record(143, signal="SIGTERM"), "error": None, "outputs": False})
+    elif scenario == "hang":  # neither a result nor the link's end
+        import time
+        time.sleep(600)
     elif scenario == "drop":
         return 255  # the link ends in the middle of the run
     return 0

@@ -129,6 +129,34 @@ def test_the_first_sigterm_while_the_job_runs_is_passed_to_the_node(place):
     assert b"killed by SIGTERM" in stderr
 
 
+def test_a_node_that_never_answers_is_given_up_on_when_the_run_could_no_longer_go(place, monkeypatch):
+    import dataclasses
+    import io
+    import time
+
+    from vmiso import config
+    from vmiso.errors import VmisoError
+    from vmiso.execution import JobIO
+    from vmiso.node import client
+    from vmiso.plan import RunRequest, plan_run
+    from vmiso.progress import Steps
+    from vmiso.run import Interruption
+
+    env, _, _ = place
+    monkeypatch.setenv("VMISO_FAKE_NODE", "hang")
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    monkeypatch.setattr(client, "NODE_SLACK", 1)
+    plan = dataclasses.replace(plan_run(config.load(None), RunRequest(command=("x",), timeout=1, host="ssh://node")),
+                               boot_timeout=1)
+    node = client.SshNode(openssh.parse_target("ssh://node"),
+                          argv_for=lambda target, remote: [sys.executable, str(FAKE)])
+    started = time.monotonic()
+    with pytest.raises(VmisoError, match="sent no result in the time the run could take") as caught:
+        node.execute(plan, JobIO(io.BytesIO(), io.BytesIO()), Steps(), Interruption(grace=0))
+    assert time.monotonic() - started < 15
+    assert caught.value.exit_code == 125 and caught.value.record["host"] == "ssh://node"
+
+
 def test_another_protocol_version_is_refused_naming_both(place):
     done, _ = run_against(place, "old-protocol")
     assert done.returncode == 125

@@ -20,6 +20,7 @@ import re
 import signal
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+NODE_SLACK = 120  # seconds past a run's own limits that a node has to send its result
 NODE_COMMAND = "_node"  # the node's hidden entry point (vmiso.node.server)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_LINE = re.compile(r"([0-9a-f]{64})  (.+)")
@@ -98,7 +100,10 @@ class SshNode:
             except protocol.LinkLost:
                 _raise_why(link, reader, self.target)
             done = threading.Event()
-            threads = [threading.Thread(target=_forward_signals, args=(writer, interruption, done),
+            # A node that neither finishes nor drops the link is given up on when its run could no longer
+            # be going: boot, job, an interruption's grace and the node's cleanup (NODE_SLACK) are over.
+            deadline = time.monotonic() + plan.boot_timeout + plan.timeout + interruption.grace + NODE_SLACK
+            threads = [threading.Thread(target=_forward_signals, args=(writer, interruption, done, link, deadline),
                                         name="vmiso-node-signals", daemon=True)]
             if io.stdin is not None:
                 threads.append(threading.Thread(target=_pump_stdin, args=(io.stdin, writer), name="vmiso-node-stdin",
@@ -268,9 +273,15 @@ def _send_inputs(writer: Writer, inputs: tuple[Path, ...]) -> None:
     writer.send(protocol.TREE_END)
 
 
-def _forward_signals(writer: Writer, interruption: Interruption, done: threading.Event) -> None:
-    """The first Ctrl-C or SIGTERM while the job runs, passed to the node (which passes it to the job)."""
+def _forward_signals(writer: Writer, interruption: Interruption, done: threading.Event, link: Link,
+                     deadline: float) -> None:
+    """The first Ctrl-C or SIGTERM while the job runs, passed to the node (which passes it to the job);
+    the link ended at ``deadline`` (monotonic) if the node has not sent its result by then."""
     while not done.wait(0.05):
+        if time.monotonic() > deadline:
+            link.late = True
+            link.process.kill()  # the node sees the link end and destroys the VM
+            return
         sig = interruption.take()
         if sig is None:
             continue
@@ -321,6 +332,10 @@ def _raise_why(link: Link, reader: Reader, target: Target) -> NoReturn:
     if frame is not None and frame[0] == protocol.ERROR:
         raise protocol.peer_error(frame[1], reader.peer)
     link.close(wait=5)
+    if link.late:
+        raise NodeError(f"{target.node} sent no result in the time the run could take; vmiso ended the link, "
+                        "and the node destroys the run's VM when it sees that",
+                        f"check the node with '{target.command_to_add()}'")
     said = link.said()
     last = said.splitlines()[-1][:_TEXT_MAX] if said else "the connection ended"
     raise NodeError(f"the link to {target.node} was lost ({last}); the node destroys the run's VM when it "

@@ -100,6 +100,7 @@ class Link:
 
     def __init__(self, argv: list[str], on_line: Callable[[str], None] = lambda line: None) -> None:
         self._on_line = on_line
+        self.late = False  # ended by the client because the far side took longer than it could
         try:
             self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, start_new_session=True)
