@@ -58,7 +58,7 @@ def test_a_run_on_a_node_streams_exits_and_brings_checked_outputs_back(node, tmp
     data.write_text("hello from the client\n")
     out, record = tmp_path / "out", tmp_path / "run.json"
     started = time.monotonic()
-    process = client(node, "run", "-i", data, "-o", out, "--json", record, "--", "python", "-c", JOB)
+    process = client(node, "run", "--image", "it", "-i", data, "-o", out, "--json", record, "--", "python", "-c", JOB)
     stdout, stderr = process.communicate(timeout=900)
     took = time.monotonic() - started
     assert process.returncode == 3, stderr.decode()
@@ -80,7 +80,7 @@ def test_a_run_on_a_node_streams_exits_and_brings_checked_outputs_back(node, tmp
 
 
 def test_a_client_killed_mid_run_leaves_no_vm_on_the_node(node):
-    process = client(node, "run", "--", "python", "-c", SLOW)
+    process = client(node, "run", "--image", "it", "--", "python", "-c", SLOW)
     assert process.stdout is not None
     assert process.stdout.readline().decode().strip() == "started"
     assert vmiso_domains(node.state), "the job runs in a VM of the node's"
