@@ -1,6 +1,5 @@
 """A node of the test's own for ``vmiso --host``: a real OpenSSH sshd, with its own host key and an
-authorized key the test made, started in a network namespace of the test's own (and, inside it, a
-mount namespace where the client's directories are hidden), reached by the client's real ssh through
+authorized key the test made, started in a network namespace of the test's own, reached by the client's real ssh through
 a config that pins the host key.
 
 The client's ``ssh`` is the analyst's own, found on PATH: the test puts a wrapper first on PATH that
@@ -89,15 +88,18 @@ def wait_listening(address: str, port: int, timeout: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def sshd(directory: Path, address: str, port: int, *, netns: str | None, hide: tuple[Path, ...] = ()):
-    """/usr/sbin/sshd -D with ``directory``'s config, in ``netns`` (None: this one), with ``hide`` covered by
-    an empty tmpfs in a mount namespace of its own; stopped when the block ends."""
+def sshd(directory: Path, address: str, port: int, *, netns: str | None):
+    """/usr/sbin/sshd -D with ``directory``'s config, in ``netns`` (None: this one); stopped when the block ends.
+
+    Only the network namespace is entered (nsenter --net), not ``ip netns exec``, which also gives the
+    process a mount namespace of its own: the node's vmiso mounts each run's bounded /out, and QEMU,
+    started by libvirtd in this mount namespace, must see that mount (in another it gets EACCES on the
+    directory beneath).  So the client's directories are not hidden from the node by a mount; that the
+    node works only from what crossed the link is what the protocol gives it (paths never cross)."""
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege separation directory
-    covers = " && ".join(f"mount -t tmpfs -o size=1m vmiso-hidden {p}" for p in hide)
-    line = (covers + " && " if covers else "") + f"exec /usr/sbin/sshd -D -e -f {directory}/sshd_config"
-    argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", line]
+    argv = ["/usr/sbin/sshd", "-D", "-e", "-f", f"{directory}/sshd_config"]
     if netns is not None:
-        argv = ["ip", "netns", "exec", netns, *argv]
+        argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
     with open(directory / "sshd.log", "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -113,12 +115,12 @@ def sshd(directory: Path, address: str, port: int, *, netns: str | None, hide: t
 
 
 @contextlib.contextmanager
-def ssh_node(directory: Path, state: Path, hide: tuple[Path, ...] = ()):
+def ssh_node(directory: Path, state: Path):
     """A node in a network namespace of the test's own; yields a Node."""
     tmp = directory / "node-tmp"
     tmp.mkdir()
     files = write_node_files(directory, NODE_LAN[1], 22)
     script = node_vmiso(directory, state, tmp)
-    with network_namespace([NODE_LAN], []) as ns, sshd(directory, NODE_LAN[1], 22, netns=ns, hide=hide):
+    with network_namespace([NODE_LAN], []) as ns, sshd(directory, NODE_LAN[1], 22, netns=ns):
         env = dict(os.environ, PATH=f"{files['bin']}:{os.environ['PATH']}", VMISO_REMOTE_VMISO=str(script))
         yield Node("ssh://node", env, state, tmp, directory)

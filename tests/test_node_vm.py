@@ -1,5 +1,4 @@
-"""vmiso --host ssh://NODE run, end to end: a real sshd in a network namespace of the test's own, where the
-client's directories do not exist, the node's vmiso (this tree) with a state directory of its own."""
+"""vmiso --host ssh://NODE run, end to end: a real sshd in a network namespace of the test's own, the node's vmiso (this tree) with a state directory of its own."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ SLOW = "import time; print('started', flush=True); time.sleep(600)"
 @pytest.fixture
 def node(image, tmp_path):
     """The node: its own state directory holding the session's image (hard links: the store's files are
-    read-only), sshd in a namespace that hides the client's tmp_path."""
+    read-only), sshd in a network namespace of the test's own."""
     root = make_state_root("vmiso-node-")
     try:
         state = root / "state"
@@ -34,7 +33,7 @@ def node(image, tmp_path):
         subprocess.run(["cp", "-al", str(image["state"] / "images"), str(state / "images")], check=True)
         directory = root / "node"
         directory.mkdir()
-        with ssh_node(directory, state, hide=(tmp_path,)) as made:
+        with ssh_node(directory, state) as made:
             yield made
     finally:
         remove_tree(root)
