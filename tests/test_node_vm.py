@@ -1,4 +1,5 @@
-"""vmiso --host ssh://NODE run, end to end: a real sshd in a network namespace of the test's own, the node's vmiso (this tree) with a state directory of its own."""
+"""vmiso --host ssh://NODE run, end to end: a real sshd in a network namespace of the test's own, the node's
+vmiso (this tree) with a state directory of its own."""
 
 from __future__ import annotations
 
