@@ -249,12 +249,28 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 @click.option("-v", "--verbose", count=True,
               help="-v: a line per step, tracebacks for internal errors; -vv: debugging detail")
 @click.option("-q", "--quiet", is_flag=True, help="only errors (and the warning that a VM runs under TCG)")
+@click.option("--host", envvar="VMISO_HOST", metavar="ssh://[USER@]NODE[:PORT]",
+              help="act on NODE, reached with your own ssh (also VMISO_HOST; default: this machine); "
+                   "so far 'run' only")
+@click.option("--remote-vmiso", envvar="VMISO_REMOTE_VMISO", metavar="COMMAND",
+              help="the node's vmiso, e.g. /opt/vmiso/venv/bin/vmiso (also VMISO_REMOTE_VMISO; default: vmiso)")
 @click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+def cli(ctx: click.Context, verbose: int, quiet: bool, host: str | None, remote_vmiso: str | None) -> None:
     """Run Python programs you cannot audit in disposable, offline VMs."""
     _setup_logging(verbose, quiet)
-    ctx.obj = {"quiet": quiet, "verbose": verbose}
+    host = host or None  # VMISO_HOST= (empty): this machine
+    if host is not None and ctx.invoked_subcommand not in _ON_NODES:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--host is not supported for 'vmiso {ctx.invoked_subcommand}' yet (only for "
+                          f"{', '.join(sorted(c for c in _ON_NODES if not c.startswith('_')))}); nothing was done",
+                          "run it on the node itself, or without --host (and VMISO_HOST) for this machine")
+    ctx.obj = {"quiet": quiet, "verbose": verbose, "host": host, "remote_vmiso": remote_vmiso}
+
+
+# The commands --host takes to a node (the hidden ones run on the node itself and ignore it).
+_ON_NODES = frozenset({"run", "images", "_node", "_watchdog"})
 
 
 @cli.command()
@@ -286,6 +302,9 @@ def provision(ctx: click.Context, config_path: Path | None, accel: str | None, s
 @click.pass_context
 def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None, as_json: bool) -> None:
     """List templates (subcommands: rm, show, verify, warm)."""
+    if ctx.obj.get("host") is not None:
+        _node_images(ctx, ctx.obj["host"], as_json)
+        return
     ctx.obj["config"] = _load(ctx, config_path, state_dir=state_dir)
     if ctx.invoked_subcommand is not None:
         return
@@ -310,6 +329,27 @@ def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
             _say(f"{'':<20} source: cloud image {source['cloud_image']} (sha256 {source['sha256']})")
         elif "recipe" in source:
             _say(f"{'':<20} source: recipe {source['recipe']} from {source['mirror']}")
+
+
+def _node_images(ctx: click.Context, host: str, as_json: bool) -> None:
+    """``vmiso --host NODE images``: the node's images and their digests (the list only, so far)."""
+    from .errors import ConfigError
+    from .node.client import SshNode
+    from .node.openssh import parse_target
+
+    if ctx.invoked_subcommand is not None:
+        raise ConfigError(f"--host is not supported for 'vmiso images {ctx.invoked_subcommand}' yet (only for the "
+                          "list); nothing was done", "run it on the node itself")
+    rows = SshNode(parse_target(host), ctx.obj.get("remote_vmiso") or "vmiso").images()
+    if as_json:
+        click.echo(json.dumps([dict(row, host=host) for row in rows], indent=2))
+        return
+    if not rows:
+        _say(f"no images on {host}")
+        return
+    _say(f"{'NAME':<20} {'SIZE':>9} {'CREATED':<26} SHA256  (on {host})")
+    for row in rows:
+        _say(f"{row['name']:<20} {row['size'] / 1024**2:>7.0f}MB {row['created'] or '?':<26} {row['sha256'] or '?'}")
 
 
 def _packages_line(packages: list[dict[str, str]], image: str, width: int = 90) -> str:
@@ -596,7 +636,8 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
         plan = plan_run(config, RunRequest(
             command=command, image=image, inputs=inputs, output=output, timeout=timeout, memory_mib=memory,
             cpus=cpus, scratch_bytes=scratch_bytes, warm=not cold, env=tuple(env),
-            accept_tool_files=accept_tool_files, publish=publish, allow_hosts=allow_hosts, allow_tcp=allow_tcp))
+            accept_tool_files=accept_tool_files, publish=publish, allow_hosts=allow_hosts, allow_tcp=allow_tcp,
+            host=ctx.obj.get("host"), remote_vmiso=ctx.obj.get("remote_vmiso")))
         before = RunResult.before_run(plan)
         session = _Session.for_job(tty=tty, raw=raw)
         printer = _job_progress(ctx)
@@ -640,8 +681,8 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
     if (killed := result.signal_message()) is not None:
         what, hint = killed
         click.echo(f"vmiso: {what}" + (f" ({hint})" if hint else ""), err=True)
-    for line in result.hints:
-        click.echo(f"vmiso: {line}", err=True)
+    for line in result.hints:  # vmiso's own words here; a node's (--host) are its to choose
+        click.echo(f"vmiso: {neutralize(line)}", err=True)
     if result.network is not None:
         _say_network(result.network, quiet=ctx.obj["quiet"])
     ctx.exit(result.exit_code)
@@ -1295,6 +1336,34 @@ def slurm_element_command(ctx: click.Context, element_file: Path) -> None:
     from .batch.slurm import element
 
     ctx.exit(element(element_file))
+
+
+@cli.command("_node", hidden=True)
+@click.option("-c", "--config", "config_path", envvar="VMISO_CONFIG", type=click.Path(path_type=Path, dir_okay=False),
+              help="this node's vmiso.yaml (also VMISO_CONFIG)")
+@click.pass_context
+def node_command(ctx: click.Context, config_path: Path | None) -> None:
+    """The node's side of 'vmiso --host ssh://NODE run': the protocol on stdin and stdout (vmiso.node.server)."""
+    import threading
+
+    from .node.server import serve
+
+    # The protocol keeps stdin and stdout to itself: what anything else writes to fd 1 (a child
+    # that inherits it) goes to stderr, and nothing else reads the client's frames.
+    in_fd, out_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    config = _load(ctx, config_path)
+    main_thread = threading.main_thread().ident
+    assert main_thread is not None
+
+    def stop() -> None:
+        signal.pthread_kill(main_thread, signal.SIGHUP)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    ctx.exit(serve(config, in_fd, out_fd, stop))
 
 
 def main() -> None:

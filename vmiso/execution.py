@@ -2,9 +2,9 @@
 
 A run's plan says where it executes (``RunPlan.where``) and ``execution_for`` gives
 the ``Execution`` for that place.  ``ThisHost`` opens this host's libvirt
-connection and runs the plan's steps (vmiso.run).  A node reached over SSH will be
-another ``Execution`` beside it: the same plan, run there, the job's streams
-carried back.
+connection and runs the plan's steps (vmiso.run).  ``SshNode`` (vmiso.node.client)
+is the other, beside it: the same plan, run by the vmiso of a node reached with the
+analyst's ssh, the job's streams and its checked outputs carried back.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import BinaryIO, Protocol
 from . import run
 from .errors import ConfigError
 from .hypervisor import connected
+from .node import openssh
 from .plan import LOCAL, RunPlan
 from .progress import Steps
 from .run import Interruption, RunResult
@@ -56,8 +57,12 @@ PLACES: dict[str, Callable[[], Execution]] = {LOCAL: ThisHost}
 
 def execution_for(plan: RunPlan) -> Execution:
     """Where ``plan`` executes; ConfigError for a place vmiso does not know."""
+    if plan.where.startswith(openssh.SCHEME):
+        from .node.client import SshNode  # it imports this module (JobIO) when type-checked
+
+        return SshNode(openssh.parse_target(plan.where), plan.remote_vmiso)
     place = PLACES.get(plan.where)
     if place is None:
         raise ConfigError(f"a run cannot execute on {plan.where!r}",
-                          f"runs execute on this host ({LOCAL!r}); " + ", ".join(sorted(PLACES)) + " is all there is")
+                          f"runs execute on this host ({LOCAL!r}) or on a node ({openssh.SCHEME}[USER@]NODE[:PORT])")
     return place()

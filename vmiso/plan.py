@@ -17,7 +17,7 @@ from .config import MIN_SCRATCH, Config, check_at_least
 from .host.inputs import InputLimits
 from .network import allow
 
-LOCAL = "local"  # where a run executes: this host (the only place so far)
+LOCAL = "local"  # where a run executes: this host; else a node, "ssh://[USER@]NODE[:PORT]" (vmiso.node)
 WATCHDOG_GRACE = 30  # seconds past boot + job timeout before a run's watchdog acts on its own
 
 
@@ -39,6 +39,8 @@ class RunRequest:
     publish: tuple[int, ...] = ()  # guest loopback ports the host may reach while the job runs
     allow_hosts: tuple[str, ...] = ()  # added to run.allow_hosts
     allow_tcp: tuple[str, ...] = ()  # added to run.allow_tcp
+    host: str | None = None  # --host ssh://[USER@]NODE[:PORT]; None: this host
+    remote_vmiso: str | None = None  # the node's vmiso command (--remote-vmiso); None: "vmiso"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class RunPlan:
     state_dir: Path
     libvirt_uri: str
     where: str = LOCAL
+    remote_vmiso: str = "vmiso"  # the command that runs vmiso on the node (where it is not LOCAL)
 
     @property
     def output_limits(self) -> tuple[int, int]:
@@ -110,4 +113,6 @@ def plan_run(config: Config, request: RunRequest) -> RunPlan:
         output_max_files=config.run.output_max_files,
         state_dir=config.state_dir,
         libvirt_uri=config.libvirt_uri,
+        where=request.host or LOCAL,
+        remote_vmiso=request.remote_vmiso or "vmiso",
     )

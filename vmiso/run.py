@@ -40,7 +40,7 @@ from .image.seed import RUN_USER
 from .image.store import Image, get_image, verified_sha256
 from .network import allow
 from .network.gateway import Gateway
-from .plan import RunPlan
+from .plan import LOCAL, RunPlan
 from .progress import Steps
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ RECORD_KEYS: dict[str, tuple[type, ...]] = {
     "sha256": (str, type(None)), "accel": (str, type(None)), "boot": (str, type(None)), "inputs": (list,),
     "memory_mib": (int,), "scratch_bytes": (int,), "exit_code": (int,), "signal": (str, type(None)),
     "error": (str, type(None)), "hints": (list,), "timings": (dict,), "outputs": (dict, type(None)),
-    "published": (dict,), "network": (dict, type(None)),
+    "published": (dict,), "network": (dict, type(None)), "host": (str, type(None)),
 }
 
 
@@ -120,12 +120,13 @@ class RunResult:
     accel: str | None = None  # what the clone ran under: "kvm" or "tcg"
     inputs: tuple[StagedInput, ...] = ()
     error: str | None = None  # why the run has no exit code of the job's (vmiso's own code then)
+    host: str | None = None  # the node it ran on ("ssh://..."); None: this host
 
     @classmethod
     def before_run(cls, plan: RunPlan) -> RunResult:
         """What a run's record says before anything of the run is known."""
         return cls(None, plan.image, None, plan.command, EXIT_VMISO, memory_mib=plan.memory_mib,
-                   scratch_bytes=plan.scratch_bytes)
+                   scratch_bytes=plan.scratch_bytes, host=None if plan.where == LOCAL else plan.where)
 
     def failed(self, err: BaseException, exit_code: int) -> dict[str, Any]:
         """The record of a run that ``err`` ended, with vmiso's ``exit_code``."""
@@ -166,6 +167,7 @@ class RunResult:
             "outputs": self.outputs.as_dict() if self.outputs else None,
             "published": {str(guest): where for guest, where in self.published.items()},
             "network": self.network,
+            "host": self.host,
         }
 
 

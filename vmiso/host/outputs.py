@@ -142,7 +142,8 @@ def _guest_mode(fd: int) -> int | None:
     return int.from_bytes(raw[:4], sys.byteorder)
 
 
-def _name_problem(name: str) -> str | None:
+def name_problem(name: str) -> str | None:
+    """Why a name the guest (or a node) gave would act on a terminal or a command line, or None."""
     if any("\udc80" <= c <= "\udcff" for c in name):  # undecodable bytes (surrogateescape)
         return "name is not valid UTF-8"
     if any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in name):  # C0, DEL and C1
@@ -326,7 +327,7 @@ def _check(share_fd: int, report: OutputReport, *, max_bytes: int, max_files: in
     for entry in tree.walk(share_fd, sort=True, on_error=unreadable):
         del prefix[entry.depth:]
         path_len = prefix[-1] + len(entry.name)
-        problem = _name_problem(entry.name) or _entry_problem(entry)
+        problem = name_problem(entry.name) or _entry_problem(entry)
         if problem is None and not accept_tool_files:
             problem = tool_file_problem(entry.name)
             if problem is None and entry.depth == 1 and entry.name in root_markers:

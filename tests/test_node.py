@@ -1,0 +1,229 @@
+"""vmiso --host without a VM: a hostile node (tests/fake_node.py) behind the client's real code and real
+pipes, started by a fake ``ssh`` first on PATH; the argv of the real ssh; an unknown host key refused by
+the real ssh against a real sshd."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmiso.errors import ConfigError
+from vmiso.node import openssh
+
+from nodeharness import sshd, write_node_files
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE = Path(__file__).resolve().parent / "fake_node.py"
+SMALL_LIMITS = "run:\n  output_max_bytes: 1048576\n  output_max_files: 100\n"
+
+
+@pytest.fixture
+def place(tmp_path):
+    """(the client's environment with the fake ssh, a work directory, the client's TMPDIR)."""
+    bin_dir, work, tmp = tmp_path / "bin", tmp_path / "work", tmp_path / "tmp"
+    for d in (bin_dir, work, tmp):
+        d.mkdir()
+    fake = bin_dir / "ssh"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE}\n")
+    fake.chmod(0o755)
+    config = work / "vmiso.yaml"
+    config.write_text(SMALL_LIMITS)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TMPDIR=str(tmp),
+               PYTHONPATH=f"{REPO}:{REPO / 'tests'}")
+    return env, work, tmp
+
+
+def run_against(place, scenario: str, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    env, work, _ = place
+    out = work / "out"
+    done = subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", "run", "-c", str(work / "vmiso.yaml"),
+                           "-o", str(out), *args, "--", "python", "job.py"], env=dict(env, VMISO_FAKE_NODE=scenario),
+                          capture_output=True, text=True, timeout=60, cwd=REPO, stdin=subprocess.DEVNULL)
+    return done, out
+
+
+def written(place) -> list[str]:
+    """Everything under the work directory and the client's TMPDIR, but the config."""
+    _, work, tmp = place
+    return sorted(str(p.relative_to(work.parent)) for root in (work, tmp) for p in root.rglob("*")
+                  if p.name != "vmiso.yaml")
+
+
+def test_an_honest_node_delivers_checked_outputs_with_a_manifest(place):
+    done, out = run_against(place, "honest")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "job output\n"
+    assert (out / "result.txt").read_text() == "fine\n" and (out / "sub" / "more.txt").read_text() == "more"
+    assert "result.txt" in (out / "MANIFEST").read_text()
+    assert written(place) == ["work/out", "work/out/MANIFEST", "work/out/result.txt", "work/out/sub",
+                              "work/out/sub/more.txt"]
+
+
+def test_a_tool_file_the_node_should_have_refused_is_refused_here(place):
+    done, out = run_against(place, "tool-file")
+    assert done.returncode == 0, done.stderr
+    assert "refused output .envrc" in done.stderr and "direnv" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["MANIFEST", "result.txt"]
+
+
+@pytest.mark.parametrize(("scenario", "said"), [
+    ("symlink", "only regular files and directories cross the link"),
+    ("dotdot", "not a plain relative path"),
+    ("absolute", "not a plain relative path"),
+    ("dash", "begins with '-'"),
+    ("control-name", "control characters"),
+    ("unlisted", "which its MANIFEST does not list"),
+    ("wrong-hash", "does not match the sha256 its MANIFEST gives"),
+    ("missing", "which it did not send"),
+    ("oversized-frame", "at most 262144 are allowed"),
+    ("oversized-stream", "hold more than 1048576 bytes"),
+    ("lying-size", "more bytes for 'result.txt' than the 5 it announced"),
+    ("bad-exit", "an exit status that no job can have"),
+])
+def test_a_hostile_node_is_refused_and_nothing_is_written(place, scenario, said):
+    done, out = run_against(place, scenario)
+    assert done.returncode == 125, (done.returncode, done.stderr)
+    assert said in done.stderr
+    assert "\x1b" not in done.stderr
+    # Nothing outside --output, and nothing in it: the client's staging directory is gone too.
+    assert written(place) in ([], ["work/out"]), written(place)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_the_nodes_words_reach_the_terminal_neutralized_and_its_json_says_where(place):
+    _, work, _ = place
+    done, _ = run_against(place, "escapes", "--json", str(work / "run.json"))
+    assert done.returncode == 125
+    # The job's own bytes go to a pipe raw, as a local run's do; vmiso's lines (the node's words) never.
+    ours = [line for line in done.stderr.splitlines() if line.startswith("vmiso:")]
+    assert len(ours) == 3 and not any(c in line for line in ours for c in "\x1b\x07"), ours
+    assert "node node: bad" in done.stderr and "node log" in done.stderr
+    record = json.loads((work / "run.json").read_text())
+    assert record["host"] == "ssh://node" and record["exit_code"] == 125 and "bad" in record["error"]
+
+
+def test_the_jobs_exit_code_comes_back(place):
+    _, work, _ = place
+    done, _ = run_against(place, "exit-3", "--json", str(work / "run.json"))
+    assert done.returncode == 3, done.stderr
+    assert "vmiso: a hint" in done.stderr and "\x1b" not in done.stderr
+    assert json.loads((work / "run.json").read_text())["host"] == "ssh://node"
+
+
+def test_the_first_sigterm_while_the_job_runs_is_passed_to_the_node(place):
+    env, _, _ = place
+    process = subprocess.Popen([sys.executable, "-m", "vmiso", "--host", "ssh://node", "run", "--", "python", "job.py"],
+                               env=dict(env, VMISO_FAKE_NODE="signal"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, cwd=REPO)
+    assert process.stdout is not None and process.stdout.readline() == b"job output\n"
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=30)
+    assert stdout == b"got SIGTERM\n", stderr
+    assert process.returncode == 143 and b"SIGTERM passed to the job" in stderr
+    assert b"killed by SIGTERM" in stderr
+
+
+def test_a_node_that_never_answers_is_given_up_on_when_the_run_could_no_longer_go(place, monkeypatch):
+    import dataclasses
+    import io
+    import time
+
+    from vmiso import config
+    from vmiso.errors import VmisoError
+    from vmiso.execution import JobIO
+    from vmiso.node import client
+    from vmiso.plan import RunRequest, plan_run
+    from vmiso.progress import Steps
+    from vmiso.run import Interruption
+
+    env, _, _ = place
+    monkeypatch.setenv("VMISO_FAKE_NODE", "hang")
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    monkeypatch.setattr(client, "NODE_SLACK", 1)
+    plan = dataclasses.replace(plan_run(config.load(None), RunRequest(command=("x",), timeout=1, host="ssh://node")),
+                               boot_timeout=1)
+    node = client.SshNode(openssh.parse_target("ssh://node"),
+                          argv_for=lambda target, remote: [sys.executable, str(FAKE)])
+    started = time.monotonic()
+    with pytest.raises(VmisoError, match="sent no result in the time the run could take") as caught:
+        node.execute(plan, JobIO(io.BytesIO(), io.BytesIO()), Steps(), Interruption(grace=0))
+    assert time.monotonic() - started < 15
+    assert caught.value.exit_code == 125 and caught.value.record["host"] == "ssh://node"
+
+
+def test_another_protocol_version_is_refused_naming_both(place):
+    done, _ = run_against(place, "old-protocol")
+    assert done.returncode == 125
+    assert "protocol 99 (vmiso '9.9')" in done.stderr and "speaks protocol 1" in done.stderr
+
+
+def test_a_node_without_vmiso_is_named(place):
+    done, _ = run_against(place, "silent")
+    assert done.returncode == 125
+    assert "did not answer as a vmiso node" in done.stderr and "command not found" in done.stderr
+    assert "--remote-vmiso" in done.stderr
+
+
+def test_a_dropped_link_ends_the_run_with_125(place):
+    done, _ = run_against(place, "drop")
+    assert done.returncode == 125
+    assert "the link to node was lost" in done.stderr
+
+
+def test_other_commands_refuse_host_rather_than_act_here(place):
+    env, _, _ = place
+    for args in (["images", "rm", "it"], ["gc"], ["shell"], ["pool", "status"], ["doctor"], ["provision"]):
+        done = subprocess.run([sys.executable, "-m", "vmiso", *args], env=dict(env, VMISO_HOST="ssh://node"),
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert done.returncode == 125, args
+        assert f"--host is not supported for 'vmiso {' '.join(args[:2]) if args[0] == 'images' else args[0]}' yet" \
+            in done.stderr, done.stderr
+
+
+def test_the_nodes_images_are_listed_with_their_digests(place):
+    env, _, _ = place
+    done = subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", "images"],
+                          env=dict(env, VMISO_FAKE_NODE="images"), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "a" * 64 in done.stdout and "(on ssh://node)" in done.stdout
+    assert "\x1b" not in done.stdout and "evil" in done.stdout
+    lying = subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", "images"],
+                           env=dict(env, VMISO_FAKE_NODE="images-lying"), capture_output=True, text=True, timeout=60,
+                           cwd=REPO)
+    assert lying.returncode == 125 and "name, size, date or sha256 is not one" in lying.stderr
+
+
+@pytest.mark.parametrize("text", ["node", "http://node", "ssh://-oProxyCommand=x", "ssh://node/path",
+                                  "ssh://us er@node", "ssh://node:99999", "ssh://a:b@node"])
+def test_host_addresses_that_are_not_one_are_refused(text):
+    with pytest.raises(ConfigError):
+        openssh.parse_target(text)
+
+
+def test_the_ssh_argv_always_checks_host_keys():
+    target = openssh.parse_target("ssh://ana@kvm1.example.org:2222")
+    assert (target.user, target.node, target.port) == ("ana", "kvm1.example.org", 2222)
+    argv = openssh.ssh_argv(target, openssh.remote_command("/opt/v/bin/vmiso", "_node"))
+    assert argv[:2] == ["ssh", "-T"]
+    assert "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv
+    assert argv[-3:] == ["--", "kvm1.example.org", "/opt/v/bin/vmiso _node"]
+    assert argv[argv.index("-p"):argv.index("-p") + 2] == ["-p", "2222"]
+
+
+@pytest.mark.root(reason="a real sshd, as root, on loopback")
+def test_an_unknown_host_key_is_refused_with_the_command_that_adds_it(tmp_path):
+    files = write_node_files(tmp_path, "127.0.0.1", 42223, known=False)
+    env = dict(os.environ, PATH=f"{files['bin']}:{os.environ['PATH']}", VMISO_REMOTE_VMISO="false")
+    with sshd(tmp_path, "127.0.0.1", 42223, netns=None):
+        done = subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", "run", "--", "true"],
+                              env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 125
+    assert "the host key of node is not known" in done.stderr
+    assert "connect once with 'ssh node'" in done.stderr
+    assert not (tmp_path / "known_hosts").read_text()  # never learnt

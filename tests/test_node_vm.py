@@ -1,0 +1,94 @@
+"""vmiso --host ssh://NODE run, end to end: a real sshd in a network namespace of the test's own, the node's
+vmiso (this tree) with a state directory of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nodeharness import ssh_node
+from vmharness import REPO, make_state_root, remove_tree, vmiso_domains, wait_for
+
+pytestmark = pytest.mark.vm
+
+JOB = ("import sys, pathlib; print(open('/in/data.txt').read().strip().upper(), flush=True); "
+       "print('to stderr', file=sys.stderr, flush=True); pathlib.Path('/out/result.txt').write_text('done'); "
+       "sys.exit(3)")
+SLOW = "import time; print('started', flush=True); time.sleep(600)"
+
+
+@pytest.fixture
+def node(image, tmp_path):
+    """The node: its own state directory holding the session's image (hard links: the store's files are
+    read-only), sshd in a network namespace of the test's own."""
+    root = make_state_root("vmiso-node-")
+    try:
+        state = root / "state"
+        state.mkdir()
+        subprocess.run(["cp", "-al", str(image["state"] / "images"), str(state / "images")], check=True)
+        directory = root / "node"
+        directory.mkdir()
+        with ssh_node(directory, state) as made:
+            yield made
+    finally:
+        remove_tree(root)
+
+
+def client(node, *args, **popen):
+    return subprocess.Popen([sys.executable, "-m", "vmiso", "--host", node.url, *map(str, args)], cwd=REPO,
+                            env=dict(node.env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **popen)
+
+
+def left_on(node) -> list[str]:
+    """What a run left on the node: VMs, run directories, received inputs or kept outputs."""
+    runs = node.state / "runs"
+    return [*vmiso_domains(node.state), *(str(p) for p in runs.iterdir() if runs.is_dir()),
+            *(str(p) for p in node.tmp.iterdir())]
+
+
+def test_a_run_on_a_node_streams_exits_and_brings_checked_outputs_back(node, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("hello from the client\n")
+    out, record = tmp_path / "out", tmp_path / "run.json"
+    started = time.monotonic()
+    process = client(node, "run", "--image", "it", "-i", data, "-o", out, "--json", record, "--", "python", "-c", JOB)
+    stdout, stderr = process.communicate(timeout=900)
+    took = time.monotonic() - started
+    assert process.returncode == 3, stderr.decode()
+    assert stdout.decode().splitlines() == ["HELLO FROM THE CLIENT"], stderr.decode()
+    assert "to stderr" in stderr.decode()
+    assert (out / "result.txt").read_text() == "done"
+    assert sorted(p.name for p in out.iterdir()) == ["MANIFEST", "result.txt"]
+    kept = json.loads(record.read_text())
+    assert kept["host"] == node.url and kept["exit_code"] == 3 and kept["error"] is None
+    assert [f["path"] for f in kept["outputs"]["files"]] == ["result.txt"]
+    assert kept["inputs"][0]["name"] == "data.txt"
+    assert left_on(node) == []
+    print(f"\nrun through --host: {took:.1f} s, boot {kept['boot']}")
+    # The node's images, with the digest of the template the run used.
+    listed = client(node, "images", "--json")
+    shown, said = listed.communicate(timeout=120)
+    assert listed.returncode == 0, said.decode()
+    assert [(row["name"], row["sha256"]) for row in json.loads(shown)] == [("it", kept["sha256"])]
+
+
+def test_a_client_killed_mid_run_leaves_no_vm_on_the_node(node):
+    process = client(node, "run", "--image", "it", "--", "python", "-c", SLOW)
+    assert process.stdout is not None
+    assert process.stdout.readline().decode().strip() == "started"
+    assert vmiso_domains(node.state), "the job runs in a VM of the node's"
+    killed = time.monotonic()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(10)
+    wait_for(lambda: not vmiso_domains(node.state), 30, "the node's VM to be destroyed")
+    gone = time.monotonic() - killed
+    wait_for(lambda: left_on(node) == [], 30, "the node's run to be cleaned up")
+    assert gone < 20
+    print(f"\nVM gone {gone:.1f} s after the client was killed")

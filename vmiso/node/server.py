@@ -1,0 +1,227 @@
+"""The node's side of a run: ``vmiso _node``, started by the analyst's ssh, speaking the protocol on its
+stdin and stdout.
+
+Everything the client sends is untrusted input: the request is checked and resolved
+against this node's own configuration (its state directory, libvirt, limits), the
+inputs are received into a private directory with the transfer's refusals and this
+node's input limits, then the run is the ordinary local one (vmiso.execution.ThisHost),
+with its output into a private directory that is streamed back with its MANIFEST.
+
+A link that ends (the client killed, the connection dropped) ends the run: the reader
+sees end of file and interrupts the main thread (``stop``), whose cleanup destroys the
+VM as a local run's does on Ctrl-C; if this process is killed instead, the run's
+watchdog destroys it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from ..config import Config
+from ..errors import VmisoError
+from ..execution import JobIO, ThisHost
+from ..host import outputs, tree, workdir
+from ..image.store import list_images, summary
+from ..plan import RunRequest, plan_run
+from ..progress import Steps
+from ..run import Interruption, RunResult
+from . import protocol
+from .protocol import Reader, Writer
+from .transfer import Bounds, receive_tree, send_directory
+
+log = logging.getLogger(__name__)
+
+PEER = "the client"
+_SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+
+
+class _Framed:
+    """A job's stream (stdout or stderr) as frames of ``kind``."""
+
+    def __init__(self, writer: Writer, kind: int) -> None:
+        self._writer, self._kind = writer, kind
+
+    def write(self, data: bytes) -> int:
+        if data:
+            self._writer.send_data(self._kind, bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _request(payload: bytes, config: Config, inputs: tuple[Path, ...], output: Path | None) -> RunRequest:
+    """The client's request, checked field by field, as a RunRequest for this node's plan."""
+    head = protocol.header(payload, PEER, "request")
+
+    def get(key: str, kind: type | tuple[type, ...]) -> Any:
+        return protocol.field(head, key, kind, PEER, "request")
+    command = get("command", list)
+    env = get("env", list)
+    if not command or not all(isinstance(a, str) and "\0" not in a for a in command):
+        raise protocol.ProtocolError(f"{PEER} sent a command that is not a list of strings")
+    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in env):
+        raise protocol.ProtocolError(f"{PEER} sent an environment that is not a list of [name, value]")
+    numbers = {key: get(key, int) for key in ("timeout", "memory_mib", "cpus", "scratch_bytes")}
+    if numbers["timeout"] < 1 or numbers["memory_mib"] < 128 or numbers["cpus"] < 1:
+        raise VmisoError("the request's timeout, memory or CPUs are out of range")
+    return RunRequest(command=tuple(command), image=get("image", str), inputs=inputs, output=output,
+                      timeout=numbers["timeout"], memory_mib=numbers["memory_mib"], cpus=numbers["cpus"],
+                      scratch_bytes=numbers["scratch_bytes"], warm=get("warm", bool), env=tuple(map(tuple, env)),
+                      accept_tool_files=get("accept_tool_files", bool))
+
+
+def serve(config: Config, in_fd: int, out_fd: int, stop: Callable[[], None]) -> int:
+    """One run for the client on ``in_fd``/``out_fd``; the exit status of this process.
+
+    ``stop`` interrupts the main thread (the CLI's handler raises Interrupted there): the
+    reader calls it when the link ends, or when a second signal must stop the run now.
+    """
+    reader, writer = Reader(in_fd, PEER), Writer(out_fd, PEER)
+    try:
+        _, payload = reader.expect(protocol.HELLO)
+        writer.send_json(protocol.HELLO, protocol.hello())
+        protocol.check_hello(payload, PEER)
+        _, request = reader.expect(protocol.REQUEST)
+        op = protocol.header(request, PEER, "request").get("op")
+        if op == "images":
+            writer.send_json(protocol.RESULT, {"images": _images(config)})
+            return 0
+        if op != "run":
+            raise protocol.ProtocolError(f"{PEER} asked for {str(op)[:40]!r}, which this node does not do")
+    except VmisoError as err:
+        _send_error(writer, err)
+        return err.exit_code
+    work = Path(tempfile.mkdtemp(prefix="vmiso-node-"))
+    try:
+        return _serve(config, reader, writer, request, work, stop)
+    finally:
+        if failures := workdir.remove_tree(work):
+            log.warning("could not remove %s: %s", work, failures[0])
+
+
+def _images(config: Config) -> list[dict[str, Any]]:
+    """What ``vmiso images`` lists, the fields a client shows: name, size, created, sha256."""
+    rows = [summary(image) for image in list_images(config.state_dir)]
+    return [{key: row[key] for key in ("name", "size", "created", "sha256")} for row in rows]
+
+
+def _send_error(writer: Writer, err: VmisoError) -> None:
+    try:
+        protocol.error_frame(writer, err)
+    except protocol.LinkLost:
+        pass
+
+
+def _serve(config: Config, reader: Reader, writer: Writer, request: bytes, work: Path,
+           stop: Callable[[], None]) -> int:
+    received = work / "in"
+    received.mkdir(mode=0o700)
+    try:
+        wants = protocol.header(request, PEER, "request")
+        output = work / "out" if protocol.field(wants, "output", bool, PEER, "request") else None
+        stdin_wanted = protocol.field(wants, "stdin", bool, PEER, "request")
+        fd = os.open(received, tree.OPEN_DIR)
+        try:
+            got = receive_tree(reader, fd, Bounds(config.run.input_max_bytes, config.run.input_max_files,
+                                                  "the inputs", "the node's run.input_max_bytes and "
+                                                  "run.input_max_files bound them"))
+        finally:
+            os.close(fd)
+        tops = sorted({path.split("/")[0] for path, _, _ in got.files} | {p.split("/")[0] for p in got.directories})
+        plan = plan_run(config, _request(request, config, tuple(received / name for name in tops), output))
+    except VmisoError as err:
+        _send_error(writer, err)
+        return err.exit_code
+    stdin_r, stdin_w = os.pipe() if stdin_wanted else (-1, -1)
+    interruption = Interruption()
+    finished = threading.Event()
+    listener = threading.Thread(target=_listen, args=(reader, stdin_w, interruption, finished, stop),
+                                name="vmiso-node-reader", daemon=True)
+    listener.start()
+    stdin = os.fdopen(stdin_r, "rb", buffering=0) if stdin_wanted else None
+
+    def step(event: str, name: str, detail: str, elapsed: float) -> None:
+        writer.send_json(protocol.STEP, {"event": event, "step": name, "detail": detail, "elapsed": elapsed})
+    io = JobIO(cast(BinaryIO, _Framed(writer, protocol.STDOUT)), cast(BinaryIO, _Framed(writer, protocol.STDERR)),
+               cast(BinaryIO | None, stdin))
+    error: VmisoError | None = None
+    try:
+        result = ThisHost().execute(plan, io, Steps(step), interruption)
+        record = result.as_dict()
+    except VmisoError as err:
+        error = err
+        record = err.record or RunResult.before_run(plan).failed(err, err.exit_code)
+    finally:
+        finished.set()
+        if stdin is not None:
+            stdin.close()
+    if writer.lost:
+        log.warning("the link to the client was lost; the run's VM was destroyed")
+        return protocol.LinkLost.exit_code
+    shown = str(output) if output is not None else None
+    failure = None if error is None else {
+        "message": error.message.replace(shown, "--output") if shown else error.message,
+        "hint": error.hint, "exit_code": error.exit_code}
+    sends = output is not None and (output / outputs.MANIFEST_NAME).is_file()
+    try:
+        writer.send_json(protocol.RESULT, {"record": record, "error": failure, "outputs": sends})
+        if sends:
+            assert output is not None
+            _send_outputs(writer, output)
+    except protocol.LinkLost:
+        log.warning("the link to the client was lost before the result was sent")
+        return protocol.LinkLost.exit_code
+    return 0 if error is None else error.exit_code
+
+
+def _send_outputs(writer: Writer, output: Path) -> None:
+    """MANIFEST (in frames, then an empty one), then the checked outputs, MANIFEST itself left out."""
+    manifest = (output / outputs.MANIFEST_NAME).read_bytes()
+    writer.send_data(protocol.MANIFEST, manifest)
+    writer.send(protocol.MANIFEST)
+    fd = os.open(output, tree.OPEN_DIR)
+    try:
+        send_directory(writer, fd, "", output, skip={outputs.MANIFEST_NAME})
+    finally:
+        os.close(fd)
+    writer.send(protocol.TREE_END)
+
+
+def _listen(reader: Reader, stdin_w: int, interruption: Interruption, finished: threading.Event,
+            stop: Callable[[], None]) -> None:
+    """The client's frames while the run goes: stdin, signals, and the link's end (which stops the run)."""
+    try:
+        while True:
+            frame = reader.read()
+            if frame is None:
+                break
+            kind, payload = frame
+            if kind == protocol.STDIN and stdin_w >= 0:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(stdin_w, view):]
+            elif kind == protocol.STDIN_END and stdin_w >= 0:
+                os.close(stdin_w)
+                stdin_w = -1
+            elif kind == protocol.SIGNAL:
+                name = protocol.header(payload, PEER, "signal").get("signal")
+                sig = _SIGNALS.get(name) if isinstance(name, str) else None
+                if sig is not None and not interruption.request(sig) and not finished.is_set():
+                    stop()
+            elif kind != protocol.STDIN_END:
+                raise protocol.ProtocolError(f"{PEER} sent {protocol.NAMES[kind]} during the run")
+    except (OSError, VmisoError) as err:
+        log.warning("the link to the client broke: %s", err)
+    finally:
+        if stdin_w >= 0:
+            os.close(stdin_w)
+    if not finished.is_set():
+        stop()
