@@ -420,14 +420,24 @@ def batch_compare(config: Path, image: str, work: Path, count: int, slurm_conf: 
                          "--", "sh", "-c", BATCH_JOB.replace("{}", path.name))
             assert done.returncode == 0, done.stderr
 
-    def batch(engine: str, env: dict[str, str] | None = None) -> None:
+    def batch(engine: str, env: dict[str, str] | None = None, tag: str = "") -> None:
+        out = work / f"batch-{engine}{tag}"
         argv = [*VMISO, "batch", "-c", str(config), "--image", image, "--on", engine, "-j", "2", "-o",
-                str(work / f"batch-{engine}"), "--each", *map(str, inputs), "--", "sh", "-c", BATCH_JOB]
+                str(out), "--each", *map(str, inputs), "--", "sh", "-c", BATCH_JOB]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env, cwd=REPO,
                               stdin=subprocess.DEVNULL)
         assert done.returncode == 0, done.stderr
-        record = json.loads((work / f"batch-{engine}" / "batch.json").read_text())
+        record = json.loads((out / "batch.json").read_text())
         assert record["counts"]["ok"] == count, record["counts"]
+
+    def with_pool() -> float:
+        """batch --on local -j 2 again, a pool of two preloaded clones of the image running."""
+        started = vmiso("pool", "start", "-c", str(config), "--image", image, "--size", "2")
+        assert started.returncode == 0, started.stderr
+        try:
+            return _timed(lambda: batch("local", tag="-pool"))
+        finally:
+            vmiso("pool", "stop", "-c", str(config), "--image", image)
 
     slurm = None
     if slurm_conf is None:
@@ -437,16 +447,19 @@ def batch_compare(config: Path, image: str, work: Path, count: int, slurm_conf: 
         slurm = LocalSlurm.start(memory_mib=4096)
         slurm_conf = slurm.conf
     try:
-        results = {"inputs": count, "loop_s": _timed(loop), "local_s": _timed(lambda: batch("local"))}
+        results = {"inputs": count, "loop_s": _timed(loop), "local_s": _timed(lambda: batch("local")),
+                   "local_pool_s": with_pool()}
         results["slurm_s"] = _timed(lambda: batch("slurm", dict(os.environ, SLURM_CONF=str(slurm_conf))))
     finally:
         if slurm is not None:
             slurm.stop()
-    boots = {engine: json.loads((work / f"batch-{engine}" / "batch.json").read_text()) for engine in ("local", "slurm")}
+    boots = {engine: json.loads((work / f"batch-{engine}" / "batch.json").read_text())
+             for engine in ("local", "local-pool", "slurm")}
     for engine, record in boots.items():
         results[f"{engine}_boots"] = sorted({t["boot"] for t in record["tasks"]})
         results[f"{engine}_task_s"] = statistics.median(t["seconds"] for t in record["tasks"])
     results["local_vs_loop"] = results["loop_s"] / results["local_s"]
+    results["local_pool_vs_loop"] = results["loop_s"] / results["local_pool_s"]
     results["slurm_vs_local"] = results["slurm_s"] / results["local_s"]
     results["slurm_overhead_per_task_s"] = (results["slurm_s"] - results["local_s"]) / count
     return results
@@ -457,6 +470,8 @@ def report_batch(b: dict) -> None:
           f"shell loop of vmiso run {b['loop_s']:.1f} s, vmiso batch --on local -j 2 {b['local_s']:.1f} s "
           f"({b['local_vs_loop']:.2f} x the loop's runs per minute), --on slurm -j 2 (one node) {b['slurm_s']:.1f} s "
           f"= {b['slurm_vs_local']:.2f} x local, {b['slurm_overhead_per_task_s']:+.2f} s per task")
+    print(f"  with a pool of two preloaded clones: --on local -j 2 {b['local_pool_s']:.1f} s "
+          f"({b['local_pool_vs_loop']:.2f} x the loop's runs per minute; boots {', '.join(b['local-pool_boots'])})")
     print(f"  median task (its vmiso run, as batch.json times it): local {b['local_task_s']:.2f} s "
           f"({', '.join(b['local_boots'])}), slurm {b['slurm_task_s']:.2f} s ({', '.join(b['slurm_boots'])})")
 
