@@ -89,8 +89,17 @@ class _Tally:
                              "give a smaller input, or raise run.input_max_bytes in vmiso.yaml")
 
 
-def _name(path: Path) -> str:
+def input_name(path: Path) -> str:
+    """The name an input appears under in the guest's /in: a link named on the command line is followed."""
     return path.resolve().name
+
+
+def open_input(path: Path) -> int:
+    """An input opened for reading, never as a terminal and never blocking on a FIFO; a clear error if it cannot be."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as err:
+        raise VmisoError(f"cannot read input {path}: {err.strerror}") from None
 
 
 def check_inputs(inputs: tuple[Path, ...], limits: InputLimits) -> int:
@@ -103,12 +112,12 @@ def check_inputs(inputs: tuple[Path, ...], limits: InputLimits) -> int:
     for path in inputs:
         if not path.exists():
             raise VmisoError(f"input {path} does not exist")
-        if not _name(path):
+        if not input_name(path):
             raise VmisoError(f"input {path} is the root directory: it has no name to appear under {GUEST_IN}",
                              "give the files or directories the job needs, each with -i")
         if not (path.is_file() or path.is_dir()):
             raise VmisoError(f"input {path} is neither a file nor a directory")
-        name = _name(path)
+        name = input_name(path)
         if name in seen:
             raise VmisoError(f"inputs {seen[name]} and {path} would both appear as {GUEST_IN}/{name}",
                              "rename one of them")
@@ -137,11 +146,8 @@ def stage_inputs(inputs: tuple[Path, ...], staging: Path, limits: InputLimits) -
 
 def _stage_one(path: Path, staging_fd: int | None, tally: _Tally) -> StagedInput | None:
     """Check (``staging_fd`` None) or copy one input, counting it in ``tally``; what was copied."""
-    name = _name(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as err:
-        raise VmisoError(f"cannot read input {path}: {err.strerror}") from None
+    name = input_name(path)
+    fd = open_input(path)
     try:
         st = os.fstat(fd)
         tally.add_entry()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from ..errors import ConfigError, OutputError, VmisoError
-from ..host import outputs, tree, workdir
+from ..host import inputs, outputs, tree, workdir
 from ..host.inputs import StagedInput, check_inputs
 from ..plan import RunPlan
 from ..progress import Steps
@@ -253,14 +253,11 @@ def _request(plan: RunPlan, stdin: bool) -> dict[str, Any]:
     }
 
 
-def _send_inputs(writer: Writer, inputs: tuple[Path, ...]) -> None:
+def _send_inputs(writer: Writer, paths: tuple[Path, ...]) -> None:
     """Each input as the local run stages it: a link named on the command line followed, nothing inside."""
-    for path in inputs:
-        name = path.resolve().name
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        except OSError as err:
-            raise VmisoError(f"cannot read input {path}: {err.strerror}") from None
+    for path in paths:
+        name = inputs.input_name(path)
+        fd = inputs.open_input(path)
         try:
             st = os.fstat(fd)
             if os.path.isdir(path) and tree.identity(st) == tree.identity(os.stat(path)):
