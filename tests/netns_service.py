@@ -45,6 +45,28 @@ class Answer(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     do_GET = do_POST = _answer
 
+    def setup(self):
+        # The TLS handshake in the connection's own thread: a client that never sends its
+        # ClientHello holds up no other (the server's accept loop never waits on one).
+        self.tls_failed = False
+        if isinstance(self.request, ssl.SSLSocket):
+            try:
+                self.request.do_handshake()
+            except (ssl.SSLError, OSError) as err:
+                note(event="tls-failed", address=self.server.server_address[0], error=str(err))
+                self.tls_failed = True
+                return
+            self.request.vmiso_sni = self.server.vmiso_names.pop(id(self.request), None)
+        super().setup()
+
+    def handle(self):
+        if not self.tls_failed:
+            super().handle()
+
+    def finish(self):
+        if not self.tls_failed:
+            super().finish()
+
     def log_message(self, *args):
         pass
 
@@ -57,24 +79,12 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 def tls(server):
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    names = {}
+    server.vmiso_names = {}  # a connection's id -> the name its ClientHello gave (SNI)
 
     def remember(conn, name, _):
-        names[id(conn)] = name
+        server.vmiso_names[id(conn)] = name
     context.sni_callback = remember
-
-    def get_request():
-        conn, address = server.socket.accept()
-        wrapped = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-        try:
-            wrapped.do_handshake()
-        except (ssl.SSLError, OSError) as err:
-            note(event="tls-failed", address=server.server_address[0], error=str(err))
-            wrapped.close()
-            raise OSError("handshake failed") from None
-        wrapped.vmiso_sni = names.pop(id(wrapped), None) or names.pop(id(conn), None)
-        return wrapped, address
-    server.get_request = get_request
+    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     return server
 
 

@@ -270,7 +270,7 @@ def test_a_preloaded_clone_runs_a_networked_job_and_the_next_one_is_offline(pool
     with network_services(tmp_path) as (ca, hosts, log):
         config = write_config(tmp_path / "config", image["state"], run={"hosts_file": str(hosts)})
         checks = {"fetch": ["https://api.vmiso.test/hello", "https://other.vmiso.test/"]}
-        results = []
+        results, said = [], []
         for allow in (["--allow-host", "api.vmiso.test"], []):
             wait_for(lambda: _status(image)["ready"] == 2, 120, "the pool to be full")
             record = tmp_path / f"r{len(results)}.json"
@@ -279,9 +279,12 @@ def test_a_preloaded_clone_runs_a_networked_job_and_the_next_one_is_offline(pool
             assert done.returncode == 0, done.stderr
             assert json.loads(record.read_text())["boot"] == "preloaded"
             results.append((json.loads(done.stdout.splitlines()[-1]), json.loads(record.read_text())["network"]))
+            said.append(done.stderr)
         seen = [json.loads(line) for line in log.read_text().splitlines()]
     (networked, record), (offline, no_record) = results
-    assert networked["fetch https://api.vmiso.test/hello"]["sni"] == "api.vmiso.test"
+    hello = networked["fetch https://api.vmiso.test/hello"]
+    assert isinstance(hello, dict), f"the guest saw {networked}, the service {seen}; vmiso said:\n{said[0]}"
+    assert hello["sni"] == "api.vmiso.test"
     assert "403" in networked["fetch https://other.vmiso.test/"]
     assert [r["host"] for r in record["contacted"]] == ["api.vmiso.test:443"]
     assert [r["host"] for r in record["refused"]] == ["other.vmiso.test:443"]

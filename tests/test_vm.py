@@ -869,17 +869,20 @@ def test_a_networked_run_reaches_its_listed_service_and_nothing_else(image, tmp_
         done = vmiso("run", "-c", config, *(["--cold"] if boot == "cold" else []), "-i", GUEST / "egress_probe.py",
                      "-i", ca, "--json", record, *ALLOW, "--", "python", "egress_probe.py", json.dumps(checks))
         assert done.returncode == 0, done.stderr
+        results = json.loads(done.stdout.splitlines()[-1])
+        # What the guest saw first: a failure below then says why the service saw what it saw.
+        seen = f"the guest saw {results}\nvmiso said:\n{done.stderr}"
+        assert results["echo 7000"] == "ping", seen
         # The holder's connection ended with the run, not with the VM's life or the service's patience.
         wait_for(lambda: [e["event"] for e in service_events(log) if e.get("port") == 7000].count("close") == 2,
-                 10, "the held connection to end")
+                 10, "the held connection to end", lambda: f"the service saw {service_events(log)}\n{seen}")
         events = service_events(log)
-    results = json.loads(done.stdout.splitlines()[-1])
     summary = json.loads(record.read_text())
     assert summary["boot"] == boot
     assert results["env"] == {"HTTPS_PROXY": "http://127.0.0.1:3128", "http_proxy": "http://127.0.0.1:3128",
                               "NO_PROXY": "localhost,127.0.0.1,::1"}
     hello = results[f"fetch {API}/hello"]
-    assert isinstance(hello, dict), hello
+    assert isinstance(hello, dict), seen
     assert (hello["address"], hello["sni"], hello["host"], hello["proxy_headers"]) == \
         (SERVICE_LAN[1], "api.vmiso.test", "api.vmiso.test", [])
     assert results["echo 7000"] == "ping"

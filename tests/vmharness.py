@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import secrets
+import socket
 import ssl
 import struct
 import subprocess
@@ -147,13 +148,14 @@ def vmiso_domains(state: Path) -> list[str]:
     return found
 
 
-def wait_for(predicate, timeout: float, what: str, every: float = 0.05) -> None:
+def wait_for(predicate, timeout: float, what: str, detail=None, every: float = 0.05) -> None:
+    """Until ``predicate()`` holds; else AssertionError naming ``what`` (and ``detail()``, what was seen)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{detail()}" if detail else ""))
 
 
 def mounts_below(path: Path) -> list[str]:
@@ -292,7 +294,26 @@ def network_services(directory: Path):
                                             SERVICE_LAN[1]]]), \
             network_namespace([OTHER_LAN], [[sys.executable, "-I", script, str(log), str(cert), str(key),
                                              OTHER_LAN[1]]]):
+        _check_reachable([SERVICE_LAN[1], OTHER_LAN[1]], log)
         yield ca, hosts, log
+
+
+def _check_reachable(addresses: list[str], log: Path) -> None:
+    """Each service's echo port answers this host (the gateway's side) and the service logged it (its
+    open and close); else an AssertionError with this host's addresses and routes, where a test network
+    that collides with the machine's own shows.  The check's lines are then taken out of the log."""
+    failed = []
+    for address in addresses:
+        try:
+            socket.create_connection((address, 7000), timeout=10).close()
+        except OSError as err:
+            failed.append(f"{address}:7000: {err}")
+    if failed:
+        network = subprocess.run(["sh", "-c", "ip -4 addr; ip -4 route; ip rule"], capture_output=True, text=True)
+        raise AssertionError(f"the test services cannot be reached from this host: {failed}\n{network.stdout}")
+    wait_for(lambda: len(log.read_text().splitlines()) == 2 * len(addresses), 10, "the services to log the check",
+             lambda: log.read_text())
+    log.write_text("")
 
 
 def client_hello(name: str) -> bytes:
