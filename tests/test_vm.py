@@ -835,11 +835,12 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
 # Every way past a networked run's gateway that the job tries (tests/guest/egress_probe.py).
 API = "https://api.vmiso.test"
 ALLOW = [*(f"--allow-host={h}" for h in ("api.vmiso.test", "api.vmiso.test:80", "loop.vmiso.test", "meta.vmiso.test",
-                                        "host.vmiso.test")), "--allow-tcp", "7000:api.vmiso.test:7000"]
+                                        "host.vmiso.test", "nat64.vmiso.test", "sixtofour.vmiso.test")),
+         "--allow-tcp", "7000:api.vmiso.test:7000"]
 EVERY_WAY = {
     "fetch": [f"{API}/hello", "http://api.vmiso.test/plain", "https://other.vmiso.test/", f"{API}:8443/",
               f"https://{SERVICE_LAN[1]}/", "https://loop.vmiso.test/", "https://meta.vmiso.test/",
-              "https://host.vmiso.test/"],
+              "https://host.vmiso.test/", "https://nat64.vmiso.test/", "https://sixtofour.vmiso.test/"],
     "raw": ["GET http://api.vmiso.test/ HTTP/1.1\r\nHost: other.vmiso.test\r\n\r\n",
             "GET whois://api.vmiso.test:443/ HTTP/1.1\r\n\r\n", "GET ftp://api.vmiso.test/x HTTP/1.1\r\n\r\n",
             "GET gopher://api.vmiso.test:70/ HTTP/1.1\r\n\r\n"],
@@ -850,7 +851,8 @@ EVERY_WAY = {
     "hold": 7000,
 }
 REFUSED_PLACES = {"other.vmiso.test:443", "api.vmiso.test:8443", f"{SERVICE_LAN[1]}:443", "loop.vmiso.test:443",
-                  "meta.vmiso.test:443", "host.vmiso.test:443", "api.vmiso.test:443", "api.vmiso.test:80"}
+                  "meta.vmiso.test:443", "host.vmiso.test:443", "api.vmiso.test:443", "api.vmiso.test:80",
+                  "nat64.vmiso.test:443", "sixtofour.vmiso.test:443"}
 
 
 def service_events(log: Path) -> list[dict]:
@@ -904,6 +906,14 @@ def test_a_networked_run_reaches_its_listed_service_and_nothing_else(image, tmp_
             assert results[f"raw {request.splitlines()[0]}"].startswith("HTTP/1.1 403"), request
         assert contacted == {"api.vmiso.test:443", "api.vmiso.test:80", "api.vmiso.test:7000"}
         assert refused >= REFUSED_PLACES, refused
+        # Allowed names that lead to loopback or the metadata address dressed as IPv6 are refused as such.
+        dressed = {e["host"]: (e["port"], e["outcome"], e["upstream"], e["reason"]) for e in network["connections"]
+                   if e["host"] in ("nat64.vmiso.test", "sixtofour.vmiso.test")}
+        assert dressed == {
+            "nat64.vmiso.test": (443, "refused", None, "resolves to 64:ff9b::7f00:1, an address of this host, "
+                                                       "loopback or link-local"),
+            "sixtofour.vmiso.test": (443, "refused", None, "resolves to 2002:a9fe:a9fe::1, an address of this "
+                                                           "host, loopback or link-local")}, network["connections"]
         tricked = [e for e in network["connections"] if e["sni"] == "other.vmiso.test"]
         assert [e["outcome"] for e in tricked] == ["refused"] and tricked[0]["upstream"] is None
     else:

@@ -281,14 +281,17 @@ def make_test_ca(directory: Path) -> tuple[Path, Path, Path]:
 def network_services(directory: Path):
     """The listed service (api.vmiso.test) and another (other.vmiso.test), each in a network namespace
     of the test's own, serving HTTPS, HTTP and a TCP echo (netns_service.py); yields (ca, hosts file,
-    log).  The hosts file also names this host's own end of the link, loopback and the metadata address."""
+    log).  The hosts file also names this host's own end of the link, loopback and the metadata address,
+    the last two also dressed as IPv6 (NAT64, 6to4)."""
     ca, cert, key = make_test_ca(directory)
     log = directory / "service.jsonl"
     log.touch()
     hosts = directory / "hosts"
     hosts.write_text(f"{SERVICE_LAN[1]} api.vmiso.test\n{OTHER_LAN[1]} other.vmiso.test\n"
                      f"{SERVICE_LAN[0]} host.vmiso.test\n127.0.0.1 loop.vmiso.test\n"
-                     "169.254.169.254 meta.vmiso.test\n")
+                     "169.254.169.254 meta.vmiso.test\n"
+                     # loopback through a NAT64 translator, the metadata address through a 6to4 relay
+                     "64:ff9b::7f00:1 nat64.vmiso.test\n2002:a9fe:a9fe::1 sixtofour.vmiso.test\n")
     script = str(Path(__file__).with_name("netns_service.py"))
     with network_namespace([SERVICE_LAN], [[sys.executable, "-I", script, str(log), str(cert), str(key),
                                             SERVICE_LAN[1]]]), \
