@@ -100,8 +100,13 @@ def _lacks(item: pytest.Item) -> list[str]:
 def pytest_collection_modifyitems(config, items):
     # VM tests last: the fast ones report first.
     items.sort(key=lambda item: item.get_closest_marker("vm") is not None)
+    in_a_worker = hasattr(config, "workerinput")  # pytest-xdist's -n: this process is one of several
     for item in items:
-        if lacks := _lacks(item):
+        if in_a_worker and item.get_closest_marker("vm") is not None:
+            # The VM tests share a few provisioned images and the host's two cores, one guest at a time.
+            item.add_marker(pytest.mark.skip(reason="a VM test runs only without -n (pytest -m vm); "
+                                                    "-n is for the fast tests (pytest -m 'not vm' -n auto)"))
+        elif lacks := _lacks(item):
             item.add_marker(pytest.mark.skip(reason="; ".join(lacks)))
 
 

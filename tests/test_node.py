@@ -145,9 +145,9 @@ def test_a_node_that_never_answers_is_given_up_on_when_the_run_could_no_longer_g
     env, _, _ = place
     monkeypatch.setenv("VMISO_FAKE_NODE", "hang")
     monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
-    monkeypatch.setattr(client, "NODE_SLACK", 1)
+    monkeypatch.setattr(client, "NODE_SLACK", 0.5)
     plan = dataclasses.replace(plan_run(config.load(None), RunRequest(command=("x",), timeout=1, host="ssh://node")),
-                               boot_timeout=1)
+                               boot_timeout=0)
     node = client.SshNode(openssh.parse_target("ssh://node"),
                           argv_for=lambda target, remote: [sys.executable, str(FAKE)])
     started = time.monotonic()

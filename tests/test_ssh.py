@@ -164,7 +164,7 @@ class FakeGuest(paramiko.ServerInterface):
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         if command == b"mute":
-            time.sleep(3)  # a guest that takes the request and does not answer
+            time.sleep(1)  # a guest that takes the request and does not answer (for longer than START_SECONDS)
         self.commands.append(command.decode())
         self.ran.set()
         return True
@@ -483,12 +483,12 @@ def test_a_published_port_reaches_the_guests_loopback_only_while_open(guest):
 
 
 def test_a_guest_that_never_starts_the_job_does_not_hold_vmiso(guest, monkeypatch):
-    monkeypatch.setattr(ssh, "START_SECONDS", 0.5)
+    monkeypatch.setattr(ssh, "START_SECONDS", 0.3)
     started = time.monotonic()
-    # The error says whether the guest's sshd still answers (this one does, once its 3 s are up).
+    # The error says whether the guest's sshd still answers (this one does, once its 1 s is up).
     with pytest.raises(GuestError, match=r"did not start the job .* \(its sshd still answers\)"):
         run_once(guest, "mute")
-    assert time.monotonic() - started < 0.5 + 5 + 2  # START_SECONDS, then at most 5 s for the keepalive
+    assert time.monotonic() - started < 0.3 + 5 + 2  # START_SECONDS, then at most 5 s for the keepalive
 
 
 def test_a_preloaded_link_that_sshd_dropped_gives_way_to_a_new_one(guest):

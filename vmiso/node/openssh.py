@@ -135,18 +135,20 @@ class Link:
             pass
 
     def close(self, wait: float = 10.0) -> int | None:
-        """End the link: stdin closed (the node sees end of file), then the process stopped if it lingers;
-        its exit status."""
+        """End the link: stdin closed (the node sees end of file) and stdout too (a node still sending
+        what this side no longer reads, past a bound say, is told so by its next write instead of
+        blocking on a full pipe), then the process stopped if it lingers; its exit status."""
         self.close_input()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
         try:
             return self.process.wait(wait)
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
         finally:
-            for stream in (self.process.stdout, self.process.stderr):
-                if stream is not None:
-                    stream.close()
+            assert self.process.stderr is not None
+            self.process.stderr.close()
 
 
 def explain(target: Target, said: str) -> VmisoError | None:
