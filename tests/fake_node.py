@@ -120,6 +120,13 @@ def main() -> int:
         w.send(protocol.STDOUT, f"got {name}\n".encode())
         w.send_json(protocol.STEP, {"event": "done", "step": "exec", "detail": ""})
         w.send_json(protocol.RESULT, {"record": record(143, signal="SIGTERM"), "error": None, "outputs": False})
+    elif scenario == "stall-outputs":  # a result, then outputs begun and never finished
+        w.send_json(protocol.RESULT, {"record": record(), "error": None, "outputs": True})
+        w.send_data(protocol.MANIFEST, f"{hashlib.sha256(good).hexdigest()}  result.txt\n".encode())
+        w.send(protocol.MANIFEST)
+        w.send_json(protocol.ENTRY, {"kind": "file", "path": "result.txt", "size": len(good)})
+        import time
+        time.sleep(600)
     elif scenario == "hang":  # neither a result nor the link's end
         import time
         time.sleep(600)

@@ -129,7 +129,12 @@ def test_the_first_sigterm_while_the_job_runs_is_passed_to_the_node(place):
     assert b"killed by SIGTERM" in stderr
 
 
-def test_a_node_that_never_answers_is_given_up_on_when_the_run_could_no_longer_go(place, monkeypatch):
+@pytest.mark.parametrize(("scenario", "said"), [
+    ("hang", "sent no result in the time the run could take"),
+    ("stall-outputs", "did not finish sending the run's outputs in the time they could take"),
+])
+def test_a_node_that_never_answers_is_given_up_on_when_the_run_could_no_longer_go(place, monkeypatch, scenario,
+                                                                                   said):
     import dataclasses
     import io
     import time
@@ -142,19 +147,22 @@ def test_a_node_that_never_answers_is_given_up_on_when_the_run_could_no_longer_g
     from vmiso.progress import Steps
     from vmiso.run import Interruption
 
-    env, _, _ = place
-    monkeypatch.setenv("VMISO_FAKE_NODE", "hang")
+    env, work, _ = place
+    monkeypatch.setenv("VMISO_FAKE_NODE", scenario)
     monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
     monkeypatch.setattr(client, "NODE_SLACK", 0.5)
-    plan = dataclasses.replace(plan_run(config.load(None), RunRequest(command=("x",), timeout=1, host="ssh://node")),
-                               boot_timeout=0)
+    monkeypatch.setattr(client, "OUTPUT_MIN_RATE", 2**60)  # the outputs' deadline: the slack alone
+    out = work / "out"
+    request = RunRequest(command=("x",), timeout=1, host="ssh://node", output=out)
+    plan = dataclasses.replace(plan_run(config.load(None), request), boot_timeout=0)
     node = client.SshNode(openssh.parse_target("ssh://node"),
                           argv_for=lambda target, remote: [sys.executable, str(FAKE)])
     started = time.monotonic()
-    with pytest.raises(VmisoError, match="sent no result in the time the run could take") as caught:
+    with pytest.raises(VmisoError, match=said) as caught:
         node.execute(plan, JobIO(io.BytesIO(), io.BytesIO()), Steps(), Interruption(grace=0))
     assert time.monotonic() - started < 15
     assert caught.value.exit_code == 125 and caught.value.record["host"] == "ssh://node"
+    assert written(place) == []  # nothing of a transfer that never ended
 
 
 def test_another_protocol_version_is_refused_naming_both(place):

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NODE_SLACK = 120  # seconds past a run's own limits that a node has to send its result
+OUTPUT_MIN_RATE = 1 << 20  # bytes/s below which a node sending outputs is given up on (with NODE_SLACK)
 NODE_COMMAND = "_node"  # the node's hidden entry point (vmiso.node.server)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MANIFEST_LINE = re.compile(r"([0-9a-f]{64})  (.+)")
@@ -102,7 +103,8 @@ class SshNode:
             done = threading.Event()
             # A node that neither finishes nor drops the link is given up on when its run could no longer
             # be going: boot, job, an interruption's grace and the node's cleanup (NODE_SLACK) are over.
-            deadline = time.monotonic() + plan.boot_timeout + plan.timeout + interruption.grace + NODE_SLACK
+            deadline = _Deadline(time.monotonic() + plan.boot_timeout + plan.timeout + interruption.grace + NODE_SLACK,
+                                 "sent no result in the time the run could take")
             threads = [threading.Thread(target=_forward_signals, args=(writer, interruption, done, link, deadline),
                                         name="vmiso-node-signals", daemon=True)]
             if io.stdin is not None:
@@ -114,10 +116,15 @@ class SshNode:
                 thread.start()
             try:
                 reply = self._follow(link, reader, io, steps, interruption)
+                interruption.job_running = False
+                # Then the outputs, within a deadline of their own: their bound at OUTPUT_MIN_RATE, and the
+                # slack.  A node that stalls or trickles them does not hold vmiso past it.
+                deadline.move(time.monotonic() + NODE_SLACK + plan.output_max_bytes / OUTPUT_MIN_RATE,
+                              "did not finish sending the run's outputs in the time they could take")
+                self._finish(link, reader, plan, steps, reply, result)
             finally:
                 done.set()
                 interruption.job_running = False
-            self._finish(link, reader, plan, steps, reply, result)
         finally:
             link.close()
 
@@ -270,13 +277,25 @@ def _send_inputs(writer: Writer, paths: tuple[Path, ...]) -> None:
     writer.send(protocol.TREE_END)
 
 
+class _Deadline:
+    """When (monotonic) the node is given up on, and what it had not done by then; moved from one
+    phase of the run to the next while another thread watches it."""
+
+    def __init__(self, at: float, why: str) -> None:
+        self.value = (at, why)
+
+    def move(self, at: float, why: str) -> None:
+        self.value = (at, why)  # one assignment: the watcher sees the old pair or the new one
+
+
 def _forward_signals(writer: Writer, interruption: Interruption, done: threading.Event, link: Link,
-                     deadline: float) -> None:
+                     deadline: _Deadline) -> None:
     """The first Ctrl-C or SIGTERM while the job runs, passed to the node (which passes it to the job);
-    the link ended at ``deadline`` (monotonic) if the node has not sent its result by then."""
+    the link ended at ``deadline`` if the node has not finished by then."""
     while not done.wait(0.05):
-        if time.monotonic() > deadline:
-            link.late = True
+        at, why = deadline.value
+        if time.monotonic() > at:
+            link.late = why
             link.process.kill()  # the node sees the link end and destroys the VM
             return
         sig = interruption.take()
@@ -330,7 +349,7 @@ def _raise_why(link: Link, reader: Reader, target: Target) -> NoReturn:
         raise protocol.peer_error(frame[1], reader.peer)
     link.close(wait=5)
     if link.late:
-        raise NodeError(f"{target.node} sent no result in the time the run could take; vmiso ended the link, "
+        raise NodeError(f"{target.node} {link.late}; vmiso ended the link, "
                         "and the node destroys the run's VM when it sees that",
                         f"check the node with '{target.command_to_add()}'")
     said = link.said()

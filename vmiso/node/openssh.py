@@ -100,7 +100,7 @@ class Link:
 
     def __init__(self, argv: list[str], on_line: Callable[[str], None] = lambda line: None) -> None:
         self._on_line = on_line
-        self.late = False  # ended by the client because the far side took longer than it could
+        self.late: str | None = None  # why the client ended it: what the far side had not done in time
         try:
             self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, start_new_session=True)
