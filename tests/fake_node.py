@@ -7,6 +7,7 @@ real code reads it through real pipes.  VMISO_FAKE_NODE names the scenario.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 import sys
@@ -127,6 +128,23 @@ def main() -> int:
         w.send_json(protocol.ENTRY, {"kind": "file", "path": "result.txt", "size": len(good)})
         import time
         time.sleep(600)
+    elif scenario == "stdin-credit":  # a job that reads its stdin slowly: the client must keep to its credit
+        import select
+        received, granted, over = 0, protocol.STDIN_WINDOW, []
+        while True:
+            if received == granted and not select.select([0], [], [], 0.3)[0]:
+                # The window is full and the client waits, as it must: the job reads a little more.
+                w.send_json(protocol.CREDIT, {"bytes": protocol.CHUNK})
+                granted += protocol.CHUNK
+            kind, payload = r.expect(protocol.STDIN, protocol.STDIN_END)
+            if kind == protocol.STDIN_END:
+                break
+            received += len(payload)
+            if received > granted:  # sent past its credit
+                over.append(received)
+                break
+        w.send(protocol.STDOUT, json.dumps({"received": received, "over": over}).encode() + b"\n")
+        w.send_json(protocol.RESULT, {"record": record(), "error": None, "outputs": False})
     elif scenario == "hang":  # neither a result nor the link's end
         import time
         time.sleep(600)

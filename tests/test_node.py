@@ -168,7 +168,7 @@ def test_a_node_that_never_answers_is_given_up_on_when_the_run_could_no_longer_g
 def test_another_protocol_version_is_refused_naming_both(place):
     done, _ = run_against(place, "old-protocol")
     assert done.returncode == 125
-    assert "protocol 99 (vmiso '9.9')" in done.stderr and "speaks protocol 1" in done.stderr
+    assert "protocol 99 (vmiso '9.9')" in done.stderr and "speaks protocol 2" in done.stderr
 
 
 def test_a_node_without_vmiso_is_named(place):
@@ -235,3 +235,98 @@ def test_an_unknown_host_key_is_refused_with_the_command_that_adds_it(tmp_path):
     assert "the host key of node is not known" in done.stderr
     assert "connect once with 'ssh node'" in done.stderr
     assert not (tmp_path / "known_hosts").read_text()  # never learnt
+
+
+def test_the_client_sends_stdin_only_as_far_as_the_nodes_credit(place):
+    env, work, _ = place
+    data = os.urandom(512 * 1024)  # the window, then four credits' worth
+    done = subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", "run", "-c", str(work / "vmiso.yaml"),
+                           "--", "cat"], env=dict(env, VMISO_FAKE_NODE="stdin-credit"), input=data,
+                          capture_output=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.decode().splitlines()[-1])
+    assert seen == {"received": len(data), "over": []}  # all of it, and never past the credit
+
+
+# --- stdin's flow control, on the node's side ------------------------------------------------------
+
+def _node_reading(feed_stdin: bool):
+    """The node's reader of the link (vmiso.node.server._listen) in a thread, with a job that never reads
+    its stdin: (client's writer, node's frames to the client, the job's stdin, interruption, stopped)."""
+    import threading
+
+    from vmiso.node import protocol, server
+    from vmiso.run import Interruption
+
+    to_node_r, to_node_w = os.pipe()
+    to_client_r, to_client_w = os.pipe()
+    os.set_blocking(to_client_r, False)
+    feed = server._StdinFeed(protocol.Writer(to_client_w, "the client")) if feed_stdin else None
+    interruption = Interruption(job_running=True)
+    stopped = threading.Event()
+    threading.Thread(target=server._listen, args=(protocol.Reader(to_node_r, "the client"), feed, interruption,
+                                                   threading.Event(), stopped.set), daemon=True).start()
+    return protocol.Writer(to_node_w, "node"), to_client_r, feed, interruption, stopped
+
+
+def _credits(fd: int) -> int:
+    from vmiso.node import protocol
+
+    data = b""
+    while True:
+        try:
+            block = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        data += block
+    total = 0
+    while data:
+        kind, size = int(data[0]), int.from_bytes(data[1:5], "big")
+        assert kind == protocol.CREDIT
+        total += json.loads(data[5:5 + size])["bytes"]
+        data = data[5 + size:]
+    return total
+
+
+def test_a_job_that_reads_no_stdin_does_not_keep_a_signal_from_the_node():
+    import time
+
+    from vmiso.node import protocol
+
+    client, credits, feed, interruption, stopped = _node_reading(True)
+    # A whole window of stdin (four times what a pipe holds), then a signal: the node's reader is not
+    # stuck writing to the job, so the signal is taken at once.
+    for _ in range(protocol.STDIN_WINDOW // protocol.CHUNK):
+        client.send(protocol.STDIN, b"x" * protocol.CHUNK)
+    client.send_json(protocol.SIGNAL, {"signal": "SIGTERM"})
+    deadline = time.monotonic() + 5
+    while interruption.received is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert interruption.received == signal.SIGTERM and not stopped.is_set()
+    # What the job has taken is given back as credit, and no more than that.
+    given = _credits(credits)
+    assert given < protocol.STDIN_WINDOW
+    taken = b""
+    while len(taken) < protocol.STDIN_WINDOW:
+        taken += feed.job_end.read(protocol.STDIN_WINDOW - len(taken))
+    deadline = time.monotonic() + 5
+    while given < protocol.STDIN_WINDOW and time.monotonic() < deadline:
+        time.sleep(0.01)
+        given += _credits(credits)
+    assert given == protocol.STDIN_WINDOW
+    feed.stop()
+
+
+def test_stdin_beyond_the_nodes_credit_ends_the_run():
+    import threading
+
+    from vmiso.node import protocol
+
+    client, _, feed, _, stopped = _node_reading(True)
+
+    def flood() -> None:  # the window, what the job's pipe holds, and more: a client that ignores its credit
+        for _ in range(protocol.STDIN_WINDOW // protocol.CHUNK + 3):
+            client.send(protocol.STDIN, b"x" * protocol.CHUNK)
+    threading.Thread(target=flood, daemon=True).start()  # the node stops reading: the last sends block
+    assert stopped.wait(5)  # a protocol error: the run is stopped, the node's memory stays bounded
+    feed.stop()

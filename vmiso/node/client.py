@@ -107,15 +107,16 @@ class SshNode:
                                  "sent no result in the time the run could take")
             threads = [threading.Thread(target=_forward_signals, args=(writer, interruption, done, link, deadline),
                                         name="vmiso-node-signals", daemon=True)]
+            credit = _Credit(protocol.STDIN_WINDOW)
             if io.stdin is not None:
-                threads.append(threading.Thread(target=_pump_stdin, args=(io.stdin, writer), name="vmiso-node-stdin",
-                                                daemon=True))
+                threads.append(threading.Thread(target=_pump_stdin, args=(io.stdin, writer, credit, done),
+                                                name="vmiso-node-stdin", daemon=True))
             else:
                 writer.send(protocol.STDIN_END)
             for thread in threads:
                 thread.start()
             try:
-                reply = self._follow(link, reader, io, steps, interruption)
+                reply = self._follow(link, reader, io, steps, interruption, credit)
                 interruption.job_running = False
                 # Then the outputs, within a deadline of their own: their bound at OUTPUT_MIN_RATE, and the
                 # slack.  A node that stalls or trickles them does not hold vmiso past it.
@@ -176,16 +177,22 @@ class SshNode:
         theirs = protocol.check_hello(frame[1], f"node {self.target.node}")
         log.info("node %s runs vmiso %s", self.target.node, str(theirs.get("vmiso"))[:40])
 
-    def _follow(self, link: Link, reader: Reader, io: JobIO, steps: Steps,
-                interruption: Interruption) -> dict[str, Any]:
+    def _follow(self, link: Link, reader: Reader, io: JobIO, steps: Steps, interruption: Interruption,
+                credit: _Credit) -> dict[str, Any]:
         """The run as the node reports it, until its RESULT."""
         peer = reader.peer
         while True:
             try:
-                kind, payload = reader.expect(protocol.STEP, protocol.STDOUT, protocol.STDERR, protocol.RESULT)
+                kind, payload = reader.expect(protocol.STEP, protocol.STDOUT, protocol.STDERR, protocol.CREDIT,
+                                              protocol.RESULT)
             except protocol.LinkLost:
                 _raise_why(link, reader, self.target)
-            if kind == protocol.STDOUT:
+            if kind == protocol.CREDIT:
+                given = protocol.field(protocol.header(payload, peer, "credit"), "bytes", int, peer, "credit")
+                if not 0 < given <= protocol.STDIN_WINDOW:
+                    raise protocol.ProtocolError(f"{peer} sent a credit of {given} bytes")
+                credit.add(given)
+            elif kind == protocol.STDOUT:
                 io.stdout.write(payload)
                 io.stdout.flush()
             elif kind == protocol.STDERR:
@@ -309,11 +316,42 @@ def _forward_signals(writer: Writer, interruption: Interruption, done: threading
             return
 
 
-def _pump_stdin(source: BinaryIO, writer: Writer) -> None:
+class _Credit:
+    """The stdin bytes the node will take now: STDIN_WINDOW at first, more with each of its CREDITs."""
+
+    def __init__(self, start: int) -> None:
+        self._left = start
+        self._changed = threading.Condition()
+
+    def add(self, count: int) -> None:
+        with self._changed:
+            self._left += count
+            self._changed.notify_all()
+
+    def take(self, most: int, done: threading.Event) -> int:
+        """Up to ``most`` bytes of it, waiting for some; 0 once ``done`` is set (the run is over)."""
+        with self._changed:
+            while self._left <= 0:
+                if done.is_set():
+                    return 0
+                self._changed.wait(0.1)
+            taken = min(most, self._left)
+            self._left -= taken
+            return taken
+
+
+def _pump_stdin(source: BinaryIO, writer: Writer, credit: _Credit, done: threading.Event) -> None:
+    """This side's stdin to the node as it is read, never more than the node's credit ahead of the job."""
     try:
         fd = source.fileno()
         while block := os.read(fd, protocol.CHUNK):
-            writer.send(protocol.STDIN, block)
+            view = memoryview(block)
+            while view:
+                count = credit.take(len(view), done)
+                if not count:
+                    return
+                writer.send(protocol.STDIN, bytes(view[:count]))
+                view = view[count:]
         writer.send(protocol.STDIN_END)
     except (OSError, ValueError, protocol.LinkLost):
         pass  # the run ended, or the link is gone: nobody reads any more

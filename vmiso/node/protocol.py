@@ -8,9 +8,14 @@ header checked where it is used.
 
 Client -> node: HELLO, REQUEST, the inputs as a tree (ENTRY, DATA, ENTRY_END ...,
 TREE_END), then STDIN ... STDIN_END and SIGNAL at any time.
-Node -> client: HELLO, then STEP, STDOUT and STDERR as the run goes, RESULT, and when
-the client asked for outputs, MANIFEST and the outputs as a tree; or ERROR, at any
+Node -> client: HELLO, then STEP, STDOUT, STDERR and CREDIT as the run goes, RESULT, and
+when the client asked for outputs, MANIFEST and the outputs as a tree; or ERROR, at any
 point, and nothing after it.
+
+Stdin is flow-controlled: the client sends at most STDIN_WINDOW bytes of STDIN beyond
+what the node has handed to the job, which each CREDIT ({"bytes": N}) reports.  So the
+node's reader never waits on a job that does not read its stdin, and a SIGNAL or the
+link's end reaches it at once.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from typing import Any
 from .. import __version__
 from ..errors import VmisoError
 
-VERSION = 1  # bump when a frame changes meaning; both sides refuse another
+VERSION = 2  # bump when a frame changes meaning; both sides refuse another (2: stdin's CREDIT)
 MAX_FRAME = 256 * 1024
 MAX_JSON = 64 * 1024
 CHUNK = 64 * 1024  # data frames are cut to this
+STDIN_WINDOW = 4 * CHUNK  # stdin bytes the client may send ahead of the node's CREDITs
 _HEAD = struct.Struct(">BI")
 
 HELLO = 1
@@ -45,9 +51,10 @@ STDERR = 31
 STEP = 32
 RESULT = 33
 MANIFEST = 34
+CREDIT = 35
 NAMES = {HELLO: "HELLO", ERROR: "ERROR", REQUEST: "REQUEST", ENTRY: "ENTRY", DATA: "DATA", ENTRY_END: "ENTRY_END",
          TREE_END: "TREE_END", STDIN: "STDIN", STDIN_END: "STDIN_END", SIGNAL: "SIGNAL", STDOUT: "STDOUT",
-         STDERR: "STDERR", STEP: "STEP", RESULT: "RESULT", MANIFEST: "MANIFEST"}
+         STDERR: "STDERR", STEP: "STEP", RESULT: "RESULT", MANIFEST: "MANIFEST", CREDIT: "CREDIT"}
 
 
 class ProtocolError(VmisoError):

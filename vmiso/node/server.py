@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import tempfile
 import threading
@@ -140,13 +141,13 @@ def _serve(config: Config, reader: Reader, writer: Writer, request: bytes, work:
     except VmisoError as err:
         _send_error(writer, err)
         return err.exit_code
-    stdin_r, stdin_w = os.pipe() if stdin_wanted else (-1, -1)
+    feed = _StdinFeed(writer) if stdin_wanted else None
     interruption = Interruption()
     finished = threading.Event()
-    listener = threading.Thread(target=_listen, args=(reader, stdin_w, interruption, finished, stop),
+    listener = threading.Thread(target=_listen, args=(reader, feed, interruption, finished, stop),
                                 name="vmiso-node-reader", daemon=True)
     listener.start()
-    stdin = os.fdopen(stdin_r, "rb", buffering=0) if stdin_wanted else None
+    stdin = feed.job_end if feed is not None else None
 
     def step(event: str, name: str, detail: str, elapsed: float) -> None:
         writer.send_json(protocol.STEP, {"event": event, "step": name, "detail": detail, "elapsed": elapsed})
@@ -161,8 +162,8 @@ def _serve(config: Config, reader: Reader, writer: Writer, request: bytes, work:
         record = err.record or RunResult.before_run(plan).failed(err, err.exit_code)
     finally:
         finished.set()
-        if stdin is not None:
-            stdin.close()
+        if feed is not None:
+            feed.stop()  # before the RESULT: no CREDIT follows it
     if writer.lost:
         log.warning("the link to the client was lost; the run's VM was destroyed")
         return protocol.LinkLost.exit_code
@@ -195,7 +196,63 @@ def _send_outputs(writer: Writer, output: Path) -> None:
     writer.send(protocol.TREE_END)
 
 
-def _listen(reader: Reader, stdin_w: int, interruption: Interruption, finished: threading.Event,
+class _StdinFeed:
+    """The job's stdin, fed from the client's STDIN frames by a thread of its own: the link's reader
+    only queues them, so it never waits on a job that does not read, and sees a SIGNAL or the link's
+    end at once.  The client sends at most STDIN_WINDOW bytes ahead (more is a protocol error, so the
+    queue is bounded); each block handed to the job is given back to it as a CREDIT."""
+
+    def __init__(self, writer: Writer) -> None:
+        read_end, self._job_w = os.pipe()
+        self.job_end = os.fdopen(read_end, "rb", buffering=0)  # the job's stdin
+        self._writer = writer
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._ahead = 0  # bytes received and not yet handed to the job
+        self._ended = False
+        self._thread = threading.Thread(target=self._feed, name="vmiso-node-stdin", daemon=True)
+        self._thread.start()
+
+    def data(self, payload: bytes) -> None:
+        """A STDIN frame (the listener's thread)."""
+        with self._lock:
+            if self._ended:
+                raise protocol.ProtocolError(f"{PEER} sent STDIN after STDIN_END")
+            self._ahead += len(payload)
+            if self._ahead > protocol.STDIN_WINDOW:
+                raise protocol.ProtocolError(f"{PEER} sent more than {protocol.STDIN_WINDOW} bytes of stdin "
+                                             "ahead of the node's credit")
+        self._queue.put(payload)
+
+    def end(self) -> None:
+        """STDIN_END, or the link's end: the job sees end of file once what came before it is handed over."""
+        with self._lock:
+            self._ended = True
+        self._queue.put(None)
+
+    def _feed(self) -> None:
+        try:
+            while (payload := self._queue.get()) is not None:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(self._job_w, view):]
+                with self._lock:
+                    self._ahead -= len(payload)
+                self._writer.send_json(protocol.CREDIT, {"bytes": len(payload)})
+        except (OSError, VmisoError):
+            pass  # the job's stdin was closed (the run is over), or the link is gone
+        finally:
+            os.close(self._job_w)
+
+    def stop(self) -> None:
+        """At the run's end: the job's end closed (a write waiting on it fails at once) and the feeding
+        thread joined, so that no CREDIT follows the RESULT."""
+        self.job_end.close()
+        self._queue.put(None)
+        self._thread.join(10)
+
+
+def _listen(reader: Reader, feed: _StdinFeed | None, interruption: Interruption, finished: threading.Event,
             stop: Callable[[], None]) -> None:
     """The client's frames while the run goes: stdin, signals, and the link's end (which stops the run)."""
     try:
@@ -204,13 +261,10 @@ def _listen(reader: Reader, stdin_w: int, interruption: Interruption, finished: 
             if frame is None:
                 break
             kind, payload = frame
-            if kind == protocol.STDIN and stdin_w >= 0:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(stdin_w, view):]
-            elif kind == protocol.STDIN_END and stdin_w >= 0:
-                os.close(stdin_w)
-                stdin_w = -1
+            if kind == protocol.STDIN and feed is not None:
+                feed.data(payload)
+            elif kind == protocol.STDIN_END and feed is not None:
+                feed.end()
             elif kind == protocol.SIGNAL:
                 name = protocol.header(payload, PEER, "signal").get("signal")
                 sig = _SIGNALS.get(name) if isinstance(name, str) else None
@@ -221,7 +275,7 @@ def _listen(reader: Reader, stdin_w: int, interruption: Interruption, finished: 
     except (OSError, VmisoError) as err:
         log.warning("the link to the client broke: %s", err)
     finally:
-        if stdin_w >= 0:
-            os.close(stdin_w)
+        if feed is not None:
+            feed.end()
     if not finished.is_set():
         stop()
