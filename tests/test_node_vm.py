@@ -3,6 +3,7 @@ vmiso (this tree) with a state directory of its own."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ from vmharness import REPO, make_state_root, remove_tree, vmiso_domains, wait_fo
 
 pytestmark = pytest.mark.vm
 
-JOB = ("import sys, pathlib; print(open('/in/data.txt').read().strip().upper(), flush=True); "
+JOB = ("import hashlib, sys, pathlib; print(open('/in/data.txt').read().strip().upper(), flush=True); "
+       "print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest(), flush=True); "
        "print('to stderr', file=sys.stderr, flush=True); pathlib.Path('/out/result.txt').write_text('done'); "
        "sys.exit(3)")
 SLOW = "import time; print('started', flush=True); time.sleep(600)"
@@ -43,7 +45,7 @@ def node(image, tmp_path):
 def client(node, *args, **popen):
     return subprocess.Popen([sys.executable, "-m", "vmiso", "--host", node.url, *map(str, args)], cwd=REPO,
                             env=dict(node.env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **popen)
+                            stderr=subprocess.PIPE, **{"stdin": subprocess.DEVNULL, **popen})
 
 
 def left_on(node) -> list[str]:
@@ -58,11 +60,14 @@ def test_a_run_on_a_node_streams_exits_and_brings_checked_outputs_back(node, tmp
     data.write_text("hello from the client\n")
     out, record = tmp_path / "out", tmp_path / "run.json"
     started = time.monotonic()
-    process = client(node, "run", "--image", "it", "-i", data, "-o", out, "--json", record, "--", "python", "-c", JOB)
-    stdout, stderr = process.communicate(timeout=900)
+    stdin = os.urandom(3 << 20)  # twelve times the node's stdin window: the flow control's credits go round
+    process = client(node, "run", "--image", "it", "-i", data, "-o", out, "--json", record, "--", "python", "-c", JOB,
+                     stdin=subprocess.PIPE)
+    stdout, stderr = process.communicate(stdin, timeout=900)
     took = time.monotonic() - started
     assert process.returncode == 3, stderr.decode()
-    assert stdout.decode().splitlines() == ["HELLO FROM THE CLIENT"], stderr.decode()
+    assert stdout.decode().splitlines() == ["HELLO FROM THE CLIENT", hashlib.sha256(stdin).hexdigest()], \
+        stderr.decode()
     assert "to stderr" in stderr.decode()
     assert (out / "result.txt").read_text() == "done"
     assert sorted(p.name for p in out.iterdir()) == ["MANIFEST", "result.txt"]
