@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import socket
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -358,3 +360,33 @@ def test_a_hosts_file_is_checked_when_the_config_is_read_and_read_when_the_gatew
     # gone between reading the config and starting the gateway
     with pytest.raises(ConfigError, match="provision.hosts_file: cannot read"):
         _start(allowed, names)
+
+
+STALE_LAN = ("10.213.82.1", "10.213.82.2")
+
+
+@needs_root
+def test_a_namespace_that_a_killed_run_left_does_not_take_a_test_networks_address(tmp_path):
+    """A run killed inside network_namespace leaves its namespace, and this side's end of its veth keeps
+    the address: the next test's connections would go to the dead namespace (this failed CI once).  The
+    next network_namespace takes it away first."""
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys, pathlib; sys.path.insert(0, sys.argv[1]); import vmharness\n"
+        f"with vmharness.network_namespace([{STALE_LAN!r}], []):\n"
+        "    pathlib.Path(sys.argv[2]).touch(); os.kill(os.getpid(), signal.SIGKILL)\n"),
+        str(Path(__file__).parent), str(ready)])
+    child.wait(30)
+    assert ready.exists() and child.returncode == -signal.SIGKILL
+    held = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    assert f"{STALE_LAN[0]}/24" in held  # what the killed run left
+    echo = [sys.executable, "-c", (
+        "import socket, sys\ns = socket.create_server((sys.argv[1], 7000))\nprint('ready', flush=True)\n"
+        "while True:\n    c, _ = s.accept(); c.sendall(b'here'); c.close()\n"), STALE_LAN[1]]
+    with network_namespace([STALE_LAN], [echo]):
+        with socket.create_connection((STALE_LAN[1], 7000), timeout=10) as conn:
+            assert conn.recv(4) == b"here"
+        held = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+        assert held.count(f"{STALE_LAN[0]}/24") == 1
+    assert f"{STALE_LAN[0]}/24" not in subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True,
+                                                       text=True).stdout

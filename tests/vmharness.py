@@ -223,14 +223,42 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
+NETNS_PREFIX = "vmisons"
+
+
+def remove_stale_namespaces(pairs: list[tuple[str, str]]) -> None:
+    """Take away what a test run that was killed left holding one of ``pairs``' addresses on this
+    side: its namespace (no process left in it) and with it its veth pair.  Else this side would hold
+    the address twice, the older route would win, and the test's connections would go to the dead
+    namespace and be refused.  A namespace that still has a process (another run's live test) stays;
+    an address held by anything else is an error naming it."""
+    wanted = {outside for outside, _ in pairs}
+    shown = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    for line in shown.splitlines():
+        fields = line.split()
+        device, address = fields[1].split("@", 1)[0], fields[3].split("/", 1)[0]
+        if address not in wanted:
+            continue
+        links = subprocess.run(["ip", "-o", "link", "show", device], capture_output=True, text=True).stdout
+        match = re.search(rf"link-netns ({NETNS_PREFIX}[0-9a-f]+)", links)
+        if not (device.startswith("vns") and match):
+            raise AssertionError(f"{address}, a test network's address, is already on {device}: {line}")
+        ns = match.group(1)
+        if subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.strip():
+            raise AssertionError(f"{address} is held by {ns}, whose processes still run (another test run?)")
+        _ip("netns", "del", ns)  # its veth pair goes with it
+        subprocess.run(["ip", "link", "del", device], capture_output=True)
+
+
 @contextlib.contextmanager
 def network_namespace(pairs: list[tuple[str, str]], servers: list[list[str]]):
     """A network namespace of the test's own, joined to this one by a veth pair: each
     (outside, inside) of ``pairs`` is a /24 address on this side and one in the namespace.
     Each of ``servers`` is run in it (an argv that prints "ready" once it listens) until
     the block ends; yields the namespace's name."""
+    remove_stale_namespaces(pairs)
     tag = secrets.token_hex(3)
-    ns, outside, inside = f"vmisons{tag}", f"vns{tag}a", f"vns{tag}b"
+    ns, outside, inside = f"{NETNS_PREFIX}{tag}", f"vns{tag}a", f"vns{tag}b"
     _ip("netns", "add", ns)
     started: list[subprocess.Popen] = []
     try:
