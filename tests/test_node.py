@@ -250,7 +250,7 @@ def test_the_client_sends_stdin_only_as_far_as_the_nodes_credit(place):
 
 # --- stdin's flow control, on the node's side ------------------------------------------------------
 
-def _node_reading(feed_stdin: bool):
+def _node_reading():
     """The node's reader of the link (vmiso.node.server._listen) in a thread, with a job that never reads
     its stdin: (client's writer, node's frames to the client, the job's stdin, interruption, stopped)."""
     import threading
@@ -261,7 +261,7 @@ def _node_reading(feed_stdin: bool):
     to_node_r, to_node_w = os.pipe()
     to_client_r, to_client_w = os.pipe()
     os.set_blocking(to_client_r, False)
-    feed = server._StdinFeed(protocol.Writer(to_client_w, "the client")) if feed_stdin else None
+    feed = server._StdinFeed(protocol.Writer(to_client_w, "the client"))
     interruption = Interruption(job_running=True)
     stopped = threading.Event()
     threading.Thread(target=server._listen, args=(protocol.Reader(to_node_r, "the client"), feed, interruption,
@@ -293,7 +293,7 @@ def test_a_job_that_reads_no_stdin_does_not_keep_a_signal_from_the_node():
 
     from vmiso.node import protocol
 
-    client, credits, feed, interruption, stopped = _node_reading(True)
+    client, credits, feed, interruption, stopped = _node_reading()
     # A whole window of stdin (four times what a pipe holds), then a signal: the node's reader is not
     # stuck writing to the job, so the signal is taken at once.
     for _ in range(protocol.STDIN_WINDOW // protocol.CHUNK):
@@ -322,7 +322,7 @@ def test_stdin_beyond_the_nodes_credit_ends_the_run():
 
     from vmiso.node import protocol
 
-    client, _, feed, _, stopped = _node_reading(True)
+    client, _, feed, _, stopped = _node_reading()
 
     def flood() -> None:  # the window, what the job's pipe holds, and more: a client that ignores its credit
         for _ in range(protocol.STDIN_WINDOW // protocol.CHUNK + 3):

@@ -226,7 +226,7 @@ def _ip(*args: str) -> None:
 NETNS_PREFIX = "vmisons"
 
 
-def remove_stale_namespaces(pairs: list[tuple[str, str]]) -> None:
+def _remove_stale_namespaces(pairs: list[tuple[str, str]]) -> None:
     """Take away what a test run that was killed left holding one of ``pairs``' addresses on this
     side: its namespace (no process left in it) and with it its veth pair.  Else this side would hold
     the address twice, the older route would win, and the test's connections would go to the dead
@@ -246,8 +246,7 @@ def remove_stale_namespaces(pairs: list[tuple[str, str]]) -> None:
         ns = match.group(1)
         if subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.strip():
             raise AssertionError(f"{address} is held by {ns}, whose processes still run (another test run?)")
-        _ip("netns", "del", ns)  # its veth pair goes with it
-        subprocess.run(["ip", "link", "del", device], capture_output=True)
+        _ip("netns", "del", ns)  # its veth pair, this side's end with the address included, goes with it
 
 
 @contextlib.contextmanager
@@ -256,7 +255,7 @@ def network_namespace(pairs: list[tuple[str, str]], servers: list[list[str]]):
     (outside, inside) of ``pairs`` is a /24 address on this side and one in the namespace.
     Each of ``servers`` is run in it (an argv that prints "ready" once it listens) until
     the block ends; yields the namespace's name."""
-    remove_stale_namespaces(pairs)
+    _remove_stale_namespaces(pairs)
     tag = secrets.token_hex(3)
     ns, outside, inside = f"{NETNS_PREFIX}{tag}", f"vns{tag}a", f"vns{tag}b"
     _ip("netns", "add", ns)
