@@ -388,6 +388,16 @@ def test_the_cli_runs_a_batch_says_each_task_and_sums_up(tmp_path, monkeypatch):
 # --- a real batch -----------------------------------------------------------------------------------
 
 
+def _said(out: Path, tasks: dict) -> str:
+    """What a real batch's tasks recorded and logged, for a failing assertion."""
+    said = []
+    for name, task in sorted(tasks.items()):
+        log = out / ".batch" / f"{name}.log"
+        text = log.read_text(errors="replace")[-3000:] if log.is_file() else "(no log)"
+        said.append(f"{name}: {task['status']} {task['exit_code']} error={task.get('error')!r}\n{text}")
+    return "\n".join(said)
+
+
 @pytest.mark.vm
 def test_a_batch_of_real_runs_records_each_and_resumes_only_the_failed_one(image, tmp_path):
     data = tmp_path / "data"
@@ -408,7 +418,7 @@ def test_a_batch_of_real_runs_records_each_and_resumes_only_the_failed_one(image
     assert record_["sha256"] == template and record_["image"] == "it" and record_["jobs"] == 2
     tasks = {t["name"]: t for t in record_["tasks"]}
     assert {n: (t["status"], t["exit_code"]) for n, t in tasks.items()} == {
-        "a.txt": ("ok", 0), "b.txt": ("ok", 0), "c.txt": ("failed", 3), "d.txt": ("ok", 0)}
+        "a.txt": ("ok", 0), "b.txt": ("ok", 0), "c.txt": ("failed", 3), "d.txt": ("ok", 0)}, _said(out, tasks)
     for name, task in tasks.items():
         assert task["sha256"] == template and task["boot"] in ("preloaded", "warm", "cold")
         assert task["host"] == os.uname().nodename and task["attempts"] == 1

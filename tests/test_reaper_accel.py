@@ -7,7 +7,7 @@ import pytest
 
 from vmiso import accel
 from vmiso.errors import AccelError
-from vmiso.host import reaper, workdir
+from vmiso.host import reaper, state as state_dirs, workdir
 
 from fakes import FakeHypervisor
 
@@ -41,6 +41,63 @@ def test_find_and_collect_orphaned_directories_without_libvirt(tmp_path):
     reaper.collect(None, state)
     assert sorted(p.name for p in (state / "runs").iterdir()) == ["live"]
     assert list((state / "images").iterdir()) == []
+
+
+# Another vmiso's reaper, as every vmiso run starts with one: what it finds and removes in a state directory.
+_OTHER_REAPER = ("import sys; from pathlib import Path; from vmiso.host import reaper; "
+                 "print(' '.join(i.name for i in reaper.collect(None, Path(sys.argv[1]))))")
+
+
+def _other_reaper(state_dir):
+    done = subprocess.run([sys.executable, "-c", _OTHER_REAPER, str(state_dir)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_a_directory_being_made_is_never_another_vmisos_leftover(tmp_path):
+    """vmiso batch -j 2 starts two runs at once: one's reaper ran while the other's run directory
+    existed without its owner record, took it for a dead run's and removed it (that run failed, 125)."""
+    state = tmp_path / "state"
+    runs = state / "runs"
+    runs.mkdir(parents=True)
+    collected = []
+
+    def make(path):
+        path.mkdir()
+        collected.extend(_other_reaper(state))  # while the directory has no owner record yet
+
+    made = state_dirs.claimed_dir(runs / "run1", make)
+    assert collected == [] and made.is_dir() and workdir.owner_alive(made)
+    assert sorted(p.name for p in runs.iterdir()) == ["run1"]
+    assert _other_reaper(state) == []  # and once it has its name
+    # Made the old way, the same directory without its record is a dead run's: removed.
+    plain = runs / "run2"
+    plain.mkdir()
+    assert _other_reaper(state) == ["run2"] and not plain.exists()
+
+
+def test_what_a_maker_killed_mid_claim_leaves_is_collected_and_a_failed_make_leaves_nothing(tmp_path):
+    state = tmp_path / "state"
+    runs = state / "runs"
+    runs.mkdir(parents=True)
+    killed = subprocess.run([sys.executable, "-c", "import os, sys; from pathlib import Path; "
+                             "from vmiso.host import state; "
+                             "state.claimed_dir(Path(sys.argv[1]), lambda p: (p.mkdir(), os._exit(9)))",
+                             str(runs / "run1")], capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    left = [p.name for p in runs.iterdir()]
+    assert len(left) == 1 and left[0].startswith("run1" + state_dirs.CLAIMING)
+    assert [(i.kind, i.name) for i in reaper.find(None, state)] == [("run directory", left[0])]
+    assert _other_reaper(state) == left and list(runs.iterdir()) == []
+
+    def failing(path):
+        path.mkdir()
+        (path / "half").write_text("made")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        state_dirs.claimed_dir(runs / "run2", failing)
+    assert list(runs.iterdir()) == []
 
 
 def test_accel_tcg_is_explicit_and_warns(caplog):

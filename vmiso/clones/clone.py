@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import tools
 from ..domain import Disk, DomainSpec, KernelBoot, Share
 from ..host import reaper, state
-from ..host.workdir import bounded_share, claim, console_file, link_dir, private_dir, share_dir
+from ..host.workdir import bounded_share, console_file, link_dir, private_dir, share_dir
 from ..image.store import Image, boot_files, copy_verified, reprovision_hint
 
 # The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
@@ -88,8 +88,7 @@ def make_clone_dir(path: Path, *, output_limits: tuple[int, int] | None = None) 
     made to be saved as a warm state never mounts its shares.
     """
     private_dir(path.parent)
-    private_dir(path)
-    claim(path)
+    state.claimed_dir(path)
     clone = CloneDir(path)
     link_dir(clone.link)
     console_file(clone.console_log)

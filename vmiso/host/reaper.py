@@ -38,8 +38,11 @@ class Leftover:
 
 
 def owner_gone(path: Path, state_dir: Path) -> bool:
-    """The process its owner record names has ended (or it has no record: it never got one)."""
-    return not owner_alive(path)
+    """The process its owner record names has ended, or it has no record: it never got one, unless
+    it is still being made (``state.claimed_dir``: then its maker's pid ends its name)."""
+    if owner_alive(path):
+        return False
+    return remover_gone(path, state_dir) if state.claiming(path) else True
 
 
 def remover_gone(path: Path, state_dir: Path) -> bool:

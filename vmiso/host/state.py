@@ -13,7 +13,8 @@ HOME is a user's own directory: the state directory itself for root,
 ``STATE_DIR/users/USER`` for an analyst.  Images are the one thing shared.
 
 What is being made, removed or replaced has a name that says so, beside where it
-ends up (``.building-*``, ``.removing-*``, ``.replaced-*``).  The module that owns a
+ends up (``.building-*``, ``.removing-*``, ``.replaced-*``); a directory that a
+process owns gets its owner record before it gets its name (``claimed_dir``).  The module that owns a
 folder (``OWNERS``) describes to the reaper (vmiso.host.reaper) what a process
 that died leaves there, and ``vmiso gc`` collects it.
 """
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import os
 import pwd
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import VmisoError
-from .workdir import private_dir
+from .workdir import claim, private_dir, remove_tree
 
 IMAGES = "images"
 USERS = "users"
@@ -48,6 +50,7 @@ OWNERS = {
 BUILDING = ".building-"  # made under this name, renamed into place when complete
 REMOVING = ".removing-"  # renamed out of the way first, then removed
 REPLACED = ".replaced-"  # the older one, while a new one takes its name
+CLAIMING = ".claiming-"  # then its maker's pid: a new directory, until its owner record is in it
 
 
 def images(state_dir: Path) -> Path:
@@ -154,7 +157,32 @@ def replaced(target: Path) -> Path:
     return target.with_name(f"{REPLACED}{target.name}-{os.getpid()}")
 
 
+def claimed_dir(path: Path, make: Callable[[Path], object] = private_dir) -> Path:
+    """``path``, a new directory made by ``make``, that nobody ever sees without this process's owner record.
+
+    The reaper of any other vmiso takes a directory without a record for one whose
+    maker died before writing it, so the directory is made and claimed as
+    ``NAME.claiming-PID`` and only then renamed to ``path``; what a maker killed
+    meanwhile leaves is abandoned once that pid has ended (vmiso.host.reaper).
+    """
+    temporary = path.with_name(f"{path.name}{CLAIMING}{os.getpid()}")
+    try:
+        remove_tree(temporary)  # an earlier process's with this pid
+        make(temporary)
+        claim(temporary)
+        os.rename(temporary, path)
+    except BaseException:
+        remove_tree(temporary)
+        raise
+    return path
+
+
+def claiming(path: Path) -> bool:
+    """``path`` is a directory ``claimed_dir`` is making (or its maker died making)."""
+    return CLAIMING in path.name
+
+
 def pid_in_name(path: Path) -> int | None:
-    """The pid a ``removing``/``replaced`` name ends with, or None."""
+    """The pid a ``removing``/``replaced``/``claiming`` name ends with, or None."""
     tail = path.name.rpartition("-")[2]
     return int(tail) if tail.isdigit() else None

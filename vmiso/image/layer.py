@@ -27,7 +27,7 @@ from .. import tools
 from ..config import from_mapping, load_yaml
 from ..errors import ConfigError, ProvisionError, ToolError
 from ..host import reaper, state
-from ..host.workdir import OWNER_FILE, claim, flocked, remove_tree
+from ..host.workdir import OWNER_FILE, flocked, remove_tree
 from ..progress import Steps
 from ..resources import images_dir
 from . import initramfs
@@ -204,8 +204,7 @@ def building_layer(layers: Path, key: str) -> Iterator[Path]:
     work = state.building(layers, key, str(os.getpid()))
     remove_tree(work)
     # Private until published: the unpacked tree holds setuid programs, the builder's own.
-    work.mkdir(mode=0o700)
-    claim(work)
+    state.claimed_dir(work, lambda path: path.mkdir(mode=0o700))
     try:
         yield work
         (work / OWNER_FILE).unlink()

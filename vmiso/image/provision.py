@@ -43,7 +43,6 @@ from ..host.workdir import (
     OWNER_FILE,
     SHARE_FS_SUFFIX,
     bounded_share,
-    claim,
     console_file,
     install_dir,
     link_dir,
@@ -299,9 +298,8 @@ def _start(build: _Build, undo: ExitStack) -> None:
     """The build directory, this process's, removed if the provisioning fails."""
     work = state.building(state.images(build.config.state_dir), build.name, secrets.token_hex(4))
     # In a shared store the group reads the image (store.py); QEMU only reaches files.
-    shared_dir(work) if build.shared else private_dir(work)
     undo.callback(remove_tree, work)  # holds the share the provisioning guest wrote
-    claim(work)
+    state.claimed_dir(work, shared_dir if build.shared else private_dir)
     link_dir(work / "link")
     build.work = work
 
