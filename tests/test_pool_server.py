@@ -32,7 +32,7 @@ from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
 from fakes import FakeConnect, FakeHypervisor, fake_host_config, make_image
-from vmharness import wait_for
+from vmharness import make_state_root, remove_tree, wait_for
 
 GREETING = b"SSH-2.0-OpenSSH_fake\r\n"
 HELLO = warm.SEED_BYTES + warm.CLOCK.size
@@ -82,8 +82,12 @@ class GreetingGuests(FakeHypervisor):
 
 
 @pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
+def state() -> Iterator[Path]:
+    # Short, as /var/lib/vmiso is: a clone's link socket is below it, and a socket's path has at most
+    # 107 bytes (pytest's own directories, under -n, are longer).
+    root = make_state_root("vmiso-pool-")
+    yield root / "state"
+    remove_tree(root)
 
 
 @pytest.fixture
