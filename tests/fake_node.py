@@ -58,6 +58,16 @@ def main() -> int:
         return 127
     w.send_json(protocol.HELLO, protocol.hello())
     r.expect(protocol.REQUEST)
+    if scenario.startswith("doctor"):
+        checks = [{"name": "qemu-img", "ok": True, "detail": "/usr/bin/qemu-img", "fix": "", "warning": False},
+                  {"name": f"evil{ESC}]0;owned{ESC}\\", "ok": False, "detail": f"red{ESC}[31m", "fix": f"sudo{ESC}[2J",
+                   "warning": False}]
+        if scenario == "doctor-lying":
+            checks[0]["ok"] = "yes"
+        if scenario == "doctor-flood":
+            checks = checks[:1] * 201  # within a frame: more than any doctor makes
+        w.send_json(protocol.RESULT, {"doctor": checks})
+        return 0
     if scenario.startswith("images"):
         digest = "a" * 64 if scenario == "images" else "not a digest"
         w.send_json(protocol.RESULT, {"images": [

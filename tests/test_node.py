@@ -16,7 +16,7 @@ import pytest
 from vmiso.errors import ConfigError
 from vmiso.node import openssh
 
-from nodeharness import sshd, write_node_files
+from nodeharness import ssh_node, sshd, write_node_files
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE = Path(__file__).resolve().parent / "fake_node.py"
@@ -186,7 +186,7 @@ def test_a_dropped_link_ends_the_run_with_125(place):
 
 def test_other_commands_refuse_host_rather_than_act_here(place):
     env, _, _ = place
-    for args in (["images", "rm", "it"], ["gc"], ["shell"], ["pool", "status"], ["doctor"], ["provision"]):
+    for args in (["images", "rm", "it"], ["gc"], ["shell"], ["pool", "status"], ["provision"]):
         done = subprocess.run([sys.executable, "-m", "vmiso", *args], env=dict(env, VMISO_HOST="ssh://node"),
                               capture_output=True, text=True, timeout=60, cwd=REPO)
         assert done.returncode == 125, args
@@ -205,6 +205,44 @@ def test_the_nodes_images_are_listed_with_their_digests(place):
                            env=dict(env, VMISO_FAKE_NODE="images-lying"), capture_output=True, text=True, timeout=60,
                            cwd=REPO)
     assert lying.returncode == 125 and "name, size, date or sha256 is not one" in lying.stderr
+
+
+def test_the_nodes_doctor_is_shown_neutralized_and_a_lying_one_refused(place):
+    env, _, _ = place
+
+    def doctor(scenario, *args):
+        return subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", "doctor", *args],
+                              env=dict(env, VMISO_FAKE_NODE=scenario), capture_output=True, text=True, timeout=60,
+                              cwd=REPO)
+
+    done = doctor("doctor")
+    assert done.returncode == 1, done.stderr  # the node found a failure
+    assert "[ok  ] link: ssh://node answers as a vmiso node" in done.stdout
+    assert "[ok  ] qemu-img: /usr/bin/qemu-img" in done.stdout and "[FAIL] evil" in done.stdout
+    assert "\x1b" not in done.stdout + done.stderr and "fix: sudo" in done.stdout
+    for scenario, said in (("doctor-lying", "name, result, detail or fix is not one"),
+                           ("doctor-flood", "more than 200 checks")):
+        lying = doctor(scenario)
+        assert lying.returncode == 125 and said in lying.stderr, lying.stderr
+        assert "qemu-img" not in lying.stdout
+    mixed = doctor("doctor", "--state-dir", "/var/lib/vmiso")
+    assert mixed.returncode == 125 and "--state-dir name this machine's settings" in mixed.stderr
+
+
+@pytest.mark.root(reason="a real sshd in a network namespace of the test's own")
+def test_the_doctor_of_a_real_node_says_through_the_link_what_it_says_there(tmp_path):
+    state = tmp_path / "state"
+    directory = tmp_path / "node"
+    directory.mkdir()
+    with ssh_node(directory, state) as node:
+        there = subprocess.run([str(directory / "node-vmiso"), "doctor", "-c", str(directory / "node.yaml")],
+                               capture_output=True, text=True, timeout=120)
+        here = subprocess.run([sys.executable, "-m", "vmiso", "--host", node.url, "doctor"], env=node.env,
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert here.returncode == there.returncode, here.stderr
+    first, *rest = here.stdout.splitlines()
+    assert first == f"[ok  ] link: {node.url} answers as a vmiso node; what it finds on itself:"
+    assert rest == there.stdout.splitlines() and any(line.startswith("[ok  ] qemu-img") for line in rest)
 
 
 @pytest.mark.parametrize("text", ["node", "http://node", "ssh://-oProxyCommand=x", "ssh://node/path",

@@ -251,7 +251,7 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 @click.option("-q", "--quiet", is_flag=True, help="only errors (and the warning that a VM runs under TCG)")
 @click.option("--host", envvar="VMISO_HOST", metavar="ssh://[USER@]NODE[:PORT]",
               help="act on NODE, reached with your own ssh (also VMISO_HOST; default: this machine); "
-                   "so far 'run' only")
+                   "so far run, images (the list) and doctor")
 @click.option("--remote-vmiso", envvar="VMISO_REMOTE_VMISO", metavar="COMMAND",
               help="the node's vmiso, e.g. /opt/vmiso/venv/bin/vmiso (also VMISO_REMOTE_VMISO; default: vmiso)")
 @click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
@@ -270,7 +270,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, host: str | None, remote_
 
 
 # The commands --host takes to a node (the hidden ones run on the node itself and ignore it).
-_ON_NODES = frozenset({"run", "images", "_node", "_watchdog"})
+_ON_NODES = frozenset({"run", "images", "doctor", "_node", "_watchdog"})
 
 
 @cli.command()
@@ -1146,12 +1146,29 @@ def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, lay
 @_state_option
 @click.pass_context
 def doctor(ctx: click.Context, config_path: Path | None, accel: str | None, state_dir: Path | None) -> None:
-    """Check the host: QEMU, libvirt, accelerator, tools, space, permissions, leftovers."""
+    """Check the host: QEMU, libvirt, accelerator, tools, space, permissions, leftovers.
+
+    With --host: the node's, with its own configuration, after the link itself
+    (your ssh logs in, the node's vmiso answers and speaks this one's protocol)."""
     from .doctor import run_checks
 
-    config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
+    host = ctx.obj.get("host")
+    if host is not None:
+        from .errors import ConfigError
+        from .node.client import SshNode
+        from .node.openssh import parse_target
+
+        given = [name for name, value in (("-c", config_path), ("--accel", accel), ("--state-dir", state_dir))
+                 if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} name this machine's settings; the node's doctor reads its own",
+                              "leave them out with --host (or run vmiso doctor on the node itself)")
+        checks = SshNode(parse_target(host), ctx.obj.get("remote_vmiso") or "vmiso").doctor()
+        _say(f"[ok  ] link: {host} answers as a vmiso node; what it finds on itself:")
+    else:
+        checks = run_checks(_load(ctx, config_path, accel=accel, state_dir=state_dir))
     failed = 0
-    for check in run_checks(config):
+    for check in checks:
         mark = "ok  " if check.ok and not check.warning else "warn" if check.ok else "FAIL"
         _say(f"[{mark}] {check.name}: {check.detail}")
         if check.fix:

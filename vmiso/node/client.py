@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
+from ..doctor import Check
 from ..errors import ConfigError, OutputError, VmisoError
 from ..host import inputs, outputs, tree, workdir
 from ..host.inputs import StagedInput, check_inputs
@@ -49,6 +50,7 @@ _MANIFEST_LINE = re.compile(r"([0-9a-f]{64})  (.+)")
 _BOOTS = (None, "preloaded", "warm", "cold")
 _ACCELS = (None, "kvm", "tcg")
 _TEXT_MAX = 2000  # characters of one of the node's strings kept (a hint, a refusal's reason)
+_CHECKS_MAX = 200  # doctor's checks a node may report (it makes about 20)
 
 
 class NodeError(VmisoError):
@@ -131,17 +133,30 @@ class SshNode:
 
     def images(self) -> list[dict[str, Any]]:
         """The node's images: name, size, created, sha256 (each checked; the CLI shows them neutralized)."""
+        rows, peer = self._ask("images")
+        return [_image_row(row, peer) for row in rows]
+
+    def doctor(self) -> list[Check]:
+        """What ``vmiso doctor`` finds on the node, with its own config (each checked; the CLI shows them
+        neutralized)."""
+        rows, peer = self._ask("doctor")
+        if len(rows) > _CHECKS_MAX:
+            raise protocol.ProtocolError(f"{peer} sent more than {_CHECKS_MAX} checks")
+        return [_check_row(row, peer) for row in rows]
+
+    def _ask(self, op: str) -> tuple[list[Any], str]:
+        """The list a one-frame request ``op`` returns (its RESULT's key ``op``), and the peer's name."""
         link, reader, writer = self._open()
         try:
             try:
-                writer.send_json(protocol.REQUEST, {"op": "images"})
+                writer.send_json(protocol.REQUEST, {"op": op})
                 _, payload = reader.expect(protocol.RESULT)
             except protocol.LinkLost:
                 _raise_why(link, reader, self.target)
-            rows = protocol.header(payload, reader.peer, "result").get("images")
+            rows = protocol.header(payload, reader.peer, "result").get(op)
             if not isinstance(rows, list):
-                raise protocol.ProtocolError(f"{reader.peer} sent a list of images that is not one")
-            return [_image_row(row, reader.peer) for row in rows]
+                raise protocol.ProtocolError(f"{reader.peer} sent {op} that are not a list")
+            return rows, reader.peer
         finally:
             link.close()
 
@@ -246,6 +261,16 @@ def _image_row(row: Any, peer: str) -> dict[str, Any]:
             or not (sha256 is None or (isinstance(sha256, str) and _HEX64.fullmatch(sha256)))):
         raise protocol.ProtocolError(f"{peer} sent an image whose name, size, date or sha256 is not one")
     return {"name": name, "size": size, "created": created, "sha256": sha256}
+
+
+def _check_row(row: Any, peer: str) -> Check:
+    if not isinstance(row, dict):
+        raise protocol.ProtocolError(f"{peer} sent a check that is not an object")
+    name, ok, detail, fix, warning = (row.get(k) for k in ("name", "ok", "detail", "fix", "warning"))
+    if (not isinstance(name, str) or not 0 < len(name) <= 200 or not isinstance(ok, bool)
+            or not isinstance(warning, bool) or not isinstance(detail, str) or not isinstance(fix, str)):
+        raise protocol.ProtocolError(f"{peer} sent a check whose name, result, detail or fix is not one")
+    return Check(name, ok, detail[:_TEXT_MAX], fix[:_TEXT_MAX], warning)
 
 
 def _refuse_unsupported(plan: RunPlan, io: JobIO) -> None:

@@ -10,7 +10,8 @@ Client -> node: HELLO, REQUEST, the inputs as a tree (ENTRY, DATA, ENTRY_END ...
 TREE_END), then STDIN ... STDIN_END and SIGNAL at any time.
 Node -> client: HELLO, then STEP, STDOUT, STDERR and CREDIT as the run goes, RESULT, and
 when the client asked for outputs, MANIFEST and the outputs as a tree; or ERROR, at any
-point, and nothing after it.
+point, and nothing after it.  A REQUEST whose "op" is "images" or "doctor" is answered by one
+RESULT holding a list under that key (the node's images, what its ``vmiso doctor`` finds).
 
 Stdin is flow-controlled: the client sends at most STDIN_WINDOW bytes of STDIN beyond
 what the node has handed to the job, which each CREDIT ({"bytes": N}) reports.  So the

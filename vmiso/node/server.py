@@ -1,5 +1,5 @@
 """The node's side of a run: ``vmiso _node``, started by the analyst's ssh, speaking the protocol on its
-stdin and stdout.
+stdin and stdout.  (Or of a question: its images, what its doctor finds.)
 
 Everything the client sends is untrusted input: the request is checked and resolved
 against this node's own configuration (its state directory, libvirt, limits), the
@@ -15,6 +15,7 @@ watchdog destroys it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from ..config import Config
+from ..doctor import run_checks
 from ..errors import VmisoError
 from ..execution import JobIO, ThisHost
 from ..host import outputs, tree, workdir
@@ -94,6 +96,9 @@ def serve(config: Config, in_fd: int, out_fd: int, stop: Callable[[], None]) -> 
         op = protocol.header(request, PEER, "request").get("op")
         if op == "images":
             writer.send_json(protocol.RESULT, {"images": _images(config)})
+            return 0
+        if op == "doctor":
+            writer.send_json(protocol.RESULT, {"doctor": [dataclasses.asdict(c) for c in run_checks(config)]})
             return 0
         if op != "run":
             raise protocol.ProtocolError(f"{PEER} asked for {str(op)[:40]!r}, which this node does not do")
