@@ -194,6 +194,40 @@ def test_other_commands_refuse_host_rather_than_act_here(place):
             in done.stderr, done.stderr
 
 
+def test_the_configs_host_key_sends_runs_images_and_doctor_to_the_node_and_local_overrides_it(place, tmp_path):
+    env, work, _ = place
+    config = work / "vmiso.yaml"
+    state = tmp_path / "state"
+    config.write_text(SMALL_LIMITS + f"state_dir: {state}\nhost: ssh://node\n")
+
+    def vmiso(scenario, *args, host=()):
+        return subprocess.run([sys.executable, "-m", "vmiso", *host, *args], capture_output=True, text=True,
+                              env=dict(env, VMISO_FAKE_NODE=scenario), timeout=60, cwd=REPO, stdin=subprocess.DEVNULL)
+
+    out = work / "out"
+    done = vmiso("honest", "run", "-c", config, "-o", out, "--", "python", "job.py")
+    assert done.returncode == 0 and done.stdout == "job output\n", done.stderr
+    assert (out / "result.txt").read_text() == "fine\n"
+    listed = vmiso("images", "images", "-c", config)
+    assert listed.returncode == 0 and "(on ssh://node)" in listed.stdout, listed.stderr
+    doctor = vmiso("doctor", "doctor", "-c", config)
+    assert doctor.returncode == 1 and "[ok  ] link: ssh://node answers" in doctor.stdout, doctor.stderr
+    # --host local: this machine, whatever the config says (the fake node, asked, would fail: no scenario).
+    local = vmiso("unknown", "images", "-c", config, host=("--host", "local"))
+    assert local.returncode == 0 and "no images; build one" in local.stdout, local.stderr
+    # A command that cannot act on a node yet refuses rather than act here.
+    for args in (["provision"], ["gc"], ["pool", "status"], ["batch", "-o", work / "b", "--each", config, "--", "x"]):
+        at = 2 if args[0] == "pool" else 1
+        refused = vmiso("unknown", *args[:at], "-c", config, *args[at:])
+        assert refused.returncode == 125, (args, refused.stderr)
+        assert f"sets host: ssh://node, and 'vmiso {args[0]}' cannot act on a node yet" in refused.stderr
+        assert "--host local" in refused.stderr
+    assert not state.exists() and not (work / "b").exists()
+    config.write_text("host: http://node\n")
+    bad = vmiso("unknown", "images", "-c", config)
+    assert bad.returncode == 125 and "host: 'http://node' is not an ssh:// address" in bad.stderr, bad.stderr
+
+
 def test_the_nodes_images_are_listed_with_their_digests(place):
     env, _, _ = place
     done = subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", "images"],

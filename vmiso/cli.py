@@ -233,7 +233,34 @@ def _job_progress(ctx: click.Context) -> _Progress:
 
 
 def _load(ctx: click.Context, config_path: Path | None, **overrides: Any) -> config_mod.Config:
-    return config_mod.override(config_mod.load(config_path), **overrides)
+    """The config; one whose ``host:`` names a node is refused by a command that cannot act there yet."""
+    config = config_mod.override(config_mod.load(config_path), **overrides)
+    command = ctx.find_root().invoked_subcommand
+    if config.host is not None and ctx.obj.get("host") is None and command not in _ON_NODES:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{config_path} sets host: {config.host}, and 'vmiso {command}' cannot act on a node yet "
+                          f"(only {_on_nodes_text()}); nothing was done",
+                          "give --host local (or VMISO_HOST=local) to act on this machine, or run it on the node")
+    return config
+
+
+def _node_of(ctx: click.Context, config: config_mod.Config | None) -> str | None:
+    """The node this command acts on: the one --host (or VMISO_HOST) names, else the config's
+    ``host:``; None for this machine (also --host local)."""
+    given = ctx.obj.get("host")
+    if given is not None:
+        return None if given == LOCAL_HOST else given
+    if config is None or config.host is None:
+        return None
+    from .node.openssh import parse_target
+
+    parse_target(config.host, "host:")  # a bad one is refused before anything is done
+    return config.host
+
+
+def _on_nodes_text() -> str:
+    return ", ".join(sorted(c for c in _ON_NODES if not c.startswith("_")))
 
 
 _config_option = click.option(
@@ -250,8 +277,8 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
               help="-v: a line per step, tracebacks for internal errors; -vv: debugging detail")
 @click.option("-q", "--quiet", is_flag=True, help="only errors (and the warning that a VM runs under TCG)")
 @click.option("--host", envvar="VMISO_HOST", metavar="ssh://[USER@]NODE[:PORT]",
-              help="act on NODE, reached with your own ssh (also VMISO_HOST; default: this machine); "
-                   "so far run, images (the list) and doctor")
+              help="act on NODE, reached with your own ssh (also VMISO_HOST, and the config's host:; default "
+                   "and 'local': this machine); so far run, images (the list) and doctor")
 @click.option("--remote-vmiso", envvar="VMISO_REMOTE_VMISO", metavar="COMMAND",
               help="the node's vmiso, e.g. /opt/vmiso/venv/bin/vmiso (also VMISO_REMOTE_VMISO; default: vmiso)")
 @click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
@@ -259,18 +286,19 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 def cli(ctx: click.Context, verbose: int, quiet: bool, host: str | None, remote_vmiso: str | None) -> None:
     """Run Python programs you cannot audit in disposable, offline VMs."""
     _setup_logging(verbose, quiet)
-    host = host or None  # VMISO_HOST= (empty): this machine
-    if host is not None and ctx.invoked_subcommand not in _ON_NODES:
+    host = host or None  # VMISO_HOST= (empty): unset
+    if host is not None and host != LOCAL_HOST and ctx.invoked_subcommand not in _ON_NODES:
         from .errors import ConfigError
 
         raise ConfigError(f"--host is not supported for 'vmiso {ctx.invoked_subcommand}' yet (only for "
-                          f"{', '.join(sorted(c for c in _ON_NODES if not c.startswith('_')))}); nothing was done",
+                          f"{_on_nodes_text()}); nothing was done",
                           "run it on the node itself, or without --host (and VMISO_HOST) for this machine")
     ctx.obj = {"quiet": quiet, "verbose": verbose, "host": host, "remote_vmiso": remote_vmiso}
 
 
 # The commands --host takes to a node (the hidden ones run on the node itself and ignore it).
 _ON_NODES = frozenset({"run", "images", "doctor", "_node", "_watchdog"})
+LOCAL_HOST = "local"  # --host local: this machine, whatever the config's host: says
 
 
 @cli.command()
@@ -302,10 +330,14 @@ def provision(ctx: click.Context, config_path: Path | None, accel: str | None, s
 @click.pass_context
 def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None, as_json: bool) -> None:
     """List templates (subcommands: rm, show, verify, warm)."""
-    if ctx.obj.get("host") is not None:
-        _node_images(ctx, ctx.obj["host"], as_json)
+    given = ctx.obj.get("host")
+    config = _load(ctx, config_path, state_dir=state_dir) if given is None or given == LOCAL_HOST else None
+    node = _node_of(ctx, config)
+    if node is not None:
+        _node_images(ctx, node, as_json)
         return
-    ctx.obj["config"] = _load(ctx, config_path, state_dir=state_dir)
+    assert config is not None
+    ctx.obj["config"] = config
     if ctx.invoked_subcommand is not None:
         return
     from .image.store import list_images, summary
@@ -637,7 +669,7 @@ def _run_job(ctx: click.Context, command: tuple[str, ...], *, tty: bool, config_
             command=command, image=image, inputs=inputs, output=output, timeout=timeout, memory_mib=memory,
             cpus=cpus, scratch_bytes=scratch_bytes, warm=not cold, env=tuple(env),
             accept_tool_files=accept_tool_files, publish=publish, allow_hosts=allow_hosts, allow_tcp=allow_tcp,
-            host=ctx.obj.get("host"), remote_vmiso=ctx.obj.get("remote_vmiso")))
+            host=_node_of(ctx, config), remote_vmiso=ctx.obj.get("remote_vmiso")))
         before = RunResult.before_run(plan)
         session = _Session.for_job(tty=tty, raw=raw)
         printer = _job_progress(ctx)
@@ -1148,25 +1180,27 @@ def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, lay
 def doctor(ctx: click.Context, config_path: Path | None, accel: str | None, state_dir: Path | None) -> None:
     """Check the host: QEMU, libvirt, accelerator, tools, space, permissions, leftovers.
 
-    With --host: the node's, with its own configuration, after the link itself
-    (your ssh logs in, the node's vmiso answers and speaks this one's protocol)."""
+    With --host (or the config's host:): the node's, with its own configuration, after the
+    link itself (your ssh logs in, the node's vmiso answers and speaks this one's protocol)."""
     from .doctor import run_checks
 
-    host = ctx.obj.get("host")
+    given = ctx.obj.get("host")
+    config = _load(ctx, config_path) if given is None or given == LOCAL_HOST else None
+    host = _node_of(ctx, config)
     if host is not None:
         from .errors import ConfigError
         from .node.client import SshNode
         from .node.openssh import parse_target
 
-        given = [name for name, value in (("-c", config_path), ("--accel", accel), ("--state-dir", state_dir))
-                 if value is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)} name this machine's settings; the node's doctor reads its own",
-                              "leave them out with --host (or run vmiso doctor on the node itself)")
+        local = [name for name, value in (("-c", config_path if config is None else None), ("--accel", accel),
+                                          ("--state-dir", state_dir)) if value is not None]
+        if local:
+            raise ConfigError(f"{', '.join(local)} name this machine's settings; the node's doctor reads its own",
+                              "leave them out when acting on a node (or run vmiso doctor on the node itself)")
         checks = SshNode(parse_target(host), ctx.obj.get("remote_vmiso") or "vmiso").doctor()
         _say(f"[ok  ] link: {host} answers as a vmiso node; what it finds on itself:")
     else:
-        checks = run_checks(_load(ctx, config_path, accel=accel, state_dir=state_dir))
+        checks = run_checks(config_mod.override(config or _load(ctx, config_path), accel=accel, state_dir=state_dir))
     failed = 0
     for check in checks:
         mark = "ok  " if check.ok and not check.warning else "warn" if check.ok else "FAIL"

@@ -48,15 +48,15 @@ class Target:
         return f"ssh {port}{self.user + '@' if self.user else ''}{self.node}"
 
 
-def parse_target(text: str) -> Target:
+def parse_target(text: str, what: str = "--host") -> Target:
     """``ssh://[USER@]NODE[:PORT]``; ConfigError for anything else (a name that ssh could take as an option
-    among them)."""
-    usage = "write --host ssh://[USER@]NODE[:PORT], e.g. ssh://analyst@kvm1.example.org:2222"
+    among them).  ``what`` names where it was written in errors: "--host", "host:" in a config."""
+    usage = f"write {what} ssh://[USER@]NODE[:PORT], e.g. ssh://analyst@kvm1.example.org:2222"
     if not text.startswith(SCHEME):
-        raise ConfigError(f"--host {text!r} is not an ssh:// address", usage)
+        raise ConfigError(f"{what} {text!r} is not an ssh:// address", usage)
     parts = urlsplit(text)
     if parts.path or parts.query or parts.fragment or parts.password is not None:
-        raise ConfigError(f"--host {text!r} has more than [USER@]NODE[:PORT]", usage)
+        raise ConfigError(f"{what} {text!r} has more than [USER@]NODE[:PORT]", usage)
     netloc = parts.netloc
     user, _, hostport = netloc.rpartition("@")
     host = hostport
@@ -65,11 +65,11 @@ def parse_target(text: str) -> Target:
     if match and match.group(2) is not None:
         host, port = match.group(1), int(match.group(2))
         if not 0 < port < 65536:
-            raise ConfigError(f"--host {text!r}: port {port} is out of range", usage)
+            raise ConfigError(f"{what} {text!r}: port {port} is out of range", usage)
     if not _NAME.fullmatch(host) or host.startswith("-"):
-        raise ConfigError(f"--host {text!r}: {host!r} is not a host name", usage)
+        raise ConfigError(f"{what} {text!r}: {host!r} is not a host name", usage)
     if user and not _USER.fullmatch(user):
-        raise ConfigError(f"--host {text!r}: {user!r} is not a user name", usage)
+        raise ConfigError(f"{what} {text!r}: {user!r} is not a user name", usage)
     return Target(host.strip("[]"), user or None, port)
 
 
