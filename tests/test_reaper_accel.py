@@ -43,8 +43,10 @@ def test_find_and_collect_orphaned_directories_without_libvirt(tmp_path):
     assert list((state / "images").iterdir()) == []
 
 
-# Another vmiso's reaper, as every vmiso run starts with one: what it finds and removes in a state directory.
-_OTHER_REAPER = ("import sys; from pathlib import Path; from vmiso.host import reaper; "
+# Another vmiso's reaper, as every vmiso run starts with one: what it finds and removes in a state directory
+# (the user's own part of it being the state directory itself, as root's is: conftest's stand-in for others).
+_OTHER_REAPER = ("import sys; from pathlib import Path; from vmiso.host import reaper, state; "
+                 "state.home = state.Home; "
                  "print(' '.join(i.name for i in reaper.collect(None, Path(sys.argv[1]))))")
 
 
