@@ -57,10 +57,17 @@ def main() -> int:
         sys.stderr.write("bash: line 1: vmiso: command not found\n")
         return 127
     w.send_json(protocol.HELLO, protocol.hello())
-    r.expect(protocol.REQUEST)
+    _, request = r.expect(protocol.REQUEST)
+    if scenario.startswith("command"):  # vmiso --host NODE gc, pool ..., images show ...: what it asked, said back
+        argv = json.loads(request)["argv"]
+        w.send(protocol.STDOUT, f"asked for {' '.join(argv)}\n{ESC}cleared\n".encode())
+        w.send(protocol.STDERR, b"vmiso: error: half a line, then \xe2")
+        w.send(protocol.STDERR, b"\x82\xac the rest\n")
+        w.send_json(protocol.RESULT, {"exit_code": 999 if scenario == "command-bad-exit" else 3})
+        return 0
     if scenario.startswith("doctor"):
         checks = [{"name": "qemu-img", "ok": True, "detail": "/usr/bin/qemu-img", "fix": "", "warning": False},
-                  {"name": f"evil{ESC}]0;owned{ESC}\\", "ok": False, "detail": f"red{ESC}[31m", "fix": f"sudo{ESC}[2J",
+                  {"name": f"evil{ESC}", "ok": False, "detail": f"red{ESC}", "fix": f"sudo{ESC}",
                    "warning": False}]
         if scenario == "doctor-lying":
             checks[0]["ok"] = "yes"

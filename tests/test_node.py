@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,12 +187,81 @@ def test_a_dropped_link_ends_the_run_with_125(place):
 
 def test_other_commands_refuse_host_rather_than_act_here(place):
     env, _, _ = place
-    for args in (["images", "rm", "it"], ["gc"], ["shell"], ["pool", "status"], ["provision"]):
+    for args in (["images", "sbom", "it"], ["shell"], ["provision"], ["batch"]):
         done = subprocess.run([sys.executable, "-m", "vmiso", *args], env=dict(env, VMISO_HOST="ssh://node"),
                               capture_output=True, text=True, timeout=60, cwd=REPO)
         assert done.returncode == 125, args
         assert f"--host is not supported for 'vmiso {' '.join(args[:2]) if args[0] == 'images' else args[0]}' yet" \
             in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args", [["gc", "--layers"], ["pool", "start", "--image", "it", "--size", "1"],
+                                  ["pool", "stop"], ["pool", "status", "--json"], ["images", "show", "it", "--json"],
+                                  ["images", "verify", "it"], ["images", "warm", "it"], ["images", "rm", "it"]])
+def test_commands_run_on_the_node_their_words_neutralized_and_their_exit_status_kept(place, args):
+    env, _, _ = place
+
+    def vmiso(scenario, *more):
+        return subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", *args, *more],
+                              env=dict(env, VMISO_FAKE_NODE=scenario), capture_output=True, timeout=60, cwd=REPO)
+
+    done = vmiso("command")
+    assert done.returncode == 3, done.stderr  # the node's vmiso's
+    asked, escapes = done.stdout.decode().splitlines()
+    assert asked == f"asked for {' '.join(args)}"
+    assert "\x1b" not in escapes and "\x07" not in escapes and escapes.startswith("^[") and escapes.endswith("cleared")
+    assert done.stderr.decode() == "vmiso: error: half a line, then \u20ac the rest\n"
+    lying = vmiso("command-bad-exit")
+    assert lying.returncode == 125 and b"reported exit status 999" in lying.stderr
+    mixed = vmiso("command", "--state-dir", "/var/lib/vmiso") if args[0] != "images" else None
+    assert mixed is None or (mixed.returncode == 125 and b"--state-dir name this machine's settings" in mixed.stderr)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["gc", "-c/etc/vmiso.yaml"], "-c/etc/vmiso.yaml is for the node's own configuration"),
+    (["gc", "--config=/x"], "--config is for the node's own configuration"),
+    (["pool", "start", "--state-dir", "/x"], "--state-dir is for the node's own configuration"),
+    (["pool", "start", "--accel", "kvm"], "--accel is for the node's own configuration"),
+    (["pool", "rm"], "'vmiso pool rm' is not a command a client may run on this node"),
+    (["images", "sbom", "it"], "'vmiso images sbom' is not a command"),
+    (["provision"], "'vmiso provision' is not a command"),
+    (["_node"], "'vmiso _node' is not a command"),
+    (["gc"] * 65, "whose argv is not one"),
+    (["gc", "a\0b"], "whose argv is not one"),
+    ("gc", "whose argv is not one"),
+])
+def test_a_node_runs_only_the_commands_it_offers_and_only_with_its_own_configuration(argv, said):
+    from vmiso.errors import VmisoError
+    from vmiso.node import server
+
+    with pytest.raises(VmisoError, match=re.escape(said)):
+        server._command_argv(json.dumps({"op": "command", "argv": argv}).encode(), Path("/node/vmiso.yaml"))
+    assert server._command_argv(b'{"op": "command", "argv": ["images", "show", "it"]}', Path("/n.yaml")) == [
+        "images", "-c", "/n.yaml", "show", "it"]
+    assert server._command_argv(b'{"op": "command", "argv": ["pool", "status"]}', None) == ["pool", "status"]
+
+
+@pytest.mark.root(reason="a real sshd in a network namespace of the test's own")
+def test_gc_pool_and_images_act_on_a_real_node_with_its_own_configuration(tmp_path):
+    state = tmp_path / "state"
+    directory = tmp_path / "node"
+    directory.mkdir()
+    with ssh_node(directory, state) as node:
+        def vmiso(*args):
+            return subprocess.run([sys.executable, "-m", "vmiso", "--host", node.url, *args], env=node.env,
+                                  capture_output=True, text=True, timeout=120, cwd=REPO)
+
+        left = state / "runs" / "0123456789ab"  # what a killed run left on the node
+        left.mkdir(parents=True)
+        gc = vmiso("gc")
+        assert gc.returncode == 0 and not left.exists(), gc.stderr
+        assert "removed run directory 0123456789ab" in gc.stdout + gc.stderr
+        status = vmiso("pool", "status", "--json")
+        assert status.returncode == 0 and json.loads(status.stdout) == [], status.stderr
+        show = vmiso("images", "show", "it")
+        assert show.returncode == 125 and f"no image named 'it' in {state / 'images'}" in show.stderr, show.stderr
+        refused = vmiso("images", "--state-dir", "/tmp", "show", "it")
+        assert refused.returncode == 125 and "--state-dir name this machine's settings" in refused.stderr
 
 
 def test_the_configs_host_key_sends_runs_images_and_doctor_to_the_node_and_local_overrides_it(place, tmp_path):
@@ -212,13 +282,14 @@ def test_the_configs_host_key_sends_runs_images_and_doctor_to_the_node_and_local
     assert listed.returncode == 0 and "(on ssh://node)" in listed.stdout, listed.stderr
     doctor = vmiso("doctor", "doctor", "-c", config)
     assert doctor.returncode == 1 and "[ok  ] link: ssh://node answers" in doctor.stdout, doctor.stderr
+    gc = vmiso("command", "gc", "-c", config)
+    assert gc.returncode == 3 and "asked for gc\n" in gc.stdout, gc.stderr
     # --host local: this machine, whatever the config says (the fake node, asked, would fail: no scenario).
     local = vmiso("unknown", "images", "-c", config, host=("--host", "local"))
     assert local.returncode == 0 and "no images; build one" in local.stdout, local.stderr
     # A command that cannot act on a node yet refuses rather than act here.
-    for args in (["provision"], ["gc"], ["pool", "status"], ["batch", "-o", work / "b", "--each", config, "--", "x"]):
-        at = 2 if args[0] == "pool" else 1
-        refused = vmiso("unknown", *args[:at], "-c", config, *args[at:])
+    for args in (["provision"], ["shell"], ["batch", "-o", work / "b", "--each", config, "--", "x"]):
+        refused = vmiso("unknown", args[0], "-c", config, *args[1:])
         assert refused.returncode == 125, (args, refused.stderr)
         assert f"sets host: ssh://node, and 'vmiso {args[0]}' cannot act on a node yet" in refused.stderr
         assert "--host local" in refused.stderr

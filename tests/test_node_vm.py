@@ -97,3 +97,30 @@ def test_a_client_killed_mid_run_leaves_no_vm_on_the_node(node):
     wait_for(lambda: left_on(node) == [], 30, "the node's run to be cleaned up")
     assert gone < 20
     print(f"\nVM gone {gone:.1f} s after the client was killed")
+
+
+def test_a_pool_started_through_the_link_serves_the_nodes_runs_preloaded(node, tmp_path):
+    """vmiso --host NODE pool start|status|stop and images verify: the node's own vmiso, with its own
+    configuration, and a run through the link takes the clone its pool holds."""
+    def ok(*args) -> str:
+        process = client(node, *args)
+        out, err = process.communicate(timeout=900)
+        assert process.returncode == 0, (args, err.decode())
+        return out.decode()
+
+    started = ok("pool", "start", "--image", "it", "--size", "1")
+    assert "pool of 1 for it ready" in started
+    try:
+        status = json.loads(ok("pool", "status", "--json"))
+        assert [(row["image"], row["size"]) for row in status] == [("it", 1)]
+        record = tmp_path / "run.json"
+        # The node's pool was made with its config's memory and CPUs; the run asks for the same.
+        assert ok("run", "--image", "it", "--memory", "512", "--cpus", "1", "--json", record, "--",
+                  "python", "-c", "print('from the pool')") == "from the pool\n"
+        assert json.loads(record.read_text())["boot"] == "preloaded"
+    finally:
+        stopped = ok("pool", "stop", "--image", "it")
+    assert "pool for it stopped" in stopped
+    assert ok("images", "verify", "it").startswith("it: OK sha256 ")
+    wait_for(lambda: left_on(node) == [] and not vmiso_domains(node.state), 60, "the node's pool to be gone",
+             lambda: f"left: {left_on(node)}")

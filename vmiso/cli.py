@@ -11,8 +11,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import click
 
@@ -263,6 +264,50 @@ def _on_nodes_text() -> str:
     return ", ".join(sorted(c for c in _ON_NODES if not c.startswith("_")))
 
 
+def _config_or_node(ctx: click.Context, config_path: Path | None,
+                    **overrides: Any) -> tuple[config_mod.Config | None, str | None]:
+    """(this machine's config with ``overrides``, None), or (the config that named the node, if one did,
+    the node this command acts on).  This machine's settings given for a node are refused."""
+    given = ctx.obj.get("host")
+    config = _load(ctx, config_path) if given is None or given == LOCAL_HOST else None
+    node = _node_of(ctx, config)
+    if node is None:
+        assert config is not None
+        return config_mod.override(config, **overrides), None
+    local = [flag for flag, value in (("-c", config_path if config is None else None),
+                                      *((f"--{k.replace('_', '-')}", v) for k, v in overrides.items()))
+             if value is not None]
+    if local:
+        from .errors import ConfigError
+
+        raise ConfigError(f"{', '.join(local)} name this machine's settings; the node reads its own configuration",
+                          "leave them out when acting on a node (or run the command on the node itself)")
+    return config, node
+
+
+def _on_node(ctx: click.Context, node: str, argv: list[str]) -> NoReturn:
+    """``vmiso ARGV`` on ``node``, with the node's own configuration: what it prints shown here as it
+    comes, neutralized (the node's words are shown, never obeyed); its exit status this command's."""
+    from .node.client import SshNode
+    from .node.openssh import parse_target
+    from .terminal import SafeStream
+
+    out, err = SafeStream(sys.stdout.buffer), SafeStream(sys.stderr.buffer)
+
+    def shown(stream: SafeStream) -> Callable[[bytes], None]:
+        def write(data: bytes) -> None:
+            stream.write(data)
+            stream.flush()
+        return write
+    try:
+        code = SshNode(parse_target(node), ctx.obj.get("remote_vmiso") or "vmiso").command(argv, shown(out),
+                                                                                          shown(err))
+    finally:
+        out.finish()
+        err.finish()
+    ctx.exit(code)
+
+
 _config_option = click.option(
     "-c", "--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
     help="vmiso.yaml to read (default: built-in defaults)")
@@ -278,7 +323,7 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 @click.option("-q", "--quiet", is_flag=True, help="only errors (and the warning that a VM runs under TCG)")
 @click.option("--host", envvar="VMISO_HOST", metavar="ssh://[USER@]NODE[:PORT]",
               help="act on NODE, reached with your own ssh (also VMISO_HOST, and the config's host:; default "
-                   "and 'local': this machine); so far run, images (the list) and doctor")
+                   "and 'local': this machine); so far run, images, pool, gc and doctor")
 @click.option("--remote-vmiso", envvar="VMISO_REMOTE_VMISO", metavar="COMMAND",
               help="the node's vmiso, e.g. /opt/vmiso/venv/bin/vmiso (also VMISO_REMOTE_VMISO; default: vmiso)")
 @click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
@@ -297,7 +342,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, host: str | None, remote_
 
 
 # The commands --host takes to a node (the hidden ones run on the node itself and ignore it).
-_ON_NODES = frozenset({"run", "images", "doctor", "_node", "_watchdog"})
+_ON_NODES = frozenset({"run", "images", "doctor", "gc", "pool", "_node", "_watchdog"})
 LOCAL_HOST = "local"  # --host local: this machine, whatever the config's host: says
 
 
@@ -330,13 +375,10 @@ def provision(ctx: click.Context, config_path: Path | None, accel: str | None, s
 @click.pass_context
 def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None, as_json: bool) -> None:
     """List templates (subcommands: rm, show, verify, warm)."""
-    given = ctx.obj.get("host")
-    config = _load(ctx, config_path, state_dir=state_dir) if given is None or given == LOCAL_HOST else None
-    node = _node_of(ctx, config)
+    config, node = _config_or_node(ctx, config_path, state_dir=state_dir)
     if node is not None:
         _node_images(ctx, node, as_json)
         return
-    assert config is not None
     ctx.obj["config"] = config
     if ctx.invoked_subcommand is not None:
         return
@@ -370,8 +412,13 @@ def _node_images(ctx: click.Context, host: str, as_json: bool) -> None:
     from .node.openssh import parse_target
 
     if ctx.invoked_subcommand is not None:
+        from .node.server import COMMANDS
+
+        if ctx.invoked_subcommand in (COMMANDS["images"] or ()):
+            ctx.obj["node"] = host  # the subcommand runs there
+            return
         raise ConfigError(f"--host is not supported for 'vmiso images {ctx.invoked_subcommand}' yet (only for the "
-                          "list); nothing was done", "run it on the node itself")
+                          "list, show, verify, warm and rm); nothing was done", "run it on the node itself")
     rows = SshNode(parse_target(host), ctx.obj.get("remote_vmiso") or "vmiso").images()
     if as_json:
         click.echo(json.dumps([dict(row, host=host) for row in rows], indent=2))
@@ -405,6 +452,9 @@ def images_rm(ctx: click.Context, name: str) -> None:
     from .host import reaper
     from .image.store import remove_image
 
+    if node := ctx.obj.get("node"):
+        _on_node(ctx, node, ["images", "rm", name])
+
     state_dir = ctx.obj["config"].state_dir
     remove_image(state_dir, name)
     reaper.collect(None, state_dir)  # this user's warm states of it, among what is left over
@@ -420,6 +470,9 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
     from .image.inventory import summary_lines
     from .image.store import get_image, summary
     from .network.record import image_record
+
+    if node := ctx.obj.get("node"):
+        _on_node(ctx, node, ["images", "show", name, *(["--json"] if as_json else [])])
 
     image = get_image(ctx.obj["config"].state_dir, name)
     info = summary(image)
@@ -554,6 +607,9 @@ def images_audit(ctx: click.Context, name: str, osv_path: Path | None, service: 
 def images_verify(ctx: click.Context, name: str) -> None:
     """Re-hash an image's template and compare with its manifest."""
     from .image.store import get_image, verify
+
+    if node := ctx.obj.get("node"):
+        _on_node(ctx, node, ["images", "verify", name])
 
     digest = verify(get_image(ctx.obj["config"].state_dir, name))
     click.echo(f"{name}: OK sha256 {digest}")
@@ -1155,7 +1211,10 @@ def gc(ctx: click.Context, config_path: Path | None, state_dir: Path | None, lay
     from .hypervisor import connected
     from .image.layer import remove_cached_layers
 
-    config = _load(ctx, config_path, state_dir=state_dir)
+    config, node = _config_or_node(ctx, config_path, state_dir=state_dir)
+    if node is not None:
+        _on_node(ctx, node, ["gc", *(["--layers"] if layers else [])])
+    assert config is not None
     with connected(config.libvirt_uri) as hv:
         cleaned = reaper.clean(hv, config.state_dir)
     for item in cleaned.removed:
@@ -1221,6 +1280,8 @@ def images_warm(ctx: click.Context, name: str) -> None:
     from .hypervisor import connected
     from .image.store import get_image
 
+    if node := ctx.obj.get("node"):
+        _on_node(ctx, node, ["images", "warm", name])
     config = ctx.obj["config"]
     image = get_image(config.state_dir, name)
     with _Progress(ctx.obj["quiet"], live=True) as printer, connected(config.libvirt_uri) as hv:
@@ -1256,7 +1317,11 @@ def pool_start(ctx: click.Context, config_path: Path | None, accel: str | None, 
     clone when one fits (same memory, CPUs, scratch and output limits), else a warm
     restore, else a cold boot, and say which in --json ("boot").
     """
-    config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
+    config, node = _config_or_node(ctx, config_path, accel=accel, state_dir=state_dir)
+    if node is not None:
+        _on_node(ctx, node, ["pool", "start", *(["--image", image] if image else []), "--size", str(size),
+                             *(["--foreground"] if foreground else [])])
+    assert config is not None
     name = image or config.image.name
     if foreground:
         _serve_pool(ctx, config, name, size)
@@ -1334,7 +1399,10 @@ def pool_stop(ctx: click.Context, config_path: Path | None, state_dir: Path | No
     """Stop a pool: its idle clones are destroyed; jobs running on its clones go on."""
     from .clones.pool.client import request
 
-    config = _load(ctx, config_path, state_dir=state_dir)
+    config, node = _config_or_node(ctx, config_path, state_dir=state_dir)
+    if node is not None:
+        _on_node(ctx, node, ["pool", "stop", *(["--image", image] if image else [])])
+    assert config is not None
     stopped = 0
     for name in _pool_targets(config, image):
         if request(config.state_dir, name, "stop") is not None:
@@ -1353,7 +1421,10 @@ def pool_status(ctx: click.Context, config_path: Path | None, state_dir: Path | 
     """This user's running pools: clones ready, served and dropped."""
     from .clones.pool.client import request
 
-    config = _load(ctx, config_path, state_dir=state_dir)
+    config, node = _config_or_node(ctx, config_path, state_dir=state_dir)
+    if node is not None:
+        _on_node(ctx, node, ["pool", "status", *(["--json"] if as_json else [])])
+    assert config is not None
     rows = [answer for name in _pool_targets(config, None)
             if (answer := request(config.state_dir, name, "status")) is not None]
     if as_json:
@@ -1414,7 +1485,7 @@ def node_command(ctx: click.Context, config_path: Path | None) -> None:
         signal.pthread_kill(main_thread, signal.SIGHUP)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
-    ctx.exit(serve(config, in_fd, out_fd, stop))
+    ctx.exit(serve(config, in_fd, out_fd, stop, config_path))
 
 
 def main() -> None:

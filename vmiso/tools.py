@@ -132,6 +132,13 @@ def start_server(argv: Sequence[str], log: BinaryIO) -> Detached:
                             start_new_session=True, close_fds=True, cwd="/")
 
 
+def start_relayed(argv: Sequence[str]) -> Detached:
+    """Start ``argv`` in a session of its own with no stdin, its stdout and stderr pipes for the caller
+    to relay (a node's command for its client, vmiso.node.server)."""
+    return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, close_fds=True)
+
+
 def pool_argv(*args: str) -> list[str]:
     """``vmiso pool ...`` as this Python and this vmiso run it (-I, as watchdog_argv)."""
     return [sys.executable, "-I", "-m", "vmiso", "pool", *args]

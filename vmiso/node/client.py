@@ -21,6 +21,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
@@ -143,6 +144,29 @@ class SshNode:
         if len(rows) > _CHECKS_MAX:
             raise protocol.ProtocolError(f"{peer} sent more than {_CHECKS_MAX} checks")
         return [_check_row(row, peer) for row in rows]
+
+    def command(self, argv: list[str], out: Callable[[bytes], None], err: Callable[[bytes], None]) -> int:
+        """``vmiso ARGV`` on the node (vmiso.node.server.COMMANDS), with its own configuration: its stdout
+        and stderr handed to ``out`` and ``err`` as they come (raw: the caller neutralizes them), then
+        its exit status."""
+        link, reader, writer = self._open()
+        try:
+            try:
+                writer.send_json(protocol.REQUEST, {"op": "command", "argv": argv})
+                while True:
+                    kind, payload = reader.expect(protocol.STDOUT, protocol.STDERR, protocol.RESULT)
+                    if kind == protocol.RESULT:
+                        break
+                    (out if kind == protocol.STDOUT else err)(payload)
+            except protocol.LinkLost:
+                _raise_why(link, reader, self.target)
+            code: int = protocol.field(protocol.header(payload, reader.peer, "result"), "exit_code", int,
+                                       reader.peer, "result")
+            if not 0 <= code <= 255:
+                raise protocol.ProtocolError(f"{reader.peer} reported exit status {code}, which is not one")
+            return code
+        finally:
+            link.close()
 
     def _ask(self, op: str) -> tuple[list[Any], str]:
         """The list a one-frame request ``op`` returns (its RESULT's key ``op``), and the peer's name."""

@@ -11,7 +11,9 @@ TREE_END), then STDIN ... STDIN_END and SIGNAL at any time.
 Node -> client: HELLO, then STEP, STDOUT, STDERR and CREDIT as the run goes, RESULT, and
 when the client asked for outputs, MANIFEST and the outputs as a tree; or ERROR, at any
 point, and nothing after it.  A REQUEST whose "op" is "images" or "doctor" is answered by one
-RESULT holding a list under that key (the node's images, what its ``vmiso doctor`` finds).
+RESULT holding a list under that key (the node's images, what its ``vmiso doctor`` finds); one
+whose "op" is "command" (an "argv" of vmiso.node.server.COMMANDS) by that command's STDOUT and
+STDERR as they come, then RESULT {"exit_code": N}.
 
 Stdin is flow-controlled: the client sends at most STDIN_WINDOW bytes of STDIN beyond
 what the node has handed to the job, which each CREDIT ({"bytes": N}) reports.  So the

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from .. import tools
 from ..config import Config
 from ..doctor import run_checks
 from ..errors import VmisoError
@@ -81,7 +82,7 @@ def _request(payload: bytes, config: Config, inputs: tuple[Path, ...], output: P
                       accept_tool_files=get("accept_tool_files", bool))
 
 
-def serve(config: Config, in_fd: int, out_fd: int, stop: Callable[[], None]) -> int:
+def serve(config: Config, in_fd: int, out_fd: int, stop: Callable[[], None], config_path: Path | None = None) -> int:
     """One run for the client on ``in_fd``/``out_fd``; the exit status of this process.
 
     ``stop`` interrupts the main thread (the CLI's handler raises Interrupted there): the
@@ -100,6 +101,8 @@ def serve(config: Config, in_fd: int, out_fd: int, stop: Callable[[], None]) -> 
         if op == "doctor":
             writer.send_json(protocol.RESULT, {"doctor": [dataclasses.asdict(c) for c in run_checks(config)]})
             return 0
+        if op == "command":
+            return _command(_command_argv(request, config_path), reader, writer)
         if op != "run":
             raise protocol.ProtocolError(f"{PEER} asked for {str(op)[:40]!r}, which this node does not do")
     except VmisoError as err:
@@ -111,6 +114,83 @@ def serve(config: Config, in_fd: int, out_fd: int, stop: Callable[[], None]) -> 
     finally:
         if failures := workdir.remove_tree(work):
             log.warning("could not remove %s: %s", work, failures[0])
+
+
+# What a client may run here with "command" (vmiso --host NODE gc, pool ..., images show|verify|warm|rm):
+# the command, then its subcommand when it has them.  The rest of its argv is the command's own to check.
+COMMANDS: dict[str, frozenset[str] | None] = {
+    "gc": None,
+    "pool": frozenset({"start", "stop", "status"}),
+    "images": frozenset({"show", "verify", "warm", "rm"}),
+}
+_THIS_MACHINES = ("-c", "--config", "--state-dir", "--accel")  # the node's own configuration decides these
+_ARGV_MAX, _ARG_MAX = 64, 4096
+
+
+def _command_argv(request: bytes, config_path: Path | None) -> list[str]:
+    """The vmiso argv a "command" request asks for, checked, with this node's config inserted (-c)."""
+    argv = protocol.header(request, PEER, "request").get("argv")
+    if (not isinstance(argv, list) or not 0 < len(argv) <= _ARGV_MAX
+            or not all(isinstance(a, str) and len(a) <= _ARG_MAX and "\0" not in a for a in argv)):
+        raise protocol.ProtocolError(f"{PEER} asked for a command whose argv is not one")
+    subcommands = COMMANDS.get(argv[0], frozenset())
+    depth = 1 if subcommands is None else 2
+    if subcommands is not None and (len(argv) < 2 or argv[1] not in subcommands):
+        raise VmisoError(f"'vmiso {' '.join(argv[:2])[:80]}' is not a command a client may run on this node",
+                         "these are: " + ", ".join(sorted(f"{c} {s}".strip() for c, subs in COMMANDS.items()
+                                                          for s in (subs or {""}))))
+    # Also -cPATH, as click reads it.
+    if given := [a for a in argv if a.split("=", 1)[0] in _THIS_MACHINES or (a.startswith("-c") and a[1:2] != "-")]:
+        raise VmisoError(f"{given[0].split('=', 1)[0][:40]} is for the node's own configuration, not the client's",
+                         "leave it out with --host")
+    # images takes -c as a group, before its subcommand; gc and pool's subcommands after their name.
+    at = 1 if argv[0] == "images" else depth
+    mine = ["-c", str(config_path)] if config_path is not None else []
+    return [*argv[:at], *mine, *argv[at:]]
+
+
+def _command(argv: list[str], reader: Reader, writer: Writer) -> int:
+    """``vmiso ARGV`` here, its stdout and stderr sent as they come, then its exit status in RESULT.
+
+    The link's end (the client gone) ends it: SIGTERM, as a Ctrl-C would (vmiso cleans up)."""
+    process = tools.start_relayed(tools.vmiso_argv(*argv))
+    assert process.stdout is not None and process.stderr is not None
+
+    def relay(fd: int, kind: int) -> None:
+        try:
+            while block := os.read(fd, protocol.CHUNK):
+                writer.send(kind, block)
+        except (OSError, VmisoError):
+            pass
+
+    def watch_link() -> None:
+        try:
+            while reader.read() is not None:
+                pass  # nothing more is due from the client
+        except (OSError, VmisoError):
+            pass
+        if process.poll() is None:
+            process.terminate()
+
+    relays = [threading.Thread(target=relay, args=(s.fileno(), k), daemon=True)
+              for s, k in ((process.stdout, protocol.STDOUT), (process.stderr, protocol.STDERR))]
+    for thread in [*relays, threading.Thread(target=watch_link, daemon=True)]:
+        thread.start()
+    try:
+        code = process.wait()
+    except BaseException:  # this vmiso stopped (a signal): so does the command
+        process.terminate()
+        raise
+    for thread in relays:
+        thread.join(5)  # unless something it started holds its output open
+    process.stdout.close()
+    process.stderr.close()
+    code = 128 - code if code < 0 else code
+    try:
+        writer.send_json(protocol.RESULT, {"exit_code": code})
+    except protocol.LinkLost:
+        pass
+    return code
 
 
 def _images(config: Config) -> list[dict[str, Any]]:
