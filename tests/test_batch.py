@@ -6,6 +6,7 @@ where the VM is not the point; the VM test runs a real batch of real runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -94,6 +95,19 @@ def test_each_input_is_one_vmiso_run_with_its_own_record_and_output(tmp_path):
                          str(out / "b.csv"), "--memory", "1024", "-i", str(shared), "-i", str(b), "--",
                          "python", "job.py", "b.csv")
     assert task.log == out / ".batch" / "b.csv.log"
+
+
+def test_a_batch_for_a_node_runs_each_task_through_the_link_and_records_the_node(tmp_path):
+    from vmiso.batch.engines import engine_for
+
+    (a,) = inputs(tmp_path / "data", a_csv="")
+    request = BatchRequest(command=("job", "{}"), each=(a,), output=tmp_path / "out", host="ssh://node",
+                           remote_vmiso="/opt/vmiso/bin/vmiso")
+    plan = plan_batch(request, image="it", template_sha256=TEMPLATE, jobs=1, vmiso=("vmiso",))
+    assert plan.tasks[0].argv[:5] == ("vmiso", "--host", "ssh://node", "--remote-vmiso", "/opt/vmiso/bin/vmiso")
+    assert plan.tasks[0].argv[5] == "run" and plan.host == "ssh://node"
+    assert engine_for("local", plan).host == "ssh://node"  # what each task's entry says of where it ran
+    assert engine_for("local", dataclasses.replace(plan, host=None)).host == os.uname().nodename
 
 
 def test_the_tasks_run_this_vmiso():

@@ -187,7 +187,7 @@ def test_a_dropped_link_ends_the_run_with_125(place):
 
 def test_other_commands_refuse_host_rather_than_act_here(place):
     env, _, _ = place
-    for args in (["images", "sbom", "it"], ["shell"], ["provision"], ["batch"]):
+    for args in (["images", "sbom", "it"], ["shell"], ["provision"]):
         done = subprocess.run([sys.executable, "-m", "vmiso", *args], env=dict(env, VMISO_HOST="ssh://node"),
                               capture_output=True, text=True, timeout=60, cwd=REPO)
         assert done.returncode == 125, args
@@ -288,7 +288,7 @@ def test_the_configs_host_key_sends_runs_images_and_doctor_to_the_node_and_local
     local = vmiso("unknown", "images", "-c", config, host=("--host", "local"))
     assert local.returncode == 0 and "no images; build one" in local.stdout, local.stderr
     # A command that cannot act on a node yet refuses rather than act here.
-    for args in (["provision"], ["shell"], ["batch", "-o", work / "b", "--each", config, "--", "x"]):
+    for args in (["provision"], ["shell"]):
         refused = vmiso("unknown", args[0], "-c", config, *args[1:])
         assert refused.returncode == 125, (args, refused.stderr)
         assert f"sets host: ssh://node, and 'vmiso {args[0]}' cannot act on a node yet" in refused.stderr
@@ -297,6 +297,27 @@ def test_the_configs_host_key_sends_runs_images_and_doctor_to_the_node_and_local
     config.write_text("host: http://node\n")
     bad = vmiso("unknown", "images", "-c", config)
     assert bad.returncode == 125 and "host: 'http://node' is not an ssh:// address" in bad.stderr, bad.stderr
+
+
+def test_a_batch_through_the_link_checks_the_nodes_template_before_any_task(place, tmp_path):
+    """The tasks' runs through --host are tested on a real node (test_node_vm.py); here, what a batch
+    for a node refuses before it starts one."""
+    env, work, _ = place
+    data = tmp_path / "a.txt"
+    data.write_text("a\n")
+
+    def batch(*args):
+        return subprocess.run([sys.executable, "-m", "vmiso", "--host", "ssh://node", "batch", "-o", work / "b",
+                               *args, "--each", data, "--", "cat", "/in/{}"], env=dict(env, VMISO_FAKE_NODE="images"),
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+
+    missing = batch("--image", "other")
+    assert missing.returncode == 125 and "ssh://node has no image named 'other'" in missing.stderr, missing.stderr
+    unknown = batch("--image", "evil\x1b]0;owned\x07\x1b[2J")  # listed, with no sha256
+    assert unknown.returncode == 125 and "does not know the sha256 of its image" in unknown.stderr, unknown.stderr
+    slurm = batch("--image", "it", "--on", "slurm")
+    assert slurm.returncode == 125 and "--host runs every task on ssh://node through the link" in slurm.stderr
+    assert not (work / "b").exists()
 
 
 def test_the_nodes_images_are_listed_with_their_digests(place):

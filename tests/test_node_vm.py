@@ -124,3 +124,44 @@ def test_a_pool_started_through_the_link_serves_the_nodes_runs_preloaded(node, t
     assert ok("images", "verify", "it").startswith("it: OK sha256 ")
     wait_for(lambda: left_on(node) == [] and not vmiso_domains(node.state), 60, "the node's pool to be gone",
              lambda: f"left: {left_on(node)}")
+
+
+def test_a_batch_runs_every_task_on_the_node_and_resumes_against_its_template(node, tmp_path):
+    """vmiso --host NODE batch: each task a run through the link (two at once), its outputs checked here,
+    the node's template recorded; the same batch again runs only the task that failed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, text in (("a.txt", "alpha\n"), ("b.txt", "fail\n")):
+        (data / name).write_text(text)
+    out = tmp_path / "out"
+    job = "tr a-z A-Z < /in/{} > /out/upper; ls /in > /out/listing; if grep -q fail /in/{}; then exit 3; fi"
+    argv = ("batch", "--image", "it", "-o", out, "-j", "2", "--each", data / "a.txt", data / "b.txt", "--",
+            "sh", "-c", job)
+
+    def batch():
+        process = client(node, *argv)
+        _, err = process.communicate(timeout=900)
+        return process.returncode, err.decode()
+
+    code, err = batch()
+    assert code == 123, err  # one task failed
+    listed = client(node, "images", "--json")
+    shown, _ = listed.communicate(timeout=120)
+    template = {row["name"]: row["sha256"] for row in json.loads(shown)}["it"]
+    recorded = json.loads((out / "batch.json").read_text())
+    assert recorded["sha256"] == template
+    tasks = {t["name"]: t for t in recorded["tasks"]}
+    assert {n: (t["status"], t["exit_code"], t["host"], t["sha256"]) for n, t in tasks.items()} == {
+        "a.txt": ("ok", 0, node.url, template), "b.txt": ("failed", 3, node.url, template)}, err
+    for name in ("a.txt", "b.txt"):
+        assert (out / name / "upper").read_text() == (data / name).read_text().upper()
+        assert (out / name / "listing").read_text() == f"{name}\n"
+    wait_for(lambda: left_on(node) == [], 30, "the node's runs to be cleaned up", lambda: f"left: {left_on(node)}")
+
+    (data / "b.txt").write_text("bravo\n")
+    code, err = batch()
+    assert code == 0, err
+    assert "1 done before, skipped; 1 to run" in err
+    again = {t["name"]: t for t in json.loads((out / "batch.json").read_text())["tasks"]}
+    assert again["a.txt"] == tasks["a.txt"] and again["b.txt"]["attempts"] == 2
+    assert (out / "b.txt" / "upper").read_text() == "BRAVO\n"

@@ -342,7 +342,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, host: str | None, remote_
 
 
 # The commands --host takes to a node (the hidden ones run on the node itself and ignore it).
-_ON_NODES = frozenset({"run", "images", "doctor", "gc", "pool", "_node", "_watchdog"})
+_ON_NODES = frozenset({"run", "images", "doctor", "gc", "pool", "batch", "_node", "_watchdog"})
 LOCAL_HOST = "local"  # --host local: this machine, whatever the config's host: says
 
 
@@ -1017,6 +1017,7 @@ def batch(ctx: click.Context, /, command: tuple[str, ...], config_path: Path | N
     from .plan import RunRequest, plan_run
 
     config = _load(ctx, config_path, accel=accel, state_dir=state_dir)
+    node = _node_of(ctx, config)
     scratch_bytes = None if scratch is None else config_mod.parse_size(scratch, "--scratch")
     env = _env_file(env_file) if env_file is not None else []
     env += [_env_option(pair) for pair in env_pairs]  # checked here: a task would fail on each
@@ -1039,15 +1040,20 @@ def batch(ctx: click.Context, /, command: tuple[str, ...], config_path: Path | N
         for value in values:
             options += [flag, value]
     request = BatchRequest(command=command, each=each, shared=inputs, output=output, run_options=tuple(options),
-                           jobs=jobs, retry=retry, engine=engine, config=config_path, state_dir=state_dir)
+                           jobs=jobs, retry=retry, engine=engine, config=config_path, state_dir=state_dir, host=node,
+                           remote_vmiso=ctx.obj.get("remote_vmiso"))
     check_request(request)
-    template = get_image(plan.state_dir, plan.image)
+    if node is not None:
+        template_sha256 = _node_template(ctx, node, plan.image)
+        jobs = jobs or 1  # the node's room is not known here
+    else:
+        template_sha256 = verified_sha256(get_image(plan.state_dir, plan.image))
     if jobs is None and engine == "slurm":
         jobs = len(each)  # Slurm places them as its nodes have room
     elif jobs is None:
         jobs = default_jobs(cores=os.cpu_count() or 1, available_mib=available_memory_mib(),
                             memory_mib=plan.memory_mib, cpus=plan.cpus)
-    batch_plan = plan_batch(request, image=plan.image, template_sha256=verified_sha256(template), jobs=jobs,
+    batch_plan = plan_batch(request, image=plan.image, template_sha256=template_sha256, jobs=jobs,
                             resources=Resources(memory_mib=plan.memory_mib, cpus=plan.cpus, timeout=plan.timeout,
                                                 boot_timeout=plan.boot_timeout))
     for task in batch_plan.tasks:  # what a run would refuse before it starts, refused for all now
@@ -1068,6 +1074,22 @@ def batch(ctx: click.Context, /, command: tuple[str, ...], config_path: Path | N
             signal.signal(sig, handler)
     _batch_summary(result, batch_plan.layout.root, quiet=ctx.obj["quiet"])
     ctx.exit(result.exit_code)
+
+
+def _node_template(ctx: click.Context, node: str, image: str) -> str:
+    """The sha256 of ``image`` on ``node``, as the node lists it (each task's run record says again
+    which template it ran on, and resuming compares that)."""
+    from .errors import ImageError
+    from .node.client import SshNode
+    from .node.openssh import parse_target
+
+    rows = SshNode(parse_target(node), ctx.obj.get("remote_vmiso") or "vmiso").images()
+    found = [row["sha256"] for row in rows if row["name"] == image]
+    if not found or found[0] is None:
+        raise ImageError(f"{node} has no image named {image!r}" if not found else
+                         f"{node} does not know the sha256 of its image {image!r}",
+                         f"see vmiso --host {node} images")
+    return str(found[0])
 
 
 def _task_line(entry: Any) -> str:

@@ -101,12 +101,13 @@ class _Running:
 
 class Local(Engine):
     """Up to ``jobs`` tasks at once, each a process of this host (vmiso run takes a pool's clone
-    when a pool for the image runs, as any run does)."""
+    when a pool for the image runs, as any run does); with ``host``, each process's run is on that
+    node, through the link (vmiso --host)."""
 
-    def __init__(self, jobs: int, *, poll: float = 0.2) -> None:
+    def __init__(self, jobs: int, *, poll: float = 0.2, host: str | None = None) -> None:
         self.jobs = jobs
         self.poll = poll
-        self.host = socket.gethostname()
+        self.host = host or socket.gethostname()
 
     def run(self, tasks: Sequence[Task], listener: Listener, stop: Stop) -> None:
         pending = list(tasks)
@@ -155,7 +156,8 @@ def _slurm(plan: BatchPlan) -> Engine:
     return Slurm.connect(plan)
 
 
-ENGINES: dict[str, Callable[[BatchPlan], Engine]] = {"local": lambda plan: Local(plan.jobs), "slurm": _slurm}
+ENGINES: dict[str, Callable[[BatchPlan], Engine]] = {"local": lambda plan: Local(plan.jobs, host=plan.host),
+                                                     "slurm": _slurm}
 
 
 def engine_for(name: str, plan: BatchPlan) -> Engine:

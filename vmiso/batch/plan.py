@@ -49,6 +49,8 @@ class BatchRequest:
     engine: str = "local"
     config: Path | None = None  # -c and --state-dir as given: where a Slurm element finds the image on its node
     state_dir: Path | None = None
+    host: str | None = None  # a node every task runs on, each a vmiso run through the link (--host)
+    remote_vmiso: str | None = None  # that node's vmiso command (--remote-vmiso)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class BatchPlan:
     resources: Resources = Resources()
     config: Path | None = None  # absolute, as BatchRequest's
     state_dir: Path | None = None
+    host: str | None = None  # as BatchRequest's: where every task runs (None: where the engine runs it)
 
 
 def input_name(path: Path) -> str:
@@ -187,6 +190,9 @@ def check_request(request: BatchRequest) -> None:
         raise ConfigError("no command: write it after --", "vmiso batch ... --each data/*.csv -- python job.py {}")
     if request.retry < 0:
         raise ConfigError(f"--retry {request.retry}: must be 0 or more")
+    if request.host is not None and request.engine != "local":
+        raise ConfigError(f"--on {request.engine} runs each task where {request.engine} places it; --host runs every "
+                          f"task on {request.host} through the link from here", "give one or the other")
     _check_names(request.each, request.shared, request.output)
 
 
@@ -196,6 +202,9 @@ def plan_batch(request: BatchRequest, *, image: str, template_sha256: str, jobs:
     this Python's, tools.vmiso_argv); ``resources``: each run's, as its plan resolved them."""
     check_request(request)
     start = vmiso if vmiso is not None else tuple(tools.vmiso_argv())
+    if request.host is not None:
+        start = (*start, "--host", request.host,
+                 *(("--remote-vmiso", request.remote_vmiso) if request.remote_vmiso else ()))
     layout = Layout(request.output.absolute())
     shared = tuple(p.absolute() for p in request.shared)
     tasks = []
@@ -210,7 +219,7 @@ def plan_batch(request: BatchRequest, *, image: str, template_sha256: str, jobs:
     return BatchPlan(command=request.command, image=image, template_sha256=template_sha256, shared=shared,
                      layout=layout, tasks=tuple(tasks), jobs=jobs, retry=request.retry, engine=request.engine,
                      resources=resources, config=request.config.absolute() if request.config else None,
-                     state_dir=request.state_dir.absolute() if request.state_dir else None)
+                     state_dir=request.state_dir.absolute() if request.state_dir else None, host=request.host)
 
 
 def default_jobs(*, cores: int, available_mib: int, memory_mib: int, cpus: int) -> int:
