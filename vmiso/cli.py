@@ -323,7 +323,7 @@ _state_option = click.option("--state-dir", type=click.Path(path_type=Path, file
 @click.option("-q", "--quiet", is_flag=True, help="only errors (and the warning that a VM runs under TCG)")
 @click.option("--host", envvar="VMISO_HOST", metavar="ssh://[USER@]NODE[:PORT]",
               help="act on NODE, reached with your own ssh (also VMISO_HOST, and the config's host:; default "
-                   "and 'local': this machine); so far run, images, pool, gc and doctor")
+                   "and 'local': this machine); so far run, batch, images, pool, gc and doctor")
 @click.option("--remote-vmiso", envvar="VMISO_REMOTE_VMISO", metavar="COMMAND",
               help="the node's vmiso, e.g. /opt/vmiso/venv/bin/vmiso (also VMISO_REMOTE_VMISO; default: vmiso)")
 @click.version_option(__version__, "-V", "--version", prog_name="vmiso", message="%(prog)s %(version)s")
@@ -956,7 +956,7 @@ class _BatchCommand(click.Command):
 @click.option("-i", "--input", "inputs", multiple=True, type=click.Path(path_type=Path),
               help="a file or directory every task gets under /in too (repeatable)")
 @click.option("-j", "--jobs", type=click.IntRange(min=1),
-              help="tasks at once (default: what the cores and the available memory hold; see README)")
+              help="tasks at once (default: what the cores and the available memory hold; 1 with --host; see README)")
 @click.option("--retry", type=click.IntRange(min=0), default=0, show_default=True,
               help="run a task again up to N times when vmiso itself failed it (exit 125); never for the "
                    "job's own exit code")

@@ -154,7 +154,7 @@ class Config:
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     libvirt_uri: str = DEFAULT_URI
     state_dir: Path = DEFAULT_STATE_DIR
-    # Where the commands that can act on a node (run, images, pool, gc, doctor) act:
+    # Where the commands that can act on a node (run, batch, images, pool, gc, doctor) act:
     # "ssh://[USER@]NODE[:PORT]" (vmiso.node); unset: this machine.  --host (or VMISO_HOST) given
     # overrides it, --host local included.  Checked where it is used (vmiso.node.openssh.parse_target),
     # before anything is done.
