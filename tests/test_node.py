@@ -241,27 +241,35 @@ def test_a_node_runs_only_the_commands_it_offers_and_only_with_its_own_configura
     assert server._command_argv(b'{"op": "command", "argv": ["pool", "status"]}', None) == ["pool", "status"]
 
 
-@pytest.mark.root(reason="a real sshd in a network namespace of the test's own")
-def test_gc_pool_and_images_act_on_a_real_node_with_its_own_configuration(tmp_path):
-    state = tmp_path / "state"
+@pytest.fixture
+def real_node(tmp_path):
+    """A node with no image (tests/nodeharness.py): a real sshd in a network namespace of the test's own,
+    and this tree's vmiso there with a state directory of its own."""
     directory = tmp_path / "node"
     directory.mkdir()
-    with ssh_node(directory, state) as node:
-        def vmiso(*args):
-            return subprocess.run([sys.executable, "-m", "vmiso", "--host", node.url, *args], env=node.env,
-                                  capture_output=True, text=True, timeout=120, cwd=REPO)
+    with ssh_node(directory, tmp_path / "state") as node:
+        yield node
 
-        left = state / "runs" / "0123456789ab"  # what a killed run left on the node
-        left.mkdir(parents=True)
-        gc = vmiso("gc")
-        assert gc.returncode == 0 and not left.exists(), gc.stderr
-        assert "removed run directory 0123456789ab" in gc.stdout + gc.stderr
-        status = vmiso("pool", "status", "--json")
-        assert status.returncode == 0 and json.loads(status.stdout) == [], status.stderr
-        show = vmiso("images", "show", "it")
-        assert show.returncode == 125 and f"no image named 'it' in {state / 'images'}" in show.stderr, show.stderr
-        refused = vmiso("images", "--state-dir", "/tmp", "show", "it")
-        assert refused.returncode == 125 and "--state-dir name this machine's settings" in refused.stderr
+
+@pytest.mark.root(reason="a real sshd in a network namespace of the test's own")
+def test_gc_pool_and_images_act_on_a_real_node_with_its_own_configuration(real_node):
+    node, state = real_node, real_node.state
+
+    def vmiso(*args):
+        return subprocess.run([sys.executable, "-m", "vmiso", "--host", node.url, *args], env=node.env,
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    left = state / "runs" / "0123456789ab"  # what a killed run left on the node
+    left.mkdir(parents=True)
+    gc = vmiso("gc")
+    assert gc.returncode == 0 and not left.exists(), gc.stderr
+    assert "removed run directory 0123456789ab" in gc.stdout + gc.stderr
+    status = vmiso("pool", "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout) == [], status.stderr
+    show = vmiso("images", "show", "it")
+    assert show.returncode == 125 and f"no image named 'it' in {state / 'images'}" in show.stderr, show.stderr
+    refused = vmiso("images", "--state-dir", "/tmp", "show", "it")
+    assert refused.returncode == 125 and "--state-dir name this machine's settings" in refused.stderr
 
 
 def test_the_configs_host_key_sends_runs_images_and_doctor_to_the_node_and_local_overrides_it(place, tmp_path):
@@ -356,15 +364,12 @@ def test_the_nodes_doctor_is_shown_neutralized_and_a_lying_one_refused(place):
 
 
 @pytest.mark.root(reason="a real sshd in a network namespace of the test's own")
-def test_the_doctor_of_a_real_node_says_through_the_link_what_it_says_there(tmp_path):
-    state = tmp_path / "state"
-    directory = tmp_path / "node"
-    directory.mkdir()
-    with ssh_node(directory, state) as node:
-        there = subprocess.run([str(directory / "node-vmiso"), "doctor", "-c", str(directory / "node.yaml")],
-                               capture_output=True, text=True, timeout=120)
-        here = subprocess.run([sys.executable, "-m", "vmiso", "--host", node.url, "doctor"], env=node.env,
-                              capture_output=True, text=True, timeout=120, cwd=REPO)
+def test_the_doctor_of_a_real_node_says_through_the_link_what_it_says_there(real_node):
+    node = real_node
+    there = subprocess.run([str(node.directory / "node-vmiso"), "doctor", "-c", str(node.directory / "node.yaml")],
+                           capture_output=True, text=True, timeout=120)
+    here = subprocess.run([sys.executable, "-m", "vmiso", "--host", node.url, "doctor"], env=node.env,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert here.returncode == there.returncode, here.stderr
     first, *rest = here.stdout.splitlines()
     assert first == f"[ok  ] link: {node.url} answers as a vmiso node; what it finds on itself:"
