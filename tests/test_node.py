@@ -254,6 +254,9 @@ def real_node(tmp_path):
 @pytest.mark.root(reason="a real sshd in a network namespace of the test's own")
 def test_gc_pool_and_images_act_on_a_real_node_with_its_own_configuration(real_node):
     node, state = real_node, real_node.state
+    # The node's own login sets VMISO_HOST (for its user's runs from there): commands for a client act here.
+    script = node.directory / "node-vmiso"
+    script.write_text(script.read_text().replace("\nexec ", "\nexport VMISO_HOST=ssh://elsewhere.invalid\nexec ", 1))
 
     def vmiso(*args):
         return subprocess.run([sys.executable, "-m", "vmiso", "--host", node.url, *args], env=node.env,

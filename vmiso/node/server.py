@@ -153,7 +153,8 @@ def _command(argv: list[str], reader: Reader, writer: Writer) -> int:
     """``vmiso ARGV`` here, its stdout and stderr sent as they come, then its exit status in RESULT.
 
     The link's end (the client gone) ends it: SIGTERM, as a Ctrl-C would (vmiso cleans up)."""
-    process = tools.start_relayed(tools.vmiso_argv(*argv))
+    # --host local: here, whatever a VMISO_HOST in the environment ssh gave this process or the config says.
+    process = tools.start_relayed(tools.vmiso_argv("--host", "local", *argv))
     assert process.stdout is not None and process.stderr is not None
 
     def relay(fd: int, kind: int) -> None:
