@@ -13,7 +13,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
@@ -21,6 +21,9 @@ from . import __version__, config as config_mod
 from .errors import EXIT_INTERRUPTED, EXIT_VMISO, Interrupted, VmisoError
 from .progress import Steps
 from .terminal import InteractiveFilter, SafeStream, for_terminal, neutralize
+
+if TYPE_CHECKING:
+    from .node.client import SshNode
 
 log = logging.getLogger("vmiso")
 
@@ -285,13 +288,17 @@ def _config_or_node(ctx: click.Context, config_path: Path | None,
     return config, node
 
 
+def _ssh_node(ctx: click.Context, node: str) -> SshNode:
+    """The node at ``node`` (an ssh:// address), reached with the analyst's ssh and --remote-vmiso."""
+    from .node.client import SshNode
+    from .node.openssh import parse_target
+
+    return SshNode(parse_target(node), ctx.obj.get("remote_vmiso") or "vmiso")
+
+
 def _on_node(ctx: click.Context, node: str, argv: list[str]) -> NoReturn:
     """``vmiso ARGV`` on ``node``, with the node's own configuration: what it prints shown here as it
     comes, neutralized (the node's words are shown, never obeyed); its exit status this command's."""
-    from .node.client import SshNode
-    from .node.openssh import parse_target
-    from .terminal import SafeStream
-
     out, err = SafeStream(sys.stdout.buffer), SafeStream(sys.stderr.buffer)
 
     def shown(stream: SafeStream) -> Callable[[bytes], None]:
@@ -300,8 +307,7 @@ def _on_node(ctx: click.Context, node: str, argv: list[str]) -> NoReturn:
             stream.flush()
         return write
     try:
-        code = SshNode(parse_target(node), ctx.obj.get("remote_vmiso") or "vmiso").command(argv, shown(out),
-                                                                                          shown(err))
+        code = _ssh_node(ctx, node).command(argv, shown(out), shown(err))
     finally:
         out.finish()
         err.finish()
@@ -408,8 +414,6 @@ def images(ctx: click.Context, config_path: Path | None, state_dir: Path | None,
 def _node_images(ctx: click.Context, host: str, as_json: bool) -> None:
     """``vmiso --host NODE images``: the node's images and their digests (the list only, so far)."""
     from .errors import ConfigError
-    from .node.client import SshNode
-    from .node.openssh import parse_target
 
     if ctx.invoked_subcommand is not None:
         from .node.server import COMMANDS
@@ -419,7 +423,7 @@ def _node_images(ctx: click.Context, host: str, as_json: bool) -> None:
             return
         raise ConfigError(f"--host is not supported for 'vmiso images {ctx.invoked_subcommand}' yet (only for the "
                           "list, show, verify, warm and rm); nothing was done", "run it on the node itself")
-    rows = SshNode(parse_target(host), ctx.obj.get("remote_vmiso") or "vmiso").images()
+    rows = _ssh_node(ctx, host).images()
     if as_json:
         click.echo(json.dumps([dict(row, host=host) for row in rows], indent=2))
         return
@@ -1080,10 +1084,8 @@ def _node_template(ctx: click.Context, node: str, image: str) -> str:
     """The sha256 of ``image`` on ``node``, as the node lists it (each task's run record says again
     which template it ran on, and resuming compares that)."""
     from .errors import ImageError
-    from .node.client import SshNode
-    from .node.openssh import parse_target
 
-    rows = SshNode(parse_target(node), ctx.obj.get("remote_vmiso") or "vmiso").images()
+    rows = _ssh_node(ctx, node).images()
     found = [row["sha256"] for row in rows if row["name"] == image]
     if not found or found[0] is None:
         raise ImageError(f"{node} has no image named {image!r}" if not found else
@@ -1265,23 +1267,13 @@ def doctor(ctx: click.Context, config_path: Path | None, accel: str | None, stat
     link itself (your ssh logs in, the node's vmiso answers and speaks this one's protocol)."""
     from .doctor import run_checks
 
-    given = ctx.obj.get("host")
-    config = _load(ctx, config_path) if given is None or given == LOCAL_HOST else None
-    host = _node_of(ctx, config)
+    config, host = _config_or_node(ctx, config_path, accel=accel, state_dir=state_dir)
     if host is not None:
-        from .errors import ConfigError
-        from .node.client import SshNode
-        from .node.openssh import parse_target
-
-        local = [name for name, value in (("-c", config_path if config is None else None), ("--accel", accel),
-                                          ("--state-dir", state_dir)) if value is not None]
-        if local:
-            raise ConfigError(f"{', '.join(local)} name this machine's settings; the node's doctor reads its own",
-                              "leave them out when acting on a node (or run vmiso doctor on the node itself)")
-        checks = SshNode(parse_target(host), ctx.obj.get("remote_vmiso") or "vmiso").doctor()
+        checks = _ssh_node(ctx, host).doctor()
         _say(f"[ok  ] link: {host} answers as a vmiso node; what it finds on itself:")
     else:
-        checks = run_checks(config_mod.override(config or _load(ctx, config_path), accel=accel, state_dir=state_dir))
+        assert config is not None
+        checks = run_checks(config)
     failed = 0
     for check in checks:
         mark = "ok  " if check.ok and not check.warning else "warn" if check.ok else "FAIL"

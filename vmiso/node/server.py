@@ -1,5 +1,6 @@
 """The node's side of a run: ``vmiso _node``, started by the analyst's ssh, speaking the protocol on its
-stdin and stdout.  (Or of a question: its images, what its doctor finds.)
+stdin and stdout.  (Or of a question, its images or what its doctor finds, or of one of the
+commands a client may run here, ``COMMANDS``.)
 
 Everything the client sends is untrusted input: the request is checked and resolved
 against this node's own configuration (its state directory, libvirt, limits), the
