@@ -136,6 +136,8 @@ def qemu_rss_mib(config: Path, image: str, work: Path) -> float:
 
 
 def throughput(config: Path, image: str, work: Path, size_mb: int) -> dict:
+    """A SIZE_MB file's first read over /in (the inputs disk) and over 9p (/out, uncached, as /in
+    was before the disk) in one run, and writing it to /out; against a copy on the host."""
     blob = work / "blob"
     with open(blob, "wb") as f:
         f.write(os.urandom(size_mb * MB))
@@ -144,33 +146,35 @@ def throughput(config: Path, image: str, work: Path, size_mb: int) -> dict:
     os.sync()
     host = time.monotonic() - started
     (work / "blob-copy").unlink()
-    script = ("import os, time, sys\n"
-              "t = time.monotonic(); n = 0\n"
-              "with open('/in/blob', 'rb') as f:\n"
-              "    while b := f.read(1 << 20): n += len(b)\n"
-              "t_in = time.monotonic() - t\n"
-              f"data = b'x' * (1 << 20); t = time.monotonic()\n"
-              "with open('/out/blob', 'wb') as f:\n"
-              f"    for _ in range({size_mb}): f.write(data)\n"
-              "    f.flush(); os.fsync(f.fileno())\n"
+    script = ("import os, shutil, time\n"
+              "def read(path):\n"
+              "    t = time.monotonic(); n = 0\n"
+              "    with open(path, 'rb') as f:\n"
+              "        while b := f.read(1 << 20): n += len(b)\n"
+              "    return time.monotonic() - t\n"
+              "t_in = read('/in/blob')\n"
+              "t = time.monotonic()\n"
+              "shutil.copyfile('/in/blob', '/out/blob')\n"
+              "with open('/out/blob', 'rb+') as f: os.fsync(f.fileno())\n"
               "t_out = time.monotonic() - t\n"
-              "print(t_in, t_out)\n")
+              "t_9p = read('/out/blob')\n"
+              "print(t_in, t_out, t_9p)\n")
     out = work / "tp-out"
     result = timed_run(config, image, work, "python", "-c", script,
                        extra=("-i", str(blob), "-o", str(out), "--timeout", "600"))
     shutil.rmtree(out)
     blob.unlink()
-    t_in, t_out = map(float, result["stdout"].split())
+    t_in, t_out, t_9p = map(float, result["stdout"].split())
     mbps = lambda seconds: size_mb / seconds  # noqa: E731
     return {"size_mb": size_mb, "in_mb_s": mbps(t_in), "out_mb_s": mbps(t_out), "host_copy_mb_s": mbps(host),
+            "in_9p_mb_s": mbps(t_9p), "in_ratio_to_9p": t_9p / t_in,
             "in_ratio_to_host_copy": host / t_in, "out_ratio_to_host_copy": host / t_out}
 
 
-def small_files(config: Path, image: str, work: Path, count: int) -> dict:
+def small_files(config: Path, image: str, work: Path, count: int, extra: tuple[str, ...] = ()) -> dict:
     """Walk and read COUNT files of 1 KB in /in, then the same tree on the guest's tmpfs, in one run.
 
-    Also the same walk over /out, the other share: with /in mounted in another 9p
-    cache mode, the difference the mode makes, measured in the same run.
+    Also the same walk over /out, the 9p share, uncached (as /in was before the inputs disk).
     """
     tree = work / "many"
     for i in range(count):
@@ -191,12 +195,44 @@ def small_files(config: Path, image: str, work: Path, count: int) -> dict:
               "t_none, n_none = walk('/out/many')\n"
               "assert n_in == n_mem == n_none\n"
               "print(t_in, t_mem, t_none, n_in)\n")
-    result = timed_run(config, image, work, "python", "-c", script, extra=("-i", str(tree), "--timeout", "900"))
+    result = timed_run(config, image, work, "python", "-c", script,
+                       extra=("-i", str(tree), "--timeout", "900", *extra))
     shutil.rmtree(tree)
     t_in, t_mem, t_none, size = result["stdout"].split()
     return {"files": count, "bytes": int(size), "in_s": float(t_in), "tmpfs_s": float(t_mem),
             "uncached_9p_s": float(t_none), "ratio": float(t_in) / float(t_mem),
-            "uncached_ratio": float(t_none) / float(t_mem)}
+            "uncached_ratio": float(t_none) / float(t_mem), "boot": result["boot"],
+            "stage_s": result["phases"].get("stage", 0.0)}
+
+
+def disk_build_cost(work: Path) -> dict:
+    """What putting inputs on the inputs disk costs the host: staging (the copy) and the image,
+    for one 1 GB file and for 100,000 files of 1 KB."""
+    from vmiso.host.inputs import InputLimits, build_disk, stage_inputs
+
+    cases = {}
+    big = work / "cost-1g"
+    big.mkdir()
+    with open(big / "blob", "wb") as f:
+        for _ in range(1024):
+            f.write(os.urandom(MB))
+    many = work / "cost-100k"
+    for i in range(100_000):
+        sub = many / f"d{i // 1000:03d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:06d}").write_bytes(os.urandom(512).hex().encode())
+    for label, tree in (("1 GB file", big), ("100,000 files", many)):
+        staging = work / "cost-staging"
+        staging.mkdir(mode=0o755)
+        started = time.monotonic()
+        stage_inputs((tree,), staging, InputLimits(2 * 1024**3, 200_000))
+        staged = time.monotonic() - started
+        started = time.monotonic()
+        size = build_disk(staging, work / "cost.img")
+        cases[label] = {"stage_s": staged, "image_s": time.monotonic() - started, "image_mb": size / MB}
+        (work / "cost.img").unlink()
+        shutil.rmtree(tree)
+    return cases
 
 
 def networked(config: Path, image: str, work: Path, runs: int, size_mb: int) -> dict:
@@ -367,6 +403,9 @@ def main() -> None:
                            preloaded_boots=[r["boot"] for r in preloads],
                            preloaded_outside_phases_s=statistics.median(
                                r["total"] - sum(r["phases"].values()) for r in preloads))
+            if not args.quick:
+                wait_pool_full(args.config, image)
+                results["small_files_preloaded"] = small_files(args.config, image, work, args.small_files)
             wait_pool_full(args.config, image)
             results["idle_clones"] = idle_clones(cfg.state_dir)
             results["pool_runs_per_minute"] = runs_per_minute(args.config, image, work, 2, args.runs * 2)
@@ -376,6 +415,8 @@ def main() -> None:
         if not args.quick:
             results["throughput_9p"] = throughput(args.config, image, work, args.size_mb)
             results["small_files"] = small_files(args.config, image, work, args.small_files)
+            results["small_files_cold"] = small_files(args.config, image, work, args.small_files, ("--cold",))
+            results["inputs_disk_cost"] = disk_build_cost(work)
             results["networked"] = networked(args.config, image, work, args.runs, args.size_mb)
             results["qemu_rss_mib"] = qemu_rss_mib(args.config, image, work)
             results["runs_per_minute"] = {
@@ -510,13 +551,21 @@ def report(r: dict) -> None:
     print(f"trivial runs per minute, two at a time with a pool of 2: {r['pool_runs_per_minute']:.1f}")
     if "throughput_9p" in r:
         t = r["throughput_9p"]
-        print(f"9p throughput, {t['size_mb']} MB: in {t['in_mb_s']:.0f} MB/s "
-              f"({t['in_ratio_to_host_copy']:.2f} x host copy), out {t['out_mb_s']:.0f} MB/s "
-              f"({t['out_ratio_to_host_copy']:.2f} x host copy); host copy {t['host_copy_mb_s']:.0f} MB/s")
-        m = r["small_files"]
-        print(f"{m['files']} files of 1 KB, walked and read: /in {m['in_s']:.2f} s, the same tree on the "
-              f"guest's tmpfs {m['tmpfs_s']:.2f} s: {m['ratio']:.2f} x tmpfs (uncached 9p: "
-              f"{m['uncached_9p_s']:.2f} s, {m['uncached_ratio']:.2f} x)")
+        print(f"{t['size_mb']} MB, first read: /in (the inputs disk) {t['in_mb_s']:.0f} MB/s, over 9p (uncached, "
+              f"as /in was) {t['in_9p_mb_s']:.0f} MB/s: {t['in_ratio_to_9p']:.2f} x 9p's speed; written to /out "
+              f"{t['out_mb_s']:.0f} MB/s ({t['out_ratio_to_host_copy']:.2f} x host copy); host copy "
+              f"{t['host_copy_mb_s']:.0f} MB/s")
+        for key in ("small_files_cold", "small_files", "small_files_preloaded"):
+            if key not in r:
+                continue
+            m = r[key]
+            print(f"{m['files']} files of 1 KB, walked and read ({m['boot']}): /in {m['in_s']:.2f} s, the same "
+                  f"tree on the guest's tmpfs {m['tmpfs_s']:.2f} s: {m['ratio']:.2f} x tmpfs (over 9p, uncached: "
+                  f"{m['uncached_9p_s']:.2f} s, {m['uncached_ratio']:.2f} x); the run's stage step "
+                  f"{m['stage_s']:.2f} s")
+        for label, c in r["inputs_disk_cost"].items():
+            print(f"inputs disk for {label}: staging {c['stage_s']:.2f} s, the image {c['image_s']:.2f} s "
+                  f"({c['image_mb']:.0f} MB)")
         n = r["networked"]
         print(f"networked run: warm 'python -c pass' with one --allow-host {n['allow_host_s']:.2f} s, without "
               f"{n['offline_s']:.2f} s ({n['added_s']:+.2f} s); {n['download_mb']:.0f} MB over HTTP through the "

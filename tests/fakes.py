@@ -150,6 +150,12 @@ class FakeConnect:
         return session
 
 
+def guest_inputs(clone: CloneDir, into: Path) -> Path:
+    """What the guest sees as /in: the clone's inputs disk, unpacked by erofs-utils' own checker."""
+    subprocess.run(["fsck.erofs", f"--extract={into}", str(clone.inputs_disk)], check=True, capture_output=True)
+    return into
+
+
 def exits(code: int, out: bytes = b"") -> Job:
     """A job that writes ``out`` and exits with ``code``."""
     def job(session: FakeSession, stdout: BinaryIO, stderr: BinaryIO) -> JobExit:

@@ -62,6 +62,8 @@ DEPS = [
     "kernel/fs/9p/9p.ko: kernel/net/9p/9pnet.ko kernel/fs/fscache/fscache.ko kernel/fs/netfs/netfs.ko",
     "kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.ko "
     "kernel/drivers/virtio/virtio.ko",
+    "kernel/lib/libcrc32c.ko:",
+    "kernel/fs/erofs/erofs.ko: kernel/lib/libcrc32c.ko",  # as Debian 12's 6.1 kernel has it
 ]
 
 
@@ -76,6 +78,8 @@ def test_module_order_loads_dependencies_first(tmp_path):
     late = [p.rsplit("/", 1)[1] for p in initramfs.module_order(modules, initramfs.LATE_MODULES,
                                                                 loaded=tuple(initramfs.module_order(modules)))]
     assert late == ["9pnet.ko", "9pnet_virtio.ko", "netfs.ko", "fscache.ko", "9p.ko"]
+    # erofs needs libcrc32c, whose init needs crc32c_generic loaded: all three in order, at boot.
+    assert order.index("crc32c_generic.ko") < order.index("libcrc32c.ko") < order.index("erofs.ko")
 
 
 def test_builtin_modules_are_skipped_and_missing_ones_named(tmp_path):

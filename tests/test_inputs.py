@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from vmiso.errors import VmisoError
-from vmiso.host.inputs import InputLimits, check_inputs, stage_inputs
+from vmiso.host.inputs import InputLimits, build_disk, check_inputs, disk_bytes, fill_disk, input_digest, stage_inputs
 
 LIMITS = InputLimits(max_bytes=10**7, max_files=1000)
 
@@ -144,3 +145,135 @@ def test_missing_and_special_inputs_are_refused(tmp_path):
     os.mkfifo(tmp_path / "pkg" / "fifo")
     with pytest.raises(VmisoError, match="pkg/fifo is not a regular file or directory"):
         check_inputs((tmp_path / "pkg",), LIMITS)
+
+
+# --- /in as a disk: the image the guest mounts, read back with erofs-utils' own checker -------
+
+def extract(image: Path, into: Path) -> Path:
+    subprocess.run(["fsck.erofs", f"--extract={into}", str(image)], check=True, capture_output=True)
+    return into
+
+
+def test_the_inputs_disk_holds_the_staged_tree_as_the_job_should_see_it(tmp_path, deep_tree):
+    tree = tmp_path / "odd tree"
+    (tree / "empty dir").mkdir(parents=True)
+    (tree / "naïve name.txt").write_text("ünïcode\n")
+    (tree / "日本語").mkdir()
+    (tree / "日本語" / "empty").write_bytes(b"")
+    os.utime(tree / "naïve name.txt", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    deep = deep_tree(tree, 60, file_every=20)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    staging = tmp_path / "staging"
+    staging.mkdir(mode=0o755)
+    limits = InputLimits(max_bytes=10**8, max_files=1000)
+    check_inputs((tree, big), limits)
+    staged = stage_inputs((tree, big), staging, limits)
+    image = tmp_path / "inputs.img"
+    size = build_disk(staging, image)
+    assert size == image.stat().st_size and size % 4096 == 0 and size <= disk_bytes(limits)
+    assert not staging.exists()  # the copy is gone once its image is built
+    seen = extract(image, tmp_path / "seen")
+    assert (seen / "odd tree" / "naïve name.txt").read_text() == "ünïcode\n"
+    assert (seen / "odd tree" / "日本語" / "empty").read_bytes() == b""
+    assert list((seen / "odd tree" / "empty dir").iterdir()) == []
+    assert (seen / "big.bin").read_bytes() == big.read_bytes()
+    assert (seen / "odd tree" / "/".join(deep) / "f").exists()
+    # The modification times the analyst's files have; the modes staging gives.
+    assert (seen / "odd tree" / "naïve name.txt").stat().st_mtime_ns == 1_600_000_000_123_456_789
+    assert (seen / "big.bin").stat().st_mtime_ns == big.stat().st_mtime_ns
+    for directory, dirs, files in os.walk(seen):
+        for name in dirs:
+            assert os.lstat(os.path.join(directory, name)).st_mode == 0o40755
+        for name in files:
+            assert os.lstat(os.path.join(directory, name)).st_mode == 0o100644
+    assert {s.name: s.sha256 for s in staged} == {"odd tree": input_digest(seen / "odd tree"),
+                                                  "big.bin": input_digest(seen / "big.bin")}
+
+
+def test_the_largest_image_the_limits_allow_fits_the_warm_states_inputs_disk(tmp_path):
+    # The worst case per entry: a one-byte file with a long name, each in a directory of its
+    # own; 254 bytes for erofs, 255 for ext4 (erofs-utils 1.5 cannot take a name of 255).
+    for length, magic in ((254, EROFS_MAGIC), (255, EXT4_MAGIC)):
+        limits = InputLimits(max_bytes=1000, max_files=1000)
+        tree = tmp_path / f"t{length}"
+        tree.mkdir()
+        for i in range(499):
+            sub = tree / f"{i:03d}".ljust(length, "d")
+            sub.mkdir()
+            (sub / f"{i:03d}".ljust(length, "f")).write_bytes(b"x")
+        staging = tmp_path / f"staging{length}"
+        staging.mkdir(mode=0o755)
+        stage_inputs((tree,), staging, limits)
+        image = tmp_path / f"inputs{length}.img"
+        assert build_disk(staging, image) <= disk_bytes(limits)
+        assert magic(image)
+
+
+def EROFS_MAGIC(image: Path) -> bool:
+    with open(image, "rb") as f:
+        f.seek(1024)
+        return f.read(4) == (0xE0F5E1E2).to_bytes(4, "little")
+
+
+def EXT4_MAGIC(image: Path) -> bool:
+    with open(image, "rb") as f:
+        f.seek(1024 + 0x38)
+        return f.read(2) == (0xEF53).to_bytes(2, "little")
+
+
+def test_a_tree_erofs_cannot_take_goes_on_ext4_whole(tmp_path, deep_tree):
+    tree = tmp_path / "t"
+    tree.mkdir()
+    long_name = "n" * 255
+    (tree / long_name).write_text("long\n")
+    deep = deep_tree(tree, 50, name="d" * 100, file_every=50)  # a path past PATH_MAX
+    staging = tmp_path / "staging"
+    staging.mkdir(mode=0o755)
+    stage_inputs((tree,), staging, InputLimits(max_bytes=10**6, max_files=10_000))
+    image = tmp_path / "inputs.img"
+    build_disk(staging, image)
+    assert EXT4_MAGIC(image)
+    cat = subprocess.run(["debugfs", "-R", f"cat /t/{long_name}", str(image)], capture_output=True, text=True)
+    assert cat.stdout == "long\n"
+    stats = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True, check=True).stdout
+    fields = dict(line.split(":", 1) for line in stats.splitlines() if ":" in line)
+    used = int(fields["Inode count"]) - int(fields["Free inodes"])
+    assert used >= 1 + 1 + len(deep) + 1  # /t, the long name, every level, the deepest file
+    assert "has_journal" not in fields["Filesystem features"]
+
+
+def test_a_tree_neither_tool_can_take_is_refused_with_the_way_out(tmp_path, deep_tree):
+    tree = tmp_path / "t"
+    tree.mkdir()
+    deep_tree(tree, 2100, file_every=2100)  # past PATH_MAX and 2,100 deep: e2fsprogs 1.47 crashes on it
+    staging = tmp_path / "staging"
+    staging.mkdir(mode=0o755)
+    stage_inputs((tree,), staging, InputLimits(max_bytes=10**6, max_files=10_000))
+    with pytest.raises(VmisoError, match="mkfs.erofs and mkfs.ext4 both failed") as caught:
+        build_disk(staging, tmp_path / "inputs.img")
+    assert "shorten its deepest paths" in caught.value.hint
+
+
+def test_a_preloaded_clones_disk_is_filled_in_place_and_keeps_its_size(tmp_path):
+    staging = tmp_path / "staging"
+    (staging / "d").mkdir(parents=True)
+    (staging / "d" / "f").write_text("data\n")
+    image = tmp_path / "inputs.build"
+    build_disk(staging, image)
+    disk = tmp_path / "inputs.img"
+    with open(disk, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    inode = disk.stat().st_ino
+    fill_disk(image, disk)
+    assert disk.stat().st_size == 64 * 1024 * 1024 and disk.stat().st_ino == inode  # QEMU keeps reading it
+    assert not image.exists()
+    assert (extract(disk, tmp_path / "seen") / "d" / "f").read_text() == "data\n"
+    small = tmp_path / "small.img"
+    small.write_bytes(b"")
+    build_again = tmp_path / "again"
+    (build_again / "x").mkdir(parents=True)
+    image2 = tmp_path / "inputs2.build"
+    build_disk(build_again, image2)
+    with pytest.raises(VmisoError, match="larger than the clone's inputs disk"):
+        fill_disk(image2, small)

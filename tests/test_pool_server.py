@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import select
 import socket
 import threading
 import xml.etree.ElementTree as ET
@@ -31,20 +32,19 @@ from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
-from fakes import FakeConnect, FakeHypervisor, fake_host_config, make_image
+from fakes import FakeConnect, FakeHypervisor, fake_host_config, guest_inputs, make_image
 from vmharness import make_state_root, remove_tree, wait_for
 
-GREETING = b"SSH-2.0-OpenSSH_fake\r\n"
 HELLO = warm.SEED_BYTES + warm.CLOCK.size
 
 
 class GreetingGuests(FakeHypervisor):
-    """Clones that say they are ready to be saved, and, once restored, greet on their SSH link
-    after the host's hello, as ssh-link and sshd do."""
+    """Clones that say they are ready to be saved, and, once restored, say they are ready on
+    their SSH link after the host's hello, as ssh-link does (which then waits for GO)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.console = b"vmiso-ssh-link: waiting protocol=2\n"
+        self.console = b"vmiso-ssh-link: waiting protocol=3\n"
         self.hellos: list[bytes] = []
         self._links: dict[str, list[socket.socket]] = {}
 
@@ -72,7 +72,7 @@ class GreetingGuests(FakeHypervisor):
             while len(hello) < HELLO and (chunk := conn.recv(HELLO - len(hello))):
                 hello += chunk
             self.hellos.append(hello)
-            conn.sendall(GREETING)
+            conn.sendall(warm.READY_LINE)
             self._links[name].append(conn)  # open until the VM is gone
 
     def destroy(self, name: str) -> bool:
@@ -156,7 +156,8 @@ def test_a_pool_hands_a_clone_over_in_three_steps_and_refills_behind_it(config, 
         offer = client.ask(state, "x", server.current_key(config, hv, image, "tcg"))
         assert isinstance(offer, client.Offer)
         assert offer.clone.path.parent == state / "runs" and offer.clone.path.name.startswith(protocol.CLONE_PREFIX)
-        assert offer.link is not None and offer.link.recv(4, socket.MSG_PEEK) == b"SSH-"
+        assert offer.link is not None  # the guest said it was ready, and waits for GO
+        assert select.select([offer.link], [], [], 0)[0] == []
         workdir.claim(offer.clone.path)  # 2: the run owns it ...
         client.confirm(offer)  # ... and 3: the pool said "yours"
         assert offer.name in hv.running and workdir.owner_alive(offer.clone.path)
@@ -283,14 +284,15 @@ def test_vmiso_pool_status_and_stop_reach_a_running_pool(config, image, state):
     assert runs(state) == [] and vmiso("pool", "stop").stdout == "no pool is running\n"
 
 
-def test_a_run_takes_a_preloaded_clone_and_stages_its_inputs_once_ssh_is_up(config, image, state, tmp_path):
+def test_a_run_takes_a_preloaded_clone_and_puts_its_inputs_on_its_disk_before_go(config, image, state, tmp_path):
     hv = GreetingGuests()
     data = tmp_path / "data.csv"
     data.write_text("a,b\n")
     seen: dict = {}
 
     def job(session, stdout, stderr):
-        seen["in"] = (session.clone.inputs / "data.csv").read_text()  # there before the job starts
+        # on the clone's inputs disk before the run said GO (the fake connect is where it says it)
+        seen["in"] = (guest_inputs(session.clone, tmp_path / "seen") / "data.csv").read_text()
         return JobExit(code=0)
     connect = FakeConnect(job)
     with pool_of(config, hv, image) as served:
@@ -298,9 +300,9 @@ def test_a_run_takes_a_preloaded_clone_and_stages_its_inputs_once_ssh_is_up(conf
         plan = plan_run(config, RunRequest(command=("true",), image="x", inputs=(data,)))
         result = run.run(plan, hv, io.BytesIO(), io.BytesIO(), connect=connect)
         assert result.boot == "preloaded" and result.exit_code == 0
-        assert list(result.timings) == ["verify", "take", "connect", "stage", "exec", "teardown", "cleanup"]
+        assert list(result.timings) == ["verify", "take", "stage", "connect", "exec", "teardown", "cleanup"]
         assert seen["in"] == "a,b\n" and connect.calls[0]["link"] is not None
-        assert connect.calls[0]["hello"] is warm.hello and connect.sessions[0].clone.path.name.startswith("pool-")
+        assert connect.calls[0]["hello"] is warm.HELLO and connect.sessions[0].clone.path.name.startswith("pool-")
         wait_for(lambda: status(state)["served"] == 1 and status(state)["ready"] == 1, 30, "the pool to refill")
         assert [name for name in runs(state) if not name.startswith(protocol.CLONE_PREFIX)] == []
     assert not hv.running and runs(state) == []

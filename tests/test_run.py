@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,12 +30,14 @@ from vmiso.clones import warm
 from vmiso.clones.clone import clone_spec, make_clone_dir
 from vmiso.domain import domain_xml
 from vmiso.errors import GuestError, HypervisorError, ImageError, OutputError, RunTimeout, VmisoError
+from vmiso.host import inputs, workdir
+from vmiso.host.inputs import InputLimits
 from vmiso.image.store import Image, remember
 from vmiso.plan import RunRequest, plan_run
 from vmiso.progress import Steps
 from vmiso.ssh import JobExit
 
-from fakes import VERSION, FakeConnect, FakeHypervisor, Job, exits, fake_host_config, make_image
+from fakes import VERSION, FakeConnect, FakeHypervisor, Job, exits, fake_host_config, guest_inputs, make_image
 
 MiB = 1024**2
 
@@ -93,7 +96,7 @@ def test_the_job_sees_its_inputs_and_its_outputs_are_collected(config, image, st
     data.write_text("a,b\n")
 
     def job(session, stdout, stderr):
-        assert (session.clone.inputs / "data.csv").read_text() == "a,b\n"
+        assert (guest_inputs(session.clone, tmp_path / "seen") / "data.csv").read_text() == "a,b\n"
         (session.clone.outputs / "result.txt").write_text("42\n")
         return JobExit(code=0)
     result, _, _ = do_run(config, FakeHypervisor(), request(inputs=(data,), output=tmp_path / "out"),
@@ -265,7 +268,9 @@ def make_warm_slot(hv: FakeHypervisor, image: Image, config: config_mod.Config, 
     """A warm slot as warm.build leaves one, its saved state known to ``hv``."""
     sha256 = image.manifest()["sha256"]
     key = warm.WarmKey.make(template_sha256=sha256, hypervisor=VERSION, accel="tcg",
-                            memory_mib=config.vm.memory_mib, cpus=config.vm.cpus, scratch_bytes=config.run.scratch)
+                            memory_mib=config.vm.memory_mib, cpus=config.vm.cpus, scratch_bytes=config.run.scratch,
+                            inputs_bytes=inputs.disk_bytes(InputLimits(config.run.input_max_bytes,
+                                                                       config.run.input_max_files)))
     key = dataclasses.replace(key, **key_changes)
     clone = make_clone_dir(warm.warm_root(image) / f"slot-{index}")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.template), "-F", "qcow2",
@@ -293,7 +298,10 @@ def test_a_warm_run_restores_a_fitting_slot_onto_a_fresh_overlay(config, image, 
     assert "/runs/" in vda.find("source").get("file")
     assert vda.find("backingStore/source").get("file") == str(slot.clone.overlay)  # read only, never relabelled
     assert vda.find("backingStore/source/seclabel").get("relabel") == "no"
-    assert connect.calls[0]["hello"] is warm.hello and connect.calls[0]["name"] == name
+    assert connect.calls[0]["hello"] is warm.HELLO and connect.calls[0]["name"] == name
+    vdc = ET.fromstring(hv.restored[name]).find("devices/disk/target[@dev='vdc']/..")
+    assert vdc.find("source").get("file").endswith("/inputs.img")  # the run's own inputs disk
+    assert vdc.find("readonly") is not None and vdc.find("serial").text == "vmiso-in"
     assert not hv.running and leftovers(state) == []
     assert slot.state.read_bytes() == b"saved"
 
@@ -574,3 +582,26 @@ def test_a_directorys_digest_is_what_sha256sum_over_its_sorted_files_gives(tmp_p
     listed = subprocess.run("find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0r sha256sum | sha256sum",
                             shell=True, cwd=tree, capture_output=True, text=True, check=True).stdout.split()[0]
     assert staged.sha256 == listed and staged.files == 4 and staged.bytes == 4
+
+
+@pytest.mark.root(reason="mounts a small tmpfs for the state directory")
+def test_inputs_whose_copy_and_image_would_not_fit_are_refused_before_a_vm(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "vmiso-test", str(small)], check=True)
+    try:
+        state = small / "state"
+        make_image(state)
+        config = fake_host_config(state, **{"run.output_max_bytes": 16 * 1024**2})
+        plan = plan_run(config, request())
+        base = plan.scratch_bytes + workdir.bounded_share_size(*plan.output_limits)
+        free = shutil.disk_usage(small).free - base
+        data = tmp_path / "data.bin"  # fits once, not twice: the copy and its image are both counted
+        data.write_bytes(b"\0" * (free // 2 + 1024**2))
+        hv = FakeHypervisor()
+        with pytest.raises(VmisoError, match=r"and its inputs \(a copy and its image\)") as caught:
+            do_run(config, hv, request(inputs=(data,)), FakeConnect(exits(0)))
+        assert "smaller inputs" in caught.value.hint
+        assert not hv.started and leftovers(state) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

@@ -59,5 +59,5 @@ def test_a_scratch_larger_than_the_free_space_is_refused(tmp_path):
     assert "run.output_max_bytes" in caught.value.hint
     check_room(tmp_path, 64 * MiB, 64 * MiB, 64 * MiB)
     with pytest.raises(VmisoError) as caught:
-        check_room(tmp_path, 64 * MiB, 64 * MiB, 1024**6)  # the inputs' copy, staged in the run's directory
-    assert "and the copy of its inputs" in caught.value.message and "smaller inputs" in caught.value.hint
+        check_room(tmp_path, 64 * MiB, 64 * MiB, 1024**6)  # the inputs' copy and image, in the run's directory
+    assert "and its inputs (a copy and its image)" in caught.value.message and "smaller inputs" in caught.value.hint

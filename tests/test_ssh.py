@@ -170,6 +170,10 @@ class FakeGuest(paramiko.ServerInterface):
         return True
 
 
+# What a restored clone's link expects (vmiso.clones.warm.HELLO has the real bytes).
+HELLO = ssh.Hello(lambda: b"hi!", b"ready\n", b"G")
+
+
 @pytest.fixture
 def guest(tmp_path):
     host_key_path, host_public = keypair(tmp_path, "host")
@@ -178,6 +182,7 @@ def guest(tmp_path):
     listener = listen(socket_path)
     server = FakeGuest(client_public)
     hellos: list[bytes] = []
+    gos: list[bytes] = []
 
     def serve() -> None:
         try:
@@ -185,6 +190,8 @@ def guest(tmp_path):
         except OSError:
             return  # the test ended without connecting
         hellos.append(conn.recv(3))
+        conn.sendall(HELLO.ready)
+        gos.append(conn.recv(1))  # sshd starts only once the host says go
         transport = paramiko.Transport(conn)
         transport.add_server_key(paramiko.Ed25519Key.from_private_key_file(str(host_key_path)))
         # Before it starts: on a loaded host the client can be done with the link before start_server returns.
@@ -214,13 +221,13 @@ def guest(tmp_path):
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield {"socket": socket_path, "host_key": host_public, "client_key": client_key, "server": server,
-           "hellos": hellos}
+           "hellos": hellos, "gos": gos}
     listener.close()
 
 
 def connect(guest, **changes):
     args = dict(name="vmiso-run-test", host_key=guest["host_key"], client_key=guest["client_key"], user="vmiso",
-                deadline=time.monotonic() + 20, alive=lambda: True, hello=lambda: b"hi!")
+                deadline=time.monotonic() + 20, alive=lambda: True, hello=HELLO)
     args.update(changes)
     return ssh.connect(guest["socket"], **args)
 
@@ -245,6 +252,7 @@ def test_exit_status_and_streams(guest):
     assert status == ssh.JobExit(code=3)
     assert (out, err) == (b"out-1\n", b"err-1\n")
     assert guest["hellos"] == [b"hi!"]  # sent before SSH, as a restored clone expects
+    assert guest["gos"] == [b"G"]  # once it said it was ready
 
 
 def test_a_signal_is_reported_by_name(guest):
@@ -492,7 +500,7 @@ def test_a_guest_that_never_starts_the_job_does_not_hold_vmiso(guest, monkeypatc
 
 
 def test_a_preloaded_link_that_sshd_dropped_gives_way_to_a_new_one(guest):
-    # A pool's link whose sshd gave up waiting (LoginGraceTime) or whose guest sends
+    # A pool's link whose guest went away or sends
     # garbage: the run opens a new link, hello first, as a warm run does.
     mine, theirs = socket.socketpair()
     theirs.sendall(b"not an SSH greeting\r\n")
@@ -676,16 +684,18 @@ def test_a_connection_that_fails_on_the_host_is_logged_closed_and_frees_its_slot
     assert "RuntimeError: the gateway tripped" in caplog.text
 
 
-def test_open_link_waits_for_the_greeting_and_hands_the_link_on_unread(guest):
-    link = ssh.open_link(guest["socket"], name="vmiso-run-test", hello=lambda: b"hi!",
+def test_open_link_waits_until_the_guest_is_ready_and_leaves_go_to_the_run(guest):
+    link = ssh.open_link(guest["socket"], name="vmiso-run-test", hello=HELLO,
                          deadline=time.monotonic() + 10)
-    assert link.recv(4, socket.MSG_PEEK) == b"SSH-"  # peeked at, left for SSH
+    time.sleep(0.2)
+    assert guest["gos"] == []  # the guest waits: its inputs are not on their disk yet
     session = connect(guest, link=link)
     try:
         assert run(session, "exit 3")[0] == ssh.JobExit(code=3)
     finally:
         session.close()
     assert guest["hellos"] == [b"hi!"]  # the one link, opened once
+    assert guest["gos"] == [b"G"]
 
 
 def test_open_link_gives_up_on_a_link_that_never_greets(tmp_path):
@@ -703,8 +713,9 @@ def test_open_link_gives_up_on_a_link_that_never_greets(tmp_path):
     threading.Thread(target=silent, daemon=True).start()
     try:
         started = time.monotonic()
-        with pytest.raises(GuestError, match=r"VM vmiso-run-x did not greet on its SSH link in time \(no greeting\)"):
-            ssh.open_link(path, name="vmiso-run-x", hello=lambda: b"hi!", deadline=time.monotonic() + 0.5)
+        with pytest.raises(GuestError, match=r"VM vmiso-run-x was not ready on its SSH link in time "
+                                             r"\(the guest did not say it was ready\)"):
+            ssh.open_link(path, name="vmiso-run-x", hello=HELLO, deadline=time.monotonic() + 0.5)
         assert time.monotonic() - started < 2
         assert held and held[0].recv(3) == b"hi!"
     finally:
@@ -728,8 +739,8 @@ def test_open_link_tries_again_after_a_link_that_closes_without_a_greeting(tmp_p
             conn.close()
     threading.Thread(target=hang_up, daemon=True).start()
     try:
-        with pytest.raises(GuestError, match="VM vmiso-run-x did not greet on its SSH link in time"):
-            ssh.open_link(path, name="vmiso-run-x", hello=lambda: b"hi!", deadline=time.monotonic() + 1)
+        with pytest.raises(GuestError, match="VM vmiso-run-x was not ready on its SSH link in time"):
+            ssh.open_link(path, name="vmiso-run-x", hello=HELLO, deadline=time.monotonic() + 1)
     finally:
         listener.close()
     assert len(accepted) >= 2 and set(accepted) == {b"hi!"}

@@ -355,3 +355,57 @@ def client_hello(name: str) -> bytes:
     except ssl.SSLWantReadError:
         return outgoing.read()
     raise AssertionError("a TLS handshake cannot finish without an answer")
+
+
+# --- /in as the job sees it (issue: inputs as a read-only disk) ----------------------------
+
+SMALL_FILES = 5000
+BIG_MB = 100
+
+
+def make_inputs(tmp_path: Path, deep_tree) -> list[Path]:
+    """Inputs of every kind a job is given: SMALL_FILES files of 1 KB, a BIG_MB MB file, and a
+    tree with names with spaces and non-ASCII, an empty file, an empty directory and a deep path."""
+    many = tmp_path / "many"
+    for i in range(SMALL_FILES):
+        sub = many / f"d{i // 500:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i:05d}.json").write_bytes(os.urandom(512).hex().encode())
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        for _ in range(BIG_MB):
+            f.write(os.urandom(1024 * 1024))
+    odd = tmp_path / "odd tree"
+    (odd / "empty dir").mkdir(parents=True)
+    (odd / "naïve name.txt").write_text("ünïcode\n")
+    (odd / "日本語").mkdir()
+    (odd / "日本語" / "empty").write_bytes(b"")
+    deep_tree(odd, 40, file_every=40)
+    return [many, big, odd]
+
+
+def check_inputs_seen(results: dict, record: dict, inputs: list[Path]) -> None:
+    """What inputs_probe.py saw under /in is what the host staged, as the run record says."""
+    from vmiso.host.inputs import input_digest
+
+    host = {path.name: input_digest(path) for path in inputs}
+    assert results["digests"] == host  # hashed in the guest, against the host's own hashes
+    assert {i["name"]: i["sha256"] for i in record["inputs"]} == host
+    entries = results["entries"]
+    expected = list(inputs)
+    for path in inputs:
+        for directory, dirs, files in os.walk(path):
+            expected += [Path(directory) / name for name in dirs + files]
+    for full in expected:
+        seen = entries[str(full.relative_to(next(p for p in inputs if full.is_relative_to(p)).parent))]
+        if full.is_dir():
+            assert seen[0] == oct(0o40755)
+        else:  # a file: 0644, its size, the analyst's modification time
+            assert seen[0] == oct(0o100644) and seen[3] == full.stat().st_size
+            assert seen[1] == full.stat().st_mtime_ns
+        assert seen[2] == 0  # root's, not the job's
+    assert len(entries) == len(expected)
+    assert results["cwd"] == "/in"
+    assert [m[0] for m in results["mount"]] == ["erofs"] and results["mount"][0][1].startswith("ro,")
+    assert results["write"] == "EROFS" and results["mkdir"] == "EROFS"
+    assert results["remount"][0] != 0  # the job is not root

@@ -34,9 +34,9 @@ class Check:
 def _programs() -> list[Check]:
     checks = []
     # sfdisk, debugfs and busybox serve cloud images: their partitions, kernel and the clones' initramfs.
-    # mount: each run's /out is a loop-mounted filesystem of its own.
-    for program in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "genisoimage", "mkfs.ext4", "ssh-keygen",
-                    "sfdisk", "debugfs", "busybox", "mount"):
+    # mount: each run's /out is a loop-mounted filesystem of its own; mkfs.erofs builds each run's /in.
+    for program in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "genisoimage", "mkfs.ext4", "mkfs.erofs",
+                    "ssh-keygen", "sfdisk", "debugfs", "busybox", "mount"):
         try:
             checks.append(Check(program, True, tools.which(program)))
         except VmisoError as err:

@@ -82,6 +82,7 @@ class Disk:
     # The images below ``path``, top first, with their formats: QEMU reads them, and
     # libvirt neither probes them nor hands them to QEMU's user (see _backing_store).
     backing: tuple[tuple[Path, str], ...] = ()
+    serial: str | None = None  # what the guest reads in /sys/block/vdX/serial, to find the disk
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ def _disk(disk: Disk, index: int) -> ET.Element:
     if disk.backing:
         el.append(backing_store(disk.backing))
     _sub(el, "target", dev="vd" + "abcdefghijklmnopqrstuvwxyz"[index], bus="virtio")
+    if disk.serial is not None:
+        _sub(el, "serial", disk.serial)
     if disk.readonly:
         _sub(el, "readonly")
     return el
@@ -366,7 +369,7 @@ def retarget(saved_xml: str, to: Retarget) -> str:
     Device models, addresses, the machine type, the name, the UUID and the VM
     generation ID stay exactly as saved: libvirt 9 refuses a restore that changes
     any of them.  Only host paths and the metadata change.  (The guest's RNG is
-    reseeded over the SSH link instead; see warm.hello.)
+    reseeded over the SSH link instead; see warm.greeting.)
     """
     root = ET.fromstring(saved_xml)
     disks = {_child(d, "target").get("dev", ""): d for d in root.findall("devices/disk[@device='disk']")}

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import __version__, accel, clones, ssh
+from . import __version__, accel, clones, ssh, tools
 from .clones import warm
-from .clones.clone import CloneDir, make_clone_dir
+from .clones.clone import CloneDir, make_clone_dir, size_inputs_disk
 from .domain import NAME_PREFIX, Hypervisor
 from .errors import EXIT_VMISO, GuestError, Interrupted, RunTimeout, VmisoError
 from .host import outputs, reaper, state
-from .host.inputs import GUEST_IN, StagedInput, check_inputs, stage_inputs
+from .host.inputs import GUEST_IN, StagedInput, build_disk, check_inputs, fill_disk, stage_inputs
 from .host.workdir import bounded_share_size, check_room, private_dir, share_full
 from .image.seed import RUN_USER
 from .image.store import Image, get_image, verified_sha256
@@ -265,7 +265,7 @@ def _run(plan: RunPlan, hv: Hypervisor, result: RunResult, stdout: BinaryIO, std
          on_published: Callable[[int, str], None]) -> None:
     """The steps of ``run``, each writing what it learnt into ``result``."""
     assert result.run_id is not None
-    image, result.accel, input_bytes = _check(plan)
+    image, result.accel, input_room = _check(plan)
     reaper.collect(hv, plan.state_dir)  # what a vmiso killed earlier left behind
     with ExitStack() as cleanup:
         with steps.step("verify", "template sha256"):
@@ -273,11 +273,11 @@ def _run(plan: RunPlan, hv: Hypervisor, result: RunResult, stdout: BinaryIO, std
         key = warm.key_for(plan, template_sha256=result.sha256, hypervisor=hv.version(), accel=result.accel)
         vm = clones.bring_up(clones.ways_for(plan), clones.CloneJob(
             hv, plan, image, key, f"{NAME_PREFIX}run-{result.run_id}", steps, cleanup,
-            stage=lambda: _stage(plan, result, key, input_bytes, steps, cleanup)))
+            stage=lambda: _stage(plan, result, key, input_room, steps, cleanup)))
         result.boot = vm.boot
-        session = _connect(hv, vm, image, plan, connect, steps, cleanup)
         if not vm.inputs_staged:
-            result.inputs = _stage_inputs(plan, vm.clone, input_bytes, steps)
+            result.inputs = _stage_inputs(plan, vm.clone, input_room, steps)
+        session = _connect(hv, vm, image, plan, connect, steps, cleanup)
         gateway = _open_network(session, plan.network, image, result, steps, cleanup)
         published = _publish(session, plan.publish, on_published, cleanup)
         result.published = {p.guest_port: f"{p.host}:{p.host_port}" for p in published}
@@ -299,11 +299,15 @@ def _run(plan: RunPlan, hv: Hypervisor, result: RunResult, stdout: BinaryIO, std
         result.hints = failure_hints(said.kept, image.name)
 
 
-def _stage_inputs(plan: RunPlan, clone: CloneDir, input_bytes: int, steps: Steps) -> tuple[StagedInput, ...]:
-    """A preloaded clone's inputs, copied in once SSH is up (sshd drops a link that stays idle)."""
-    with steps.step("stage", "inputs"):  # /in is mounted uncached: the guest sees them at once
-        check_room(clone.inputs, 0, 0, input_bytes)
-        return tuple(stage_inputs(plan.inputs, clone.inputs, plan.input_limits))
+def _stage_inputs(plan: RunPlan, clone: CloneDir, input_room: int, steps: Steps) -> tuple[StagedInput, ...]:
+    """A preloaded clone's inputs: staged, their image built and copied onto the clone's inputs
+    disk, which its guest mounts once the run says GO (warm.HELLO)."""
+    with steps.step("stage", "inputs, and the image of them on the clone's inputs disk"):
+        check_room(clone.inputs, 0, 0, input_room)
+        staged = tuple(stage_inputs(plan.inputs, clone.inputs, plan.input_limits))
+        build_disk(clone.inputs, clone.inputs_image)
+        fill_disk(clone.inputs_image, clone.inputs_disk)
+        return staged
 
 
 def _teardown(hv: Hypervisor, vm: clones.Booted, session: ssh.Session, gateway: Gateway | None,
@@ -328,28 +332,34 @@ def _collect(plan: RunPlan, clone: CloneDir, steps: Steps) -> outputs.OutputRepo
 
 
 def _check(plan: RunPlan) -> tuple[Image, str, int]:
-    """Everything that can be refused before anything is made: (the image, the accelerator, the inputs' bytes)."""
+    """Everything that can be refused before anything is made: (the image, the accelerator, the host's
+    bytes the inputs take staged)."""
     if not plan.command:
         raise VmisoError("no command to run", "give one after --, e.g. vmiso run -- python job.py")
-    input_bytes = check_inputs(plan.inputs, plan.input_limits)
+    input_room = check_inputs(plan.inputs, plan.input_limits)
+    tools.which("mkfs.erofs")  # /in is an image of the inputs, always
     check_env(plan.env)
     if plan.output is not None:
         outputs.check_destination(plan.output)
     accel_name = accel.resolve(plan.accel, tcg_cpu_features=plan.tcg_cpu_features)
-    return get_image(plan.state_dir, plan.image), accel_name, input_bytes
+    return get_image(plan.state_dir, plan.image), accel_name, input_room
 
 
-def _stage(plan: RunPlan, result: RunResult, key: warm.WarmKey, input_bytes: int, steps: Steps,
+def _stage(plan: RunPlan, result: RunResult, key: warm.WarmKey, input_room: int, steps: Steps,
            cleanup: ExitStack) -> CloneDir:
-    """The run's directory, removed when ``cleanup`` closes, with the inputs copied in."""
-    with steps.step("stage", "run directory and inputs"):
+    """The run's directory, removed when ``cleanup`` closes, with the inputs' image (its /in) in it."""
+    with steps.step("stage", "run directory, inputs and their image"):
         runs = state.home(plan.state_dir).runs
-        check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*plan.output_limits), input_bytes)
+        check_room(private_dir(runs), key.scratch_bytes, bounded_share_size(*plan.output_limits), input_room)
         assert result.run_id is not None
         path = runs / result.run_id
         cleanup.callback(reaper.remove, path)  # whatever make_clone_dir got to
         clone = make_clone_dir(path, output_limits=plan.output_limits)
         result.inputs = tuple(stage_inputs(plan.inputs, clone.inputs, plan.input_limits))
+        build_disk(clone.inputs, clone.inputs_disk)
+        # One size for every way it boots (a warm state's inputs disk is this size); sparse.
+        # (A disk of an image's few KiB is also more than the guest's erofs would mount.)
+        size_inputs_disk(clone, key.inputs_bytes)
     return clone
 
 
@@ -359,7 +369,7 @@ def _connect(hv: Hypervisor, vm: clones.Booted, image: Image, plan: RunPlan, con
         session = connect(
             vm.clone.ssh_socket, name=vm.name, host_key=image.read(image.host_key.name), client_key=image.client_key,
             user=RUN_USER, deadline=time.monotonic() + plan.boot_timeout,
-            alive=lambda: hv.is_running(vm.name), hello=warm.hello if vm.boot != "cold" else None, link=vm.link)
+            alive=lambda: hv.is_running(vm.name), hello=warm.HELLO if vm.boot != "cold" else None, link=vm.link)
         cleanup.callback(session.close)
     return session
 

@@ -530,16 +530,27 @@ def _job_exit(channel: paramiko.Channel) -> JobExit:
     return JobExit(code=status) if status >= 0 else JobExit()
 
 
+@dataclass(frozen=True)
+class Hello:
+    """What a clone restored from a warm state expects on a new link before SSH starts
+    (vmiso.clones.warm): ``greeting()`` (called at the moment of sending), then it answers
+    ``ready``; ``go`` then tells it to start sshd."""
+
+    greeting: Callable[[], bytes]
+    ready: bytes
+    go: bytes
+
+
 def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, user: str,
-            deadline: float, alive: Callable[[], bool], hello: Callable[[], bytes] | None = None,
+            deadline: float, alive: Callable[[], bool], hello: Hello | None = None,
             link: socket.socket | None = None) -> Session:
     """Connect once the guest answers; ``alive`` says whether the VM still runs.
 
-    ``hello``: bytes to send before SSH starts, as a clone restored from a warm
-    state expects (see warm.hello); called at the moment of sending.
-    ``link``: a link opened already (open_link, by a pool): SSH starts on it at
-    once; when the guest does not answer on it (its sshd gave up waiting), a new
-    link is opened as without one (``hello`` first).
+    ``hello``: what a clone restored from a warm state expects first (None: a cold
+    clone, whose sshd answers at once).
+    ``link``: a link opened already (open_link, by a pool), ready: ``hello.go`` is
+    sent and SSH starts on it; when the guest does not answer on it, a new link is
+    opened as without one.
     """
     pinned = _pinned_key(host_key)
     try:
@@ -547,16 +558,22 @@ def connect(socket_path: Path, *, name: str, host_key: str, client_key: Path, us
     except (OSError, paramiko.SSHException) as err:
         raise GuestError(f"cannot read the image's client key {client_key}: {err}") from None
     if link is not None:
+        assert hello is not None, "a preloaded link is a restored clone's"
         try:
+            link.sendall(hello.go)
             return _handshake(link, name=name, pinned=pinned, key=key, user=user, deadline=deadline)
-        except _NotReady as err:
+        except (_NotReady, OSError) as err:
             log.debug("SSH on %s's preloaded link failed (%s): opening a new one", name, err)
             link.close()
     errors = ["no answer"]
     for sock in _links(socket_path, name, hello, deadline, errors, alive):
         try:
+            if hello is not None:
+                _await_ready(sock, hello, deadline)
+                sock.sendall(hello.go)
             return _handshake(sock, name=name, pinned=pinned, key=key, user=user, deadline=deadline)
-        except _NotReady as err:
+        except (_NotReady, OSError) as err:
+            sock.close()
             errors.append(str(err))
             log.debug("SSH to %s not ready: %s", name, err)
             time.sleep(0.2)
@@ -567,13 +584,31 @@ class _NotReady(Exception):
     """The guest's sshd did not (yet) answer on this link."""
 
 
-def _link(socket_path: Path, name: str, hello: Callable[[], bytes] | None) -> socket.socket:
-    """A connection to the clone's SSH link, ``hello`` sent; OSError while it is not there yet."""
+def _await_ready(sock: socket.socket, hello: Hello, deadline: float) -> None:
+    """Read the guest's ``hello.ready``, byte for byte; _NotReady for anything else or nothing in time."""
+    got = b""
+    try:
+        while len(got) < len(hello.ready):
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(len(hello.ready) - len(got))
+            if not chunk:
+                raise _NotReady("the link closed before the guest was ready")
+            got += chunk
+    except TimeoutError:
+        raise _NotReady("the guest did not say it was ready") from None
+    finally:
+        sock.settimeout(None)
+    if got != hello.ready:
+        raise _NotReady(f"the guest answered {got[:40]!r}, not {hello.ready!r}")
+
+
+def _link(socket_path: Path, name: str, hello: Hello | None) -> socket.socket:
+    """A connection to the clone's SSH link, ``hello``'s greeting sent; OSError while it is not there yet."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(socket_path))
         if hello is not None:
-            sock.sendall(hello())
+            sock.sendall(hello.greeting())
     except PermissionError as err:  # no waiting will change that
         sock.close()
         raise GuestError(f"cannot reach VM {name}'s SSH link {socket_path}: {err.strerror}",
@@ -584,7 +619,7 @@ def _link(socket_path: Path, name: str, hello: Callable[[], bytes] | None) -> so
     return sock
 
 
-def _links(socket_path: Path, name: str, hello: Callable[[], bytes] | None, deadline: float, errors: list[str],
+def _links(socket_path: Path, name: str, hello: Hello | None, deadline: float, errors: list[str],
            alive: Callable[[], bool] = lambda: True) -> Iterator[socket.socket]:
     """Connections to the link, ``hello`` sent, one per try until ``deadline``; while nothing
     listens there yet, waits (the reason is appended to ``errors``)."""
@@ -600,20 +635,18 @@ def _links(socket_path: Path, name: str, hello: Callable[[], bytes] | None, dead
         yield sock
 
 
-def open_link(socket_path: Path, *, name: str, hello: Callable[[], bytes], deadline: float) -> socket.socket:
-    """Open a restored clone's link, send ``hello`` and wait until its sshd has greeted, reading
-    nothing: whoever gets the socket next (a run, from a pool) starts SSH on it."""
+def open_link(socket_path: Path, *, name: str, hello: Hello, deadline: float) -> socket.socket:
+    """Open a restored clone's link, send ``hello``'s greeting and wait until the guest is ready:
+    whoever gets the socket next (a run, from a pool) sends ``hello.go`` and starts SSH on it."""
     errors = ["no answer"]
     for sock in _links(socket_path, name, hello, deadline, errors):
         try:
-            readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
-            if readable and sock.recv(4, socket.MSG_PEEK) == b"SSH-":
-                return sock
-            errors.append("the link closed without a greeting" if readable else "no greeting")
-        except OSError as err:
+            _await_ready(sock, hello, deadline)
+            return sock
+        except (_NotReady, OSError) as err:
             errors.append(str(err))
         sock.close()
-    raise GuestError(f"VM {name} did not greet on its SSH link in time ({errors[-1]})")
+    raise GuestError(f"VM {name} was not ready on its SSH link in time ({errors[-1]})")
 
 
 # AES-GCM only: the guest's sshd then spends no HMAC-SHA-256 on every packet, which an

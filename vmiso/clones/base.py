@@ -35,7 +35,7 @@ class Booted:
     name: str
     boot: str  # "preloaded", "warm" or "cold"
     link: socket.socket | None = None  # a preloaded clone's link, its sshd waiting
-    inputs_staged: bool = True  # False: a preloaded clone's /in is filled once SSH is up
+    inputs_staged: bool = True  # False: a preloaded clone's inputs disk is filled by the run, before GO
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import tools
 from ..domain import Disk, DomainSpec, KernelBoot, Share
-from ..host import reaper, state
+from ..host import reaper, sharemount, state
 from ..host.workdir import bounded_share, console_file, link_dir, private_dir, share_dir
 from ..image.store import Image, boot_files, copy_verified, reprovision_hint
 
@@ -21,8 +21,8 @@ from ..image.store import Image, boot_files, copy_verified, reprovision_hint
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 # Asks ssh-link to pre-load what sessions run, in a clone about to be saved as a warm state.
 PREWARM = "vmiso.prewarm"
-SHARE_IN = "vmiso-in"
 SHARE_OUT = "vmiso-out"
+INPUTS_SERIAL = "vmiso-in"  # the inputs disk, as the guest finds it (/sys/block/vdX/serial)
 
 
 # A run's clone (or a pool's) whose vmiso died (vmiso.host.reaper collects it).
@@ -55,7 +55,18 @@ class CloneDir:
 
     @property
     def inputs(self) -> Path:
+        """Where the inputs are staged, before their image is built (then removed)."""
         return self.path / "in"
+
+    @property
+    def inputs_disk(self) -> Path:
+        """The guest's /in: an erofs image of the staged inputs, on a read-only disk."""
+        return self.path / "inputs.img"
+
+    @property
+    def inputs_image(self) -> Path:
+        """A preloaded clone's inputs image, built here and then copied onto its inputs disk."""
+        return self.path / "inputs.build"
 
     @property
     def outputs(self) -> Path:
@@ -76,11 +87,12 @@ class CloneDir:
 
     @property
     def shares(self) -> dict[str, Path]:
-        return {SHARE_IN: self.inputs, SHARE_OUT: self.outputs}
+        return {SHARE_OUT: self.outputs}
 
 
 def make_clone_dir(path: Path, *, output_limits: tuple[int, int] | None = None) -> CloneDir:
-    """Create the directory (owned by this process, for the reaper) with its two share directories.
+    """Create the directory (owned by this process, for the reaper) with /out's share and the
+    directory the inputs are staged in.
 
     ``output_limits`` (bytes, files and directories): /out on a filesystem of that
     size (workdir.bounded_share), mounted until the directory is removed
@@ -134,6 +146,28 @@ def make_scratch(clone: CloneDir, size_bytes: int, *, like: Path | None = None) 
     tools.run(tools.mkfs_scratch_argv(clone.scratch))
 
 
+def make_inputs_slot(clone: CloneDir, size_bytes: int) -> None:
+    """An empty inputs disk of ``size_bytes`` (sparse): a clone saved as a warm state has one,
+    and a preloaded clone's is filled by the run that takes it (inputs.fill_disk).  For an
+    analyst, an ACL keeps it writable by them once libvirt has given it to QEMU's user."""
+    fd = os.open(clone.inputs_disk, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size_bytes)
+        if (uid := os.geteuid()) != 0:
+            os.setxattr(clone.inputs_disk, "system.posix_acl_access", sharemount.acl_blob(6, {uid: 6}))
+    finally:
+        os.close(fd)
+
+
+def size_inputs_disk(clone: CloneDir, size_bytes: int) -> bool:
+    """Give a built inputs disk the size a warm state was saved with (sparse); False if its
+    image does not fit in that size."""
+    if os.stat(clone.inputs_disk).st_size > size_bytes:
+        return False
+    os.truncate(clone.inputs_disk, size_bytes)
+    return True
+
+
 def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_mib: int, cpus: int,
                metadata: dict[str, str], prewarm: bool = False,
                tcg_cpu_features: tuple[str, ...] = ()) -> DomainSpec:
@@ -148,10 +182,11 @@ def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_m
         cpus=cpus,
         accel=accel,
         disks=(Disk(clone.overlay, cache="unsafe", error_policy="report", backing=((image.template, "qcow2"),)),
-               Disk(clone.scratch, format="raw", cache="unsafe", error_policy="report")),
+               Disk(clone.scratch, format="raw", cache="unsafe", error_policy="report"),
+               Disk(clone.inputs_disk, format="raw", readonly=True, serial=INPUTS_SERIAL)),
         console_log=clone.console_log,
         boot=KernelBoot(clone.kernel, clone.initramfs, cmdline),
-        shares=(Share(clone.inputs, SHARE_IN, readonly=True), Share(clone.outputs, SHARE_OUT, readonly=False)),
+        shares=(Share(clone.outputs, SHARE_OUT, readonly=False),),
         ssh_socket=clone.ssh_socket,
         metadata=metadata,
         tcg_cpu_features=tcg_cpu_features,

@@ -31,19 +31,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, accel
+from .. import __version__, accel, ssh
 from ..accel import host_cpu_id
 from ..config import Config
 from ..domain import NAME_PREFIX, TCG_WITHHELD, Hypervisor, Retarget, domain_name, domain_xml, guest_cpu, retarget
 from ..errors import GuestError, HypervisorError, ImageError
-from ..host import reaper, state
+from ..host import inputs, reaper, state
 from ..host.console import GuestLog
 from ..host.workdir import OWNER_FILE, flocked, install_dir, private_dir, remove_tree
 from ..image.store import MANIFEST, Image, check_file, remember
 from ..plan import RunPlan, RunRequest, plan_run
 from ..progress import Steps
 from .base import Booted, CloneJob
-from .clone import CloneDir, clone_spec, copy_boot_files, make_clone_dir, make_overlay, make_scratch
+from .clone import (
+    CloneDir,
+    clone_spec,
+    copy_boot_files,
+    make_clone_dir,
+    make_inputs_slot,
+    make_overlay,
+    make_scratch,
+    size_inputs_disk,
+)
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -53,8 +62,12 @@ READY = b"vmiso-ssh-link: waiting"
 INFO = "warm.json"
 # What the host sends a restored clone's ssh-link before SSH starts.  1: SEED_BYTES
 # of randomness.  2: the same, then the host's wall clock (struct "!qq": seconds,
-# nanoseconds).  The guest announces its version when it is ready to be saved.
-LINK_PROTOCOL = 2
+# nanoseconds).  3: the same; the guest answers READY_LINE once /tmp and /out are
+# mounted, and waits for GO (the run's inputs are on their disk) before it mounts
+# /in and starts sshd.  The guest announces its version when it is ready to be saved.
+LINK_PROTOCOL = 3
+READY_LINE = b"vmiso-ssh-link: ready\n"
+GO = b"\x01"
 _PROTOCOL_RE = re.compile(rb"vmiso-ssh-link: waiting protocol=(\d{1,4})\b")
 CLOCK = struct.Struct("!qq")
 # Restored clones share the saved RNG state: each reseeds its kernel RNG with these
@@ -83,16 +96,17 @@ class WarmKey:
     memory_mib: int
     cpus: int
     scratch_bytes: int  # the scratch disk's size is part of the saved device state
+    inputs_bytes: int = 0  # so is the inputs disk's (inputs.disk_bytes)
     cpu: str = ""  # the guest CPU model; saved CPU state only restores onto the same model
     link: int = LINK_PROTOCOL  # the guest's ssh-link protocol (recorded from the guest)
     vmiso: str = __version__
 
     @classmethod
     def make(cls, *, template_sha256: str, hypervisor: str, accel: str, memory_mib: int, cpus: int,
-             scratch_bytes: int, tcg_cpu_features: tuple[str, ...] = ()) -> WarmKey:
+             scratch_bytes: int, inputs_bytes: int = 0, tcg_cpu_features: tuple[str, ...] = ()) -> WarmKey:
         offered = tuple(sorted(tcg_cpu_features)) if accel == "tcg" else ()
         return cls(template_sha256=template_sha256, hypervisor=hypervisor, accel=accel, memory_mib=memory_mib,
-                   cpus=cpus, scratch_bytes=scratch_bytes,
+                   cpus=cpus, scratch_bytes=scratch_bytes, inputs_bytes=inputs_bytes,
                    # under KVM the guest sees the host's CPU: the key names which one
                    cpu=guest_cpu(accel, offered).describe() + (f" {host_cpu_id()}" if accel == "kvm" else ""))
 
@@ -109,6 +123,7 @@ def key_for(plan: RunPlan, *, template_sha256: str, hypervisor: str, accel: str)
     """What a clone for a run of ``plan`` must match, on this hypervisor and accelerator."""
     return WarmKey.make(template_sha256=template_sha256, hypervisor=hypervisor, accel=accel,
                         memory_mib=plan.memory_mib, cpus=plan.cpus, scratch_bytes=plan.scratch_bytes,
+                        inputs_bytes=inputs.disk_bytes(plan.input_limits),
                         tcg_cpu_features=plan.tcg_cpu_features)
 
 
@@ -170,6 +185,7 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         undo.callback(remove_tree, clone.path)  # the template's guest wrote in its share
         make_overlay(clone, image.template)
         make_scratch(clone, key.scratch_bytes)
+        make_inputs_slot(clone, key.inputs_bytes)
         copy_boot_files(clone, image)
         name = f"{NAME_PREFIX}warm-{image.name}-{index}-{secrets.token_hex(3)}"
         spec = clone_spec(name=name, image=image, clone=clone, accel=key.accel, memory_mib=key.memory_mib,
@@ -196,7 +212,8 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
             # What a run restores is checked against these (verify): a slot is a boot like any other.
             "sha256": {path.name: remember(path) for path in (clone.overlay, clone.scratch, slot.state)},
         }, indent=2) + "\n")
-        for leftover in (clone.ssh_socket, clone.path / OWNER_FILE):
+        # Each run restores with an inputs disk of its own (its inputs' image, this size).
+        for leftover in (clone.ssh_socket, clone.path / OWNER_FILE, clone.inputs_disk):
             leftover.unlink(missing_ok=True)
         # A run restores with shares of its own: the slot's (one QEMU's) are not kept.
         for share in (clone.inputs, clone.outputs):
@@ -288,10 +305,14 @@ def _short(value: object) -> str:
     return text[:12] + "..." if len(text) > 24 else text
 
 
-def hello() -> bytes:
+def greeting() -> bytes:
     """What the host sends a restored clone first: fresh randomness, then its wall clock."""
     now = time.time_ns()
     return os.urandom(SEED_BYTES) + CLOCK.pack(now // 1_000_000_000, now % 1_000_000_000)
+
+
+# A restored clone's link: the greeting, its answer, and GO once its inputs are on their disk.
+HELLO = ssh.Hello(greeting, READY_LINE, GO)
 
 
 def verify(slot: Slot) -> None:
@@ -336,7 +357,7 @@ def restore_xml(hv: Hypervisor, slot: Slot, *, clone: CloneDir, template: Path,
     try:
         saved = hv.saved_xml(slot.state)
         return domain_name(saved), retarget(saved, Retarget(
-            disks={"vda": clone.overlay, "vdb": clone.scratch},
+            disks={"vda": clone.overlay, "vdb": clone.scratch, "vdc": clone.inputs_disk},
             backing={"vda": ((slot.clone.overlay, "qcow2"), (template, "qcow2"))},
             kernel=clone.kernel, initrd=clone.initramfs, console_log=clone.console_log,
             ssh_socket=clone.ssh_socket, shares=clone.shares, metadata=metadata))
@@ -351,6 +372,8 @@ class Warm:
     def bring_up(self, job: CloneJob) -> Booted | None:
         clone = job.own_clone()
         slot, why_cold = acquire(job.image, job.key, job.cleanup)
+        if slot is not None and not size_inputs_disk(clone, job.key.inputs_bytes):
+            slot, why_cold = None, "the inputs' image is larger than a warm state's inputs disk"
         if slot is not None:
             try:
                 with job.steps.step("overlay", "copy-on-write clone of the warm disk, scratch disk"):

@@ -321,7 +321,7 @@ def check_room(directory: Path, scratch_bytes: int, output_bytes: int, input_byt
     refuse a run that could fill the host's disk."""
     free = shutil.disk_usage(directory).free
     if free < scratch_bytes + output_bytes + input_bytes:
-        inputs = f", and the copy of its inputs {input_bytes // 1024**2} MiB," if input_bytes else ""
+        inputs = f", and its inputs (a copy and its image) {input_bytes // 1024**2} MiB," if input_bytes else ""
         raise VmisoError(f"the run's scratch space and /out need up to {scratch_bytes // 1024**2} MiB and "
                          f"{output_bytes // 1024**2} MiB{inputs} under {directory}, which has "
                          f"{free // 1024**2} MiB free",

@@ -21,10 +21,13 @@ from ..errors import ToolError
 from ..resources import images_dir
 
 # What a clone loads, by module name; their dependencies come from modules.dep.
-# The boot group is needed to mount the root; the 9p group loads in the
-# background meanwhile (the shares are mounted only once the host connects).
+# The boot group is needed to mount the root (and /in); the late group (9p, for
+# /out) loads in the background meanwhile.
 BOOT_MODULES = (
     "virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", "ext4",
+    # /in.  Here, not in the late group: it needs libcrc32c, whose init asks the crypto
+    # API for crc32c, which crc32c_generic (above) must have registered by then.
+    "erofs",
     # Without it the kernel's RNG takes seconds to initialize, and sshd waits for it.
     "virtio-rng",
 )

@@ -111,6 +111,8 @@ def layer_key(recipe: Recipe, mirror: str) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"recipe": dataclasses.asdict(recipe), "mirror": mirror},
                              sort_keys=True).encode())
+    # The clones' initramfs is built with the layer: what it loads is part of it.
+    digest.update(repr((initramfs.BOOT_MODULES, initramfs.LATE_MODULES, initramfs.BUSYBOX_APPLETS)).encode())
     guest = images_dir() / "guest"
     for name in sorted((*GUEST_FILES, *HOST_FILES)):
         digest.update(name.encode() + b"\0" + (guest / name).read_bytes() + b"\0")

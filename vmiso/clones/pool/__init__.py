@@ -1,17 +1,18 @@
-"""Preloaded clones: restored, reseeded and greeted by sshd before anyone asks for one.
+"""Preloaded clones: restored, reseeded and ready on their link before anyone asks for one.
 
 The pool is three modules: ``protocol`` (the messages), ``server`` (the pool's
 process) and ``client`` (what a run and ``vmiso pool stop|status`` ask).
 
 ``vmiso pool start`` runs a process that keeps SIZE clones of an image ready:
 each is a warm state restored onto a fresh overlay in a run directory of its
-own (a bounded, empty ``/out``, an empty ``/in``), its kernel RNG reseeded and
-its clock set by the host's hello, its shares mounted and its sshd waiting for
-a client on a link the pool holds open.  A run asks the pool over a Unix socket
-in the pool's private directory and gets one clone, never to be reused: its
-directory, its domain's name and two descriptors (the warm slot's lock and the
-open link), then copies its inputs into that clone's ``/in`` and starts SSH on
-the link.  The pool refills behind it.
+own (a bounded, empty ``/out``, an empty inputs disk), its kernel RNG reseeded
+and its clock set by the host's hello, ``/tmp`` and ``/out`` mounted, and its
+ssh-link ready and waiting for GO on a link the pool holds open.  A run asks the
+pool over a Unix socket in the pool's private directory and gets one clone, never
+to be reused: its directory, its domain's name and two descriptors (the warm
+slot's lock and the open link), then writes the image of its inputs onto that
+clone's inputs disk, says GO (the guest mounts the disk on ``/in`` and starts
+sshd) and starts SSH on the link.  The pool refills behind it.
 
 Ownership moves in three steps, so that a clone is always somebody's:
 
@@ -27,8 +28,7 @@ Ownership moves in three steps, so that a clone is always somebody's:
 A pool checks, every CHECK_SECONDS and before every hand-out, that its clones
 still fit: the same template (not re-provisioned, not removed), the same QEMU
 (version and binary) and accelerator.  Stale clones are destroyed, never handed
-out.  sshd ends a link that has not logged in within its LoginGraceTime, so a
-link older than LINK_SECONDS is closed at hand-out, and the run opens its own
-(as a warm run does: hello, then SSH); a run also does that when the link it was
-given fails.
+out.  A run whose link fails opens its own, as a warm run does (hello, ready,
+GO, then SSH).  No sshd waits on an idle link (it starts at GO), so a link can
+wait as long as its clone does.
 """

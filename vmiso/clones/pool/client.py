@@ -153,5 +153,5 @@ class Preloaded:
                     log.warning("no preloaded clone: %s", err)
                     return None
                 job.cleanup.push(attempt.pop_all())
-        # Its inputs are staged once SSH is up: sshd drops a link that stays idle.
+        # Its inputs go on its inputs disk now that it is the run's; the guest mounts them at GO.
         return Booted(offer.clone, offer.name, "preloaded", offer.link, inputs_staged=False)

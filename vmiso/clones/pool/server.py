@@ -30,13 +30,12 @@ from ...image.store import MANIFEST, Image, get_image, verified_sha256
 from ...plan import RunRequest, plan_run
 from ...progress import Steps
 from .. import warm, watchdog
-from ..clone import CloneDir, copy_boot_files, make_clone_dir
+from ..clone import CloneDir, copy_boot_files, make_clone_dir, make_inputs_slot
 from .protocol import ANSWER_SECONDS, CLONE_PREFIX, TAKE_WAIT, PoolKey, receive, same_user, send
 
 log = logging.getLogger(__name__)
 
 CHECK_SECONDS = 2.0
-LINK_SECONDS = 20.0  # a link older than this is not handed out (sshd's LoginGraceTime is 30 s)
 # After a hand-out, while other clones are still ready, the refill waits this long: a
 # restore competes for the host's cores with the job that just started.
 REFILL_DELAY = 2.0
@@ -89,7 +88,6 @@ class Preloaded:
     holds: ExitStack  # the warm slot's lock
     lock_fd: int
     link: socket.socket | None = None
-    linked_at: float = 0.0
     made_at: float = field(default_factory=time.monotonic)
 
 
@@ -144,6 +142,7 @@ class Pool:
             clone = make_clone_dir(path, output_limits=limits)
             copy_boot_files(clone, self.image)
             warm.clone_disks(slot, clone)
+            make_inputs_slot(clone, key.warm.inputs_bytes)  # the run that takes it fills it
 
             def guard(name: str) -> watchdog.Watchdog:
                 dog = watchdog.start(self.config.libvirt_uri, name, str(path), HOLD_SECONDS)
@@ -161,9 +160,8 @@ class Pool:
         if made.link is not None:
             made.link.close()
             made.link = None
-        made.link = ssh.open_link(made.clone.ssh_socket, name=made.name, hello=warm.hello,
+        made.link = ssh.open_link(made.clone.ssh_socket, name=made.name, hello=warm.HELLO,
                                   deadline=time.monotonic() + self.config.run.boot_timeout)
-        made.linked_at = time.monotonic()
 
     def _drop(self, made: Preloaded, why: str) -> None:
         """Destroy an idle clone and remove its directory.  One that libvirt would not destroy
@@ -290,9 +288,6 @@ class Pool:
         with self.changed:
             self.handed_at = time.monotonic()
             self.changed.notify_all()  # the filler makes the next one meanwhile
-        if made.link is not None and time.monotonic() - made.linked_at > LINK_SECONDS:
-            made.link.close()  # its sshd may be gone: the run opens its own
-            made.link = None
         fds = (made.lock_fd,) if made.link is None else (made.lock_fd, made.link.fileno())
         try:
             send(conn, {"clone": str(made.clone.path), "name": made.name}, fds)
