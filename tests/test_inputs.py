@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 from vmiso.errors import VmisoError
-from vmiso.host.inputs import InputLimits, build_disk, check_inputs, disk_bytes, fill_disk, input_digest, stage_inputs
+from vmiso.host.inputs import (
+    PREFETCH_MAX,
+    InputLimits,
+    build_disk,
+    check_inputs,
+    disk_bytes,
+    fill_disk,
+    input_digest,
+    prefetch_bytes,
+    stage_inputs,
+)
 
 LIMITS = InputLimits(max_bytes=10**7, max_files=1000)
 
@@ -253,6 +263,27 @@ def test_a_tree_neither_tool_can_take_is_refused_with_the_way_out(tmp_path, deep
     with pytest.raises(VmisoError, match="mkfs.erofs and mkfs.ext4 both failed") as caught:
         build_disk(staging, tmp_path / "inputs.img")
     assert "shorten its deepest paths" in caught.value.hint
+
+
+def test_the_guest_reads_ahead_an_erofs_image_up_to_a_bound_and_no_ext4_one(tmp_path):
+    staging = tmp_path / "staging"
+    (staging / "d").mkdir(parents=True)
+    for i in range(300):
+        (staging / "d" / f"f{i}").write_bytes(os.urandom(700))
+    image = tmp_path / "inputs.img"
+    size = build_disk(staging, image)
+    os.truncate(image, 64 * 1024 * 1024)  # as a warm state's inputs disk is
+    assert prefetch_bytes(image) == size  # the image, not the disk
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "blob").write_bytes(os.urandom(PREFETCH_MAX + 4096))
+    build_disk(big, tmp_path / "big.img")
+    assert prefetch_bytes(tmp_path / "big.img") == PREFETCH_MAX
+    ext4 = tmp_path / "ext4"
+    ext4.mkdir()
+    (ext4 / ("n" * 255)).write_bytes(b"x")
+    build_disk(ext4, tmp_path / "ext4.img")
+    assert prefetch_bytes(tmp_path / "ext4.img") == 0
 
 
 def test_a_preloaded_clones_disk_is_filled_in_place_and_keeps_its_size(tmp_path):

@@ -302,7 +302,9 @@ def test_a_run_takes_a_preloaded_clone_and_puts_its_inputs_on_its_disk_before_go
         assert result.boot == "preloaded" and result.exit_code == 0
         assert list(result.timings) == ["verify", "take", "stage", "connect", "exec", "teardown", "cleanup"]
         assert seen["in"] == "a,b\n" and connect.calls[0]["link"] is not None
-        assert connect.calls[0]["hello"] is warm.HELLO and connect.sessions[0].clone.path.name.startswith("pool-")
+        hello = connect.calls[0]["hello"]
+        assert hello.ready == warm.READY_LINE and hello.go[:1] == warm.GO
+        assert connect.sessions[0].clone.path.name.startswith("pool-")
         wait_for(lambda: status(state)["served"] == 1 and status(state)["ready"] == 1, 30, "the pool to refill")
         assert [name for name in runs(state) if not name.startswith(protocol.CLONE_PREFIX)] == []
     assert not hv.running and runs(state) == []

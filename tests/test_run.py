@@ -83,6 +83,7 @@ def test_a_cold_run_from_start_to_cleanup(config, image, state, tmp_path):
                                     "cleanup"]
     (name,) = hv.started
     assert "<interface" not in hv.started[name]  # no network device
+    assert " vmiso.prefetch=4096<" in hv.started[name]  # its inputs' image, read ahead at boot
     assert hv.destroyed[0] == name and not hv.running
     assert connect.calls[0]["hello"] is None and connect.calls[0]["host_key"] == "ssh-ed25519 AAAA pinned\n"
     session = connect.sessions[0]
@@ -298,7 +299,10 @@ def test_a_warm_run_restores_a_fitting_slot_onto_a_fresh_overlay(config, image, 
     assert "/runs/" in vda.find("source").get("file")
     assert vda.find("backingStore/source").get("file") == str(slot.clone.overlay)  # read only, never relabelled
     assert vda.find("backingStore/source/seclabel").get("relabel") == "no"
-    assert connect.calls[0]["hello"] is warm.HELLO and connect.calls[0]["name"] == name
+    hello = connect.calls[0]["hello"]
+    assert hello.ready == warm.READY_LINE and connect.calls[0]["name"] == name
+    # GO, then how much of the inputs disk to read ahead: its erofs image of no inputs, one block.
+    assert hello.go == warm.GO + warm.PREFETCH.pack(4096)
     vdc = ET.fromstring(hv.restored[name]).find("devices/disk/target[@dev='vdc']/..")
     assert vdc.find("source").get("file").endswith("/inputs.img")  # the run's own inputs disk
     assert vdc.find("readonly") is not None and vdc.find("serial").text == "vmiso-in"

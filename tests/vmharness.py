@@ -408,4 +408,5 @@ def check_inputs_seen(results: dict, record: dict, inputs: list[Path]) -> None:
     assert results["cwd"] == "/in"
     assert [m[0] for m in results["mount"]] == ["erofs"] and results["mount"][0][1].startswith("ro,")
     assert results["write"] == "EROFS" and results["mkdir"] == "EROFS"
+    assert results["raw_write"] in ("EACCES", "EROFS")  # the disk itself: neither the job's nor writable
     assert results["remount"][0] != 0  # the job is not root

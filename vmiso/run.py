@@ -34,7 +34,7 @@ from .clones.clone import CloneDir, make_clone_dir, size_inputs_disk
 from .domain import NAME_PREFIX, Hypervisor
 from .errors import EXIT_VMISO, GuestError, Interrupted, RunTimeout, VmisoError
 from .host import outputs, reaper, state
-from .host.inputs import GUEST_IN, StagedInput, build_disk, check_inputs, fill_disk, stage_inputs
+from .host.inputs import GUEST_IN, StagedInput, build_disk, check_inputs, fill_disk, prefetch_bytes, stage_inputs
 from .host.workdir import bounded_share_size, check_room, private_dir, share_full
 from .image.seed import RUN_USER
 from .image.store import Image, get_image, verified_sha256
@@ -369,7 +369,8 @@ def _connect(hv: Hypervisor, vm: clones.Booted, image: Image, plan: RunPlan, con
         session = connect(
             vm.clone.ssh_socket, name=vm.name, host_key=image.read(image.host_key.name), client_key=image.client_key,
             user=RUN_USER, deadline=time.monotonic() + plan.boot_timeout,
-            alive=lambda: hv.is_running(vm.name), hello=warm.HELLO if vm.boot != "cold" else None, link=vm.link)
+            alive=lambda: hv.is_running(vm.name), link=vm.link,
+            hello=warm.hello_for(prefetch_bytes(vm.clone.inputs_disk)) if vm.boot != "cold" else None)
         cleanup.callback(session.close)
     return session
 

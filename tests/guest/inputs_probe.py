@@ -51,6 +51,12 @@ def attempt(action):
 
 
 results = {"cwd": os.getcwd(), "digests": {}, "entries": {}}
+walked = sys.argv[1] if len(sys.argv) > 1 else ""
+if walked:  # first, while nothing of /in is in the guest's page cache
+    results["walk_in"], total_in = walk(os.path.join("/in", walked))
+    shutil.copytree(os.path.join("/in", walked), "/dev/shm/walked")
+    results["walk_tmpfs"], total_mem = walk("/dev/shm/walked")
+    assert total_in == total_mem
 for name in sorted(os.listdir("/in")):
     path = os.path.join("/in", name)
     results["digests"][name] = tree_sha256(path) if os.path.isdir(path) else file_sha256(path)
@@ -59,14 +65,11 @@ for directory, dirs, files in os.walk("/in"):
         path = os.path.join(directory, name)
         st = os.lstat(path)
         results["entries"][os.path.relpath(path, "/in")] = [oct(st.st_mode), st.st_mtime_ns, st.st_uid, st.st_size]
-walked = sys.argv[1] if len(sys.argv) > 1 else ""
-if walked:
-    results["walk_in"], total_in = walk(os.path.join("/in", walked))
-    shutil.copytree(os.path.join("/in", walked), "/dev/shm/walked")
-    results["walk_tmpfs"], total_mem = walk("/dev/shm/walked")
-    assert total_in == total_mem
 with open("/proc/self/mounts") as f:
-    results["mount"] = [line.split()[2:4] for line in f if line.split()[1] == "/in"]
+    mounted = [line.split() for line in f if line.split()[1] == "/in"]
+results["mount"] = [fields[2:4] for fields in mounted]
+device = "/dev/" + os.path.basename(mounted[0][0])  # a cold clone mounted it as /root/dev/vdX
+results["raw_write"] = attempt(lambda: open(device, "r+b").close())
 results["write"] = attempt(lambda: open("/in/new-file", "w").write("x"))
 results["mkdir"] = attempt(lambda: os.mkdir("/in/new-dir"))
 remount = subprocess.run(["mount", "-o", "remount,rw", "/in"], capture_output=True, text=True)

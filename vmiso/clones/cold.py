@@ -8,6 +8,7 @@ fits, comes here.
 from __future__ import annotations
 
 from ..domain import domain_xml
+from ..host.inputs import prefetch_bytes
 from .base import Booted, CloneJob
 from .clone import clone_spec, make_overlay, make_scratch
 
@@ -22,6 +23,7 @@ class Cold:
             make_scratch(clone, job.key.scratch_bytes)
         spec = clone_spec(name=job.name, image=job.image, clone=clone, accel=job.key.accel,
                           memory_mib=job.key.memory_mib, cpus=job.key.cpus,
+                          prefetch_bytes=prefetch_bytes(clone.inputs_disk),
                           tcg_cpu_features=job.key.tcg_cpu_features, metadata=job.metadata(clone))
         with job.steps.step("start", "transient domain, cold boot"):
             dog = job.watch(clone)(job.name)  # released after the destroy below (an ExitStack unwinds in reverse)

@@ -311,8 +311,18 @@ def greeting() -> bytes:
     return os.urandom(SEED_BYTES) + CLOCK.pack(now // 1_000_000_000, now % 1_000_000_000)
 
 
-# A restored clone's link: the greeting, its answer, and GO once its inputs are on their disk.
-HELLO = ssh.Hello(greeting, READY_LINE, GO)
+# GO carries how many bytes of the inputs disk the guest reads ahead (inputs.prefetch_bytes).
+PREFETCH = struct.Struct("!Q")
+
+
+def hello_for(prefetch: int) -> ssh.Hello:
+    """A restored clone's link for a run: the greeting, its answer, and GO once the run's inputs
+    are on their disk, with what of it to read ahead."""
+    return ssh.Hello(greeting, READY_LINE, GO + PREFETCH.pack(prefetch))
+
+
+# What a pool says on a clone's link: the greeting, and the answer it waits for (the run says GO).
+HELLO = hello_for(0)
 
 
 def verify(slot: Slot) -> None:
