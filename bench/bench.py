@@ -340,6 +340,9 @@ def main() -> None:
     parser.add_argument("--batch-only", action="store_true",
                         help="only the batch items: a loop of vmiso run, --on local, --on slurm")
     parser.add_argument("--batch-inputs", type=int, default=BATCH_INPUTS)
+    parser.add_argument("--inputs-only", action="store_true",
+                        help="only the inputs items: the small-file walk cold, warm and preloaded, a large "
+                             "file's first read over /in and over 9p, the host's cost of the inputs disk")
     parser.add_argument("--slurm-conf", type=Path, help="submit to this cluster instead of a private one")
     args = parser.parse_args()
     cfg = config_mod.load(args.config)
@@ -349,9 +352,15 @@ def main() -> None:
     claim(work)
     try:
         results: dict = {"image": image, "runs": args.runs}
-        if args.batch_only:
+        only = None
+        if args.inputs_only:
+            results["inputs"] = inputs_compare(args.config, image, work, args.small_files, args.size_mb)
+            only = lambda: report_inputs(results["inputs"])  # noqa: E731
+        elif args.batch_only:
             results["batch"] = batch_compare(args.config, image, work, args.batch_inputs, args.slurm_conf)
-            report_batch(results["batch"])
+            only = lambda: report_batch(results["batch"])  # noqa: E731
+        if only is not None:
+            only()
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2) + "\n")
             return
@@ -431,6 +440,38 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def inputs_compare(config: Path, image: str, work: Path, count: int, size_mb: int) -> dict:
+    """The inputs disk, in one invocation: the small-file walk cold, warm and preloaded, a large
+    file's first read over /in against 9p, and what building the disk costs the host."""
+    found = {"throughput_9p": throughput(config, image, work, size_mb),
+             "small_files_cold": small_files(config, image, work, count, ("--cold",)),
+             "small_files": small_files(config, image, work, count)}
+    vmiso("pool", "start", "-c", str(config), "--image", image, "--size", "1", timeout=1800)
+    try:
+        wait_pool_full(config, image)
+        found["small_files_preloaded"] = small_files(config, image, work, count)
+    finally:
+        vmiso("pool", "stop", "-c", str(config), "--image", image)
+    found["inputs_disk_cost"] = disk_build_cost(work)
+    return found
+
+
+def report_inputs(r: dict) -> None:
+    t = r["throughput_9p"]
+    print(f"{t['size_mb']} MB, first read: /in (the inputs disk) {t['in_mb_s']:.0f} MB/s, over 9p (uncached, "
+          f"as /in was) {t['in_9p_mb_s']:.0f} MB/s: {t['in_ratio_to_9p']:.2f} x 9p's speed")
+    for key in ("small_files_cold", "small_files", "small_files_preloaded"):
+        if key not in r:
+            continue
+        m = r[key]
+        print(f"{m['files']} files of 1 KB, walked and read ({m['boot']}): /in {m['in_s']:.2f} s, the same "
+              f"tree on the guest's tmpfs {m['tmpfs_s']:.2f} s: {m['ratio']:.2f} x tmpfs (over 9p, uncached: "
+              f"{m['uncached_9p_s']:.2f} s, {m['uncached_ratio']:.2f} x); the run's stage step {m['stage_s']:.2f} s")
+    for label, c in r.get("inputs_disk_cost", {}).items():
+        print(f"inputs disk for {label}: staging {c['stage_s']:.2f} s, the image {c['image_s']:.2f} s "
+              f"({c['image_mb']:.0f} MB)")
 
 
 BATCH_INPUTS = 20
@@ -551,21 +592,9 @@ def report(r: dict) -> None:
     print(f"trivial runs per minute, two at a time with a pool of 2: {r['pool_runs_per_minute']:.1f}")
     if "throughput_9p" in r:
         t = r["throughput_9p"]
-        print(f"{t['size_mb']} MB, first read: /in (the inputs disk) {t['in_mb_s']:.0f} MB/s, over 9p (uncached, "
-              f"as /in was) {t['in_9p_mb_s']:.0f} MB/s: {t['in_ratio_to_9p']:.2f} x 9p's speed; written to /out "
-              f"{t['out_mb_s']:.0f} MB/s ({t['out_ratio_to_host_copy']:.2f} x host copy); host copy "
-              f"{t['host_copy_mb_s']:.0f} MB/s")
-        for key in ("small_files_cold", "small_files", "small_files_preloaded"):
-            if key not in r:
-                continue
-            m = r[key]
-            print(f"{m['files']} files of 1 KB, walked and read ({m['boot']}): /in {m['in_s']:.2f} s, the same "
-                  f"tree on the guest's tmpfs {m['tmpfs_s']:.2f} s: {m['ratio']:.2f} x tmpfs (over 9p, uncached: "
-                  f"{m['uncached_9p_s']:.2f} s, {m['uncached_ratio']:.2f} x); the run's stage step "
-                  f"{m['stage_s']:.2f} s")
-        for label, c in r["inputs_disk_cost"].items():
-            print(f"inputs disk for {label}: staging {c['stage_s']:.2f} s, the image {c['image_s']:.2f} s "
-                  f"({c['image_mb']:.0f} MB)")
+        report_inputs({"throughput_9p": t, **{k: r[k] for k in ("small_files_cold", "small_files",
+                                                                 "small_files_preloaded", "inputs_disk_cost")
+                                                if k in r}})
         n = r["networked"]
         print(f"networked run: warm 'python -c pass' with one --allow-host {n['allow_host_s']:.2f} s, without "
               f"{n['offline_s']:.2f} s ({n['added_s']:+.2f} s); {n['download_mb']:.0f} MB over HTTP through the "
