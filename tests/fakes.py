@@ -183,7 +183,7 @@ def make_image(state: Path, name: str = "x") -> Image:
     (path / "vmlinuz").write_bytes(b"a kernel")
     (path / "initramfs.img").write_bytes(b"an initramfs")
     (path / "manifest.json").write_text(json.dumps({
-        "name": name, "sha256": sha256_file(template),
+        "name": name, "sha256": sha256_file(template), "guest_protocol": 3,
         "kernel_sha256": sha256_file(path / "vmlinuz"), "initramfs_sha256": sha256_file(path / "initramfs.img")}))
     (path / "host_key.pub").write_text("ssh-ed25519 AAAA pinned\n")
     return Image(name, path)

@@ -30,7 +30,7 @@ from vmiso.clones import warm
 from vmiso.clones.clone import clone_spec, make_clone_dir
 from vmiso.domain import domain_xml
 from vmiso.errors import GuestError, HypervisorError, ImageError, OutputError, RunTimeout, VmisoError
-from vmiso.host import inputs, workdir
+from vmiso.host import inputs, sharemount, workdir
 from vmiso.host.inputs import InputLimits
 from vmiso.image.store import Image, remember
 from vmiso.plan import RunRequest, plan_run
@@ -609,3 +609,35 @@ def test_inputs_whose_copy_and_image_would_not_fit_are_refused_before_a_vm(tmp_p
         assert not hv.started and leftovers(state) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_an_image_whose_guest_reads_in_from_a_share_is_refused_with_the_way_out(config, image, state, tmp_path):
+    manifest = json.loads((image.path / "manifest.json").read_text())
+    del manifest["guest_protocol"]  # as an older vmiso provisioned it
+    (image.path / "manifest.json").write_text(json.dumps(manifest))
+    hv = FakeHypervisor()
+    with pytest.raises(ImageError, match="provisioned by an older vmiso: its guest reads /in from a share") as caught:
+        do_run(config, hv, request(), FakeConnect(exits(0)))
+    assert "vmiso provision --replace" in caught.value.hint
+    assert not hv.started and leftovers(state) == []
+
+
+def test_the_inputs_disk_stays_the_runs_and_qemu_may_only_read_it(config, image, state, tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n")
+    seen = {}
+
+    def job(session, stdout, stderr):
+        disk = session.clone.inputs_disk
+        st = disk.stat()
+        seen["owner"], seen["mode"] = st.st_uid, st.st_mode & 0o777
+        seen["acl"] = os.getxattr(disk, "system.posix_acl_access")
+        return JobExit(code=0)
+    hv = FakeHypervisor()
+    do_run(config, hv, request(inputs=(data,)), FakeConnect(job))
+    (name,) = hv.started
+    vdc = ET.fromstring(hv.started[name]).find("devices/disk/target[@dev='vdc']/..")
+    assert vdc.find("readonly") is not None
+    assert vdc.find("source/seclabel").get("relabel") == "no"  # libvirt leaves its owner alone
+    assert seen["owner"] == os.geteuid() and seen["mode"] == 0o640  # owner rw; the mask: QEMU's r
+    assert seen["acl"] == sharemount.acl_blob(6, {workdir.qemu_ids()[0]: 4})

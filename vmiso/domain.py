@@ -83,6 +83,9 @@ class Disk:
     # libvirt neither probes them nor hands them to QEMU's user (see _backing_store).
     backing: tuple[tuple[Path, str], ...] = ()
     serial: str | None = None  # what the guest reads in /sys/block/vdX/serial, to find the disk
+    # False: libvirt leaves the file's owner alone (QEMU must be able to open it already,
+    # as an ACL lets it); True: libvirt gives it to QEMU's user while the VM runs.
+    relabel: bool = True
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,9 @@ def _disk(disk: Disk, index: int) -> ET.Element:
     driver = _sub(el, "driver", name="qemu", type=disk.format, cache=disk.cache, discard="unmap")
     if disk.error_policy is not None:
         driver.set("error_policy", disk.error_policy)
-    _sub(el, "source", file=str(disk.path))
+    source = _sub(el, "source", file=str(disk.path))
+    if not disk.relabel:
+        _sub(source, "seclabel", model="dac", relabel="no")
     if disk.backing:
         el.append(backing_store(disk.backing))
     _sub(el, "target", dev="vd" + "abcdefghijklmnopqrstuvwxyz"[index], bus="virtio")

@@ -37,7 +37,7 @@ from .host import outputs, reaper, state
 from .host.inputs import GUEST_IN, StagedInput, build_disk, check_inputs, fill_disk, prefetch_bytes, stage_inputs
 from .host.workdir import bounded_share_size, check_room, private_dir, share_full
 from .image.seed import RUN_USER
-from .image.store import Image, get_image, verified_sha256
+from .image.store import Image, check_guest, get_image, verified_sha256
 from .network import allow
 from .network.gateway import Gateway
 from .plan import LOCAL, RunPlan
@@ -342,7 +342,9 @@ def _check(plan: RunPlan) -> tuple[Image, str, int]:
     if plan.output is not None:
         outputs.check_destination(plan.output)
     accel_name = accel.resolve(plan.accel, tcg_cpu_features=plan.tcg_cpu_features)
-    return get_image(plan.state_dir, plan.image), accel_name, input_room
+    image = get_image(plan.state_dir, plan.image)
+    check_guest(image)
+    return image, accel_name, input_room
 
 
 def _stage(plan: RunPlan, result: RunResult, key: warm.WarmKey, input_room: int, steps: Steps,

@@ -71,8 +71,8 @@ def run(argv: Sequence[str], *, log_path: Path | None = None, timeout: float | N
                     input=input_text.encode() if input_text else None)
             output = ""
         else:
-            done = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input_text,
-                                  cwd=cwd)
+            done = subprocess.run(full, capture_output=True, text=True, errors="replace", timeout=timeout,
+                                  input=input_text, cwd=cwd)
             output = done.stdout
     except subprocess.TimeoutExpired:
         raise ToolError(f"{program} did not finish within {timeout:.0f} s", program=program) from None

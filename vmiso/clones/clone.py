@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .. import tools
 from ..domain import Disk, DomainSpec, KernelBoot, Share
-from ..host import reaper, sharemount, state
-from ..host.workdir import bounded_share, console_file, link_dir, private_dir, share_dir
+from ..host import reaper, state
+from ..host.workdir import bounded_share, console_file, let_qemu_read, link_dir, private_dir, share_dir
 from ..image.store import Image, boot_files, copy_verified, reprovision_hint
 
 # The clone's PID 1 is the initramfs's /init (images/guest/initramfs-init); it mounts /dev/vda itself.
@@ -148,13 +148,12 @@ def make_scratch(clone: CloneDir, size_bytes: int, *, like: Path | None = None) 
 
 def make_inputs_slot(clone: CloneDir, size_bytes: int) -> None:
     """An empty inputs disk of ``size_bytes`` (sparse): a clone saved as a warm state has one,
-    and a preloaded clone's is filled by the run that takes it (inputs.fill_disk).  For an
-    analyst, an ACL keeps it writable by them once libvirt has given it to QEMU's user."""
+    and a preloaded clone's is filled by the run that takes it (inputs.fill_disk).  It stays
+    this user's, readable by QEMU (never relabelled: see clone_spec)."""
     fd = os.open(clone.inputs_disk, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size_bytes)
-        if (uid := os.geteuid()) != 0:
-            os.setxattr(clone.inputs_disk, "system.posix_acl_access", sharemount.acl_blob(6, {uid: 6}))
+        let_qemu_read(fd)
     finally:
         os.close(fd)
 
@@ -187,7 +186,9 @@ def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_m
         accel=accel,
         disks=(Disk(clone.overlay, cache="unsafe", error_policy="report", backing=((image.template, "qcow2"),)),
                Disk(clone.scratch, format="raw", cache="unsafe", error_policy="report"),
-               Disk(clone.inputs_disk, format="raw", readonly=True, serial=INPUTS_SERIAL)),
+               # Not relabelled: the inputs stay the run's, and QEMU reads them through an ACL
+               # (workdir.let_qemu_read), so a QEMU taken over can neither change nor chmod them.
+               Disk(clone.inputs_disk, format="raw", readonly=True, serial=INPUTS_SERIAL, relabel=False)),
         console_log=clone.console_log,
         boot=KernelBoot(clone.kernel, clone.initramfs, cmdline),
         shares=(Share(clone.outputs, SHARE_OUT, readonly=False),),

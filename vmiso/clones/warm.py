@@ -39,7 +39,7 @@ from ..errors import GuestError, HypervisorError, ImageError
 from ..host import inputs, reaper, state
 from ..host.console import GuestLog
 from ..host.workdir import OWNER_FILE, flocked, install_dir, private_dir, remove_tree
-from ..image.store import MANIFEST, Image, check_file, remember
+from ..image.store import GUEST_PROTOCOL, MANIFEST, Image, check_file, remember
 from ..plan import RunPlan, RunRequest, plan_run
 from ..progress import Steps
 from .base import Booted, CloneJob
@@ -65,7 +65,7 @@ INFO = "warm.json"
 # nanoseconds).  3: the same; the guest answers READY_LINE once /tmp and /out are
 # mounted, and waits for GO (the run's inputs are on their disk) before it mounts
 # /in and starts sshd.  The guest announces its version when it is ready to be saved.
-LINK_PROTOCOL = 3
+LINK_PROTOCOL = GUEST_PROTOCOL
 READY_LINE = b"vmiso-ssh-link: ready\n"
 GO = b"\x01"
 _PROTOCOL_RE = re.compile(rb"vmiso-ssh-link: waiting protocol=(\d{1,4})\b")

@@ -33,7 +33,7 @@ from typing import Any
 from .. import tools
 from ..errors import ToolError, VmisoError
 from . import tree
-from .workdir import remove_tree
+from .workdir import let_qemu_read, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,11 @@ def prefetch_bytes(image: Path) -> int:
 def build_disk(staged: Path, image: Path) -> int:
     """A filesystem image of the staged tree at ``image`` (a new file: nothing is replaced),
     then the staged copy removed; the image's size."""
-    os.close(os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        let_qemu_read(fd)  # the mkfs tools write into this file, keeping it and its ACL
+    finally:
+        os.close(fd)
     try:
         tools.run(tools.mkfs_erofs_argv(image, staged))
     except ToolError as err:
@@ -359,7 +363,7 @@ def build_disk(staged: Path, image: Path) -> int:
 def _counted(staged: Path) -> InputLimits:
     """The bytes and the files and directories of a staged tree (walked by descriptor)."""
     fd = os.open(staged, tree.OPEN_DIR)
-    total, entries = 0, 1
+    total, entries = 0, 0
     try:
         for entry in tree.walk(fd):
             entries += 1

@@ -63,6 +63,20 @@ def shared_dir(path: Path) -> Path:
     return path
 
 
+def let_qemu_read(fd: int) -> None:
+    """A file of this user's that QEMU may read, and nobody else: owner rw, ``user:QEMU:r``.
+
+    For a disk libvirt must not relabel (domain.Disk.relabel): it stays this user's,
+    so QEMU, whoever takes it over, can read it but neither write nor chmod it.
+    """
+    try:
+        os.setxattr(fd, "system.posix_acl_access", sharemount.acl_blob(6, {qemu_ids()[0]: 4}))
+    except OSError as err:
+        raise VmisoError(f"cannot give QEMU read access to a run's disk: {err.strerror} (its filesystem needs "
+                         "POSIX ACLs)", "put vmiso's state_dir on a filesystem with ACLs (ext4, xfs, btrfs, "
+                         "tmpfs)") from None
+
+
 def set_traverse_acl(path: Path, uid: int, *, group: int = 0) -> None:
     """Owner rwx, ``uid`` search (x) only, the group ``group``'s bits, others nothing."""
     try:

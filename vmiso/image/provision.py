@@ -58,7 +58,7 @@ from .cloud import CLOUD_PACKAGES, cloud_key, ensure_cloud_layer, read_apt_sourc
 from .layer import Layer, ensure_layer, guest_files, hold_layer, layer_key, load_recipe
 from .requirements import Requirements, load_requirements
 from .seed import RUN_USER, SeedInputs, write_seed
-from .store import MANIFEST, Image, check_owner, is_shared, prepare_root, root_only, sha256_file
+from .store import GUEST_PROTOCOL, MANIFEST, Image, check_owner, is_shared, prepare_root, root_only, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -457,6 +457,7 @@ def _manifest(build: _Build, layer: Layer, keys: _Keys, template: Path, digest: 
         # What boots is checked like the template (store.boot_files).
         "kernel_sha256": boot_sha256["vmlinuz"],
         "initramfs_sha256": boot_sha256["initramfs.img"],
+        "guest_protocol": GUEST_PROTOCOL,
         "source": _source(build.config, layer),
         "root_device": layer.root_device,
         "kernel": (layer.path / "kernel-release").read_text().strip(),

@@ -31,6 +31,9 @@ from ..errors import ImageError
 from ..host import reaper, state
 
 MANIFEST = "manifest.json"
+# What the image's guest files speak (its ssh-link and initramfs), recorded in the manifest.
+# 3: /in is the inputs disk (serial vmiso-in), mounted at GO; before, a 9p share.
+GUEST_PROTOCOL = 3
 _SHA_CACHE = ".sha256-cache.json"
 log = logging.getLogger(__name__)
 
@@ -297,6 +300,15 @@ def check_file(path: Path, expected: str | None, *, what: str, fix: str) -> str:
         raise ImageError(f"{what} was changed: its sha256 is {actual}, not the recorded {expected}", fix)
     _store(path, actual, identity)
     return actual
+
+
+def check_guest(image: Image) -> None:
+    """ImageError for an image whose guest files an older vmiso installed: its clones would
+    look for their inputs where this vmiso no longer puts them."""
+    if image.manifest().get("guest_protocol", 2) < GUEST_PROTOCOL:
+        raise ImageError(f"image {image.name} was provisioned by an older vmiso: its guest reads /in from a "
+                         "share, where this one gives the inputs on a disk",
+                         f"provision it again: vmiso provision --replace (image.name {image.name})")
 
 
 def reprovision_hint(image: Image) -> str:
