@@ -8,6 +8,7 @@ a fake cannot drift from the seam it fakes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
@@ -18,7 +19,8 @@ from vmiso import config as config_mod
 from vmiso.clones.clone import CloneDir
 from vmiso.domain import DomainInfo, Hypervisor
 from vmiso.errors import HypervisorError
-from vmiso.image.store import Image, sha256_file
+from vmiso.host.inputs import LARGE_INDEX
+from vmiso.image.store import GUEST_PROTOCOL, Image, sha256_file
 from vmiso.ssh import JobExit, Session, Terminal
 
 VERSION = "libvirt 9.0, QEMU 7.2"
@@ -151,8 +153,15 @@ class FakeConnect:
 
 
 def guest_inputs(clone: CloneDir, into: Path) -> Path:
-    """What the guest sees as /in: the clone's inputs disk, unpacked by erofs-utils' own checker."""
+    """What the guest sees as /in: the clone's inputs disk, unpacked by erofs-utils' own checker,
+    with each large file from the share put over its name as the guest binds it (ssh-link)."""
     subprocess.run(["fsck.erofs", f"--extract={into}", str(clone.inputs_disk)], check=True, capture_output=True)
+    index = clone.inputs_large / LARGE_INDEX
+    fields = index.read_bytes().split(b"\0")[:-1] if index.exists() else []
+    for number, below in zip(fields[::2], fields[1::2], strict=True):
+        placeholder = into / os.fsdecode(below)
+        assert placeholder.stat().st_size == 0
+        placeholder.write_bytes((clone.inputs_large / os.fsdecode(number)).read_bytes())
     return into
 
 
@@ -183,7 +192,7 @@ def make_image(state: Path, name: str = "x") -> Image:
     (path / "vmlinuz").write_bytes(b"a kernel")
     (path / "initramfs.img").write_bytes(b"an initramfs")
     (path / "manifest.json").write_text(json.dumps({
-        "name": name, "sha256": sha256_file(template), "guest_protocol": 3,
+        "name": name, "sha256": sha256_file(template), "guest_protocol": GUEST_PROTOCOL,
         "kernel_sha256": sha256_file(path / "vmlinuz"), "initramfs_sha256": sha256_file(path / "initramfs.img")}))
     (path / "host_key.pub").write_text("ssh-ed25519 AAAA pinned\n")
     return Image(name, path)

@@ -12,6 +12,8 @@ import pytest
 
 from vmiso.errors import VmisoError
 from vmiso.host.inputs import (
+    LARGE_FILE_BYTES,
+    LARGE_INDEX,
     PREFETCH_MAX,
     InputLimits,
     build_disk,
@@ -199,6 +201,56 @@ def test_the_inputs_disk_holds_the_staged_tree_as_the_job_should_see_it(tmp_path
             assert os.lstat(os.path.join(directory, name)).st_mode == 0o100644
     assert {s.name: s.sha256 for s in staged} == {"odd tree": input_digest(seen / "odd tree"),
                                                   "big.bin": input_digest(seen / "big.bin")}
+
+
+def test_large_files_go_to_their_share_and_leave_an_empty_file_of_their_name_and_time(tmp_path, deep_tree):
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(LARGE_FILE_BYTES))
+    tree = tmp_path / "tree"
+    (tree / "sub dir").mkdir(parents=True)
+    (tree / "sub dir" / "naïve\nname").write_bytes(b"x" * (LARGE_FILE_BYTES + 1))
+    (tree / "small").write_bytes(b"y" * (LARGE_FILE_BYTES - 1))
+    # A large file deeper than a bind mount's target can be named stays on the disk.
+    deep = deep_tree(tree, 1400, name="dd")
+    deep_fd = os.open(tree / "/".join(deep[:1]), os.O_RDONLY | os.O_DIRECTORY)
+    for name in deep[1:]:
+        next_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=deep_fd)
+        os.close(deep_fd)
+        deep_fd = next_fd
+    out = os.open("far", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=deep_fd)
+    os.write(out, b"z" * LARGE_FILE_BYTES)
+    os.close(out)
+    os.close(deep_fd)
+    os.utime(big, ns=(1_600_000_000_123_456_789,) * 2)
+    staging, large = tmp_path / "staging", tmp_path / "large"
+    staging.mkdir()
+    large.mkdir()
+    limits = InputLimits(max_bytes=10**8, max_files=5000)
+    staged = stage_inputs((big, tree), staging, limits, large=large)
+
+    index = (large / LARGE_INDEX).read_bytes().split(b"\0")
+    assert index == [b"0", b"big.bin", b"1", "tree/sub dir/naïve\nname".encode(), b""]
+    assert (large / "0").read_bytes() == big.read_bytes()
+    assert (large / "1").read_bytes() == b"x" * (LARGE_FILE_BYTES + 1)
+    assert sorted(p.name for p in large.iterdir()) == ["0", "1", LARGE_INDEX]
+    for shared, placeholder in ((large / "0", staging / "big.bin"),
+                                (large / "1", staging / "tree" / "sub dir" / "naïve\nname")):
+        assert placeholder.stat().st_size == 0
+        assert placeholder.stat().st_mode == shared.stat().st_mode == 0o100644
+        assert placeholder.stat().st_mtime_ns == shared.stat().st_mtime_ns
+        # QEMU's mapped mode shows the guest the owner these say: root, as the rest of /in.
+        assert os.getxattr(shared, "user.virtfs.uid") == os.getxattr(shared, "user.virtfs.gid") == bytes(4)
+    assert (staging / "big.bin").stat().st_mtime_ns == 1_600_000_000_123_456_789
+    assert (staging / "tree" / "small").read_bytes() == b"y" * (LARGE_FILE_BYTES - 1)
+    fd = os.open(staging / "tree" / "/".join(deep[:1]), os.O_RDONLY | os.O_DIRECTORY)
+    for name in deep[1:]:
+        next_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = next_fd
+    assert os.stat("far", dir_fd=fd).st_size == LARGE_FILE_BYTES
+    os.close(fd)
+    # The record hashes what the job reads, wherever it comes from.
+    assert {s.name: s.sha256 for s in staged} == {"big.bin": input_digest(big), "tree": input_digest(tree)}
 
 
 def test_the_largest_image_the_limits_allow_fits_the_warm_states_inputs_disk(tmp_path):

@@ -44,7 +44,7 @@ class GreetingGuests(FakeHypervisor):
 
     def __init__(self) -> None:
         super().__init__()
-        self.console = b"vmiso-ssh-link: waiting protocol=3\n"
+        self.console = b"vmiso-ssh-link: waiting protocol=4\n"
         self.hellos: list[bytes] = []
         self._links: dict[str, list[socket.socket]] = {}
 

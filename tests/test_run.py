@@ -611,12 +611,16 @@ def test_inputs_whose_copy_and_image_would_not_fit_are_refused_before_a_vm(tmp_p
         subprocess.run(["umount", str(small)], check=False)
 
 
-def test_an_image_whose_guest_reads_in_from_a_share_is_refused_with_the_way_out(config, image, state, tmp_path):
+@pytest.mark.parametrize("protocol", [None, 3])  # /in a share; /in a disk without the large files' share
+def test_an_image_whose_guest_reads_in_otherwise_is_refused_with_the_way_out(config, image, state, tmp_path,
+                                                                             protocol):
     manifest = json.loads((image.path / "manifest.json").read_text())
-    del manifest["guest_protocol"]  # as an older vmiso provisioned it
+    manifest["guest_protocol"] = protocol  # as an older vmiso provisioned it
+    if protocol is None:
+        del manifest["guest_protocol"]
     (image.path / "manifest.json").write_text(json.dumps(manifest))
     hv = FakeHypervisor()
-    with pytest.raises(ImageError, match="provisioned by an older vmiso: its guest reads /in from a share") as caught:
+    with pytest.raises(ImageError, match="provisioned by an older vmiso: its guest does not read /in the way") as caught:
         do_run(config, hv, request(), FakeConnect(exits(0)))
     assert "vmiso provision --replace" in caught.value.hint
     assert not hv.started and leftovers(state) == []
@@ -641,3 +645,6 @@ def test_the_inputs_disk_stays_the_runs_and_qemu_may_only_read_it(config, image,
     assert vdc.find("source/seclabel").get("relabel") == "no"  # libvirt leaves its owner alone
     assert seen["owner"] == os.geteuid() and seen["mode"] == 0o640  # owner rw; the mask: QEMU's r
     assert seen["acl"] == sharemount.acl_blob(6, {workdir.qemu_ids()[0]: 4})
+    # The large files' share: read-only to QEMU as well.
+    large = ET.fromstring(hv.started[name]).find("devices/filesystem/target[@dir='vmiso-in-large']/..")
+    assert large.find("readonly") is not None and large.find("source").get("dir").endswith("/in-large")

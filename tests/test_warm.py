@@ -100,7 +100,7 @@ def test_other_scratch_size_or_old_link_falls_back(tmp_path):
     make_slot(image, 0, dataclasses.replace(KEY, link=1))
     with ExitStack() as stack:
         slot, why = warm.acquire(image, dataclasses.replace(KEY, scratch_bytes=4 * 1024**3), stack)
-    assert slot is None and "scratch_bytes" in why and "link 1, not 3" in why
+    assert slot is None and "scratch_bytes" in why and "link 1, not 4" in why
 
 
 def test_hello_carries_fresh_randomness_and_the_host_clock():
@@ -151,13 +151,13 @@ def test_build_saves_slots_that_a_run_then_restores(tmp_path):
     cfg = config_mod.override(config_mod.load(None, env={"VMISO_ACCEL": "tcg"}), state_dir=state,
                               libvirt_uri="test:///default", **{"run.scratch": config_mod.MIN_SCRATCH})
     hv = FakeHypervisor()
-    hv.console = b"[ 1.0] boot\nvmiso-ssh-link: waiting protocol=3\n"
+    hv.console = b"[ 1.0] boot\nvmiso-ssh-link: waiting protocol=4\n"
     warm.make_warm_state(cfg, hv, image, Steps())
     found = warm.slots(image)
     assert [s.clone.path.name for s in found] == ["slot-0", "slot-1"]
     for slot in found:
         info = json.loads(slot.info.read_text())
-        assert info["accel"] == "tcg" and info["link"] == 3 and info["scratch_bytes"] == cfg.run.scratch
+        assert info["accel"] == "tcg" and info["link"] == 4 and info["scratch_bytes"] == cfg.run.scratch
         assert info["inputs_bytes"] >= cfg.run.input_max_bytes
         assert not slot.clone.inputs_disk.exists()  # each run restores with its own
         assert slot.clone.overlay.stat().st_mode & 0o777 == 0o444
@@ -191,7 +191,7 @@ def test_an_old_ssh_link_is_saved_with_a_warning(tmp_path, caplog):
     hv = FakeHypervisor()
     hv.console = b"vmiso-ssh-link: waiting\n"
     warm.build(hv, image, dataclasses.replace(KEY, scratch_bytes=64 * 1024**2), Steps(), count=1)
-    assert "speaks protocol 1, this vmiso 3" in caplog.text
+    assert "speaks protocol 1, this vmiso 4" in caplog.text
     assert json.loads(warm.slots(image)[0].info.read_text())["link"] == 1
 
 

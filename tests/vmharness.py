@@ -386,7 +386,7 @@ def make_inputs(tmp_path: Path, deep_tree) -> list[Path]:
 
 def check_inputs_seen(results: dict, record: dict, inputs: list[Path]) -> None:
     """What inputs_probe.py saw under /in is what the host staged, as the run record says."""
-    from vmiso.host.inputs import input_digest
+    from vmiso.host.inputs import LARGE_FILE_BYTES, input_digest
 
     host = {path.name: input_digest(path) for path in inputs}
     assert results["digests"] == host  # hashed in the guest, against the host's own hashes
@@ -396,8 +396,10 @@ def check_inputs_seen(results: dict, record: dict, inputs: list[Path]) -> None:
     for path in inputs:
         for directory, dirs, files in os.walk(path):
             expected += [Path(directory) / name for name in dirs + files]
+    def below_in(full: Path) -> str:
+        return str(full.relative_to(next(p for p in inputs if full.is_relative_to(p)).parent))
     for full in expected:
-        seen = entries[str(full.relative_to(next(p for p in inputs if full.is_relative_to(p)).parent))]
+        seen = entries[below_in(full)]
         if full.is_dir():
             assert seen[0] == oct(0o40755)
         else:  # a file: 0644, its size, the analyst's modification time
@@ -407,6 +409,11 @@ def check_inputs_seen(results: dict, record: dict, inputs: list[Path]) -> None:
     assert len(entries) == len(expected)
     assert results["cwd"] == "/in"
     assert [m[0] for m in results["mount"]] == ["erofs"] and results["mount"][0][1].startswith("ro,")
+    # Each file of 1 MiB or more is bound from the read-only share over its name, read-only too.
+    large = {f"/in/{below_in(full)}" for full in expected if full.is_file() and full.stat().st_size >= LARGE_FILE_BYTES}
+    assert large and set(results["bound"]) == large
+    assert all(fstype == "9p" and options.startswith("ro,") for fstype, options in results["bound"].values())
+    assert set(results["write_bound"].values()) == {"EROFS"}
     assert results["write"] == "EROFS" and results["mkdir"] == "EROFS"
     assert results["raw_write"] in ("EACCES", "EROFS")  # the disk itself: neither the job's nor writable
     assert results["remount"][0] != 0  # the job is not root

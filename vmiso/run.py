@@ -304,7 +304,7 @@ def _stage_inputs(plan: RunPlan, clone: CloneDir, input_room: int, steps: Steps)
     disk, which its guest mounts once the run says GO (warm.HELLO)."""
     with steps.step("stage", "inputs, and the image of them on the clone's inputs disk"):
         check_room(clone.inputs, 0, 0, input_room)
-        staged = tuple(stage_inputs(plan.inputs, clone.inputs, plan.input_limits))
+        staged = tuple(stage_inputs(plan.inputs, clone.inputs, plan.input_limits, large=clone.inputs_large))
         build_disk(clone.inputs, clone.inputs_image)
         fill_disk(clone.inputs_image, clone.inputs_disk)
         return staged
@@ -357,7 +357,7 @@ def _stage(plan: RunPlan, result: RunResult, key: warm.WarmKey, input_room: int,
         path = runs / result.run_id
         cleanup.callback(reaper.remove, path)  # whatever make_clone_dir got to
         clone = make_clone_dir(path, output_limits=plan.output_limits)
-        result.inputs = tuple(stage_inputs(plan.inputs, clone.inputs, plan.input_limits))
+        result.inputs = tuple(stage_inputs(plan.inputs, clone.inputs, plan.input_limits, large=clone.inputs_large))
         build_disk(clone.inputs, clone.inputs_disk)
         # One size for every way it boots (a warm state's inputs disk is this size); sparse.
         # (A disk of an image's few KiB is also more than the guest's erofs would mount.)

@@ -67,11 +67,16 @@ for directory, dirs, files in os.walk("/in"):
         results["entries"][os.path.relpath(path, "/in")] = [oct(st.st_mode), st.st_mtime_ns, st.st_uid, st.st_size]
 with open("/proc/self/mounts") as f:
     mounted = [line.split() for line in f if line.split()[1] == "/in"]
+    f.seek(0)
+    bound = [line.split() for line in f if line.split()[1].startswith("/in/")]
 results["mount"] = [fields[2:4] for fields in mounted]
+results["bound"] = {fields[1]: fields[2:4] for fields in bound}  # the large files, from their share
 device = "/dev/" + os.path.basename(mounted[0][0])  # a cold clone mounted it as /root/dev/vdX
 results["raw_write"] = attempt(lambda: open(device, "r+b").close())
 results["write"] = attempt(lambda: open("/in/new-file", "w").write("x"))
 results["mkdir"] = attempt(lambda: os.mkdir("/in/new-dir"))
+results["write_bound"] = {point: attempt(lambda p=point: open(p.replace("\\040", " "), "r+b").close())
+                          for point in results["bound"]}
 remount = subprocess.run(["mount", "-o", "remount,rw", "/in"], capture_output=True, text=True)
 results["remount"] = [remount.returncode, remount.stderr.strip()[-200:]]
 print(json.dumps(results))

@@ -22,6 +22,7 @@ KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 # Asks ssh-link to pre-load what sessions run, in a clone about to be saved as a warm state.
 PREWARM = "vmiso.prewarm"
 SHARE_OUT = "vmiso-out"
+SHARE_IN_LARGE = "vmiso-in-large"  # the inputs' large files, bound over their names in /in
 INPUTS_SERIAL = "vmiso-in"  # the inputs disk, as the guest finds it (/sys/block/vdX/serial)
 
 
@@ -59,6 +60,12 @@ class CloneDir:
         return self.path / "in"
 
     @property
+    def inputs_large(self) -> Path:
+        """The inputs' large files (inputs.LARGE_FILE_BYTES), shared read-only over 9p; the guest
+        binds each over the empty file of its name in /in."""
+        return self.path / "in-large"
+
+    @property
     def inputs_disk(self) -> Path:
         """The guest's /in: an erofs image of the staged inputs, on a read-only disk."""
         return self.path / "inputs.img"
@@ -87,7 +94,7 @@ class CloneDir:
 
     @property
     def shares(self) -> dict[str, Path]:
-        return {SHARE_OUT: self.outputs}
+        return {SHARE_OUT: self.outputs, SHARE_IN_LARGE: self.inputs_large}
 
 
 def make_clone_dir(path: Path, *, output_limits: tuple[int, int] | None = None) -> CloneDir:
@@ -105,6 +112,7 @@ def make_clone_dir(path: Path, *, output_limits: tuple[int, int] | None = None) 
     link_dir(clone.link)
     console_file(clone.console_log)
     share_dir(clone.inputs)
+    share_dir(clone.inputs_large)
     if output_limits is None:
         share_dir(clone.outputs)
     else:
@@ -191,7 +199,8 @@ def clone_spec(*, name: str, image: Image, clone: CloneDir, accel: str, memory_m
                Disk(clone.inputs_disk, format="raw", readonly=True, serial=INPUTS_SERIAL, relabel=False)),
         console_log=clone.console_log,
         boot=KernelBoot(clone.kernel, clone.initramfs, cmdline),
-        shares=(Share(clone.outputs, SHARE_OUT, readonly=False),),
+        shares=(Share(clone.outputs, SHARE_OUT, readonly=False),
+                Share(clone.inputs_large, SHARE_IN_LARGE, readonly=True)),
         ssh_socket=clone.ssh_socket,
         metadata=metadata,
         tcg_cpu_features=tcg_cpu_features,

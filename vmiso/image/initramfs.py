@@ -35,7 +35,7 @@ LATE_MODULES = ("9pnet_virtio", "9p")
 _DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
     ".ko": lambda data: data, ".ko.xz": lzma.decompress, ".ko.gz": gzip.decompress}
 BUSYBOX_APPLETS = ("sh", "mount", "insmod", "switch_root", "mkdir", "sleep", "echo", "hostname", "ip",
-                   "poweroff", "grep", "tr", "cat", "stat", "chown", "dd")
+                   "poweroff", "grep", "tr", "cat", "stat", "chown", "dd", "xargs", "umount")
 
 
 class MissingModule(ToolError):

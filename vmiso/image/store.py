@@ -33,7 +33,8 @@ from ..host import reaper, state
 MANIFEST = "manifest.json"
 # What the image's guest files speak (its ssh-link and initramfs), recorded in the manifest.
 # 3: /in is the inputs disk (serial vmiso-in), mounted at GO; before, a 9p share.
-GUEST_PROTOCOL = 3
+# 4: and files of 1 MiB or more over the read-only share vmiso-in-large, bound over their names.
+GUEST_PROTOCOL = 4
 _SHA_CACHE = ".sha256-cache.json"
 log = logging.getLogger(__name__)
 
@@ -306,8 +307,8 @@ def check_guest(image: Image) -> None:
     """ImageError for an image whose guest files an older vmiso installed: its clones would
     look for their inputs where this vmiso no longer puts them."""
     if image.manifest().get("guest_protocol", 2) < GUEST_PROTOCOL:
-        raise ImageError(f"image {image.name} was provisioned by an older vmiso: its guest reads /in from a "
-                         "share, where this one gives the inputs on a disk",
+        raise ImageError(f"image {image.name} was provisioned by an older vmiso: its guest does not read /in "
+                         "the way this one gives the inputs (a disk, and large files over a share)",
                          f"provision it again: vmiso provision --replace (image.name {image.name})")
 
 
