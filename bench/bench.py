@@ -136,8 +136,8 @@ def qemu_rss_mib(config: Path, image: str, work: Path) -> float:
 
 
 def throughput(config: Path, image: str, work: Path, size_mb: int) -> dict:
-    """A SIZE_MB file's first read over /in (the inputs disk) and over 9p (/out, uncached, as /in
-    was before the disk) in one run, and writing it to /out; against a copy on the host."""
+    """A SIZE_MB file's first read over /in (a large input: bound from its read-only share) and over
+    9p (/out, uncached) in one run, and writing it to /out; against a copy on the host."""
     blob = work / "blob"
     with open(blob, "wb") as f:
         f.write(os.urandom(size_mb * MB))
@@ -460,8 +460,8 @@ def inputs_compare(config: Path, image: str, work: Path, count: int, size_mb: in
 
 def report_inputs(r: dict) -> None:
     t = r["throughput_9p"]
-    print(f"{t['size_mb']} MB, first read: /in (the inputs disk) {t['in_mb_s']:.0f} MB/s, over 9p (uncached, "
-          f"as /in was) {t['in_9p_mb_s']:.0f} MB/s: {t['in_ratio_to_9p']:.2f} x 9p's speed")
+    print(f"{t['size_mb']} MB, first read: /in (a large input, from its read-only share) {t['in_mb_s']:.0f} MB/s, "
+          f"over the 9p share /out (uncached) {t['in_9p_mb_s']:.0f} MB/s: {t['in_ratio_to_9p']:.2f} x 9p's speed")
     for key in ("small_files_cold", "small_files", "small_files_preloaded"):
         if key not in r:
             continue

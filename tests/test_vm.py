@@ -957,7 +957,7 @@ def test_inputs_arrive_whole_on_a_read_only_disk(image, tmp_path, boot, deep_tre
     ratio = results["walk_in"] / results["walk_tmpfs"]
     print(f"{boot}: walk of {SMALL_FILES} files over /in {results['walk_in']:.2f} s, on tmpfs "
           f"{results['walk_tmpfs']:.2f} s: {ratio:.2f} x; staging {summary['timings']['stage']:.2f} s")
-    # The bench holds the target with small files alone (1.7-1.8 x); here the 100 MB file sorts
-    # first and fills the read-ahead, and 2.6-3.5 x was measured.  9p took 26-44 x.
-    assert ratio < 8
+    # The bench holds 2 x; here (1.74-1.79 x was measured) with room for a loaded
+    # machine.  9p took 26-44 x.  (The 100 MB file is on its share, not in the disk's read-ahead.)
+    assert ratio < 4
     assert leftovers(image["state"]) == []
