@@ -269,8 +269,8 @@ def test_a_preloaded_clones_inputs_arrive_whole_on_its_read_only_disk(pool_of_tw
     ratio = results["walk_in"] / results["walk_tmpfs"]
     print(f"preloaded: walk of {SMALL_FILES} files over /in {results['walk_in']:.2f} s, on tmpfs "
           f"{results['walk_tmpfs']:.2f} s: {ratio:.2f} x; staging {summary['timings']['stage']:.2f} s")
-    # The bench holds 2 x; here (2.29 x was measured, the pool restoring its next clone meanwhile) with room for a loaded
-    # machine.  9p took 26-44 x.  (The 100 MB file is on its share, not in the disk's read-ahead.)
+    # The bench holds 2 x; here 2.29 x was measured (the pool restoring its next clone meanwhile),
+    # with room for a loaded machine.  9p took 26-44 x.  (The 100 MB file is on its share.)
     assert ratio < 4
 
 

@@ -620,7 +620,7 @@ def test_an_image_whose_guest_reads_in_otherwise_is_refused_with_the_way_out(con
         del manifest["guest_protocol"]
     (image.path / "manifest.json").write_text(json.dumps(manifest))
     hv = FakeHypervisor()
-    with pytest.raises(ImageError, match="provisioned by an older vmiso: its guest does not read /in the way") as caught:
+    with pytest.raises(ImageError, match="older vmiso: its guest does not read /in the way") as caught:
         do_run(config, hv, request(), FakeConnect(exits(0)))
     assert "vmiso provision --replace" in caught.value.hint
     assert not hv.started and leftovers(state) == []

@@ -414,6 +414,8 @@ def check_inputs_seen(results: dict, record: dict, inputs: list[Path]) -> None:
     assert large and set(results["bound"]) == large
     assert all(fstype == "9p" and options.startswith("ro,") for fstype, options in results["bound"].values())
     assert set(results["write_bound"].values()) == {"EROFS"}
+    # The share itself is out of the job's sight: only its files, where they belong.
+    assert results["shares"] == sorted(["vmiso-out", *["vmiso-in-large"] * len(large)])
     assert results["write"] == "EROFS" and results["mkdir"] == "EROFS"
     assert results["raw_write"] in ("EACCES", "EROFS")  # the disk itself: neither the job's nor writable
     assert results["remount"][0] != 0  # the job is not root

@@ -69,6 +69,8 @@ with open("/proc/self/mounts") as f:
     mounted = [line.split() for line in f if line.split()[1] == "/in"]
     f.seek(0)
     bound = [line.split() for line in f if line.split()[1].startswith("/in/")]
+    f.seek(0)
+    results["shares"] = sorted(line.split()[0] for line in f if line.split()[2] == "9p")
 results["mount"] = [fields[2:4] for fields in mounted]
 results["bound"] = {fields[1]: fields[2:4] for fields in bound}  # the large files, from their share
 device = "/dev/" + os.path.basename(mounted[0][0])  # a cold clone mounted it as /root/dev/vdX
