@@ -679,11 +679,18 @@ def test_images_audit_checks_against_osv_advisories_on_disk_and_show_prints_the_
     assert "known vulnerabilities: 1 in 2 package(s) checked (OSV advisories in" in found.stdout
     assert "  requests==2.19.0: PYSEC-2018-28 (CVE-2018-18074), fixed in 2.20.0" in found.stdout
     clean = tmp_path / "clean"
-    clean.mkdir()
+    clean.mkdir()  # only an advisory about another package: checked, none known
+    (clean / "other.json").write_text(json.dumps({**ADVISORIES[0], "id": "PYSEC-0000-1", "affected": [
+        {**ADVISORIES[0]["affected"][0], "package": {"ecosystem": "PyPI", "name": "not-installed"}}]}))
     assert invoke("images", "-c", str(config), "audit", "a", "--osv", str(clean)).exit_code == 0
+    empty = tmp_path / "empty"  # nothing to check against is never a pass
+    empty.mkdir()
+    nothing = invoke("images", "-c", str(config), "audit", "a", "--osv", str(empty))
+    assert nothing.exit_code == 3 and "not checked (no advisory about a PyPI package in" in nothing.stdout
     shown = invoke("images", "-c", str(config), "show", "a").stdout
     assert ("known vulnerabilities: not checked (no network: ConnectionError; pip-audit (pypi), checked "
             "2026-12-01T10:00:00+00:00)") in shown
+    assert shown.index("known vulnerabilities") < shown.index("packages:")  # with what matters, first
 
 
 def test_images_diff_counts_a_packages_native_extensions_and_names_one_in_no_package(config, tmp_path):

@@ -490,6 +490,12 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
     else:
         for line in summary_lines(info["startup"]):
             _say(line)
+    if info["audit"] is not None:
+        from .image.audit import lines as audit_lines
+
+        for line in audit_lines(info["audit"]):
+            _say(line)
+        _say(f"  ('vmiso images audit {name}' checks again now)")
     packages = ", ".join(f"{p['name']}=={p['version']}" for p in info["packages"])
     _say(f"packages: {packages or '-'}")
     if info["hashed"] is not None:
@@ -498,12 +504,6 @@ def images_show(ctx: click.Context, name: str, as_json: bool) -> None:
                                       "hash-pinned file (pip-compile --generate-hashes, uv pip compile "
                                       "--generate-hashes) makes the template reproducible"))
     _say_lock(info["lock"], requirements=info["hashed"] is not None)
-    if info["audit"] is not None:
-        from .image.audit import lines as audit_lines
-
-        for line in audit_lines(info["audit"]):
-            _say(line)
-        _say(f"  ('vmiso images audit {name}' checks again now)")
     gateway = info["gateway"]
     if gateway is None:
         _say("gateway: no record (provisioned before vmiso kept one)")

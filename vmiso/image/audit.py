@@ -188,9 +188,12 @@ def with_osv_files(packages: Iterable[dict[str, str]], path: Path) -> Audit:
     pinned = _pinned(packages)
     audit = Audit(source=f"OSV advisories in {path}", packages=len(pinned))
     wanted = {name for name, _ in pinned}
+    pypi = 0  # advisories about PyPI packages read: with none, nothing was checked
     for record in _osv_records(path):
         names = {canonical_name(str(a.get("package", {}).get("name", ""))) for a in record.get("affected", [])
                  if isinstance(a, dict) and isinstance(a.get("package"), dict)}
+        pypi += any(isinstance(a, dict) and isinstance(a.get("package"), dict)
+                    and a["package"].get("ecosystem") == "PyPI" for a in record.get("affected", []))
         for name, version in pinned:
             if name in names & wanted and _affects(record, name, version):
                 fixes = sorted({str(e["fixed"]) for a in record.get("affected", []) if isinstance(a, dict)
@@ -199,6 +202,8 @@ def with_osv_files(packages: Iterable[dict[str, str]], path: Path) -> Audit:
                 audit.vulnerable.append({"name": name, "version": version, "id": str(record.get("id")),
                                          "aliases": [str(a) for a in record.get("aliases", [])], "fix": fixes})
     audit.vulnerable.sort(key=lambda v: (v["name"], v["id"]))
+    if not pypi:
+        audit.unavailable = f"no advisory about a PyPI package in {path}"
     return audit
 
 
