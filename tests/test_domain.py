@@ -173,6 +173,19 @@ def test_retarget_refuses_a_saved_domain_with_other_disks():
             ssh_socket=Path("/r/ssh.sock"), shares={"vmiso-in": Path("/r/in"), "vmiso-out": Path("/r/out")}))
 
 
+def test_retarget_refuses_a_saved_domain_without_a_share_the_run_gives():
+    # A state saved by an older vmiso, without the large inputs' share: its guest would wait for
+    # the share until the boot timeout; refused, the run boots cold instead.
+    from vmiso.domain import Retarget, retarget
+
+    with pytest.raises(ValueError, match=r"lacks the share\(s\) vmiso-in-large"):
+        retarget(SAVED, Retarget(
+            disks={"vda": Path("/r/overlay.qcow2"), "vdb": Path("/r/scratch.img")}, backing={},
+            kernel=Path("/r/vmlinuz"), initrd=Path("/r/initramfs.img"), console_log=Path("/r/console.log"),
+            ssh_socket=Path("/r/ssh.sock"),
+            shares={"vmiso-in": Path("/r/in"), "vmiso-out": Path("/r/out"), "vmiso-in-large": Path("/r/large")}))
+
+
 def test_guest_cpu_is_chosen_for_each_accelerator():
     # TCG's default (qemu64) lacks SSE4.2/POPCNT: NumPy 2 dies with SIGILL on it.
     tcg = ET.fromstring(domain_xml(run_spec(accel="tcg"))).find("cpu")

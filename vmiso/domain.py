@@ -398,13 +398,17 @@ def retarget(saved_xml: str, to: Retarget) -> str:
     if channel is None:
         raise ValueError("the saved domain has no SSH channel")
     _child(channel, "source").set("path", str(to.ssh_socket))
+    saved_tags = set()
     for fs in root.findall("devices/filesystem"):
         tag = _child(fs, "target").get("dir")
         if tag is None or tag not in to.shares:
             raise ValueError(f"the saved domain shares {tag!r}, which the run does not provide")
+        saved_tags.add(tag)
         _child(fs, "source").set("dir", str(to.shares[tag]))
         if fs.find("readonly") is None:  # a state saved before the share had its modes
             fs.attrib.update(WRITABLE_SHARE_MODES)
+    if missing := sorted(to.shares.keys() - saved_tags):  # its guest would wait for them in vain
+        raise ValueError(f"the saved domain lacks the share(s) {', '.join(missing)}")
     old = root.find("metadata")
     if old is not None:
         root.remove(old)

@@ -216,7 +216,7 @@ def _build_slot(hv: Hypervisor, image: Image, key: WarmKey, index: int, boot_tim
         for leftover in (clone.ssh_socket, clone.path / OWNER_FILE, clone.inputs_disk):
             leftover.unlink(missing_ok=True)
         # A run restores with shares of its own: the slot's (one QEMU's) are not kept.
-        for share in (clone.inputs, clone.outputs):
+        for share in (clone.inputs, clone.inputs_large, clone.outputs):
             if failures := remove_tree(share):
                 raise ImageError(f"cannot remove {share / failures[0].path}: {failures[0].reason}")
         install_dir(clone.path, final, state.replaced(final))

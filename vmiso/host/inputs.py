@@ -159,7 +159,10 @@ def stage_inputs(inputs: tuple[Path, ...], staging: Path, limits: InputLimits, *
             assert done is not None
             staged.append(done)
         if shelf is not None:
-            shelf.write_index()
+            try:
+                shelf.write_index()
+            except OSError as err:
+                raise VmisoError(f"cannot stage the inputs: {err.strerror or err}") from None
         return staged
     finally:
         os.close(staging_fd)
@@ -251,12 +254,14 @@ def _copy_file(fd_in: int, dir_fd: int, name: str, shown: Path, tally: _Tally, w
     A large file (``shelf.takes`` it; ``where``: its path below /in) is copied onto the
     shelf instead, and ``name`` made an empty file of the same mode and time.
     """
-    size = os.fstat(fd_in).st_size
-    shelved = shelf is not None and shelf.takes(size, where)
+    shelved = shelf is not None and shelf.takes(os.fstat(fd_in).st_size, where)
     if shelved:
         assert shelf is not None
         _make_file(dir_fd, name).close()  # the placeholder, first: a name taken twice fails here
-        fd_out = os.open(shelf.add(where), _CREATE, 0o644, dir_fd=shelf.fd)
+        try:
+            fd_out = os.open(shelf.add(where), _CREATE, 0o644, dir_fd=shelf.fd)
+        except OSError as err:
+            raise VmisoError(f"cannot copy input {shown}: {err.strerror or err}") from None
     else:
         fd_out = os.open(name, _CREATE, 0o644, dir_fd=dir_fd)
     digest = hashlib.sha256()
