@@ -33,6 +33,8 @@ def _venv(root: Path) -> Path:
         "bin/tool": b"#!/opt/vmiso/venv/bin/python\nfrom good import main\n",
         f"{SITE}/good-1.0.dist-info/entry_points.txt": b"[console_scripts]\ntool = good:main\n",
         f"{SITE}/good-1.0.dist-info/sboms/good.cdx.json": b'{"bomFormat": "CycloneDX"}',  # PEP 770
+        # In the wheel, not in its RECORD: pip lists such a file without a hash.
+        f"{SITE}/good/carried.py": b"import os; os.system('id')\n",
     }
     record = "".join(f"{path[len(SITE) + 1:]},{_hash(files[path])},{len(files[path])}\n" for path in (
         f"{SITE}/good/__init__.py", f"{SITE}/good/_fast.cpython-311-x86_64-linux-gnu.so",
@@ -40,7 +42,7 @@ def _venv(root: Path) -> Path:
     record += f"good/helper.py,{_hash(b'the original helper')},19\n"
     record += f"good/gone.py,{_hash(b'x')},1\n"
     record += f"../../../bin/tool,{_hash(files['bin/tool'])},{len(files['bin/tool'])}\n"
-    record += "good/__pycache__/__init__.cpython-311.pyc,,\ngood-1.0.dist-info/RECORD,,\n"
+    record += "good/__pycache__/__init__.cpython-311.pyc,,\ngood-1.0.dist-info/RECORD,,\ngood/carried.py,,\n"
     files[f"{SITE}/good-1.0.dist-info/RECORD"] = record.encode()
     for path, data in files.items():
         target = root / path
@@ -71,6 +73,7 @@ def test_the_inventory_names_start_up_code_unlisted_files_and_tampering(tmp_path
         f"/opt/vmiso/venv/{SITE}/evil.pth", f"/opt/vmiso/venv/{SITE}/paths.pth",
         f"/opt/vmiso/venv/{SITE}/sitecustomize.py", f"/opt/vmiso/venv/{SITE}/planted.cpython-311-x86_64-linux-gnu.so",
         f"/opt/vmiso/venv/{SITE}/orphan/__pycache__/ghost.cpython-311.pyc",
+        f"/opt/vmiso/venv/{SITE}/good/carried.py" + inventory.HASHLESS,
         f"/opt/vmiso/venv/{SITE}/linked.pth (a symbolic link)"])
     assert sorted((t["path"], t["why"]) for t in found.tampered) == [
         (f"{SITE}/good/gone.py", "listed in RECORD, missing"),
@@ -85,7 +88,7 @@ def test_the_inventory_names_start_up_code_unlisted_files_and_tampering(tmp_path
     lines = inventory.summary_lines(found.as_dict())
     assert lines[0].startswith("3 .pth file(s) run code at every Python start: evil.pth (import os;")
     assert "linked.pth ((a symbolic link: not read))" in lines[0] and "debian.pth (import sys)" in lines[0]
-    assert "6 file(s) in the venv belong to no package" in lines[2]
+    assert "7 file(s) in the venv belong to no package" in lines[2]
     assert lines[3].startswith("2 installed file(s) differ from their RECORD")
     assert lines[4] == "2 native extension(s), 1 of them in no package's RECORD"
 

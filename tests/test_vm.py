@@ -713,6 +713,12 @@ def _probe_wheel(probe: dict) -> bytes:
             wheel.writestr(name, text)
             digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
             record.append(f"{name},sha256={digest},{len(text.encode())}")
+        # What a hostile wheel may ship as it is: a file its RECORD does not list, and one
+        # whose RECORD hash is not its own (pip installs both without a word).
+        wheel.writestr("vmiso_gateway_probe_carried.py", "print('not in RECORD')\n")
+        wheel.writestr("vmiso_gateway_probe_lies.txt", "not what RECORD says\n")
+        wrong = base64.urlsafe_b64encode(hashlib.sha256(b"what RECORD says").digest()).rstrip(b"=").decode()
+        record.append(f"vmiso_gateway_probe_lies.txt,sha256={wrong},16")
         record.append("vmiso_gateway_probe-1.0.dist-info/RECORD,,")
         wheel.writestr("vmiso_gateway_probe-1.0.dist-info/RECORD", "\n".join(record) + "\n")
     return buffer.getvalue()
@@ -796,6 +802,12 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     assert [p for p in shown["startup"]["unlisted"] if p.endswith("/site-packages/vmiso_planted.py")]
     assert [t["why"] for t in shown["startup"]["tampered"]
             if t["path"].endswith("/vmiso_gateway_probe_data.txt")] == ["its sha256 differs from RECORD's"]
+    # ... and what the wheel itself carried: a file its RECORD does not list, a hash that is not its file's.
+    from vmiso.image.inventory import HASHLESS
+
+    assert [p for p in shown["startup"]["unlisted"] if p.endswith("/vmiso_gateway_probe_carried.py" + HASHLESS)]
+    assert [t["why"] for t in shown["startup"]["tampered"]
+            if t["path"].endswith("/vmiso_gateway_probe_lies.txt")] == ["its sha256 differs from RECORD's"]
     assert all(h["bytes_to_guest"] > 0 for h in shown["gateway"]["contacted"])
     # Against the shared image (tabulate and numpy, no index of its own), the diff names the probe.
     diff = vmiso("images", "-c", config, "diff", "it", "gw")
@@ -805,6 +817,8 @@ def test_provisioning_reaches_only_its_gateway(image, tmp_path):
     assert [line for line in diff.stdout.splitlines()
             if line.startswith("  + file in no package ") and line.endswith("/site-packages/vmiso_planted.py")]
     assert "vmiso_gateway_probe_data.txt (its sha256 differs from RECORD's)" in diff.stdout
+    assert "vmiso_gateway_probe_lies.txt (its sha256 differs from RECORD's)" in diff.stdout
+    assert "/vmiso_gateway_probe_carried.py" + HASHLESS in diff.stdout
     said = {line.split(": ", 1)[0]: line.split(": ", 1)[1].split(", ") for line in diff.stdout.splitlines()
             if line.startswith("provisioning ")}
     assert f"index.vmiso.test:{INDEX_PORT}" in said["provisioning gw only reached"]

@@ -38,6 +38,8 @@ SYSTEM_SITE = ("/usr/lib/python3/dist-packages", "/usr/local/lib")
 PTH_MAX_BYTES = 1024 * 1024  # a .pth file larger than this is reported, not read
 RECORD_MAX_BYTES = 64 * 1024 * 1024
 # What python3 -m venv itself writes: no distribution's RECORD lists these.
+# An unlisted file that pip's RECORD names without a hash: the wheel carried it, its RECORD did not list it.
+HASHLESS = " (in RECORD without a hash: the wheel did not list it)"
 VENV_SCAFFOLD = {"pyvenv.cfg", "lib64", "bin/python", "bin/python3", "bin/activate", "bin/activate.csh",
                  "bin/activate.fish", "bin/Activate.ps1"}
 STARTUP_MODULES = ("sitecustomize", "usercustomize")
@@ -202,9 +204,16 @@ def _startup_in(files: dict[str, _File], links: list[str], base: str, shown_pref
             inventory.startup_modules.append({"path": shown_prefix + path, "sha256": files[path].sha256})
 
 
-def _records(files: dict[str, _File], site: str, inventory: Inventory) -> dict[str, str]:
-    """Check every RECORD against the files; the owning distribution of each listed path."""
+def _records(files: dict[str, _File], site: str, inventory: Inventory) -> tuple[dict[str, str], set[str]]:
+    """Check every RECORD against the files: the owning distribution of each path listed with a hash,
+    and the paths listed without one that may not be (pip lists without a hash every file it
+    installed that the wheel's RECORD did not list: a file the wheel carried unlisted).
+
+    Only RECORD itself and its signatures go unhashed by the wheel spec; bytecode pip compiled
+    (a .pyc beside its source) is left to _is_own_bytecode, as anywhere in the venv.
+    """
     owner: dict[str, str] = {}
+    hashless: set[str] = set()
     for path, found in sorted(files.items()):
         if not (path.startswith(site + "/") and path.endswith(".dist-info/RECORD")):
             continue
@@ -222,18 +231,22 @@ def _records(files: dict[str, _File], site: str, inventory: Inventory) -> dict[s
             listed = os.path.normpath(f"{site}/{row[0]}")
             if listed.startswith("../") or listed.startswith("/"):
                 continue  # outside the venv: nothing here to check it against
-            owner[listed] = distribution
             expected = _record_hash(row[1]) if len(row) > 1 and row[1] else None
             on_disk = files.get(listed)
             if expected is None:
-                continue  # RECORD itself, and .pyc files pip compiled, carry no hash
+                if listed in (path, path + ".jws", path + ".p7s"):
+                    owner[listed] = distribution
+                elif on_disk is not None:
+                    hashless.add(listed)
+                continue
+            owner[listed] = distribution
             if on_disk is None:
                 inventory.tampered.append({"path": listed, "distribution": distribution,
                                            "why": "listed in RECORD, missing"})
             elif on_disk.sha256 != expected:
                 inventory.tampered.append({"path": listed, "distribution": distribution,
                                            "why": "its sha256 differs from RECORD's"})
-    return owner
+    return owner, hashless
 
 
 def _entry_points(files: dict[str, _File], site: str, inventory: Inventory) -> None:
@@ -268,9 +281,10 @@ def inventory_of(venv: Path, system: dict[str, Path]) -> Inventory:
     inventory.unreadable.extend(f"{VENV}/{p}" for p in unreadable)
     site = _site_packages(files)
     owner: dict[str, str] = {}
+    hashless: set[str] = set()
     if site is not None:
         _startup_in(files, links, site, VENV + "/", inventory)
-        owner = _records(files, site, inventory)
+        owner, hashless = _records(files, site, inventory)
         _entry_points(files, site, inventory)
         _carried_sboms(files, site, inventory)
     for path, found in sorted(files.items()):
@@ -278,7 +292,7 @@ def inventory_of(venv: Path, system: dict[str, Path]) -> Inventory:
             inventory.native.append({"path": f"{VENV}/{path}", "sha256": found.sha256, "size": found.size,
                                      "distribution": owner.get(path)})
         if path not in owner and path not in VENV_SCAFFOLD and not _is_own_bytecode(path, files):
-            inventory.unlisted.append(f"{VENV}/{path}")
+            inventory.unlisted.append(f"{VENV}/{path}" + (HASHLESS if path in hashless else ""))
     inventory.unlisted.extend(f"{VENV}/{p} (a symbolic link)" for p in links
                               if p not in VENV_SCAFFOLD and p not in owner and not p.startswith("bin/python"))
     for guest_dir, copy in system.items():
