@@ -190,10 +190,10 @@ def with_osv_files(packages: Iterable[dict[str, str]], path: Path) -> Audit:
     wanted = {name for name, _ in pinned}
     pypi = 0  # advisories about PyPI packages read: with none, nothing was checked
     for record in _osv_records(path):
-        names = {canonical_name(str(a.get("package", {}).get("name", ""))) for a in record.get("affected", [])
-                 if isinstance(a, dict) and isinstance(a.get("package"), dict)}
-        pypi += any(isinstance(a, dict) and isinstance(a.get("package"), dict)
-                    and a["package"].get("ecosystem") == "PyPI" for a in record.get("affected", []))
+        affected = [a["package"] for a in record.get("affected", [])
+                    if isinstance(a, dict) and isinstance(a.get("package"), dict)]
+        names = {canonical_name(str(package.get("name", ""))) for package in affected}
+        pypi += any(package.get("ecosystem") == "PyPI" for package in affected)
         for name, version in pinned:
             if name in names & wanted and _affects(record, name, version):
                 fixes = sorted({str(e["fixed"]) for a in record.get("affected", []) if isinstance(a, dict)
