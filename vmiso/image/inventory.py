@@ -37,9 +37,9 @@ VENV = "/opt/vmiso/venv"  # cloud-init/provision.sh
 SYSTEM_SITE = ("/usr/lib/python3/dist-packages", "/usr/local/lib")
 PTH_MAX_BYTES = 1024 * 1024  # a .pth file larger than this is reported, not read
 RECORD_MAX_BYTES = 64 * 1024 * 1024
-# What python3 -m venv itself writes: no distribution's RECORD lists these.
 # An unlisted file that pip's RECORD names without a hash: the wheel carried it, its RECORD did not list it.
 HASHLESS = " (in RECORD without a hash: the wheel did not list it)"
+# What python3 -m venv itself writes: no distribution's RECORD lists these.
 VENV_SCAFFOLD = {"pyvenv.cfg", "lib64", "bin/python", "bin/python3", "bin/activate", "bin/activate.csh",
                  "bin/activate.fish", "bin/Activate.ps1"}
 STARTUP_MODULES = ("sitecustomize", "usercustomize")
