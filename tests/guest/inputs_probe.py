@@ -66,11 +66,10 @@ for directory, dirs, files in os.walk("/in"):
         st = os.lstat(path)
         results["entries"][os.path.relpath(path, "/in")] = [oct(st.st_mode), st.st_mtime_ns, st.st_uid, st.st_size]
 with open("/proc/self/mounts") as f:
-    mounted = [line.split() for line in f if line.split()[1] == "/in"]
-    f.seek(0)
-    bound = [line.split() for line in f if line.split()[1].startswith("/in/")]
-    f.seek(0)
-    results["shares"] = sorted(line.split()[0] for line in f if line.split()[2] == "9p")
+    mounts = [line.split() for line in f]
+mounted = [fields for fields in mounts if fields[1] == "/in"]
+bound = [fields for fields in mounts if fields[1].startswith("/in/")]
+results["shares"] = sorted(fields[0] for fields in mounts if fields[2] == "9p")
 results["mount"] = [fields[2:4] for fields in mounted]
 results["bound"] = {fields[1]: fields[2:4] for fields in bound}  # the large files, from their share
 device = "/dev/" + os.path.basename(mounted[0][0])  # a cold clone mounted it as /root/dev/vdX
